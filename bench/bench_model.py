@@ -1,0 +1,107 @@
+"""model.py against transformers' LlamaForCausalLM: one training step and decoding speed.
+
+Both models get the same ~50M-parameter config and the same weights (fp32). Runs alternate
+(ours, theirs, ours, ...) and the median of each is kept, so a noisy shared machine hurts both
+alike; the figures that matter are the ratios printed at the end.
+
+    python bench/bench_model.py [--threads 2] [--repeats 5]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from generate import generate  # noqa: E402
+from model import CONFIGS, Transformer  # noqa: E402
+
+
+def reference_pair(config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = Transformer.from_config(config, seed=0)
+    hf = LlamaForCausalLM(LlamaConfig(**config.to_hf(), attn_implementation="sdpa"))
+    hf.load_state_dict({("" if k.startswith("lm_head") else "model.") + k: v for k, v in ours.state_dict().items()})
+    return ours, hf
+
+
+def train_step_fn(model, is_hf, batch, seq):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(3, model.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        logits = model(x).logits if is_hf else model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return batch * seq
+
+    return step
+
+
+def decode_fn(model, is_hf, batch, prompt_len, new_tokens):
+    prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def run():
+        if is_hf:
+            out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert out.shape[1] == prompt_len + new_tokens
+        else:
+            out = generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_id=-1, temperature=0)
+            assert all(len(t) == new_tokens for t in out.tokens)
+        return batch * new_tokens
+
+    return run
+
+
+def timed(fn):
+    t = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t)
+
+
+def compare(name, ours_fn, hf_fn, repeats):
+    ours_fn(), hf_fn()  # warm-up
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(timed(ours_fn))
+        theirs.append(timed(hf_fn))
+    o, h = statistics.median(ours), statistics.median(theirs)
+    print(f"{name:28s} model.py {o:10.1f} tok/s   transformers {h:10.1f} tok/s   ratio {o / h:5.2f}x")
+    return o / h
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    config = CONFIGS["bench-50m"]
+    ours, hf = reference_pair(config)
+    print(f"config bench-50m: {config.num_params() / 1e6:.1f}M parameters, fp32, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    ours.train(), hf.train()
+    ratios = {"train": compare(f"train step (B={args.batch}, T={args.seq})",
+                               train_step_fn(ours, False, args.batch, args.seq),
+                               train_step_fn(hf, True, args.batch, args.seq), args.repeats)}
+    ours.eval(), hf.eval()
+    for b in (1, 8):
+        ratios[f"decode{b}"] = compare(f"decode (B={b}, 128 new)", decode_fn(ours, False, b, 32, 128),
+                                       decode_fn(hf, True, b, 32, 128), args.repeats)
+    print("ratios (model.py / transformers): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,554 @@
+"""A LLaMA written out by hand, loading and saving Hugging Face-format checkpoints.
+
+HuatuoGPT starts from Ziya-LLaMA-13B-Pretrain (paper App. E), a LLaMA-13B continued-pretrained
+on Chinese. This file holds everything needed to run such a model:
+
+    ModelConfig      the hyperparameters, read from / written to an HF `config.json`
+    Transformer      embed -> layers -> norm -> lm_head, with a preallocated KV cache
+    from_pretrained  config.json + (sharded) safetensors -> Transformer, streamed shard by shard
+    save_pretrained  the reverse, atomically, in the layout `transformers` opens unchanged
+
+Module and tensor names follow Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...),
+so a checkpoint maps onto this model by adding the prefix `model.` (see `hf_name`).
+Sampling lives in generate.py, the tokenizer in tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA hyperparameters. Field names are the keys of an HF LlamaForCausalLM config.json."""
+
+    vocab_size: int = 39424  # Ziya: 39,424 embedding rows for a 39,410-piece tokenizer
+    hidden_size: int = 5120
+    intermediate_size: int = 13824
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 40  # == heads: plain multi-head attention; fewer: grouped-query
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read an HF config dict, refusing what this model does not implement."""
+        unsupported = {
+            "hidden_act": lambda v: v not in (None, "silu"),
+            "attention_bias": bool,
+            "mlp_bias": bool,
+            "pretraining_tp": lambda v: v not in (None, 1),
+        }
+        for key, bad in unsupported.items():
+            if key in hf and bad(hf[key]):
+                raise ValueError(f"{source}: {key}={hf[key]!r} is not supported by model.py")
+        # The RoPE base: older configs write `rope_theta` at the top level, newer ones (transformers
+        # 5) nest it in `rope_parameters`. Only the original (un-scaled) RoPE is implemented.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{source}: RoPE scaling {rope!r} is not supported by model.py")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        known = {f.name for f in fields(cls)} - {"rope_theta"}
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
+        if isinstance(kwargs.get("eos_token_id"), list):  # some configs list several eos ids
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads", cls.num_key_value_heads))
+        for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if required not in hf:
+                raise ValueError(f"{source}: missing required field {required!r}")
+        return cls(**kwargs, rope_theta=float(theta))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (expected an HF-format model directory)")
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, source=str(path))
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers' LlamaForCausalLM reads (both RoPE spellings)."""
+        d = asdict(self)
+        d.update(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            torch_dtype="float32",
+        )
+        return d
+
+    def num_params(self) -> int:
+        d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + d
+
+
+# Named configurations. `tiny` is the embedded default: a few million parameters that train on a
+# laptop CPU in minutes, with an embedding table larger than its tokenizer, as Ziya's is.
+CONFIGS = {
+    "tiny": ModelConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    ),
+    # ~50M parameters: the size the benchmarks in bench/ compare against transformers.
+    "bench-50m": ModelConfig(
+        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=12,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+    ),
+    # Ziya-LLaMA-13B (the dataclass defaults), the base model of the paper (App. E).
+    "ziya-13b": ModelConfig(),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back before the weight, as HF does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of the rotary angles for integer positions (B, T) -> (B, 1, T, head_dim).
+
+    RoPE layout: Hugging Face stores q_proj/k_proj rows so that dimension i is paired with
+    dimension i + head_dim/2 ("rotate half"), not with its neighbour i+1 as in Meta's original
+    code. We use the rotate-half layout directly, so HF weights load with no permutation.
+    Angles are computed in fp32 and only then cast: in bf16 position 2000 would be off by ~8.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    All sequences of a batch share one write position (`start` in forward), which is what left
+    padding buys: the prompts end together, so each decoding step writes one column.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, ctx: "AttentionContext", cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, ctx.start, k, v)
+        # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
+        # SDPA's softmax accumulates in fp32 whatever the input dtype.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ctx: "AttentionContext", cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class AttentionContext:
+    """What every layer needs besides its input: rotary angles, the mask, the cache position."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool (B, 1, T, S), True = may attend; None = plain causal
+    start: int
+
+
+class Transformer(nn.Module):
+    """LLaMA: embed_tokens -> layers -> norm -> lm_head.
+
+    `forward` runs the whole stack. Callers that need the pieces (PPO runs the frozen bottom
+    layers once and the top layers in a trainable and a reference copy; the reward model reads a
+    hidden state) call `context`, `embed_tokens`, `run_layers`, `norm` and `lm_head` themselves.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Random initialisation as HF LLaMA does it: N(0, initializer_range), norms at 1."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
+        return self
+
+    def context(self, batch_size: int, seq_len: int, attention_mask=None, start: int = 0,
+                device=None, dtype=torch.float32) -> AttentionContext:
+        """Positions and mask for `seq_len` new tokens written at cache position `start`.
+
+        attention_mask: (B, start + seq_len), 1 for real tokens and 0 for padding (left or
+        right), covering everything in the cache so far. Positions count real tokens only, so a
+        left-padded prompt sees the same positions as the same prompt alone.
+        """
+        if attention_mask is None:
+            positions = torch.arange(start, start + seq_len, device=device).expand(batch_size, -1)
+            # Prefill from position 0 is plain causal attention (SDPA's fast path). Later
+            # chunks attend to all cached keys plus a causal block among themselves.
+            mask = None
+            if start > 0 and seq_len > 1:
+                mask = causal_mask(seq_len, start + seq_len, start, device)[None, None]
+        else:
+            am = attention_mask.bool()
+            if am.shape != (batch_size, start + seq_len):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(am.shape)}, expected {(batch_size, start + seq_len)}")
+            device = am.device
+            positions = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            mask = causal_mask(seq_len, start + seq_len, start, device)[None] & am[:, None, :]
+            # A padding query would see no key at all and its softmax would be NaN; let it see
+            # itself. Its output is never read and no real token attends to it.
+            diag = torch.arange(seq_len, device=device)
+            mask[:, diag, diag + start] = True
+            mask = mask[:, None]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return AttentionContext(cos, sin, mask, start)
+
+    def run_layers(self, h, ctx: AttentionContext, first: int = 0, last: int | None = None,
+                   cache: KVCache | None = None):
+        for layer in self.layers[first:last]:
+            h = layer(h, ctx, cache)
+        return h
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, start: int = 0, return_hidden: bool = False):
+        """tokens (B, T) -> logits (B, T, vocab_size) in the parameters' dtype.
+
+        return_hidden=True returns the final normed hidden states (B, T, hidden_size) instead.
+        """
+        B, T = tokens.shape
+        h = self.embed_tokens(tokens)
+        ctx = self.context(B, T, attention_mask, start, tokens.device, h.dtype)
+        h = self.norm(self.run_layers(h, ctx, cache=cache))
+        return h if return_hidden else self.lm_head(h)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig | str, dtype=torch.float32, device="cpu", seed: int = 0):
+        """A randomly initialised model; `config` may name one of CONFIGS."""
+        if isinstance(config, str):
+            if config not in CONFIGS:
+                raise ValueError(f"unknown model config {config!r}; known: {sorted(CONFIGS)}")
+            config = CONFIGS[config]
+        model = cls(config).init_weights(seed)
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, device="cpu") -> "Transformer":
+        """Load an HF-format directory: config.json + model.safetensors or a sharded index.
+
+        The model is built on the meta device (no memory) and each shard's tensors are read,
+        checked against the config, converted to `dtype` and assigned, one shard at a time.
+        """
+        path = Path(path)
+        config = ModelConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {hf_name(n): p.shape for n, p in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        ours = {hf_name(n): n for n in model.state_dict()}
+        loaded = set()
+        for shard, names in checkpoint_shards(path).items():
+            tensors = {}
+            for name, tensor in read_safetensors(shard, names):
+                if name.endswith("rotary_emb.inv_freq"):  # recomputed, never stored by new HF
+                    continue
+                if config.tie_word_embeddings and name == "lm_head.weight":
+                    continue  # a tied head is the embedding; some checkpoints store both
+                if name not in expected:
+                    raise ValueError(f"{shard}: unexpected tensor {name!r} (not in a {config.num_hidden_layers}-layer LLaMA)")
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    raise ValueError(
+                        f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"but config.json implies {tuple(expected[name])}")
+                tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
+                loaded.add(name)
+            model.load_state_dict(tensors, strict=False, assign=True)
+            del tensors
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                        state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30):
+        """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
+
+        `state_dict` lets a distributed trainer pass a gathered full state dict.
+        """
+        sd = self.state_dict() if state_dict is None else state_dict
+        tensors = {hf_name(n): t for n, t in sd.items()}
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        write_checkpoint(path, self.config.to_hf(), [tensors], tokenizer=tokenizer,
+                         max_shard_bytes=max_shard_bytes)
+
+
+def causal_mask(q_len: int, k_len: int, start: int, device) -> torch.Tensor:
+    """(q_len, k_len) bool: query i (at absolute position start + i) sees keys 0..start + i."""
+    q = torch.arange(start, start + q_len, device=device)[:, None]
+    return torch.arange(k_len, device=device)[None, :] <= q
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the Hugging Face checkpoint name (the only difference: `model.`)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files (shared by save_pretrained, convert.py and the trainers)
+
+
+def checkpoint_shards(path: Path) -> dict[Path, list[str] | None]:
+    """Map each safetensors file of an HF directory to the tensor names the index assigns it."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        shards: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(path / file, []).append(name)
+        for shard, names in shards.items():
+            if not shard.is_file():
+                raise FileNotFoundError(f"{index}: shard {shard.name} is missing (it holds {names[0]!r} and {len(names) - 1} more tensors)")
+        return shards
+    if single.is_file():
+        return {single: None}
+    bins = sorted(path.glob("*.bin"))
+    hint = f"; found {bins[0].name}: convert it first with `python convert.py --src {path} --out DIR`" if bins else ""
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json{hint}")
+
+
+def read_safetensors(file: Path, names: list[str] | None = None):
+    """Yield (name, tensor) from one safetensors file, with errors that name the file."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if names is not None and set(names) - set(keys):
+                absent = sorted(set(names) - set(keys))
+                raise ValueError(f"{file}: the index assigns {absent[:3]} to this file, but it does not hold them")
+            for name in keys:
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+
+
+def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, max_shard_bytes=5 * 2**30):
+    """Atomically write an HF-format directory.
+
+    tensor_groups: an iterable of {name: tensor} dicts, consumed one at a time so a converter
+    can stream a 13B model through modest memory. Each group is cut into shards of at most
+    max_shard_bytes. Everything goes to a temporary sibling directory that is renamed into
+    place only when complete: a crash never leaves a half-written checkpoint at `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, int]] = []  # per written shard: tensor name -> bytes (no tensors kept)
+        dtypes: set[torch.dtype] = set()
+
+        def flush(shard):
+            shards.append({name: t.numel() * t.element_size() for name, t in shard.items()})
+            dtypes.update(t.dtype for t in shard.values())
+            _save_shard(tmp, len(shards), shard)
+
+        for group in tensor_groups:
+            shard, size = {}, 0
+            for name, t in group.items():
+                nbytes = t.numel() * t.element_size()
+                if shard and size + nbytes > max_shard_bytes:
+                    flush(shard)
+                    shard, size = {}, 0
+                shard[name] = t
+                size += nbytes
+            if shard:
+                flush(shard)
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.rename(tmp / f"shard-{i}", tmp / final)
+            weight_map.update(dict.fromkeys(shard, final))
+        if n > 1:
+            total = sum(sum(s.values()) for s in shards)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2))
+        dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+        hf_config = dict(hf_config, torch_dtype=dtype)
+        _write_text(tmp / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False))
+        if tokenizer is not None:
+            from tokenizer import write_hf_tokenizer_files
+
+            write_hf_tokenizer_files(tokenizer, tmp, hf_config)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_shard(directory: Path, i: int, shard: dict):
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+    save_file(tensors, str(directory / f"shard-{i}"), metadata={"format": "pt"})
+    _fsync(directory / f"shard-{i}")
+
+
+def _write_text(file: Path, text: str):
+    file.write_text(text + "\n", encoding="utf-8")
+    _fsync(file)
+
+
+def _fsync(file: Path):
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(new: Path, path: Path):
+    """Move a finished directory to `path`; an existing one is moved aside first, then removed."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, old / "d")
+        os.rename(new, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, path)
+
+
+__all__ = ["ModelConfig", "CONFIGS", "Transformer", "KVCache", "AttentionContext", "hf_name",
+           "write_checkpoint", "read_safetensors", "checkpoint_shards"]
+
+if __name__ == "__main__":  # print the named configs' sizes
+    for name, cfg in CONFIGS.items():
+        print(f"{name:10s} {cfg.num_params() / 1e6:10.1f}M parameters")

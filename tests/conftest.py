@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random LLaMAs built twice (ours and transformers') with the same weights."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import ModelConfig, Transformer  # noqa: E402
+
+
+def hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+              rope_theta=500.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def sharpen_(model, seed=0):
+    """Weights large enough that attention is peaked and depends strongly on position.
+
+    With the default 0.02 init every attention row is nearly uniform, which hides RoPE and
+    masking errors; q/k at std 0.4 make the scores span tens of nats.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif "q_proj" in name or "k_proj" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    return model
+
+
+def make_pair(**overrides):
+    """(ours, transformers') LlamaForCausalLM with identical, sharp random weights, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    cfg = hf_config(**overrides)
+    hf = sharpen_(LlamaForCausalLM(cfg)).eval()
+    ours = Transformer(ModelConfig.from_hf(cfg.to_dict()))
+    missing, unexpected = ours.load_state_dict(
+        {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    return ours.eval(), hf
+
+
+@pytest.fixture
+def pair():
+    return make_pair()
+
+
+@pytest.fixture
+def small_model():
+    """One of ours alone, sharp, for tests that need no reference."""
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=500.0)
+    return sharpen_(Transformer(cfg)).eval()
+
+
+CORPUS = [
+    "我最近三天一直头痛，晚上睡不好，需要去医院吗？",
+    "头痛伴随发热和颈部僵硬时，应尽快就医，排除脑膜炎。",
+    "高血压患者应当低盐饮食，每天食盐不超过5克，并规律服药。",
+    "糖尿病的典型症状是多饮、多尿、多食和体重下降。",
+    "Aspirin 100mg qd, 监测血压 140/90 mmHg。",
+    "孩子发烧38.5度，可以先物理降温，超过38.5度可用对乙酰氨基酚。",
+    "咳嗽两周以上，伴有低热盗汗，需要排查肺结核。",
+    "胃痛、反酸、烧心，可能是胃食管反流病，建议少食多餐。",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    from tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_tokenizer(CORPUS, out, vocab_size=400)
+    return out

@@ -1,0 +1,174 @@
+"""save_pretrained / from_pretrained: HF layout both ways, bit-exact, atomic, clear errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_pair
+from safetensors.torch import load_file, save_file
+
+import model as model_module
+from model import Transformer
+
+
+def state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**40, 60_000])
+def test_round_trip_is_bit_exact(pair, tmp_path, tokenizer_file, max_shard_bytes):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer_file, max_shard_bytes=max_shard_bytes)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    if max_shard_bytes < 2**40:
+        assert "model.safetensors.index.json" in files and "model-00002-of-" in " ".join(files)
+    else:
+        assert "model.safetensors" in files
+    assert {"config.json", "tokenizer.model", "tokenizer_config.json"} <= set(files)
+    state_equal(Transformer.from_pretrained(tmp_path / "ckpt"), ours)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+
+def test_tied_round_trip(tmp_path):
+    ours, _ = make_pair(tie_word_embeddings=True)
+    ours.save_pretrained(tmp_path / "t")
+    assert "lm_head.weight" not in load_file(tmp_path / "t" / "model.safetensors")
+    loaded = Transformer.from_pretrained(tmp_path / "t")
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    state_equal(loaded, ours)
+
+
+def test_transformers_opens_our_checkpoint(pair, tmp_path, tokenizer_file):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer_file, max_shard_bytes=60_000)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    tokens = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
+    from tokenizer import Tokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    text = "孩子发烧38.5度，可以先物理降温。"
+    assert hf_tok(text)["input_ids"] == Tokenizer(tokenizer_file).encode(text, bos=True)
+
+
+def test_we_open_transformers_checkpoint(tmp_path):
+    ours, hf = make_pair(num_key_value_heads=2)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    loaded = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    assert loaded.embed_tokens.weight.dtype == torch.bfloat16
+    for k, v in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
+
+
+def test_save_is_atomic(pair, tmp_path, monkeypatch):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "best")
+    before = load_file(tmp_path / "best" / "model.safetensors")
+    real_save = model_module._save_shard
+
+    def crash_on_second(directory, i, shard):
+        if i == 2:
+            raise KeyboardInterrupt("simulated crash while writing")
+        real_save(directory, i, shard)
+
+    monkeypatch.setattr(model_module, "_save_shard", crash_on_second)
+    with torch.no_grad():
+        ours.norm.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ours.save_pretrained(tmp_path / "best", max_shard_bytes=60_000)
+    after = load_file(tmp_path / "best" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+@pytest.fixture
+def sharded(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "m", max_shard_bytes=60_000)
+    return tmp_path / "m"
+
+
+def index_of(d):
+    return json.loads((d / "model.safetensors.index.json").read_text())
+
+
+def test_error_missing_shard(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard {victim.name} is missing"):
+        Transformer.from_pretrained(sharded)
+
+
+def test_error_missing_tensor(sharded):
+    idx = index_of(sharded)
+    file = sharded / idx["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, file)
+    del idx["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(ValueError, match=r"lacks tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        Transformer.from_pretrained(sharded)
+
+
+def test_error_index_names_a_tensor_the_shard_lacks(sharded):
+    idx = index_of(sharded)
+    file = sharded / idx["weight_map"]["model.norm.weight"]
+    tensors = load_file(file)
+    del tensors["model.norm.weight"]
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=f"{file.name}.*model.norm.weight"):
+        Transformer.from_pretrained(sharded)
+
+
+def test_error_unexpected_tensor(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(96, 64)
+    save_file(tensors, f)
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.2.mlp.up_proj.weight'"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+
+def test_error_shape_disagrees_with_config(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.\w+_proj.weight.* has shape \((96, 64|64, 96)\), but config.json implies \((128, 64|64, 128)\)"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_error_corrupt_file(pair, tmp_path, damage):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
+    with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors file"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+
+def test_error_no_config_or_weights(pair, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    torch.save({}, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="convert.py"):
+        Transformer.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        Transformer.from_pretrained(tmp_path / "m")

@@ -1,0 +1,112 @@
+"""Batched KV-cache generation: exact against a no-cache recompute and transformers' generate."""
+
+import pytest
+import torch
+from conftest import make_pair
+
+from generate import decode_steps, generate, process_logits, stream
+
+PROMPTS = [[1, 17, 33, 54, 9, 71, 40, 12, 88, 25], [1, 64, 7, 99], [1, 5, 45, 66, 30, 21]]
+
+
+def greedy_no_cache(model, prompt, n):
+    """The slow definition: rerun the whole sequence for every new token, no cache, no padding."""
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_equals_no_cache_and_transformers(pair):
+    ours, hf = pair
+    got = generate(ours, PROMPTS, max_new_tokens=20, eos_id=-1, temperature=0)  # -1: never stops
+    for prompt, tokens in zip(PROMPTS, got.tokens):
+        assert tokens == greedy_no_cache(ours, prompt, 20)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert tokens == ref[0, len(prompt):].tolist()
+    assert len({tuple(t) for t in got.tokens}) == 3  # the prompts really lead different ways
+
+
+def test_repetition_penalty_matches_transformers(pair):
+    ours, hf = pair
+    got = generate(ours, PROMPTS, max_new_tokens=15, eos_id=-1, temperature=0, repetition_penalty=1.5)
+    for prompt, tokens in zip(PROMPTS, got.tokens):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False,
+                          repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
+        assert tokens == ref[0, len(prompt):].tolist()
+    plain = generate(ours, PROMPTS, max_new_tokens=15, eos_id=-1, temperature=0)
+    assert got.tokens != plain.tokens
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_prompt_decodes_the_same_alone_and_in_a_padded_batch(kv_heads):
+    ours, _ = make_pair(num_key_value_heads=kv_heads)
+    batch = generate(ours, PROMPTS, max_new_tokens=12, eos_id=-1, temperature=0, return_logprobs=True)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(ours, [prompt], max_new_tokens=12, eos_id=-1, temperature=0, return_logprobs=True)
+        assert alone.tokens[0] == batch.tokens[i]
+        torch.testing.assert_close(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[i]),
+                                   rtol=0, atol=1e-5)
+
+
+def test_logprobs_are_the_models_log_probabilities(small_model):
+    gen = torch.Generator().manual_seed(0)
+    out = generate(small_model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=0.9, top_p=0.8,
+                   return_logprobs=True, generator=gen)
+    for prompt, tokens, lps in zip(PROMPTS, out.tokens, out.logprobs):
+        seq = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            full = torch.log_softmax(small_model(seq)[0].float(), -1)
+        expected = full[len(prompt) - 1:-1].gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lps), expected, rtol=0, atol=1e-5)
+
+
+def test_each_sequence_stops_at_its_own_eos(pair):
+    ours, _ = pair
+    free = generate(ours, PROMPTS, max_new_tokens=12, eos_id=-1, temperature=0)
+    eos = free.tokens[1][3]  # make the 4th token of the second prompt the "eos"
+    stop = free.tokens[1].index(eos)
+    out = generate(ours, PROMPTS, max_new_tokens=12, eos_id=eos, temperature=0)
+    assert out.tokens[1] == free.tokens[1][:stop + 1] and out.finished[1]
+    for i in (0, 2):  # the others go on, unchanged, until their own eos or the limit
+        cut = free.tokens[i].index(eos) + 1 if eos in free.tokens[i] else 12
+        assert out.tokens[i] == free.tokens[i][:cut]
+        assert out.finished[i] == (eos in free.tokens[i])
+
+
+def test_sampling_is_seeded_and_streams_the_same_tokens(small_model):
+    kw = dict(max_new_tokens=10, eos_id=-1, temperature=1.0, top_k=20)
+    a = generate(small_model, PROMPTS[:1], generator=torch.Generator().manual_seed(5), **kw).tokens[0]
+    b = list(stream(small_model, PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw))
+    c = generate(small_model, PROMPTS[:1], generator=torch.Generator().manual_seed(6), **kw).tokens[0]
+    assert a == b and a != c
+
+
+def test_vocab_limit_and_context_guard(small_model):
+    out = generate(small_model, PROMPTS, max_new_tokens=30, eos_id=-1, temperature=2.0, vocab_limit=50,
+                   generator=torch.Generator().manual_seed(0))
+    assert max(max(t) for t in out.tokens) < 50
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        generate(small_model, PROMPTS, max_new_tokens=250, eos_id=-1)
+    with pytest.raises(ValueError, match="at least one token"):
+        next(decode_steps(small_model, [[1], []], max_new_tokens=2, eos_id=2))
+
+
+def test_process_logits_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    probs = torch.softmax(logits, -1)[0]  # 0.6364, 0.2341, 0.0861, 0.0317, 0.0043
+    # top_p 0.8: 0.636 < 0.8, 0.636 + 0.234 = 0.870 crosses it: the two first survive.
+    kept = torch.isfinite(process_logits(logits, None, top_p=0.8))[0].tolist()
+    assert kept == [True, True, False, False, False]
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    # top_p below the first probability keeps exactly the argmax.
+    assert torch.isfinite(process_logits(logits, None, top_p=0.1))[0].tolist() == [True] + [False] * 4
+    assert torch.isfinite(process_logits(logits, None, top_k=3))[0].tolist() == [True] * 3 + [False] * 2
+    # temperature divides.
+    torch.testing.assert_close(process_logits(logits, None, temperature=0.5), logits * 2)
+    # repetition penalty 2 on tokens 0 and 3: 2.0 -> 1.0 and -1.0 -> -2.0; others untouched.
+    seen = torch.tensor([[True, False, False, True, False]])
+    out = process_logits(logits, seen, repetition_penalty=2.0)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 1.0, 0.0, -2.0, -3.0]]))

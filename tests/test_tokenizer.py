@@ -1,0 +1,55 @@
+"""The sentencepiece wrapper and the training of a small LLaMA-style tokenizer."""
+
+import pytest
+from conftest import CORPUS
+
+from tokenizer import StreamDecoder, Tokenizer, corpus_sentences, train_tokenizer
+
+
+def test_special_ids_and_round_trip(tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)  # LLaMA's and Ziya's ids
+    # Unseen characters (byte fallback), digits, Latin and an emoji all survive a round trip.
+    for text in CORPUS[:8] + ["罕见字：龘靐 and ASCII 12345 😀"]:
+        ids = tok.encode(text, bos=True, eos=True)
+        assert ids[0] == 1 and ids[-1] == 2 and 0 not in ids[1:-1]  # never <unk>
+        assert tok.decode(ids) == text
+    # Digits are split one by one (LLaMA's split_digits), though "38.5" recurs in the corpus.
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode("体温38.5度，血压140/90")]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces), pieces
+
+
+def test_embedding_may_be_larger_than_the_tokenizer(tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    assert tok.decode(tok.encode("头痛") + [len(tok), len(tok) + 13]) == "头痛"
+    tok.check_model_vocab(len(tok) + 14)  # Ziya: 39,424 rows for 39,410 pieces
+    with pytest.raises(ValueError, match=f"tokenizer has {len(tok)} pieces but the model embeds only"):
+        tok.check_model_vocab(len(tok) - 1)
+
+
+def test_stream_decoder_reassembles_text(tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    text = "孩子发烧😀38.5度 ok"
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)  # never half a character
+
+
+def test_training_is_deterministic(tmp_path, tokenizer_file):
+    train_tokenizer(CORPUS, tmp_path / "again.model", vocab_size=400)
+    assert (tmp_path / "again.model").read_bytes() == tokenizer_file.read_bytes()
+
+
+def test_corpus_reader_and_bad_files(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"id": "a", "source": "x", "messages": [{"role": "user", "content": "头痛"}]}\n\n{bad\n',
+                 encoding="utf-8")
+    with pytest.raises(ValueError, match=r"c.jsonl:3: not valid JSON"):
+        list(corpus_sentences([f]))
+    assert next(corpus_sentences([f])) == "头痛"
+    with pytest.raises(FileNotFoundError, match="no sentencepiece model"):
+        Tokenizer(tmp_path / "missing.model")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.model: not a sentencepiece model"):
+        Tokenizer(tmp_path / "bad.model")
