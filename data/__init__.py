@@ -1,0 +1,1 @@
+"""Data: the conversation schema, the HuatuoGPT chat template, readers, mixing and batching."""

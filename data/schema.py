@@ -1,0 +1,194 @@
+"""One record format for every conversation, and its JSONL files.
+
+A conversation (all four SFT sources of the paper's Table 3, evaluation prompts, RM prompts):
+
+    {"id": "dq-0001", "source": "real_instruction",
+     "messages": [{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}, …],
+     "meta": {…}}                                  # optional: department, diagnosis, label, …
+
+Roles alternate, starting with the user. Training data ends with an assistant turn; a prompt
+(for sampling or evaluation) ends with a user turn. A preference pair for the reward model is
+a prompt plus two candidate replies: {"id", "source", "messages", "chosen", "rejected", "meta"}.
+
+Every reader here checks each record and stops at the first bad one, naming the file, line and
+field; with skip_bad=True it skips such records instead and counts them in a Report, which the
+caller prints. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+ROLES = ("user", "assistant")
+# The paper's four SFT parts (§3.1, Table 3); free-form names are allowed for other sources.
+SFT_SOURCES = ("distilled_instruction", "real_instruction", "distilled_conversation", "real_conversation")
+
+
+class RecordError(ValueError):
+    """A record that does not fit its format; the message names the file, line and field."""
+
+
+class Report:
+    """What readers skipped or changed, with reasons, for the summary a user reads."""
+
+    def __init__(self):
+        self.skipped: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def skip(self, reason: str, where: str):
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, where)
+
+    def note(self, what: str, where: str = ""):
+        self.notes[what] += 1
+        self.examples.setdefault(what, where)
+
+    def __bool__(self):
+        return bool(self.skipped or self.notes)
+
+    def summary(self) -> str:
+        lines = [f"skipped {n} record(s): {r} (first at {self.examples[r]})" for r, n in self.skipped.items()]
+        lines += [f"{n} x {w} (first at {self.examples[w]})" for w, n in self.notes.items()]
+        return "\n".join(lines)
+
+
+def check_messages(messages, where: str, ending: str = "assistant") -> list[dict]:
+    """Validate alternating user/assistant messages; ending is 'assistant', 'user' or 'any'."""
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{where}: field 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise RecordError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        expected = ROLES[i % 2]
+        if m["role"] != expected:
+            raise RecordError(f"{where}: messages[{i}].role is {m['role']!r}, expected {expected!r} (turns alternate, user first)")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise RecordError(f"{where}: messages[{i}].content must be a non-empty string")
+    last = messages[-1]["role"]
+    if ending != "any" and last != ending:
+        raise RecordError(f"{where}: the last message is from the {last}, expected the {ending}")
+    return messages
+
+
+def check_conversation(record, where: str, ending: str = "assistant") -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    for field in ("id", "source"):
+        if not isinstance(record.get(field), str) or not record[field]:
+            raise RecordError(f"{where}: field {field!r} must be a non-empty string")
+    check_messages(record.get("messages"), where, ending)
+    if not isinstance(record.get("meta", {}), dict):
+        raise RecordError(f"{where}: field 'meta' must be an object")
+    return record
+
+
+def check_prompt(record, where: str) -> dict:
+    return check_conversation(record, where, ending="user")
+
+
+def check_pair(record, where: str) -> dict:
+    """A preference pair: a prompt (history + question) and a chosen and a rejected reply."""
+    check_conversation(record, where, ending="user")
+    for field in ("chosen", "rejected"):
+        if not isinstance(record.get(field), str) or not record[field].strip():
+            raise RecordError(f"{where}: field {field!r} must be a non-empty string")
+    if record["chosen"] == record["rejected"]:
+        raise RecordError(f"{where}: 'chosen' and 'rejected' are the same text")
+    return record
+
+
+def text_lines(path: str | os.PathLike, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file; a BOM is dropped, a wrong encoding named."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    n = 0
+    with open(path, encoding=codec, newline="") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                yield n, line.rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            hint = " (Chinese data sets are sometimes GBK: try --encoding gbk)" if codec == "utf-8-sig" else ""
+            raise RecordError(f"{path}:{n + 1}: not valid {encoding}: {e.reason} at byte {e.start}{hint}") from None
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    return "\n".join(line for _, line in text_lines(path, encoding))
+
+
+def read_jsonl(path, check: Callable = check_conversation, *, skip_bad: bool = False,
+               report: Report | None = None, encoding: str = "utf-8") -> Iterator[dict]:
+    """Yield the checked records of a JSONL file; blank lines are allowed."""
+    for n, line in text_lines(path, encoding):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield check(record, where)
+        except RecordError as e:
+            if not skip_bad:
+                raise
+            (report if report is not None else Report()).skip(str(e).split(": ", 1)[1], where)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write records atomically (a temporary file renamed into place); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+# -- the released HuatuoGPT SFT layout: {"data": ["问：…", "答：…", "问：…", …]} ------------------
+
+_Q = re.compile(r"^\s*问\s*[:：]\s*")
+_A = re.compile(r"^\s*答\s*[:：]\s*")
+
+
+def to_huatuo(record: dict) -> dict:
+    """Our record -> one line of the HuatuoGPT SFT data (a trailing user turn is not kept)."""
+    msgs = record["messages"]
+    msgs = msgs[: len(msgs) - len(msgs) % 2]
+    return {"data": [("问：" if m["role"] == "user" else "答：") + m["content"] for m in msgs]}
+
+
+def from_huatuo(obj, where: str, *, id: str, source: str = "huatuo_sft", report: Report | None = None) -> dict:
+    """One HuatuoGPT SFT line -> our record; an odd trailing turn is dropped and reported."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise RecordError(f"{where}: field 'data' must be a list of strings")
+    turns = obj["data"]
+    if len(turns) % 2:
+        turns = turns[:-1]
+        if report is not None:
+            report.note("odd trailing turn dropped", where)
+    if not turns:
+        raise RecordError(f"{where}: field 'data' holds no complete question and answer")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, str):
+            raise RecordError(f"{where}: data[{i}] must be a string")
+        prefix = _Q if i % 2 == 0 else _A
+        messages.append({"role": ROLES[i % 2], "content": prefix.sub("", turn, count=1)})
+    return check_conversation({"id": id, "source": source, "messages": messages}, where)

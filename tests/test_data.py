@@ -1,0 +1,326 @@
+"""data/: the schema, the chat template and its loss mask, readers, mixing and batching."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.__main__ import main as data_cli
+from data.mixing import LengthGroupedBatches, Source, mix, normalise
+from data.readers import (KUAKE_QIC_LABELS, read, read_cmedqa2, read_huatuo26m, read_huatuo_sft,
+                          read_kuake_qic, read_med_dialog_100, read_meddialog, read_pairs, read_schema,
+                          read_webmedqa)
+from data.schema import RecordError, Report, from_huatuo, to_huatuo
+from data.template import ASSISTANT_TAG, IGNORE_INDEX, SYSTEM, USER_TAG, collate, render
+from tokenizer import Tokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TWO_ROUNDS = [{"role": "user", "content": "我头痛三天了。"}, {"role": "assistant", "content": "有没有发烧？"},
+              {"role": "user", "content": "没有发烧。"}, {"role": "assistant", "content": "先休息，多喝水。"}]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_file):
+    return Tokenizer(tokenizer_file)
+
+
+# -- the template ---------------------------------------------------------------------------
+
+
+def test_golden_two_round_rendering(tok):
+    out = render(tok, TWO_ROUNDS)
+    e = tok.encode
+    prompt1, answer1 = e("<病人>：我头痛三天了。 <HuatuoGPT>："), e("有没有发烧？")
+    prompt2, answer2 = e("<病人>：没有发烧。 <HuatuoGPT>："), e("先休息，多喝水。")
+    head = [1] + e(SYSTEM)
+    assert out.ids == head + prompt1 + answer1 + [2] + prompt2 + answer2 + [2]
+    ignore = [IGNORE_INDEX]
+    assert out.labels == ignore * (len(head) + len(prompt1)) + answer1 + [2] + ignore * len(prompt2) + answer2 + [2]
+    # The text is the official HuatuoGPT prompt (segments begin with sentencepiece's "▁").
+    official = (SYSTEM + "<病人>：我头痛三天了。 <HuatuoGPT>：有没有发烧？<病人>：没有发烧。 <HuatuoGPT>：先休息，多喝水。")
+    assert tok.decode(out.ids).replace(" ", "") == official.replace(" ", "")
+    assert USER_TAG == "<病人>：" and ASSISTANT_TAG == " <HuatuoGPT>："
+
+
+def test_labels_cover_exactly_the_answers_and_their_eos(tok):
+    out = render(tok, TWO_ROUNDS)
+    labelled = [i for i, lab in enumerate(out.labels) if lab != IGNORE_INDEX]
+    assert all(out.labels[i] == out.ids[i] for i in labelled)
+    assert [out.ids[i] for i in labelled] == tok.encode("有没有发烧？") + [2] + tok.encode("先休息，多喝水。") + [2]
+    assert out.ids.count(2) == 2 and all(out.labels[i] == 2 for i, t in enumerate(out.ids) if t == 2)
+
+
+def test_generation_prompt(tok):
+    out = render(tok, TWO_ROUNDS[:3])
+    assert out.ids[-len(tok.encode(USER_TAG + "没有发烧。" + ASSISTANT_TAG)):] == tok.encode("<病人>：没有发烧。 <HuatuoGPT>：")
+    assert set(out.labels) == {IGNORE_INDEX}
+    full = render(tok, TWO_ROUNDS)
+    assert full.ids[:len(out.ids)] == out.ids  # sampling sees exactly what training saw
+
+
+def test_truncation_keeps_whole_rounds_only(tok):
+    full = render(tok, TWO_ROUNDS)
+    first = render(tok, TWO_ROUNDS[:2])
+    # Training: one token short of the whole -> the second round is dropped, whole.
+    cut = render(tok, TWO_ROUNDS, max_len=len(full.ids) - 1)
+    assert cut.ids == first.ids and cut.labels == first.labels and cut.rounds_dropped == 1
+    # Not even the first round fits: no example at all rather than a fragment.
+    assert render(tok, TWO_ROUNDS, max_len=len(first.ids) - 1) is None
+    # A generation prompt drops the oldest rounds; the question must fit whole.
+    prompt = render(tok, TWO_ROUNDS[:3])
+    short = render(tok, TWO_ROUNDS[:3], max_len=len(prompt.ids) - 1)
+    assert short.rounds_dropped == 1 and short.ids == render(tok, TWO_ROUNDS[2:3]).ids
+    with pytest.raises(ValueError, match="the question alone takes"):
+        render(tok, TWO_ROUNDS[:3], max_len=10)
+
+
+def test_collate_right_pads(tok):
+    a, b = render(tok, TWO_ROUNDS), render(tok, TWO_ROUNDS[:2])
+    batch = collate([a, b], pad_id=0)
+    n = len(b.ids)
+    assert batch["tokens"].shape == (2, len(a.ids))
+    assert batch["tokens"][1, n:].eq(0).all() and batch["labels"][1, n:].eq(IGNORE_INDEX).all()
+    assert batch["attention_mask"][1].tolist() == [1] * n + [0] * (len(a.ids) - n)
+    assert batch["labels"][0].tolist() == a.labels
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str, encoding="utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_huatuo_sft_both_ways(tmp_path):
+    f = write(tmp_path / "huatuo.jsonl", json.dumps({"data": ["问：头痛怎么办？", "答：多休息。", "问:还要吃药吗？", "答:不用。"]},
+                                                    ensure_ascii=False) + "\n" +
+              json.dumps({"data": ["问：咳嗽", "答：多喝水", "问：谢谢"]}, ensure_ascii=False) + "\n")
+    report = Report()
+    records = list(read_huatuo_sft(f, report=report))
+    assert [m["content"] for m in records[0]["messages"]] == ["头痛怎么办？", "多休息。", "还要吃药吗？", "不用。"]
+    assert len(records[1]["messages"]) == 2 and report.notes["odd trailing turn dropped"] == 1
+    assert f"{f}:2" in report.summary()
+    line = json.loads(f.read_text(encoding="utf-8").splitlines()[1])
+    assert to_huatuo(records[1]) == {"data": line["data"][:2]}
+    again = from_huatuo(to_huatuo(records[0]), "x", id=records[0]["id"])
+    assert again["messages"] == records[0]["messages"]
+
+
+def test_huatuo26m_strings_and_lists(tmp_path):
+    f = write(tmp_path / "test_datasets.jsonl",
+              '{"questions": "胃痛怎么办", "answers": "少食多餐"}\n'
+              '{"questions": ["孩子发烧", "别的问法"], "answers": ["物理降温", "别的回答"]}\n'
+              '{"questions": "缺答案"}\n')
+    with pytest.raises(RecordError, match=r"test_datasets.jsonl:3: missing field 'answers'"):
+        list(read_huatuo26m(f))
+    report = Report()
+    records = list(read_huatuo26m(f, skip_bad=True, report=report))
+    assert [r["messages"][1]["content"] for r in records] == ["少食多餐", "物理降温"]
+    assert sum(report.skipped.values()) == 1
+
+
+def test_cmedqa2(tmp_path):
+    d = tmp_path / "cMedQA2"
+    write(d / "question.csv", "question_id,content\n1,头痛怎么办\n2,咳嗽吃什么药\n")
+    write(d / "answer.csv", "ans_id,question_id,content\n10,1,多休息\n11,1,吃止痛药\n12,2,\"止咳糖浆, 多喝水\"\n")
+    write(d / "test_candidates.txt", "question_id,ans_id,cnt,label\n1,11,0,0\n1,10,1,1\n2,12,0,1\n2,10,1,0\n")
+    records = list(read_cmedqa2(d, split="test"))
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records] == [
+        ("头痛怎么办", "多休息"), ("咳嗽吃什么药", "止咳糖浆, 多喝水")]
+    write(d / "dev_candidates.txt", "question_id,ans_id,cnt,label\n3,10,0,1\n")
+    with pytest.raises(RecordError, match=r"dev_candidates.txt:2: question_id 3 is not in question.csv"):
+        list(read_cmedqa2(d, split="dev"))
+
+
+def test_webmedqa(tmp_path):
+    f = write(tmp_path / "medQA.test.txt",
+              "内科\t0\tq1\t头晕怎么回事\t不知道\n内科\t1\tq1\t头晕怎么回事\t测一下血压\n"
+              "儿科\t1\tq2\t宝宝湿疹\t注意保湿\n儿科\t1\tq2\t宝宝湿疹\t第二个金标准答案\n外科\t1\tq3\t只有四列\n")
+    with pytest.raises(RecordError, match=r"medQA.test.txt:5: expected 5 tab-separated fields"):
+        list(read_webmedqa(f))
+    records = list(read_webmedqa(f, skip_bad=True, report=Report()))
+    assert [(r["id"], r["messages"][1]["content"], r["meta"]["department"]) for r in records] == [
+        ("webmedqa-q1", "测一下血压", "内科"), ("webmedqa-q2", "注意保湿", "儿科")]
+
+
+MEDDIALOG = """id=1
+https://www.haodf.com/doctorteam/flow_team_1.htm
+
+Doctor faculty
+消化内科
+
+Description
+疾病：
+胃痛
+病情描述（发病时间、主要症状等）：
+饭后胃痛两周，有反酸。
+希望获得的帮助：
+需要做胃镜吗
+
+Dialogue
+病人：
+饭后胃痛两周，有反酸。
+病人：
+吃了奥美拉唑好一点。
+医生：
+建议做胃镜，查幽门螺杆菌。
+病人:谢谢医生
+医生:不客气。
+
+id=2
+https://www.haodf.com/doctorteam/flow_team_2.htm
+
+Description
+病情描述：孩子咳嗽
+
+Dialogue
+医生：
+你好
+病人：孩子咳嗽三天
+医生：发烧吗？
+病人：不发烧
+
+id=3
+https://www.haodf.com/doctorteam/flow_team_3.htm
+
+Description
+病情描述：无对话
+"""
+
+
+def test_meddialog_both_colons_and_turn_merging(tmp_path):
+    f = write(tmp_path / "2020.txt", MEDDIALOG)
+    with pytest.raises(RecordError, match=r"2020.txt:\d+: consultation id=3 has no 'Dialogue' section"):
+        list(read_meddialog(f))
+    report = Report()
+    first, second = read_meddialog(f, skip_bad=True, report=report)
+    assert [m["content"] for m in first["messages"]] == [
+        "饭后胃痛两周，有反酸。 吃了奥美拉唑好一点。", "建议做胃镜，查幽门螺杆菌。", "谢谢医生", "不客气。"]
+    assert first["meta"]["department"] == "消化内科"
+    assert first["meta"]["description"]["病情描述"] == "饭后胃痛两周，有反酸。"
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant"]
+    assert second["meta"]["description"]["病情描述"] == "孩子咳嗽"
+    assert report.notes["doctor turn before the patient's first dropped"] == 1
+    assert report.notes["final unanswered patient turn dropped"] == 1
+    assert sum(report.skipped.values()) == 1
+
+
+def test_kuake_and_med_dialog_100(tmp_path):
+    f = write(tmp_path / "KUAKE-QIC_100.json", json.dumps(
+        [{"id": "s1", "query": "头痛挂什么科", "label": "就医建议"}, {"id": "s2", "query": "x", "label": "闲聊"}],
+        ensure_ascii=False))
+    with pytest.raises(RecordError, match=r"KUAKE-QIC_100.json\[1\]: label '闲聊' is not one of the 11"):
+        list(read_kuake_qic(f))
+    assert [r["meta"]["label"] for r in read_kuake_qic(f, skip_bad=True, report=Report())] == ["就医建议"]
+    g = write(tmp_path / "Med-dialog_100.json", json.dumps(
+        [{"id": 7, "medical_case": "男，50岁，胸痛", "doctor_diagnosis": "心绞痛", "Department": "心内科"},
+         {"id": 8, "medical_case": "女，20岁", "Department": "内科"}], ensure_ascii=False))
+    with pytest.raises(RecordError, match=r"Med-dialog_100.json\[1\]: missing field 'doctor_diagnosis'"):
+        list(read(g))
+    rec = next(iter(read_med_dialog_100(g)))
+    assert rec["messages"] == [{"role": "user", "content": "男，50岁，胸痛"}]
+    assert rec["meta"] == {"doctor_diagnosis": "心绞痛", "department": "心内科"}
+
+
+def test_malformed_lines_name_file_line_and_field(tmp_path):
+    good = {"id": "a", "source": "s", "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
+    bad_role = dict(good, messages=[{"role": "assistant", "content": "答"}])
+    f = write(tmp_path / "x.jsonl", "\n".join([json.dumps(good), "{oops", json.dumps(bad_role), json.dumps(good)]) + "\n")
+    with pytest.raises(RecordError, match=r"x.jsonl:2: not valid JSON"):
+        list(read_schema(f))
+    report = Report()
+    assert len(list(read_schema(f, skip_bad=True, report=report))) == 2
+    assert sum(report.skipped.values()) == 2 and "x.jsonl:3" in report.summary()
+    assert "messages[0].role is 'assistant'" in report.summary()
+
+
+def test_encodings(tmp_path):
+    rec = {"id": "a", "source": "s", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "休息"}]}
+    line = json.dumps(rec, ensure_ascii=False) + "\n"
+    bom = write(tmp_path / "bom.jsonl", "\ufeff" + line)
+    assert next(iter(read_schema(bom)))["messages"][0]["content"] == "头痛"
+    gbk = write(tmp_path / "gbk.jsonl", line, encoding="gbk")
+    with pytest.raises(RecordError, match=r"gbk.jsonl:1: not valid utf-8.*--encoding gbk"):
+        list(read_schema(gbk))
+    assert next(iter(read_schema(gbk, encoding="gbk")))["messages"][1]["content"] == "休息"
+
+
+# -- mixing and batching ---------------------------------------------------------------------
+
+
+def conv(i, text):
+    return {"id": f"r{i}", "source": "s", "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "答"}]}
+
+
+def test_mix_is_deterministic_and_deduplicates():
+    a = [conv(i, f"问题{i}") for i in range(40)] + [conv(99, "问题3")]  # a duplicate within the source
+    b = [conv(100 + i, f"其他{i}") for i in range(20)] + [conv(200, "问题 ３！")]  # full-width twin of 问题3
+    assert normalise("问题 ３！") == normalise("问题3")
+    run = lambda seed: mix([Source("a", a, cap=30), Source("b", b, weight=2.5)], seed=seed, val_fraction=0.1)
+    train, val, rows = run(0)
+    assert run(0) == (train, val, rows) and run(1)[0] != train
+    assert rows[0] == {"source": "a", "read": 41, "duplicates": 1, "capped": 10, "val": 3, "train": 27}
+    assert rows[1] == {"source": "b", "read": 21, "duplicates": 1, "capped": 0, "val": 2, "train": 45}
+    assert not {r["id"] for r in val} & {r["id"] for r in train}  # upsampling happens after the split
+
+
+def test_batches_cover_each_epoch_and_group_lengths():
+    lengths = [((i * 37) % 101) + 1 for i in range(200)]
+    sampler = LengthGroupedBatches(lengths, 8, seed=3, group_batches=5)
+    epoch = sampler.epoch_batches(0)
+    assert sorted(i for b in epoch for i in b) == list(range(200))
+    assert epoch != sampler.epoch_batches(1)
+    def spread(batches):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    unsorted = [list(range(200))[k:k + 8] for k in range(0, 200, 8)]  # lengths in arbitrary order
+    assert spread(epoch) < 0.4 * spread(unsorted)
+
+
+def test_sampler_state_round_trip():
+    lengths = list(range(1, 51))
+    a = LengthGroupedBatches(lengths, 4, seed=7)
+    it = iter(a)
+    [next(it) for _ in range(17)]  # into the second epoch (13 batches an epoch)
+    state = a.state_dict()
+    expected = [next(it) for _ in range(20)]
+    b = LengthGroupedBatches(lengths, 4, seed=7)
+    b.load_state_dict(state)
+    assert [x for _, x in zip(range(20), iter(b))] == expected
+    with pytest.raises(ValueError, match="batch_size=4, this run has 5"):
+        LengthGroupedBatches(lengths, 5, seed=7).load_state_dict(state)
+
+
+# -- the shipped corpus and the command line --------------------------------------------------
+
+
+def test_shipped_corpus_reads_and_is_complete():
+    sft = {f.stem: list(read(f)) for f in sorted((DATA / "sft").glob("*.jsonl"))}
+    assert {r["source"] for rs in sft.values() for r in rs} == {
+        "distilled_instruction", "real_instruction", "distilled_conversation", "real_conversation"}
+    pairs = list(read_pairs(DATA / "preference" / "preference_pairs.jsonl"))
+    qic = list(read(DATA / "eval" / "kuake_qic_small.json"))
+    cases = list(read(DATA / "eval" / "med_dialog_small.json"))
+    qa = list(read(DATA / "eval" / "qa_test.jsonl"))
+    assert {r["meta"]["label"] for r in qic} == set(KUAKE_QIC_LABELS) - {"其他"}  # the 10 intents
+    assert all(r["meta"]["doctor_diagnosis"] and r["meta"]["department"] for r in cases)
+    everything = [r for rs in sft.values() for r in rs] + pairs + qic + cases + qa
+    assert len(everything) >= 180
+    ids = [r["id"] for rs in sft.values() for r in rs] + [r["id"] for r in pairs]
+    assert len(ids) == len(set(ids))
+    sft_all = [r for rs in sft.values() for r in rs]
+    assert len(mix([Source("all", sft_all)], val_fraction=0)[0]) == len(sft_all)  # no duplicates
+
+
+def test_cli_convert_and_stats(tmp_path, capsys, tokenizer_file):
+    f = write(tmp_path / "medQA.valid.txt", "内科\t1\tq1\t头晕怎么回事\t测一下血压\n内科\t1\tq2\t坏\n")
+    assert data_cli(["convert", str(f), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "medQA.valid.txt:2: expected 5" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()  # nothing half-written
+    assert data_cli(["convert", str(f), "--out", str(tmp_path / "o.jsonl"), "--skip-bad"]) == 0
+    assert "wrote 1 records" in capsys.readouterr().out
+    assert data_cli(["stats", str(tmp_path / "o.jsonl"), "--tokenizer", str(tokenizer_file)]) == 0
+    assert "1 records" in capsys.readouterr().out
