@@ -1,0 +1,294 @@
+"""Supervised fine-tuning on the hybrid data (paper §3.1, App. E), with FSDP on 1 to N ranks.
+
+    # the embedded default, on a laptop CPU
+    python train_sft.py --model tiny --data data/sft/*.jsonl --out runs/sft --batch-size 8 --lr 2e-3 --epochs 6
+    # the paper's run: Ziya-LLaMA-13B on 8 GPUs
+    torchrun --nproc_per_node 8 train_sft.py --model ziya-13b --data sft_mix/train.jsonl \
+        --val-data sft_mix/val.jsonl --out runs/sft-13b --micro-batch-size 2 --activation-checkpointing
+    # will it fit? the per-rank memory of any config, computed on the meta device
+    python train_sft.py --model ziya-13b --dry-run --world-size 8
+
+Each optimizer step takes one global batch of --batch-size conversations (the same batches
+whatever the number of ranks), renders them with the HuatuoGPT template, and minimises the
+next-token loss on the doctor's replies only. The loss is the sum over every labelled token
+of the global batch divided by their number, so 1 process and N processes follow the same
+trajectory. Outputs in --out:
+
+    metrics.jsonl   one record per optimizer step, and one per validation
+    best/           the weights that did best on validation, HF layout (paper App. E)
+    final/          the weights at the end, HF layout
+    state/          the resumable state (--resume), rewritten every --save-every steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.mixing import LengthGroupedBatches, Source, mix
+from data.readers import read
+from data.schema import Report
+from data.template import IGNORE_INDEX, collate, render
+from training import (MetricsLog, Timer, TrainState, cosine_lr, grad_norm_and_clip, init_distributed,
+                      load_model, make_optimizer, memory_estimate, peak_memory_gb, save_hf, shard_and_load)
+
+# Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
+# 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
+# validation set are saved."
+LR = 5e-5
+BATCH_SIZE = 128
+MAX_LEN = 2048
+EPOCHS = 3
+# The paper is silent on these; the public HuatuoGPT training recipe uses them.
+WEIGHT_DECAY = 0.1
+WARMUP_RATIO = 0.05
+GRAD_CLIP = 1.0
+VAL_FRACTION = 0.05  # when no --val-data is given
+
+
+def token_loss_sum(model, batch) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the labelled positions of a right-padded batch.
+
+    Right padding needs no attention mask: causal attention never lets a real token see the
+    padding after it, and padded positions carry the label -100.
+    """
+    logits = model(batch["tokens"][:, :-1]).float()
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def n_labels(item) -> int:
+    """Labelled tokens of one rendered conversation (the first position predicts nothing)."""
+    return sum(lab != IGNORE_INDEX for lab in item.labels[1:])
+
+
+@torch.no_grad()
+def validation_loss(model, items, d, micro: int, pad_id: int) -> float:
+    """Token-weighted mean loss over `items`, split across ranks. Every rank runs the same
+    number of forward passes (FSDP gathers weights collectively): a rank short of items
+    repeats its first one with weight zero."""
+    model.eval()
+    mine = items[d.rank::d.world]
+    n_batches = math.ceil(math.ceil(len(items) / d.world) / micro)
+    total = count = 0.0
+    for b in range(n_batches):
+        chunk = mine[b * micro:(b + 1) * micro]
+        batch = {k: v.to(d.device) for k, v in collate(chunk or items[:1], pad_id).items()}
+        loss = token_loss_sum(model, batch)
+        if chunk:
+            total += loss.item()
+            count += sum(n_labels(x) for x in chunk)
+    model.train()
+    return d.all_sum(total) / d.all_sum(count)
+
+
+def read_sources(files, report) -> list[Source]:
+    """Conversations (ending with an answer) from files in any format data/ reads."""
+    return [Source(str(f), [r for r in read(f, report=report) if r["messages"][-1]["role"] == "assistant"])
+            for f in files]
+
+
+def render_all(records, tok, max_len, report):
+    items = []
+    for r in records:
+        x = render(tok, r["messages"], max_len=max_len)
+        if x is None:
+            report.skip(f"first round longer than {max_len} tokens", r["id"])
+        else:
+            items.append(x)
+            if x.rounds_dropped:
+                report.note("later rounds dropped to fit the context", r["id"])
+    return items
+
+
+def dry_run(args):
+    from model import CONFIGS, ModelConfig
+
+    config = CONFIGS[args.model] if args.model in CONFIGS else ModelConfig.from_json(Path(args.model) / "config.json")
+    bf16 = not args.fp32
+    args.max_len = args.max_len or min(MAX_LEN, config.max_position_embeddings)
+    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, "
+          f"sequences of {args.max_len} tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP")
+    print("per-rank GiB    states  in-flight  activations   total  (activation checkpointing off | on)")
+    for micro in (1, 2, 4, 8, 16):
+        row = []
+        for ac in (False, True):
+            m = memory_estimate(config, world=args.world_size, micro_batch=micro, seq_len=args.max_len,
+                                bf16=bf16, activation_checkpointing=ac)
+            row.append(m)
+        fits = ["fits" if m["total"] <= args.gpu_memory_gb else "no" for m in row]
+        print(f"micro-batch {micro:2d}  {row[0]['states']:7.1f}  {row[0]['in_flight']:9.1f}  "
+              f"{row[0]['activations']:5.1f} | {row[1]['activations']:5.1f}  "
+              f"{row[0]['total']:6.1f} | {row[1]['total']:6.1f}   {fits[0]} | {fits[1]} in {args.gpu_memory_gb:g} GiB")
+    acc = args.batch_size // args.world_size
+    print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
+          f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
+    p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
+    p.add_argument("--val-data", nargs="+", help="validation files; default: a split of --data")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch, in conversations")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="conversations per forward pass per rank")
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    p.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    p.add_argument("--max-len", type=int, help=f"tokens per conversation (default: {MAX_LEN}, or the model's context if shorter)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
+    p.add_argument("--peak-tflops", type=float, help="the accelerator's peak dense TFLOP/s, to report MFU")
+    p.add_argument("--dry-run", action="store_true", help="print parameter count and per-rank memory; train nothing")
+    p.add_argument("--world-size", type=int, default=8, help="with --dry-run: ranks to plan for")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: memory per GPU")
+    p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # tests of the NaN guard
+    args = p.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    if not args.data or not args.out:
+        p.error("--data and --out are required (unless --dry-run)")
+    train(args)
+
+
+def train(args):
+    d = init_distributed()
+    try:
+        _train(args, d)
+    finally:
+        d.close()
+
+
+def _train(args, d):
+    out = args.out
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    if args.batch_size % (args.micro_batch_size * d.world):
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {d.world} ranks")
+    torch.manual_seed(args.seed)
+    model, full_sd, tok = load_model(args.model, out, d, seed=args.seed)
+    if args.max_len is None:
+        args.max_len = min(MAX_LEN, model.config.max_position_embeddings)
+    if args.max_len > model.config.max_position_embeddings:
+        raise SystemExit(f"--max-len {args.max_len} exceeds the model's context of "
+                         f"{model.config.max_position_embeddings} ({args.model})")
+
+    # Data: read, deduplicate, split, render (checked before any expensive work).
+    report = Report()
+    sources = read_sources(args.data, report)
+    train_records, val_records, _ = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
+    if args.val_data:
+        val_records = [r for s in read_sources(args.val_data, report) for r in s.records]
+    train_items = render_all(train_records, tok, args.max_len, report)
+    val_items = render_all(val_records, tok, args.max_len, report)
+    sampler = LengthGroupedBatches([len(x.ids) for x in train_items], args.batch_size, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_items)} training conversations make no full batch of {args.batch_size}")
+    total = args.epochs * steps_per_epoch
+    total = min(total, args.max_steps) if args.max_steps else total
+    warmup = round(args.warmup_ratio * total)
+    eval_every = args.eval_every or steps_per_epoch
+    if d.main:
+        print(f"{len(train_items)} training / {len(val_items)} validation conversations; {steps_per_epoch} "
+              f"steps an epoch, {total} steps; {d.world} rank(s) on {d.device}")
+        if report:
+            print(report.summary())
+
+    bf16 = d.device.type == "cuda" and not args.fp32
+    model.activation_checkpointing = args.activation_checkpointing
+    model = shard_and_load(model, full_sd, d, bf16=bf16)
+    del full_sd
+    model.train()
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    state = TrainState(out, d)
+    step, best = 0, float("inf")
+    metrics = MetricsLog(out / "metrics.jsonl", d.main)
+    if args.resume and state.exists():
+        trainer = state.load(model, opt)
+        step, best = trainer["step"], trainer["best_val"]
+        sampler.load_state_dict(trainer["sampler"])
+        metrics.truncate_after(step)
+        if d.main:
+            print(f"resumed from {state.dir} at step {step}")
+    elif args.resume and d.main:
+        print(f"--resume: no state in {out}, starting from step 0")
+
+    flops_per_token = 6 * model.config.num_params()  # forward + backward, dense layers
+    batches = iter(sampler)
+    timer = Timer()
+    bar = tqdm(total=total, initial=step, disable=not d.main, desc="sft")
+    while step < total:
+        global_batch = next(batches)
+        n_tokens = sum(n_labels(train_items[i]) for i in global_batch)  # across all ranks
+        mine = global_batch[d.rank::d.world]
+        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        local_sum = 0.0
+        for k, chunk in enumerate(micro):
+            model.set_requires_gradient_sync(k == len(micro) - 1)  # reduce-scatter once per step
+            batch = {key: t.to(d.device) for key, t in collate([train_items[i] for i in chunk], tok.pad_id).items()}
+            loss_sum = token_loss_sum(model, batch)
+            if args.inject_nan_at and step + 1 == args.inject_nan_at:
+                loss_sum = loss_sum * float("nan")
+            # FSDP averages gradients over ranks; scaling by the world size makes that average
+            # a sum, so the gradient is that of (sum of token losses) / (tokens in the batch).
+            (loss_sum * d.world / n_tokens).backward()
+            local_sum += loss_sum.item()
+        loss = d.all_sum(local_sum) / n_tokens
+        lr = cosine_lr(step + 1, total, args.lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        grad_norm = grad_norm_and_clip(model, args.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
+                             f"before the update. The last good state is {state.dir} (step "
+                             f"{step - step % args.save_every}); lower --lr or check the data.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = timer.lap()
+        seen = sum(len(train_items[i].ids) for i in global_batch)
+        record = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
+                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
+                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        if args.peak_tflops and d.device.type == "cuda":
+            record["mfu"] = round(seen / dt * flops_per_token / (args.peak_tflops * 1e12 * d.world), 4)
+        metrics.write(**record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if val_items and (step % eval_every == 0 or step == total):
+            val = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
+            improved = val < best
+            metrics.write(step=step, val_loss=round(val, 6), best=improved)
+            if d.main:
+                tqdm.write(f"step {step}: validation loss {val:.4f}" + (" (best: saving best/)" if improved else ""))
+            if improved:
+                best = val
+                save_hf(model, out / "best", tok.path, d)
+        if step % args.save_every == 0 or step == total:
+            state.save(model, opt, {"step": step, "best_val": best, "sampler": sampler.state_dict()})
+        timer.lap()  # validation and checkpoints do not count against tokens/s
+    bar.close()
+    save_hf(model, out / "final", tok.path, d)
+    if d.main:
+        print(f"done: {step} steps; best validation loss {best:.4f} in {out / 'best'}; final weights in {out / 'final'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

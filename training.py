@@ -1,0 +1,319 @@
+"""What the three trainers (SFT, reward model, PPO) share, written once.
+
+    Distributed     process group (gloo on CPU, nccl on GPU), rank, world size, device
+    shard           FSDP2: fully_shard on each transformer block, then on the root
+    cosine_lr       linear warmup then cosine decay
+    make_optimizer  AdamW, weight decay on matrices only
+    TrainState      the resumable state: model + optimizer (sharded, torch.distributed.checkpoint),
+                    step, sampler position, RNG, best validation score; written atomically
+    save_hf         gather the full weights and write them with Transformer.save_pretrained
+    MetricsLog      one JSON object per line in OUT/metrics.jsonl, from rank 0
+
+FSDP2 stands in for the paper's ZeRO (App. E: ZeRO on 8 A100s): parameters, gradients and
+optimizer states are sharded across ranks, and each block's weights are gathered only while it
+runs. A run always has a process group, a single process too (world size 1, through a
+FileStore), so one code path serves a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        dist.barrier()
+
+    def all_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed() -> Distributed:
+    """Join the process group torchrun set up, or make a one-process group of our own."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    else:
+        local_rank = 0
+        store = dist.FileStore(tempfile.mktemp(prefix="huatuo-pg-"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shard(model: torch.nn.Module, layers, *, bf16: bool):
+    """FSDP2: each block is its own unit (gathered just before it runs, freed after), then the
+    root takes what is left (embedding, final norm, head). On GPU, bf16 compute with fp32
+    master weights and fp32 gradient reduction; on CPU everything stays fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
+    """`tiny` or an HF-format directory -> (model on the meta device, its full state dict on
+    rank 0 and None elsewhere, tokenizer). Only rank 0 reads the weights; shard_and_load
+    scatters them, so 8 ranks on one node do not hold 8 copies of a 13B model."""
+    from model import Transformer, CONFIGS
+    from tokenizer import Tokenizer
+
+    if spec == "tiny":
+        config = CONFIGS["tiny"]
+        tok = tiny_tokenizer(out, dist_info)
+        sd = Transformer.from_config(config, seed=seed).state_dict() if dist_info.main else None
+    else:
+        from model import ModelConfig
+
+        config = ModelConfig.from_json(Path(spec) / "config.json")
+        tok = Tokenizer(Path(spec) / "tokenizer.model")
+        sd = Transformer.from_pretrained(spec).state_dict() if dist_info.main else None
+    tok.check_model_vocab(config.vocab_size, where=f"model {spec}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    return model, sd, tok
+
+
+def shard_and_load(model, state_dict, dist_info: Distributed, *, bf16: bool):
+    """Shard a meta-device model with FSDP2, allocate each rank's shards on its device, and fill
+    them from rank 0's full state dict."""
+    shard(model, model.layers, bf16=bf16)
+    model.to_empty(device=dist_info.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state_dict if dist_info.main else {}, options=options)
+    return model
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.0) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warmup to `peak` over `warmup`
+    steps, then cosine decay to `floor` at `total`."""
+    if warmup > 0 and step <= warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW; weight decay on weight matrices and embeddings only, never on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+
+
+def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def _atomic_dir_swap(tmp: Path, final: Path):
+    """Replace `final` by the finished directory `tmp`; the old one is removed only afterwards."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+
+
+class TrainState:
+    """The resumable training state in OUT/state/: weights and optimizer through
+    torch.distributed.checkpoint (each rank writes its own shards; a run can resume on another
+    number of ranks), and trainer.json with the step, sampler position, best validation score
+    and the RNG states of every rank. Written to OUT/state.tmp and renamed when complete, so
+    OUT/state is always the last checkpoint that finished."""
+
+    def __init__(self, out: Path, dist_info: Distributed):
+        self.dir, self.tmp, self.d = out / "state", out / "state.tmp", dist_info
+
+    def exists(self) -> bool:
+        return (self.dir / "trainer.json").is_file()
+
+    def save(self, model, optimizer, trainer: dict):
+        if self.d.main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        self.d.barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp))
+        rng = _rng_state()
+        gathered = [None] * self.d.world
+        dist.all_gather_object(gathered, rng)
+        if self.d.main:
+            (self.tmp / "trainer.json").write_text(json.dumps(dict(trainer, rng=gathered)), encoding="utf-8")
+            _atomic_dir_swap(self.tmp, self.dir)
+        self.d.barrier()
+
+    def load(self, model, optimizer) -> dict:
+        trainer = json.loads((self.dir / "trainer.json").read_text(encoding="utf-8"))
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(self.dir))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rngs = trainer.pop("rng")
+        if len(rngs) == self.d.world:  # same number of ranks: each takes up its own RNG streams
+            _set_rng_state(rngs[self.d.rank])
+        return trainer
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return json.loads(json.dumps(state))
+
+
+def _set_rng_state(state: dict):
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def full_state_dict(model) -> dict:
+    """The whole (unsharded) state dict on rank 0's CPU; other ranks get an empty dict."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf(model, path: Path, tokenizer, dist_info: Distributed, dtype: torch.dtype | None = None):
+    """Write the model in the Hugging Face layout (rank 0), atomically; all ranks take part."""
+    sd = full_state_dict(model)
+    if dist_info.main:
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd)
+    dist_info.barrier()
+
+
+# -- observability -------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Append-only JSONL of training records, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int):
+        """On resume: drop records of steps after the checkpoint; they will be made again."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Timer:
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+def tiny_tokenizer(out: Path, dist_info: Distributed, vocab_size: int = 2048):
+    """The embedded default's tokenizer: trained on the text shipped in data/ (deterministic),
+    by rank 0, into OUT/tokenizer.model."""
+    from tokenizer import Tokenizer, corpus_sentences, train_tokenizer
+
+    path = out / "tokenizer.model"
+    if dist_info.main and not path.is_file():
+        files = sorted(str(f) for f in (ROOT / "data").glob("*/*.jsonl"))
+        train_tokenizer(corpus_sentences(files), path, vocab_size=vocab_size)
+    dist_info.barrier()
+    return Tokenizer(path)
+
+
+# -- scale on paper ------------------------------------------------------------------------------
+
+
+def memory_estimate(config, *, world: int, micro_batch: int, seq_len: int, bf16: bool,
+                    activation_checkpointing: bool) -> dict:
+    """Per-rank training memory in GiB under FSDP2 (ZeRO-3-like) with AdamW.
+
+    states     fp32 master weights, fp32 gradients, two fp32 Adam moments: 16 bytes a
+               parameter, divided among the ranks
+    in_flight  what is gathered at once: the root's weights (embedding, head) and about two
+               blocks (the running one and the prefetched one) in the compute dtype, plus one
+               block's unsharded gradients in fp32
+    activations  saved for backward, per token and layer about 8*hidden + 4*intermediate
+               values (norm inputs, q, k, v, rotated q and k, attention output; gate, up,
+               silu(gate), their product); with checkpointing only each block's input is kept,
+               plus one block's worth while it is recomputed. The logits add ~10 bytes per
+               vocabulary entry and token (compute-dtype logits, fp32 softmax and gradient).
+    An estimate: allocator fragmentation and temporary buffers come on top.
+    """
+    h, f, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    act_bytes = 2 if bf16 else 4
+    n = config.num_params()
+    block = (n - v * h * (1 if config.tie_word_embeddings else 2) - h) // L
+    root = n - L * block
+    tokens = micro_batch * seq_len
+    per_layer = tokens * (8 * h + 4 * f) * act_bytes
+    acts = (L * tokens * h * act_bytes + per_layer) if activation_checkpointing else L * per_layer
+    acts += tokens * v * (act_bytes + 8)
+    gib = 2**30
+    states = 16 * n / world
+    in_flight = (root + 2 * block) * act_bytes + 4 * block
+    return {"states": states / gib, "in_flight": in_flight / gib, "activations": acts / gib,
+            "total": (states + in_flight + acts) / gib}
