@@ -115,17 +115,13 @@ def dry_run(args):
     args.max_len = args.max_len or min(MAX_LEN, config.max_position_embeddings)
     print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, "
           f"sequences of {args.max_len} tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP")
-    print("per-rank GiB    states  in-flight  activations   total  (activation checkpointing off | on)")
+    print(f"per-rank GiB    states  in-flight   activations AC off | on     total AC off | on   fits in {args.gpu_memory_gb:g} GiB")
     for micro in (1, 2, 4, 8, 16):
-        row = []
-        for ac in (False, True):
-            m = memory_estimate(config, world=args.world_size, micro_batch=micro, seq_len=args.max_len,
-                                bf16=bf16, activation_checkpointing=ac)
-            row.append(m)
-        fits = ["fits" if m["total"] <= args.gpu_memory_gb else "no" for m in row]
-        print(f"micro-batch {micro:2d}  {row[0]['states']:7.1f}  {row[0]['in_flight']:9.1f}  "
-              f"{row[0]['activations']:5.1f} | {row[1]['activations']:5.1f}  "
-              f"{row[0]['total']:6.1f} | {row[1]['total']:6.1f}   {fits[0]} | {fits[1]} in {args.gpu_memory_gb:g} GiB")
+        off, on = (memory_estimate(config, world=args.world_size, micro_batch=micro, seq_len=args.max_len,
+                                   bf16=bf16, activation_checkpointing=ac) for ac in (False, True))
+        fits = " | ".join("yes" if m["total"] <= args.gpu_memory_gb else "no" for m in (off, on))
+        print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['in_flight']:9.1f}  {off['activations']:12.1f} | "
+              f"{on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}")
     acc = args.batch_size // args.world_size
     print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
           f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
@@ -230,6 +226,9 @@ def _train(args, d):
     elif args.resume and d.main:
         print(f"--resume: no state in {out}, starting from step 0")
 
+    if val_items and step == 0:  # where the validation loss starts from
+        val0 = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
+        metrics.write(step=0, val_loss=round(val0, 6), best=False)
     flops_per_token = 6 * model.config.num_params()  # forward + backward, dense layers
     batches = iter(sampler)
     timer = Timer()

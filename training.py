@@ -91,14 +91,15 @@ def shard(model: torch.nn.Module, layers, *, bf16: bool):
 
 
 def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
-    """`tiny` or an HF-format directory -> (model on the meta device, its full state dict on
-    rank 0 and None elsewhere, tokenizer). Only rank 0 reads the weights; shard_and_load
-    scatters them, so 8 ranks on one node do not hold 8 copies of a 13B model."""
+    """An HF-format directory, or the name of a config in model.CONFIGS (`tiny`, the embedded
+    default; randomly initialised, with the tokenizer trained on data/) -> (model on the meta
+    device, its full state dict on rank 0 and None elsewhere, tokenizer). Only rank 0 reads
+    the weights; shard_and_load scatters them, so 8 ranks on one node do not hold 8 copies."""
     from model import Transformer, CONFIGS
     from tokenizer import Tokenizer
 
-    if spec == "tiny":
-        config = CONFIGS["tiny"]
+    if spec in CONFIGS and not Path(spec).is_dir():
+        config = CONFIGS[spec]
         tok = tiny_tokenizer(out, dist_info)
         sd = Transformer.from_config(config, seed=seed).state_dict() if dist_info.main else None
     else:

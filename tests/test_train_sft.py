@@ -1,0 +1,181 @@
+"""train_sft.py and training.py: 1 rank = 2 ranks, exact resume after SIGKILL, the NaN guard,
+the loss mask, the best checkpoint, and the guards that run before training."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+from data.template import collate, render
+from model import CONFIGS, Transformer
+from tokenizer import Tokenizer
+from training import cosine_lr, memory_estimate
+
+SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
+COMMON = ["--model", "tiny", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "2e-3", "--seed", "0"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def run(out, *extra, nproc=1, check=True):
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = launcher + [str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(out), *COMMON, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    if check and proc.returncode:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return [r["loss"] for r in records(out) if "loss" in r]
+
+
+def weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_one_rank_equals_two_ranks(tmp_path):
+    run(tmp_path / "one", "--max-steps", "4")
+    run(tmp_path / "two", "--max-steps", "4", nproc=2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == 4 and a[0] > a[-1]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    # The saved model is an HF checkpoint with its tokenizer.
+    assert (tmp_path / "two" / "final" / "tokenizer.model").is_file()
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    args = ["--max-steps", "8", "--save-every", "2", "--eval-every", "3"]
+    run(tmp_path / "whole", *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(out), *COMMON, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.is_file() and any(r.get("step") == 5 and "loss" in r for r in records(out)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads((out / "state" / "trainer.json").read_text())["step"]
+    assert 2 <= saved < 8
+    run(out, *args, "--resume")
+    assert losses(out) == losses(tmp_path / "whole")  # metrics of the lost steps were redone, once
+    a, b = weights(tmp_path / "whole" / "final"), weights(out / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(tmp_path / "whole" / "best"), weights(out / "best")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path):
+    proc = run(tmp_path, "--max-steps", "8", "--save-every", "2", "--inject-nan-at", "5", check=False)
+    assert proc.returncode != 0
+    assert "step 5: loss nan" in proc.stderr and "not finite" in proc.stderr
+    assert json.loads((tmp_path / "state" / "trainer.json").read_text())["step"] == 4
+    assert not (tmp_path / "final").exists()
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+    # The kept state resumes cleanly (without the fault) to the end.
+    run(tmp_path, "--max-steps", "8", "--save-every", "2", "--resume")
+    assert len(losses(tmp_path)) == 8 and all(math.isfinite(x) for x in losses(tmp_path))
+
+
+def test_best_checkpoint_reproduces_its_validation_loss(tmp_path):
+    val = ROOT / "data" / "sft" / "doctor_qa.jsonl"
+    train = [f for f in SFT if "doctor_qa" not in f]
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--data", *train, "--val-data", str(val),
+           "--out", str(tmp_path), *COMMON, "--max-steps", "6", "--eval-every", "2"]
+    subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT)
+    best = min(r["val_loss"] for r in records(tmp_path) if "val_loss" in r)
+    model = Transformer.from_pretrained(tmp_path / "best").eval()
+    tok = Tokenizer(tmp_path / "best" / "tokenizer.model")
+    from data.readers import read_schema
+    from train_sft import n_labels, token_loss_sum
+
+    items = [render(tok, r["messages"], max_len=512) for r in read_schema(val)]
+    with torch.no_grad():
+        total = sum(token_loss_sum(model, collate([x], tok.pad_id)).item() for x in items)
+    assert abs(total / sum(n_labels(x) for x in items) - best) < 1e-4
+
+
+def test_masked_and_padded_tokens_do_not_move_the_loss(tokenizer_file):
+    from train_sft import token_loss_sum
+
+    tok = Tokenizer(tokenizer_file)
+    model = Transformer.from_config(CONFIGS["tiny"], seed=0).eval()
+    conv = [{"role": "user", "content": "头痛三天了"}, {"role": "assistant", "content": "有没有发烧？"}]
+    other_question = [{"role": "user", "content": "孩子咳嗽，晚上更厉害，怎么办"}, conv[1]]
+    short, long = render(tok, conv), render(tok, other_question)
+    with torch.no_grad():
+        alone = token_loss_sum(model, collate([short], tok.pad_id))
+        padded = collate([short, long], tok.pad_id)
+        padded["tokens"][0, len(short.ids):] = 77  # garbage where padding is: labels are -100
+        in_batch = token_loss_sum(model, {k: v[:1] for k, v in padded.items()})
+        # By hand: the mean of -log p over exactly the answer tokens and the eos.
+        logits = model(torch.tensor([short.ids]))[0, :-1].log_softmax(-1)
+        targets = torch.tensor(short.ids[1:])
+        keep = torch.tensor(short.labels[1:]) != -100
+        by_hand = -logits[keep].gather(-1, targets[keep][:, None]).sum()
+    torch.testing.assert_close(in_batch, alone, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(alone, by_hand, rtol=1e-6, atol=1e-5)
+    assert int(keep.sum()) == len(tok.encode("有没有发烧？")) + 1
+
+
+def test_errors_before_training(tmp_path, tokenizer_file):
+    proc = run(tmp_path / "ctx", "--max-len", "4096", check=False)
+    assert proc.returncode and "--max-len 4096 exceeds the model's context of 512" in proc.stderr
+    proc = run(tmp_path / "batch", "--batch-size", "6", "--micro-batch-size", "4", check=False)
+    assert proc.returncode and "--batch-size 6 is not a multiple" in proc.stderr
+    # A model whose embedding is smaller than its tokenizer.
+    cfg = CONFIGS["tiny"].__class__(**{**CONFIGS["tiny"].__dict__, "vocab_size": 100})
+    Transformer.from_config(cfg).save_pretrained(tmp_path / "small", tokenizer=tokenizer_file)
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", str(tmp_path / "small"), "--data", *SFT,
+           "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert proc.returncode and "tokenizer has" in proc.stderr and "embeds only 100 ids" in proc.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_dry_run_plans_the_paper_run():
+    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--model", "ziya-13b", "--dry-run",
+                           "--world-size", "8"], capture_output=True, text=True, env=ENV, cwd=ROOT, check=True)
+    assert "13.09B parameters, 8 ranks, sequences of 2048 tokens" in proc.stdout
+    rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("micro-batch")}
+    assert rows["1"].endswith("yes | yes")  # the paper's run fits an 80 GB A100 at micro-batch 1 ...
+    assert rows["16"].endswith("no | yes")  # ... and only checkpointing makes micro-batch 16 fit
+
+
+def test_cosine_schedule_by_hand():
+    assert cosine_lr(1, 100, 1.0, 10) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 1.0, 10) == pytest.approx(0.5)  # half-way through the decay
+    assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
+    assert cosine_lr(1, 1, 2.0, 0) == pytest.approx(0.0)
+
+
+def test_memory_estimate_by_hand():
+    cfg = CONFIGS["tiny"]
+    n = cfg.num_params()
+    m = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False)
+    assert m["states"] == pytest.approx(16 * n / 4 / 2**30)
+    per_layer = 2 * 100 * (8 * 256 + 4 * 688) * 4
+    logits = 2 * 100 * 4096 * 12
+    assert m["activations"] == pytest.approx((4 * per_layer + logits) / 2**30)
+    ac = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=True)
+    assert ac["activations"] == pytest.approx((4 * 200 * 256 * 4 + per_layer + logits) / 2**30)
