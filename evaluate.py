@@ -1,0 +1,353 @@
+"""The paper's evaluation (§4): Table 2's generation metrics, and LLM-judged comparisons of
+single-turn answers (Table 4, KUAKE-QIC) and of multi-turn consultations (Table 5, MedDialog).
+
+    # Table 2: zero-shot answers on a test set in any of the three public formats, then metrics
+    python evaluate.py bench   --model DIR --data test_datasets.jsonl --out runs/eval/huatuo26m [--limit 500]
+    # Table 4: answers to KUAKE-QIC_100 by two models, judged pairwise (App. D prompt)
+    python evaluate.py answer  --model DIR_A --data KUAKE-QIC_100.json --out a.jsonl
+    python evaluate.py judge   --a a.jsonl --b b.jsonl --name-a HuatuoGPT --name-b Ziya --out judge_qic.jsonl
+    # Table 5: each model consults with a simulated patient (the API plays the patient, App. A.2)
+    python evaluate.py consult --model DIR_A --data Med-dialog_100.json --out a_dialogues.jsonl
+    python evaluate.py judge   --a a_dialogues.jsonl --b b_dialogues.jsonl ... --out judge_dialog.jsonl
+    # the tables and SVG charts
+    python evaluate.py report  --judgments judge_qic.jsonl judge_dialog.jsonl --out runs/eval/report
+
+Every file is appended a line per finished item with a stable id, so an interrupted command
+continues when run again. API calls use chat_api (retries; the key only from OPENAI_API_KEY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import torch
+from tqdm import tqdm
+
+from chat_api import OPENAI_BASE_URL, APIError, ChatClient, Reject, fill, finished_ids, prompt, run_jobs
+from data.readers import read
+from data.template import render
+from distill import GOODBYE, dialogue_text
+from generate import generate
+from metrics import compute_metrics
+from model import Transformer
+from tokenizer import Tokenizer
+
+VERDICT = re.compile(r"Assistant 1 is (better than|worse than|equal to) Assistant 2", re.IGNORECASE)
+TABLE2 = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Distinct-1", "Distinct-2"]
+
+
+# -- the model under test ----------------------------------------------------------------------------
+
+
+class Doctor:
+    """A model answering with the HuatuoGPT template and the KV cache."""
+
+    def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0):
+        self.model = Transformer.from_pretrained(path).eval()
+        self.tok = Tokenizer(Path(path) / "tokenizer.model")
+        self.tok.check_model_vocab(self.model.config.vocab_size, where=f"model {path}")
+        self.max_new = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def reply(self, conversations: list[list[dict]]) -> list[str]:
+        """The next assistant turn of each conversation (each ends with the user)."""
+        budget = self.model.config.max_position_embeddings - self.max_new
+        prompts = [render(self.tok, c, max_len=budget).ids for c in conversations]
+        out = generate(self.model, prompts, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
+                       pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling)
+        return [self.tok.decode(t).strip() for t in out.tokens]
+
+
+def answer_all(doctor: Doctor, records: list[dict], out: Path, batch_size: int, keep_reference: bool):
+    """Answer each record's question in batches; lines already in `out` are skipped."""
+    done = finished_ids(out)
+    todo = [r for r in records if r["id"] not in done]
+    with open(out, "a", encoding="utf-8") as f:
+        for i in tqdm(range(0, len(todo), batch_size), desc="answering"):
+            batch = todo[i:i + batch_size]
+            prompts = [r["messages"][:1] for r in batch]  # zero-shot: the question alone
+            for r, question, answer in zip(batch, prompts, doctor.reply(prompts)):
+                rec = {"id": r["id"], "messages": question + [{"role": "assistant", "content": answer}],
+                       "meta": r.get("meta", {})}
+                if keep_reference:
+                    rec["reference"] = r["messages"][1]["content"]
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def cmd_bench(args):
+    records = [r for r in read(args.data, args.format) if len(r["messages"]) >= 2][: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doctor = make_doctor(args)
+    answer_all(doctor, records, out / "predictions.jsonl", args.batch_size, keep_reference=True)
+    wanted = {r["id"] for r in records}
+    preds = [p for p in read_jsonl(out / "predictions.jsonl") if p["id"] in wanted]
+    m = compute_metrics([p["messages"][-1]["content"] for p in preds], [p["reference"] for p in preds])
+    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+    print(f"{len(preds)} items of {args.data}")
+    print("| model | " + " | ".join(TABLE2) + " |")
+    print("|---" * (len(TABLE2) + 1) + "|")
+    print(f"| {args.name or Path(args.model).name} | " + " | ".join(f"{m[k]:.2f}" for k in TABLE2) + " |")
+    return m
+
+
+def cmd_answer(args):
+    records = list(read(args.data, args.format))[: args.limit]
+    answer_all(make_doctor(args), records, Path(args.out), args.batch_size, keep_reference=False)
+    print(f"answers in {args.out}")
+
+
+# -- simulated consultations --------------------------------------------------------------------------
+
+
+def consult(doctor: Doctor, client: ChatClient, case: dict, max_rounds: int) -> dict:
+    """The API plays the patient of a MedDialog case (App. A.2 patient prompt); the model under
+    test plays the doctor, until the patient says 再见 (and is answered) or max_rounds."""
+    patient = [{"role": "user", "content": fill(prompt("a2_patient"), medical_case=case["messages"][0]["content"])}]
+    messages, ended = [], "turn limit"
+    for _ in range(max_rounds):
+        said = client.chat(patient).content.strip()
+        if not said:
+            raise Reject("the patient said nothing")
+        messages.append({"role": "user", "content": said})
+        answer = doctor.reply([messages])[0]
+        messages.append({"role": "assistant", "content": answer})
+        patient += [{"role": "assistant", "content": said}, {"role": "user", "content": answer}]
+        if GOODBYE in said:
+            ended = "goodbye"
+            break
+    return {"id": case["id"], "messages": messages, "meta": dict(case.get("meta", {}), ended=ended)}
+
+
+def cmd_consult(args):
+    cases = list(read(args.data, args.format))[: args.limit]  # --limit: the first N cases
+    doctor = make_doctor(args)
+    client = api_client(args)
+    summary = run_jobs([(c["id"], c) for c in cases], lambda c: [consult(doctor, client, c, args.max_rounds)],
+                       Path(args.out), rejects_path(args.out), workers=1, desc="consult")
+    print(f"{summary.written} consultations written, {summary.rejected} rejected, {summary.skipped} already done")
+
+
+# -- the judge ------------------------------------------------------------------------------------------
+
+
+def parse_verdict(text: str) -> str | None:
+    """'better' / 'worse' / 'equal' for Assistant 1, read from the last line that states one."""
+    for line in reversed([l for l in text.splitlines() if l.strip()]):
+        m = VERDICT.search(line)
+        if m:
+            return m.group(1).lower().split()[0]
+    return None
+
+
+def judge_order(seed: int, item_id: str) -> str:
+    """'ab' (A shown as Assistant 1) or 'ba', drawn per item from (seed, id): reproducible."""
+    return random.Random(f"{seed}:{item_id}").choice(["ab", "ba"])
+
+
+def ask_verdict(client, first: dict, second: dict, retries: int) -> tuple[str | None, str]:
+    text = fill(prompt("d_auto_evaluation"), Response_A=dialogue_text(first["messages"]),
+                Response_B=dialogue_text(second["messages"]))
+    reply = ""
+    for _ in range(1 + retries):  # an unparseable verdict is asked again, then recorded as such
+        reply = client.chat([{"role": "user", "content": text}]).content
+        verdict = parse_verdict(reply)
+        if verdict:
+            return verdict, reply
+    return None, reply
+
+
+OUTCOME_FOR_A = {("ab", "better"): "win", ("ab", "worse"): "loss", ("ba", "better"): "loss",
+                 ("ba", "worse"): "win", ("ab", "equal"): "tie", ("ba", "equal"): "tie"}
+
+
+def judge_item(client, a: dict, b: dict, *, seed: int, both_orders: bool, retries: int) -> dict:
+    orders = ["ab", "ba"] if both_orders else [judge_order(seed, a["id"])]
+    outcomes, raw = [], []
+    for order in orders:
+        first, second = (a, b) if order == "ab" else (b, a)
+        verdict, reply = ask_verdict(client, first, second, retries)
+        outcomes.append(OUTCOME_FOR_A.get((order, verdict), "unparsed"))
+        raw.append({"order": order, "verdict": verdict, "reply": reply})
+    if "unparsed" in outcomes:
+        outcome = "unparsed"
+    elif len(set(outcomes)) == 1:
+        outcome = outcomes[0]
+    else:
+        outcome = "tie"  # the two orders disagree: counted as a tie
+    meta = a.get("meta", {})
+    return {"id": a["id"], "group": meta.get("label") or meta.get("department") or "all",
+            "outcome": outcome, "judgments": raw}
+
+
+def cmd_judge(args):
+    a = {r["id"]: r for r in read_jsonl(args.a)}
+    b = {r["id"]: r for r in read_jsonl(args.b)}
+    common = [i for i in a if i in b][: args.limit]  # --limit: the first N items
+    if not common:
+        raise SystemExit(f"{args.a} and {args.b} share no ids")
+    client = api_client(args)
+    out = Path(args.out)
+    header = out.with_name(out.stem + ".meta.json")
+    header.write_text(json.dumps({"a": args.name_a, "b": args.name_b, "files": [args.a, args.b]}) + "\n")
+    summary = run_jobs([(i, i) for i in common],
+                       lambda i: [judge_item(client, a[i], b[i], seed=args.seed, both_orders=args.both_orders,
+                                             retries=args.judge_retries)],
+                       out, rejects_path(out), workers=args.workers, desc="judge")
+    print(f"{summary.written} judged, {summary.rejected} failed, {summary.skipped} already done")
+    print(table(read_jsonl(out), args.name_a, args.name_b))
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def tally(judgments: list[dict]) -> dict[str, dict[str, int]]:
+    groups: dict[str, dict[str, int]] = {}
+    for j in judgments:
+        g = groups.setdefault(j["group"], {"win": 0, "tie": 0, "loss": 0, "unparsed": 0})
+        g[j["outcome"]] += 1
+    total = {k: sum(g[k] for g in groups.values()) for k in ("win", "tie", "loss", "unparsed")}
+    return dict(sorted(groups.items())) | {"Total": total}
+
+
+def table(judgments: list[dict], name_a: str, name_b: str) -> str:
+    rows = [f"| {name_a} vs. {name_b} | win | tie | loss | unparsed |", "|---|---|---|---|---|"]
+    for group, c in tally(judgments).items():
+        rows.append(f"| {group} | {c['win']} | {c['tie']} | {c['loss']} | {c['unparsed']} |")
+    return "\n".join(rows)
+
+
+def svg_bars(title: str, bars: list[tuple[str, dict]]) -> str:
+    """Horizontal stacked bars of win / tie / loss shares, one per opponent (Figures 3-5)."""
+    colours = {"win": "#4e9a6a", "tie": "#c9c9c9", "loss": "#d1605e"}
+    left, width, row, top = 230, 460, 34, 50
+    height = top + row * len(bars) + 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 30}" height="{height}" '
+             f'font-family="sans-serif" font-size="13">',
+             f'<text x="10" y="24" font-size="15" font-weight="bold">{escape(title)}</text>']
+    for i, (label, c) in enumerate(bars):
+        y = top + i * row
+        n = max(1, c["win"] + c["tie"] + c["loss"])
+        parts.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{escape(label)}</text>')
+        x = left
+        for k in ("win", "tie", "loss"):
+            w = width * c[k] / n
+            if w > 0:
+                parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="24" fill="{colours[k]}"/>')
+                if w > 24:
+                    parts.append(f'<text x="{x + w / 2:.1f}" y="{y + 17}" text-anchor="middle" fill="white">{c[k]}</text>')
+            x += w
+    for k, (name, colour) in enumerate(colours.items()):
+        parts.append(f'<rect x="{left + k * 90}" y="{height - 26}" width="14" height="14" fill="{colour}"/>'
+                     f'<text x="{left + k * 90 + 20}" y="{height - 14}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def cmd_report(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, bars = ["# Evaluation report", ""], []
+    for path in args.judgments:
+        path = Path(path)
+        meta_file = path.with_name(path.stem + ".meta.json")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"a": "A", "b": "B"}
+        judgments = read_jsonl(path)
+        lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
+                  table(judgments, meta["a"], meta["b"]), ""]
+        bars.append((f"{meta['a']} vs. {meta['b']}", tally(judgments)["Total"]))
+    (out / "win_tie_loss.svg").write_text(svg_bars("Win / tie / loss", bars), encoding="utf-8")
+    lines += ["![win, tie and loss per opponent](win_tie_loss.svg)", ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {out / 'report.md'} and {out / 'win_tie_loss.svg'}")
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def make_doctor(args) -> Doctor:
+    return Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed)
+
+
+def api_client(args) -> ChatClient:
+    return ChatClient(args.base_url, args.judge_model, timeout=args.timeout, backoff=args.backoff,
+                      temperature=args.api_temperature)
+
+
+def rejects_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".rejects.jsonl")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
+        sp.add_argument("--data", required=True)
+        sp.add_argument("--format", help="default: guessed (see data/readers.py)")
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--limit", type=int, help="only the first N items")
+        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--max-new-tokens", type=int, default=256)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        sp.add_argument("--top-p", type=float)
+        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+        sp.add_argument("--seed", type=int, default=0)
+
+    def api_args(sp):
+        sp.add_argument("--base-url", default=OPENAI_BASE_URL)
+        sp.add_argument("--judge-model", default="gpt-4", help="the API model (the paper: GPT-4 judges, ChatGPT plays patients)")
+        sp.add_argument("--api-temperature", type=float, default=0.0)
+        sp.add_argument("--timeout", type=float, default=120.0)
+        sp.add_argument("--backoff", type=float, default=1.0)
+
+    b = sub.add_parser("bench", help="Table 2: zero-shot generation metrics")
+    model_args(b)
+    b.add_argument("--name", help="the row's label")
+    a = sub.add_parser("answer", help="single-turn answers for the judge")
+    model_args(a)
+    c = sub.add_parser("consult", help="multi-turn consultations with a simulated patient")
+    model_args(c)
+    api_args(c)
+    c.add_argument("--max-rounds", type=int, default=6)
+    j = sub.add_parser("judge", help="pairwise LLM judgments (App. D)")
+    j.add_argument("--a", required=True)
+    j.add_argument("--b", required=True)
+    j.add_argument("--name-a", default="A")
+    j.add_argument("--name-b", default="B")
+    j.add_argument("--out", required=True)
+    j.add_argument("--seed", type=int, default=0, help="draws each item's answer order")
+    j.add_argument("--both-orders", action="store_true", help="judge both orders; disagreement is a tie")
+    j.add_argument("--judge-retries", type=int, default=2, help="re-asks for an unparseable verdict")
+    j.add_argument("--workers", type=int, default=4)
+    j.add_argument("--limit", type=int)
+    api_args(j)
+    r = sub.add_parser("report", help="Markdown tables and SVG charts")
+    r.add_argument("--judgments", nargs="+", required=True)
+    r.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        {"bench": cmd_bench, "answer": cmd_answer, "consult": cmd_consult, "judge": cmd_judge,
+         "report": cmd_report}[args.cmd](args)
+    except APIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""metrics.py against the reference libraries (nltk 3.x, rouge 1.0.1) to 1e-9."""
+
+import random
+
+import pytest
+
+from metrics import BLEU_WEIGHTS, compute_metrics, tokens
+
+nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+nltk_gleu = pytest.importorskip("nltk.translate.gleu_score")
+rouge = pytest.importorskip("rouge")
+
+ALPHABET = list("头痛发烧咳嗽医生建议休息多喝水的了是不在有.。，3 8")
+
+
+def reference_metrics(preds, refs):
+    """The group's protocol, computed with the libraries themselves."""
+    hyps = [tokens(p) for p in preds]
+    rs = [[tokens(r)] for r in refs]
+    smooth = nltk_bleu.SmoothingFunction().method1
+    out = {f"BLEU-{n}": 100 * nltk_bleu.corpus_bleu(rs, hyps, weights=BLEU_WEIGHTS[n], smoothing_function=smooth)
+           for n in (1, 2, 3, 4)}
+    out["GLEU"] = 100 * nltk_gleu.corpus_gleu(rs, hyps)
+    scorer = rouge.Rouge()
+    totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    for h, r in zip(hyps, rs):
+        try:
+            s = scorer.get_scores(" ".join(h), " ".join(r[0]))[0]
+        except (ValueError, RecursionError):
+            continue  # our documented value for what rouge refuses: 0
+        for k in totals:
+            totals[k] += s[k]["f"]
+    out.update({"ROUGE-1": 100 * totals["rouge-1"] / len(hyps), "ROUGE-2": 100 * totals["rouge-2"] / len(hyps),
+                "ROUGE-L": 100 * totals["rouge-l"] / len(hyps)})
+    return out
+
+
+def random_text(rng, lo, hi):
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(lo, hi)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_corpora_match_the_libraries(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 6)
+    preds = [random_text(rng, 0 if seed % 7 == 0 else 1, 60) for _ in range(n)]
+    refs = [random_text(rng, 1, 60) for _ in range(n)]
+    ours, theirs = compute_metrics(preds, refs), reference_metrics(preds, refs)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9, rel=1e-9), key
+
+
+@pytest.mark.parametrize("preds, refs", [
+    (["", ""], ["头痛", "发烧了"]),                # empty predictions
+    (["头"], ["头痛欲裂"]),                         # one character
+    (["....", "a.b"], ["头痛.", "a.b"]),            # only full stops; ASCII full stops split sentences
+    (["头痛头痛头痛"], ["头痛"]),                    # repetition: clipping and set semantics
+    (["完全不同"], ["毫无关系"]),                     # no match at all
+    (["38.5度发烧"], ["体温38.5度"]),
+])
+def test_edge_cases_match_the_libraries(preds, refs):
+    ours, theirs = compute_metrics(preds, refs), reference_metrics(preds, refs)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9, rel=1e-9), key
+
+
+def test_distinct_and_defined_values_by_hand():
+    m = compute_metrics(["头痛头痛", "好"], ["头痛", "好的"])
+    # "头痛头痛": unigrams {头,痛} of 4 -> 0.5; bigrams {头痛, 痛头} of 3 -> 2/3. "好": 1/1 and none -> 0.
+    assert m["Distinct-1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["Distinct-2"] == pytest.approx((2 / 3 + 0.0) / 2)
+    empty = compute_metrics([""], ["头痛"])
+    assert empty["BLEU-4"] == 0 and empty["ROUGE-L"] == 0 and empty["Distinct-1"] == 0
+    assert compute_metrics([], [])["BLEU-1"] == 0
+    same = compute_metrics(["头痛发烧三天"], ["头痛发烧三天"])
+    assert same["BLEU-4"] == pytest.approx(100) and same["GLEU"] == pytest.approx(100)
+    assert same["ROUGE-L"] == pytest.approx(100, abs=1e-5)
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        compute_metrics(["a", "b"], ["a"])
