@@ -407,17 +407,19 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                        state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30):
+                        state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30,
+                        extra_files: dict[str, bytes] | None = None):
         """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
 
-        `state_dict` lets a distributed trainer pass a gathered full state dict.
+        `state_dict` lets a distributed trainer pass a gathered full state dict; `extra_files`
+        (name -> bytes) go into the same directory, inside the same atomic rename.
         """
         sd = self.state_dict() if state_dict is None else state_dict
         tensors = {hf_name(n): t for n, t in sd.items()}
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
         write_checkpoint(path, self.config.to_hf(), [tensors], tokenizer=tokenizer,
-                         max_shard_bytes=max_shard_bytes)
+                         max_shard_bytes=max_shard_bytes, extra_files=extra_files)
 
 
 def causal_mask(q_len: int, k_len: int, start: int, device) -> torch.Tensor:
@@ -472,7 +474,8 @@ def read_safetensors(file: Path, names: list[str] | None = None):
         raise ValueError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
 
 
-def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, max_shard_bytes=5 * 2**30):
+def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, max_shard_bytes=5 * 2**30,
+                     extra_files: dict[str, bytes] | None = None):
     """Atomically write an HF-format directory.
 
     tensor_groups: an iterable of {name: tensor} dicts, consumed one at a time so a converter
@@ -520,6 +523,9 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
             from tokenizer import write_hf_tokenizer_files
 
             write_hf_tokenizer_files(tokenizer, tmp, hf_config)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+            _fsync(tmp / name)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,11 @@
    data/sft/, with the HuatuoGPT chat template and the loss on the doctor's replies only; the
    tokenizer is trained on the shipped text first. The validation loss is printed as it falls
    and the best weights are kept, as in the paper (App. E);
-2. loads the best checkpoint (Hugging Face layout) and answers a question with the KV cache.
+2. samples k responses per prompt from the SFT model (train_rm.py sample) — the file that
+   distill.py score would have ChatGPT rate against the doctor's answers;
+3. trains the reward model from the SFT model (train_rm.py) on the preference pairs shipped in
+   data/preference/ (standing in for the API's ratings), printing the held-out accuracy;
+4. loads the best SFT checkpoint (Hugging Face layout) and answers a question with the KV cache.
 
 Each stage is a script of its own that also runs at full scale (see README.md).
 """
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import train_rm
 import train_sft
 from data.template import render
 from generate import generate
@@ -32,7 +37,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     args = p.parse_args(argv)
 
-    print("[1/2] supervised fine-tuning of the tiny model on data/sft/")
+    print("[1/4] supervised fine-tuning of the tiny model on data/sft/")
     sft = args.out / "sft"
     train_sft.main(["--model", "tiny", "--data", *sorted(str(f) for f in (ROOT / "data" / "sft").glob("*.jsonl")),
                     "--out", str(sft), "--batch-size", "8", "--lr", "2e-3", "--epochs", str(args.epochs),
@@ -40,13 +45,27 @@ def main(argv=None):
     vals = [r["val_loss"] for r in map(json.loads, (sft / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     print("      validation loss: " + " -> ".join(f"{v:.3f}" for v in vals))
 
+    print("[2/4] sampling 2 responses for each of 8 prompts from the SFT model")
+    train_rm.main(["sample", "--model", str(sft / "best"), "--data", str(ROOT / "data" / "sft" / "doctor_qa.jsonl"),
+                   "--out", str(args.out / "samples.jsonl"), "-k", "2", "--limit", "8", "--max-new-tokens", "48"])
+    print("      (with an API key, `python distill.py score --input samples.jsonl` rates them; here the\n"
+          "       shipped preference pairs stand in for those ratings)")
+    print("[3/4] reward model from the SFT model on data/preference/")
+    rm = args.out / "rm"
+    train_rm.main(["--model", str(sft / "best"), "--data", str(ROOT / "data" / "preference" / "preference_pairs.jsonl"),
+                   "--out", str(rm), "--batch-size", "4", "--lr", "1e-3", "--epochs", "3", "--eval-every", "8",
+                   "--save-every", "1000"])
+    accs = [r["val_accuracy"] for r in map(json.loads, (rm / "metrics.jsonl").read_text().splitlines())
+            if "val_accuracy" in r]
+    print("      held-out pairwise accuracy: " + " -> ".join(f"{a:.3f}" for a in accs) + " (chance 0.5)")
+
     model = Transformer.from_pretrained(sft / "best").eval()
     tok = Tokenizer(sft / "best" / "tokenizer.model")
     question = "医生您好，我这两天发烧，嗓子疼。"
     out = generate(model, [render(tok, [{"role": "user", "content": question}]).ids], max_new_tokens=100,
                    eos_id=tok.eos_id, temperature=0.7, top_p=0.9, repetition_penalty=1.1, vocab_limit=len(tok),
                    generator=torch.Generator().manual_seed(0))
-    print(f"[2/2] the best checkpoint ({sft / 'best'}) answers:\n")
+    print(f"[4/4] the best SFT checkpoint ({sft / 'best'}) answers:\n")
     print(f"<病人>：{question}\n<HuatuoGPT>：{tok.decode(out.tokens[0])}")
 
 

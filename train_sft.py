@@ -35,8 +35,8 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from training import (MetricsLog, Timer, TrainState, cosine_lr, grad_norm_and_clip, init_distributed,
-                      load_model, make_optimizer, memory_estimate, peak_memory_gb, save_hf, shard_and_load)
+from training import (MetricsLog, Timer, TrainState, cosine_lr, init_distributed, load_model, make_optimizer,
+                      memory_estimate, optimizer_step, peak_memory_gb, save_hf, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -236,30 +236,15 @@ def _train(args, d):
     while step < total:
         global_batch = next(batches)
         n_tokens = sum(n_labels(train_items[i]) for i in global_batch)  # across all ranks
-        mine = global_batch[d.rank::d.world]
-        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-        local_sum = 0.0
-        for k, chunk in enumerate(micro):
-            model.set_requires_gradient_sync(k == len(micro) - 1)  # reduce-scatter once per step
+
+        def loss_sum(chunk):
             batch = {key: t.to(d.device) for key, t in collate([train_items[i] for i in chunk], tok.pad_id).items()}
-            loss_sum = token_loss_sum(model, batch)
-            if args.inject_nan_at and step + 1 == args.inject_nan_at:
-                loss_sum = loss_sum * float("nan")
-            # FSDP averages gradients over ranks; scaling by the world size makes that average
-            # a sum, so the gradient is that of (sum of token losses) / (tokens in the batch).
-            (loss_sum * d.world / n_tokens).backward()
-            local_sum += loss_sum.item()
-        loss = d.all_sum(local_sum) / n_tokens
+            return token_loss_sum(model, batch)
+
         lr = cosine_lr(step + 1, total, args.lr, warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        grad_norm = grad_norm_and_clip(model, args.grad_clip)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
-                             f"before the update. The last good state is {state.dir} (step "
-                             f"{step - step % args.save_every}); lower --lr or check the data.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, grad_norm = optimizer_step(model, opt, d, global_batch, args.micro_batch_size, loss_sum, n_tokens,
+                                         lr=lr, grad_clip=args.grad_clip, step=step + 1, state=state,
+                                         save_every=args.save_every, inject_nan=args.inject_nan_at == step + 1)
         step += 1
         dt = timer.lap()
         seen = sum(len(train_items[i].ids) for i in global_batch)

@@ -115,8 +115,8 @@ def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
 
 
 def shard_and_load(model, state_dict, dist_info: Distributed, *, bf16: bool):
-    """Shard a meta-device model with FSDP2, allocate each rank's shards on its device, and fill
-    them from rank 0's full state dict."""
+    """Shard a meta-device model (one with .layers) with FSDP2, allocate each rank's shards on
+    its device, and fill them from rank 0's full state dict."""
     shard(model, model.layers, bf16=bf16)
     model.to_empty(device=dist_info.device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -140,6 +140,43 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+
+
+def optimizer_step(model, opt, d: Distributed, global_batch: list, micro_batch: int, loss_sum, n_units: int, *,
+                   lr: float, grad_clip: float, step: int, state: "TrainState", save_every: int,
+                   inject_nan: bool = False) -> tuple[float, float]:
+    """One optimizer step on a global batch -> (loss, gradient norm before clipping).
+
+    This rank takes every world-th item of the global batch and runs it in micro-batches;
+    loss_sum(items) returns the summed loss of its items (over tokens for SFT, over pairs for
+    the reward model) and n_units counts those units in the whole global batch, on every rank.
+    Gradients are reduce-scattered once, after the last micro-batch. A loss or gradient that is
+    not finite stops the run before the update, so the last saved state stays the last good one.
+    """
+    mine = global_batch[d.rank::d.world]
+    chunks = [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    local = 0.0
+    for k, chunk in enumerate(chunks):
+        model.set_requires_gradient_sync(k == len(chunks) - 1)
+        s = loss_sum(chunk)
+        if inject_nan:  # tests of this guard
+            s = s * float("nan")
+        # FSDP averages gradients over ranks; scaling by the world size turns that average into
+        # a sum, so the gradient is that of (sum of unit losses) / (units in the global batch):
+        # 1 rank and N ranks compute the same step.
+        (s * d.world / n_units).backward()
+        local += s.item()
+    loss = d.all_sum(local) / n_units
+    for group in opt.param_groups:
+        group["lr"] = lr
+    grad_norm = grad_norm_and_clip(model, grad_clip)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise SystemExit(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping before "
+                         f"the update. The last good state is {state.dir} (step {step - 1 - (step - 1) % save_every}); "
+                         "lower --lr or check the data.")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
@@ -222,12 +259,10 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_hf(model, path: Path, tokenizer, dist_info: Distributed, dtype: torch.dtype | None = None):
-    """Write the model in the Hugging Face layout (rank 0), atomically; all ranks take part."""
+def save_hf(model, path: Path, tokenizer, dist_info: Distributed):
+    """Write the model with its save_pretrained (rank 0), atomically; all ranks take part."""
     sd = full_state_dict(model)
     if dist_info.main:
-        if dtype is not None:
-            sd = {k: v.to(dtype) for k, v in sd.items()}
         model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd)
     dist_info.barrier()
 

@@ -97,3 +97,13 @@ def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
     return {"tokens": tokens, "labels": labels, "attention_mask": mask}
+
+
+def render_reply(tok, messages: list[dict], reply: str, *, max_len: int = MAX_LEN):
+    """A prompt (ending with the user's turn) and a reply to it, as the reward model scores it
+    and PPO trains on it: the generation prompt, then the reply and its eos, exactly as render
+    would encode that last round. The reply is never cut: the oldest rounds of the prompt make
+    room for it (render's rule for prompts). Returns (ids, index of the reply's first token)."""
+    answer = tok.encode(reply) + [tok.eos_id]
+    prompt = render(tok, messages, max_len=max_len - len(answer), generation_prompt=True)
+    return prompt.ids + answer, len(prompt.ids)

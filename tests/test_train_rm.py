@@ -1,0 +1,132 @@
+"""train_rm.py: the scoring rule, the loss, 1 rank = 2 ranks, sampling, and learning on the
+shipped preference pairs from the tiny SFT model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from data.template import render, render_reply
+from distill import read_samples
+from model import CONFIGS, Transformer
+from tokenizer import Tokenizer
+from train_rm import RewardModel, pad_batch, pairwise_loss
+
+PAIRS = str(ROOT / "data" / "preference" / "preference_pairs.jsonl")
+SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def test_pairwise_loss_by_hand():
+    equal = pairwise_loss(torch.tensor([1.5, -2.0]), torch.tensor([1.5, -2.0]))
+    torch.testing.assert_close(equal, torch.full((2,), math.log(2)))
+    # -log σ(2) = log(1 + e^-2); with margin 1: -log σ(1).
+    assert pairwise_loss(torch.tensor([3.0]), torch.tensor([1.0])).item() == pytest.approx(math.log1p(math.exp(-2)))
+    assert pairwise_loss(torch.tensor([3.0]), torch.tensor([1.0]), margin=1.0).item() == pytest.approx(math.log1p(math.exp(-1)))
+
+
+@pytest.fixture(scope="module")
+def reward_model():
+    torch.manual_seed(0)
+    rm = RewardModel(CONFIGS["tiny"])
+    rm.trunk.init_weights(seed=1)
+    with torch.no_grad():
+        rm.score_head.weight.normal_(0, 0.5)
+    return rm.eval()
+
+
+def test_reward_ignores_padding_side_and_batch_company(reward_model, tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    msgs = [{"role": "user", "content": "头痛三天了"}]
+    a, _ = render_reply(tok, msgs, "有没有发烧？")
+    b, _ = render_reply(tok, msgs, "请问疼痛在哪个部位？持续多久了？有没有呕吐？")
+    c, _ = render_reply(tok, [{"role": "user", "content": "咳嗽"}], "多喝水")
+    with torch.no_grad():
+        alone = reward_model(*pad_batch([a], 0))
+        right = reward_model(*pad_batch([a, b, c], 0))
+        left = reward_model(*pad_batch([b, a, c], 0, left=True))
+    torch.testing.assert_close(right[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left[1], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left[0], right[1], rtol=1e-5, atol=1e-5)
+    assert a[-1] == tok.eos_id  # the reward is read at the reply's eos
+    # ... which is what the head sees: the hidden state at the last real position.
+    with torch.no_grad():
+        h = reward_model.trunk(torch.tensor([a]), return_hidden=True)[0, -1]
+        assert reward_model.score_head(h).item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_render_reply_keeps_the_reply_whole(tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    history = [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
+               {"role": "user", "content": "三天了"}]
+    ids, start = render_reply(tok, history, "先量血压。")
+    full = render(tok, history + [{"role": "assistant", "content": "先量血压。"}])
+    assert ids == full.ids and ids[start:] == tok.encode("先量血压。") + [tok.eos_id]
+    short, start = render_reply(tok, history, "先量血压。", max_len=len(ids) - 1)
+    assert short[start:] == tok.encode("先量血压。") + [tok.eos_id]  # the reply survives whole
+    assert short == render_reply(tok, history[2:], "先量血压。")[0]  # the oldest round went
+
+
+def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
+    reward_model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer_file)
+    loaded = RewardModel.from_pretrained(tmp_path / "rm")
+    tokens = torch.randint(3, 2000, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, torch.ones_like(tokens)), reward_model(tokens, torch.ones_like(tokens)))
+    assert Transformer.from_pretrained(tmp_path / "rm").config == reward_model.config  # the trunk is plain HF
+    (tmp_path / "rm" / "score_head.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="not a reward model checkpoint"):
+        RewardModel.from_pretrained(tmp_path / "rm")
+
+
+def run_rm(out, *extra, nproc=1, model="tiny"):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", str(nproc)]
+    cmd = launcher + [str(ROOT / "train_rm.py"), "--model", model, "--data", PAIRS, "--out", str(out),
+                      "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_rank_equals_two_ranks(tmp_path):
+    a = [r["loss"] for r in run_rm(tmp_path / "one", "--max-steps", "4") if "loss" in r]
+    b = [r["loss"] for r in run_rm(tmp_path / "two", "--max-steps", "4", nproc=2) if "loss" in r]
+    assert a[0] == pytest.approx(math.log(2), abs=1e-6)  # a zero head: no preference yet
+    assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", "tiny", "--data", *SFT, "--out", str(out),
+           "--batch-size", "8", "--lr", "2e-3", "--max-steps", "20", "--eval-every", "10"]
+    subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
+    return out / "best"
+
+
+def test_held_out_accuracy_rises_above_chance(tiny_sft, tmp_path):
+    records = run_rm(tmp_path / "rm", "--model", str(tiny_sft), "--epochs", "3", "--eval-every", "8")
+    accs = [r["val_accuracy"] for r in records if "val_accuracy" in r]
+    assert accs[0] == 0.5  # the zero head ties every pair: chance
+    assert max(accs) >= 0.75, accs  # 8 held-out pairs
+    assert (tmp_path / "rm" / "best" / "score_head.safetensors").is_file()
+
+
+def test_sample_writes_what_distill_score_reads(tiny_sft, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    cmd = [sys.executable, str(ROOT / "train_rm.py"), "sample", "--model", str(tiny_sft), "--data", SFT[2],
+           "--out", str(out), "-k", "2", "--limit", "3", "--max-new-tokens", "8"]
+    subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
+    samples = read_samples(out)
+    assert len(samples) == 3 and all(len(s["responses"]) == 2 for s in samples)
+    assert all(s["messages"][-1]["role"] == "user" and s["reference"] for s in samples)
+    proc = subprocess.run(cmd[:-4] + ["--limit", "4", "--max-new-tokens", "8"], check=True, capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert "1 prompts sampled (3 already done)" in proc.stdout
+    assert len(read_samples(out)) == 4

@@ -1,0 +1,362 @@
+"""The reward model of RLMF (paper §3.2): sample responses from the SFT model, then train a
+pairwise reward model on mixed-feedback preferences (distill.py score) and report accuracy.
+
+    # 1. k responses per SFT prompt, for distill.py score to rate against the doctor's answer
+    python train_rm.py sample --model runs/sft/best --data data/sft/*.jsonl --out samples.jsonl -k 4
+    python distill.py score --input samples.jsonl --out pairs.jsonl
+    # 2. the reward model, initialised from the SFT checkpoint (1 or N ranks, as train_sft.py)
+    python train_rm.py --model runs/sft/best --data pairs.jsonl --out runs/rm
+    # 3. rewards of given conversations (each ends with the reply to score)
+    python train_rm.py score --model runs/rm/best --data conversations.jsonl
+
+The reward is a scalar head on the final (normed) hidden state of the reply's last token,
+which is always its eos: render_reply ends every scored sequence with the eos that closes the
+reply, and the index of that token is found from the attention mask, so the score is the same
+with left or right padding and whatever else is in the batch. The loss is
+-log σ(r_chosen − r_rejected − margin); chosen and rejected go through one forward pass.
+Outputs in --out: metrics.jsonl, best/ (highest validation accuracy), final/, state/ (--resume);
+a checkpoint is the trunk in the HF layout plus score_head.safetensors and reward_config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors, save as save_safetensors
+from tqdm import tqdm
+
+from chat_api import finished_ids
+from data.mixing import LengthGroupedBatches, Source, mix
+from data.readers import read
+from data.schema import Report
+from data.template import render, render_reply
+from generate import generate
+from model import Transformer
+from tokenizer import Tokenizer
+from training import (MetricsLog, Timer, TrainState, cosine_lr, init_distributed, load_model, make_optimizer,
+                      optimizer_step, peak_memory_gb, save_hf, shard_and_load)
+
+# The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
+# Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
+# learning rate 5x lower than SFT's because the trunk starts from the SFT weights and only has
+# to learn a ranking, and one epoch, since reward models overfit preference data quickly
+# (InstructGPT trains its reward model for a single epoch).
+LR = 1e-5
+BATCH_SIZE = 64  # pairs
+EPOCHS = 1
+MAX_LEN = 2048
+WEIGHT_DECAY, WARMUP_RATIO, GRAD_CLIP = 0.1, 0.05, 1.0
+MARGIN = 0.0
+VAL_FRACTION = 0.2
+SAMPLES_PER_PROMPT = 4  # k responses per prompt; distill.py score rates k(k-1)/2 pairs
+
+
+class RewardModel(nn.Module):
+    """A LLaMA trunk and a scalar head read at the last real token (the reply's eos)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.trunk = Transformer(config)
+        self.trunk.lm_head.requires_grad_(False)  # kept for the HF layout, never used for rewards
+        self.score_head = nn.Linear(config.hidden_size, 1, bias=False)
+
+    @property
+    def layers(self):
+        return self.trunk.layers
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """tokens, attention_mask (B, T) -> rewards (B,), read at each row's last real token."""
+        hidden = self.trunk(tokens, attention_mask, return_hidden=True)
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # left or right padding
+        h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
+        return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
+
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
+        sd = self.state_dict() if state_dict is None else state_dict
+        trunk = {k.removeprefix("trunk."): v for k, v in sd.items() if k.startswith("trunk.")}
+        head = save_safetensors({"weight": sd["score_head.weight"].detach().cpu().contiguous()})
+        meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
+        self.trunk.save_pretrained(path, tokenizer=tokenizer, state_dict=trunk, extra_files={
+            "score_head.safetensors": head, "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        trunk = Transformer.from_pretrained(path, dtype=dtype)
+        head_file = Path(path) / "score_head.safetensors"
+        if not head_file.is_file():
+            raise FileNotFoundError(f"{head_file}: not a reward model checkpoint (no score head)")
+        with torch.device("meta"):
+            rm = cls(trunk.config)
+        rm.trunk = trunk
+        rm.trunk.lm_head.requires_grad_(False)
+        weight = load_safetensors(head_file.read_bytes())["weight"].to(dtype)
+        if weight.shape != (1, trunk.config.hidden_size):
+            raise ValueError(f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})")
+        rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype)
+        rm.score_head.weight.data.copy_(weight)
+        return rm
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
+    """-log σ(r_chosen − r_rejected − margin), per pair; log 2 when the two rewards are equal."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, left: bool = False):
+    """(tokens, attention_mask) for sequences of different lengths."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        tokens[i, span], mask[i, span] = torch.tensor(s), 1
+    return tokens, mask
+
+
+def pair_rewards(model, pairs: list[dict], pad_id: int, device):
+    """Rewards of the chosen and the rejected replies of `pairs`, in one forward pass."""
+    seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    tokens, mask = pad_batch(seqs, pad_id)
+    r = model(tokens.to(device), mask.to(device))
+    return r[: len(pairs)], r[len(pairs):]
+
+
+def encode_pairs(records, tok, max_len) -> list[dict]:
+    out = []
+    for r in records:
+        chosen, _ = render_reply(tok, r["messages"], r["chosen"], max_len=max_len)
+        rejected, _ = render_reply(tok, r["messages"], r["rejected"], max_len=max_len)
+        out.append({"id": r["id"], "chosen_ids": chosen, "rejected_ids": rejected})
+    return out
+
+
+@torch.no_grad()
+def validate(model, pairs, d, micro: int, pad_id: int) -> dict:
+    """Pairwise accuracy (r_chosen > r_rejected, ties half) and mean margin, over all ranks. Every rank
+    runs the same number of forward passes (FSDP gathers weights collectively)."""
+    model.eval()
+    mine = pairs[d.rank::d.world]
+    n_batches = math.ceil(math.ceil(len(pairs) / d.world) / micro)
+    correct = margin = 0.0
+    for b in range(n_batches):
+        chunk = mine[b * micro:(b + 1) * micro]
+        c, r = pair_rewards(model, chunk or pairs[:1], pad_id, d.device)
+        if chunk:  # a tie counts half: a model with no preference scores chance, 0.5
+            correct += ((c > r).float() + 0.5 * (c == r).float()).sum().item()
+            margin += (c - r).sum().item()
+    model.train()
+    n = len(pairs)
+    return {"accuracy": d.all_sum(correct) / n, "margin": d.all_sum(margin) / n}
+
+
+def train(args):
+    d = init_distributed()
+    try:
+        _train(args, d)
+    finally:
+        d.close()
+
+
+def _train(args, d):
+    out = args.out
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    if args.batch_size % (args.micro_batch_size * d.world):
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {d.world} ranks")
+    torch.manual_seed(args.seed)
+    trunk, trunk_sd, tok = load_model(args.model, out, d, seed=args.seed)
+    max_len = args.max_len or min(MAX_LEN, trunk.config.max_position_embeddings)
+    if max_len > trunk.config.max_position_embeddings:
+        raise SystemExit(f"--max-len {max_len} exceeds the model's context of {trunk.config.max_position_embeddings}")
+
+    report = Report()
+    sources = [Source(str(f), list(read(f, "pairs", report=report))) for f in args.data]
+    train_records, val_records, _ = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
+    if args.val_data:
+        val_records = [r for f in args.val_data for r in read(f, "pairs", report=report)]
+    train_pairs = encode_pairs(train_records, tok, max_len)
+    val_pairs = encode_pairs(val_records, tok, max_len)
+    sampler = LengthGroupedBatches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
+                                   args.batch_size, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_pairs)} training pairs make no full batch of {args.batch_size}")
+    total = min(args.epochs * steps_per_epoch, args.max_steps) if args.max_steps else args.epochs * steps_per_epoch
+    warmup = round(args.warmup_ratio * total)
+    eval_every = args.eval_every or steps_per_epoch
+    if d.main:
+        print(f"{len(train_pairs)} training / {len(val_pairs)} validation pairs; {total} steps; {d.world} rank(s)")
+        if report:
+            print(report.summary())
+
+    # The trunk comes from the SFT model; the head starts at zero, so every reward starts at 0
+    # and the first loss is exactly log 2: the model begins with no preference.
+    with torch.device("meta"):
+        model = RewardModel(trunk.config)
+    model.trunk.activation_checkpointing = args.activation_checkpointing
+    full = None
+    if d.main:
+        full = {f"trunk.{k}": v for k, v in trunk_sd.items()}
+        full["score_head.weight"] = torch.zeros(1, trunk.config.hidden_size)
+    model = shard_and_load(model, full, d, bf16=d.device.type == "cuda" and not args.fp32)
+    del trunk_sd, full
+    model.train()
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    state = TrainState(out, d)
+    metrics = MetricsLog(out / "metrics.jsonl", d.main)
+    step, best = 0, (-1.0, -math.inf)
+    if args.resume and state.exists():
+        trainer = state.load(model, opt)
+        step, best = trainer["step"], tuple(trainer["best_val"])
+        sampler.load_state_dict(trainer["sampler"])
+        metrics.truncate_after(step)
+    if val_pairs and step == 0:
+        metrics.write(step=0, **{f"val_{k}": round(v, 6) for k, v in validate(
+            model, val_pairs, d, args.micro_batch_size, tok.pad_id).items()})
+    batches, timer = iter(sampler), Timer()
+    bar = tqdm(total=total, initial=step, disable=not d.main, desc="rm")
+    while step < total:
+        global_batch = next(batches)
+
+        def loss_sum(chunk):
+            c, r = pair_rewards(model, [train_pairs[i] for i in chunk], tok.pad_id, d.device)
+            return pairwise_loss(c, r, args.margin).sum()
+
+        lr = cosine_lr(step + 1, total, args.lr, warmup)
+        loss, grad_norm = optimizer_step(model, opt, d, global_batch, args.micro_batch_size, loss_sum,
+                                         len(global_batch), lr=lr, grad_clip=args.grad_clip, step=step + 1,
+                                         state=state, save_every=args.save_every)
+        step += 1
+        dt = timer.lap()
+        seen = sum(len(train_pairs[i]["chosen_ids"]) + len(train_pairs[i]["rejected_ids"]) for i in global_batch)
+        metrics.write(step=step, loss=round(loss, 6), lr=lr, grad_norm=round(grad_norm, 6),
+                      tokens_per_s=round(seen / dt, 1), peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if val_pairs and (step % eval_every == 0 or step == total):
+            v = validate(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
+            improved = (v["accuracy"], v["margin"]) > best  # accuracy first, margin breaks ties
+            metrics.write(step=step, val_accuracy=round(v["accuracy"], 6), val_margin=round(v["margin"], 6),
+                          best=improved)
+            if d.main:
+                tqdm.write(f"step {step}: held-out accuracy {v['accuracy']:.3f}, mean margin {v['margin']:.3f}")
+            if improved:
+                best = (v["accuracy"], v["margin"])
+                save_hf(model, out / "best", tok.path, d)
+        if step % args.save_every == 0 or step == total:
+            state.save(model, opt, {"step": step, "best_val": best, "sampler": sampler.state_dict()})
+        timer.lap()
+    bar.close()
+    save_hf(model, out / "final", tok.path, d)
+    if d.main:
+        print(f"done: {step} steps; best held-out accuracy {best[0]:.3f} (mean margin {best[1]:.3f}) in {out / 'best'}")
+
+
+# -- sampling and scoring --------------------------------------------------------------------------
+
+
+def sample(args):
+    """k responses per prompt from an SFT checkpoint -> {"id", "messages", "reference", "responses"}.
+    A prompt is the last round of an SFT conversation with its history; the doctor's answer of
+    that round is the reference distill.py score compares against. Resumable."""
+    model = Transformer.from_pretrained(args.model).eval()
+    tok = Tokenizer(Path(args.model) / "tokenizer.model")
+    records = [r for f in args.data for r in read(f) if r["messages"][-1]["role"] == "assistant"]
+    seen, prompts = set(), []
+    for r in records:  # deduplicate prompts, as the paper does
+        key = json.dumps(r["messages"][:-1], ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(r)
+    prompts = prompts[: args.limit] if args.limit else prompts
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_ids(out)
+    todo = [r for r in prompts if r["id"] not in done]
+    budget = model.config.max_position_embeddings - args.max_new_tokens
+    gen = torch.Generator().manual_seed(args.seed)
+    with open(out, "a", encoding="utf-8") as f:
+        for i in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
+            batch = todo[i:i + args.batch_size]
+            ids = [render(tok, r["messages"][:-1], max_len=budget).ids for r in batch for _ in range(args.k)]
+            res = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           temperature=args.temperature, top_p=args.top_p, vocab_limit=len(tok), generator=gen)
+            for j, r in enumerate(batch):
+                responses = [tok.decode(t) for t in res.tokens[j * args.k:(j + 1) * args.k]]
+                f.write(json.dumps({"id": r["id"], "messages": r["messages"][:-1], "reference": r["messages"][-1]["content"],
+                                    "responses": responses}, ensure_ascii=False) + "\n")
+            f.flush()
+    print(f"{len(todo)} prompts sampled ({len(prompts) - len(todo)} already done), {args.k} responses each: {out}")
+
+
+@torch.no_grad()
+def score(args):
+    """Print the reward of each conversation's final reply."""
+    rm = RewardModel.from_pretrained(args.model).eval()
+    tok = Tokenizer(Path(args.model) / "tokenizer.model")
+    for f in args.data:
+        for r in read(f):
+            if r["messages"][-1]["role"] != "assistant":
+                raise SystemExit(f"{f}: {r['id']} does not end with a reply to score")
+            ids, _ = render_reply(tok, r["messages"][:-1], r["messages"][-1]["content"],
+                                  max_len=rm.config.max_position_embeddings)
+            tokens, mask = pad_batch([ids], tok.pad_id)
+            print(json.dumps({"id": r["id"], "reward": round(rm(tokens, mask).item(), 6)}, ensure_ascii=False))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("sample", "score"):
+        p = argparse.ArgumentParser(prog=f"train_rm.py {argv[0]}")
+        p.add_argument("--model", required=True)
+        p.add_argument("--data", nargs="+", required=True)
+        if argv[0] == "sample":
+            p.add_argument("--out", required=True)
+            p.add_argument("-k", type=int, default=SAMPLES_PER_PROMPT)
+            p.add_argument("--temperature", type=float, default=1.0)
+            p.add_argument("--top-p", type=float, default=0.9)
+            p.add_argument("--max-new-tokens", type=int, default=256)
+            p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+            p.add_argument("--limit", type=int)
+            p.add_argument("--seed", type=int, default=0)
+            return sample(p.parse_args(argv[1:]))
+        return score(p.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
+    p.add_argument("--data", nargs="+", required=True, help="preference pairs (distill.py score output)")
+    p.add_argument("--val-data", nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch, in pairs")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per forward pass per rank")
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    p.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    p.add_argument("--margin", type=float, default=MARGIN)
+    p.add_argument("--max-len", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fp32", action="store_true")
+    train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
