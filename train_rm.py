@@ -40,8 +40,8 @@ from data.template import render, render_reply
 from generate import generate
 from model import Transformer
 from tokenizer import Tokenizer
-from training import (MetricsLog, Timer, TrainState, cosine_lr, init_distributed, load_model, make_optimizer,
-                      optimizer_step, peak_memory_gb, save_hf, shard_and_load)
+from training import (MetricsLog, Timer, TrainState, cosine_lr, eval_chunks, load_model, make_optimizer,
+                      optimizer_step, run_distributed, peak_memory_gb, save_hf, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -143,16 +143,12 @@ def encode_pairs(records, tok, max_len) -> list[dict]:
 
 @torch.no_grad()
 def validate(model, pairs, d, micro: int, pad_id: int) -> dict:
-    """Pairwise accuracy (r_chosen > r_rejected, ties half) and mean margin, over all ranks. Every rank
-    runs the same number of forward passes (FSDP gathers weights collectively)."""
+    """Pairwise accuracy (r_chosen > r_rejected, ties half) and mean margin, over all ranks."""
     model.eval()
-    mine = pairs[d.rank::d.world]
-    n_batches = math.ceil(math.ceil(len(pairs) / d.world) / micro)
     correct = margin = 0.0
-    for b in range(n_batches):
-        chunk = mine[b * micro:(b + 1) * micro]
-        c, r = pair_rewards(model, chunk or pairs[:1], pad_id, d.device)
-        if chunk:  # a tie counts half: a model with no preference scores chance, 0.5
+    for chunk, real in eval_chunks(pairs, d, micro):
+        c, r = pair_rewards(model, chunk, pad_id, d.device)
+        if real:  # a tie counts half: a model with no preference scores chance, 0.5
             correct += ((c > r).float() + 0.5 * (c == r).float()).sum().item()
             margin += (c - r).sum().item()
     model.train()
@@ -160,23 +156,8 @@ def validate(model, pairs, d, micro: int, pad_id: int) -> dict:
     return {"accuracy": d.all_sum(correct) / n, "margin": d.all_sum(margin) / n}
 
 
-def train(args):
-    d = init_distributed()
-    try:
-        _train(args, d)
-    finally:
-        d.close()
-
-
 def _train(args, d):
     out = args.out
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    d.barrier()
-    if args.batch_size % (args.micro_batch_size * d.world):
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {d.world} ranks")
-    torch.manual_seed(args.seed)
     trunk, trunk_sd, tok = load_model(args.model, out, d, seed=args.seed)
     max_len = args.max_len or min(MAX_LEN, trunk.config.max_position_embeddings)
     if max_len > trunk.config.max_position_embeddings:
@@ -355,7 +336,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fp32", action="store_true")
-    train(p.parse_args(argv))
+    run_distributed(_train, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ trajectory. Outputs in --out:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -35,8 +34,8 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from training import (MetricsLog, Timer, TrainState, cosine_lr, init_distributed, load_model, make_optimizer,
-                      memory_estimate, optimizer_step, peak_memory_gb, save_hf, shard_and_load)
+from training import (MetricsLog, Timer, TrainState, cosine_lr, eval_chunks, load_model, make_optimizer,
+                      memory_estimate, run_distributed, optimizer_step, peak_memory_gb, save_hf, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -70,18 +69,13 @@ def n_labels(item) -> int:
 
 @torch.no_grad()
 def validation_loss(model, items, d, micro: int, pad_id: int) -> float:
-    """Token-weighted mean loss over `items`, split across ranks. Every rank runs the same
-    number of forward passes (FSDP gathers weights collectively): a rank short of items
-    repeats its first one with weight zero."""
+    """Token-weighted mean loss over `items`, split across ranks."""
     model.eval()
-    mine = items[d.rank::d.world]
-    n_batches = math.ceil(math.ceil(len(items) / d.world) / micro)
     total = count = 0.0
-    for b in range(n_batches):
-        chunk = mine[b * micro:(b + 1) * micro]
-        batch = {k: v.to(d.device) for k, v in collate(chunk or items[:1], pad_id).items()}
+    for chunk, real in eval_chunks(items, d, micro):
+        batch = {k: v.to(d.device) for k, v in collate(chunk, pad_id).items()}
         loss = token_loss_sum(model, batch)
-        if chunk:
+        if real:
             total += loss.item()
             count += sum(n_labels(x) for x in chunk)
     model.train()
@@ -158,26 +152,11 @@ def main(argv=None):
         return dry_run(args)
     if not args.data or not args.out:
         p.error("--data and --out are required (unless --dry-run)")
-    train(args)
-
-
-def train(args):
-    d = init_distributed()
-    try:
-        _train(args, d)
-    finally:
-        d.close()
+    run_distributed(_train, args)
 
 
 def _train(args, d):
     out = args.out
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    d.barrier()
-    if args.batch_size % (args.micro_batch_size * d.world):
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {d.world} ranks")
-    torch.manual_seed(args.seed)
     model, full_sd, tok = load_model(args.model, out, d, seed=args.seed)
     if args.max_len is None:
         args.max_len = min(MAX_LEN, model.config.max_position_embeddings)

@@ -62,6 +62,23 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def run_distributed(train_fn, args):
+    """train_fn(args, d) inside a process group, after the checks every trainer makes: the
+    output directory exists and the global batch splits evenly into micro-batches x ranks."""
+    d = init_distributed()
+    try:
+        if d.main:
+            args.out.mkdir(parents=True, exist_ok=True)
+        d.barrier()
+        if args.batch_size % (args.micro_batch_size * d.world):
+            raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                             f"{args.micro_batch_size} x {d.world} ranks")
+        torch.manual_seed(args.seed)
+        train_fn(args, d)
+    finally:
+        d.close()
+
+
 def init_distributed() -> Distributed:
     """Join the process group torchrun set up, or make a one-process group of our own."""
     cuda = torch.cuda.is_available()
@@ -122,6 +139,16 @@ def shard_and_load(model, state_dict, dist_info: Distributed, *, bf16: bool):
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state_dict if dist_info.main else {}, options=options)
     return model
+
+
+def eval_chunks(items: list, d: Distributed, micro: int):
+    """This rank's share of `items` in micro-batches, as (chunk, real). Every rank yields the same
+    number of chunks, because FSDP gathers weights collectively in each forward pass: a rank
+    with nothing left gets a stand-in chunk (the first item) with real=False, to be ignored."""
+    mine = items[d.rank::d.world]
+    for b in range(math.ceil(math.ceil(len(items) / d.world) / micro)):
+        chunk = mine[b * micro:(b + 1) * micro]
+        yield (chunk, True) if chunk else (items[:1], False)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.0) -> float:

@@ -12,7 +12,6 @@ given). Every command prints what it skipped or changed; nothing is dropped sile
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 

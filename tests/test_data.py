@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from data.__main__ import main as data_cli
 from data.mixing import LengthGroupedBatches, Source, mix, normalise

@@ -22,7 +22,7 @@ EVAL = ROOT / "data" / "eval"
 
 def respond(messages):
     """Replies by which of the paper's prompts is being answered."""
-    first, last = messages[0]["content"], messages[-1]["content"]
+    first = messages[0]["content"]
     if "20个不同的<角色" in first:
         return ("角色：心内科医生\n指令：请解释下面这份心电图报告的意思。\n输入：窦性心律，ST段压低0.1mV。\n"
                 "5. 角色：药师\n指令：请用通俗的语言向老年患者解释下面这种药物的服用方法和注意事项。\n输入：二甲双胍片\n"
