@@ -208,7 +208,12 @@ def _train(args, d):
     if val_items and step == 0:  # where the validation loss starts from
         val0 = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
         metrics.write(step=0, val_loss=round(val0, 6), best=False)
-    flops_per_token = 6 * model.config.num_params()  # forward + backward, dense layers
+    # Training FLOPs per token: 6 per weight of every matrix product (forward 2, backward 4);
+    # the embedding is a lookup, not a product. Attention scores add ~12·layers·hidden·T more,
+    # which we leave out, so the MFU reported is slightly conservative.
+    cfg = model.config
+    lookup_only = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # a tied table is also the head
+    flops_per_token = 6 * (cfg.num_params() - lookup_only)
     batches = iter(sampler)
     timer = Timer()
     bar = tqdm(total=total, initial=step, disable=not d.main, desc="sft")
