@@ -45,20 +45,21 @@ def mix(sources: list[Source], *, seed: int = 0, val_fraction: float = 0.05):
     """-> (train, val, rows): rows summarise each source for the printed table.
 
     Per source, in order: drop duplicates (also of anything an earlier source kept), shuffle
-    with a seed derived from (seed, source name), apply the cap, hold out val_fraction (at
+    with a seed derived from (seed, the source's position in the list) — not its name, which is
+    often a path and would make the split depend on where the data lives — apply the cap, hold out val_fraction (at
     least one record when the source has two or more), then weight the training part. The
     training set is shuffled once more at the end.
     """
     seen: set[str] = set()
     train, val, rows = [], [], []
-    for src in sources:
+    for position, src in enumerate(sources):
         unique = []
         for r in src.records:
             k = dedup_key(r)
             if k not in seen:
                 seen.add(k)
                 unique.append(r)
-        rng = random.Random(f"{seed}:{src.name}")
+        rng = random.Random(f"{seed}:{position}")
         rng.shuffle(unique)
         capped = unique[: src.cap] if src.cap is not None else unique
         n_val = math.ceil(len(capped) * val_fraction) if val_fraction > 0 and len(capped) > 1 else 0

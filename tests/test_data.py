@@ -264,6 +264,9 @@ def test_mix_is_deterministic_and_deduplicates():
     assert rows[0] == {"source": "a", "read": 41, "duplicates": 1, "capped": 10, "val": 3, "train": 27}
     assert rows[1] == {"source": "b", "read": 21, "duplicates": 1, "capped": 0, "val": 2, "train": 45}
     assert not {r["id"] for r in val} & {r["id"] for r in train}  # upsampling happens after the split
+    # The split depends on the seed and the sources' order, never on their names (paths).
+    moved = mix([Source("/elsewhere/a", a, cap=30), Source("/elsewhere/b", b, weight=2.5)], seed=0, val_fraction=0.1)
+    assert moved[:2] == (train, val)
 
 
 def test_batches_cover_each_epoch_and_group_lengths():
