@@ -310,7 +310,7 @@ def test_shipped_corpus_reads_and_is_complete():
     assert {r["meta"]["label"] for r in qic} == set(KUAKE_QIC_LABELS) - {"其他"}  # the 10 intents
     assert all(r["meta"]["doctor_diagnosis"] and r["meta"]["department"] for r in cases)
     everything = [r for rs in sft.values() for r in rs] + pairs + qic + cases + qa
-    assert len(everything) >= 180
+    assert len(everything) >= 220
     ids = [r["id"] for rs in sft.values() for r in rs] + [r["id"] for r in pairs]
     assert len(ids) == len(set(ids))
     sft_all = [r for rs in sft.values() for r in rs]
