@@ -75,9 +75,8 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     B, P = len(prompts), max(len(p) for p in prompts)
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    if longest > config.max_position_embeddings:
-        raise ValueError(f"prompt ({longest - max_new_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
+    if P + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's context of {config.max_position_embeddings}")
     total = P + max_new_tokens
     tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
