@@ -19,14 +19,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 import train_rm
 import train_sft
-from data.template import render
-from generate import generate
-from model import Transformer
-from tokenizer import Tokenizer
+from evaluate import Doctor
 
 ROOT = Path(__file__).resolve().parent
 
@@ -59,14 +54,11 @@ def main(argv=None):
             if "val_accuracy" in r]
     print("      held-out pairwise accuracy: " + " -> ".join(f"{a:.3f}" for a in accs) + " (chance 0.5)")
 
-    model = Transformer.from_pretrained(sft / "best").eval()
-    tok = Tokenizer(sft / "best" / "tokenizer.model")
+    doctor = Doctor(sft / "best", max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
     question = "医生您好，我这两天发烧，嗓子疼。"
-    out = generate(model, [render(tok, [{"role": "user", "content": question}]).ids], max_new_tokens=100,
-                   eos_id=tok.eos_id, temperature=0.7, top_p=0.9, repetition_penalty=1.1, vocab_limit=len(tok),
-                   generator=torch.Generator().manual_seed(0))
+    answer = doctor.reply([[{"role": "user", "content": question}]])[0]
     print(f"[4/4] the best SFT checkpoint ({sft / 'best'}) answers:\n")
-    print(f"<病人>：{question}\n<HuatuoGPT>：{tok.decode(out.tokens[0])}")
+    print(f"<病人>：{question}\n<HuatuoGPT>：{answer}")
 
 
 if __name__ == "__main__":

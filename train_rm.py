@@ -40,8 +40,8 @@ from data.template import render, render_reply
 from generate import generate
 from model import Transformer
 from tokenizer import Tokenizer
-from training import (MetricsLog, Timer, TrainState, cosine_lr, eval_chunks, load_model, make_optimizer,
-                      optimizer_step, run_distributed, peak_memory_gb, save_hf, shard_and_load)
+from training import (MetricsLog, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks, load_model,
+                      make_optimizer, optimizer_step, run_distributed, peak_memory_gb, save_hf, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -318,25 +318,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
     p.add_argument("--data", nargs="+", required=True, help="preference pairs (distill.py score output)")
-    p.add_argument("--val-data", nargs="+")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--max-steps", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch, in pairs")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per forward pass per rank")
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
-    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    add_trainer_args(p, unit="pairs", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
+                     warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
     p.add_argument("--margin", type=float, default=MARGIN)
-    p.add_argument("--max-len", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--fp32", action="store_true")
-    run_distributed(_train, p.parse_args(argv))
+    args = p.parse_args(argv)
+    if not args.out:
+        p.error("--out is required")
+    run_distributed(_train, args)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from training import (MetricsLog, Timer, TrainState, cosine_lr, eval_chunks, load_model, make_optimizer,
-                      memory_estimate, run_distributed, optimizer_step, peak_memory_gb, save_hf, shard_and_load)
+from training import (MetricsLog, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks, load_model,
+                      make_optimizer, memory_estimate, optimizer_step, peak_memory_gb, run_distributed, save_hf,
+                      shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -125,23 +126,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
     p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
-    p.add_argument("--val-data", nargs="+", help="validation files; default: a split of --data")
-    p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch, in conversations")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="conversations per forward pass per rank")
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
-    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
-    p.add_argument("--max-len", type=int, help=f"tokens per conversation (default: {MAX_LEN}, or the model's context if shorter)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
+    add_trainer_args(p, unit="conversations", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
+                     warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
     p.add_argument("--peak-tflops", type=float, help="the accelerator's peak dense TFLOP/s, to report MFU")
     p.add_argument("--dry-run", action="store_true", help="print parameter count and per-rank memory; train nothing")
     p.add_argument("--world-size", type=int, default=8, help="with --dry-run: ranks to plan for")

@@ -62,6 +62,29 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, weight_decay: float,
+                     warmup_ratio: float, grad_clip: float, max_len: int):
+    """The flags every trainer shares, with that trainer's defaults (each script cites where its
+    defaults come from). `unit` names what a batch counts: conversations, pairs."""
+    p.add_argument("--val-data", nargs="+", help="validation files; default: a split of --data")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch, in {unit}")
+    p.add_argument("--micro-batch-size", type=int, default=1, help=f"{unit} per forward pass per rank")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=warmup_ratio)
+    p.add_argument("--grad-clip", type=float, default=grad_clip)
+    p.add_argument("--max-len", type=int, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
+
+
 def run_distributed(train_fn, args):
     """train_fn(args, d) inside a process group, after the checks every trainer makes: the
     output directory exists and the global batch splits evenly into micro-batches x ranks."""
