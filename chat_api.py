@@ -9,7 +9,8 @@ ChatClient   POST {base_url}/chat/completions with `requests`; any OpenAI-compat
 run_jobs     runs jobs on a thread pool and appends one JSON line per finished job to the
              output (or, with the reason, to the rejects file). A rerun after a crash, Ctrl-C
              or SIGKILL skips every id already in either file: no duplicates, nothing lost.
-prompt / fill  the paper's prompts, read verbatim from data/prompts/, placeholders replaced.
+prompt / fill  the paper's prompts, read verbatim from data/prompts/, placeholders replaced;
+             dialogue_text shows a conversation to them.
 """
 
 from __future__ import annotations
@@ -28,11 +29,23 @@ from typing import Callable, Iterable
 import requests
 from tqdm import tqdm
 
+from data.schema import finished_ids
+
 PROMPTS = Path(__file__).resolve().parent / "data" / "prompts"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Prices used for the cost estimate, USD per million tokens: OpenAI's list price for
 # gpt-3.5-turbo-0125 (the paper used ChatGPT). Pass --price-input/--price-output for others.
 PRICE_INPUT, PRICE_OUTPUT = 0.5, 1.5
+
+
+# The paper's simulated consultations (App. A.2): the patient ends the consultation with 再见.
+GOODBYE = "再见"
+PATIENT, DOCTOR = "病人", "医生"
+
+
+def dialogue_text(messages: list[dict]) -> str:
+    """'病人：…' / '医生：…', one turn a line: how conversations are shown to the API."""
+    return "\n".join(f"{PATIENT if m['role'] == 'user' else DOCTOR}：{m['content']}" for m in messages)
 
 
 def prompt(name: str) -> str:
@@ -160,24 +173,6 @@ def retry_after(value: str | None) -> float | None:
 
 
 # -- resumable jobs ----------------------------------------------------------------------------
-
-
-def finished_ids(*paths: Path) -> set[str]:
-    """Ids already written. A last line cut short by a crash is removed (its job reruns)."""
-    done: set[str] = set()
-    for path in paths:
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:  # drop the partial last line
-                f.truncate(data.rfind(b"\n") + 1)
-            data = data[: data.rfind(b"\n") + 1]
-        for line in data.decode("utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                done.add(rec.get("job", rec["id"]))  # "job": a record that is one of several from a job
-    return done
 
 
 @dataclass

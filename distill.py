@@ -23,8 +23,8 @@ import re
 import sys
 from pathlib import Path
 
-from chat_api import (OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, APIError, ChatClient, Reject, fill, prompt,
-                      run_jobs)
+from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, APIError, ChatClient, Reject,
+                      dialogue_text, fill, prompt, run_jobs)
 from data.readers import read
 from data.schema import Report, check_prompt
 
@@ -32,15 +32,14 @@ SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instruction
 SEEDS_PER_CALL = 3  # human-written examples shown in each generation call (self-instruct)
 DEDUP_ROUGE_L = 0.7  # self-instruct keeps an instruction only if ROUGE-L < 0.7 to every kept one
 MAX_ROUNDS = 6  # simulated consultations end at 再见 or after this many patient turns
-GOODBYE = "再见"
-PATIENT, DOCTOR = "病人", "医生"
 
 
 # -- shared text helpers ---------------------------------------------------------------------------
 
 
-def rouge_l(a: str, b: str) -> float:
-    """Character-level ROUGE-L F1: 2 * LCS / (len(a) + len(b))."""
+def lcs_similarity(a: str, b: str) -> float:
+    """Character-level ROUGE-L F1, 2 * LCS / (len(a) + len(b)): self-instruct's near-duplicate test.
+    (Not Table 2's ROUGE-L, which is metrics.rouge_l.)"""
     if not a or not b:
         return 0.0
     prev = [0] * (len(b) + 1)
@@ -50,11 +49,6 @@ def rouge_l(a: str, b: str) -> float:
             cur.append(prev[j] + 1 if ca == cb else max(prev[j + 1], cur[j]))
         prev = cur
     return 2 * prev[-1] / (len(a) + len(b))
-
-
-def dialogue_text(messages: list[dict]) -> str:
-    """'病人：…' / '医生：…', one turn a line: how conversations are shown to the API."""
-    return "\n".join(f"{PATIENT if m['role'] == 'user' else DOCTOR}：{m['content']}" for m in messages)
 
 
 _TURN = re.compile(r"^\s*[\*#]*\s*(病人|患者|用户|医生|医疗大模型|HuatuoGPT|AI|助手)\s*[\*]*\s*[:：]\s*(.*)$")
@@ -156,7 +150,7 @@ def keep_novel(triples: list[dict], seeds: list[dict]) -> tuple[list[dict], int]
     seed) is DEDUP_ROUGE_L or more. File order decides which of two near-duplicates stays."""
     kept, pool, dropped = [], [s["instruction"] for s in seeds], 0
     for t in triples:
-        if any(rouge_l(t["instruction"], p) >= DEDUP_ROUGE_L for p in pool):
+        if any(lcs_similarity(t["instruction"], p) >= DEDUP_ROUGE_L for p in pool):
             dropped += 1
             continue
         kept.append(t)

@@ -29,11 +29,11 @@ from xml.sax.saxutils import escape
 import torch
 from tqdm import tqdm
 
-from chat_api import OPENAI_BASE_URL, APIError, ChatClient, Reject, fill, finished_ids, prompt, run_jobs
+from chat_api import GOODBYE, OPENAI_BASE_URL, APIError, ChatClient, Reject, dialogue_text, fill, prompt, run_jobs
 from data.readers import read
+from data.schema import finished_ids, load_jsonl
 from data.template import render
-from distill import GOODBYE, dialogue_text
-from generate import generate
+from generate import add_device_args, device_and_dtype, generate
 from metrics import compute_metrics
 from model import Transformer
 from tokenizer import Tokenizer
@@ -48,42 +48,56 @@ TABLE2 = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", 
 class Doctor:
     """A model answering with the HuatuoGPT template and the KV cache."""
 
-    def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0):
-        self.model = Transformer.from_pretrained(path).eval()
+    def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0,
+                 device="cpu", dtype=torch.float32):
+        self.model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
         self.tok = Tokenizer(Path(path) / "tokenizer.model")
         self.tok.check_model_vocab(self.model.config.vocab_size, where=f"model {path}")
         self.max_new = max_new_tokens
         self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device).manual_seed(seed)
 
-    def reply(self, conversations: list[list[dict]]) -> list[str]:
-        """The next assistant turn of each conversation (each ends with the user)."""
+    def reply(self, conversations: list[list[dict]]) -> list[str | None]:
+        """The next assistant turn of each conversation (each ends with the user); None for one
+        whose last question does not fit in the context beside max_new_tokens."""
         budget = self.model.config.max_position_embeddings - self.max_new
-        prompts = [render(self.tok, c, max_len=budget).ids for c in conversations]
-        out = generate(self.model, prompts, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
+        prompts = []
+        for c in conversations:
+            try:
+                prompts.append(render(self.tok, c, max_len=budget).ids)
+            except ValueError:
+                prompts.append(None)
+        fitting = [p for p in prompts if p is not None]
+        if not fitting:
+            return [None] * len(prompts)
+        out = generate(self.model, fitting, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
                        pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling)
-        return [self.tok.decode(t).strip() for t in out.tokens]
+        answers = iter(self.tok.decode(t).strip() for t in out.tokens)
+        return [None if p is None else next(answers) for p in prompts]
 
 
 def answer_all(doctor: Doctor, records: list[dict], out: Path, batch_size: int, keep_reference: bool):
-    """Answer each record's question in batches; lines already in `out` are skipped."""
+    """Answer each record's question in batches; lines already in `out` are skipped, and so
+    (counted) is a question too long for the context."""
     done = finished_ids(out)
     todo = [r for r in records if r["id"] not in done]
+    too_long = 0
     with open(out, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), batch_size), desc="answering"):
             batch = todo[i:i + batch_size]
             prompts = [r["messages"][:1] for r in batch]  # zero-shot: the question alone
             for r, question, answer in zip(batch, prompts, doctor.reply(prompts)):
+                if answer is None:
+                    too_long += 1
+                    continue
                 rec = {"id": r["id"], "messages": question + [{"role": "assistant", "content": answer}],
                        "meta": r.get("meta", {})}
                 if keep_reference:
                     rec["reference"] = r["messages"][1]["content"]
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    if too_long:
+        print(f"skipped {too_long} question(s) longer than the context less --max-new-tokens", file=sys.stderr)
 
 
 def cmd_bench(args):
@@ -93,7 +107,7 @@ def cmd_bench(args):
     doctor = make_doctor(args)
     answer_all(doctor, records, out / "predictions.jsonl", args.batch_size, keep_reference=True)
     wanted = {r["id"] for r in records}
-    preds = [p for p in read_jsonl(out / "predictions.jsonl") if p["id"] in wanted]
+    preds = [p for p in load_jsonl(out / "predictions.jsonl") if p["id"] in wanted]
     m = compute_metrics([p["messages"][-1]["content"] for p in preds], [p["reference"] for p in preds])
     (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     print(f"{len(preds)} items of {args.data}")
@@ -123,6 +137,8 @@ def consult(doctor: Doctor, client: ChatClient, case: dict, max_rounds: int) -> 
             raise Reject("the patient said nothing")
         messages.append({"role": "user", "content": said})
         answer = doctor.reply([messages])[0]
+        if answer is None:
+            raise Reject("the consultation outgrew the model's context")
         messages.append({"role": "assistant", "content": answer})
         patient += [{"role": "assistant", "content": said}, {"role": "user", "content": answer}]
         if GOODBYE in said:
@@ -193,8 +209,8 @@ def judge_item(client, a: dict, b: dict, *, seed: int, both_orders: bool, retrie
 
 
 def cmd_judge(args):
-    a = {r["id"]: r for r in read_jsonl(args.a)}
-    b = {r["id"]: r for r in read_jsonl(args.b)}
+    a = {r["id"]: r for r in load_jsonl(args.a)}
+    b = {r["id"]: r for r in load_jsonl(args.b)}
     common = [i for i in a if i in b][: args.limit]  # --limit: the first N items
     if not common:
         raise SystemExit(f"{args.a} and {args.b} share no ids")
@@ -207,7 +223,7 @@ def cmd_judge(args):
                                              retries=args.judge_retries)],
                        out, rejects_path(out), workers=args.workers, desc="judge")
     print(f"{summary.written} judged, {summary.rejected} failed, {summary.skipped} already done")
-    print(table(read_jsonl(out), args.name_a, args.name_b))
+    print(table(load_jsonl(out), args.name_a, args.name_b))
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -264,7 +280,7 @@ def cmd_report(args):
         path = Path(path)
         meta_file = path.with_name(path.stem + ".meta.json")
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"a": "A", "b": "B"}
-        judgments = read_jsonl(path)
+        judgments = load_jsonl(path)
         lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
                   table(judgments, meta["a"], meta["b"]), ""]
         bars.append((f"{meta['a']} vs. {meta['b']}", tally(judgments)["Total"]))
@@ -278,7 +294,9 @@ def cmd_report(args):
 
 
 def make_doctor(args) -> Doctor:
-    return Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed)
+    device, dtype = device_and_dtype(args)
+    return Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed,
+                  device=device, dtype=dtype)
 
 
 def api_client(args) -> ChatClient:
@@ -307,6 +325,7 @@ def main(argv=None):
         sp.add_argument("--top-p", type=float)
         sp.add_argument("--repetition-penalty", type=float, default=1.0)
         sp.add_argument("--seed", type=int, default=0)
+        add_device_args(sp)
 
     def api_args(sp):
         sp.add_argument("--base-url", default=OPENAI_BASE_URL)

@@ -6,6 +6,15 @@ Positions count real tokens only (model.Transformer.context), so a prompt decode
 alone as inside a padded batch. A sequence that has produced eos keeps stepping (the batch moves
 together) but its later tokens are padding and are not returned.
 
+The model may be sharded with FSDP (PPO samples from the policy it trains): each forward then
+gathers every block's weights collectively, so a rank whose sequences have all ended keeps
+stepping until every rank's have, or the others would wait forever in the next all-gather.
+Sampling runs under no_grad, not inference_mode: inference tensors break FSDP2's parameters.
+And it leaves the model resharded: FSDP2 keeps the root's weights (embedding, norm, head)
+gathered after a forward, so until the next backward `model.parameters()` would yield those
+unsharded copies, and a `model.zero_grad()` or an optimizer built then would miss the real
+sharded parameters and their gradients.
+
     python generate.py --model DIR --prompt "我最近总是失眠，怎么办？" --max-new-tokens 128
 """
 
@@ -17,24 +26,27 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
-from model import KVCache, Transformer
+from model import KVCache, Transformer, token_logprobs
 
 
 @dataclass
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt, the final eos included when one was produced
-    logprobs: list[list[float]] | None  # log p(token) under the model (temperature 1, no filters)
+    logprobs: list[list[float]] | None  # model.token_logprobs of each token: full vocabulary, no filters
     finished: list[bool]  # True where the sequence ended with eos rather than at max_new_tokens
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None,
-                   repetition_penalty: float = 1.0) -> torch.Tensor:
-    """Raw logits (B, V) -> the logits actually sampled from, in transformers' order:
-    repetition penalty, then temperature, then top-k, then top-p."""
-    logits = logits.float()
+                   repetition_penalty: float = 1.0, vocab_limit: int | None = None) -> torch.Tensor:
+    """Raw logits (B, V) -> the logits actually sampled from (a new tensor), in transformers'
+    order: ids past vocab_limit removed, repetition penalty, temperature, top-k, top-p."""
+    logits = logits.float().clone()
+    if vocab_limit is not None:
+        logits[:, vocab_limit:] = float("-inf")
     if repetition_penalty != 1.0 and seen is not None:
         # CTRL's penalty: a seen token's logit is divided by the penalty if positive and
         # multiplied by it if negative, so it always becomes less likely.
@@ -66,14 +78,15 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     """Yield, per step, (tokens (B,), logprobs (B,), alive (B,) bool) for the batch.
 
     `alive` is False for sequences that had already finished before this step; their token is
-    padding. temperature 0 is greedy decoding. vocab_limit masks ids the tokenizer cannot decode
-    (Ziya's embedding has 14 more rows than its tokenizer has pieces).
+    padding. temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode
+    from being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
+    log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
+    equal what a training forward computes for the same ids.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the bos token, at least)")
     config = model.config
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     if P + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
@@ -89,35 +102,46 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     if repetition_penalty != 1.0:
         seen = torch.zeros((B, config.vocab_size), dtype=torch.bool, device=device)
         seen.scatter_(1, tokens[:, :P], mask[:, :P].bool())
-    cache = KVCache(config, B, total, dtype, device)
+    cache = KVCache(config, B, total)
+    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
     alive = torch.ones(B, dtype=torch.bool, device=device)
+    try:
+        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0)[:, -1]
+        for step in range(max_new_tokens):
+            scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, vocab_limit=vocab_limit)
+            if temperature <= 0:
+                nxt = scores.argmax(-1)
+            else:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+            logprob = token_logprobs(logits, nxt)
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+            pos = P + step
+            tokens[:, pos] = nxt
+            mask[:, pos] = 1
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], alive[:, None])
+            yield nxt, logprob, alive.clone()
+            alive &= nxt != eos_id
+            if step == max_new_tokens - 1 or not any_alive(alive, sharded):
+                break
+            logits = model(tokens[:, pos:pos + 1], mask[:, :pos + 1] if padded else None,
+                           cache=cache, start=pos)[:, -1]
+    finally:
+        if isinstance(model, FSDPModule):
+            model.reshard()  # see the module docstring
 
-    logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0)[:, -1]
-    for step in range(max_new_tokens):
-        if vocab_limit is not None:
-            logits[:, vocab_limit:] = float("-inf")
-        scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty)
-        if temperature <= 0:
-            nxt = scores.argmax(-1)
-        else:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
-        logprob = F.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-        pos = P + step
-        tokens[:, pos] = nxt
-        mask[:, pos] = 1
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], alive[:, None])
-        yield nxt, logprob, alive.clone()
-        alive &= nxt != eos_id
-        if not alive.any() or step == max_new_tokens - 1:
-            break
-        logits = model(tokens[:, pos:pos + 1], mask[:, :pos + 1] if padded else None,
-                       cache=cache, start=pos)[:, -1]
+
+def any_alive(alive: torch.Tensor, across_ranks: bool) -> bool:
+    """Whether any sequence still runs: on this rank, or, for a sharded model, on any rank."""
+    flag = alive.any().to(torch.int32)
+    if across_ranks:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
              return_logprobs: bool = False, **sampling) -> Generation:
     """Sample continuations of a batch of prompts; see decode_steps for the options."""
@@ -133,12 +157,34 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     return Generation(out, lps if return_logprobs else None, finished)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id: int,
            **sampling) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are sampled (for chat); stops after eos."""
     for tokens, _, _ in decode_steps(model, [prompt], max_new_tokens=max_new_tokens, eos_id=eos_id, **sampling):
         yield int(tokens[0])
+
+
+# -- where inference runs ----------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_device_args(p: argparse.ArgumentParser):
+    """--device and --dtype for every command that loads a model to run it."""
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if there is one, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights and compute (default: bfloat16 on a GPU, float32 on the CPU)")
+
+
+def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    """The --device/--dtype of add_device_args, defaults filled in. A 13B model is 52 GB in
+    fp32 and 26 GB in bf16; LLaMA was trained in bf16, so on a GPU that is the default."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available here")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
 
 
 def main(argv=None):
@@ -153,15 +199,17 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
     args = p.parse_args(argv)
-    model = Transformer.from_pretrained(args.model).eval()
+    device, dtype = device_and_dtype(args)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(f"{args.model}/tokenizer.model")
     tok.check_model_vocab(model.config.vocab_size)
     decoder = StreamDecoder(tok)
     for t in stream(model, tok.encode(args.prompt, bos=True), max_new_tokens=args.max_new_tokens,
                     eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, vocab_limit=len(tok),
-                    generator=torch.Generator().manual_seed(args.seed)):
+                    generator=torch.Generator(device).manual_seed(args.seed)):
         print(decoder.push(t), end="", flush=True)
     print()
 

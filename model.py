@@ -185,18 +185,22 @@ class KVCache:
 
     All sequences of a batch share one write position (`start` in forward), which is what left
     padding buys: the prompts end together, so each decoding step writes one column.
+    The buffers are allocated at the first write, in the dtype and on the device of the keys
+    written: that is the dtype the layers compute in, which under FSDP mixed precision (bf16)
+    differs from that of the stored fp32 weights.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
+        self.shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = self.v = None
         self.max_len = max_len
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -272,9 +276,11 @@ class AttentionContext:
 class Transformer(nn.Module):
     """LLaMA: embed_tokens -> layers -> norm -> lm_head.
 
-    `forward` runs the whole stack. Callers that need the pieces (PPO runs the frozen bottom
-    layers once and the top layers in a trainable and a reference copy; the reward model reads a
-    hidden state) call `context`, `embed_tokens`, `run_layers`, `norm` and `lm_head` themselves.
+    `forward` runs the whole stack or any slice of it (PPO runs the frozen bottom layers once
+    and the top layers twice; the reward model reads the final hidden state). Every partial
+    forward goes through `forward`, never through the submodules from outside: under FSDP the
+    root module's hooks gather the embedding, final norm and head only when its own forward
+    runs, so `model.embed_tokens(x)` called directly meets sharded weights.
     """
 
     def __init__(self, config: ModelConfig):
@@ -341,17 +347,32 @@ class Transformer(nn.Module):
                 h = layer(h, ctx, cache)
         return h
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start: int = 0, return_hidden: bool = False):
-        """tokens (B, T) -> logits (B, T, vocab_size) in the parameters' dtype.
+    def forward(self, tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, start: int = 0, hidden: torch.Tensor | None = None,
+                first_layer: int = 0, last_layer: int | None = None, output: str = "logits"):
+        """Run blocks first_layer .. last_layer-1 (all by default) on embedded `tokens` (B, T),
+        or on `hidden` (B, T, hidden_size): the residual stream entering block first_layer, as
+        an earlier call with output="residual" returned it. What comes out:
 
-        return_hidden=True returns the final normed hidden states (B, T, hidden_size) instead.
+            "logits"    final norm, then lm_head: (B, T, vocab_size) in the compute dtype
+            "hidden"    the final normed hidden states (B, T, hidden_size)
+            "residual"  the residual stream after the last block run, no norm (B, T, hidden_size)
+
+        Slicing is exact: forward(output="residual", last_layer=k) then forward(hidden=...,
+        first_layer=k) computes what one full forward does, operation for operation.
         """
-        B, T = tokens.shape
-        h = self.embed_tokens(tokens)
-        ctx = self.context(B, T, attention_mask, start, tokens.device, h.dtype)
-        h = self.norm(self.run_layers(h, ctx, cache=cache))
-        return h if return_hidden else self.lm_head(h)
+        if (tokens is None) == (hidden is None):
+            raise ValueError("give exactly one of tokens and hidden")
+        if output not in ("logits", "hidden", "residual"):
+            raise ValueError(f"output must be 'logits', 'hidden' or 'residual', got {output!r}")
+        h = self.embed_tokens(tokens) if hidden is None else hidden
+        B, T = h.shape[:2]
+        ctx = self.context(B, T, attention_mask, start, h.device, h.dtype)
+        h = self.run_layers(h, ctx, first_layer, last_layer, cache=cache)
+        if output == "residual":
+            return h
+        h = self.norm(h)
+        return h if output == "hidden" else self.lm_head(h)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -426,6 +447,19 @@ def causal_mask(q_len: int, k_len: int, start: int, device) -> torch.Tensor:
     """(q_len, k_len) bool: query i (at absolute position start + i) sees keys 0..start + i."""
     q = torch.arange(start, start + q_len, device=device)[:, None]
     return torch.arange(k_len, device=device)[None, :] <= q
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under `logits`: (..., V) and (...) -> (...), in fp32 or wider.
+
+    The one definition of a token's log-probability in this project: sampling's log-probs,
+    PPO's ratio and its KL penalty all come from here, so that they agree exactly. The softmax
+    runs over the full vocabulary (no sampling filter, no vocab_limit mask) and in fp32 at least
+    whatever the logits' dtype: a bf16 log-softmax would put errors of ~0.01 nats into every
+    ratio. (fp64 logits stay fp64, for exactness tests.)
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def hf_name(name: str) -> str:
@@ -559,7 +593,7 @@ def _replace_dir(new: Path, path: Path):
         os.rename(new, path)
 
 
-__all__ = ["ModelConfig", "CONFIGS", "Transformer", "KVCache", "AttentionContext", "hf_name",
+__all__ = ["ModelConfig", "CONFIGS", "Transformer", "KVCache", "AttentionContext", "hf_name", "token_logprobs",
            "write_checkpoint", "read_safetensors", "checkpoint_shards"]
 
 if __name__ == "__main__":  # print the named configs' sizes

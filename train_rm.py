@@ -12,7 +12,9 @@ pairwise reward model on mixed-feedback preferences (distill.py score) and repor
 The reward is a scalar head on the final (normed) hidden state of the reply's last token,
 which is always its eos: render_reply ends every scored sequence with the eos that closes the
 reply, and the index of that token is found from the attention mask, so the score is the same
-with left or right padding and whatever else is in the batch. The loss is
+with left or right padding and whatever else is in the batch. PPO scores what the policy
+sampled as token ids (score_ids), never decoded and re-encoded text: decode -> encode is not
+the identity, and the reward must be that of the very sequence the policy produced. The loss is
 -log σ(r_chosen − r_rejected − margin); chosen and rejected go through one forward pass.
 Outputs in --out: metrics.jsonl, best/ (highest validation accuracy), final/, state/ (--resume);
 a checkpoint is the trunk in the HF layout plus score_head.safetensors and reward_config.json.
@@ -32,16 +34,14 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from tqdm import tqdm
 
-from chat_api import finished_ids
 from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import read
-from data.schema import Report
+from data.schema import Report, finished_ids
 from data.template import render, render_reply
-from generate import generate
+from generate import add_device_args, device_and_dtype, generate
 from model import Transformer
 from tokenizer import Tokenizer
-from training import (MetricsLog, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks, load_model,
-                      make_optimizer, optimizer_step, run_distributed, peak_memory_gb, save_hf, shard_and_load)
+from training import add_trainer_args, eval_chunks, load_model, run_distributed, shard_and_load, train_loop
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -77,7 +77,7 @@ class RewardModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """tokens, attention_mask (B, T) -> rewards (B,), read at each row's last real token."""
-        hidden = self.trunk(tokens, attention_mask, return_hidden=True)
+        hidden = self.trunk(tokens, attention_mask, output="hidden")
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # left or right padding
         h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
         return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
@@ -90,9 +90,25 @@ class RewardModel(nn.Module):
         self.trunk.save_pretrained(path, tokenizer=tokenizer, state_dict=trunk, extra_files={
             "score_head.safetensors": head, "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
 
+    def score_ids(self, prompts: list[list[int]], responses: list[list[int]], *, eos_id: int,
+                  pad_id: int) -> torch.Tensor:
+        """Rewards (B,) of responses given as token ids after their prompts' ids, exactly as the
+        policy produced them. A response is scored at its eos, the token the head was trained
+        to read. One without eos (cut off at max_new_tokens) gets one appended: it is scored as
+        if it ended there, as a text reply always is (render_reply closes every reply with
+        eos); whether to penalise it is the caller's choice, who knows it was cut (PPO does)."""
+        device = next(self.parameters()).device
+        seqs = [p + r + ([] if r and r[-1] == eos_id else [eos_id]) for p, r in zip(prompts, responses)]
+        limit = self.config.max_position_embeddings
+        if max(map(len, seqs)) > limit:
+            raise ValueError(f"a prompt + response + eos of {max(map(len, seqs))} tokens exceeds the reward "
+                             f"model's context of {limit}")
+        tokens, mask = pad_batch(seqs, pad_id)
+        return self(tokens.to(device), mask.to(device))
+
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32):
-        trunk = Transformer.from_pretrained(path, dtype=dtype)
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        trunk = Transformer.from_pretrained(path, dtype=dtype, device=device)
         head_file = Path(path) / "score_head.safetensors"
         if not head_file.is_file():
             raise FileNotFoundError(f"{head_file}: not a reward model checkpoint (no score head)")
@@ -103,7 +119,7 @@ class RewardModel(nn.Module):
         weight = load_safetensors(head_file.read_bytes())["weight"].to(dtype)
         if weight.shape != (1, trunk.config.hidden_size):
             raise ValueError(f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})")
-        rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype)
+        rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype, device=device)
         rm.score_head.weight.data.copy_(weight)
         return rm
 
@@ -132,17 +148,23 @@ def pair_rewards(model, pairs: list[dict], pad_id: int, device):
     return r[: len(pairs)], r[len(pairs):]
 
 
-def encode_pairs(records, tok, max_len) -> list[dict]:
+def encode_pairs(records, tok, max_len, report: Report) -> list[dict]:
+    """Token ids of both replies of each pair; a pair whose question and reply cannot fit in
+    max_len together (the oldest rounds already dropped) is skipped and counted."""
     out = []
     for r in records:
-        chosen, _ = render_reply(tok, r["messages"], r["chosen"], max_len=max_len)
-        rejected, _ = render_reply(tok, r["messages"], r["rejected"], max_len=max_len)
+        try:
+            chosen, _ = render_reply(tok, r["messages"], r["chosen"], max_len=max_len)
+            rejected, _ = render_reply(tok, r["messages"], r["rejected"], max_len=max_len)
+        except ValueError:
+            report.skip(f"question + reply longer than --max-len {max_len}", r["id"])
+            continue
         out.append({"id": r["id"], "chosen_ids": chosen, "rejected_ids": rejected})
     return out
 
 
 @torch.no_grad()
-def validate(model, pairs, d, micro: int, pad_id: int) -> dict:
+def validate_pairs(model, pairs, d, micro: int, pad_id: int) -> dict:
     """Pairwise accuracy (r_chosen > r_rejected, ties half) and mean margin, over all ranks."""
     model.eval()
     correct = margin = 0.0
@@ -168,18 +190,15 @@ def _train(args, d):
     train_records, val_records, _ = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
     if args.val_data:
         val_records = [r for f in args.val_data for r in read(f, "pairs", report=report)]
-    train_pairs = encode_pairs(train_records, tok, max_len)
-    val_pairs = encode_pairs(val_records, tok, max_len)
+    train_pairs = encode_pairs(train_records, tok, max_len, report)
+    val_pairs = encode_pairs(val_records, tok, max_len, report)
     sampler = LengthGroupedBatches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
                                    args.batch_size, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
+    if len(sampler) == 0:
         raise SystemExit(f"{len(train_pairs)} training pairs make no full batch of {args.batch_size}")
-    total = min(args.epochs * steps_per_epoch, args.max_steps) if args.max_steps else args.epochs * steps_per_epoch
-    warmup = round(args.warmup_ratio * total)
-    eval_every = args.eval_every or steps_per_epoch
     if d.main:
-        print(f"{len(train_pairs)} training / {len(val_pairs)} validation pairs; {total} steps; {d.world} rank(s)")
+        print(f"{len(train_pairs)} training / {len(val_pairs)} validation pairs; {len(sampler)} steps an epoch; "
+              f"{d.world} rank(s)")
         if report:
             print(report.summary())
 
@@ -195,55 +214,22 @@ def _train(args, d):
     model = shard_and_load(model, full, d, bf16=d.device.type == "cuda" and not args.fp32)
     del trunk_sd, full
     model.train()
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    state = TrainState(out, d)
-    metrics = MetricsLog(out / "metrics.jsonl", d.main)
-    step, best = 0, (-1.0, -math.inf)
-    if args.resume and state.exists():
-        trainer = state.load(model, opt)
-        step, best = trainer["step"], tuple(trainer["best_val"])
-        sampler.load_state_dict(trainer["sampler"])
-        metrics.truncate_after(step)
-    if val_pairs and step == 0:
-        metrics.write(step=0, **{f"val_{k}": round(v, 6) for k, v in validate(
-            model, val_pairs, d, args.micro_batch_size, tok.pad_id).items()})
-    batches, timer = iter(sampler), Timer()
-    bar = tqdm(total=total, initial=step, disable=not d.main, desc="rm")
-    while step < total:
-        global_batch = next(batches)
 
-        def loss_sum(chunk):
-            c, r = pair_rewards(model, [train_pairs[i] for i in chunk], tok.pad_id, d.device)
-            return pairwise_loss(c, r, args.margin).sum()
+    def loss_sum(chunk):
+        c, r = pair_rewards(model, [train_pairs[i] for i in chunk], tok.pad_id, d.device)
+        return pairwise_loss(c, r, args.margin).sum()
 
-        lr = cosine_lr(step + 1, total, args.lr, warmup)
-        loss, grad_norm = optimizer_step(model, opt, d, global_batch, args.micro_batch_size, loss_sum,
-                                         len(global_batch), lr=lr, grad_clip=args.grad_clip, step=step + 1,
-                                         state=state, save_every=args.save_every)
-        step += 1
-        dt = timer.lap()
-        seen = sum(len(train_pairs[i]["chosen_ids"]) + len(train_pairs[i]["rejected_ids"]) for i in global_batch)
-        metrics.write(step=step, loss=round(loss, 6), lr=lr, grad_norm=round(grad_norm, 6),
-                      tokens_per_s=round(seen / dt, 1), peak_mem_gb=round(peak_memory_gb(d.device), 3))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if val_pairs and (step % eval_every == 0 or step == total):
-            v = validate(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
-            improved = (v["accuracy"], v["margin"]) > best  # accuracy first, margin breaks ties
-            metrics.write(step=step, val_accuracy=round(v["accuracy"], 6), val_margin=round(v["margin"], 6),
-                          best=improved)
-            if d.main:
-                tqdm.write(f"step {step}: held-out accuracy {v['accuracy']:.3f}, mean margin {v['margin']:.3f}")
-            if improved:
-                best = (v["accuracy"], v["margin"])
-                save_hf(model, out / "best", tok.path, d)
-        if step % args.save_every == 0 or step == total:
-            state.save(model, opt, {"step": step, "best_val": best, "sampler": sampler.state_dict()})
-        timer.lap()
-    bar.close()
-    save_hf(model, out / "final", tok.path, d)
-    if d.main:
-        print(f"done: {step} steps; best held-out accuracy {best[0]:.3f} (mean margin {best[1]:.3f}) in {out / 'best'}")
+    def validate():
+        if not val_pairs:
+            return {}
+        v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
+        return {"val_accuracy": v["accuracy"], "val_margin": v["margin"]}
+
+    train_loop(args, d, model, tok, name="rm", sampler=sampler, loss_sum=loss_sum, n_units=len,
+               n_tokens=lambda batch: sum(len(train_pairs[i]["chosen_ids"]) + len(train_pairs[i]["rejected_ids"])
+                                          for i in batch),
+               validate=validate, score=lambda m: (m["val_accuracy"], m["val_margin"]),  # accuracy, then margin
+               describe=lambda m: f"held-out accuracy {m['val_accuracy']:.3f}, mean margin {m['val_margin']:.3f}")
 
 
 # -- sampling and scoring --------------------------------------------------------------------------
@@ -252,50 +238,77 @@ def _train(args, d):
 def sample(args):
     """k responses per prompt from an SFT checkpoint -> {"id", "messages", "reference", "responses"}.
     A prompt is the last round of an SFT conversation with its history; the doctor's answer of
-    that round is the reference distill.py score compares against. Resumable."""
-    model = Transformer.from_pretrained(args.model).eval()
+    that round is the reference distill.py score compares against. A record with no answer
+    to compare with, or whose question does not fit the context beside --max-new-tokens, is
+    skipped and counted. Resumable."""
+    device, dtype = device_and_dtype(args)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(Path(args.model) / "tokenizer.model")
-    records = [r for f in args.data for r in read(f) if r["messages"][-1]["role"] == "assistant"]
+    report = Report()
+    budget = model.config.max_position_embeddings - args.max_new_tokens
     seen, prompts = set(), []
-    for r in records:  # deduplicate prompts, as the paper does
-        key = json.dumps(r["messages"][:-1], ensure_ascii=False)
-        if key not in seen:
+    for f in args.data:
+        for r in read(f, report=report):
+            if r["messages"][-1]["role"] != "assistant":
+                report.skip("no doctor's answer to compare with (ends with the patient)", r["id"])
+                continue
+            key = json.dumps(r["messages"][:-1], ensure_ascii=False)
+            if key in seen:  # deduplicate prompts, as the paper does
+                continue
             seen.add(key)
-            prompts.append(r)
+            try:
+                ids = render(tok, r["messages"][:-1], max_len=budget).ids
+            except ValueError:
+                report.skip(f"question longer than the context less --max-new-tokens ({budget} tokens)", r["id"])
+                continue
+            prompts.append((r, ids))
     prompts = prompts[: args.limit] if args.limit else prompts
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(out)
-    todo = [r for r in prompts if r["id"] not in done]
-    budget = model.config.max_position_embeddings - args.max_new_tokens
-    gen = torch.Generator().manual_seed(args.seed)
+    todo = [(r, ids) for r, ids in prompts if r["id"] not in done]
+    gen = torch.Generator(device).manual_seed(args.seed)
     with open(out, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[i:i + args.batch_size]
-            ids = [render(tok, r["messages"][:-1], max_len=budget).ids for r in batch for _ in range(args.k)]
-            res = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                           temperature=args.temperature, top_p=args.top_p, vocab_limit=len(tok), generator=gen)
-            for j, r in enumerate(batch):
+            res = generate(model, [ids for _, ids in batch for _ in range(args.k)], max_new_tokens=args.max_new_tokens,
+                           eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_p=args.top_p,
+                           vocab_limit=len(tok), generator=gen)
+            for j, (r, _) in enumerate(batch):
                 responses = [tok.decode(t) for t in res.tokens[j * args.k:(j + 1) * args.k]]
                 f.write(json.dumps({"id": r["id"], "messages": r["messages"][:-1], "reference": r["messages"][-1]["content"],
                                     "responses": responses}, ensure_ascii=False) + "\n")
             f.flush()
     print(f"{len(todo)} prompts sampled ({len(prompts) - len(todo)} already done), {args.k} responses each: {out}")
+    if report:
+        print(report.summary(), file=sys.stderr)
 
 
 @torch.no_grad()
 def score(args):
-    """Print the reward of each conversation's final reply."""
-    rm = RewardModel.from_pretrained(args.model).eval()
+    """Print the reward of each conversation's final reply, a JSON line each. A record that
+    does not end with a reply, or whose reply and question cannot fit the context, is skipped
+    and counted on stderr."""
+    device, dtype = device_and_dtype(args)
+    rm = RewardModel.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(Path(args.model) / "tokenizer.model")
+    report = Report()
     for f in args.data:
-        for r in read(f):
+        for r in read(f, report=report):
             if r["messages"][-1]["role"] != "assistant":
-                raise SystemExit(f"{f}: {r['id']} does not end with a reply to score")
-            ids, _ = render_reply(tok, r["messages"][:-1], r["messages"][-1]["content"],
-                                  max_len=rm.config.max_position_embeddings)
+                report.skip("no reply to score (ends with the patient)", r["id"])
+                continue
+            try:
+                ids, _ = render_reply(tok, r["messages"][:-1], r["messages"][-1]["content"],
+                                      max_len=rm.config.max_position_embeddings)
+            except ValueError:
+                report.skip("question + reply longer than the model's context", r["id"])
+                continue
             tokens, mask = pad_batch([ids], tok.pad_id)
-            print(json.dumps({"id": r["id"], "reward": round(rm(tokens, mask).item(), 6)}, ensure_ascii=False))
+            reward = rm(tokens.to(device), mask.to(device)).item()
+            print(json.dumps({"id": r["id"], "reward": round(reward, 6)}, ensure_ascii=False))
+    if report:
+        print(report.summary(), file=sys.stderr)
 
 
 def main(argv=None):
@@ -304,6 +317,7 @@ def main(argv=None):
         p = argparse.ArgumentParser(prog=f"train_rm.py {argv[0]}")
         p.add_argument("--model", required=True)
         p.add_argument("--data", nargs="+", required=True)
+        add_device_args(p)
         if argv[0] == "sample":
             p.add_argument("--out", required=True)
             p.add_argument("-k", type=int, default=SAMPLES_PER_PROMPT)

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from training import (MetricsLog, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks, load_model,
-                      make_optimizer, memory_estimate, optimizer_step, peak_memory_gb, run_distributed, save_hf,
-                      shard_and_load)
+from training import (add_trainer_args, eval_chunks, load_model, memory_estimate, run_distributed, shard_and_load,
+                      train_loop)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -84,9 +82,22 @@ def validation_loss(model, items, d, micro: int, pad_id: int) -> float:
 
 
 def read_sources(files, report) -> list[Source]:
-    """Conversations (ending with an answer) from files in any format data/ reads."""
-    return [Source(str(f), [r for r in read(f, report=report) if r["messages"][-1]["role"] == "assistant"])
-            for f in files]
+    """Conversations from files in any format data/ reads. One that ends with the patient's
+    turn has nothing to learn at its end: its last turn is dropped (the answered rounds before
+    it stay) and counted, and one with no answered round at all is skipped and counted."""
+    sources = []
+    for f in files:
+        records = []
+        for r in read(f, report=report):
+            if r["messages"][-1]["role"] == "user":
+                if len(r["messages"]) == 1:
+                    report.skip("no answer to train on (a question alone)", r["id"])
+                    continue
+                report.note("an unanswered last question dropped", r["id"])
+                r = dict(r, messages=r["messages"][:-1])
+            records.append(r)
+        sources.append(Source(str(f), records))
+    return sources
 
 
 def render_all(records, tok, max_len, report):
@@ -110,13 +121,16 @@ def dry_run(args):
     args.max_len = args.max_len or min(MAX_LEN, config.max_position_embeddings)
     print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, "
           f"sequences of {args.max_len} tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP")
-    print(f"per-rank GiB    states  in-flight   activations AC off | on     total AC off | on   fits in {args.gpu_memory_gb:g} GiB")
+    print(f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
+          f" (--grad-sync {args.grad_sync})")
+    print(f"per-rank GiB    states  grads  in-flight   activations AC off | on     total AC off | on   "
+          f"fits in {args.gpu_memory_gb:g} GiB")
     for micro in (1, 2, 4, 8, 16):
-        off, on = (memory_estimate(config, world=args.world_size, micro_batch=micro, seq_len=args.max_len,
-                                   bf16=bf16, activation_checkpointing=ac) for ac in (False, True))
+        off, on = (memory_estimate(config, world=args.world_size, micro_batch=micro, seq_len=args.max_len, bf16=bf16,
+                                   activation_checkpointing=ac, grad_sync=args.grad_sync) for ac in (False, True))
         fits = " | ".join("yes" if m["total"] <= args.gpu_memory_gb else "no" for m in (off, on))
-        print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['in_flight']:9.1f}  {off['activations']:12.1f} | "
-              f"{on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}")
+        print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['grads']:5.1f}  {off['in_flight']:9.1f}  "
+              f"{off['activations']:12.1f} | {on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}")
     acc = args.batch_size // args.world_size
     print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
           f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
@@ -132,7 +146,6 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print parameter count and per-rank memory; train nothing")
     p.add_argument("--world-size", type=int, default=8, help="with --dry-run: ranks to plan for")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: memory per GPU")
-    p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # tests of the NaN guard
     args = p.parse_args(argv)
     if args.dry_run:
         return dry_run(args)
@@ -159,89 +172,37 @@ def _train(args, d):
     train_items = render_all(train_records, tok, args.max_len, report)
     val_items = render_all(val_records, tok, args.max_len, report)
     sampler = LengthGroupedBatches([len(x.ids) for x in train_items], args.batch_size, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
+    if len(sampler) == 0:
         raise SystemExit(f"{len(train_items)} training conversations make no full batch of {args.batch_size}")
-    total = args.epochs * steps_per_epoch
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = round(args.warmup_ratio * total)
-    eval_every = args.eval_every or steps_per_epoch
     if d.main:
-        print(f"{len(train_items)} training / {len(val_items)} validation conversations; {steps_per_epoch} "
-              f"steps an epoch, {total} steps; {d.world} rank(s) on {d.device}")
+        print(f"{len(train_items)} training / {len(val_items)} validation conversations; {len(sampler)} "
+              f"steps an epoch; {d.world} rank(s) on {d.device}")
         if report:
             print(report.summary())
 
-    bf16 = d.device.type == "cuda" and not args.fp32
     model.activation_checkpointing = args.activation_checkpointing
-    model = shard_and_load(model, full_sd, d, bf16=bf16)
+    model = shard_and_load(model, full_sd, d, bf16=d.device.type == "cuda" and not args.fp32)
     del full_sd
     model.train()
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    state = TrainState(out, d)
-    step, best = 0, float("inf")
-    metrics = MetricsLog(out / "metrics.jsonl", d.main)
-    if args.resume and state.exists():
-        trainer = state.load(model, opt)
-        step, best = trainer["step"], trainer["best_val"]
-        sampler.load_state_dict(trainer["sampler"])
-        metrics.truncate_after(step)
-        if d.main:
-            print(f"resumed from {state.dir} at step {step}")
-    elif args.resume and d.main:
-        print(f"--resume: no state in {out}, starting from step 0")
 
-    if val_items and step == 0:  # where the validation loss starts from
-        val0 = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
-        metrics.write(step=0, val_loss=round(val0, 6), best=False)
+    def loss_sum(chunk):
+        batch = {key: t.to(d.device) for key, t in collate([train_items[i] for i in chunk], tok.pad_id).items()}
+        return token_loss_sum(model, batch)
+
+    def validate():
+        return {"val_loss": validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)} if val_items else {}
+
     # Training FLOPs per token: 6 per weight of every matrix product (forward 2, backward 4);
     # the embedding is a lookup, not a product. Attention scores add ~12·layers·hidden·T more,
     # which we leave out, so the MFU reported is slightly conservative.
     cfg = model.config
     lookup_only = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # a tied table is also the head
-    flops_per_token = 6 * (cfg.num_params() - lookup_only)
-    batches = iter(sampler)
-    timer = Timer()
-    bar = tqdm(total=total, initial=step, disable=not d.main, desc="sft")
-    while step < total:
-        global_batch = next(batches)
-        n_tokens = sum(n_labels(train_items[i]) for i in global_batch)  # across all ranks
-
-        def loss_sum(chunk):
-            batch = {key: t.to(d.device) for key, t in collate([train_items[i] for i in chunk], tok.pad_id).items()}
-            return token_loss_sum(model, batch)
-
-        lr = cosine_lr(step + 1, total, args.lr, warmup)
-        loss, grad_norm = optimizer_step(model, opt, d, global_batch, args.micro_batch_size, loss_sum, n_tokens,
-                                         lr=lr, grad_clip=args.grad_clip, step=step + 1, state=state,
-                                         save_every=args.save_every, inject_nan=args.inject_nan_at == step + 1)
-        step += 1
-        dt = timer.lap()
-        seen = sum(len(train_items[i].ids) for i in global_batch)
-        record = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
-                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
-                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
-        if args.peak_tflops and d.device.type == "cuda":
-            record["mfu"] = round(seen / dt * flops_per_token / (args.peak_tflops * 1e12 * d.world), 4)
-        metrics.write(**record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if val_items and (step % eval_every == 0 or step == total):
-            val = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
-            improved = val < best
-            metrics.write(step=step, val_loss=round(val, 6), best=improved)
-            if d.main:
-                tqdm.write(f"step {step}: validation loss {val:.4f}" + (" (best: saving best/)" if improved else ""))
-            if improved:
-                best = val
-                save_hf(model, out / "best", tok.path, d)
-        if step % args.save_every == 0 or step == total:
-            state.save(model, opt, {"step": step, "best_val": best, "sampler": sampler.state_dict()})
-        timer.lap()  # validation and checkpoints do not count against tokens/s
-    bar.close()
-    save_hf(model, out / "final", tok.path, d)
-    if d.main:
-        print(f"done: {step} steps; best validation loss {best:.4f} in {out / 'best'}; final weights in {out / 'final'}")
+    train_loop(args, d, model, tok, name="sft", sampler=sampler, loss_sum=loss_sum,
+               n_units=lambda batch: sum(n_labels(train_items[i]) for i in batch),
+               n_tokens=lambda batch: sum(len(train_items[i].ids) for i in batch),
+               validate=validate, score=lambda m: (-m["val_loss"],),
+               describe=lambda m: f"validation loss {m['val_loss']:.4f}",
+               flops_per_token=6 * (cfg.num_params() - lookup_only))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     shard           FSDP2: fully_shard on each transformer block, then on the root
     cosine_lr       linear warmup then cosine decay
     make_optimizer  AdamW, weight decay on matrices only
+    accumulate      one global batch: micro-batches, backward, gradient norm and clipping
+    train_loop      the loop every trainer runs: schedule, steps, validation, best/, state/, final/
     TrainState      the resumable state: model + optimizer (sharded, torch.distributed.checkpoint),
                     step, sampler position, RNG, best validation score; written atomically
     save_hf         gather the full weights and write them with Transformer.save_pretrained
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -83,6 +86,10 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
     p.add_argument("--resume", action="store_true", help="continue from OUT/state")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
+    p.add_argument("--grad-sync", choices=["every", "last"], default="every",
+                   help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
+                        "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
+                        "gradient on every rank); see accumulate")
 
 
 def run_distributed(train_fn, args):
@@ -122,11 +129,17 @@ def init_distributed() -> Distributed:
 def shard(model: torch.nn.Module, layers, *, bf16: bool):
     """FSDP2: each block is its own unit (gathered just before it runs, freed after), then the
     root takes what is left (embedding, final norm, head). On GPU, bf16 compute with fp32
-    master weights and fp32 gradient reduction; on CPU everything stays fp32."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    master weights and fp32 gradient reduction; on CPU everything stays fp32. Whatever the
+    compute dtype, the root hands its outputs back in fp32 under bf16 (output_dtype): losses, log-probs
+    and reward scores are read from them, and bf16 keeps only ~3 significant digits."""
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    else:
+        mp = root = MixedPrecisionPolicy()  # outputs in the weights' own dtype
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    fully_shard(model, mp_policy=root)
     return model
 
 
@@ -175,11 +188,13 @@ def eval_chunks(items: list, d: Distributed, micro: int):
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.0) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warmup to `peak` over `warmup`
-    steps, then cosine decay to `floor` at `total`."""
-    if warmup > 0 and step <= warmup:
+    """Learning rate of optimizer step `step` (1-based, 1..total): linear warmup to `peak` over
+    the first `warmup` steps, then cosine decay from `peak` towards `floor`. The first step
+    after warmup runs at the peak, and the cosine would reach the floor at step total + 1,
+    which never runs: every step trains, and a 1-step run trains at the peak."""
+    if step <= warmup:
         return peak * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup - 1) / max(1, total - warmup))
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -192,46 +207,131 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
 
 
-def optimizer_step(model, opt, d: Distributed, global_batch: list, micro_batch: int, loss_sum, n_units: int, *,
-                   lr: float, grad_clip: float, step: int, state: "TrainState", save_every: int,
-                   inject_nan: bool = False) -> tuple[float, float]:
-    """One optimizer step on a global batch -> (loss, gradient norm before clipping).
+def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss_sum, n_units: int, *,
+               grad_clip: float, grad_sync: str = "every") -> tuple[float, float]:
+    """Gradients of one global batch -> (loss, gradient norm before clipping); no update.
 
     This rank takes every world-th item of the global batch and runs it in micro-batches;
     loss_sum(items) returns the summed loss of its items (over tokens for SFT, over pairs for
     the reward model) and n_units counts those units in the whole global batch, on every rank.
-    Gradients are reduce-scattered once, after the last micro-batch. A loss or gradient that is
-    not finite stops the run before the update, so the last saved state stays the last good one.
+
+    grad_sync "every" (the default) reduce-scatters each micro-batch's gradients as soon as its
+    backward is done, so between micro-batches a rank holds only its shard of the gradient
+    (4 bytes a parameter / ranks): what ZeRO, the paper's optimizer (App. E), does. "last"
+    skips the collective until the last micro-batch; FSDP then keeps the whole unsharded
+    gradient in fp32 on every rank (4 bytes a parameter: +49 GiB for Ziya-13B) in exchange
+    for fewer collectives. memory_estimate models both.
     """
     mine = global_batch[d.rank::d.world]
     chunks = [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
     local = 0.0
     for k, chunk in enumerate(chunks):
-        model.set_requires_gradient_sync(k == len(chunks) - 1)
+        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
         s = loss_sum(chunk)
-        if inject_nan:  # tests of this guard
-            s = s * float("nan")
         # FSDP averages gradients over ranks; scaling by the world size turns that average into
         # a sum, so the gradient is that of (sum of unit losses) / (units in the global batch):
         # 1 rank and N ranks compute the same step.
         (s * d.world / n_units).backward()
         local += s.item()
-    loss = d.all_sum(local) / n_units
-    for group in opt.param_groups:
-        group["lr"] = lr
-    grad_norm = grad_norm_and_clip(model, grad_clip)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise SystemExit(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping before "
-                         f"the update. The last good state is {state.dir} (step {step - 1 - (step - 1) % save_every}); "
-                         "lower --lr or check the data.")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return d.all_sum(local) / n_units, grad_norm_and_clip(model, grad_clip)
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum, n_units, n_tokens, validate,
+               score, describe, flops_per_token: float | None = None):
+    """The optimisation every trainer runs, written once. The trainer brings a sharded model,
+    its batches and these functions:
+
+        loss_sum(indices)  the summed loss (a tensor) of one micro-batch of training items
+        n_units(indices)   what a global batch's loss is divided by (labelled tokens, pairs)
+        n_tokens(indices)  tokens in a global batch, for tokens/s
+        validate()         {metric: value} on the validation set over all ranks; {} if none
+        score(metrics)     a tuple that orders validations, larger is better: best/ keeps the max
+        describe(metrics)  one line of text for a validation
+
+    The loop: AdamW, warmup + cosine schedule, a step per global batch (accumulate), a guard
+    that stops before an update whose loss or gradient is not finite, validation at step 0,
+    every --eval-every steps and at the end, best/ and final/ in the HF layout, state/ every
+    --save-every steps (--resume continues exactly), one JSON line a step in metrics.jsonl.
+    """
+    out = args.out
+    steps_per_epoch = len(sampler)
+    total = args.epochs * steps_per_epoch
+    total = min(total, args.max_steps) if args.max_steps else total
+    warmup = round(args.warmup_ratio * total)
+    eval_every = args.eval_every or steps_per_epoch
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    state = TrainState(out, d)
+    metrics = MetricsLog(out / "metrics.jsonl", d.main)
+    step, best, saved = 0, None, None
+    if args.resume and state.exists():
+        trainer = state.load(model, opt)
+        step, best, saved = trainer["step"], trainer["best"], trainer["step"]
+        sampler.load_state_dict(trainer["sampler"])
+        metrics.truncate_after(step)
+        if d.main:
+            print(f"resumed from {state.dir} at step {step}")
+    elif args.resume and d.main:
+        print(f"--resume: no state in {out}, starting from step 0")
+
+    def rounded(m: dict) -> dict:
+        return {k: round(v, 6) for k, v in m.items()}
+
+    if step == 0:  # where validation starts from
+        v = validate()
+        if v:
+            metrics.write(step=0, **rounded(v), best=False)
+    peak_tflops = getattr(args, "peak_tflops", None)
+    batches, timer = iter(sampler), Timer()
+    bar = tqdm(total=total, initial=step, disable=not d.main, desc=name)
+    while step < total:
+        global_batch = next(batches)
+        lr = cosine_lr(step + 1, total, args.lr, warmup)
+        loss, grad_norm = accumulate(model, d, global_batch, args.micro_batch_size, loss_sum, n_units(global_batch),
+                                     grad_clip=args.grad_clip, grad_sync=args.grad_sync)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
+            raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
+                             f"before the update. The last good state: {last}. Lower --lr or check the data.")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = timer.lap()
+        seen = n_tokens(global_batch)
+        record = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
+                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
+                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        if flops_per_token and peak_tflops and d.device.type == "cuda":
+            record["mfu"] = round(seen / dt * flops_per_token / (peak_tflops * 1e12 * d.world), 4)
+        metrics.write(**record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if step % eval_every == 0 or step == total:
+            v = validate()
+            if v:
+                improved = best is None or score(v) > score(best)
+                metrics.write(step=step, **rounded(v), best=improved)
+                if d.main:
+                    tqdm.write(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
+                if improved:
+                    best = v
+                    save_hf(model, out / "best", tok.path, d)
+        if step % args.save_every == 0 or step == total:
+            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict()})
+            saved = step
+        timer.lap()  # validation and checkpoints do not count against tokens/s
+    bar.close()
+    save_hf(model, out / "final", tok.path, d)
+    if d.main:
+        kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
+        print(f"done: {step} steps; {kept}final weights in {out / 'final'}")
+    return best
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -373,12 +473,21 @@ def tiny_tokenizer(out: Path, dist_info: Distributed, vocab_size: int = 2048):
 # -- scale on paper ------------------------------------------------------------------------------
 
 
+def gradient_bytes(n_params: int, *, world: int, grad_sync: str) -> float:
+    """Gradient bytes a rank holds between micro-batches (see accumulate): its fp32 shard when
+    gradients are reduce-scattered every micro-batch, the whole unsharded fp32 gradient when
+    they are kept until the last one."""
+    return 4 * n_params / world if grad_sync == "every" else 4 * n_params
+
+
 def memory_estimate(config, *, world: int, micro_batch: int, seq_len: int, bf16: bool,
-                    activation_checkpointing: bool) -> dict:
+                    activation_checkpointing: bool, grad_sync: str = "every") -> dict:
     """Per-rank training memory in GiB under FSDP2 (ZeRO-3-like) with AdamW.
 
-    states     fp32 master weights, fp32 gradients, two fp32 Adam moments: 16 bytes a
-               parameter, divided among the ranks
+    states     fp32 master weights and two fp32 Adam moments: 12 bytes a parameter, divided
+               among the ranks
+    grads      gradient_bytes: 4 bytes a parameter / ranks (grad_sync "every"), or 4 bytes a
+               parameter on every rank (grad_sync "last", held across micro-batches)
     in_flight  what is gathered at once: the root's weights (embedding, head) and about two
                blocks (the running one and the prefetched one) in the compute dtype, plus one
                block's unsharded gradients in fp32
@@ -399,7 +508,8 @@ def memory_estimate(config, *, world: int, micro_batch: int, seq_len: int, bf16:
     acts = (L * tokens * h * act_bytes + per_layer) if activation_checkpointing else L * per_layer
     acts += tokens * v * (act_bytes + 8)
     gib = 2**30
-    states = 16 * n / world
+    states = 12 * n / world
+    grads = gradient_bytes(n, world=world, grad_sync=grad_sync)
     in_flight = (root + 2 * block) * act_bytes + 4 * block
-    return {"states": states / gib, "in_flight": in_flight / gib, "activations": acts / gib,
-            "total": (states + in_flight + acts) / gib}
+    return {"states": states / gib, "grads": grads / gib, "in_flight": in_flight / gib, "activations": acts / gib,
+            "total": (states + grads + in_flight + acts) / gib}

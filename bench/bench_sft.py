@@ -1,5 +1,7 @@
 """Training throughput and memory of train_sft.py on the CPU: 1 rank vs 2 ranks, with and
-without activation checkpointing, on the ~46M-parameter `bench-50m` config.
+without activation checkpointing, on the ~46M-parameter `bench-50m` config; then, on 2 ranks
+with gradient accumulation, reduce-scattering gradients after every micro-batch (--grad-sync
+every, the default) against once after the last (--grad-sync last).
 
 Each configuration is a real train_sft.py run (FSDP2, gloo) of a few optimizer steps on the
 shipped SFT data; the first step is skipped as warm-up and the median tokens/s of the others is
@@ -22,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(nproc: int, ac: bool, args) -> dict:
+def run(nproc: int, ac: bool, args, grad_sync: str = "every", micro_batch: int | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     threads = max(1, (os.cpu_count() or 2) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
@@ -30,7 +32,8 @@ def run(nproc: int, ac: bool, args) -> dict:
                                                     "--nproc_per_node", str(nproc)]
     data = sorted(str(f) for f in (ROOT / "data" / "sft").glob("*.jsonl"))
     cmd = launcher + [str(ROOT / "train_sft.py"), "--model", args.model, "--data", *data, "--out", str(out),
-                      "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+                      "--batch-size", str(args.batch_size), "--micro-batch-size", str(micro_batch or args.micro_batch_size),
+                      "--grad-sync", grad_sync,
                       "--max-steps", str(args.steps), "--lr", "1e-4", "--save-every", "100000", "--eval-every", "100000"]
     if ac:
         cmd.append("--activation-checkpointing")
@@ -57,6 +60,14 @@ def main():
     print("ranks  checkpointing   tokens/s  (ratio)   peak GB per rank  (ratio)")
     for (nproc, ac), r in rows.items():
         print(f"{nproc:5d}  {'on ' if ac else 'off':>13s}  {r['tokens_per_s']:9.1f}  ({r['tokens_per_s'] / ref['tokens_per_s']:4.2f}x)"
+              f"   {r['peak_mem_gb']:16.3f}  ({r['peak_mem_gb'] / ref['peak_mem_gb']:4.2f}x)")
+    # Accumulation: 2 ranks, micro-batch 1, so each rank runs batch/2 micro-batches a step.
+    sync = {mode: run(2, False, args, grad_sync=mode, micro_batch=1) for mode in ("every", "last")}
+    ref = sync["every"]
+    print(f"2 ranks, micro-batch 1 ({args.batch_size // 2} micro-batches a step per rank)")
+    print("--grad-sync   tokens/s  (ratio)   peak GB per rank  (ratio)")
+    for mode, r in sync.items():
+        print(f"{mode:>11s}  {r['tokens_per_s']:9.1f}  ({r['tokens_per_s'] / ref['tokens_per_s']:4.2f}x)"
               f"   {r['peak_mem_gb']:16.3f}  ({r['peak_mem_gb'] / ref['peak_mem_gb']:4.2f}x)")
 
 

@@ -161,6 +161,29 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return n
 
 
+def finished_ids(*paths: Path) -> set[str]:
+    """Ids already written. A last line cut short by a crash is removed (its job reruns)."""
+    done: set[str] = set()
+    for path in paths:
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:  # drop the partial last line
+                f.truncate(data.rfind(b"\n") + 1)
+            data = data[: data.rfind(b"\n") + 1]
+        for line in data.decode("utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done.add(rec.get("job", rec["id"]))  # "job": a record that is one of several from a job
+    return done
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every record of a JSONL file this project wrote (predictions, judgments), unchecked."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 # -- the released HuatuoGPT SFT layout: {"data": ["问：…", "答：…", "问：…", …]} ------------------
 
 _Q = re.compile(r"^\s*问\s*[:：]\s*")

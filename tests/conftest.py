@@ -41,8 +41,12 @@ def sharpen_(model, seed=0):
     return model
 
 
-def make_pair(**overrides):
-    """(ours, transformers') LlamaForCausalLM with identical, sharp random weights, in eval mode."""
+def make_pair(dtype=torch.float32, **overrides):
+    """(ours, transformers') LlamaForCausalLM with identical, sharp random weights, in eval mode.
+
+    dtype=torch.float64 for exactness checks: fp32 results of two differently ordered but
+    equivalent computations differ by ~1e-6 relative, and by how much depends on the CPU's
+    kernels; in fp64 the same comparison holds to ~1e-14 on any machine."""
     from transformers import LlamaForCausalLM
 
     cfg = hf_config(**overrides)
@@ -51,7 +55,7 @@ def make_pair(**overrides):
     missing, unexpected = ours.load_state_dict(
         {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    return ours.eval(), hf
+    return ours.to(dtype).eval(), hf.to(dtype)
 
 
 @pytest.fixture

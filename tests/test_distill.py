@@ -14,7 +14,7 @@ from fake_openai import FakeOpenAI
 
 import distill
 from chat_api import APIError, ChatClient, fill, prompt
-from distill import keep_novel, parse_dialogue, parse_ratings, parse_triples, rouge_l
+from distill import keep_novel, lcs_similarity, parse_dialogue, parse_ratings, parse_triples
 
 KEY = "sk-test-DO-NOT-LEAK-123456"
 EVAL = ROOT / "data" / "eval"
@@ -235,9 +235,9 @@ def test_killed_run_resumes_without_duplicates_or_losses(monkeypatch, tmp_path):
 
 
 def test_parsers_by_hand():
-    assert rouge_l("头痛怎么办", "头痛怎么办") == 1.0
-    assert rouge_l("abcd", "abxd") == pytest.approx(2 * 3 / 8)  # LCS "abd"
-    assert rouge_l("", "x") == 0.0
+    assert lcs_similarity("头痛怎么办", "头痛怎么办") == 1.0
+    assert lcs_similarity("abcd", "abxd") == pytest.approx(2 * 3 / 8)  # LCS "abd"
+    assert lcs_similarity("", "x") == 0.0
     text = "1. <角色>：护士\n<指令>：写出护理要点\n<输入>：无\n2、医生\n解释检查结果\n血糖7.8\n（3）只有一行"
     assert parse_triples(text) == [{"role": "护士", "instruction": "写出护理要点", "input": ""},
                                    {"role": "医生", "instruction": "解释检查结果", "input": "血糖7.8"}]

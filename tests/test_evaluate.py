@@ -4,12 +4,15 @@ the simulated-patient loop with the tiny model, benchmark runs and the report.""
 import json
 import re
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import ROOT
 from fake_openai import FakeOpenAI
 
 import evaluate
+from chat_api import Reject
 from evaluate import judge_order, parse_verdict, tally
 from model import CONFIGS, Transformer
 
@@ -71,7 +74,7 @@ def test_single_turn_judge_run(judge_api, tmp_path):
     out = tmp_path / "judge.jsonl"
     assert evaluate.main(["judge", "--a", str(a), "--b", str(b), "--name-a", "Huatuo", "--name-b", "Ziya",
                           "--out", str(out), "--base-url", judge_api.url, "--judge-retries", "1"]) == 0
-    rows = {r["id"]: r for r in evaluate.read_jsonl(out)}
+    rows = {r["id"]: r for r in evaluate.load_jsonl(out)}
     assert all(rows[f"q{i}"]["outcome"] == "win" for i in range(6))  # whatever order each was shown in
     assert rows["q6"]["outcome"] == "tie" and rows["q7"]["outcome"] == "unparsed"
     assert {rows[f"q{i}"]["judgments"][0]["order"] for i in range(6)} == {"ab", "ba"}  # both orders occur
@@ -96,7 +99,7 @@ def test_both_orders_turn_a_position_bias_into_a_tie(judge_api, tmp_path):
     out = tmp_path / "j.jsonl"
     evaluate.main(["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url,
                    "--both-orders"])
-    row = evaluate.read_jsonl(out)[0]
+    row = evaluate.load_jsonl(out)[0]
     assert [j["order"] for j in row["judgments"]] == ["ab", "ba"] and row["outcome"] == "tie"
 
 
@@ -113,7 +116,7 @@ def test_consultation_loop_with_the_tiny_model(monkeypatch, tmp_path, tokenizer_
     args = ["consult", "--model", str(tmp_path / "m"), "--data", str(ROOT / "data" / "eval" / "med_dialog_small.json"),
             "--out", str(out), "--limit", "2", "--max-new-tokens", "8", "--base-url", server.url]
     assert evaluate.main(args) == 0
-    rows = evaluate.read_jsonl(out)
+    rows = evaluate.load_jsonl(out)
     assert len(rows) == 2
     for r in rows:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * 3
@@ -138,5 +141,25 @@ def test_bench_writes_resumable_predictions_and_table2(tmp_path, tokenizer_file,
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert set(m) == set(evaluate.TABLE2)
     evaluate.main(args + ["--limit", "4"])
-    ids = [r["id"] for r in evaluate.read_jsonl(tmp_path / "b" / "predictions.jsonl")]
+    ids = [r["id"] for r in evaluate.load_jsonl(tmp_path / "b" / "predictions.jsonl")]
     assert len(ids) == 4 and len(set(ids)) == 4
+
+
+def test_doctor_on_a_device_and_dtype_and_questions_too_long(tmp_path, tokenizer_file):
+    Transformer.from_config(CONFIGS["tiny"], seed=0).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    doctor = evaluate.Doctor(tmp_path / "m", max_new_tokens=8, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in doctor.model.parameters()} == {torch.bfloat16}
+    short = [{"role": "user", "content": "头痛"}]
+    long = [{"role": "user", "content": "头痛发热咳嗽" * 200}]  # beyond the 512-token context
+    answers = doctor.reply([short, long, short])
+    assert answers[1] is None and isinstance(answers[0], str) and answers[0] == answers[2]
+    # In a consultation such a turn is a reject of that case, not a crash of the run.
+    with pytest.raises(Reject, match="outgrew the model's context"):
+        evaluate.consult(doctor, Verbose(), {"id": "c", "messages": short}, max_rounds=2)
+
+
+class Verbose:
+    """A simulated patient (in place of the API client) whose every turn is far too long."""
+
+    def chat(self, messages):
+        return SimpleNamespace(content="头痛发热咳嗽" * 200)

@@ -5,6 +5,7 @@ import torch
 from conftest import make_pair
 
 from generate import decode_steps, generate, process_logits, stream
+from model import token_logprobs
 
 PROMPTS = [[1, 17, 33, 54, 9, 71, 40, 12, 88, 25], [1, 64, 7, 99], [1, 5, 45, 66, 30, 21]]
 
@@ -52,15 +53,34 @@ def test_prompt_decodes_the_same_alone_and_in_a_padded_batch(kv_heads):
 
 
 def test_logprobs_are_the_models_log_probabilities(small_model):
+    # Whatever filters chose the tokens (temperature, top-p, ids past vocab_limit), the log-probs
+    # are model.token_logprobs of a training forward over the same ids: full vocabulary, fp32.
+    model = small_model.double()
     gen = torch.Generator().manual_seed(0)
-    out = generate(small_model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=0.9, top_p=0.8,
+    out = generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=0.9, top_p=0.8, vocab_limit=60,
                    return_logprobs=True, generator=gen)
     for prompt, tokens, lps in zip(PROMPTS, out.tokens, out.logprobs):
-        seq = torch.tensor([prompt + tokens])
+        assert max(tokens) < 60
         with torch.no_grad():
-            full = torch.log_softmax(small_model(seq)[0].float(), -1)
-        expected = full[len(prompt) - 1:-1].gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(lps), expected, rtol=0, atol=1e-5)
+            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+        expected = token_logprobs(logits, torch.tensor(tokens))
+        torch.testing.assert_close(torch.tensor(lps), expected.float(), rtol=0, atol=1e-6)
+        # ... which is the log-softmax over all 101 ids, not over the 60 that could be sampled.
+        by_hand = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(expected.double(), by_hand, rtol=0, atol=1e-6)
+        renormalised = torch.log_softmax(logits[:, :60], -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        assert (renormalised - by_hand).min() > 1e-3
+
+
+def test_token_logprobs_in_fp32_from_bf16_logits():
+    logits = torch.randn(4, 7, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.randint(0, 1000, (4, 7))
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    got = token_logprobs(logits.bfloat16(), targets)
+    assert got.dtype == torch.float32
+    # Only the bf16 rounding of the logits themselves remains (|x| < 16: 2^-8 * 16 / 2 = 0.03).
+    assert (got.double() - exact).abs().max() < 0.1
+    torch.testing.assert_close(token_logprobs(logits.double(), targets), exact, rtol=0, atol=1e-12)
 
 
 def test_each_sequence_stops_at_its_own_eos(pair):

@@ -56,7 +56,7 @@ def test_reward_ignores_padding_side_and_batch_company(reward_model, tokenizer_f
     assert a[-1] == tok.eos_id  # the reward is read at the reply's eos
     # ... which is what the head sees: the hidden state at the last real position.
     with torch.no_grad():
-        h = reward_model.trunk(torch.tensor([a]), return_hidden=True)[0, -1]
+        h = reward_model.trunk(torch.tensor([a]), output="hidden")[0, -1]
         assert reward_model.score_head(h).item() == pytest.approx(alone.item(), abs=1e-5)
 
 
@@ -130,3 +130,64 @@ def test_sample_writes_what_distill_score_reads(tiny_sft, tmp_path):
                           text=True, env=ENV, cwd=ROOT, timeout=300)
     assert "1 prompts sampled (3 already done)" in proc.stdout
     assert len(read_samples(out)) == 4
+
+
+def test_score_ids_scores_exactly_the_ids_the_policy_produced(reward_model, tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    msgs = [{"role": "user", "content": "头痛三天了"}]
+    prompt = render(tok, msgs).ids
+    reply = tok.encode("有没有发烧？")
+    with torch.no_grad():
+        by_text = reward_model(*pad_batch([render_reply(tok, msgs, "有没有发烧？")[0]], 0))
+        by_ids = reward_model.score_ids([prompt], [reply], eos_id=tok.eos_id, pad_id=0)
+        closed = reward_model.score_ids([prompt], [reply + [tok.eos_id]], eos_id=tok.eos_id, pad_id=0)
+    torch.testing.assert_close(by_ids, by_text, rtol=0, atol=0)  # the same ids: the same score
+    torch.testing.assert_close(closed, by_ids, rtol=0, atol=0)  # an eos already there is not doubled
+    # Sampled ids need not be what encode(decode(ids)) gives; they are scored as they are.
+    gen = torch.Generator().manual_seed(0)
+    sampled = next(ids for ids in (torch.randint(3, 400, (6,), generator=gen).tolist() for _ in range(100))
+                   if tok.encode(tok.decode(ids)) != ids)
+    with torch.no_grad():
+        got = reward_model.score_ids([prompt, prompt], [sampled, reply], eos_id=tok.eos_id, pad_id=0)
+        direct = reward_model(torch.tensor([prompt + sampled + [tok.eos_id]]), torch.ones(1, len(prompt) + 7))
+        reencoded = reward_model.score_ids([prompt], [tok.encode(tok.decode(sampled))], eos_id=tok.eos_id, pad_id=0)
+    torch.testing.assert_close(got[0], direct[0], rtol=1e-5, atol=1e-5)
+    assert abs(got[0].item() - reencoded.item()) > 1e-4
+    with pytest.raises(ValueError, match="exceeds the reward model's context of 512"):
+        reward_model.score_ids([prompt], [reply * 100], eos_id=tok.eos_id, pad_id=0)
+
+
+def test_pairs_too_long_are_skipped_and_counted(tokenizer_file):
+    from data.readers import read
+    from data.schema import Report
+    from train_rm import encode_pairs
+
+    tok = Tokenizer(tokenizer_file)
+    records = list(read(PAIRS, "pairs"))
+    report = Report()
+    pairs = encode_pairs(records, tok, 480, report)  # with this tokenizer, 387 to 609 tokens
+    assert 0 < len(pairs) < len(records)
+    assert sum(report.skipped.values()) == len(records) - len(pairs)
+    assert all(len(p["chosen_ids"]) <= 480 and len(p["rejected_ids"]) <= 480 for p in pairs)
+
+
+def test_sample_and_score_skip_and_count_what_they_cannot_use(tiny_sft, reward_model, tokenizer_file, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"id": "ok", "source": "t", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}]},
+            {"id": "open", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]},
+            {"id": "long", "source": "t", "messages": [{"role": "user", "content": "头痛发热咳嗽" * 200},
+                                        {"role": "assistant", "content": "请就医。"}]}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "samples.jsonl"
+    cmd = [sys.executable, str(ROOT / "train_rm.py"), "sample", "--model", str(tiny_sft), "--data", str(data),
+           "--out", str(out), "-k", "2", "--max-new-tokens", "8", "--device", "cpu", "--dtype", "bfloat16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [s["id"] for s in read_samples(out)] == ["ok"]
+    assert "skipped 1 record(s): no doctor's answer" in proc.stderr and "skipped 1 record(s): question longer" in proc.stderr
+    reward_model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer_file)
+    cmd = [sys.executable, str(ROOT / "train_rm.py"), "score", "--model", str(tmp_path / "rm"), "--data", str(data)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(l)["id"] for l in proc.stdout.splitlines()] == ["ok"]
+    assert "no reply to score" in proc.stderr and "longer than the model's context" in proc.stderr

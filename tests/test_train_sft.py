@@ -84,15 +84,31 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path):
-    proc = run(tmp_path, "--max-steps", "8", "--save-every", "2", "--inject-nan-at", "5", check=False)
-    assert proc.returncode != 0
-    assert "step 5: loss nan" in proc.stderr and "not finite" in proc.stderr
+def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch, capsys):
+    import train_sft
+    import training
+
+    real, calls = training.accumulate, []
+
+    def nan_at_step_5(*args, **kwargs):  # the loop calls accumulate once per optimizer step
+        calls.append(1)
+        loss, norm = real(*args, **kwargs)
+        return (float("nan"), norm) if len(calls) == 5 else (loss, norm)
+
+    monkeypatch.setattr(training, "accumulate", nan_at_step_5)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "8", "--save-every", "2"]
+    with pytest.raises(SystemExit) as stop:
+        train_sft.main(argv)
+    message = str(stop.value)
+    assert "step 5: loss nan" in message and "not finite" in message
+    assert f"{tmp_path / 'state'} (step 4)" in message  # it names the state that exists
     assert json.loads((tmp_path / "state" / "trainer.json").read_text())["step"] == 4
     assert not (tmp_path / "final").exists()
     assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3, 4]
     # The kept state resumes cleanly (without the fault) to the end.
-    run(tmp_path, "--max-steps", "8", "--save-every", "2", "--resume")
+    monkeypatch.setattr(training, "accumulate", real)
+    train_sft.main(argv + ["--resume"])
     assert len(losses(tmp_path)) == 8 and all(math.isfinite(x) for x in losses(tmp_path))
 
 
@@ -153,29 +169,63 @@ def test_errors_before_training(tmp_path, tokenizer_file):
 
 
 def test_dry_run_plans_the_paper_run():
-    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--model", "ziya-13b", "--dry-run",
-                           "--world-size", "8"], capture_output=True, text=True, env=ENV, cwd=ROOT, check=True)
-    assert "13.09B parameters, 8 ranks, sequences of 2048 tokens" in proc.stdout
-    rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("micro-batch")}
-    assert rows["1"].endswith("yes | yes")  # the paper's run fits an 80 GB A100 at micro-batch 1 ...
+    def plan(*extra):
+        proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--model", "ziya-13b", "--dry-run",
+                               "--world-size", "8", *extra], capture_output=True, text=True, env=ENV, cwd=ROOT, check=True)
+        assert "13.09B parameters, 8 ranks, sequences of 2048 tokens" in proc.stdout
+        return {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("micro-batch")}
+
+    rows = plan()
+    assert rows["2"].endswith("yes | yes")  # the paper's run fits an 80 GB A100 at micro-batch 2 ...
     assert rows["16"].endswith("no | yes")  # ... and only checkpointing makes micro-batch 16 fit
+    assert rows["2"].split()[3] == "6.1"  # each rank holds 1/8 of the fp32 gradient: 13.09e9 * 4 / 8 bytes
+    # Keeping the whole gradient until the last micro-batch costs 4 bytes a parameter on every rank.
+    rows = plan("--grad-sync", "last")
+    assert rows["2"].split()[3] == "48.8" and rows["2"].endswith("no | yes")
 
 
 def test_cosine_schedule_by_hand():
+    # 100 steps, 10 of warmup: 0.1, 0.2, ... 1.0, then the cosine from the peak at step 11.
     assert cosine_lr(1, 100, 1.0, 10) == pytest.approx(0.1)
     assert cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
-    assert cosine_lr(55, 100, 1.0, 10) == pytest.approx(0.5)  # half-way through the decay
-    assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
-    assert cosine_lr(1, 1, 2.0, 0) == pytest.approx(0.0)
+    assert cosine_lr(11, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(56, 100, 1.0, 10) == pytest.approx(0.5)  # progress (56 - 11) / 90 = 1/2
+    assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    # Every step trains: a 1-step run at the peak, and no step at the floor.
+    assert cosine_lr(1, 1, 2.0, 0) == pytest.approx(2.0)
+    for total, warmup in ((1, 0), (2, 0), (7, 1), (100, 10)):
+        lrs = [cosine_lr(s, total, 1.0, warmup, floor=0.01) for s in range(1, total + 1)]
+        assert min(lrs) > 0.01 and max(lrs) == pytest.approx(1.0), (total, warmup, lrs)
 
 
 def test_memory_estimate_by_hand():
     cfg = CONFIGS["tiny"]
     n = cfg.num_params()
     m = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False)
-    assert m["states"] == pytest.approx(16 * n / 4 / 2**30)
+    assert m["states"] == pytest.approx(12 * n / 4 / 2**30)
+    assert m["grads"] == pytest.approx(4 * n / 4 / 2**30)
     per_layer = 2 * 100 * (8 * 256 + 4 * 688) * 4
     logits = 2 * 100 * 4096 * 12
     assert m["activations"] == pytest.approx((4 * per_layer + logits) / 2**30)
     ac = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=True)
     assert ac["activations"] == pytest.approx((4 * 200 * 256 * 4 + per_layer + logits) / 2**30)
+    last = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False,
+                           grad_sync="last")
+    assert last["grads"] == pytest.approx(4 * n / 2**30)
+    assert last["total"] - m["total"] == pytest.approx(3 * n / 2**30)
+
+
+def test_unanswered_last_questions_are_counted_not_silently_dropped(tmp_path):
+    from data.schema import Report
+    from train_sft import read_sources
+
+    q, a = {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}
+    rows = [{"id": "whole", "source": "t", "messages": [q, a]}, {"id": "open-end", "source": "t", "messages": [q, a, q]},
+            {"id": "question", "source": "t", "messages": [q]}]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    report = Report()
+    (source,) = read_sources([f], report)
+    assert [(r["id"], len(r["messages"])) for r in source.records] == [("whole", 2), ("open-end", 2)]
+    assert sum(report.skipped.values()) == 1 and sum(report.notes.values()) == 1
+    assert "question" in report.summary() and "open-end" in report.summary()

@@ -1,0 +1,203 @@
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: what PPO needs from a model
+sharded with FSDP2, each rank checked against an unsharded copy of the same weights.
+
+Each check prints `ok NAME` on rank 0 when it holds on every rank; a failed check raises. The
+model is in fp64 wherever results are compared, so the bounds are rounding-free (1e-9).
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import sharpen_  # noqa: E402
+from generate import generate  # noqa: E402
+from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
+from training import accumulate, gradient_bytes, init_distributed, shard  # noqa: E402
+
+CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0)
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def _sharded_pair(dtype):
+    """(unsharded reference, sharded copy) with the same sharp weights on every rank."""
+    torch.manual_seed(0)
+    ref = sharpen_(Transformer(CONFIG)).to(dtype)
+    model = copy.deepcopy(ref)
+    return ref, shard(model, model.layers, bf16=False)
+
+
+def ok(d, name):
+    dist.barrier()
+    if d.main:
+        print(f"ok {name}", flush=True)
+
+
+def batch(d, n=3, length=12):
+    """Different tokens on each rank, the second row left-padded."""
+    gen = torch.Generator().manual_seed(100 + d.rank)
+    tokens = torch.randint(3, 101, (n, length), generator=gen)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1, :4] = 0
+    return tokens, mask
+
+
+def check_sliced_forward(d):
+    ref, model = _sharded_pair(torch.float64)
+    tokens, mask = batch(d)
+    with torch.no_grad():
+        expected = ref(tokens, mask)
+
+        def sliced():
+            h = model(tokens, mask, last_layer=2, output="residual")
+            return model(hidden=h, attention_mask=mask, first_layer=2)
+
+        torch.testing.assert_close(sliced(), expected, **TOL)  # a fresh sharded model
+    model(tokens, mask).sum().backward()  # ... and after a full forward and backward
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(), expected, **TOL)
+    # Gradients through the top alone, the bottom run without them (PPO's frozen trunk). After
+    # a no_grad forward FSDP2 keeps the root's weights gathered, and model.parameters() yields
+    # those unsharded copies: reshard first, or zero_grad misses the sharded gradients (which
+    # the next backward would then add to).
+    model.reshard()
+    model.zero_grad(set_to_none=True)
+    weights = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    for m in (model, ref):
+        with torch.no_grad():
+            h = m(tokens, mask, last_layer=2, output="residual")
+        (m(hidden=h, attention_mask=mask, first_layer=2) * weights).sum().backward()
+    # FSDP averages gradients over ranks; the reference's average is that of both ranks' own.
+    for p in ref.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if name.startswith(("layers.0.", "layers.1.", "embed_tokens")):
+            assert p.grad is None and q.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, **TOL)
+    ok(d, "sliced_forward")
+
+
+def check_generation(d):
+    ref, model = _sharded_pair(torch.float64)
+    prompts = [[1, 17, 33, 54, 9], [1, 64, 7, 99, 12, 5, 45], [1, 66]] if d.rank == 0 else [[1, 30, 21], [1, 8, 8, 40]]
+    kw = dict(max_new_tokens=10, eos_id=-1, temperature=0, return_logprobs=True)
+    got, want = generate(model, prompts, **kw), generate(ref, prompts, **kw)
+    assert got.tokens == want.tokens, (got.tokens, want.tokens)
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), **TOL)
+    # Sampling leaves the model resharded: its parameters are the sharded ones an optimizer holds.
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    ok(d, "generation")
+
+    # One rank finishes first: rank 0 gets one prompt whose second token is made the eos, while
+    # rank 1 runs on; rank 0 must keep stepping (the others' all-gathers need it) and still
+    # return only its two tokens.
+    prompts = [[1, 90, 3]] if d.rank == 0 else [[1, 30, 21], [1, 8, 8, 40]]
+    free = generate(ref, prompts, max_new_tokens=10, eos_id=-1, temperature=0).tokens
+    everyone = [None] * d.world
+    dist.all_gather_object(everyone, free)
+    eos = everyone[0][0][1]
+    assert eos != everyone[0][0][0] and all(eos not in seq[:8] for seq in everyone[1]), "pick another prompt"
+    got = generate(model, prompts, max_new_tokens=10, eos_id=eos, temperature=0)
+    want = generate(ref, prompts, max_new_tokens=10, eos_id=eos, temperature=0)
+    assert got.tokens == want.tokens and got.finished == want.finished
+    if d.rank == 0:
+        assert got.tokens == [free[0][:2]] and got.finished == [True]
+    else:
+        assert all(len(t) >= 8 for t in got.tokens)
+    ok(d, "generation_one_rank_finishes_first")
+
+    # Sampling's log-probs are model.token_logprobs of a training forward on the same ids,
+    # whatever filters chose the tokens (vocab_limit, top-p, temperature). (As many prompts on
+    # each rank: every forward of a sharded model must run on all ranks.)
+    prompts = [[1, 90, 3], [1, 12, 77, 3]] if d.rank == 0 else [[1, 30, 21], [1, 8, 8, 40]]
+    out = generate(model, prompts, max_new_tokens=8, eos_id=-1, temperature=0.9, top_p=0.8, vocab_limit=50,
+                   return_logprobs=True, generator=torch.Generator().manual_seed(d.rank))
+    for prompt, tokens, lps in zip(prompts, out.tokens, out.logprobs):
+        assert max(tokens) < 50
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64),
+                                   token_logprobs(logits, torch.tensor(tokens)).double(), **TOL)
+    ok(d, "generation_logprobs")
+
+
+def held_gradient_bytes(model) -> int:
+    """Bytes of gradient this rank holds: its sharded gradients and any unsharded buffers
+    FSDP keeps while gradient sync is off."""
+    total = 0
+    for m in model.modules():
+        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
+        for fp in group.fsdp_params if group else ():
+            held = [getattr(fp, "_unsharded_param", None), fp.unsharded_accumulated_grad]
+            grads = [fp.sharded_param.grad, held[0].grad if held[0] is not None else None, held[1]]
+            for g in grads:
+                if g is not None:
+                    g = g.to_local() if hasattr(g, "to_local") else g
+                    total += g.numel() * g.element_size()
+    return total
+
+
+def check_gradient_memory(d):
+    results = {}
+    for grad_sync in ("every", "last"):
+        _, model = _sharded_pair(torch.float32)
+        tokens, _ = batch(d, n=8, length=10)
+        calls, held = [], []
+
+        def loss_sum(rows):
+            if len(calls) == 1:  # after the first micro-batch's backward, before the second's forward
+                held.append(held_gradient_bytes(model))
+            calls.append(rows)
+            return model(tokens[rows]).logsumexp(-1).sum()
+
+        # 8 items, 2 ranks, micro-batches of 2: two micro-batches on each rank.
+        accumulate(model, d, list(range(8)), 2, loss_sum, 8, grad_clip=1e9, grad_sync=grad_sync)
+        expected = gradient_bytes(CONFIG.num_params(), world=d.world, grad_sync=grad_sync)
+        assert len(calls) == 2 and len(held) == 1
+        # Shards split dim 0 unevenly (101 vocabulary rows: 51 + 50), so a rank's share is
+        # within a percent of the model's figure, and the ranks' sum is exact.
+        total = torch.tensor([held[0]], dtype=torch.float64)
+        dist.all_reduce(total)
+        assert total.item() == expected * d.world and abs(held[0] - expected) < 0.01 * expected, \
+            (grad_sync, held[0], expected)
+        results[grad_sync] = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+    for k, g in results["every"].items():  # the same gradient either way
+        torch.testing.assert_close(results["last"][k], g, rtol=1e-5, atol=1e-7)
+    ok(d, "gradient_memory")
+
+
+def check_bf16_mixed_precision(d):
+    """FSDP mixed precision: fp32 weights, bf16 compute. The KV cache takes the compute dtype,
+    the outputs come back in fp32 (the root's output_dtype)."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).init_weights(0)
+    shard(model, model.layers, bf16=True)
+    prompt = torch.tensor([[1, 17, 33, 54, 9]])
+    cache = KVCache(CONFIG, 1, 16)
+    with torch.no_grad():
+        logits = model(prompt, cache=cache)
+    assert cache.k.dtype == torch.bfloat16 and logits.dtype == torch.float32, (cache.k.dtype, logits.dtype)
+    out = generate(model, [[1, 17, 33]], max_new_tokens=4, eos_id=-1, temperature=0)
+    assert len(out.tokens[0]) == 4
+    ok(d, "bf16_mixed_precision")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    d = init_distributed()
+    try:
+        for check in sys.argv[1:]:
+            globals()[f"check_{check}"](d)
+    finally:
+        d.close()
