@@ -265,6 +265,10 @@ def read_samples(path) -> list[dict]:
             raise SystemExit(f"{where}: field 'reference' (the doctor's answer) must be a non-empty string")
         if not isinstance(r.get("responses"), list) or len(r["responses"]) < 2:
             raise SystemExit(f"{where}: field 'responses' must list at least two responses")
+        finished = r.setdefault("finished", [True] * len(r["responses"]))
+        if not (isinstance(finished, list) and len(finished) == len(r["responses"])
+                and all(isinstance(x, bool) for x in finished)):
+            raise SystemExit(f"{where}: field 'finished' must list one true/false per response")
         out.append(r)
     return out
 
@@ -291,8 +295,14 @@ def score(args, client, samples):
                  "chosen": r["responses"][first], "rejected": r["responses"][loser],
                  "meta": {"ratings": [[a1, b1], [a2, b2]], "reference": r["reference"]}}]
 
-    jobs = [(f"{r['id']}:{i}-{j}", (r, i, j)) for r in samples
-            for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))]
+    # A response cut off at the sampler's max_new_tokens is not rated (train_rm.py sample marks
+    # it): judged against a doctor's whole answer, it would teach the reward model little but
+    # "longer is worse" or "shorter is worse".
+    pairs = [(r, i, j) for r in samples for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))]
+    jobs = [(f"{r['id']}:{i}-{j}", (r, i, j)) for r, i, j in pairs if r["finished"][i] and r["finished"][j]]
+    if len(jobs) < len(pairs):
+        print(f"{len(pairs) - len(jobs)} of {len(pairs)} pairs not rated: a response in them was cut off "
+              "before eos (train_rm.py sample --max-new-tokens)", file=sys.stderr)
     return jobs, work, render
 
 

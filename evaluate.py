@@ -300,8 +300,9 @@ def make_doctor(args) -> Doctor:
 
 
 def api_client(args) -> ChatClient:
-    return ChatClient(args.base_url, args.judge_model, timeout=args.timeout, backoff=args.backoff,
-                      temperature=args.api_temperature)
+    """The judge's client, or the simulated patient's for consult."""
+    model = args.patient_model if args.cmd == "consult" else args.judge_model
+    return ChatClient(args.base_url, model, timeout=args.timeout, backoff=args.backoff, temperature=args.api_temperature)
 
 
 def rejects_path(out) -> Path:
@@ -327,9 +328,12 @@ def main(argv=None):
         sp.add_argument("--seed", type=int, default=0)
         add_device_args(sp)
 
-    def api_args(sp):
+    def api_args(sp, role: str):
         sp.add_argument("--base-url", default=OPENAI_BASE_URL)
-        sp.add_argument("--judge-model", default="gpt-4", help="the API model (the paper: GPT-4 judges, ChatGPT plays patients)")
+        if role == "judge":  # §4: GPT-4 judges
+            sp.add_argument("--judge-model", default="gpt-4", help="the API model that judges")
+        else:  # §4.3: "we use ChatGPT to act as a patient"
+            sp.add_argument("--patient-model", default="gpt-3.5-turbo", help="the API model that plays the patient")
         sp.add_argument("--api-temperature", type=float, default=0.0)
         sp.add_argument("--timeout", type=float, default=120.0)
         sp.add_argument("--backoff", type=float, default=1.0)
@@ -341,7 +345,7 @@ def main(argv=None):
     model_args(a)
     c = sub.add_parser("consult", help="multi-turn consultations with a simulated patient")
     model_args(c)
-    api_args(c)
+    api_args(c, "patient")
     c.add_argument("--max-rounds", type=int, default=6)
     j = sub.add_parser("judge", help="pairwise LLM judgments (App. D)")
     j.add_argument("--a", required=True)
@@ -354,7 +358,7 @@ def main(argv=None):
     j.add_argument("--judge-retries", type=int, default=2, help="re-asks for an unparseable verdict")
     j.add_argument("--workers", type=int, default=4)
     j.add_argument("--limit", type=int)
-    api_args(j)
+    api_args(j, "judge")
     r = sub.add_parser("report", help="Markdown tables and SVG charts")
     r.add_argument("--judgments", nargs="+", required=True)
     r.add_argument("--out", required=True)

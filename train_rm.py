@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from tqdm import tqdm
 
-from data.mixing import LengthGroupedBatches, Source, mix
+from data.mixing import LengthGroupedBatches, dedup_key
 from data.readers import read
 from data.schema import Report, finished_ids
 from data.template import render, render_reply
@@ -56,6 +57,13 @@ WEIGHT_DECAY, WARMUP_RATIO, GRAD_CLIP = 0.1, 0.05, 1.0
 MARGIN = 0.0
 VAL_FRACTION = 0.2
 SAMPLES_PER_PROMPT = 4  # k responses per prompt; distill.py score rates k(k-1)/2 pairs
+# Room for a whole HuatuoGPT-style answer: the official demo samples up to 512 new tokens. A
+# response that reaches the limit without eos is marked unfinished, and distill.py score does
+# not rate it: a cut-off answer judged against a whole doctor's reply says nothing useful.
+MAX_NEW_TOKENS = 512
+# Paper §3.2: responses are rated "against responses from real doctors" on "authentic
+# instructions and dialogues". ChatGPT's answers in the distilled parts are no doctor's.
+DISTILLED_SOURCES = ("distilled_instruction", "distilled_conversation")
 
 
 class RewardModel(nn.Module):
@@ -148,6 +156,24 @@ def pair_rewards(model, pairs: list[dict], pad_id: int, device):
     return r[: len(pairs)], r[len(pairs):]
 
 
+def split_by_prompt(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) with every prompt's pairs on one side. distill.py score writes up to
+    k(k-1)/2 pairs per prompt, so a split by pair would also train on the held-out prompts and
+    their responses. Exact duplicate pairs are dropped; the split does not depend on the order
+    of the files or of the records (prompts are ordered by content before the seeded shuffle)."""
+    groups: dict[str, list[dict]] = {}
+    seen = set()
+    for r in records:
+        key = dedup_key(r)
+        if key not in seen:
+            seen.add(key)
+            groups.setdefault(json.dumps(r["messages"], ensure_ascii=False, sort_keys=True), []).append(r)
+    prompts = sorted(groups)
+    random.Random(f"{seed}:reward-model-split").shuffle(prompts)
+    n_val = math.ceil(len(prompts) * val_fraction) if val_fraction > 0 and len(prompts) > 1 else 0
+    return ([r for k in prompts[n_val:] for r in groups[k]], [r for k in prompts[:n_val] for r in groups[k]])
+
+
 def encode_pairs(records, tok, max_len, report: Report) -> list[dict]:
     """Token ids of both replies of each pair; a pair whose question and reply cannot fit in
     max_len together (the oldest rounds already dropped) is skipped and counted."""
@@ -186,8 +212,8 @@ def _train(args, d):
         raise SystemExit(f"--max-len {max_len} exceeds the model's context of {trunk.config.max_position_embeddings}")
 
     report = Report()
-    sources = [Source(str(f), list(read(f, "pairs", report=report))) for f in args.data]
-    train_records, val_records, _ = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
+    records = [r for f in args.data for r in read(f, "pairs", report=report)]
+    train_records, val_records = split_by_prompt(records, 0 if args.val_data else VAL_FRACTION, args.seed)
     if args.val_data:
         val_records = [r for f in args.val_data for r in read(f, "pairs", report=report)]
     train_pairs = encode_pairs(train_records, tok, max_len, report)
@@ -197,8 +223,8 @@ def _train(args, d):
     if len(sampler) == 0:
         raise SystemExit(f"{len(train_pairs)} training pairs make no full batch of {args.batch_size}")
     if d.main:
-        print(f"{len(train_pairs)} training / {len(val_pairs)} validation pairs; {len(sampler)} steps an epoch; "
-              f"{d.world} rank(s)")
+        print(f"{len(train_pairs)} training / {len(val_pairs)} validation pairs (split by prompt); "
+              f"{len(sampler)} steps an epoch; {d.world} rank(s)")
         if report:
             print(report.summary())
 
@@ -235,51 +261,76 @@ def _train(args, d):
 # -- sampling and scoring --------------------------------------------------------------------------
 
 
+def doctor_prompt(record: dict):
+    """(prompt messages, the real doctor's reply to it) of an SFT conversation, or None for
+    distilled data. Polished data keeps the doctor's own words in meta (distill.py polish-qa:
+    original_answer; polish-dialogue: the original turns); raw doctor data is its own."""
+    if record.get("source") in DISTILLED_SOURCES:
+        return None
+    meta = record.get("meta") or {}
+    messages = meta.get("original") or record["messages"]
+    if messages[-1]["role"] != "assistant":
+        return None
+    return messages[:-1], meta.get("original_answer") or messages[-1]["content"]
+
+
 def sample(args):
-    """k responses per prompt from an SFT checkpoint -> {"id", "messages", "reference", "responses"}.
-    A prompt is the last round of an SFT conversation with its history; the doctor's answer of
-    that round is the reference distill.py score compares against. A record with no answer
-    to compare with, or whose question does not fit the context beside --max-new-tokens, is
-    skipped and counted. Resumable."""
+    """k responses per prompt from an SFT checkpoint -> {"id", "messages", "reference",
+    "responses", "finished"}. A prompt is the last round of a real doctor's conversation with
+    its history, and the reference is that doctor's answer (doctor_prompt), which distill.py
+    score compares against. `finished` marks the responses that ended with eos. A distilled
+    record, one with no answer, or one whose question does not fit the context beside
+    --max-new-tokens is skipped and counted. Resumable."""
     device, dtype = device_and_dtype(args)
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(Path(args.model) / "tokenizer.model")
     report = Report()
     budget = model.config.max_position_embeddings - args.max_new_tokens
+    if budget <= 0:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {model.config.max_position_embeddings}")
     seen, prompts = set(), []
     for f in args.data:
         for r in read(f, report=report):
-            if r["messages"][-1]["role"] != "assistant":
-                report.skip("no doctor's answer to compare with (ends with the patient)", r["id"])
+            found = doctor_prompt(r)
+            if found is None:
+                report.skip("no real doctor's answer to compare with (distilled, or ends with the patient)", r["id"])
                 continue
-            key = json.dumps(r["messages"][:-1], ensure_ascii=False)
+            messages, reference = found
+            key = json.dumps(messages, ensure_ascii=False)
             if key in seen:  # deduplicate prompts, as the paper does
                 continue
             seen.add(key)
             try:
-                ids = render(tok, r["messages"][:-1], max_len=budget).ids
+                ids = render(tok, messages, max_len=budget).ids
             except ValueError:
                 report.skip(f"question longer than the context less --max-new-tokens ({budget} tokens)", r["id"])
                 continue
-            prompts.append((r, ids))
+            prompts.append((r["id"], messages, reference, ids))
     prompts = prompts[: args.limit] if args.limit else prompts
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(out)
-    todo = [(r, ids) for r, ids in prompts if r["id"] not in done]
+    todo = [p for p in prompts if p[0] not in done]
     gen = torch.Generator(device).manual_seed(args.seed)
+    unfinished = 0
     with open(out, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
             batch = todo[i:i + args.batch_size]
-            res = generate(model, [ids for _, ids in batch for _ in range(args.k)], max_new_tokens=args.max_new_tokens,
+            res = generate(model, [ids for *_, ids in batch for _ in range(args.k)], max_new_tokens=args.max_new_tokens,
                            eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_p=args.top_p,
                            vocab_limit=len(tok), generator=gen)
-            for j, (r, _) in enumerate(batch):
-                responses = [tok.decode(t) for t in res.tokens[j * args.k:(j + 1) * args.k]]
-                f.write(json.dumps({"id": r["id"], "messages": r["messages"][:-1], "reference": r["messages"][-1]["content"],
-                                    "responses": responses}, ensure_ascii=False) + "\n")
+            for j, (rid, messages, reference, _) in enumerate(batch):
+                mine = slice(j * args.k, (j + 1) * args.k)
+                unfinished += res.finished[mine].count(False)
+                f.write(json.dumps({"id": rid, "messages": messages, "reference": reference,
+                                    "responses": [tok.decode(t).strip() for t in res.tokens[mine]],
+                                    "finished": res.finished[mine]}, ensure_ascii=False) + "\n")
             f.flush()
     print(f"{len(todo)} prompts sampled ({len(prompts) - len(todo)} already done), {args.k} responses each: {out}")
+    if unfinished:
+        print(f"{unfinished} of {len(todo) * args.k} responses reached --max-new-tokens {args.max_new_tokens} "
+              "without eos: marked unfinished, distill.py score does not rate them", file=sys.stderr)
     if report:
         print(report.summary(), file=sys.stderr)
 
@@ -323,7 +374,7 @@ def main(argv=None):
             p.add_argument("-k", type=int, default=SAMPLES_PER_PROMPT)
             p.add_argument("--temperature", type=float, default=1.0)
             p.add_argument("--top-p", type=float, default=0.9)
-            p.add_argument("--max-new-tokens", type=int, default=256)
+            p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
             p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
             p.add_argument("--limit", type=int)
             p.add_argument("--seed", type=int, default=0)

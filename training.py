@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 
@@ -129,9 +129,9 @@ def init_distributed() -> Distributed:
 def shard(model: torch.nn.Module, layers, *, bf16: bool):
     """FSDP2: each block is its own unit (gathered just before it runs, freed after), then the
     root takes what is left (embedding, final norm, head). On GPU, bf16 compute with fp32
-    master weights and fp32 gradient reduction; on CPU everything stays fp32. Whatever the
-    compute dtype, the root hands its outputs back in fp32 under bf16 (output_dtype): losses, log-probs
-    and reward scores are read from them, and bf16 keeps only ~3 significant digits."""
+    master weights and fp32 gradient reduction; on CPU everything stays fp32. Under bf16 the
+    root hands its outputs back in fp32 (output_dtype): losses, log-probs and reward scores are
+    read from them, and bf16 keeps only ~3 significant digits."""
     if bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)

@@ -375,6 +375,17 @@ def guess_format(path) -> str:
         if (p / "question.csv").is_file():
             return "cmedqa2"
         raise RecordError(f"{p}: a directory, but not cMedQA2 (no question.csv); name the format with --format")
+    first = next((l for _, l in text_lines(p) if l.strip()), "")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        obj = None
+    # Our own files first, whatever their name: what `convert` writes must always read back
+    # (its output for KUAKE-QIC_100 is naturally called kuake_qic_100.jsonl).
+    if isinstance(obj, dict) and "chosen" in obj:
+        return "pairs"
+    if isinstance(obj, dict) and "messages" in obj:
+        return "schema"
     name = p.name.lower()
     if name.startswith("medqa.") and name.endswith(".txt"):
         return "webmedqa"
@@ -382,18 +393,9 @@ def guess_format(path) -> str:
         return "med-dialog-100"
     if "kuake-qic" in name or "kuake_qic" in name:
         return "kuake-qic"
-    first = next((l for _, l in text_lines(p) if l.strip()), "")
     if name.endswith(".txt") and first.startswith("id"):
         return "meddialog"
-    try:
-        obj = json.loads(first)
-    except json.JSONDecodeError:
-        raise RecordError(f"{p}: cannot tell the format from the first line; name it with --format") from None
     if isinstance(obj, dict):
-        if "chosen" in obj:
-            return "pairs"
-        if "messages" in obj:
-            return "schema"
         if "data" in obj:
             return "huatuo-sft"
         if "questions" in obj:

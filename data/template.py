@@ -1,26 +1,45 @@
 """The HuatuoGPT chat template: the one function that turns messages into token ids.
 
 Training, sampling, evaluation and serving all call `render`, so what the model is trained on
-is exactly what it is prompted with. The layout is the official HuatuoGPT one:
+is exactly what it is prompted with. The ids and labels are, token for token, those of the
+official training script (HuatuoGPT repo, `scripts/finetune.py`, `preprocess`), which encodes
+the system text and then each utterance as a segment of its own:
 
-    <s>{SYSTEM}<病人>：{user 1} <HuatuoGPT>：{assistant 1}</s><病人>：{user 2} <HuatuoGPT>：…
+    [<s>] + enc(SYSTEM)                              masked
+    enc("<病人>：" + question + " ")                  masked   (one per round)
+    enc("<HuatuoGPT>：" + answer + " ") + [</s>]      trained  (one per round)
 
-and a generation prompt ends with `<病人>：{question} <HuatuoGPT>：`.
+`enc` is the sentencepiece model itself, so every segment starts with its dummy-prefix "▁"
+(LLaMA's tokenizer adds one to each encoded text) and the space that closes a segment is a
+"▁" piece of its own: the patient's turn ends with a masked "▁", the doctor's with a trained
+"▁" and then </s>. The doctor's role tag is part of the trained segment, as in the official
+code: the model learns to say `<HuatuoGPT>：` after the patient has spoken, and the answer's
+first piece follows the tag's "：" with no "▁" of its own.
 
-Loss mask. Labels are -100 everywhere except on the assistant's tokens and the eos that
-closes each of its turns: the model learns to answer, and to stop, but never to imitate the
-patient or the system text.
+The one choice. The official script writes the doctor's end as the text " </s>" and leaves the
+space to the tokenizer: the fast LLaMA tokenizer that `AutoTokenizer` returns by default keeps
+it as a "▁" before </s>; the slow LlamaTokenizer of transformers before 4.31 stripped spaces
+next to special tokens and gave none. We keep the "▁", as the default path of the official
+script does (`AutoTokenizer.from_pretrained`, use_fast left at True).
 
-Segments. The system text, each `<病人>：… <HuatuoGPT>：` prompt and each answer are encoded
-on their own and concatenated, so a prompt/answer boundary is always a token boundary and the
-labels line up exactly. (Encoding the whole string at once could merge the last character of a
-prompt with the first of an answer into one piece, half masked, half not.)
+A generation prompt for round k is exactly the training ids up to the first answer token of
+round k: everything before, then the patient's segment, then the ids of the tag
+`<HuatuoGPT>：` (the pieces that begin the doctor's segment; LLaMA's and Ziya's vocabularies
+have no piece that joins "：" to a following character, so the tag ends on a piece boundary).
 
-Truncation, one rule: only whole rounds are ever removed, never part of one.
+Where the official inference demo differs (`huatuo_cli_demo_stream.py`): it encodes the whole
+conversation as one string, `{SYSTEM}<病人>：{q} <HuatuoGPT>：` with earlier answers followed
+directly by </s>, so its pieces differ at the segment boundaries (no "▁" before each tag, the
+space before `<HuatuoGPT>` merged into the question's last piece, none before </s>). We prompt
+with what the model was trained on instead.
+
+Truncation, one rule: only whole rounds are ever removed, never part of one. (The official
+script cuts every sequence at max_seq_len, mid-round if need be; a cut-off answer then trains
+the model to stop without its eos. We do not.)
   * Training (the conversation ends with an answer): keep the longest run of rounds from the
     start that fits in max_len; the later rounds are dropped. Every kept answer thus has its
     true history and its own eos. If not even the first round fits, render returns None and
-    the caller counts the conversation as dropped — a cut-off answer is never trained on.
+    the caller counts the conversation as dropped.
   * A generation prompt (it ends with a question): drop the oldest rounds until it fits; the
     question itself must fit whole, or render raises.
 """
@@ -33,8 +52,9 @@ import torch
 
 SYSTEM = ("一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的"
           "指导建议。对于用户的指令问题，HuatuoGPT给出有益的、详细的、有礼貌的回答。")
-USER_TAG = "<病人>："
-ASSISTANT_TAG = " <HuatuoGPT>："
+PATIENT_TAG = "<病人>："
+DOCTOR_TAG = "<HuatuoGPT>："
+TURN_END = " "  # the official UTTER_END_SIGNAL; a doctor's turn ends with ROUND_END_SIGNAL, " </s>"
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: no loss on this position
 MAX_LEN = 2048  # paper App. E: maximum context length 2048
 
@@ -46,30 +66,38 @@ class Rendered:
     rounds_dropped: int = 0
 
 
+def patient_turn(tok, question: str) -> list[int]:
+    return tok.encode(PATIENT_TAG + question + TURN_END)
+
+
+def doctor_turn(tok, answer: str) -> list[int]:
+    return tok.encode(DOCTOR_TAG + answer + TURN_END) + [tok.eos_id]
+
+
 def render(tok, messages: list[dict], *, max_len: int = MAX_LEN, generation_prompt: bool | None = None):
     """messages -> Rendered(ids, labels), or None if not even one training round fits.
 
     generation_prompt defaults to "the last message is the user's": then the ids end with the
-    assistant tag, ready for sampling, and every label is IGNORE_INDEX.
+    doctor's tag, ready for sampling, and every label is IGNORE_INDEX.
     """
     if generation_prompt is None:
         generation_prompt = messages[-1]["role"] == "user"
     head = [tok.bos_id] + tok.encode(SYSTEM)
-    rounds = []  # (prompt ids, answer ids or None)
+    rounds = []  # (patient ids, doctor ids or None)
     for i in range(0, len(messages), 2):
-        prompt = tok.encode(USER_TAG + messages[i]["content"] + ASSISTANT_TAG)
-        answer = tok.encode(messages[i + 1]["content"]) + [tok.eos_id] if i + 1 < len(messages) else None
-        rounds.append((prompt, answer))
+        answer = doctor_turn(tok, messages[i + 1]["content"]) if i + 1 < len(messages) else None
+        rounds.append((patient_turn(tok, messages[i]["content"]), answer))
     if generation_prompt:
         if rounds[-1][1] is not None:
             raise ValueError("a generation prompt must end with the user's message")
+        rounds[-1] = (rounds[-1][0], tok.encode(DOCTOR_TAG))  # the turn the model is to continue
         keep = len(rounds)
-        while keep > 0 and len(head) + sum(len(p) + len(a or ()) for p, a in rounds[-keep:]) > max_len:
+        while keep > 0 and len(head) + sum(len(p) + len(a) for p, a in rounds[-keep:]) > max_len:
             keep -= 1
         if keep == 0:
-            need = len(head) + len(rounds[-1][0])
+            need = len(head) + len(rounds[-1][0]) + len(rounds[-1][1])
             raise ValueError(f"the question alone takes {need} tokens with the system text; the limit is {max_len}")
-        ids = head + [t for p, a in rounds[-keep:] for t in p + (a or [])]
+        ids = head + [t for p, a in rounds[-keep:] for t in p + a]
         return Rendered(ids, [IGNORE_INDEX] * len(ids), len(rounds) - keep)
     if rounds[-1][1] is None:
         raise ValueError("training data must end with the assistant's message")
@@ -101,9 +129,14 @@ def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
 
 def render_reply(tok, messages: list[dict], reply: str, *, max_len: int = MAX_LEN):
     """A prompt (ending with the user's turn) and a reply to it, as the reward model scores it
-    and PPO trains on it: the generation prompt, then the reply and its eos, exactly as render
-    would encode that last round. The reply is never cut: the oldest rounds of the prompt make
-    room for it (render's rule for prompts). Returns (ids, index of the reply's first token)."""
-    answer = tok.encode(reply) + [tok.eos_id]
-    prompt = render(tok, messages, max_len=max_len - len(answer), generation_prompt=True)
-    return prompt.ids + answer, len(prompt.ids)
+    and PPO trains on it: exactly the ids render gives the conversation with that reply as its
+    last answer (the doctor's whole segment, tag to eos). The reply is never cut: the oldest
+    rounds of the prompt make room for it (render's rule for prompts). Returns (ids, index of
+    the reply's first token, just after the doctor's tag)."""
+    turn, tag = doctor_turn(tok, reply), tok.encode(DOCTOR_TAG)
+    prompt = render(tok, messages, max_len=max_len - len(turn) + len(tag), generation_prompt=True)
+    ids = prompt.ids[:len(prompt.ids) - len(tag)] + turn
+    # The reply starts after the tag's pieces (with a vocabulary that joined "：" to the reply's
+    # first character, after the pieces the two share).
+    shared = next((i for i, (a, b) in enumerate(zip(tag, turn)) if a != b), len(tag))
+    return ids, len(ids) - len(turn) + shared

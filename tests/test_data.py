@@ -11,7 +11,7 @@ from data.readers import (KUAKE_QIC_LABELS, read, read_cmedqa2, read_huatuo26m, 
                           read_kuake_qic, read_med_dialog_100, read_meddialog, read_pairs, read_schema,
                           read_webmedqa)
 from data.schema import RecordError, Report, from_huatuo, to_huatuo
-from data.template import ASSISTANT_TAG, IGNORE_INDEX, SYSTEM, USER_TAG, collate, render
+from data.template import DOCTOR_TAG, IGNORE_INDEX, PATIENT_TAG, SYSTEM, collate, doctor_turn, render
 from tokenizer import Tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -27,35 +27,61 @@ def tok(tokenizer_file):
 # -- the template ---------------------------------------------------------------------------
 
 
-def test_golden_two_round_rendering(tok):
+# The official segmentation, written out by hand in the pieces of the tests' tokenizer
+# (conftest.CORPUS, 400 pieces, byte fallback): what scripts/finetune.py's preprocess gives,
+# system text aside (encoded with bos, as there). Each segment starts with sentencepiece's
+# dummy "▁" and ends with the "▁" of its closing space; the doctor's tag is trained on.
+PATIENT_1 = ["▁", "<0x3C>", "病", "<0xE4>", "<0xBA>", "<0xBA>", "<0x3E>", "<0xEF>", "<0xBC>", "<0x9A>",  # ▁<病人>：
+             "头痛", "三", "天", "<0xE4>", "<0xBA>", "<0x86>", "▁"]  # 头痛三天了, then the space
+DOCTOR_TAG_PIECES = ["▁", "<0x3C>", "H", "<0x75>", "<0x61>", "<0x74>", "<0x75>", "<0x6F>", "<0x47>", "<0x50>",
+                     "<0x54>", "<0x3E>", "<0xEF>", "<0xBC>", "<0x9A>"]  # ▁<HuatuoGPT>：
+ANSWER_1 = ["有", "<0xE6>", "<0xB2>", "<0xA1>", "有", "发", "烧", "？"]  # 有没有发烧？ with no "▁" of its own
+ONE_ROUND = [{"role": "user", "content": "头痛三天了"}, {"role": "assistant", "content": "有没有发烧？"}]
+
+
+def pieces(tok, ids):
+    return [tok.sp.id_to_piece(i) for i in ids]
+
+
+def test_official_token_sequence_by_hand(tok):
+    out = render(tok, ONE_ROUND)
+    head = [1] + tok.encode(SYSTEM)
+    doctor = DOCTOR_TAG_PIECES + ANSWER_1 + ["▁", "</s>"]
+    assert out.ids[:len(head)] == head
+    assert pieces(tok, out.ids[len(head):]) == PATIENT_1 + doctor
+    trained = [p for p, lab in zip(pieces(tok, out.ids), out.labels) if lab != IGNORE_INDEX]
+    assert trained == doctor  # the tag, the answer, the space and eos; never the patient or the system
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(out.ids, out.labels))
+    # The generation prompt is the training ids up to the answer's first piece.
+    prompt = render(tok, ONE_ROUND[:1])
+    assert prompt.ids == out.ids[:len(head) + len(PATIENT_1) + len(DOCTOR_TAG_PIECES)]
+    assert set(prompt.labels) == {IGNORE_INDEX}
+
+
+def test_two_rounds_are_the_official_segments(tok):
     out = render(tok, TWO_ROUNDS)
     e = tok.encode
-    prompt1, answer1 = e("<病人>：我头痛三天了。 <HuatuoGPT>："), e("有没有发烧？")
-    prompt2, answer2 = e("<病人>：没有发烧。 <HuatuoGPT>："), e("先休息，多喝水。")
     head = [1] + e(SYSTEM)
-    assert out.ids == head + prompt1 + answer1 + [2] + prompt2 + answer2 + [2]
+    p1, a1 = e("<病人>：我头痛三天了。 "), e("<HuatuoGPT>：有没有发烧？ ") + [2]
+    p2, a2 = e("<病人>：没有发烧。 "), e("<HuatuoGPT>：先休息，多喝水。 ") + [2]
+    assert out.ids == head + p1 + a1 + p2 + a2
     ignore = [IGNORE_INDEX]
-    assert out.labels == ignore * (len(head) + len(prompt1)) + answer1 + [2] + ignore * len(prompt2) + answer2 + [2]
-    # The text is the official HuatuoGPT prompt (segments begin with sentencepiece's "▁").
-    official = (SYSTEM + "<病人>：我头痛三天了。 <HuatuoGPT>：有没有发烧？<病人>：没有发烧。 <HuatuoGPT>：先休息，多喝水。")
+    assert out.labels == ignore * (len(head) + len(p1)) + a1 + ignore * len(p2) + a2
+    assert (PATIENT_TAG, DOCTOR_TAG) == ("<病人>：", "<HuatuoGPT>：") and a1 == doctor_turn(tok, "有没有发烧？")
+    # The text is the official prompt, up to the spaces the segments add.
+    official = SYSTEM + "<病人>：我头痛三天了。 <HuatuoGPT>：有没有发烧？ <病人>：没有发烧。 <HuatuoGPT>：先休息，多喝水。 "
     assert tok.decode(out.ids).replace(" ", "") == official.replace(" ", "")
-    assert USER_TAG == "<病人>：" and ASSISTANT_TAG == " <HuatuoGPT>："
 
 
-def test_labels_cover_exactly_the_answers_and_their_eos(tok):
-    out = render(tok, TWO_ROUNDS)
-    labelled = [i for i, lab in enumerate(out.labels) if lab != IGNORE_INDEX]
-    assert all(out.labels[i] == out.ids[i] for i in labelled)
-    assert [out.ids[i] for i in labelled] == tok.encode("有没有发烧？") + [2] + tok.encode("先休息，多喝水。") + [2]
-    assert out.ids.count(2) == 2 and all(out.labels[i] == 2 for i, t in enumerate(out.ids) if t == 2)
-
-
-def test_generation_prompt(tok):
-    out = render(tok, TWO_ROUNDS[:3])
-    assert out.ids[-len(tok.encode(USER_TAG + "没有发烧。" + ASSISTANT_TAG)):] == tok.encode("<病人>：没有发烧。 <HuatuoGPT>：")
-    assert set(out.labels) == {IGNORE_INDEX}
+def test_generation_prompt_for_each_round_is_the_training_prefix(tok):
     full = render(tok, TWO_ROUNDS)
-    assert full.ids[:len(out.ids)] == out.ids  # sampling sees exactly what training saw
+    answers = [i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX]
+    tag = len(tok.encode(DOCTOR_TAG))
+    starts = [answers[0] + tag, next(i for i in answers if i > answers[0] + len(doctor_turn(tok, "有没有发烧？"))) + tag]
+    for k, start in enumerate(starts):
+        prompt = render(tok, TWO_ROUNDS[:2 * k + 1])
+        assert prompt.ids == full.ids[:start] and set(prompt.labels) == {IGNORE_INDEX}
+    assert pieces(tok, full.ids[starts[0]:starts[0] + len(ANSWER_1)]) == ANSWER_1
 
 
 def test_truncation_keeps_whole_rounds_only(tok):
@@ -326,3 +352,13 @@ def test_cli_convert_and_stats(tmp_path, capsys, tokenizer_file):
     assert "wrote 1 records" in capsys.readouterr().out
     assert data_cli(["stats", str(tmp_path / "o.jsonl"), "--tokenizer", str(tokenizer_file)]) == 0
     assert "1 records" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("src, name", [("kuake_qic_small.json", "kuake_qic_100.jsonl"),
+                                       ("med_dialog_small.json", "med_dialog_100.jsonl")])
+def test_converted_files_read_back_whatever_their_name(tmp_path, src, name, capsys):
+    out = tmp_path / name  # the names the README's convert commands write
+    assert data_cli(["convert", str(DATA / "eval" / src), "--out", str(out)]) in (0, None)
+    records = list(read(out))
+    assert records and records == list(read_schema(out))
+    assert data_cli(["stats", str(out)]) in (0, None)

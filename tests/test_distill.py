@@ -251,3 +251,18 @@ def test_parsers_by_hand():
     kept, dropped = keep_novel([{"instruction": "请解释心电图报告"}, {"instruction": "请解释心电图报告。"},
                                 {"instruction": "列出护理要点"}], seeds=[])
     assert [k["instruction"] for k in kept] == ["请解释心电图报告", "列出护理要点"] and dropped == 1
+
+
+def test_score_does_not_rate_responses_cut_off_before_eos(api, tmp_path, capsys):
+    samples = tmp_path / "samples.jsonl"
+    row = {"id": "s1", "messages": [{"role": "user", "content": "头痛"}], "reference": "多休息",
+           "responses": ["回答质量3", "回答质量8", "回答质量5"], "finished": [True, False, True]}
+    samples.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "pairs.jsonl"
+    assert run_cli(api, "score", "--input", str(samples), "--out", str(out)) == 0
+    assert [p["id"] for p in lines(out)] == ["s1:0-2"]  # the pairs with response 1 were never sent
+    assert all("回答质量8" not in e["messages"][0]["content"] for e in api.log)
+    assert "2 of 3 pairs not rated" in capsys.readouterr().err
+    samples.write_text(json.dumps(dict(row, finished=[True]), ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="field 'finished' must list one true/false per response"):
+        distill.read_samples(samples)

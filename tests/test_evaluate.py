@@ -126,6 +126,7 @@ def test_consultation_loop_with_the_tiny_model(monkeypatch, tmp_path, tokenizer_
     first = server.log[0]["messages"][0]["content"]
     assert first.startswith("你是一名患者") and "尿频" in first
     assert server.log[1]["messages"][-1]["content"] == rows[0]["messages"][1]["content"]
+    assert {e["model"] for e in server.log} == {"gpt-3.5-turbo"}  # §4.3: ChatGPT plays the patient
     n = len(server.log)
     assert evaluate.main(args) == 0 and len(server.log) == n  # rerun: nothing redone
     server.close()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from data.template import render, render_reply
+from data.template import DOCTOR_TAG, doctor_turn, render, render_reply
 from distill import read_samples
 from model import CONFIGS, Transformer
 from tokenizer import Tokenizer
@@ -66,9 +66,10 @@ def test_render_reply_keeps_the_reply_whole(tokenizer_file):
                {"role": "user", "content": "三天了"}]
     ids, start = render_reply(tok, history, "先量血压。")
     full = render(tok, history + [{"role": "assistant", "content": "先量血压。"}])
-    assert ids == full.ids and ids[start:] == tok.encode("先量血压。") + [tok.eos_id]
+    reply = doctor_turn(tok, "先量血压。")[len(tok.encode(DOCTOR_TAG)):]  # after the tag, up to eos
+    assert ids == full.ids and ids[start:] == reply and ids[:start] == render(tok, history).ids
     short, start = render_reply(tok, history, "先量血压。", max_len=len(ids) - 1)
-    assert short[start:] == tok.encode("先量血压。") + [tok.eos_id]  # the reply survives whole
+    assert short[start:] == reply  # the reply survives whole
     assert short == render_reply(tok, history[2:], "先量血压。")[0]  # the oldest round went
 
 
@@ -124,7 +125,7 @@ def test_sample_writes_what_distill_score_reads(tiny_sft, tmp_path):
            "--out", str(out), "-k", "2", "--limit", "3", "--max-new-tokens", "8"]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
     samples = read_samples(out)
-    assert len(samples) == 3 and all(len(s["responses"]) == 2 for s in samples)
+    assert len(samples) == 3 and all(len(s["responses"]) == 2 and len(s["finished"]) == 2 for s in samples)
     assert all(s["messages"][-1]["role"] == "user" and s["reference"] for s in samples)
     proc = subprocess.run(cmd[:-4] + ["--limit", "4", "--max-new-tokens", "8"], check=True, capture_output=True,
                           text=True, env=ENV, cwd=ROOT, timeout=300)
@@ -136,7 +137,9 @@ def test_score_ids_scores_exactly_the_ids_the_policy_produced(reward_model, toke
     tok = Tokenizer(tokenizer_file)
     msgs = [{"role": "user", "content": "头痛三天了"}]
     prompt = render(tok, msgs).ids
-    reply = tok.encode("有没有发烧？")
+    reply = render_reply(tok, msgs, "有没有发烧？")[0][len(prompt):]  # as the policy would sample it
+    assert reply[-1] == tok.eos_id
+    reply = reply[:-1]
     with torch.no_grad():
         by_text = reward_model(*pad_batch([render_reply(tok, msgs, "有没有发烧？")[0]], 0))
         by_ids = reward_model.score_ids([prompt], [reply], eos_id=tok.eos_id, pad_id=0)
@@ -184,10 +187,42 @@ def test_sample_and_score_skip_and_count_what_they_cannot_use(tiny_sft, reward_m
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [s["id"] for s in read_samples(out)] == ["ok"]
-    assert "skipped 1 record(s): no doctor's answer" in proc.stderr and "skipped 1 record(s): question longer" in proc.stderr
+    assert "skipped 1 record(s): no real doctor's answer" in proc.stderr and "skipped 1 record(s): question longer" in proc.stderr
     reward_model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer_file)
     cmd = [sys.executable, str(ROOT / "train_rm.py"), "score", "--model", str(tmp_path / "rm"), "--data", str(data)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [json.loads(l)["id"] for l in proc.stdout.splitlines()] == ["ok"]
     assert "no reply to score" in proc.stderr and "longer than the model's context" in proc.stderr
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side():
+    from train_rm import split_by_prompt
+
+    def pair(q, c, r):
+        return {"id": f"{q}:{c}", "source": "t", "messages": [{"role": "user", "content": q}], "chosen": c, "rejected": r}
+
+    # 10 prompts with 3 pairs each (k = 3 responses: 3 pairs), as distill.py score writes them.
+    records = [pair(f"问题{p}", f"回答{a}", f"回答{b}") for p in range(10) for a, b in ((0, 1), (0, 2), (1, 2))]
+    train, val = split_by_prompt(records + records[:2], 0.2, seed=0)  # two exact duplicates too
+    prompts = lambda rs: {r["messages"][0]["content"] for r in rs}  # noqa: E731
+    assert len(prompts(val)) == 2 and not prompts(train) & prompts(val)
+    assert len(train) + len(val) == 30  # duplicates dropped, nothing else
+    again = split_by_prompt(list(reversed(records)), 0.2, seed=0)  # the order of the data does not matter
+    assert prompts(again[1]) == prompts(val)
+
+
+def test_sampling_prompts_come_from_real_doctors():
+    from train_rm import doctor_prompt
+
+    q = {"role": "user", "content": "头痛三天了"}
+    polished = {"role": "assistant", "content": "您好，头痛持续三天……"}
+    assert doctor_prompt({"source": "distilled_instruction", "messages": [q, polished]}) is None
+    assert doctor_prompt({"source": "real_instruction", "messages": [q, polished],
+                          "meta": {"original_answer": "量个血压"}}) == ([q], "量个血压")
+    original = [{"role": "user", "content": "头疼"}, {"role": "assistant", "content": "几天了"},
+                {"role": "user", "content": "三天"}, {"role": "assistant", "content": "先量血压"}]
+    rewritten = [q, polished, q, polished]
+    assert doctor_prompt({"source": "real_conversation", "messages": rewritten,
+                          "meta": {"original": original}}) == (original[:3], "先量血压")
+    assert doctor_prompt({"source": "cmedqa2", "messages": [q, {"role": "assistant", "content": "多休息"}]}) == ([q], "多休息")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from data.template import collate, render
+from data.template import collate, doctor_turn, render
 from model import CONFIGS, Transformer
 from tokenizer import Tokenizer
 from training import cosine_lr, memory_estimate
@@ -150,7 +150,7 @@ def test_masked_and_padded_tokens_do_not_move_the_loss(tokenizer_file):
         by_hand = -logits[keep].gather(-1, targets[keep][:, None]).sum()
     torch.testing.assert_close(in_batch, alone, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(alone, by_hand, rtol=1e-6, atol=1e-5)
-    assert int(keep.sum()) == len(tok.encode("有没有发烧？")) + 1
+    assert int(keep.sum()) == len(doctor_turn(tok, "有没有发烧？"))  # the doctor's whole turn, as officially
 
 
 def test_errors_before_training(tmp_path, tokenizer_file):
