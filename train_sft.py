@@ -43,7 +43,12 @@ LR = 5e-5
 BATCH_SIZE = 128
 MAX_LEN = 2048
 EPOCHS = 3
-# The paper is silent on these; the public HuatuoGPT training recipe uses them.
+# The paper is silent on these; the official recipe uses them (HuatuoGPT repo: scripts/finetune.py
+# --weight_decay 0.1, --warmup_rates 0.05, get_cosine_schedule_with_warmup, AdamW's default betas;
+# scripts/sft.yaml: DeepSpeed ZeRO-3, gradient_clipping 1.0). Deviations from that recipe, each
+# labelled where it is made: bf16 rather than fp16 mixed precision (GPU runs; bf16 needs no loss
+# scaling), FSDP2 standing in for ZeRO-3, no weight decay on norm gains (training.make_optimizer),
+# whole-round truncation (data/template.py), the best validation checkpoint kept (paper App. E).
 WEIGHT_DECAY = 0.1
 WARMUP_RATIO = 0.05
 GRAD_CLIP = 1.0
