@@ -225,18 +225,26 @@ _SECTIONS = ("Doctor faculty", "Description", "Dialogue", "Diagnosis and suggest
 
 
 def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
-    """MedDialog-CN raw text. Each consultation:
+    """MedDialog-CN raw text, as published. Each consultation:
 
         id=123
         https://www.haodf.com/…
         Doctor faculty        (the department, on the next line)
         Description           (fields such as 疾病：, 病情描述：, 希望获得的帮助：, value after or below)
         Dialogue              (病人：/医生： turns, text inline or on the following lines)
+        Diagnosis and suggestions   (sometimes)
 
-    Both full-width and ASCII colons occur. Consecutive turns of one speaker are joined,
-    doctor turns before the patient's first are dropped, and a final patient turn that got no
-    answer is dropped — each counted in the report.
+    A consultation can hold several Description/Dialogue sections (follow-up visits): all are
+    kept, in order, as rounds of one conversation. Each Description is a patient turn (its
+    fields as "name：value" lines), as the dataset authors' own processed release opens every
+    dialogue with it, so a doctor who speaks first answers it. The "Diagnosis and suggestions"
+    text goes into meta["diagnosis"] (distill.py conversations reads it). Both full-width and
+    ASCII colons occur. Consecutive turns of one speaker are joined and a final patient turn
+    that got no answer is dropped, each counted in the report. Ids are "meddialog-{file stem}-
+    {id}": the raw ids restart in every file.
     """
+    stem = Path(path).stem
+
     def blocks():
         block, start = [], 0
         for n, line in text_lines(path, encoding):
@@ -252,28 +260,37 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             yield start, block
 
     def parse(start, lines):
-        where = f"{path}:{start}"
         if not re.match(r"^id\s*=\s*\d+", lines[0]):
-            raise RecordError(f"{where}: expected a line 'id=N' to start a consultation")
+            raise RecordError(f"{path}:{start}: expected a line 'id=N' to start a consultation")
         ident = lines[0].split("=", 1)[1].strip()
+        where = f"{path}:{start} (id={ident})"  # the reason after it names a kind, so skips group by kind
         url = next((l.strip() for l in lines[1:4] if l.strip().startswith("http")), "")
-        sections: dict[str, list[str]] = {}
-        current = None
+        sections: list[tuple[str, list[str]]] = []  # in order; a section may come back
         for line in lines[1:]:
             if line.strip() in _SECTIONS:
-                current = line.strip()
-                sections[current] = []
-            elif current:
-                sections[current].append(line)
-        if "Dialogue" not in sections:
-            raise RecordError(f"{where}: consultation id={ident} has no 'Dialogue' section")
+                sections.append((line.strip(), []))
+            elif sections:
+                sections[-1][1].append(line)
+        names = [name for name, _ in sections]
+        if "Dialogue" not in names:
+            raise RecordError(f"{where}: no 'Dialogue' section")
         turns: list[list] = []
-        for line in sections["Dialogue"]:
-            m = _SPEAKER.match(line)
-            if m:
-                turns.append([m.group(1), [m.group(2)] if m.group(2).strip() else []])
-            elif line.strip() and turns:
-                turns[-1][1].append(line.strip())
+        descriptions, diagnosis = [], []
+        for name, body in sections:
+            if name == "Description":
+                fields = _fields(body)
+                descriptions.append(fields)
+                text = "\n".join(f"{k}：{v}" for k, v in fields.items() if v) or " ".join(l.strip() for l in body)
+                turns.append(["病人", [text]])
+            elif name == "Dialogue":
+                for line in body:
+                    m = _SPEAKER.match(line)
+                    if m:
+                        turns.append([m.group(1), [m.group(2)] if m.group(2).strip() else []])
+                    elif line.strip() and turns:
+                        turns[-1][1].append(line.strip())
+            elif name == "Diagnosis and suggestions":
+                diagnosis.append(" ".join(l.strip() for l in body if l.strip()))
         merged: list[tuple[str, str]] = []
         for speaker, text in turns:
             text = "".join(t.strip() for t in text)
@@ -284,18 +301,23 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
                 _note("consecutive turns of one speaker joined", where)
             else:
                 merged.append((speaker, text))
-        while merged and merged[0][0] == "医生":
+        while merged and merged[0][0] == "医生":  # only with no Description at all
             merged.pop(0)
-            _note("doctor turn before the patient's first dropped", where)
+            _note("doctor turn before any patient text dropped", where)
         if merged and merged[-1][0] == "病人":
             merged.pop()
             _note("final unanswered patient turn dropped", where)
         if not merged:
-            raise RecordError(f"{where}: consultation id={ident} has no patient turn answered by a doctor")
-        meta = {"url": url, "department": " ".join(l.strip() for l in sections.get("Doctor faculty", []) if l.strip())}
-        meta["description"] = _fields(sections.get("Description", []))
+            raise RecordError(f"{where}: no patient turn answered by a doctor")
+        if names.count("Dialogue") > 1:
+            _note("several Description/Dialogue sections kept as rounds of one conversation", where)
+        meta = {"url": url, "department": " ".join(l.strip() for name, body in sections if name == "Doctor faculty"
+                                                   for l in body if l.strip())}
+        meta["description"] = descriptions[0] if descriptions else {}
+        if diagnosis:
+            meta["diagnosis"] = "\n".join(d for d in diagnosis if d)
         messages = [{"role": "user" if s == "病人" else "assistant", "content": t} for s, t in merged]
-        return check_conversation({"id": f"meddialog-{ident}", "source": "meddialog", "messages": messages,
+        return check_conversation({"id": f"meddialog-{stem}-{ident}", "source": "meddialog", "messages": messages,
                                    "meta": meta}, where)
 
     def _note(what, where):

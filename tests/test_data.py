@@ -218,19 +218,69 @@ Description
 
 def test_meddialog_both_colons_and_turn_merging(tmp_path):
     f = write(tmp_path / "2020.txt", MEDDIALOG)
-    with pytest.raises(RecordError, match=r"2020.txt:\d+: consultation id=3 has no 'Dialogue' section"):
+    with pytest.raises(RecordError, match=r"2020.txt:\d+ \(id=3\): no 'Dialogue' section"):
         list(read_meddialog(f))
     report = Report()
     first, second = read_meddialog(f, skip_bad=True, report=report)
+    description = "疾病：胃痛\n病情描述：饭后胃痛两周，有反酸。\n希望获得的帮助：需要做胃镜吗"
     assert [m["content"] for m in first["messages"]] == [
-        "饭后胃痛两周，有反酸。 吃了奥美拉唑好一点。", "建议做胃镜，查幽门螺杆菌。", "谢谢医生", "不客气。"]
+        description + " 饭后胃痛两周，有反酸。 吃了奥美拉唑好一点。", "建议做胃镜，查幽门螺杆菌。", "谢谢医生", "不客气。"]
     assert first["meta"]["department"] == "消化内科"
     assert first["meta"]["description"]["病情描述"] == "饭后胃痛两周，有反酸。"
-    assert [m["role"] for m in second["messages"]] == ["user", "assistant"]
-    assert second["meta"]["description"]["病情描述"] == "孩子咳嗽"
-    assert report.notes["doctor turn before the patient's first dropped"] == 1
+    # The Description opens the conversation, so the doctor who spoke first answers it.
+    assert [m["content"] for m in second["messages"]] == ["病情描述：孩子咳嗽", "你好", "孩子咳嗽三天", "发烧吗？"]
     assert report.notes["final unanswered patient turn dropped"] == 1
     assert sum(report.skipped.values()) == 1
+    assert (first["id"], second["id"]) == ("meddialog-2020-1", "meddialog-2020-2")
+
+
+MEDDIALOG_FOLLOW_UP = """id=1
+https://www.haodf.com/doctorteam/flow_team_9.htm
+
+Doctor faculty
+皮肤科
+
+Description
+病情描述：手上起疹子
+Dialogue
+医生：多久了？
+病人：一周
+
+Description
+病情描述：复诊，疹子消了一半
+Dialogue
+病人：还要继续用药吗
+医生：再用一周。
+
+Diagnosis and suggestions
+湿疹，外用激素药膏两周。
+
+id=2
+https://www.haodf.com/doctorteam/flow_team_10.htm
+
+Description
+病情描述：无对话
+
+id=3
+https://www.haodf.com/doctorteam/flow_team_11.htm
+
+Description
+病情描述：也无对话
+"""
+
+
+def test_meddialog_follow_ups_diagnosis_ids_and_grouped_skips(tmp_path):
+    f = write(tmp_path / "2019.txt", MEDDIALOG_FOLLOW_UP)
+    report = Report()
+    (consult,) = read_meddialog(f, skip_bad=True, report=report)
+    assert [m["content"] for m in consult["messages"]] == [
+        "病情描述：手上起疹子", "多久了？", "一周 病情描述：复诊，疹子消了一半 还要继续用药吗", "再用一周。"]
+    assert consult["meta"]["diagnosis"] == "湿疹，外用激素药膏两周。"
+    assert report.skipped == {"no 'Dialogue' section": 2}  # one reason, counted, not a line per id
+    # Raw ids restart in every file; ours do not collide.
+    g = write(tmp_path / "2020.txt", MEDDIALOG)
+    ids = [r["id"] for path in (f, g) for r in read_meddialog(path, skip_bad=True, report=Report())]
+    assert len(ids) == len(set(ids)) == 3
 
 
 def test_kuake_and_med_dialog_100(tmp_path):
