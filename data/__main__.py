@@ -92,11 +92,17 @@ def cmd_mix(args):
     for spec in args.source:
         path, weight, cap = parse_source(spec)
         records = list(read(path, args.format, skip_bad=args.skip_bad, report=report, encoding=args.encoding))
+        for r in records:
+            if r["messages"][-1]["role"] == "user":
+                report.note("record ends with a question: a trainer drops that turn, or the record if it has no answer",
+                            f"{path}: {r['id']}")
         sources.append(Source(path, records, weight, cap))
     train, val, rows = mix(sources, seed=args.seed, val_fraction=args.val_fraction)
-    if args.tokenizer:
+    if args.tokenizer:  # over what is written (after dedup, cap and weight), not what was read
+        written = Counter(id(r) for r in train + val)
         for row, src in zip(rows, sources):
-            stats = length_stats(token_lengths(src.records, args.tokenizer, args.max_len)[0])
+            kept = [r for r in src.records for _ in range(written[id(r)])]
+            stats = length_stats(token_lengths(kept, args.tokenizer, args.max_len)[0])
             row.update(tokens=stats["total"], p50=stats["p50"], p90=stats["p90"], p99=stats["p99"], max=stats["max"])
     print_table(rows)
     write_jsonl(f"{args.out_dir}/train.jsonl", train)
@@ -107,8 +113,24 @@ def cmd_mix(args):
 
 
 def cmd_export(args):
-    n = write_jsonl(args.out, (to_huatuo(r) for r in read(args.input, "schema")))
+    """The HuatuoGPT layout holds question/answer pairs: a prompt-only record (a question and
+    no answer) has nothing to write and is skipped, a last unanswered question is dropped;
+    both are counted. What is written reads back with the huatuo-sft reader."""
+    report = Report()
+
+    def exportable():
+        for r in read(args.input, "schema"):
+            if len(r["messages"]) < 2:
+                report.skip("a question with no answer", f"{args.input}: {r['id']}")
+                continue
+            if r["messages"][-1]["role"] == "user":
+                report.note("last unanswered question dropped", f"{args.input}: {r['id']}")
+            yield to_huatuo(r)
+
+    n = write_jsonl(args.out, exportable())
     print(f"wrote {n} lines in the HuatuoGPT SFT layout to {args.out}")
+    if report:
+        print(report.summary())
 
 
 def main(argv=None):

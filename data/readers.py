@@ -115,25 +115,39 @@ def read_huatuo26m(path, *, skip_bad=False, report=None, encoding="utf-8"):
 
 
 def _csv_rows(path: Path, encoding: str, columns: tuple[str, ...], delimiter=","):
-    """Rows of a CSV/TSV file with a header naming at least `columns`, as (where, dict)."""
-    lines = text_lines(path, encoding)
+    """Rows of a CSV/TSV file with a header naming at least `columns`, as (where, dict).
+
+    Read as the published files are written: a quoted field may hold the delimiter and line
+    breaks (csv's rules over the whole file, not line by line), and an unquoted delimiter in
+    the last column, free text in every file read here, stays part of that text. `where` is
+    the line a row starts on."""
+    starts: list[int] = []  # the file's line number of each physical line csv has read
+
+    def lines():
+        for n, line in text_lines(path, encoding):
+            starts.append(n)
+            yield line + "\n"
+
+    reader = csv.reader(lines(), delimiter=delimiter)
     try:
-        _, header_line = next(lines)
+        header = next(reader)
     except StopIteration:
         raise RecordError(f"{path}: empty file") from None
-    header = next(csv.reader([header_line], delimiter=delimiter))
     missing = [c for c in columns if c not in header]
     if missing:
         raise RecordError(f"{path}:1: header lacks column {missing[0]!r} (found {header})")
-    for n, line in lines:
-        if not line.strip():
+    consumed = reader.line_num
+    for row in reader:
+        where = f"{path}:{starts[consumed]}"
+        consumed = reader.line_num
+        if not any(field.strip() for field in row):
             continue
-        row = next(csv.reader([line], delimiter=delimiter))
-        where = f"{path}:{n}"
         if len(row) < len(header):
             yield where, RecordError(f"{where}: expected {len(header)} fields ({', '.join(header)}), found {len(row)}")
-        else:
-            yield where, dict(zip(header, row))
+            continue
+        if len(row) > len(header):
+            row = row[:len(header) - 1] + [delimiter.join(row[len(header) - 1:])]
+        yield where, dict(zip(header, row))
 
 
 def read_cmedqa2(path, *, split="test", skip_bad=False, report=None, encoding="utf-8"):
@@ -191,7 +205,7 @@ def read_cmedqa2(path, *, split="test", skip_bad=False, report=None, encoding="u
 
 def read_webmedqa(path, *, skip_bad=False, report=None, encoding="utf-8"):
     """webMedQA: tab-separated department, label, qid, question, answer; one Q&A per qid with
-    a gold answer (label 1)."""
+    a gold answer (label 1). The answer is free text: tabs in it are kept."""
     seen_gold: set[str] = set()
     pending: dict[str, str] = {}
 
@@ -200,7 +214,7 @@ def read_webmedqa(path, *, skip_bad=False, report=None, encoding="utf-8"):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
-            fields = line.split("\t")
+            fields = line.split("\t", 4)  # a tab inside the answer, the last column, stays in it
             if len(fields) != 5:
                 yield where, lambda w=where, k=len(fields): _raise_or(RecordError(
                     f"{w}: expected 5 tab-separated fields (department, label, qid, question, answer), found {k}"))
@@ -377,6 +391,84 @@ def read_pairs(path, *, skip_bad=False, report=None, encoding="utf-8"):
     return read_jsonl(path, check_pair, skip_bad=skip_bad, report=report, encoding=encoding)
 
 
+def _json_items(path, encoding, keys: tuple[str, ...]):
+    """A JSON list of objects or JSON lines of objects (dumps of one data set come both ways)."""
+    head = next((l for _, l in text_lines(path, encoding) if l.strip()), "")
+    if head.lstrip().startswith("["):
+        yield from _json_list(path, encoding, keys)
+        return
+    for where, obj in _json_lines(path, encoding):
+        if not isinstance(obj, (dict, RecordError)):
+            obj = RecordError(f"{where}: expected a JSON object")
+        elif isinstance(obj, dict) and any(k not in obj for k in keys):
+            obj = RecordError(f"{where}: missing field {next(k for k in keys if k not in obj)!r}")
+        yield where, obj
+
+
+def read_alpaca(path, *, skip_bad=False, report=None, encoding="utf-8"):
+    """Alpaca-style instructions, the general-domain instruction data of paper App. E (Chinese
+    Alpaca, Peng et al. 2023): {"instruction", "input", "output"} objects. The question is the
+    instruction, then the input on a line of its own when there is one."""
+    def make(where, item, i):
+        item = _raise_or(item)
+        for field in ("instruction", "input", "output"):
+            if item.get(field) is not None and not isinstance(item[field], str):
+                raise RecordError(f"{where}: field {field!r} must be a string")
+        question = item["instruction"].strip() + ("\n" + item["input"].strip() if (item.get("input") or "").strip() else "")
+        return _qa(str(item.get("id", f"{Path(path).stem}-{i}")), "general_instruction", question, item["output"], where)
+
+    items = _json_items(path, encoding, ("instruction", "output"))
+    return _guard(((w, lambda w=w, it=it, i=i: make(w, it, i)) for i, (w, it) in enumerate(items)), skip_bad, report)
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant"}
+
+
+def read_sharegpt(path, *, skip_bad=False, report=None, encoding="utf-8"):
+    """ShareGPT conversations, the general-domain conversation data of paper App. E:
+    {"id", "conversations": [{"from": "human" | "gpt", "value"}, …]} objects. Turns of one
+    speaker in a row are joined; system and empty turns, assistant turns before the first
+    question and a last unanswered question are dropped; each is counted. The raw dumps
+    (philschmid/sharegpt-raw) keep the web page's HTML in `value`: it is read as it is."""
+    def note(what, where):
+        if report is not None:
+            report.note(what, where)
+
+    def make(where, item, i):
+        item = _raise_or(item)
+        if not isinstance(item["conversations"], list):
+            raise RecordError(f"{where}: field 'conversations' must be a list")
+        messages: list[dict] = []
+        for k, turn in enumerate(item["conversations"]):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise RecordError(f"{where}: conversations[{k}] must be an object with a string 'value'")
+            speaker = str(turn.get("from", "")).lower()
+            if speaker == "system" or not turn["value"].strip():
+                note("system or empty turn dropped", where)
+                continue
+            if speaker not in SHAREGPT_ROLES:
+                raise RecordError(f"{where}: conversations[{k}].from is {turn.get('from')!r}, expected human or gpt")
+            role, text = SHAREGPT_ROLES[speaker], turn["value"].strip()
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"] += "\n" + text
+                note("consecutive turns of one speaker joined", where)
+            else:
+                messages.append({"role": role, "content": text})
+        while messages and messages[0]["role"] == "assistant":
+            messages.pop(0)
+            note("assistant turn before the first question dropped", where)
+        if messages and messages[-1]["role"] == "user":
+            messages.pop()
+            note("final unanswered question dropped", where)
+        if not messages:
+            raise RecordError(f"{where}: no question with an answer")
+        return check_conversation({"id": str(item.get("id", f"{Path(path).stem}-{i}")), "source": "general_conversation",
+                                   "messages": messages, "meta": {}}, where)
+
+    items = _json_items(path, encoding, ("conversations",))
+    return _guard(((w, lambda w=w, it=it, i=i: make(w, it, i)) for i, (w, it) in enumerate(items)), skip_bad, report)
+
+
 READERS: dict[str, Callable] = {
     "schema": read_schema,
     "pairs": read_pairs,
@@ -387,6 +479,8 @@ READERS: dict[str, Callable] = {
     "meddialog": read_meddialog,
     "kuake-qic": read_kuake_qic,
     "med-dialog-100": read_med_dialog_100,
+    "alpaca": read_alpaca,
+    "sharegpt": read_sharegpt,
 }
 
 
@@ -408,6 +502,15 @@ def guess_format(path) -> str:
         return "pairs"
     if isinstance(obj, dict) and "messages" in obj:
         return "schema"
+    # Alpaca and ShareGPT dumps: JSON lines, or one JSON list whose first object is read here.
+    item = obj[0] if isinstance(obj, list) and obj else obj
+    if not isinstance(item, dict) and first.lstrip().startswith("["):
+        head = "".join(line for _, (_, line) in zip(range(200), text_lines(p)))
+        item = {k: None for k in re.findall(r'"(conversations|instruction|output)"\s*:', head)}
+    if isinstance(item, dict) and "conversations" in item:
+        return "sharegpt"
+    if isinstance(item, dict) and "instruction" in item and "output" in item:
+        return "alpaca"
     name = p.name.lower()
     if name.startswith("medqa.") and name.endswith(".txt"):
         return "webmedqa"

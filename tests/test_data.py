@@ -412,3 +412,77 @@ def test_converted_files_read_back_whatever_their_name(tmp_path, src, name, caps
     records = list(read(out))
     assert records and records == list(read_schema(out))
     assert data_cli(["stats", str(out)]) in (0, None)
+
+
+def test_alpaca_and_sharegpt_as_published(tmp_path):
+    # Chinese Alpaca (App. E): a JSON list of instruction / input / output.
+    alpaca = write(tmp_path / "alpaca_gpt4_data_zh.json", json.dumps([
+        {"instruction": "把下面的句子翻译成英文。", "input": "我头痛。", "output": "I have a headache."},
+        {"instruction": "给出三条保持健康的建议。", "input": "", "output": "1. 均衡饮食……"},
+        {"instruction": "空回答", "input": "", "output": ""}], ensure_ascii=False, indent=2))
+    report = Report()
+    first, second = read(alpaca, skip_bad=True, report=report)
+    assert first["messages"][0]["content"] == "把下面的句子翻译成英文。\n我头痛。" and second["messages"][0]["content"] == "给出三条保持健康的建议。"
+    assert first["messages"][1]["content"] == "I have a headache." and first["source"] == "general_instruction"
+    assert sum(report.skipped.values()) == 1
+    # ShareGPT (philschmid/sharegpt-raw): conversations of human / gpt turns, list or lines.
+    rows = [{"id": "a1", "conversations": [{"from": "gpt", "value": "Hi!"}, {"from": "human", "value": "发烧怎么办"},
+                                           {"from": "human", "value": "38.5度"}, {"from": "gpt", "value": "多喝水"},
+                                           {"from": "human", "value": "谢谢"}]},
+            {"id": "a2", "conversations": [{"from": "system", "value": "你是助手"}, {"from": "human", "value": "你好"},
+                                           {"from": "gpt", "value": "你好！"}]},
+            {"id": "a3", "conversations": [{"from": "bot", "value": "?"}]}]
+    for name, text in (("sharegpt.json", json.dumps(rows, ensure_ascii=False, indent=1)),
+                       ("sharegpt.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))):
+        report = Report()
+        a1, a2 = read(write(tmp_path / name, text), skip_bad=True, report=report)
+        assert [m["content"] for m in a1["messages"]] == ["发烧怎么办\n38.5度", "多喝水"]
+        assert [m["role"] for m in a2["messages"]] == ["user", "assistant"] and a1["source"] == "general_conversation"
+        assert sum(report.notes.values()) == 4 and sum(report.skipped.values()) == 1, report.summary()
+        assert "expected human or gpt" in report.summary()
+
+
+def test_cmedqa2_and_webmedqa_fields_as_published(tmp_path):
+    d = tmp_path / "cMedQA2"
+    # An unquoted comma inside the free-text content; a quoted content over three lines.
+    write(d / "question.csv", "question_id,content\n1,头痛，发热,还咳嗽怎么办\n2,\"孩子咳嗽\n晚上更重\n怎么办\"\n3,胃痛\n")
+    write(d / "answer.csv", "ans_id,question_id,content\n10,1,多休息,多喝水\n12,2,\"止咳糖浆, 多喝水\"\n13,3,少食多餐\n")
+    write(d / "test_candidates.txt", "question_id,ans_id,cnt,label\n1,10,0,1\n2,12,0,1\n3,13,0,1\n")
+    records = list(read_cmedqa2(d, split="test"))
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records] == [
+        ("头痛，发热,还咳嗽怎么办", "多休息,多喝水"), ("孩子咳嗽\n晚上更重\n怎么办", "止咳糖浆, 多喝水"), ("胃痛", "少食多餐")]
+    # Errors still name the line a row starts on, after a multi-line row too.
+    write(d / "question.csv", "question_id,content\n2,\"孩子咳嗽\n晚上更重\"\n3\n")
+    with pytest.raises(RecordError, match=r"question.csv:4: expected 2 fields"):
+        list(read_cmedqa2(d, split="test"))
+    f = write(tmp_path / "medQA.test.txt", "内科\t1\tq1\t头晕怎么回事\t测一下血压\t再看一次\n")
+    assert list(read_webmedqa(f))[0]["messages"][1]["content"] == "测一下血压\t再看一次"
+
+
+def test_export_and_mix_count_prompt_only_records(tmp_path, capsys):
+    q, a = {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}
+    rows = [{"id": "qa", "source": "t", "messages": [q, a]}, {"id": "open", "source": "t", "messages": [q, a, q]},
+            {"id": "prompt", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]}]
+    f = write(tmp_path / "in.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert data_cli(["export-huatuo", str(f), "--out", str(tmp_path / "huatuo.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 lines" in printed and "a question with no answer" in printed and "last unanswered" in printed
+    assert [len(r["messages"]) for r in read_huatuo_sft(tmp_path / "huatuo.jsonl")] == [2, 2]  # reads back
+    assert data_cli(["mix", "--source", str(f), "--out-dir", str(tmp_path / "mix"), "--val-fraction", "0"]) == 0
+    assert "2 x record ends with a question" in capsys.readouterr().out
+
+
+def test_mix_token_columns_count_what_is_written(tmp_path, tokenizer_file, capsys):
+    q, a = {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}
+    rows = [{"id": f"r{i}", "source": "t", "messages": [dict(q, content=f"头痛{i}天"), a]} for i in range(4)]
+    rows.append(dict(rows[0], id="dup"))  # a duplicate: read, not written
+    f = write(tmp_path / "in.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    from data.template import render
+
+    one = len(render(Tokenizer(tokenizer_file), rows[0]["messages"]).ids)
+    assert data_cli(["mix", "--source", f"{f}:cap=2:weight=2", "--out-dir", str(tmp_path / "m"), "--val-fraction", "0",
+                     "--tokenizer", str(tokenizer_file)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    row = dict(zip(table[0].split(), table[1].split()))
+    assert (row["read"], row["train"]) == ("5", "4")  # 2 kept, each twice
+    assert abs(int(row["tokens"]) - 4 * one) <= 4  # four written records of about one length, not five read
