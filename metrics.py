@@ -1,6 +1,7 @@
 """The generation metrics of the paper's Table 2, by hand, matching the research group's protocol.
 
-The protocol (the Huatuo-26M metric code of the same group): every text is tokenised as single
+The protocol (Huatuo-26M's, which the paper follows in §4.1, as this project reconstructed it; no
+metric script is in the public Huatuo-26M repository to cite): every text is tokenised as single
 characters (whitespace dropped), then
 
     BLEU-n      nltk corpus_bleu, cumulative weights (1,0,0,0), (.5,.5,0,0), (.33,.33,.33,0) — 0.33,

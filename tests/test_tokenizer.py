@@ -53,3 +53,29 @@ def test_corpus_reader_and_bad_files(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.model: not a sentencepiece model"):
         Tokenizer(tmp_path / "bad.model")
+
+
+def test_exported_merged_vocabulary_encodes_as_ours_in_transformers(tmp_path):
+    # A Chinese-LLaMA-style merged vocabulary: pieces of a second model appended, score 0, to a
+    # trained BPE model's protobuf, so that they compete with the base pieces for the same text.
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import AutoTokenizer
+
+    from tokenizer import write_hf_tokenizer_files
+
+    train_tokenizer(CORPUS[:4] * 3 + ["hello world, the patient has a fever."] * 20, tmp_path / "base.model", vocab_size=380)
+    train_tokenizer(CORPUS, tmp_path / "zh.model", vocab_size=800)
+    base, zh = pb.ModelProto(), pb.ModelProto()
+    base.ParseFromString((tmp_path / "base.model").read_bytes())
+    zh.ParseFromString((tmp_path / "zh.model").read_bytes())
+    have = {p.piece for p in base.pieces}
+    for p in zh.pieces:
+        if p.piece not in have and p.type == pb.ModelProto.SentencePiece.NORMAL:
+            base.pieces.append(pb.ModelProto.SentencePiece(piece=p.piece, score=0.0))
+    (tmp_path / "merged.model").write_bytes(base.SerializeToString())
+    tok = Tokenizer(tmp_path / "merged.model")
+    assert len(tok) > 600
+    write_hf_tokenizer_files(tok, tmp_path, {"max_position_embeddings": 512})
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for text in CORPUS[:8] + ["头痛发热三天了，需要去医院吗？", "孩子咳嗽 晚上更重", "Aspirin 100mg qd, 监测血压"]:
+        assert hf(text)["input_ids"] == tok.encode(text, bos=True), text
