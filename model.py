@@ -560,6 +560,7 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
             _fsync(tmp / name)
+        _apply_umask(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -580,6 +581,17 @@ def _write_text(file: Path, text: str):
 def _fsync(file: Path):
     with open(file, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _apply_umask(directory: Path):
+    """mkdtemp makes a directory only its owner may enter, and safetensors writes files only
+    its owner may read: give the checkpoint the permissions the user's umask asks for, as any
+    file they create gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~mask)
 
 
 def _replace_dir(new: Path, path: Path):

@@ -35,12 +35,13 @@ def main(argv=None):
     print("[1/4] supervised fine-tuning of the tiny model on data/sft/")
     sft = args.out / "sft"
     train_sft.main(["--model", "tiny", "--data", *sorted(str(f) for f in (ROOT / "data" / "sft").glob("*.jsonl")),
-                    "--out", str(sft), "--batch-size", "8", "--lr", "2e-3", "--epochs", str(args.epochs),
+                    "--out", str(sft), "--overwrite", "--batch-size", "8", "--lr", "2e-3", "--epochs", str(args.epochs),
                     "--eval-every", "10", "--save-every", "1000"])
     vals = [r["val_loss"] for r in map(json.loads, (sft / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     print("      validation loss: " + " -> ".join(f"{v:.3f}" for v in vals))
 
     print("[2/4] sampling 2 responses for each of 8 prompts from the SFT model")
+    (args.out / "samples.jsonl").unlink(missing_ok=True)  # `sample` resumes: samples of an earlier run's model would stay
     train_rm.main(["sample", "--model", str(sft / "best"), "--data", str(ROOT / "data" / "sft" / "doctor_qa.jsonl"),
                    "--out", str(args.out / "samples.jsonl"), "-k", "2", "--limit", "8", "--max-new-tokens", "48"])
     print("      (with an API key, `python distill.py score --input samples.jsonl` rates them; here the\n"
@@ -48,7 +49,7 @@ def main(argv=None):
     print("[3/4] reward model from the SFT model on data/preference/")
     rm = args.out / "rm"
     train_rm.main(["--model", str(sft / "best"), "--data", str(ROOT / "data" / "preference" / "preference_pairs.jsonl"),
-                   "--out", str(rm), "--batch-size", "4", "--lr", "1e-3", "--epochs", "3", "--eval-every", "8",
+                   "--out", str(rm), "--overwrite", "--batch-size", "4", "--lr", "1e-3", "--epochs", "3", "--eval-every", "8",
                    "--save-every", "1000"])
     accs = [r["val_accuracy"] for r in map(json.loads, (rm / "metrics.jsonl").read_text().splitlines())
             if "val_accuracy" in r]

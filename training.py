@@ -19,9 +19,11 @@ FileStore), so one code path serves a laptop and a cluster.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -33,6 +35,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -60,9 +65,13 @@ class Distributed:
         dist.all_reduce(t)
         return t.item()
 
+    store_dir: str | None = None  # the one-process group's FileStore directory, removed at close
+
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.store_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
 def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, weight_decay: float,
@@ -84,6 +93,8 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds an earlier run (its metrics and state are discarded)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
     p.add_argument("--grad-sync", choices=["every", "last"], default="every",
@@ -94,11 +105,16 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
 
 def run_distributed(train_fn, args):
     """train_fn(args, d) inside a process group, after the checks every trainer makes: the
-    output directory exists and the global batch splits evenly into micro-batches x ranks."""
+    output directory is this run's alone (locked) and not an earlier run's unless --resume or
+    --overwrite says what to do with it, and the global batch splits evenly into
+    micro-batches x ranks."""
     d = init_distributed()
+    lock = None
     try:
         if d.main:
             args.out.mkdir(parents=True, exist_ok=True)
+            lock = lock_out(args.out)
+            check_out(args.out, resume=args.resume, overwrite=args.overwrite)
         d.barrier()
         if args.batch_size % (args.micro_batch_size * d.world):
             raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
@@ -107,6 +123,35 @@ def run_distributed(train_fn, args):
         train_fn(args, d)
     finally:
         d.close()
+        if lock is not None:
+            lock.close()
+
+
+def lock_out(out: Path):
+    """An exclusive lock on OUT/.lock for as long as the returned file stays open: two runs
+    writing one --out would interleave their metrics and overwrite each other's state."""
+    f = open(out / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SystemExit(f"{out}: another run is using this directory (it holds {out / '.lock'}); "
+                         "wait for it, or choose another --out") from None
+    return f
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool):
+    """Refuse to train into an earlier run's directory unless told how; with --overwrite its
+    metrics and resumable state go (best/ and final/ are replaced as the new run writes them)."""
+    earlier = [name for name in ("metrics.jsonl", "state", "best", "final") if (out / name).exists()]
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise SystemExit(f"{out} holds an earlier run ({', '.join(earlier)}): add --resume to continue it, "
+                         "or --overwrite to start over there, or choose another --out")
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for name in ("state", "state.tmp", "state.old"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def init_distributed() -> Distributed:
@@ -118,12 +163,14 @@ def init_distributed() -> Distributed:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
+        store_dir = None
     else:
         local_rank = 0
-        store = dist.FileStore(tempfile.mktemp(prefix="huatuo-pg-"), 1)
+        store_dir = tempfile.mkdtemp(prefix="huatuo-pg-")  # private to this process, removed at close
+        store = dist.FileStore(os.path.join(store_dir, "store"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device, store_dir)
 
 
 def shard(model: torch.nn.Module, layers, *, bf16: bool):
@@ -270,6 +317,12 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state = TrainState(out, d)
     metrics = MetricsLog(out / "metrics.jsonl", d.main)
+    if d.main:  # model-sized leftovers of a save that was killed or ran out of disk
+        for leftover in [*out.glob(".best.tmp-*"), *out.glob(".best.old-*"), *out.glob(".final.tmp-*"),
+                         *out.glob(".final.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        state.recover()
+    d.barrier()
     step, best, saved = 0, None, None
     if args.resume and state.exists():
         trainer = state.load(model, opt)
@@ -341,7 +394,9 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
 
 
 def _atomic_dir_swap(tmp: Path, final: Path):
-    """Replace `final` by the finished directory `tmp`; the old one is removed only afterwards."""
+    """Replace `final` by the finished directory `tmp`; the old one is removed only afterwards.
+    A kill between the two renames leaves final.old and tmp, both complete: TrainState.recover
+    takes the newer."""
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -352,18 +407,82 @@ def _atomic_dir_swap(tmp: Path, final: Path):
         os.rename(tmp, final)
 
 
+# What a torch.distributed.checkpoint .metadata file is made of. It is a pickle, and a pickle
+# can name any function to call: loading a crafted state directory with pickle.load would run
+# its code. Only these classes and functions may be named.
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _METADATA_GLOBALS
+        if module == "torch.distributed.checkpoint.metadata":  # its dataclasses and enums
+            obj = getattr(dcp_metadata, name, None)
+            allowed = isinstance(obj, type) and obj.__module__ == module
+        elif module == "torch":
+            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
+        return super().find_class(module, name)
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose .metadata goes through the allow-listed unpickler above."""
+
+    def read_metadata(self, *args, **kwargs):
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """The default planner reads non-tensor entries (the optimizer's hyperparameters) with
+    torch.load(weights_only=False); plain numbers, strings and lists need no more than
+    weights_only=True, which runs no code."""
+
+    def load_bytes(self, read_item, value):
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 class TrainState:
     """The resumable training state in OUT/state/: weights and optimizer through
     torch.distributed.checkpoint (each rank writes its own shards; a run can resume on another
     number of ranks), and trainer.json with the step, sampler position, best validation score
-    and the RNG states of every rank. Written to OUT/state.tmp and renamed when complete, so
-    OUT/state is always the last checkpoint that finished."""
+    and the RNG states of every rank. Written to OUT/state.tmp (trainer.json last) and renamed
+    when complete, so OUT/state is always the last checkpoint that finished. Loading never
+    unpickles anything but checkpoint metadata and plain values (_SafeReader, _SafePlanner)."""
 
     def __init__(self, out: Path, dist_info: Distributed):
         self.dir, self.tmp, self.d = out / "state", out / "state.tmp", dist_info
+        self.old = out / "state.old"
 
     def exists(self) -> bool:
         return (self.dir / "trainer.json").is_file()
+
+    def recover(self):
+        """After a kill between save's two renames there is no state/ but a complete state.tmp
+        (newer) and state.old: put the newest complete one in place. Incomplete leftovers (a
+        kill while writing, a full disk) are removed. Rank 0 only; call before exists()."""
+        if not self.d.main:
+            return
+        if not self.exists():
+            for candidate in (self.tmp, self.old):
+                if (candidate / "trainer.json").is_file():
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    os.rename(candidate, self.dir)
+                    print(f"recovered the state of an interrupted save: {candidate} -> {self.dir}")
+                    break
+        for leftover in (self.tmp, self.old):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def save(self, model, optimizer, trainer: dict):
         if self.d.main:
@@ -384,7 +503,13 @@ class TrainState:
         trainer = json.loads((self.dir / "trainer.json").read_text(encoding="utf-8"))
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(self.dir))
+        reader = _SafeReader(str(self.dir))
+        try:
+            reader.read_metadata()  # checked here first, for a clear message before DCP's machinery
+        except pickle.UnpicklingError as e:
+            raise SystemExit(f"{self.dir}: refusing to load this state: {e}. Nothing was loaded or run; "
+                             "it is not a state this project wrote.") from None
+        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rngs = trainer.pop("rng")
         if len(rngs) == self.d.world:  # same number of ranks: each takes up its own RNG streams
@@ -432,8 +557,16 @@ class MetricsLog:
     def truncate_after(self, step: int):
         """On resume: drop records of steps after the checkpoint; they will be made again."""
         if self.enabled and self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+            lines = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
+            records = []
+            for n, line in enumerate(lines, start=1):
+                try:
+                    records.append((line, json.loads(line)))
+                except json.JSONDecodeError:
+                    if n < len(lines):  # only the last line can be cut short by a kill
+                        raise SystemExit(f"{self.path}:{n}: not valid JSON, and not the last line; "
+                                         "this file was not written by an interrupted run alone") from None
+            kept = [l for l, r in records if r.get("step", 0) <= step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
             os.replace(tmp, self.path)

@@ -172,3 +172,20 @@ def test_error_no_config_or_weights(pair, tmp_path):
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         Transformer.from_pretrained(tmp_path / "m")
+
+
+def test_checkpoints_respect_the_umask(pair, tmp_path):
+    import os
+    import stat
+
+    ours, _ = pair
+    old = os.umask(0o022)
+    try:
+        ours.save_pretrained(tmp_path / "shared")
+        os.umask(0o077)
+        ours.save_pretrained(tmp_path / "private")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "shared") == 0o755 and mode(tmp_path / "shared" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "private") == 0o700 and mode(tmp_path / "private" / "model.safetensors") == 0o600

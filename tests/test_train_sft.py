@@ -4,10 +4,12 @@ the loss mask, the best checkpoint, and the guards that run before training."""
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +231,86 @@ def test_unanswered_last_questions_are_counted_not_silently_dropped(tmp_path):
     assert [(r["id"], len(r["messages"])) for r in source.records] == [("whole", 2), ("open-end", 2)]
     assert sum(report.skipped.values()) == 1 and sum(report.notes.values()) == 1
     assert "question" in report.summary() and "open-end" in report.summary()
+
+
+# -- reliability of OUT: what a crash, a crafted state or a second run can do -------------------
+
+
+def in_process(monkeypatch, out, *extra):
+    import train_sft
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return train_sft.main(["--data", *SFT, "--out", str(out), *COMMON, *extra])
+
+
+def test_resume_refuses_a_crafted_state_and_runs_nothing(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    in_process(monkeypatch, tmp_path, "--max-steps", "1")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "state" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(SystemExit, match=r"state: refusing to load this state: it names posix.system"):
+        in_process(monkeypatch, tmp_path, "--max-steps", "2", "--resume")
+    assert not marker.exists()
+
+
+def test_a_kill_between_the_state_renames_resumes_exactly(tmp_path, monkeypatch):
+    import training
+
+    torch.set_num_threads(1)
+    args = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3"]
+    in_process(monkeypatch, tmp_path / "whole", *args)
+    out = tmp_path / "killed"
+    real_swap, swaps = training._atomic_dir_swap, []
+
+    def killed_at_step_4(tmp, final):  # the second save: only the first rename happens
+        swaps.append(1)
+        if len(swaps) == 2:
+            os.rename(final, final.with_name(final.name + ".old"))
+            raise KeyboardInterrupt("killed between the two renames")
+        real_swap(tmp, final)
+
+    monkeypatch.setattr(training, "_atomic_dir_swap", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        in_process(monkeypatch, out, *args)
+    monkeypatch.setattr(training, "_atomic_dir_swap", real_swap)
+    assert not (out / "state").exists() and (out / "state.tmp" / "trainer.json").is_file()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # and a last line cut short
+    (out / ".best.tmp-leftover").mkdir()
+    in_process(monkeypatch, out, *args, "--resume")
+    assert losses(out) == losses(tmp_path / "whole")  # from step 4, not from 0, and nothing twice
+    a, b = weights(tmp_path / "whole" / "final"), weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".best", "state."))) == []
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
+    from training import lock_out
+
+    torch.set_num_threads(1)
+    in_process(monkeypatch, tmp_path, "--max-steps", "1")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=r"holds an earlier run \(metrics.jsonl, state, best, final\): add --resume"):
+        in_process(monkeypatch, tmp_path, "--max-steps", "1")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    held = lock_out(tmp_path)  # another run holds the directory
+    with pytest.raises(SystemExit, match="another run is using this directory"):
+        in_process(monkeypatch, tmp_path, "--max-steps", "1", "--resume")
+    held.close()
+    in_process(monkeypatch, tmp_path, "--max-steps", "1", "--overwrite")
+    assert len(losses(tmp_path)) == 1  # one run's records, not two interleaved
+
+
+def test_a_one_process_group_leaves_no_temporary_files():
+    from training import init_distributed
+
+    d = init_distributed()
+    store = Path(d.store_dir)
+    assert store.is_dir() and oct(store.stat().st_mode & 0o777) == "0o700"  # made safely, private
+    d.close()
+    assert not store.exists()
