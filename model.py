@@ -78,11 +78,13 @@ class ModelConfig:
             if key in hf and bad(hf[key]):
                 raise ValueError(f"{source}: {key}={hf[key]!r} is not supported by model.py")
         # The RoPE base: older configs write `rope_theta` at the top level, newer ones (transformers
-        # 5) nest it in `rope_parameters`. Only the original (un-scaled) RoPE is implemented.
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: RoPE scaling {rope!r} is not supported by model.py")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        # 5) nest it in `rope_parameters`. Only the original (un-scaled) RoPE is implemented, and
+        # a config may carry both spellings: each is checked, so neither hides a scaling.
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = hf.get(key) or {}
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError(f"{source}: RoPE scaling {key}={rope!r} is not supported by model.py")
+        theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         known = {f.name for f in fields(cls)} - {"rope_theta"}
         kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
         if isinstance(kwargs.get("eos_token_id"), list):  # some configs list several eos ids
@@ -415,6 +417,10 @@ class Transformer(nn.Module):
                     raise ValueError(
                         f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                         f"but config.json implies {tuple(expected[name])}")
+                if not tensor.is_floating_point():  # casting quantised or integer data would be nonsense
+                    raise ValueError(f"{shard}: tensor {name!r} is {tensor.dtype}, expected floating-point weights")
+                if not torch.isfinite(tensor).all():  # one pass over memory already read: cheap beside the read
+                    raise ValueError(f"{shard}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged")
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
                 loaded.add(name)
             model.load_state_dict(tensors, strict=False, assign=True)

@@ -206,7 +206,7 @@ def validate_pairs(model, pairs, d, micro: int, pad_id: int) -> dict:
 
 def _train(args, d):
     out = args.out
-    trunk, trunk_sd, tok = load_model(args.model, out, d, seed=args.seed)
+    trunk, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
     max_len = args.max_len or min(MAX_LEN, trunk.config.max_position_embeddings)
     if max_len > trunk.config.max_position_embeddings:
         raise SystemExit(f"--max-len {max_len} exceeds the model's context of {trunk.config.max_position_embeddings}")
@@ -235,10 +235,10 @@ def _train(args, d):
     model.trunk.activation_checkpointing = args.activation_checkpointing
     full = None
     if d.main:
-        full = {f"trunk.{k}": v for k, v in trunk_sd.items()}
+        full = {f"trunk.{k}": v for k, v in read_weights().items()}
         full["score_head.weight"] = torch.zeros(1, trunk.config.hidden_size)
     model = shard_and_load(model, full, d, bf16=d.device.type == "cuda" and not args.fp32)
-    del trunk_sd, full
+    del full
     model.train()
 
     def loss_sum(chunk):

@@ -161,7 +161,7 @@ def main(argv=None):
 
 def _train(args, d):
     out = args.out
-    model, full_sd, tok = load_model(args.model, out, d, seed=args.seed)
+    model, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
     if args.max_len is None:
         args.max_len = min(MAX_LEN, model.config.max_position_embeddings)
     if args.max_len > model.config.max_position_embeddings:
@@ -186,8 +186,7 @@ def _train(args, d):
             print(report.summary())
 
     model.activation_checkpointing = args.activation_checkpointing
-    model = shard_and_load(model, full_sd, d, bf16=d.device.type == "cuda" and not args.fp32)
-    del full_sd
+    model = shard_and_load(model, read_weights(), d, bf16=d.device.type == "cuda" and not args.fp32)
     model.train()
 
     def loss_sum(chunk):

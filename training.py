@@ -193,25 +193,29 @@ def shard(model: torch.nn.Module, layers, *, bf16: bool):
 def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
     """An HF-format directory, or the name of a config in model.CONFIGS (`tiny`, the embedded
     default; randomly initialised, with the tokenizer trained on data/) -> (model on the meta
-    device, its full state dict on rank 0 and None elsewhere, tokenizer). Only rank 0 reads
-    the weights; shard_and_load scatters them, so 8 ranks on one node do not hold 8 copies."""
-    from model import Transformer, CONFIGS
+    device, read_weights, tokenizer). Nothing heavy happens here: read_weights() reads the full
+    state dict on rank 0 (None elsewhere) when called, so a trainer checks its data first and
+    never spends minutes reading 26 GB to fail on a bad --data line. Only rank 0 reads the
+    weights; shard_and_load scatters them, so 8 ranks on one node do not hold 8 copies."""
+    from model import CONFIGS, ModelConfig, Transformer
     from tokenizer import Tokenizer
 
     if spec in CONFIGS and not Path(spec).is_dir():
         config = CONFIGS[spec]
         tok = tiny_tokenizer(out, dist_info)
-        sd = Transformer.from_config(config, seed=seed).state_dict() if dist_info.main else None
-    else:
-        from model import ModelConfig
 
+        def read_weights():
+            return Transformer.from_config(config, seed=seed).state_dict() if dist_info.main else None
+    else:
         config = ModelConfig.from_json(Path(spec) / "config.json")
         tok = Tokenizer(Path(spec) / "tokenizer.model")
-        sd = Transformer.from_pretrained(spec).state_dict() if dist_info.main else None
+
+        def read_weights():
+            return Transformer.from_pretrained(spec).state_dict() if dist_info.main else None
     tok.check_model_vocab(config.vocab_size, where=f"model {spec}")
     with torch.device("meta"):
         model = Transformer(config)
-    return model, sd, tok
+    return model, read_weights, tok
 
 
 def shard_and_load(model, state_dict, dist_info: Distributed, *, bf16: bool):

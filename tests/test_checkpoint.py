@@ -189,3 +189,19 @@ def test_checkpoints_respect_the_umask(pair, tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "shared") == 0o755 and mode(tmp_path / "shared" / "model.safetensors") == 0o644
     assert mode(tmp_path / "private") == 0o700 and mode(tmp_path / "private" / "model.safetensors") == 0o600
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "holds NaN or infinite values"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), "holds NaN or infinite values"),
+    (lambda t: t.long(), "is torch.int64, expected floating-point weights"),
+])
+def test_error_weights_the_model_cannot_use(pair, tmp_path, damage, message):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.1.mlp.up_proj.weight"] = damage(tensors["model.layers.1.mlp.up_proj.weight"])
+    save_file(tensors, f)
+    with pytest.raises(ValueError, match=f"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' {message}"):
+        Transformer.from_pretrained(tmp_path / "m")

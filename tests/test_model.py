@@ -87,6 +87,9 @@ def test_config_reads_both_rope_spellings():
     assert ModelConfig.from_hf(base).num_key_value_heads == 2  # absent: plain multi-head
     with pytest.raises(ValueError, match="rope_scaling|RoPE scaling"):
         ModelConfig.from_hf(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    # A scaling in one spelling is not hidden by a default in the other.
+    with pytest.raises(ValueError, match=r"RoPE scaling rope_scaling=.*llama3"):
+        ModelConfig.from_hf(dict(nested, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig.from_hf(dict(base, hidden_act="gelu"))
     with pytest.raises(ValueError, match="intermediate_size"):

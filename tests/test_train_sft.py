@@ -170,6 +170,17 @@ def test_errors_before_training(tmp_path, tokenizer_file):
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
+def test_data_is_checked_before_the_weights_are_read(tmp_path, tokenizer_file):
+    Transformer.from_config("tiny").save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\xff" * 64)  # reading it would fail
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "source": "t", "messages": [{"role": "user", "content": "头痛"}]}\n{not json\n')
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", str(tmp_path / "m"), "--data", str(bad),
+           "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode and f"{bad}:2: not valid JSON" in proc.stderr and "safetensors" not in proc.stderr
+
+
 def test_dry_run_plans_the_paper_run():
     def plan(*extra):
         proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--model", "ziya-13b", "--dry-run",
