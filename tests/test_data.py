@@ -147,13 +147,18 @@ def test_huatuo26m_strings_and_lists(tmp_path):
     assert sum(report.skipped.values()) == 1
 
 
+def cmedqa2_qa(d, questions: str, answers: str, candidates: str) -> list[tuple[str, str]]:
+    """(question, answer) pairs read from a cMedQA2 directory written with these CSV bodies."""
+    write(d / "question.csv", "question_id,content\n" + questions)
+    write(d / "answer.csv", "ans_id,question_id,content\n" + answers)
+    write(d / "test_candidates.txt", "question_id,ans_id,cnt,label\n" + candidates)
+    return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in read_cmedqa2(d, split="test")]
+
+
 def test_cmedqa2(tmp_path):
     d = tmp_path / "cMedQA2"
-    write(d / "question.csv", "question_id,content\n1,头痛怎么办\n2,咳嗽吃什么药\n")
-    write(d / "answer.csv", "ans_id,question_id,content\n10,1,多休息\n11,1,吃止痛药\n12,2,\"止咳糖浆, 多喝水\"\n")
-    write(d / "test_candidates.txt", "question_id,ans_id,cnt,label\n1,11,0,0\n1,10,1,1\n2,12,0,1\n2,10,1,0\n")
-    records = list(read_cmedqa2(d, split="test"))
-    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records] == [
+    assert cmedqa2_qa(d, "1,头痛怎么办\n2,咳嗽吃什么药\n", "10,1,多休息\n11,1,吃止痛药\n12,2,\"止咳糖浆, 多喝水\"\n",
+                      "1,11,0,0\n1,10,1,1\n2,12,0,1\n2,10,1,0\n") == [
         ("头痛怎么办", "多休息"), ("咳嗽吃什么药", "止咳糖浆, 多喝水")]
     write(d / "dev_candidates.txt", "question_id,ans_id,cnt,label\n3,10,0,1\n")
     with pytest.raises(RecordError, match=r"dev_candidates.txt:2: question_id 3 is not in question.csv"):
@@ -445,11 +450,9 @@ def test_alpaca_and_sharegpt_as_published(tmp_path):
 def test_cmedqa2_and_webmedqa_fields_as_published(tmp_path):
     d = tmp_path / "cMedQA2"
     # An unquoted comma inside the free-text content; a quoted content over three lines.
-    write(d / "question.csv", "question_id,content\n1,头痛，发热,还咳嗽怎么办\n2,\"孩子咳嗽\n晚上更重\n怎么办\"\n3,胃痛\n")
-    write(d / "answer.csv", "ans_id,question_id,content\n10,1,多休息,多喝水\n12,2,\"止咳糖浆, 多喝水\"\n13,3,少食多餐\n")
-    write(d / "test_candidates.txt", "question_id,ans_id,cnt,label\n1,10,0,1\n2,12,0,1\n3,13,0,1\n")
-    records = list(read_cmedqa2(d, split="test"))
-    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records] == [
+    assert cmedqa2_qa(d, "1,头痛，发热,还咳嗽怎么办\n2,\"孩子咳嗽\n晚上更重\n怎么办\"\n3,胃痛\n",
+                      "10,1,多休息,多喝水\n12,2,\"止咳糖浆, 多喝水\"\n13,3,少食多餐\n",
+                      "1,10,0,1\n2,12,0,1\n3,13,0,1\n") == [
         ("头痛，发热,还咳嗽怎么办", "多休息,多喝水"), ("孩子咳嗽\n晚上更重\n怎么办", "止咳糖浆, 多喝水"), ("胃痛", "少食多餐")]
     # Errors still name the line a row starts on, after a multi-line row too.
     write(d / "question.csv", "question_id,content\n2,\"孩子咳嗽\n晚上更重\"\n3\n")
