@@ -26,7 +26,7 @@ from pathlib import Path
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, APIError, ChatClient, Reject,
                       dialogue_text, fill, prompt, run_jobs)
 from data.readers import read
-from data.schema import Report, check_prompt
+from data.schema import Report, check_prompt, load_jsonl
 
 SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instructions.jsonl"
 SEEDS_PER_CALL = 3  # human-written examples shown in each generation call (self-instruct)
@@ -353,10 +353,12 @@ def main(argv=None):
                 return 0
             runs.append(("generate", run_jobs(jobs, work, triples_path, rejects, workers=args.workers,
                                               limit=args.limit, desc="generate")))
-            triples = [json.loads(l) for l in triples_path.read_text(encoding="utf-8").splitlines() if l.strip()]
+            triples = load_jsonl(triples_path) if triples_path.is_file() else []
             kept, dropped = keep_novel(triples, seeds)
             print(f"{len(triples)} triples generated, {dropped} dropped as near-duplicates (ROUGE-L >= {DEDUP_ROUGE_L})")
             jobs, work, render = instructions_answer(args, client, kept)
+            if runs[-1][1].stopped:  # the API refuses us: answering would only fail too
+                jobs = []
         else:
             if not args.input:
                 p.error(f"{args.command} needs --input")
@@ -379,15 +381,12 @@ def main(argv=None):
         return 130
     s = client.stats
     for label, summary in runs:
-        print(f"{label}: {summary.done} done ({summary.written} records written, {summary.rejected} rejected), "
-              f"{summary.skipped} already finished")
-        for reason, n in summary.reasons.items():
-            print(f"  rejected {n} x {reason}")
+        print("\n".join(summary.lines(label)))
     print(f"requests {s.requests}, retries {s.retries}, failed {s.failures}; tokens {s.prompt_tokens} in + "
           f"{s.completion_tokens} out; estimated cost ${client.cost(args.price_input, args.price_output):.4f} "
           f"(at ${args.price_input}/${args.price_output} per 1M tokens)")
     print(f"output: {args.out}; rejects: {rejects}")
-    return 0
+    return max(summary.exit_code for _, summary in runs)
 
 
 if __name__ == "__main__":

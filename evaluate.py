@@ -153,7 +153,8 @@ def cmd_consult(args):
     client = api_client(args)
     summary = run_jobs([(c["id"], c) for c in cases], lambda c: [consult(doctor, client, c, args.max_rounds)],
                        Path(args.out), rejects_path(args.out), workers=1, desc="consult")
-    print(f"{summary.written} consultations written, {summary.rejected} rejected, {summary.skipped} already done")
+    print("\n".join(summary.lines("consult", "consultations")))
+    return summary.exit_code
 
 
 # -- the judge ------------------------------------------------------------------------------------------
@@ -222,8 +223,10 @@ def cmd_judge(args):
                        lambda i: [judge_item(client, a[i], b[i], seed=args.seed, both_orders=args.both_orders,
                                              retries=args.judge_retries)],
                        out, rejects_path(out), workers=args.workers, desc="judge")
-    print(f"{summary.written} judged, {summary.rejected} failed, {summary.skipped} already done")
-    print(table(load_jsonl(out), args.name_a, args.name_b))
+    print("\n".join(summary.lines("judge", "judgments")))
+    if out.is_file():
+        print(table(load_jsonl(out), args.name_a, args.name_b))
+    return summary.exit_code
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -364,12 +367,12 @@ def main(argv=None):
     r.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
-        {"bench": cmd_bench, "answer": cmd_answer, "consult": cmd_consult, "judge": cmd_judge,
-         "report": cmd_report}[args.cmd](args)
+        code = {"bench": cmd_bench, "answer": cmd_answer, "consult": cmd_consult, "judge": cmd_judge,
+                "report": cmd_report}[args.cmd](args)
     except APIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

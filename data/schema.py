@@ -175,6 +175,8 @@ def finished_ids(*paths: Path) -> set[str]:
         for line in data.decode("utf-8").splitlines():
             if line.strip():
                 rec = json.loads(line)
+                if str(rec.get("reason", "")).startswith("API error"):
+                    continue  # a transport failure recorded by an earlier version: not final, retried
                 done.add(rec.get("job", rec["id"]))  # "job": a record that is one of several from a job
     return done
 

@@ -13,6 +13,7 @@ from conftest import ROOT
 from fake_openai import FakeOpenAI
 
 import distill
+import chat_api
 from chat_api import APIError, ChatClient, fill, prompt
 from distill import keep_novel, lcs_similarity, parse_dialogue, parse_ratings, parse_triples
 
@@ -266,3 +267,90 @@ def test_score_does_not_rate_responses_cut_off_before_eos(api, tmp_path, capsys)
     samples.write_text(json.dumps(dict(row, finished=[True]), ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="field 'finished' must list one true/false per response"):
         distill.read_samples(samples)
+
+
+# -- failures: what is final, what is retried (issue 12) -----------------------------------------
+
+
+def test_an_outage_leaves_every_item_to_the_next_run(api, tmp_path, capsys):
+    out, rejects = tmp_path / "qa.jsonl", tmp_path / "qa.rejects.jsonl"
+    args = ["polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out), "--max-attempts", "2"]
+    api.always = "500"
+    assert run_cli(api, *args) == 1  # not a success
+    printed = capsys.readouterr().out
+    assert "stopped early: 10 requests in a row failed" in printed and "20 item(s) left" in printed
+    assert len(api.log) <= 2 * (10 + 4)  # it stopped, instead of trying all 20 items
+    assert not out.is_file() or lines(out) == []
+    assert not rejects.is_file() or lines(rejects) == []  # nothing recorded as final
+    api.always, api.log = None, []
+    api.faults = ["400"]  # a bad request: not retried, and not final either; the others go through
+    assert run_cli(api, *args) == 1
+    assert "19 records written" in capsys.readouterr().out and len(lines(out)) == 19
+    assert run_cli(api, *args) == 0  # the failed item is tried again, and only it
+    printed = capsys.readouterr().out
+    assert "1 done (1 records written, 0 rejected), 19 already finished" in printed
+    ids = [r["id"] for r in lines(out)]
+    assert len(ids) == 20 == len(set(ids))
+
+
+def test_a_transport_failure_recorded_by_an_earlier_version_is_retried(api, tmp_path, capsys):
+    out, rejects = tmp_path / "qa.jsonl", tmp_path / "qa.rejects.jsonl"
+    first = distill.read_records(EVAL / "qa_test.jsonl", distill.Report())[0]["id"]
+    rejects.write_text(json.dumps({"id": first, "reason": "API error: gave up after 6 attempts"}) + "\n")
+    assert run_cli(api, "polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out)) == 0
+    assert first in {r["id"] for r in lines(out)} and len(lines(out)) == 20
+
+
+def test_a_refused_key_stops_the_run_at_once_and_is_not_echoed(api, tmp_path, capsys):
+    out = tmp_path / "qa.jsonl"
+    args = ["polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out)]
+    api.always = "401"
+    assert run_cli(api, *args) == 2
+    captured = capsys.readouterr()
+    assert "HTTP 401" in captured.out and "check OPENAI_API_KEY" in captured.out
+    assert len(api.log) <= 4  # the requests already in flight when the first 401 came back, no retries
+    for text in (captured.out, captured.err, *(p.read_text() for p in tmp_path.iterdir())):
+        assert KEY not in text and KEY[:8] not in text and KEY[-4:] not in text
+    api.always = None
+    assert run_cli(api, *args) == 0 and len(lines(out)) == 20
+
+
+def test_redact_hides_partial_echoes_of_the_key():
+    key = "sk-proj-AbCdEfGhIjKlMnOp1234"
+    for echo in (f"Incorrect API key provided: {key[:8]}****{key[-4:]}.", f"key {key[:10]}...", f"key ...{key[-6:]}",
+                 f"token={key}", f"'{key[:12]}…{key[-4:]}'"):
+        hidden = chat_api.redact(echo, key)
+        assert key[:10] not in hidden and key[-4:] not in hidden and "[OPENAI_API_KEY]" in hidden, hidden
+    assert chat_api.redact("HTTP 400: bad request, max_tokens too large", key) == \
+        "HTTP 400: bad request, max_tokens too large"
+
+
+def test_unparseable_retry_after_falls_back_to_the_backoff(api):
+    assert chat_api.retry_after("soon") is None and chat_api.retry_after("2") == 2.0
+    assert chat_api.retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: now
+    client = ChatClient(api.url, "m", backoff=0.01, max_attempts=3)
+    api.faults = ["429-soon"]
+    assert client.chat([{"role": "user", "content": "<患者问题>: 头痛"}]).content.startswith("<HuatuoGPT回复>")
+
+
+def test_timeout_bounds_a_reply_that_trickles_in(api):
+    client = ChatClient(api.url, "m", timeout=1.0, backoff=0.01, max_attempts=1)
+    api.faults = ["trickle"]  # ~300 bytes at 5 bytes a second: a minute if nothing cut it
+    t = time.monotonic()
+    with pytest.raises(APIError, match="gave up after 1 attempts"):
+        client.chat([{"role": "user", "content": "x"}])
+    assert time.monotonic() - t < 3.0  # timeout + at most one read
+
+
+def test_key_over_plain_http_to_another_host_warns(monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    ChatClient("http://127.0.0.1:9/v1")
+    ChatClient("http://localhost:9/v1")
+    ChatClient("https://example.org/v1")
+    assert capsys.readouterr().err == ""
+    ChatClient("http://example.org/v1")
+    err = capsys.readouterr().err
+    assert "sent unencrypted" in err and "example.org" in err and KEY not in err
+    monkeypatch.delenv("OPENAI_API_KEY")
+    ChatClient("http://example.org/v1")  # no key, nothing to leak
+    assert capsys.readouterr().err == ""

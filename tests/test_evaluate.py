@@ -164,3 +164,21 @@ class Verbose:
 
     def chat(self, messages):
         return SimpleNamespace(content="头痛发热咳嗽" * 200)
+
+
+def test_judge_items_the_api_failed_are_judged_on_the_next_run(judge_api, tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", [conversation(f"q{i}", "详细的回答", "治疗方案") for i in range(4)])
+    b = write_jsonl(tmp_path / "b.jsonl", [conversation(f"q{i}", "简短", "治疗方案") for i in range(4)])
+    out = tmp_path / "judge.jsonl"
+    cmd = ["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url, "--backoff", "0.01",
+           "--workers", "1"]
+    judge_api.faults = ["400"]  # the first item's request fails; it is not a verdict
+    assert evaluate.main(cmd) == 1
+    assert "1 item(s) left" in capsys.readouterr().out and len(evaluate.load_jsonl(out)) == 3
+    assert not (tmp_path / "judge.rejects.jsonl").read_text()
+    judge_api.always = "401"
+    assert evaluate.main(cmd) == 2  # a refused key: a user error, and nothing recorded
+    judge_api.always = None
+    assert evaluate.main(cmd) == 0
+    assert sorted(r["id"] for r in evaluate.load_jsonl(out)) == ["q0", "q1", "q2", "q3"]
+    assert all(r["outcome"] == "win" for r in evaluate.load_jsonl(out))
