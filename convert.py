@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data.schema import run_main
 from model import ModelConfig, write_checkpoint, read_safetensors
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
@@ -173,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -23,10 +23,10 @@ import re
 import sys
 from pathlib import Path
 
-from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, APIError, ChatClient, Reject,
+from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, PROMPTS, APIError, ChatClient, Reject,
                       dialogue_text, fill, prompt, run_jobs)
 from data.readers import read
-from data.schema import Report, check_prompt, load_jsonl
+from data.schema import RecordError, Report, check_prompt, claim_output, file_digest, load_jsonl, run_main
 
 SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instructions.jsonl"
 SEEDS_PER_CALL = 3  # human-written examples shown in each generation call (self-instruct)
@@ -313,6 +313,20 @@ def read_records(path, report):
     return list(read(path, skip_bad=True, report=report))
 
 
+# The prompt files each command sends (data/prompts/).
+PROMPTS_USED = {"instructions": ["a1_self_instruct", "a1_role_answer"], "conversations": ["a2_patient", "a2_doctor"],
+                "polish-qa": ["a3_polish_qa"], "polish-dialogue": ["a4_polish_dialogue"], "score": ["b_mixed_feedback"]}
+
+
+def distill_setup(args, sampling: dict) -> tuple[dict, dict]:
+    """What makes this command's records what they are (data.schema.claim_output)."""
+    source = Path(args.input) if args.input else SEEDS
+    setup = {"command": args.command, "input": file_digest(source), "model": args.model, **sampling,
+             "seed": args.seed, "max_rounds": args.max_rounds if args.command == "conversations" else None}
+    setup.update({f"prompt {name}": file_digest(PROMPTS / f"{name}.txt") for name in PROMPTS_USED[args.command]})
+    return setup, {"input": str(source), "base_url": args.base_url}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["instructions", "conversations", "polish-qa", "polish-dialogue", "score"])
@@ -337,9 +351,13 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the first prompt and stop; no API call")
     args = p.parse_args(argv)
     rejects = args.rejects or args.out.with_name(args.out.stem + ".rejects.jsonl")
+    if args.command != "instructions" and not args.input:
+        p.error(f"{args.command} needs --input")
     sampling = {k: v for k, v in (("temperature", args.temperature if args.temperature is not None else
                                    (0.0 if args.command == "score" else 1.0)),
                                   ("top_p", args.top_p), ("max_tokens", args.max_tokens)) if v is not None}
+    if not args.dry_run:
+        claim_output(args.out, *distill_setup(args, sampling))
     try:
         client = None if args.dry_run else ChatClient(args.base_url, args.model, timeout=args.timeout,
                                                       max_attempts=args.max_attempts, backoff=args.backoff, **sampling)
@@ -360,8 +378,6 @@ def main(argv=None):
             if runs[-1][1].stopped:  # the API refuses us: answering would only fail too
                 jobs = []
         else:
-            if not args.input:
-                p.error(f"{args.command} needs --input")
             data = read_samples(args.input) if args.command == "score" else read_records(args.input, report)
             builder = {"conversations": conversations, "polish-qa": polish_qa,
                        "polish-dialogue": polish_dialogue, "score": score}[args.command]
@@ -390,4 +406,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

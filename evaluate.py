@@ -29,9 +29,10 @@ from xml.sax.saxutils import escape
 import torch
 from tqdm import tqdm
 
-from chat_api import GOODBYE, OPENAI_BASE_URL, APIError, ChatClient, Reject, dialogue_text, fill, prompt, run_jobs
+from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
+                      run_jobs)
 from data.readers import read
-from data.schema import finished_ids, load_jsonl
+from data.schema import RecordError, claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main
 from data.template import render
 from generate import add_device_args, device_and_dtype, generate
 from metrics import compute_metrics
@@ -100,10 +101,21 @@ def answer_all(doctor: Doctor, records: list[dict], out: Path, batch_size: int, 
         print(f"skipped {too_long} question(s) longer than the context less --max-new-tokens", file=sys.stderr)
 
 
+def answer_setup(args, *prompts: str) -> tuple[dict, dict]:
+    """What makes a model's answers what they are (claim_output): the weights, the data, the
+    decoding, and for consult the simulated patient."""
+    setup = {"command": args.cmd, "model": model_digest(args.model), "data": file_digest(args.data),
+             "format": args.format, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+             "dtype": str(device_and_dtype(args)[1])}
+    setup.update({f"prompt {name}": file_digest(PROMPTS / f"{name}.txt") for name in prompts})
+    return setup, {"model": str(args.model), "data": str(args.data)}
+
+
 def cmd_bench(args):
     records = [r for r in read(args.data, args.format) if len(r["messages"]) >= 2][: args.limit]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out / "predictions.jsonl", *answer_setup(args))
     doctor = make_doctor(args)
     answer_all(doctor, records, out / "predictions.jsonl", args.batch_size, keep_reference=True)
     wanted = {r["id"] for r in records}
@@ -119,6 +131,7 @@ def cmd_bench(args):
 
 def cmd_answer(args):
     records = list(read(args.data, args.format))[: args.limit]
+    claim_output(args.out, *answer_setup(args))
     answer_all(make_doctor(args), records, Path(args.out), args.batch_size, keep_reference=False)
     print(f"answers in {args.out}")
 
@@ -149,6 +162,9 @@ def consult(doctor: Doctor, client: ChatClient, case: dict, max_rounds: int) -> 
 
 def cmd_consult(args):
     cases = list(read(args.data, args.format))[: args.limit]  # --limit: the first N cases
+    setup, info = answer_setup(args, "a2_patient")
+    setup.update(patient_model=args.patient_model, api_temperature=args.api_temperature, max_rounds=args.max_rounds)
+    claim_output(args.out, setup, dict(info, base_url=args.base_url))
     doctor = make_doctor(args)
     client = api_client(args)
     summary = run_jobs([(c["id"], c) for c in cases], lambda c: [consult(doctor, client, c, args.max_rounds)],
@@ -215,10 +231,18 @@ def cmd_judge(args):
     common = [i for i in a if i in b][: args.limit]  # --limit: the first N items
     if not common:
         raise SystemExit(f"{args.a} and {args.b} share no ids")
+    # The answers judged are fingerprinted by what produced them (their own setup record) when
+    # they have one, else by their bytes.
+    def produced(path):
+        made_by = Path(path).with_name(Path(path).stem + ".setup.json")
+        return "made by " + file_digest(made_by) if made_by.is_file() else "file " + file_digest(path)
+
     client = api_client(args)
     out = Path(args.out)
-    header = out.with_name(out.stem + ".meta.json")
-    header.write_text(json.dumps({"a": args.name_a, "b": args.name_b, "files": [args.a, args.b]}) + "\n")
+    claim_output(out, {"a": produced(args.a), "b": produced(args.b), "judge_model": args.judge_model,
+                       "api_temperature": args.api_temperature, "seed": args.seed, "both_orders": args.both_orders,
+                       "prompt d_auto_evaluation": file_digest(PROMPTS / "d_auto_evaluation.txt")},
+                 {"a": args.name_a, "b": args.name_b, "files": [args.a, args.b], "base_url": args.base_url})
     summary = run_jobs([(i, i) for i in common],
                        lambda i: [judge_item(client, a[i], b[i], seed=args.seed, both_orders=args.both_orders,
                                              retries=args.judge_retries)],
@@ -281,8 +305,8 @@ def cmd_report(args):
     lines, bars = ["# Evaluation report", ""], []
     for path in args.judgments:
         path = Path(path)
-        meta_file = path.with_name(path.stem + ".meta.json")
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"a": "A", "b": "B"}
+        made_by = path.with_name(path.stem + ".setup.json")
+        meta = json.loads(made_by.read_text(encoding="utf-8"))["info"] if made_by.is_file() else {"a": "A", "b": "B"}
         judgments = load_jsonl(path)
         lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
                   table(judgments, meta["a"], meta["b"]), ""]
@@ -376,4 +400,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
+from data.schema import run_main
 from model import KVCache, Transformer, token_logprobs
 
 
@@ -215,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

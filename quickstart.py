@@ -17,10 +17,12 @@ Each stage is a script of its own that also runs at full scale (see README.md).
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import train_rm
 import train_sft
+from data.schema import run_main
 from evaluate import Doctor
 
 ROOT = Path(__file__).resolve().parent
@@ -41,7 +43,8 @@ def main(argv=None):
     print("      validation loss: " + " -> ".join(f"{v:.3f}" for v in vals))
 
     print("[2/4] sampling 2 responses for each of 8 prompts from the SFT model")
-    (args.out / "samples.jsonl").unlink(missing_ok=True)  # `sample` resumes: samples of an earlier run's model would stay
+    for stale in ("samples.jsonl", "samples.setup.json"):  # `sample` resumes, and refuses another model's file
+        (args.out / stale).unlink(missing_ok=True)
     train_rm.main(["sample", "--model", str(sft / "best"), "--data", str(ROOT / "data" / "sft" / "doctor_qa.jsonl"),
                    "--out", str(args.out / "samples.jsonl"), "-k", "2", "--limit", "8", "--max-new-tokens", "48"])
     print("      (with an API key, `python distill.py score --input samples.jsonl` rates them; here the\n"
@@ -63,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

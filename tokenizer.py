@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from data.schema import run_main
+
 
 class Tokenizer:
     def __init__(self, model_file: str | os.PathLike):
@@ -175,4 +177,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

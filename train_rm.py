@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from data.mixing import LengthGroupedBatches, dedup_key
 from data.readers import read
-from data.schema import Report, finished_ids
+from data.schema import Report, claim_output, file_digest, finished_ids, model_digest, run_main
 from data.template import render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from model import Transformer
@@ -309,7 +309,10 @@ def sample(args):
             prompts.append((r["id"], messages, reference, ids))
     prompts = prompts[: args.limit] if args.limit else prompts
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(out, {"model": model_digest(args.model), "data": [file_digest(f) for f in args.data], "k": args.k,
+                       "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                       "seed": args.seed, "dtype": str(dtype)},
+                 {"model": str(args.model), "data": [str(f) for f in args.data]})
     done = finished_ids(out)
     todo = [p for p in prompts if p[0] not in done]
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -393,4 +396,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

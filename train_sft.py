@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import read
-from data.schema import Report
+from data.schema import Report, run_main
 from data.template import IGNORE_INDEX, collate, render
 from training import (add_trainer_args, eval_chunks, load_model, memory_estimate, run_distributed, shard_and_load,
                       train_loop)
@@ -210,4 +210,4 @@ def _train(args, d):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -17,7 +17,7 @@ from collections import Counter
 
 from data.mixing import Source, length_stats, mix
 from data.readers import READERS, read
-from data.schema import RecordError, Report, to_huatuo, write_jsonl
+from data.schema import RecordError, Report, run_main, to_huatuo, write_jsonl
 from data.template import MAX_LEN, render
 
 
@@ -174,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -17,9 +17,13 @@ caller prints. Nothing is dropped silently.
 
 from __future__ import annotations
 
+import errno
+import glob
+import hashlib
 import json
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,6 +35,30 @@ SFT_SOURCES = ("distilled_instruction", "real_instruction", "distilled_conversat
 
 class RecordError(ValueError):
     """A record that does not fit its format; the message names the file, line and field."""
+
+
+def run_main(main: Callable, argv: list[str] | None = None) -> int:
+    """A command line's main(argv), with a user's mistake ending as one line on stderr,
+    `error: …`, and exit status 2 instead of a traceback: a bad record or a refused output
+    (RecordError), a refusal (SystemExit with a message), a missing file, a full or read-only
+    disk. Anything else is a bug and keeps its traceback."""
+    try:
+        return main(argv) or 0
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    except RecordError as e:
+        message = str(e)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        message = f"{e.filename}: {e.strerror.lower()}" if e.filename else str(e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise
+        message = (f"{e.filename or 'writing'}: {errno.errorcode[e.errno]}, {e.strerror}; nothing written before "
+                   "was removed: free space or give a writable path, then rerun (trainers: add --resume)")
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 class Report:
@@ -175,15 +203,85 @@ def finished_ids(*paths: Path) -> set[str]:
         for line in data.decode("utf-8").splitlines():
             if line.strip():
                 rec = json.loads(line)
-                if str(rec.get("reason", "")).startswith("API error"):
-                    continue  # a transport failure recorded by an earlier version: not final, retried
                 done.add(rec.get("job", rec["id"]))  # "job": a record that is one of several from a job
     return done
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every record of a JSONL file this project wrote (predictions, judgments), unchecked."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every record of a JSONL file this project wrote (predictions, judgments), unchecked but
+    for being JSON objects: a bad line is a RecordError naming the file and line."""
+    out = []
+    for n, line in text_lines(path):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{n}: not valid JSON ({e.msg}); a line cut short by a crash? "
+                                  "rerun the command that wrote it, or delete that line") from None
+            if not isinstance(rec, dict):
+                raise RecordError(f"{path}:{n}: expected a JSON object")
+            out.append(rec)
+    return out
+
+
+# -- what produced a resumable output --------------------------------------------------------------
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """A fingerprint of an HF-format model directory, cheap at any size: config.json,
+    tokenizer.model, and of every weight file its size, its header (tensor names, shapes,
+    offsets) and 1 MiB from its middle and its end. Two trainings' weights differ there."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.model"):
+        if (path / name).is_file():
+            h.update(name.encode() + (path / name).read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for start in (0, size // 2, max(0, size - (1 << 20))):
+                fh.seek(start)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None) -> Path:
+    """Make sure resumable output `out` is this setup's: a file beside it (OUT.setup.json)
+    records what produced it — `setup` (fingerprints and settings that change the records)
+    and `info` (paths, labels: shown, not compared). A rerun with another setup is refused
+    with the differences named, so one model's records are never continued, or counted, as
+    another's. An output that holds nothing yet takes the new setup. Returns the record's path."""
+    out = Path(out)
+    record = out.with_name(out.stem + ".setup.json")
+    setup = json.loads(json.dumps(setup))  # as it will read back
+    beside = [out, *out.parent.glob(f"{glob.escape(out.stem)}.*.jsonl")]  # its rejects, a first stage's records
+    holds = any(p.exists() and (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0) for p in beside)
+    if holds and record.is_file():
+        before = json.loads(record.read_text(encoding="utf-8"))["setup"]
+        diff = [f"{k}: {before.get(k)!r} -> {setup.get(k)!r}" for k in sorted(set(before) | set(setup))
+                if before.get(k) != setup.get(k)]
+        if diff:
+            raise RecordError(f"{out} holds the output of another setup ({'; '.join(diff)}): write to another "
+                              f"--out, or delete {out} and the files beside it named {out.stem}.* to start over")
+    elif holds:
+        raise RecordError(f"{out} exists but says nothing of what produced it (no {record.name}): write to "
+                          f"another --out, or delete it to start over")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({"setup": setup, "info": info or {}}, ensure_ascii=False, indent=1) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, record)
+    return record
 
 
 # -- the released HuatuoGPT SFT layout: {"data": ["问：…", "答：…", "问：…", …]} ------------------

@@ -293,14 +293,6 @@ def test_an_outage_leaves_every_item_to_the_next_run(api, tmp_path, capsys):
     assert len(ids) == 20 == len(set(ids))
 
 
-def test_a_transport_failure_recorded_by_an_earlier_version_is_retried(api, tmp_path, capsys):
-    out, rejects = tmp_path / "qa.jsonl", tmp_path / "qa.rejects.jsonl"
-    first = distill.read_records(EVAL / "qa_test.jsonl", distill.Report())[0]["id"]
-    rejects.write_text(json.dumps({"id": first, "reason": "API error: gave up after 6 attempts"}) + "\n")
-    assert run_cli(api, "polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out)) == 0
-    assert first in {r["id"] for r in lines(out)} and len(lines(out)) == 20
-
-
 def test_a_refused_key_stops_the_run_at_once_and_is_not_echoed(api, tmp_path, capsys):
     out = tmp_path / "qa.jsonl"
     args = ["polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out)]
@@ -354,3 +346,20 @@ def test_key_over_plain_http_to_another_host_warns(monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY")
     ChatClient("http://example.org/v1")  # no key, nothing to leak
     assert capsys.readouterr().err == ""
+
+
+def test_a_rerun_with_another_setup_is_refused(api, tmp_path):
+    out = tmp_path / "qa.jsonl"
+    args = ["polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out), "--limit", "3"]
+    assert run_cli(api, *args) == 0
+    with pytest.raises(distill.RecordError, match=r"another setup \(model: 'gpt-3.5-turbo' -> 'gpt-4'\)"):
+        run_cli(api, *args, "--model", "gpt-4")
+    other = tmp_path / "other.jsonl"
+    other.write_text((EVAL / "qa_test.jsonl").read_text(encoding="utf-8")[:-1] + " \n", encoding="utf-8")
+    with pytest.raises(distill.RecordError, match=r"another setup \(input: "):
+        run_cli(api, "polish-qa", "--input", str(other), "--out", str(out))
+    assert len(lines(out)) == 3
+    # An output of unknown origin (an earlier version's) is not continued either.
+    (tmp_path / "qa.setup.json").unlink()
+    with pytest.raises(distill.RecordError, match="says nothing of what produced it"):
+        run_cli(api, *args)

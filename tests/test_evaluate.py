@@ -182,3 +182,44 @@ def test_judge_items_the_api_failed_are_judged_on_the_next_run(judge_api, tmp_pa
     assert evaluate.main(cmd) == 0
     assert sorted(r["id"] for r in evaluate.load_jsonl(out)) == ["q0", "q1", "q2", "q3"]
     assert all(r["outcome"] == "win" for r in evaluate.load_jsonl(out))
+
+
+def test_a_rerun_into_another_models_output_is_refused(tmp_path, tokenizer_file, capsys):
+    """Issue 12: bench of model B into model A's directory printed A's numbers as B's row."""
+    for name, seed in (("a", 0), ("b", 1)):
+        Transformer.from_config(CONFIGS["tiny"], seed=seed).save_pretrained(tmp_path / name, tokenizer=tokenizer_file)
+    common = ["--data", str(ROOT / "data" / "eval" / "qa_test.jsonl"), "--out", str(tmp_path / "bench"),
+              "--limit", "2", "--max-new-tokens", "4"]
+    assert evaluate.main(["bench", "--model", str(tmp_path / "a"), "--name", "A", *common]) == 0
+    before = (tmp_path / "bench" / "predictions.jsonl").read_bytes()
+    with pytest.raises(evaluate.RecordError, match=r"holds the output of another setup \(model: '[0-9a-f]+' -> "):
+        evaluate.main(["bench", "--model", str(tmp_path / "b"), "--name", "B", *common])
+    with pytest.raises(evaluate.RecordError, match=r"\(max_new_tokens: 4 -> 5; temperature: 0.0 -> 0.7\)"):
+        evaluate.main(["bench", "--model", str(tmp_path / "a"), *common, "--max-new-tokens", "5",
+                       "--temperature", "0.7"])
+    assert (tmp_path / "bench" / "predictions.jsonl").read_bytes() == before
+    # A copy of A elsewhere is the same model: its rerun continues.
+    import shutil
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+    assert evaluate.main(["bench", "--model", str(tmp_path / "a_copy"), *common, "--limit", "3"]) == 0
+    # Through the command line the refusal is one line and exit status 2.
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "answer", "--model", str(tmp_path / "b"),
+                        "--data", str(ROOT / "data" / "eval" / "qa_test.jsonl"), "--out",
+                        str(tmp_path / "bench" / "predictions.jsonl"), "--limit", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "command: 'bench' -> 'answer'" in r.stderr and "model:" in r.stderr
+
+
+def test_judge_of_other_answers_is_refused(judge_api, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [conversation("q1", "详细的回答", "其他")])
+    b = write_jsonl(tmp_path / "b.jsonl", [conversation("q1", "简短", "其他")])
+    out = tmp_path / "j.jsonl"
+    cmd = ["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url]
+    assert evaluate.main(cmd) == 0
+    write_jsonl(b, [conversation("q1", "另一个模型的回答", "其他")])
+    with pytest.raises(evaluate.RecordError, match=r"another setup \(b: 'file [0-9a-f]+' -> 'file [0-9a-f]+'\)"):
+        evaluate.main(cmd)
+    with pytest.raises(evaluate.RecordError, match=r"judge_model: 'gpt-4' -> 'gpt-4o'"):
+        evaluate.main(cmd + ["--judge-model", "gpt-4o"])
