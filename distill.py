@@ -25,7 +25,7 @@ from pathlib import Path
 
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, PROMPTS, APIError, ChatClient, Reject,
                       dialogue_text, fill, prompt, run_jobs)
-from data.readers import read
+from data.readers import add_input_args, read
 from data.schema import RecordError, Report, check_prompt, claim_output, file_digest, load_jsonl, run_main
 
 SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instructions.jsonl"
@@ -309,8 +309,8 @@ def score(args, client, samples):
 # -- command line ---------------------------------------------------------------------------------
 
 
-def read_records(path, report):
-    return list(read(path, skip_bad=True, report=report))
+def read_records(path, report, fmt=None, encoding="utf-8"):
+    return list(read(path, fmt, skip_bad=True, report=report, encoding=encoding))
 
 
 # The prompt files each command sends (data/prompts/).
@@ -331,6 +331,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["instructions", "conversations", "polish-qa", "polish-dialogue", "score"])
     p.add_argument("--input", help="input file (instructions: seed file, default data/prompts/seed_instructions.jsonl)")
+    add_input_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rejects", type=Path, help="default: OUT with .rejects.jsonl")
     p.add_argument("--base-url", default=OPENAI_BASE_URL)
@@ -378,7 +379,7 @@ def main(argv=None):
             if runs[-1][1].stopped:  # the API refuses us: answering would only fail too
                 jobs = []
         else:
-            data = read_samples(args.input) if args.command == "score" else read_records(args.input, report)
+            data = read_samples(args.input) if args.command == "score" else read_records(args.input, report, args.format, args.encoding)
             builder = {"conversations": conversations, "polish-qa": polish_qa,
                        "polish-dialogue": polish_dialogue, "score": score}[args.command]
             jobs, work, render = builder(args, client, data)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
                       run_jobs)
-from data.readers import read
+from data.readers import add_input_args, read
 from data.schema import RecordError, claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main
 from data.template import render
 from generate import add_device_args, device_and_dtype, generate
@@ -113,7 +113,7 @@ def answer_setup(args, *prompts: str) -> tuple[dict, dict]:
 
 
 def cmd_bench(args):
-    records = [r for r in read(args.data, args.format) if len(r["messages"]) >= 2][: args.limit]
+    records = [r for r in read(args.data, args.format, encoding=args.encoding) if len(r["messages"]) >= 2][: args.limit]
     out = Path(args.out)
     claim_output(out / "predictions.jsonl", *answer_setup(args))
     doctor = make_doctor(args)
@@ -130,7 +130,7 @@ def cmd_bench(args):
 
 
 def cmd_answer(args):
-    records = list(read(args.data, args.format))[: args.limit]
+    records = list(read(args.data, args.format, encoding=args.encoding))[: args.limit]
     claim_output(args.out, *answer_setup(args))
     answer_all(make_doctor(args), records, Path(args.out), args.batch_size, keep_reference=False)
     print(f"answers in {args.out}")
@@ -161,7 +161,7 @@ def consult(doctor: Doctor, client: ChatClient, case: dict, max_rounds: int) -> 
 
 
 def cmd_consult(args):
-    cases = list(read(args.data, args.format))[: args.limit]  # --limit: the first N cases
+    cases = list(read(args.data, args.format, encoding=args.encoding))[: args.limit]  # --limit: the first N cases
     setup, info = answer_setup(args, "a2_patient")
     setup.update(patient_model=args.patient_model, api_temperature=args.api_temperature, max_rounds=args.max_rounds)
     claim_output(args.out, setup, dict(info, base_url=args.base_url))
@@ -344,7 +344,7 @@ def main(argv=None):
     def model_args(sp):
         sp.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
         sp.add_argument("--data", required=True)
-        sp.add_argument("--format", help="default: guessed (see data/readers.py)")
+        add_input_args(sp)
         sp.add_argument("--out", required=True)
         sp.add_argument("--limit", type=int, help="only the first N items")
         sp.add_argument("--batch-size", type=int, default=8)

@@ -36,13 +36,14 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from tqdm import tqdm
 
 from data.mixing import LengthGroupedBatches, dedup_key
-from data.readers import read
+from data.readers import add_input_args, read
 from data.schema import Report, claim_output, file_digest, finished_ids, model_digest, run_main
 from data.template import render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from model import Transformer
 from tokenizer import Tokenizer
-from training import add_trainer_args, eval_chunks, load_model, run_distributed, shard_and_load, train_loop
+from training import (add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup, shard_and_load,
+                      train_loop)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -159,8 +160,9 @@ def pair_rewards(model, pairs: list[dict], pad_id: int, device):
 def split_by_prompt(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, validation) with every prompt's pairs on one side. distill.py score writes up to
     k(k-1)/2 pairs per prompt, so a split by pair would also train on the held-out prompts and
-    their responses. Exact duplicate pairs are dropped; the split does not depend on the order
-    of the files or of the records (prompts are ordered by content before the seeded shuffle)."""
+    their responses. Exact duplicate pairs are dropped; neither the split nor the order of the
+    pairs depends on the order of the files or of the records (prompts and pairs are ordered by
+    content before the seeded shuffle)."""
     groups: dict[str, list[dict]] = {}
     seen = set()
     for r in records:
@@ -169,6 +171,8 @@ def split_by_prompt(records: list[dict], val_fraction: float, seed: int) -> tupl
             seen.add(key)
             groups.setdefault(json.dumps(r["messages"], ensure_ascii=False, sort_keys=True), []).append(r)
     prompts = sorted(groups)
+    for k in prompts:
+        groups[k].sort(key=dedup_key)
     random.Random(f"{seed}:reward-model-split").shuffle(prompts)
     n_val = math.ceil(len(prompts) * val_fraction) if val_fraction > 0 and len(prompts) > 1 else 0
     return ([r for k in prompts[n_val:] for r in groups[k]], [r for k in prompts[:n_val] for r in groups[k]])
@@ -212,10 +216,10 @@ def _train(args, d):
         raise SystemExit(f"--max-len {max_len} exceeds the model's context of {trunk.config.max_position_embeddings}")
 
     report = Report()
-    records = [r for f in args.data for r in read(f, "pairs", report=report)]
+    records = [r for f in args.data for r in read(f, "pairs", report=report, encoding=args.encoding)]
     train_records, val_records = split_by_prompt(records, 0 if args.val_data else VAL_FRACTION, args.seed)
     if args.val_data:
-        val_records = [r for f in args.val_data for r in read(f, "pairs", report=report)]
+        val_records = [r for f in args.val_data for r in read(f, "pairs", report=report, encoding=args.encoding)]
     train_pairs = encode_pairs(train_records, tok, max_len, report)
     val_pairs = encode_pairs(val_records, tok, max_len, report)
     sampler = LengthGroupedBatches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
@@ -255,7 +259,8 @@ def _train(args, d):
                n_tokens=lambda batch: sum(len(train_pairs[i]["chosen_ids"]) + len(train_pairs[i]["rejected_ids"])
                                           for i in batch),
                validate=validate, score=lambda m: (m["val_accuracy"], m["val_margin"]),  # accuracy, then margin
-               describe=lambda m: f"held-out accuracy {m['val_accuracy']:.3f}, mean margin {m['val_margin']:.3f}")
+               describe=lambda m: f"held-out accuracy {m['val_accuracy']:.3f}, mean margin {m['val_margin']:.3f}",
+               setup=run_setup(args, model=model_setup(args.model), margin=args.margin))
 
 
 # -- sampling and scoring --------------------------------------------------------------------------
@@ -291,7 +296,7 @@ def sample(args):
                          f"context of {model.config.max_position_embeddings}")
     seen, prompts = set(), []
     for f in args.data:
-        for r in read(f, report=report):
+        for r in read(f, args.format, report=report, encoding=args.encoding):
             found = doctor_prompt(r)
             if found is None:
                 report.skip("no real doctor's answer to compare with (distilled, or ends with the patient)", r["id"])
@@ -348,7 +353,7 @@ def score(args):
     tok = Tokenizer(Path(args.model) / "tokenizer.model")
     report = Report()
     for f in args.data:
-        for r in read(f, report=report):
+        for r in read(f, args.format, report=report, encoding=args.encoding):
             if r["messages"][-1]["role"] != "assistant":
                 report.skip("no reply to score (ends with the patient)", r["id"])
                 continue
@@ -371,6 +376,7 @@ def main(argv=None):
         p = argparse.ArgumentParser(prog=f"train_rm.py {argv[0]}")
         p.add_argument("--model", required=True)
         p.add_argument("--data", nargs="+", required=True)
+        add_input_args(p)
         add_device_args(p)
         if argv[0] == "sample":
             p.add_argument("--out", required=True)
@@ -386,6 +392,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
     p.add_argument("--data", nargs="+", required=True, help="preference pairs (distill.py score output)")
+    add_input_args(p, formats=False)
     add_trainer_args(p, unit="pairs", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
                      warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
     p.add_argument("--margin", type=float, default=MARGIN)

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from data.mixing import LengthGroupedBatches, Source, mix
-from data.readers import read
-from data.schema import Report, run_main
+from data.readers import add_input_args, read
+from data.schema import Report, file_digest, run_main
 from data.template import IGNORE_INDEX, collate, render
-from training import (add_trainer_args, eval_chunks, load_model, memory_estimate, run_distributed, shard_and_load,
-                      train_loop)
+from training import (add_trainer_args, eval_chunks, load_model, memory_estimate, model_setup, run_distributed,
+                      run_setup, shard_and_load, train_loop)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -86,14 +86,14 @@ def validation_loss(model, items, d, micro: int, pad_id: int) -> float:
     return d.all_sum(total) / d.all_sum(count)
 
 
-def read_sources(files, report) -> list[Source]:
+def read_sources(files, report, fmt: str | None = None, encoding: str = "utf-8") -> list[Source]:
     """Conversations from files in any format data/ reads. One that ends with the patient's
     turn has nothing to learn at its end: its last turn is dropped (the answered rounds before
     it stay) and counted, and one with no answered round at all is skipped and counted."""
     sources = []
     for f in files:
         records = []
-        for r in read(f, report=report):
+        for r in read(f, fmt, report=report, encoding=encoding):
             if r["messages"][-1]["role"] == "user":
                 if len(r["messages"]) == 1:
                     report.skip("no answer to train on (a question alone)", r["id"])
@@ -145,6 +145,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
     p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
+    add_input_args(p)
     add_trainer_args(p, unit="conversations", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
                      warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
     p.add_argument("--peak-tflops", type=float, help="the accelerator's peak dense TFLOP/s, to report MFU")
@@ -169,11 +170,13 @@ def _train(args, d):
                          f"{model.config.max_position_embeddings} ({args.model})")
 
     # Data: read, deduplicate, split, render (checked before any expensive work).
+    # The files in an order of their own (by content), so that the split, the batches and a
+    # resumed run do not depend on the order of --data.
     report = Report()
-    sources = read_sources(args.data, report)
+    sources = read_sources(sorted(args.data, key=file_digest), report, args.format, args.encoding)
     train_records, val_records, _ = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
     if args.val_data:
-        val_records = [r for s in read_sources(args.val_data, report) for r in s.records]
+        val_records = [r for s in read_sources(args.val_data, report, args.format, args.encoding) for r in s.records]
     train_items = render_all(train_records, tok, args.max_len, report)
     val_items = render_all(val_records, tok, args.max_len, report)
     sampler = LengthGroupedBatches([len(x.ids) for x in train_items], args.batch_size, seed=args.seed, drop_last=True)
@@ -206,7 +209,7 @@ def _train(args, d):
                n_tokens=lambda batch: sum(len(train_items[i].ids) for i in batch),
                validate=validate, score=lambda m: (-m["val_loss"],),
                describe=lambda m: f"validation loss {m['val_loss']:.4f}",
-               flops_per_token=6 * (cfg.num_params() - lookup_only))
+               setup=run_setup(args, model=model_setup(args.model)), flops_per_token=6 * (cfg.num_params() - lookup_only))
 
 
 if __name__ == "__main__":

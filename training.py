@@ -19,6 +19,8 @@ FileStore), so one code path serves a laptop and a cluster.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -36,12 +38,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
+
+from data.schema import file_digest, model_digest
 
 ROOT = Path(__file__).resolve().parent
 
@@ -92,7 +97,10 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state (with the same settings and data)")
+    p.add_argument("--allow-change", nargs="+", choices=sorted(CHANGEABLE), default=[],
+                   help="with --resume: let these settings differ from the saved run's (the schedule follows "
+                        "the new values from the step resumed)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds an earlier run (its metrics and state are discarded)")
     p.add_argument("--activation-checkpointing", action="store_true")
@@ -101,6 +109,44 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
                    help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
                         "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
                         "gradient on every rank); see accumulate")
+
+
+# What defines a run: a resume must have the same (check_setup). The micro-batch size, the
+# number of ranks, --grad-sync and activation checkpointing change how a step is computed, not
+# what it computes, and may differ. CHANGEABLE may differ when --allow-change names them.
+DEFINING = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip", "max_len", "seed")
+CHANGEABLE = {"lr": "lr", "max-steps": "max_steps", "epochs": "epochs"}
+
+
+FLAT_STEPS = 3  # steps in a row with an exactly zero gradient before train_loop stops
+
+
+def run_setup(args, **extra) -> dict:
+    """The settings and the data (by content: the files' digests, in no particular order) that
+    define a training run, plus the trainer's own (`extra`: a base model, a loss margin)."""
+    setup = {k: getattr(args, k) for k in DEFINING}
+    setup["data"] = sorted(file_digest(f) for f in args.data)
+    setup["val_data"] = sorted(file_digest(f) for f in args.val_data or [])
+    setup.update(extra)
+    return json.loads(json.dumps(setup))
+
+
+def check_setup(saved: dict, now: dict, allowed: list[str], where: Path):
+    """Refuse to resume a run saved with other settings or data, naming each difference."""
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    refused = [k for k in diff if k not in {CHANGEABLE[a] for a in allowed}]
+    if refused:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
+        may = [a for a, k in CHANGEABLE.items() if k in refused]
+        raise SystemExit(f"--resume: {where} was saved by a run with other settings or data ({changes}). Resume "
+                         f"with the same ones, or start over with --overwrite" +
+                         (f"; --allow-change {' '.join(may)} lets {'that' if len(may) == 1 else 'those'} change"
+                          if may and len(may) == len(refused) else ""))
+
+
+def model_setup(spec: str) -> str:
+    """A base model by content (data.schema.model_digest), or the name of a built-in config."""
+    return model_digest(spec) if Path(spec).is_dir() else spec
 
 
 def run_distributed(train_fn, args):
@@ -296,7 +342,7 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum, n_units, n_tokens, validate,
-               score, describe, flops_per_token: float | None = None):
+               score, describe, setup: dict, flops_per_token: float | None = None):
     """The optimisation every trainer runs, written once. The trainer brings a sharded model,
     its batches and these functions:
 
@@ -306,6 +352,8 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
         validate()         {metric: value} on the validation set over all ranks; {} if none
         score(metrics)     a tuple that orders validations, larger is better: best/ keeps the max
         describe(metrics)  one line of text for a validation
+        setup              what defines the run (run_setup): saved with the state, and a
+                           resume with another setup is refused
 
     The loop: AdamW, warmup + cosine schedule, a step per global batch (accumulate), a guard
     that stops before an update whose loss or gradient is not finite, validation at step 0,
@@ -328,7 +376,9 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
         state.recover()
     d.barrier()
     step, best, saved = 0, None, None
+    flat = 0  # optimizer steps in a row whose gradient was exactly zero
     if args.resume and state.exists():
+        check_setup(state.trainer().get("setup", {}), setup, args.allow_change, state.dir)
         trainer = state.load(model, opt)
         step, best, saved = trainer["step"], trainer["best"], trainer["step"]
         sampler.load_state_dict(trainer["sampler"])
@@ -357,6 +407,14 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
             last = f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
             raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
                              f"before the update. The last good state: {last}. Lower --lr or check the data.")
+        # An exactly zero gradient (in fp32, over every trainable weight) does not happen to a
+        # model that is learning; it does to one whose activations blew up and saturated.
+        flat = flat + 1 if grad_norm == 0.0 else 0
+        if flat >= FLAT_STEPS:
+            last = f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
+            raise SystemExit(f"steps {step + 2 - flat}-{step + 1}: the gradient is exactly zero (loss flat at "
+                             f"{loss:.6g}): the model has stopped learning, most likely blown up by too high an "
+                             f"--lr. Stopping; best/ holds no validation from those steps. The last state: {last}.")
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
@@ -375,7 +433,8 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
         if step % eval_every == 0 or step == total:
             v = validate()
             if v:
-                improved = best is None or score(v) > score(best)
+                sound = flat == 0 and all(math.isfinite(x) for x in v.values())  # never keep a broken model
+                improved = sound and (best is None or score(v) > score(best))
                 metrics.write(step=step, **rounded(v), best=improved)
                 if d.main:
                     tqdm.write(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
@@ -383,7 +442,7 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
                     best = v
                     save_hf(model, out / "best", tok.path, d)
         if step % args.save_every == 0 or step == total:
-            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict()})
+            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": setup})
             saved = step
         timer.lap()  # validation and checkpoints do not count against tokens/s
     bar.close()
@@ -494,17 +553,23 @@ class TrainState:
             self.tmp.mkdir(parents=True)
         self.d.barrier()
         msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp))
+        with writing(self.tmp):
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp))
         rng = _rng_state()
         gathered = [None] * self.d.world
         dist.all_gather_object(gathered, rng)
         if self.d.main:
-            (self.tmp / "trainer.json").write_text(json.dumps(dict(trainer, rng=gathered)), encoding="utf-8")
+            with writing(self.tmp):
+                (self.tmp / "trainer.json").write_text(json.dumps(dict(trainer, rng=gathered)), encoding="utf-8")
             _atomic_dir_swap(self.tmp, self.dir)
         self.d.barrier()
 
+    def trainer(self) -> dict:
+        """The trainer's part of the state (step, sampler, best, setup), without the weights."""
+        return json.loads((self.dir / "trainer.json").read_text(encoding="utf-8"))
+
     def load(self, model, optimizer) -> dict:
-        trainer = json.loads((self.dir / "trainer.json").read_text(encoding="utf-8"))
+        trainer = self.trainer()
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
         reader = _SafeReader(str(self.dir))
@@ -545,8 +610,33 @@ def save_hf(model, path: Path, tokenizer, dist_info: Distributed):
     """Write the model with its save_pretrained (rank 0), atomically; all ranks take part."""
     sd = full_state_dict(model)
     if dist_info.main:
-        model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd)
+        with writing(path):
+            model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd)
     dist_info.barrier()
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Writes to `path` whose failure for want of space, or of permission, is said as such and
+    names the path: torch's writers report a full disk as "[enforce fail at inline_container.cc]
+    unexpected pos", and torch.distributed.checkpoint wraps that again (a BaseException)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except (RuntimeError, CheckpointException):
+        if _free_bytes(path) < 64 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+def _free_bytes(path: Path) -> int:
+    for p in (path, *path.parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return 1 << 62
 
 
 # -- observability -------------------------------------------------------------------------------
@@ -577,7 +667,7 @@ class MetricsLog:
 
     def write(self, **record):
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 
 from data.mixing import Source, length_stats, mix
-from data.readers import READERS, read
+from data.readers import READERS, add_input_args, read
 from data.schema import RecordError, Report, run_main, to_huatuo, write_jsonl
 from data.template import MAX_LEN, render
 
@@ -139,8 +139,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp):
-        sp.add_argument("--format", choices=sorted(READERS), help="default: guessed")
-        sp.add_argument("--encoding", default="utf-8")
+        add_input_args(sp)
         sp.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of stopping")
 
     s = sub.add_parser("stats", help="counts and length percentiles")

@@ -44,11 +44,13 @@ def dedup_key(record: dict) -> str:
 def mix(sources: list[Source], *, seed: int = 0, val_fraction: float = 0.05):
     """-> (train, val, rows): rows summarise each source for the printed table.
 
-    Per source, in order: drop duplicates (also of anything an earlier source kept), shuffle
-    with a seed derived from (seed, the source's position in the list) — not its name, which is
-    often a path and would make the split depend on where the data lives — apply the cap, hold out val_fraction (at
+    Per source, in order: drop duplicates (also of anything an earlier source kept), order the
+    rest by content and shuffle them with a seed derived from (seed, the source's position in
+    the list) — not its name, which is often a path and would make the split depend on where
+    the data lives, and not the order of its lines — apply the cap, hold out val_fraction (at
     least one record when the source has two or more), then weight the training part. The
-    training set is shuffled once more at the end.
+    training set is shuffled once more at the end. A caller whose list of sources has no order
+    of its own (train_sft.py's --data) sorts it by content first.
     """
     seen: set[str] = set()
     train, val, rows = [], [], []
@@ -59,6 +61,7 @@ def mix(sources: list[Source], *, seed: int = 0, val_fraction: float = 0.05):
             if k not in seen:
                 seen.add(k)
                 unique.append(r)
+        unique.sort(key=dedup_key)  # the shuffle below then depends on the records, not on their order in the file
         rng = random.Random(f"{seed}:{position}")
         rng.shuffle(unique)
         capped = unique[: src.cap] if src.cap is not None else unique

@@ -484,14 +484,14 @@ READERS: dict[str, Callable] = {
 }
 
 
-def guess_format(path) -> str:
+def guess_format(path, encoding: str = "utf-8") -> str:
     """The format of a file or directory from its name and first line."""
     p = Path(path)
     if p.is_dir():
         if (p / "question.csv").is_file():
             return "cmedqa2"
         raise RecordError(f"{p}: a directory, but not cMedQA2 (no question.csv); name the format with --format")
-    first = next((l for _, l in text_lines(p) if l.strip()), "")
+    first = next((l for _, l in text_lines(p, encoding) if l.strip()), "")
     try:
         obj = json.loads(first)
     except json.JSONDecodeError:
@@ -505,7 +505,7 @@ def guess_format(path) -> str:
     # Alpaca and ShareGPT dumps: JSON lines, or one JSON list whose first object is read here.
     item = obj[0] if isinstance(obj, list) and obj else obj
     if not isinstance(item, dict) and first.lstrip().startswith("["):
-        head = "".join(line for _, (_, line) in zip(range(200), text_lines(p)))
+        head = "".join(line for _, (_, line) in zip(range(200), text_lines(p, encoding)))
         item = {k: None for k in re.findall(r'"(conversations|instruction|output)"\s*:', head)}
     if isinstance(item, dict) and "conversations" in item:
         return "sharegpt"
@@ -528,8 +528,16 @@ def guess_format(path) -> str:
     raise RecordError(f"{p}: cannot tell the format from the first line; name it with --format")
 
 
+def add_input_args(p, *, formats: bool = True):
+    """--format and --encoding, for every command that reads data files."""
+    if formats:
+        p.add_argument("--format", choices=sorted(READERS), help="the input files' format (default: guessed per file)")
+    p.add_argument("--encoding", default="utf-8", help="the input files' text encoding (Chinese data sets are "
+                                                        "sometimes gbk)")
+
+
 def read(path, fmt: str | None = None, **kw) -> Iterator[dict]:
-    fmt = fmt or guess_format(path)
+    fmt = fmt or guess_format(path, kw.get("encoding", "utf-8"))
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(READERS)}")
     return READERS[fmt](path, **kw)

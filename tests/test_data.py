@@ -489,3 +489,33 @@ def test_mix_token_columns_count_what_is_written(tmp_path, tokenizer_file, capsy
     row = dict(zip(table[0].split(), table[1].split()))
     assert (row["read"], row["train"]) == ("5", "4")  # 2 kept, each twice
     assert abs(int(row["tokens"]) - 4 * one) <= 4  # four written records of about one length, not five read
+
+
+def test_gbk_files_are_read_wherever_data_is_read(tmp_path, capsys):
+    """Issue 12: convert --encoding gbk still failed (the format was guessed from UTF-8), and the
+    trainers and evaluate had no --encoding at all although their errors advised it."""
+    from data.__main__ import main as data_main
+    import evaluate
+    import train_rm
+    import train_sft
+
+    rows = [{"id": f"g{i}", "source": "gbk", "messages": [{"role": "user", "content": f"我头痛{i}天了，怎么办？"},
+                                                          {"role": "assistant", "content": "建议您多休息。"}]}
+            for i in range(3)]
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="gbk")
+    assert data_main(["convert", str(gbk), "--out", str(tmp_path / "a.jsonl")]) == 2
+    assert "try --encoding gbk" in capsys.readouterr().err
+    assert data_main(["convert", str(gbk), "--out", str(tmp_path / "a.jsonl"), "--encoding", "gbk"]) == 0
+    assert [r["messages"] for r in read_schema(tmp_path / "a.jsonl")] == [r["messages"] for r in rows]
+    sources = train_sft.read_sources([gbk], Report(), None, "gbk")
+    assert [r["messages"] for r in sources[0].records] == [r["messages"] for r in rows]
+    # Every command that reads data files takes --encoding (and --format where the format varies).
+    for main, argv, flags in ((train_sft.main, [], ("--encoding", "--format")), (train_rm.main, [], ("--encoding",)),
+                              (train_rm.main, ["sample"], ("--encoding", "--format")),
+                              (evaluate.main, ["bench"], ("--encoding", "--format")),
+                              (evaluate.main, ["consult"], ("--encoding", "--format"))):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        printed = capsys.readouterr().out
+        assert e.value.code == 0 and all(f in printed for f in flags), (argv, printed)
