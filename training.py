@@ -322,8 +322,7 @@ def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss
     gradient in fp32 on every rank (4 bytes a parameter: +49 GiB for Ziya-13B) in exchange
     for fewer collectives. memory_estimate models both.
     """
-    mine = global_batch[d.rank::d.world]
-    chunks = [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    chunks = micro_batches(global_batch, d, micro_batch)
     local = 0.0
     for k, chunk in enumerate(chunks):
         model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
@@ -334,6 +333,12 @@ def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss
         (s * d.world / n_units).backward()
         local += s.item()
     return d.all_sum(local) / n_units, grad_norm_and_clip(model, grad_clip)
+
+
+def micro_batches(global_batch: list, d: Distributed, micro_batch: int) -> list[list]:
+    """This rank's share of a global batch (every world-th item), cut into micro-batches."""
+    mine = global_batch[d.rank::d.world]
+    return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:

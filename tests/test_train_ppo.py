@@ -1,0 +1,284 @@
+"""train_ppo.py: GAE, whitening and the clipped losses by hand; the shared-trunk reference
+against a whole frozen copy of the SFT model; π = π0 at the first round; the frozen part
+stays bitwise; the ratio is exactly 1 before the first update; a scripted reward is learnt
+(and a large λ_KL holds the policy near π0); the command line end to end, resumed."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, sharpen_
+
+import train_ppo
+from model import ModelConfig, Transformer, token_logprobs
+from train_ppo import AdaptiveKL, Experience, gae, per_token_rewards, ppo_loss_sum, whiten
+from training import init_distributed
+
+CONFIG = ModelConfig(vocab_size=24, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
+
+
+class Tok:
+    eos_id, pad_id = 2, 0
+
+    def __len__(self):
+        return CONFIG.vocab_size
+
+
+def args_for(**kw):
+    base = dict(seed=0, chunk_size=4, max_new_tokens=6, batch_size=4, micro_batch_size=2, ppo_epochs=2,
+                unfinished_penalty=0.0, clip_ratio=0.2, clip_value=0.2, vf_coef=1.0, grad_clip=1.0, grad_sync="every")
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture
+def ppo(monkeypatch):
+    """A one-rank process group, an SFT model (fp64, sharp weights) and PPO's two modules."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    d = init_distributed()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        sft = sharpen_(Transformer(CONFIG)).eval()
+        state = {k: v.clone() for k, v in sft.state_dict().items()}
+        model, ref = train_ppo.build(CONFIG, state, d)
+        yield SimpleNamespace(d=d, sft=sft, state=state, model=model, ref=ref)
+    finally:
+        torch.set_default_dtype(default)
+        d.close()
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, CONFIG.vocab_size, (int(torch.randint(2, 7, (1,), generator=g)),),
+                                generator=g).tolist() for _ in range(n)]
+
+
+class TokenReward:
+    """A scripted reward model: the share of the response's tokens that are `token`."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def score_ids(self, prompts, responses, *, eos_id, pad_id):
+        return torch.tensor([sum(t == self.token for t in r) / max(1, len(r)) for r in responses])
+
+
+# -- the algorithm by hand ---------------------------------------------------------------------------------
+
+
+def test_gae_and_returns_by_hand():
+    adv, ret = gae(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    # t=2: δ = 2 + 0 − 0 = 2; t=1: δ = 0 + 0 − 1 = −1, A = −1 + .95·2 = .9; t=0: δ = 1 + 1 − .5 = 1.5, A = 1.5 + .95·.9
+    assert adv.tolist() == pytest.approx([2.355, 0.9, 2.0], abs=1e-12)
+    assert ret.tolist() == pytest.approx([2.855, 1.9, 2.0], abs=1e-12)
+    adv, _ = gae(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]), gamma=0.5, lam=1.0)
+    assert adv.tolist() == pytest.approx([0.5, 1.0])  # the reward discounted once
+    w = whiten(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
+    assert float(w.mean()) == pytest.approx(0, abs=1e-12) and float(w.var()) == pytest.approx(1, abs=1e-7)
+
+
+def test_rewards_are_the_kl_penalty_plus_the_score_at_the_end():
+    r = per_token_rewards(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -2.0, -1.0]), score=3.0, kl_coef=0.1)
+    assert r.tolist() == pytest.approx([-0.05, 0.0, -0.05 + 3.0])
+
+
+def test_clipped_surrogate_and_value_loss_by_hand():
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    logp = torch.tensor([[math.log(1.5), math.log(1.1), math.log(0.5)]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, -2.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    returns = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1]])
+    loss, stats = ppo_loss_sum(logp, old, values, torch.zeros_like(values), adv, returns, mask)
+    loss.backward()
+    # Token 0: A > 0 and ρ = 1.5 > 1 + ε: clipped, no gradient. Token 1: ρ = 1.1 inside: −A·ρ,
+    # gradient −A·ρ = −1.1. Token 2: A < 0 and ρ = 0.5 < 1 − ε: max(1.0, 1.6) = clipped 1.6, no gradient.
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -1.1, 0.0])
+    assert stats["policy_loss"] == pytest.approx(-1.2 - 1.1 + 1.6)
+    assert stats["clip_fraction"] == 2
+    # Value: V = 0.5 moved beyond old ± 0.2 -> max(½(0.5 − 1)², ½(0.2 − 1)²) = 0.32, and its
+    # gradient is 0 (the clipped term wins).
+    assert stats["value_loss"] == pytest.approx(0.32) and values.grad[0, 0] == 0
+
+
+def test_adaptive_kl_controller():
+    kl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
+    kl.update(12.0, n_steps=100)  # twice the target: the error is clipped to +0.2
+    assert kl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10_000))
+    kl.update(6.0, n_steps=100)
+    assert kl.value == pytest.approx(0.1 * 1.002)
+    fixed = AdaptiveKL(0.1, target=None, horizon=10_000)
+    fixed.update(100.0, n_steps=100)
+    assert fixed.value == 0.1
+
+
+# -- the model and the round, on a one-rank process group -------------------------------------------------
+
+
+def experiences(ppo, n=8, seed=0, kl_coef=0.1, args=None):
+    args = args or args_for()
+    exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
+    train_ppo.make_experience(ppo.model, ppo.ref, exps, Tok(), args, ppo.d, round_no=seed, kl_coef=kl_coef)
+    return exps, args
+
+
+def test_shared_trunk_reference_equals_a_whole_frozen_sft_model(ppo):
+    exps = [Experience(p, r, True) for p, r in zip(prompts(5), [[7, 8, 9], [4], [10, 11, 12, 13, 2], [6, 6], [3, 2]])]
+    out = train_ppo.response_outputs(ppo.model, exps, Tok.pad_id, ppo.d.device, ref=ppo.ref)
+    tokens, mask, P, R = train_ppo.batch_tensors(exps, Tok.pad_id, "cpu")
+    with torch.no_grad():
+        whole = token_logprobs(ppo.sft(tokens, mask)[:, P - 1:P + R - 1], tokens[:, P:P + R])
+    m = out["mask"].bool()
+    assert torch.allclose(out["ref_logp"][m], whole[m], rtol=0, atol=1e-10)  # fp64: rounding-free
+    assert torch.allclose(out["logp"][m], whole[m], rtol=0, atol=1e-10)  # π = π0 before any update
+
+
+def test_first_round_pi_equals_pi0_and_the_first_ratio_is_exactly_one(ppo):
+    exps, args = experiences(ppo)
+    for e in exps:
+        assert torch.equal(e.logp, e.ref_logp)  # KL exactly 0
+        r = per_token_rewards(e.logp, e.ref_logp, e.score, 0.1)
+        assert r[:-1].abs().max().item() == 0 if len(r) > 1 else True
+        assert r[-1].item() == e.score
+    # The first epoch's first micro-batch, run as training runs it (with gradients), gives the
+    # very log-probs stored as old: the ratio is 1 exactly, not approximately.
+    first = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0, 0)[0][: args.micro_batch_size]
+    out = train_ppo.response_outputs(ppo.model, [exps[i] for i in first], Tok.pad_id, ppo.d.device)
+    assert out["logp"].requires_grad
+    for row, i in enumerate(first):
+        assert torch.equal(out["logp"][row, :len(exps[i].response)].detach(), exps[i].logp)
+
+
+def test_updates_touch_only_the_last_two_blocks_and_pi0_stays_the_sft_model(ppo):
+    opt = train_ppo.make_optimizer(ppo.model, 1e-2, 0.0)
+    before = {k: v.full_tensor().clone() for k, v in ppo.model.state_dict().items()}
+    for round_no in range(2):
+        exps, args = experiences(ppo, seed=round_no)
+        train_ppo.update(ppo.model, opt, exps, Tok(), args, ppo.d, round_no)
+    after = {k: v.full_tensor() for k, v in ppo.model.state_dict().items()}
+    frozen = [k for k in before if k.startswith(("policy.embed", "policy.layers.0.", "policy.layers.1."))]
+    trained = [k for k in before if k not in frozen]
+    assert len(frozen) == 1 + 2 * 9 and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained)  # blocks 2, 3, norm, head, value head
+    ref = {k: v for k, v in ppo.ref.state_dict().items()}
+    assert all(torch.equal(ref[f"layers.{i - 2}.{rest}"], ppo.state[f"layers.{i}.{rest}"])
+               for k in ppo.state if k.startswith(("layers.2.", "layers.3.")) for i, rest in
+               [(int(k.split(".")[1]), k.split(".", 2)[2])])
+    assert torch.equal(ref["lm_head.weight"], ppo.state["lm_head.weight"])
+
+
+def learn(ppo, kl_coef, rounds=16):
+    """Rounds of PPO against TokenReward(5) at a fixed λ_KL, from a plainly initialised model
+    (near-uniform next-token distributions, so the rewarded token is sampled at all):
+    [(mean score, mean KL)] per round."""
+    model, ref = train_ppo.build(CONFIG, Transformer(CONFIG).init_weights(0).state_dict(), ppo.d)
+    run = SimpleNamespace(d=ppo.d, model=model, ref=ref)
+    args = args_for(batch_size=8, micro_batch_size=4, ppo_epochs=4, max_new_tokens=8, chunk_size=8)
+    opt = train_ppo.make_optimizer(model, 1e-2, 0.0)
+    history = []
+    for round_no in range(rounds):
+        exps, _ = experiences(run, n=16, seed=round_no, kl_coef=kl_coef, args=args)
+        train_ppo.update(model, opt, exps, Tok(), args, ppo.d, round_no)
+        history.append((sum(e.score for e in exps) / len(exps),
+                        sum(float((e.logp - e.ref_logp).sum()) for e in exps) / len(exps)))
+    return history
+
+
+def test_a_scripted_reward_is_learnt_and_a_large_kl_coefficient_holds_the_policy_near_pi0(ppo):
+    mean = lambda xs: sum(xs) / len(xs)
+    free = learn(ppo, kl_coef=0.05)
+    first, last = mean([s for s, _ in free[:4]]), mean([s for s, _ in free[-4:]])
+    assert last > max(2 * first, 0.12), free  # the share of the rewarded token rises (0.06 -> 0.28 here)
+    assert all(abs(kl) < 10 for _, kl in free), free  # while the KL stays bounded
+    held = learn(ppo, kl_coef=50.0)
+    kl_free, kl_held = mean([kl for _, kl in free[-8:]]), mean([kl for _, kl in held[-8:]])
+    assert kl_held < kl_free / 3, (free, held)  # 3.0 vs 0.2 nats here
+    assert mean([s for s, _ in held[-4:]]) < last, held
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer_file):
+    """A tiny SFT policy and a reward model on the test tokenizer, in the HF layout."""
+    from train_rm import RewardModel
+
+    root = tmp_path_factory.mktemp("ppo_models")
+    config = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=500.0)
+    Transformer(config).init_weights(0).save_pretrained(root / "sft", tokenizer=tokenizer_file)
+    rm = RewardModel(config)
+    rm.trunk.init_weights(1)
+    torch.nn.init.normal_(rm.score_head.weight, std=1.0, generator=torch.Generator().manual_seed(2))
+    rm.save_pretrained(root / "rm", tokenizer=tokenizer_file)
+    return root
+
+
+def cli(checkpoints, out, *extra):
+    return [sys.executable, str(ROOT / "train_ppo.py"), "--policy", str(checkpoints / "sft"), "--reward",
+            str(checkpoints / "rm"), "--data", str(ROOT / "data" / "sft" / "doctor_qa.jsonl"), "--exclude",
+            str(ROOT / "data" / "preference" / "preference_pairs.jsonl"), "--out", str(out), "--max-steps", "8",
+            "--rollout-size", "8", "--chunk-size", "4", "--batch-size", "4", "--ppo-epochs", "1",
+            "--max-new-tokens", "8", "--lr", "1e-3", "--save-every", "1", *extra]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_sigkill(checkpoints, tmp_path):
+    import time
+
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    subprocess.run(cli(checkpoints, tmp_path / "whole"), check=True, capture_output=True, env=ENV, cwd=ROOT)
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows] == [2, 4, 6, 8]
+    for key in ("score", "kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy",
+                "response_len", "unfinished", "rollout_tokens_per_s", "train_tokens_per_s", "generate_s", "train_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[0]["kl"] == 0 and rows[0]["kl_coef"] == 0.1  # π = π0 in the first round; the paper's λ
+    assert rows[1]["kl_coef"] != 0.1  # the adaptive controller moved it
+    final = tmp_path / "whole" / "final"
+    assert (final / "value_head.safetensors").is_file() and (final / "tokenizer.model").is_file()
+    hf = LlamaForCausalLM.from_pretrained(final)  # opens in any LLaMA tooling
+    ours = load_file(final / "model.safetensors")
+    assert torch.equal(hf.model.layers[3].mlp.up_proj.weight, ours["model.layers.3.mlp.up_proj.weight"])
+    sft = load_file(checkpoints / "sft" / "model.safetensors")
+    assert torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(ours["model.layers.3.self_attn.q_proj.weight"], sft["model.layers.3.self_attn.q_proj.weight"])
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(checkpoints, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads((out / "state" / "trainer.json").read_text())
+    assert 1 <= saved["round"] < 4
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        subprocess.run(cli(checkpoints, out, "--resume", "--lr", "2e-3"), check=True, capture_output=True, text=True,
+                       env=ENV, cwd=ROOT)
+    assert "lr: 0.001 -> 0.002" in refused.value.stderr
+    subprocess.run(cli(checkpoints, out, "--resume"), check=True, capture_output=True, env=ENV, cwd=ROOT)
+    assert (out / "metrics.jsonl").read_text().count("\n") == 4
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}  # timings differ
+    assert [strip(json.loads(l)) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
+    a, b = load_file(final / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    va, vb = load_file(final / "value_head.safetensors"), load_file(out / "final" / "value_head.safetensors")
+    assert torch.equal(va["weight"], vb["weight"])

@@ -1,0 +1,672 @@
+"""RLMF, the paper's reinforcement learning (§3.2, App. E): PPO on the SFT policy, with the
+reward model's score and a per-token KL penalty against the SFT policy, only the last two
+transformer blocks trained. FSDP on 1 to N ranks.
+
+    # the embedded default, after quickstart.py (SFT and reward model), on a laptop CPU
+    python train_ppo.py --policy runs/quickstart/sft/best --reward runs/quickstart/rm/best \
+        --data data/sft/*.jsonl --exclude data/preference/preference_pairs.jsonl --out runs/ppo \
+        --max-steps 16 --rollout-size 16 --chunk-size 8 --batch-size 8 --max-new-tokens 32 --lr 1e-4
+    # the paper's run: Ziya-LLaMA-13B SFT policy and reward model, 8 GPUs
+    torchrun --nproc_per_node 8 train_ppo.py --policy runs/sft-13b/best --reward runs/rm-13b/best \
+        --data sft_mix/train.jsonl --exclude preference/pairs.jsonl --out runs/ppo-13b
+    # will it fit? per-rank memory of the layout below, on the meta device
+    python train_ppo.py --policy ziya-13b --dry-run --world-size 8
+
+One round (trlx's, which HuatuoGPT used; the paper names its settings as trlx does):
+
+1. rollout: --rollout-size prompts (64), generated --chunk-size (8) at a time with the KV
+   cache, sampled from the policy itself (temperature 1, no top-p: PPO's ratio assumes the
+   samples come from π); each rank generates its share.
+2. experience: the reward model scores each prompt + response; one forward of the training
+   model, in the very micro-batches the first update will use, gives the old log-probs and
+   values; the reference top gives π0's log-probs (see "the shared trunk" below). Per token,
+   r_t = −λ_KL · (log π(y_t) − log π0(y_t)), plus the clipped score at the last token.
+   Advantages by GAE (γ = 1, λ = 0.95), whitened over the round; returns = advantages + values.
+3. update: --ppo-epochs (4) passes over the round's experiences in shuffled minibatches of
+   --batch-size; each minibatch is one optimizer step (what --max-steps, the paper's 16,000,
+   counts). Loss per response token: the clipped surrogate (ε = 0.2) plus vf_coef (1) times the
+   clipped value loss (0.2), averaged over the minibatch's response tokens.
+4. the adaptive KL controller (Ziegler et al. 2019) moves λ_KL towards --kl-target.
+
+The shared trunk. Only the last two blocks (and the final norm and the LM head, as trlx
+unfreezes an untied head) train; the embedding and the blocks below never change, so on any
+input they compute the same residual stream under π and under π0. The bottom therefore runs
+once per sequence, without gradients, and both tops run on its output: the trainable one for π
+and the value head, a frozen copy of the SFT top for π0. That is exact, not an approximation,
+and π0 costs two blocks and a head instead of a whole second model (bench/bench_ppo.py).
+
+Outputs in --out: metrics.jsonl (one record per round), state/ (resumable: weights, optimizer,
+KL coefficient, prompt position, RNG), final/ (the policy in the HF layout, value_head.safetensors
+beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import save as save_safetensors
+from tqdm import tqdm
+
+from data.readers import add_input_args, read
+from data.schema import Report, run_main
+from data.template import render
+from generate import generate
+from model import Transformer, token_logprobs
+from train_rm import RewardModel, pad_batch
+from training import (CHANGEABLE, MetricsLog, TrainState, Timer, check_setup, load_model, make_optimizer,
+                      micro_batches, model_setup, run_distributed, save_hf, shard_and_load, accumulate)
+
+# Paper §3.2 and App. E.
+LR = 1e-6  # "learning rate 1e-6"
+MAX_STEPS = 16_000  # "16,000 steps"
+ROLLOUT_SIZE = 64  # "rollout size 64": experiences collected before each round of updates
+CHUNK_SIZE = 8  # "chunk size 8": prompts generated together
+PPO_EPOCHS = 4  # "4 PPO epochs" over each rollout
+INIT_KL_COEF = 0.1  # "the initial KL divergence coefficient is set at 0.1"
+TRAINABLE_BLOCKS = 2  # "only the parameters of the last two layers are updated"
+# Where the paper is silent: trlx's PPO defaults (trlx.models.modeling_ppo.PPOConfig).
+KL_TARGET = 6.0  # the adaptive controller's target KL (nats per sequence) ...
+KL_HORIZON = 10_000  # ... and horizon; --kl-target none keeps λ_KL fixed
+GAMMA, LAM = 1.0, 0.95  # GAE
+CLIP_RATIO = 0.2  # PPO's ε
+CLIP_VALUE = 0.2  # value-loss clipping around the old values
+VF_COEF = 1.0
+SCORE_CLIP = 10.0  # trlx's cliprange_reward: the reward model's score is clipped to ±10
+# Silent in both: ours.
+BATCH_SIZE = 16  # experiences per minibatch (optimizer step): 64 / 16 x 4 epochs = 16 steps a round,
+#                  so 16,000 steps = 1,000 rounds = 64,000 experiences
+MAX_NEW_TOKENS = 256
+GRAD_CLIP = 1.0  # the SFT recipe's
+UNFINISHED_PENALTY = 0.0  # added to the score of a response cut at --max-new-tokens (see score_round)
+
+
+# -- the model: policy + value head, and the reference top --------------------------------------------
+
+
+class PolicyWithValue(nn.Module):
+    """The policy (a LLaMA) and a value head on its final hidden state, as one module so that
+    FSDP wraps both. Blocks below `split` and the embedding are frozen. forward's `part`:
+
+        "logits"  the whole policy (generation; tokens, attention_mask, cache, start)
+        "bottom"  the frozen embedding and blocks [0, split): the residual stream entering split
+        "top"     blocks [split, L), norm, head on `hidden`: (logits, values) per position
+    """
+
+    def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
+        super().__init__()
+        self.policy = policy
+        self.split = policy.config.num_hidden_layers - trainable_blocks
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, bias=False)
+        policy.embed_tokens.requires_grad_(False)
+        for layer in policy.layers[: self.split]:
+            layer.requires_grad_(False)
+        if policy.config.tie_word_embeddings:  # a tied head is the embedding, which stays frozen
+            policy.lm_head.requires_grad_(False)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def layers(self):
+        return self.policy.layers
+
+    def forward(self, tokens=None, attention_mask=None, *, part: str = "logits", hidden=None, cache=None, start=0):
+        if part == "logits":
+            return self.policy(tokens, attention_mask, cache=cache, start=start)
+        if part == "bottom":
+            return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
+        h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden")
+        return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
+
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
+        sd = self.state_dict() if state_dict is None else state_dict
+        policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
+        head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})
+        self.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=policy,
+                                    extra_files={"value_head.safetensors": head})
+
+
+def reference_top(full_state: dict, config, split: int, device, dtype) -> Transformer:
+    """π0's top: a frozen copy of the SFT blocks [split, L), norm and head, as a small
+    Transformer run on the shared bottom's output (forward(hidden=...)). Replicated on every
+    rank: two blocks and a head (1.7 GB in bf16 for Ziya-13B)."""
+    from dataclasses import replace
+
+    top_config = replace(config, num_hidden_layers=config.num_hidden_layers - split)
+    with torch.device("meta"):
+        ref = Transformer(top_config)
+    if not config.tie_word_embeddings:
+        ref.embed_tokens = None  # never run: the input is the bottom's residual stream
+    ref.to_empty(device=device)
+    state = {}
+    for name, t in full_state.items():
+        if name.startswith("layers."):
+            i = int(name.split(".")[1])
+            if i >= split:
+                state[f"layers.{i - split}." + name.split(".", 2)[2]] = t
+        elif name.startswith(("norm.", "lm_head.")) or (config.tie_word_embeddings and name.startswith("embed")):
+            state[name] = t
+    ref.load_state_dict(state, strict=True)
+    return ref.to(dtype).eval().requires_grad_(False)
+
+
+# -- the algorithm, as plain functions (each tested by hand) -----------------------------------------
+
+
+def per_token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, score: float, kl_coef: float) -> torch.Tensor:
+    """r_t = −λ_KL · (log π(y_t) − log π0(y_t)) for each response token, plus the score at the
+    last one (paper §3.2; Ziegler et al. 2019; trlx)."""
+    rewards = -kl_coef * (logp - ref_logp)
+    rewards[-1] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float = GAMMA, lam: float = LAM):
+    """(advantages, returns) of one response by generalised advantage estimation: δ_t = r_t +
+    γ V_{t+1} − V_t (V after the last token is 0: the episode ends), A_t = δ_t + γλ A_{t+1}."""
+    adv = torch.zeros_like(rewards)
+    running = 0.0
+    for t in reversed(range(len(rewards))):
+        following = values[t + 1] if t + 1 < len(rewards) else 0.0
+        running = rewards[t] + gamma * following - values[t] + gamma * lam * running
+        adv[t] = running
+    return adv, adv + values
+
+
+def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance (the unbiased variance, as trlx's whiten)."""
+    return (x - x.mean()) * torch.rsqrt(x.var() + eps)
+
+
+def ppo_loss_sum(logp, old_logp, values, old_values, adv, returns, mask, *, clip: float = CLIP_RATIO,
+                 clip_value: float = CLIP_VALUE, vf_coef: float = VF_COEF):
+    """Summed over the response tokens (mask) of a micro-batch: the clipped surrogate
+    max(−A·ρ, −A·clip(ρ, 1 ± ε)) and vf_coef · ½ max((V − R)², (clip(V, V_old ± ε_v) − R)²).
+    Returns (loss sum, {statistic: sum}) — the caller divides by the minibatch's token count."""
+    mask = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    clipped_values = torch.clamp(values, old_values - clip_value, old_values + clip_value)
+    vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    pg_sum, vf_sum = (pg * mask).sum(), (vf * mask).sum()
+    with torch.no_grad():
+        stats = {"policy_loss": pg_sum.item(), "value_loss": vf_sum.item(),
+                 "clip_fraction": (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum().item(),
+                 "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().item()}
+    return pg_sum + vf_coef * vf_sum, stats
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019's controller, as trlx applies it: λ ← λ · (1 + clip(KL/target − 1,
+    ±0.2) · n/horizon) after each round, n the batch size. target None: λ stays fixed."""
+
+    def __init__(self, value: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_steps: int):
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+
+
+# -- experiences ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    prompt: list[int]
+    response: list[int]
+    finished: bool  # ended with eos before --max-new-tokens
+    score: float = 0.0  # the reward model's, clipped, penalty included
+    logp: torch.Tensor | None = None  # old log π(y_t), one per response token
+    ref_logp: torch.Tensor | None = None  # log π0(y_t)
+    values: torch.Tensor | None = None  # V(s_t) before each response token
+    entropy: float = 0.0  # summed over the response
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def batch_tensors(exps: list[Experience], pad_id: int, device):
+    """Prompts left-padded and responses right-padded to the micro-batch's widths: (tokens,
+    mask, P, R). The response of row i is tokens[i, P:P + len]; position P − 1 + t predicts its
+    t-th token and holds V(s_t)."""
+    P, R = max(len(e.prompt) for e in exps), max(len(e.response) for e in exps)
+    tokens = torch.full((len(exps), P + R), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(exps), P + R), dtype=torch.long)
+    for i, e in enumerate(exps):
+        tokens[i, P - len(e.prompt):P] = torch.tensor(e.prompt)
+        tokens[i, P:P + len(e.response)] = torch.tensor(e.response)
+        mask[i, P - len(e.prompt):P + len(e.response)] = 1
+    return tokens.to(device), mask.to(device), P, R
+
+
+def response_outputs(model, exps, pad_id, device, *, ref=None):
+    """One forward of a micro-batch through the shared bottom (no gradient) and the trainable
+    top: per response position, (log π, values, response mask, [log π0, entropy]). The top
+    runs with gradients when they are enabled (training), without in the experience pass: the
+    same operations on the same inputs, so the two agree bit for bit."""
+    tokens, mask, P, R = batch_tensors(exps, pad_id, device)
+    with torch.no_grad():
+        hidden = model(tokens, mask, part="bottom")
+    logits, values = model(part="top", hidden=hidden, attention_mask=mask)
+    span = slice(P - 1, P + R - 1)
+    targets = tokens[:, P:P + R]
+    logp = token_logprobs(logits[:, span], targets)
+    rmask = mask[:, P:P + R]
+    out = {"logp": logp, "values": values[:, span].float(), "mask": rmask}
+    if ref is not None:
+        with torch.no_grad():
+            ref_logits = ref(hidden=hidden.to(next(ref.parameters()).dtype), attention_mask=mask)
+            out["ref_logp"] = token_logprobs(ref_logits[:, span], targets)
+            lp = torch.log_softmax(logits[:, span].float(), -1)
+            out["entropy"] = -(lp.exp() * lp).sum(-1)
+    return out
+
+
+# -- prompts -----------------------------------------------------------------------------------------------
+
+
+def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8") -> list[list[int]]:
+    """The RL prompts (§3.2): every patient turn of the SFT data with the conversation before it
+    (single- and multi-turn), de-duplicated, minus the prompts the reward model's pairs were
+    built from (--exclude), rendered with the one template and ordered by content."""
+    excluded = {json.dumps(r["messages"], ensure_ascii=False) for f in exclude or []
+                for r in read(f, "pairs", report=report, encoding=encoding)}
+    seen = {}
+    for f in files:
+        for r in read(f, fmt, report=report, encoding=encoding):
+            for i in range(0, len(r["messages"]), 2):
+                messages = r["messages"][: i + 1]
+                key = json.dumps(messages, ensure_ascii=False)
+                if key in excluded:
+                    report.skip("a prompt of the reward model's pairs", r["id"])
+                elif key not in seen:
+                    seen[key] = messages
+    prompts = []
+    for key in sorted(seen):
+        try:
+            prompts.append(render(tok, seen[key], max_len=budget).ids)
+        except ValueError:
+            report.skip(f"question longer than the context less --max-new-tokens ({budget} tokens)", key[:40])
+    return prompts
+
+
+class PromptStream:
+    """Prompts in passes: each pass a shuffle fixed by (seed, pass); the position is saved."""
+
+    def __init__(self, prompts: list, seed: int):
+        self.prompts, self.seed, self.passes, self.position = prompts, seed, 0, 0
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            order = list(range(len(self.prompts)))
+            random.Random(f"{self.seed}:prompts:{self.passes}").shuffle(order)
+            while self.position < len(order) and len(out) < n:
+                out.append(self.prompts[order[self.position]])
+                self.position += 1
+            if self.position == len(order):
+                self.passes, self.position = self.passes + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"passes": self.passes, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.passes, self.position = state["passes"], state["position"]
+
+
+# -- one round --------------------------------------------------------------------------------------------
+
+
+def gather(items: list, d) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if d.world == 1:
+        return items
+    parts = [None] * d.world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], float]:
+    """Generate this rank's share of the round's prompts, chunk by chunk, and score it; every
+    rank ends with the whole round, in the order of `prompts`. Returns (experiences, seconds
+    spent generating)."""
+    mine = prompts[d.rank::d.world]
+    gen = torch.Generator(d.device).manual_seed(hash((args.seed, round_no, d.rank)) % 2**63)
+    model.eval()
+    t0, exps = time.perf_counter(), []
+    for c in range(0, len(mine), args.chunk_size):
+        chunk = mine[c:c + args.chunk_size]
+        out = generate(model, chunk, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       temperature=1.0, vocab_limit=len(tok), generator=gen)
+        exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
+    generating = time.perf_counter() - t0
+    model.train()
+    score_round(rm, exps, tok, args)
+    ordered = gather([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
+    return [e for _, e in sorted(ordered, key=lambda x: x[0])], generating
+
+
+@torch.no_grad()
+def score_round(rm, exps: list[Experience], tok, args):
+    """The reward model's score of each response, clipped to ±SCORE_CLIP. A response cut off at
+    --max-new-tokens is scored as it is, as trlx does (score_ids reads the head at an eos put
+    after it), plus --unfinished-penalty (0 by default); how many were cut is reported."""
+    for c in range(0, len(exps), args.chunk_size):
+        chunk = exps[c:c + args.chunk_size]
+        scores = rm.score_ids([e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id,
+                              pad_id=tok.pad_id)
+        for e, s in zip(chunk, scores.tolist()):
+            e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) + (0.0 if e.finished else args.unfinished_penalty)
+
+
+def minibatches(n: int, batch_size: int, seed: int, round_no: int, epoch: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(f"{seed}:{round_no}:{epoch}").shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def make_experience(model, ref, exps: list[Experience], tok, args, d, round_no: int, kl_coef: float):
+    """Old log-probs, values, π0's log-probs and entropy of every experience, computed in the
+    micro-batches the first epoch's updates will use (so its first ratio is exactly 1); then
+    rewards, advantages (whitened over the round) and returns. Every rank ends with all."""
+    model.eval()
+    results = []
+    for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, 0):
+        for chunk in micro_batches(batch, d, args.micro_batch_size):
+            out = response_outputs(model, [exps[i] for i in chunk], tok.pad_id, d.device, ref=ref)
+            for row, i in enumerate(chunk):
+                n = len(exps[i].response)
+                results.append((i, out["logp"][row, :n].cpu(), out["ref_logp"][row, :n].cpu(),
+                                out["values"][row, :n].cpu(), float(out["entropy"][row, :n].sum())))
+    model.train()
+    for i, logp, ref_logp, values, entropy in gather(results, d):
+        e = exps[i]
+        e.logp, e.ref_logp, e.values, e.entropy = logp, ref_logp, values, entropy
+        e.advantages, e.returns = gae(per_token_rewards(logp.double(), ref_logp.double(), e.score, kl_coef),
+                                      values.double())
+    flat = whiten(torch.cat([e.advantages for e in exps]))
+    at = 0
+    for e in exps:
+        e.advantages = flat[at:at + len(e.response)].to(e.logp.dtype)
+        e.returns = e.returns.to(e.logp.dtype)
+        at += len(e.response)
+
+
+def update(model, opt, exps: list[Experience], tok, args, d, round_no: int) -> dict:
+    """--ppo-epochs passes over the round in shuffled minibatches, one optimizer step each.
+    Returns the round's statistics, each a mean over response tokens."""
+    totals, tokens_seen, steps = {}, 0, 0
+
+    def loss_sum(chunk):
+        mine = [exps[i] for i in chunk]
+        out = response_outputs(model, mine, tok.pad_id, d.device)
+        width = out["logp"].shape[1]
+
+        def padded(name):
+            rows = [getattr(e, name) for e in mine]
+            return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).to(d.device)
+
+        loss, stats = ppo_loss_sum(out["logp"], padded("logp"), out["values"], padded("values"),
+                                   padded("advantages"), padded("returns"), out["mask"], clip=args.clip_ratio,
+                                   clip_value=args.clip_value, vf_coef=args.vf_coef)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+        return loss
+
+    for epoch in range(args.ppo_epochs):
+        for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, epoch):
+            n = sum(len(exps[i].response) for i in batch)
+            accumulate(model, d, batch, args.micro_batch_size, loss_sum, n, grad_clip=args.grad_clip,
+                       grad_sync=args.grad_sync)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += n
+            steps += 1
+    stats = {k: d.all_sum(v) / tokens_seen for k, v in totals.items()}
+    stats["steps"], stats["tokens"] = steps, tokens_seen
+    return stats
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def build(config, full: dict | None, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False):
+    """(the sharded policy + value head, π0's replicated top) from rank 0's SFT state dict
+    (`full`; None on the other ranks). The value head starts at zero: V = 0 everywhere."""
+    state = full
+    if d.world > 1:  # every rank builds its replica of π0's top from rank 0's weights
+        box = [full]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    with torch.device("meta"):
+        model = PolicyWithValue(Transformer(config), trainable_blocks)
+    dtype = next(iter(state.values())).dtype if not bf16 else torch.bfloat16
+    ref = reference_top(state, config, model.split, d.device, dtype)
+    if d.main:
+        full = {f"policy.{k}": v for k, v in full.items()}
+        full["value_head.weight"] = torch.zeros(1, config.hidden_size, dtype=next(iter(state.values())).dtype)
+    return shard_and_load(model, full, d, bf16=bf16).train(), ref
+
+
+def _train(args, d):
+    out = args.out
+    meta_policy, read_weights, tok = load_model(args.policy, out, d, seed=args.seed)
+    config = meta_policy.config
+    if not 1 <= args.trainable_blocks <= config.num_hidden_layers:
+        raise SystemExit(f"--trainable-blocks {args.trainable_blocks}: the model has {config.num_hidden_layers} blocks")
+    budget = config.max_position_embeddings - args.max_new_tokens
+    if budget <= 0:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{config.max_position_embeddings}")
+    report = Report()
+    prompts = read_prompts(args.data, args.exclude, tok, budget, report, args.format, args.encoding)
+    if not prompts:
+        raise SystemExit(f"no prompts in {' '.join(map(str, args.data))} (after --exclude)")
+    if args.rollout_size % d.world or args.batch_size % (args.micro_batch_size * d.world) or \
+            args.rollout_size % args.batch_size:
+        raise SystemExit(f"--rollout-size {args.rollout_size} must be a multiple of --batch-size {args.batch_size}, "
+                         f"itself a multiple of --micro-batch-size {args.micro_batch_size} x {d.world} ranks")
+    steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
+    rounds = math.ceil(args.max_steps / steps_per_round)
+    if d.main:
+        print(f"{len(prompts)} prompts; {rounds} rounds of {args.rollout_size} experiences, {steps_per_round} "
+              f"optimizer steps each; {d.world} rank(s) on {d.device}")
+        if report:
+            print(report.summary())
+
+    bf16 = d.device.type == "cuda" and not args.fp32
+    compute = torch.bfloat16 if bf16 else torch.float32
+    model, ref = build(config, read_weights(), d, trainable_blocks=args.trainable_blocks, bf16=bf16)
+    rm = RewardModel.from_pretrained(args.reward, dtype=compute, device=d.device).eval().requires_grad_(False)
+    if rm.config.vocab_size != config.vocab_size:
+        raise SystemExit(f"--reward {args.reward} has a vocabulary of {rm.config.vocab_size}, the policy "
+                         f"{config.vocab_size}: they must share the tokenizer")
+    model.train()
+
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    kl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
+    stream = PromptStream(prompts, args.seed)
+    state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
+    setup = ppo_setup(args)
+    if d.main:
+        state.recover()
+    d.barrier()
+    round_no = step = 0
+    if args.resume and state.exists():
+        check_setup(state.trainer().get("setup", {}), setup, args.allow_change, state.dir)
+        trainer = state.load(model, opt)
+        round_no, step, kl.value = trainer["round"], trainer["step"], trainer["kl_coef"]
+        stream.load_state_dict(trainer["prompts"])
+        metrics.truncate_after(step)
+        if d.main:
+            print(f"resumed from {state.dir} at round {round_no} (step {step})")
+
+    bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
+    while round_no < rounds:
+        timer = Timer()
+        exps, generating = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
+        make_experience(model, ref, exps, tok, args, d, round_no, kl.value)
+        experience_s = timer.lap()
+        stats = update(model, opt, exps, tok, args, d, round_no)
+        training_s = timer.lap()
+        mean_kl = sum(float((e.logp - e.ref_logp).sum()) for e in exps) / len(exps)
+        record = {
+            "round": round_no + 1, "step": step + stats["steps"],
+            "score": sum(e.score for e in exps) / len(exps), "kl": mean_kl, "kl_coef": kl.value,
+            "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
+            "clip_fraction": stats["clip_fraction"], "approx_kl": stats["approx_kl"],
+            "entropy": sum(e.entropy for e in exps) / sum(len(e.response) for e in exps),
+            "response_len": sum(len(e.response) for e in exps) / len(exps),
+            "unfinished": sum(not e.finished for e in exps) / len(exps),
+            "rollout_tokens_per_s": sum(len(e.response) for e in exps) / max(generating, 1e-9),
+            "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
+            "generate_s": generating, "experience_s": experience_s - generating, "train_s": training_s}
+        metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
+        kl.update(mean_kl, args.batch_size)  # trlx: n_steps = the batch size
+        round_no, step = round_no + 1, step + stats["steps"]
+        bar.update(1)
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
+        if round_no % args.save_every == 0 or round_no == rounds:
+            state.save(model, opt, {"round": round_no, "step": step, "kl_coef": kl.value,
+                                    "prompts": stream.state_dict(), "setup": setup})
+    bar.close()
+    save_hf(model, out / "final", tok.path, d)
+    if d.main:
+        print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
+
+
+def ppo_setup(args) -> dict:
+    """What defines a PPO run (training.check_setup refuses a resume with another)."""
+    from data.schema import file_digest
+
+    keys = ("max_steps", "rollout_size", "chunk_size", "batch_size", "ppo_epochs", "lr", "weight_decay",
+            "init_kl_coef", "kl_target", "kl_horizon", "clip_ratio", "clip_value", "vf_coef", "grad_clip",
+            "max_new_tokens", "trainable_blocks", "unfinished_penalty", "seed")
+    setup = {k: getattr(args, k) for k in keys}
+    setup.update(policy=model_setup(args.policy), reward=model_setup(args.reward),
+                 data=sorted(file_digest(f) for f in args.data), exclude=sorted(file_digest(f) for f in args.exclude))
+    return json.loads(json.dumps(setup))
+
+
+# -- will it fit? -----------------------------------------------------------------------------------
+
+
+def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
+                    trainable_blocks: int = TRAINABLE_BLOCKS) -> dict:
+    """Per-rank GiB of this layout on GPUs (bf16 compute, fp32 shards):
+
+    frozen     the embedding and the frozen blocks, FSDP-sharded fp32: 4 bytes a parameter / ranks
+               (no gradient, no optimizer state)
+    trainable  the top blocks, norm, head and value head, sharded: fp32 weight, gradient and
+               two Adam moments, 16 bytes a parameter / ranks
+    reference  π0's top, replicated in bf16 (2 bytes a parameter)
+    reward     the reward model, replicated in bf16 (frozen, never sharded: no collectives)
+    in_flight  what FSDP gathers at once: root (embedding, head) and two blocks in bf16
+    kv_cache   one chunk's keys and values, bf16, all layers, prompt + new tokens
+    activations  a micro-batch through the top blocks only (the bottom runs without gradient),
+               plus the logits (bf16 and their fp32 log-softmax)
+    """
+    h, f, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    n = config.num_params()
+    head = v * h * (1 if config.tie_word_embeddings else 2)
+    block = (n - head - h) // L
+    top = trainable_blocks * block + h + (0 if config.tie_word_embeddings else v * h) + h
+    frozen = n - top + h
+    seq = prompt_len + new_tokens
+    gib = 2**30
+    parts = {
+        "frozen": 4 * frozen / world,
+        "trainable": 16 * top / world,
+        "reference": 2 * (trainable_blocks * block + h + v * h),
+        "reward": 2 * (n - v * h + h),
+        "in_flight": 2 * (head + 2 * block),
+        "kv_cache": 2 * 2 * L * chunk * seq * config.num_key_value_heads * config.head_dim,
+        "activations": micro_batch * seq * (trainable_blocks * (8 * h + 4 * f) * 2 + v * 10),
+    }
+    parts = {k: b / gib for k, b in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def dry_run(args):
+    from model import CONFIGS, ModelConfig
+
+    config = CONFIGS[args.policy] if args.policy in CONFIGS else ModelConfig.from_json(Path(args.policy) / "config.json")
+    print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
+          f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
+          f"{args.world_size} ranks, bf16 compute")
+    cols = ("frozen", "trainable", "reference", "reward", "in_flight", "kv_cache", "activations", "total")
+    print("per-rank GiB   " + "  ".join(f"{c:>11}" for c in cols) + f"   fits in {args.gpu_memory_gb:g} GiB")
+    for micro in (1, 2, 4, 8):
+        m = memory_estimate(config, world=args.world_size, chunk=args.chunk_size, prompt_len=1024,
+                            new_tokens=args.max_new_tokens, micro_batch=micro, trainable_blocks=args.trainable_blocks)
+        print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
+              f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
+    print(f"(prompts of 1,024 tokens + {args.max_new_tokens} new; chunks of {args.chunk_size} sequences generated "
+          "together; an estimate: allocator overhead comes on top)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="the SFT model (HF layout), or 'tiny' / 'ziya-13b' with --dry-run")
+    p.add_argument("--reward", help="the reward model (train_rm.py's best/ or final/)")
+    p.add_argument("--data", nargs="+", help="the SFT data the prompts come from")
+    p.add_argument("--exclude", nargs="*", default=[], help="preference pairs whose prompts are left out (§3.2)")
+    add_input_args(p)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps (minibatch updates) in all")
+    p.add_argument("--rollout-size", type=int, default=ROLLOUT_SIZE)
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="experiences per minibatch (optimizer step)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="experiences per forward pass per rank")
+    p.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    p.add_argument("--init-kl-coef", type=float, default=INIT_KL_COEF)
+    p.add_argument("--kl-target", type=lambda x: None if x == "none" else float(x), default=KL_TARGET,
+                   help="the adaptive controller's target KL; 'none' keeps --init-kl-coef fixed")
+    p.add_argument("--kl-horizon", type=int, default=KL_HORIZON)
+    p.add_argument("--clip-ratio", type=float, default=CLIP_RATIO)
+    p.add_argument("--clip-value", type=float, default=CLIP_VALUE)
+    p.add_argument("--vf-coef", type=float, default=VF_COEF)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--unfinished-penalty", type=float, default=UNFINISHED_PENALTY,
+                   help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)")
+    p.add_argument("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=10, help="rounds between resumable states")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--allow-change", nargs="+", choices=sorted(CHANGEABLE), default=[])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
+    p.add_argument("--grad-sync", choices=["every", "last"], default="every")
+    p.add_argument("--dry-run", action="store_true", help="print per-rank memory; train nothing")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    args = p.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    if not (args.reward and args.data and args.out):
+        p.error("--reward, --data and --out are required (unless --dry-run)")
+    run_distributed(_train, args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
