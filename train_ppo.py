@@ -394,6 +394,7 @@ def make_experience(model, ref, exps: list[Experience], tok, args, d, round_no: 
                 n = len(exps[i].response)
                 results.append((i, out["logp"][row, :n].cpu(), out["ref_logp"][row, :n].cpu(),
                                 out["values"][row, :n].cpu(), float(out["entropy"][row, :n].sum())))
+    model.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
     model.train()
     for i, logp, ref_logp, values, entropy in gather(results, d):
         e = exps[i]

@@ -193,6 +193,59 @@ def check_bf16_mixed_precision(d):
     ok(d, "bf16_mixed_precision")
 
 
+def check_ppo_update(d):
+    """One PPO step on 2 ranks equals the same step computed by hand on an unsharded copy: the
+    whole minibatch's clipped losses over its response tokens, one backward, clipping, AdamW."""
+    from types import SimpleNamespace
+
+    import train_ppo
+    from train_ppo import Experience, PolicyWithValue, ppo_loss_sum, response_outputs
+    from training import make_optimizer
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    sft = sharpen_(Transformer(CONFIG))
+    state = {k: v.clone() for k, v in sft.state_dict().items()}
+    model, ref = train_ppo.build(CONFIG, state if d.main else None, d)
+    gen = torch.Generator().manual_seed(1)  # the same buffer on every rank
+    exps = [Experience([1] + torch.randint(3, 101, (2 + i % 4,), generator=gen).tolist(),
+                       torch.randint(3, 101, (1 + (3 * i) % 5,), generator=gen).tolist(), True, score=0.5 * i - 2)
+            for i in range(8)]
+    tok = SimpleNamespace(pad_id=0, eos_id=2)
+    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=0, ppo_epochs=1, clip_ratio=0.2, clip_value=0.2,
+                           vf_coef=1.0, grad_clip=0.5, grad_sync="every")
+    train_ppo.make_experience(model, ref, exps, tok, args, d, 0, kl_coef=0.1)
+    plain = PolicyWithValue(Transformer(CONFIG))
+    plain.load_state_dict({**{f"policy.{k}": v for k, v in state.items()},
+                           "value_head.weight": torch.zeros(1, CONFIG.hidden_size)})
+    # Push the policy off π0 first so that ratios and clipping take part: the same nudge to both.
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.startswith("policy.layers.3."):
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+    train_ppo.update(model, make_optimizer(model, 1e-2, 0.0), exps, tok, args, d, 0)
+
+    opt = make_optimizer(plain, 1e-2, 0.0)
+    out = response_outputs(plain, exps, 0, "cpu")
+    width = out["logp"].shape[1]
+    pad = lambda name: torch.stack([torch.nn.functional.pad(getattr(e, name), (0, width - len(e.response)))
+                                    for e in exps])
+    loss, _ = ppo_loss_sum(out["logp"], pad("logp"), out["values"], pad("values"), pad("advantages"),
+                           pad("returns"), out["mask"])
+    (loss / sum(len(e.response) for e in exps)).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in plain.parameters() if p.grad is not None], 0.5)
+    opt.step()
+    got = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(got[k], v, **TOL)
+    assert not torch.equal(got["policy.layers.3.mlp.up_proj.weight"], state["layers.3.mlp.up_proj.weight"])
+    torch.set_default_dtype(default)
+    ok(d, "ppo_update")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     d = init_distributed()
