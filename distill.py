@@ -26,7 +26,7 @@ from pathlib import Path
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, PROMPTS, APIError, ChatClient, Reject,
                       dialogue_text, fill, prompt, run_jobs)
 from data.readers import add_input_args, read
-from data.schema import RecordError, Report, check_prompt, claim_output, file_digest, load_jsonl, run_main
+from data.schema import Report, check_prompt, claim_output, file_digest, load_jsonl, run_main
 
 SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instructions.jsonl"
 SEEDS_PER_CALL = 3  # human-written examples shown in each generation call (self-instruct)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
                       run_jobs)
 from data.readers import add_input_args, read
-from data.schema import RecordError, claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main
+from data.schema import claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main
 from data.template import render
 from generate import add_device_args, device_and_dtype, generate
 from metrics import compute_metrics

@@ -43,13 +43,12 @@ beside it).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,13 +58,13 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from data.readers import add_input_args, read
-from data.schema import Report, run_main
+from data.schema import Report, file_digest, run_main
 from data.template import render
 from generate import generate
 from model import Transformer, token_logprobs
-from train_rm import RewardModel, pad_batch
-from training import (CHANGEABLE, MetricsLog, TrainState, Timer, check_setup, load_model, make_optimizer,
-                      micro_batches, model_setup, run_distributed, save_hf, shard_and_load, accumulate)
+from train_rm import RewardModel
+from training import (CHANGEABLE, MetricsLog, Timer, TrainState, accumulate, check_setup, load_model, make_optimizer,
+                      micro_batches, model_setup, run_distributed, save_hf, shard_and_load)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -142,8 +141,6 @@ def reference_top(full_state: dict, config, split: int, device, dtype) -> Transf
     """π0's top: a frozen copy of the SFT blocks [split, L), norm and head, as a small
     Transformer run on the shared bottom's output (forward(hidden=...)). Replicated on every
     rank: two blocks and a head (1.7 GB in bf16 for Ziya-13B)."""
-    from dataclasses import replace
-
     top_config = replace(config, num_hidden_layers=config.num_hidden_layers - split)
     with torch.device("meta"):
         ref = Transformer(top_config)
@@ -554,8 +551,6 @@ def _train(args, d):
 
 def ppo_setup(args) -> dict:
     """What defines a PPO run (training.check_setup refuses a resume with another)."""
-    from data.schema import file_digest
-
     keys = ("max_steps", "rollout_size", "chunk_size", "batch_size", "ppo_epochs", "lr", "weight_decay",
             "init_kl_coef", "kl_target", "kl_horizon", "clip_ratio", "clip_value", "vf_coef", "grad_clip",
             "max_new_tokens", "trainable_blocks", "unfinished_penalty", "seed")

@@ -15,6 +15,7 @@ from fake_openai import FakeOpenAI
 import distill
 import chat_api
 from chat_api import APIError, ChatClient, fill, prompt
+from data.schema import RecordError
 from distill import keep_novel, lcs_similarity, parse_dialogue, parse_ratings, parse_triples
 
 KEY = "sk-test-DO-NOT-LEAK-123456"
@@ -352,14 +353,14 @@ def test_a_rerun_with_another_setup_is_refused(api, tmp_path):
     out = tmp_path / "qa.jsonl"
     args = ["polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(out), "--limit", "3"]
     assert run_cli(api, *args) == 0
-    with pytest.raises(distill.RecordError, match=r"another setup \(model: 'gpt-3.5-turbo' -> 'gpt-4'\)"):
+    with pytest.raises(RecordError, match=r"another setup \(model: 'gpt-3.5-turbo' -> 'gpt-4'\)"):
         run_cli(api, *args, "--model", "gpt-4")
     other = tmp_path / "other.jsonl"
     other.write_text((EVAL / "qa_test.jsonl").read_text(encoding="utf-8")[:-1] + " \n", encoding="utf-8")
-    with pytest.raises(distill.RecordError, match=r"another setup \(input: "):
+    with pytest.raises(RecordError, match=r"another setup \(input: "):
         run_cli(api, "polish-qa", "--input", str(other), "--out", str(out))
     assert len(lines(out)) == 3
     # An output of unknown origin (an earlier version's) is not continued either.
     (tmp_path / "qa.setup.json").unlink()
-    with pytest.raises(distill.RecordError, match="says nothing of what produced it"):
+    with pytest.raises(RecordError, match="says nothing of what produced it"):
         run_cli(api, *args)

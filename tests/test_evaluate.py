@@ -13,6 +13,7 @@ from fake_openai import FakeOpenAI
 
 import evaluate
 from chat_api import Reject
+from data.schema import RecordError
 from evaluate import judge_order, parse_verdict, tally
 from model import CONFIGS, Transformer
 
@@ -192,9 +193,9 @@ def test_a_rerun_into_another_models_output_is_refused(tmp_path, tokenizer_file,
               "--limit", "2", "--max-new-tokens", "4"]
     assert evaluate.main(["bench", "--model", str(tmp_path / "a"), "--name", "A", *common]) == 0
     before = (tmp_path / "bench" / "predictions.jsonl").read_bytes()
-    with pytest.raises(evaluate.RecordError, match=r"holds the output of another setup \(model: '[0-9a-f]+' -> "):
+    with pytest.raises(RecordError, match=r"holds the output of another setup \(model: '[0-9a-f]+' -> "):
         evaluate.main(["bench", "--model", str(tmp_path / "b"), "--name", "B", *common])
-    with pytest.raises(evaluate.RecordError, match=r"\(max_new_tokens: 4 -> 5; temperature: 0.0 -> 0.7\)"):
+    with pytest.raises(RecordError, match=r"\(max_new_tokens: 4 -> 5; temperature: 0.0 -> 0.7\)"):
         evaluate.main(["bench", "--model", str(tmp_path / "a"), *common, "--max-new-tokens", "5",
                        "--temperature", "0.7"])
     assert (tmp_path / "bench" / "predictions.jsonl").read_bytes() == before
@@ -219,7 +220,7 @@ def test_judge_of_other_answers_is_refused(judge_api, tmp_path):
     cmd = ["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url]
     assert evaluate.main(cmd) == 0
     write_jsonl(b, [conversation("q1", "另一个模型的回答", "其他")])
-    with pytest.raises(evaluate.RecordError, match=r"another setup \(b: 'file [0-9a-f]+' -> 'file [0-9a-f]+'\)"):
+    with pytest.raises(RecordError, match=r"another setup \(b: 'file [0-9a-f]+' -> 'file [0-9a-f]+'\)"):
         evaluate.main(cmd)
-    with pytest.raises(evaluate.RecordError, match=r"judge_model: 'gpt-4' -> 'gpt-4o'"):
+    with pytest.raises(RecordError, match=r"judge_model: 'gpt-4' -> 'gpt-4o'"):
         evaluate.main(cmd + ["--judge-model", "gpt-4o"])

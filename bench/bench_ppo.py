@@ -1,0 +1,85 @@
+"""What PPO's design saves and costs on the CPU, on the ~46M-parameter `bench-50m` config:
+
+1. π0's log-probs with the shared frozen trunk (a frozen copy of the top two blocks, norm and
+   head run on the policy's bottom output, train_ppo.reference_top) ÷ with a whole frozen copy
+   of the SFT model: expected about 2/L of a forward plus the head's share.
+2. Rollout tokens/s (train_ppo.rollout: generation by the FSDP-wrapped policy + value head, one
+   rank) ÷ a plain generate call on an unwrapped model, same prompts and lengths.
+
+Timings are medians of --repeats runs after a warm-up, made in one process; ratios only.
+
+    python bench/bench_ppo.py [--repeats 5]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_ppo  # noqa: E402
+from generate import generate  # noqa: E402
+from model import CONFIGS, Transformer  # noqa: E402
+from training import init_distributed  # noqa: E402
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    args = p.parse_args()
+    d = init_distributed()
+    config = CONFIGS["bench-50m"]
+    sft = Transformer.from_config(config, seed=0).eval()
+    model, ref = train_ppo.build(config, sft.state_dict(), d)
+    tokens = torch.randint(3, config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(tokens, part="bottom")
+        shared = median_time(lambda: ref(hidden=hidden), args.repeats)
+        whole = median_time(lambda: sft(tokens), args.repeats)
+    L = config.num_hidden_layers
+    print(f"bench-50m ({L} blocks), batch {args.batch} x {args.seq_len} tokens")
+    print(f"pi0 log-probs, shared trunk / whole frozen copy: {shared / whole:.3f}  "
+          f"(2 of {L} blocks = {2 / L:.3f}, plus the head)")
+
+    prompts = [[1] + torch.randint(3, 2000, (24,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(args.batch)]
+
+    class Tok:
+        eos_id, pad_id = -1, 0  # no eos: every sequence runs to the full length
+
+        def __len__(self):
+            return config.vocab_size
+
+    class NoReward:
+        def score_ids(self, prompts, responses, **kw):
+            return torch.zeros(len(prompts))
+
+    run_args = SimpleNamespace(seed=0, chunk_size=args.batch, max_new_tokens=args.new_tokens, unfinished_penalty=0.0)
+    rollout_s = median_time(lambda: train_ppo.rollout(model, NoReward(), prompts, Tok(), run_args, d, 0), args.repeats)
+    plain_s = median_time(lambda: generate(sft, prompts, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0,
+                                           temperature=1.0, generator=torch.Generator().manual_seed(0)), args.repeats)
+    print(f"rollout tokens/s / plain generate tokens/s: {plain_s / rollout_s:.3f}  "
+          f"({args.batch} x {args.new_tokens} new tokens)")
+    d.close()
+
+
+if __name__ == "__main__":
+    main()
