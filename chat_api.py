@@ -288,10 +288,6 @@ class Summary:
         return 2 if self.fatal else 1 if self.failed or self.stopped else 0
 
 
-def _category(text: str) -> str:
-    return text.split(":", 1)[0][:80]  # the reason's category, before the details
-
-
 def run_jobs(jobs: Iterable[tuple[str, object]], work: Callable, out: Path, rejects: Path, *, workers: int = 4,
              limit: int | None = None, desc: str = "jobs", max_failures_in_a_row: int = 10) -> Summary:
     """Run work(payload) -> list of records for every (id, payload) not finished yet; each
@@ -354,7 +350,8 @@ def run_jobs(jobs: Iterable[tuple[str, object]], work: Callable, out: Path, reje
                         fr.write(json.dumps({"id": job_id, "reason": result}, ensure_ascii=False) + "\n")
                         fr.flush()
                         summary.rejected += 1
-                        summary.reasons[_category(result)] = summary.reasons.get(_category(result), 0) + 1
+                        category = result.split(":", 1)[0][:80]  # the reason's category, before the details
+                        summary.reasons[category] = summary.reasons.get(category, 0) + 1
                     else:
                         summary.failed += 1
                         summary.failures[result[:200]] = summary.failures.get(result[:200], 0) + 1

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
                       run_jobs)
 from data.readers import add_input_args, read
-from data.schema import claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main
+from data.schema import claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main, setup_record
 from data.template import render
 from generate import add_device_args, device_and_dtype, generate
 from metrics import compute_metrics
@@ -126,7 +126,6 @@ def cmd_bench(args):
     print("| model | " + " | ".join(TABLE2) + " |")
     print("|---" * (len(TABLE2) + 1) + "|")
     print(f"| {args.name or Path(args.model).name} | " + " | ".join(f"{m[k]:.2f}" for k in TABLE2) + " |")
-    return m
 
 
 def cmd_answer(args):
@@ -234,7 +233,7 @@ def cmd_judge(args):
     # The answers judged are fingerprinted by what produced them (their own setup record) when
     # they have one, else by their bytes.
     def produced(path):
-        made_by = Path(path).with_name(Path(path).stem + ".setup.json")
+        made_by = setup_record(path)
         return "made by " + file_digest(made_by) if made_by.is_file() else "file " + file_digest(path)
 
     client = api_client(args)
@@ -305,7 +304,7 @@ def cmd_report(args):
     lines, bars = ["# Evaluation report", ""], []
     for path in args.judgments:
         path = Path(path)
-        made_by = path.with_name(path.stem + ".setup.json")
+        made_by = setup_record(path)
         meta = json.loads(made_by.read_text(encoding="utf-8"))["info"] if made_by.is_file() else {"a": "A", "b": "B"}
         judgments = load_jsonl(path)
         lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
@@ -396,7 +395,7 @@ def main(argv=None):
     except APIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return code if isinstance(code, int) else 0
+    return code or 0
 
 
 if __name__ == "__main__":

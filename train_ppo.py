@@ -63,8 +63,8 @@ from data.template import render
 from generate import generate
 from model import Transformer, token_logprobs
 from train_rm import RewardModel
-from training import (CHANGEABLE, MetricsLog, Timer, TrainState, accumulate, check_setup, load_model, make_optimizer,
-                      micro_batches, model_setup, run_distributed, save_hf, shard_and_load)
+from training import (MetricsLog, Timer, TrainState, accumulate, add_run_args, load_model, make_optimizer,
+                      micro_batches, model_setup, run_distributed, run_setup, save_hf, shard_and_load)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -199,10 +199,10 @@ def ppo_loss_sum(logp, old_logp, values, old_values, adv, returns, mask, *, clip
     clipped_values = torch.clamp(values, old_values - clip_value, old_values + clip_value)
     vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     pg_sum, vf_sum = (pg * mask).sum(), (vf * mask).sum()
-    with torch.no_grad():
-        stats = {"policy_loss": pg_sum.item(), "value_loss": vf_sum.item(),
-                 "clip_fraction": (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum().item(),
-                 "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().item()}
+    with torch.no_grad():  # tensors: read once a round (float()), not synchronised every micro-batch
+        stats = {"policy_loss": pg_sum.detach(), "value_loss": vf_sum.detach(),
+                 "clip_fraction": (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum(),
+                 "approx_kl": (((ratio - 1) - log_ratio) * mask).sum()}
     return pg_sum + vf_coef * vf_sum, stats
 
 
@@ -436,7 +436,7 @@ def update(model, opt, exps: list[Experience], tok, args, d, round_no: int) -> d
             opt.zero_grad(set_to_none=True)
             tokens_seen += n
             steps += 1
-    stats = {k: d.all_sum(v) / tokens_seen for k, v in totals.items()}
+    stats = {k: d.all_sum(float(v)) / tokens_seen for k, v in totals.items()}
     stats["steps"], stats["tokens"] = steps, tokens_seen
     return stats
 
@@ -506,14 +506,11 @@ def _train(args, d):
         state.recover()
     d.barrier()
     round_no = step = 0
-    if args.resume and state.exists():
-        check_setup(state.trainer().get("setup", {}), setup, args.allow_change, state.dir)
-        trainer = state.load(model, opt)
+    trainer = state.resume(args, setup, model, opt)
+    if trainer:
         round_no, step, kl.value = trainer["round"], trainer["step"], trainer["kl_coef"]
         stream.load_state_dict(trainer["prompts"])
         metrics.truncate_after(step)
-        if d.main:
-            print(f"resumed from {state.dir} at round {round_no} (step {step})")
 
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
     while round_no < rounds:
@@ -554,10 +551,8 @@ def ppo_setup(args) -> dict:
     keys = ("max_steps", "rollout_size", "chunk_size", "batch_size", "ppo_epochs", "lr", "weight_decay",
             "init_kl_coef", "kl_target", "kl_horizon", "clip_ratio", "clip_value", "vf_coef", "grad_clip",
             "max_new_tokens", "trainable_blocks", "unfinished_penalty", "seed")
-    setup = {k: getattr(args, k) for k in keys}
-    setup.update(policy=model_setup(args.policy), reward=model_setup(args.reward),
-                 data=sorted(file_digest(f) for f in args.data), exclude=sorted(file_digest(f) for f in args.exclude))
-    return json.loads(json.dumps(setup))
+    return run_setup(args, keys, policy=model_setup(args.policy), reward=model_setup(args.reward),
+                     exclude=sorted(file_digest(f) for f in args.exclude))
 
 
 # -- will it fit? -----------------------------------------------------------------------------------
@@ -603,7 +598,8 @@ def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_toke
 def dry_run(args):
     from model import CONFIGS, ModelConfig
 
-    config = CONFIGS[args.policy] if args.policy in CONFIGS else ModelConfig.from_json(Path(args.policy) / "config.json")
+    config = (CONFIGS[args.policy] if args.policy in CONFIGS
+              else ModelConfig.from_json(Path(args.policy) / "config.json"))
     print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
           f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
           f"{args.world_size} ranks, bf16 compute")
@@ -625,16 +621,12 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", help="the SFT data the prompts come from")
     p.add_argument("--exclude", nargs="*", default=[], help="preference pairs whose prompts are left out (§3.2)")
     add_input_args(p)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps (minibatch updates) in all")
+    add_run_args(p, unit="experiences", lr=LR, batch_size=BATCH_SIZE, weight_decay=0.0, grad_clip=GRAD_CLIP,
+                 max_steps=MAX_STEPS, max_steps_help="optimizer steps (minibatch updates) in all",
+                 save_every=10, save_every_help="rounds between resumable states")
     p.add_argument("--rollout-size", type=int, default=ROLLOUT_SIZE)
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="experiences per minibatch (optimizer step)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="experiences per forward pass per rank")
     p.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
     p.add_argument("--init-kl-coef", type=float, default=INIT_KL_COEF)
     p.add_argument("--kl-target", type=lambda x: None if x == "none" else float(x), default=KL_TARGET,
                    help="the adaptive controller's target KL; 'none' keeps --init-kl-coef fixed")
@@ -646,13 +638,6 @@ def main(argv=None):
     p.add_argument("--unfinished-penalty", type=float, default=UNFINISHED_PENALTY,
                    help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)")
     p.add_argument("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=10, help="rounds between resumable states")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--allow-change", nargs="+", choices=sorted(CHANGEABLE), default=[])
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
-    p.add_argument("--grad-sync", choices=["every", "last"], default="every")
     p.add_argument("--dry-run", action="store_true", help="print per-rank memory; train nothing")
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)

@@ -81,29 +81,39 @@ class Distributed:
 
 def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, weight_decay: float,
                      warmup_ratio: float, grad_clip: float, max_len: int):
-    """The flags every trainer shares, with that trainer's defaults (each script cites where its
-    defaults come from). `unit` names what a batch counts: conversations, pairs."""
+    """The flags of the trainers that learn from a data set (SFT, reward model), with that
+    trainer's defaults (each script cites where its defaults come from). `unit` names what a
+    batch counts: conversations, pairs."""
     p.add_argument("--val-data", nargs="+", help="validation files; default: a split of --data")
-    p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--warmup-ratio", type=float, default=warmup_ratio)
+    p.add_argument("--max-len", type=int, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    add_run_args(p, unit=unit, lr=lr, batch_size=batch_size, weight_decay=weight_decay, grad_clip=grad_clip,
+                 max_steps=0, max_steps_help="stop after this many optimizer steps (0: epochs decide)",
+                 save_every=100, save_every_help="steps between resumable states")
+
+
+def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: float, grad_clip: float,
+                 max_steps: int, max_steps_help: str, save_every: int, save_every_help: str):
+    """The flags every trainer shares, PPO's included: where the run goes and how it resumes,
+    the optimizer step and how it is split among ranks and micro-batches."""
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--max-steps", type=int, default=max_steps, help=max_steps_help)
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch, in {unit}")
     p.add_argument("--micro-batch-size", type=int, default=1, help=f"{unit} per forward pass per rank")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--weight-decay", type=float, default=weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=warmup_ratio)
     p.add_argument("--grad-clip", type=float, default=grad_clip)
-    p.add_argument("--max-len", type=int, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states")
+    p.add_argument("--save-every", type=int, default=save_every, help=save_every_help)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state (with the same settings and data)")
     p.add_argument("--allow-change", nargs="+", choices=sorted(CHANGEABLE), default=[],
                    help="with --resume: let these settings differ from the saved run's (the schedule follows "
                         "the new values from the step resumed)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds an earlier run (its metrics and state are discarded)")
-    p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
     p.add_argument("--grad-sync", choices=["every", "last"], default="every",
                    help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
@@ -121,12 +131,13 @@ CHANGEABLE = {"lr": "lr", "max-steps": "max_steps", "epochs": "epochs"}
 FLAT_STEPS = 3  # steps in a row with an exactly zero gradient before train_loop stops
 
 
-def run_setup(args, **extra) -> dict:
-    """The settings and the data (by content: the files' digests, in no particular order) that
-    define a training run, plus the trainer's own (`extra`: a base model, a loss margin)."""
-    setup = {k: getattr(args, k) for k in DEFINING}
+def run_setup(args, defining: tuple[str, ...] = DEFINING, **extra) -> dict:
+    """The settings (`defining`, names of args) and the data (by content: the files' digests,
+    in no particular order) that define a training run, plus the trainer's own (`extra`: a base
+    model, a loss margin; models by model_setup, files by digests)."""
+    setup = {k: getattr(args, k) for k in defining}
     setup["data"] = sorted(file_digest(f) for f in args.data)
-    setup["val_data"] = sorted(file_digest(f) for f in args.val_data or [])
+    setup["val_data"] = sorted(file_digest(f) for f in getattr(args, "val_data", None) or [])
     setup.update(extra)
     return json.loads(json.dumps(setup))
 
@@ -382,16 +393,14 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
     d.barrier()
     step, best, saved = 0, None, None
     flat = 0  # optimizer steps in a row whose gradient was exactly zero
-    if args.resume and state.exists():
-        check_setup(state.trainer().get("setup", {}), setup, args.allow_change, state.dir)
-        trainer = state.load(model, opt)
+    trainer = state.resume(args, setup, model, opt)
+    if trainer:
         step, best, saved = trainer["step"], trainer["best"], trainer["step"]
         sampler.load_state_dict(trainer["sampler"])
         metrics.truncate_after(step)
-        if d.main:
-            print(f"resumed from {state.dir} at step {step}")
-    elif args.resume and d.main:
-        print(f"--resume: no state in {out}, starting from step 0")
+
+    def last_state() -> str:  # what the guards below name: only a state that exists
+        return f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
 
     def rounded(m: dict) -> dict:
         return {k: round(v, 6) for k, v in m.items()}
@@ -409,17 +418,16 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
         loss, grad_norm = accumulate(model, d, global_batch, args.micro_batch_size, loss_sum, n_units(global_batch),
                                      grad_clip=args.grad_clip, grad_sync=args.grad_sync)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
             raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
-                             f"before the update. The last good state: {last}. Lower --lr or check the data.")
+                             f"before the update. The last good state: {last_state()}. Lower --lr or check the data.")
         # An exactly zero gradient (in fp32, over every trainable weight) does not happen to a
         # model that is learning; it does to one whose activations blew up and saturated.
         flat = flat + 1 if grad_norm == 0.0 else 0
         if flat >= FLAT_STEPS:
-            last = f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
             raise SystemExit(f"steps {step + 2 - flat}-{step + 1}: the gradient is exactly zero (loss flat at "
                              f"{loss:.6g}): the model has stopped learning, most likely blown up by too high an "
-                             f"--lr. Stopping; best/ holds no validation from those steps. The last state: {last}.")
+                             f"--lr. Stopping; best/ holds no validation from those steps. "
+                             f"The last state: {last_state()}.")
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
@@ -572,6 +580,21 @@ class TrainState:
     def trainer(self) -> dict:
         """The trainer's part of the state (step, sampler, best, setup), without the weights."""
         return json.loads((self.dir / "trainer.json").read_text(encoding="utf-8"))
+
+    def resume(self, args, setup: dict, model, optimizer) -> dict | None:
+        """With --resume and a state here: refuse another setup (check_setup), else load the
+        weights and optimizer and return the trainer's part (it says "step"). None otherwise."""
+        if not args.resume:
+            return None
+        if not self.exists():
+            if self.d.main:
+                print(f"--resume: no state in {self.dir.parent}, starting from the beginning")
+            return None
+        check_setup(self.trainer().get("setup", {}), setup, args.allow_change, self.dir)
+        trainer = self.load(model, optimizer)
+        if self.d.main:
+            print(f"resumed from {self.dir} at step {trainer['step']}")
+        return trainer
 
     def load(self, model, optimizer) -> dict:
         trainer = self.trainer()

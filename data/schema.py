@@ -210,18 +210,13 @@ def finished_ids(*paths: Path) -> set[str]:
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Every record of a JSONL file this project wrote (predictions, judgments), unchecked but
     for being JSON objects: a bad line is a RecordError naming the file and line."""
-    out = []
-    for n, line in text_lines(path):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{n}: not valid JSON ({e.msg}); a line cut short by a crash? "
-                                  "rerun the command that wrote it, or delete that line") from None
-            if not isinstance(rec, dict):
-                raise RecordError(f"{path}:{n}: expected a JSON object")
-            out.append(rec)
-    return out
+    return list(read_jsonl(path, _an_object))
+
+
+def _an_object(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: expected a JSON object")
+    return record
 
 
 # -- what produced a resumable output --------------------------------------------------------------
@@ -255,6 +250,12 @@ def model_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def setup_record(out: str | os.PathLike) -> Path:
+    """Where claim_output records what produced `out`: OUT.setup.json beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".setup.json")
+
+
 def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None) -> Path:
     """Make sure resumable output `out` is this setup's: a file beside it (OUT.setup.json)
     records what produced it — `setup` (fingerprints and settings that change the records)
@@ -262,7 +263,7 @@ def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None) 
     with the differences named, so one model's records are never continued, or counted, as
     another's. An output that holds nothing yet takes the new setup. Returns the record's path."""
     out = Path(out)
-    record = out.with_name(out.stem + ".setup.json")
+    record = setup_record(out)
     setup = json.loads(json.dumps(setup))  # as it will read back
     beside = [out, *out.parent.glob(f"{glob.escape(out.stem)}.*.jsonl")]  # its rejects, a first stage's records
     holds = any(p.exists() and (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0) for p in beside)
