@@ -24,7 +24,7 @@ import random
 import re
 import sys
 from pathlib import Path
-from xml.sax.saxutils import escape
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -34,8 +34,9 @@ from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, R
 from data.readers import add_input_args, read
 from data.schema import claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main, setup_record
 from data.template import render
-from generate import add_device_args, device_and_dtype, generate
+from generate import ReplyText, add_device_args, device_and_dtype, generate, stream
 from metrics import compute_metrics
+from plots import svg_win_tie_loss
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -51,6 +52,7 @@ class Doctor:
 
     def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0,
                  device="cpu", dtype=torch.float32):
+        self.path = path
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
         self.tok = Tokenizer(Path(path) / "tokenizer.model")
         self.tok.check_model_vocab(self.model.config.vocab_size, where=f"model {path}")
@@ -75,6 +77,21 @@ class Doctor:
                        pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling)
         answers = iter(self.tok.decode(t).strip() for t in out.tokens)
         return [None if p is None else next(answers) for p in prompts]
+
+    def stream(self, conversation: list[dict]) -> Iterator[str]:
+        """The next assistant turn of one conversation, piece by piece as it is sampled (chat.py):
+        the pieces add up to what reply() returns. A question that does not fit beside
+        max_new_tokens raises ValueError; older rounds that do not fit are left out (render)."""
+        budget = self.model.config.max_position_embeddings - self.max_new
+        ids = render(self.tok, conversation, max_len=budget).ids
+        text = ReplyText(self.tok, [], self.max_new)
+        for token in stream(self.model, ids, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
+                            pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling):
+            piece = text.push(token, self.tok.eos_id)
+            if piece:
+                yield piece
+            if text.finish:
+                break
 
 
 def answer_all(doctor: Doctor, records: list[dict], out: Path, batch_size: int, keep_reference: bool):
@@ -271,33 +288,6 @@ def table(judgments: list[dict], name_a: str, name_b: str) -> str:
     return "\n".join(rows)
 
 
-def svg_bars(title: str, bars: list[tuple[str, dict]]) -> str:
-    """Horizontal stacked bars of win / tie / loss shares, one per opponent (Figures 3-5)."""
-    colours = {"win": "#4e9a6a", "tie": "#c9c9c9", "loss": "#d1605e"}
-    left, width, row, top = 230, 460, 34, 50
-    height = top + row * len(bars) + 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 30}" height="{height}" '
-             f'font-family="sans-serif" font-size="13">',
-             f'<text x="10" y="24" font-size="15" font-weight="bold">{escape(title)}</text>']
-    for i, (label, c) in enumerate(bars):
-        y = top + i * row
-        n = max(1, c["win"] + c["tie"] + c["loss"])
-        parts.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{escape(label)}</text>')
-        x = left
-        for k in ("win", "tie", "loss"):
-            w = width * c[k] / n
-            if w > 0:
-                parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="24" fill="{colours[k]}"/>')
-                if w > 24:
-                    parts.append(f'<text x="{x + w / 2:.1f}" y="{y + 17}" text-anchor="middle" fill="white">{c[k]}</text>')
-            x += w
-    for k, (name, colour) in enumerate(colours.items()):
-        parts.append(f'<rect x="{left + k * 90}" y="{height - 26}" width="14" height="14" fill="{colour}"/>'
-                     f'<text x="{left + k * 90 + 20}" y="{height - 14}">{name}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
-
-
 def cmd_report(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +300,7 @@ def cmd_report(args):
         lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
                   table(judgments, meta["a"], meta["b"]), ""]
         bars.append((f"{meta['a']} vs. {meta['b']}", tally(judgments)["Total"]))
-    (out / "win_tie_loss.svg").write_text(svg_bars("Win / tie / loss", bars), encoding="utf-8")
+    (out / "win_tie_loss.svg").write_text(svg_win_tie_loss("Win / tie / loss", bars), encoding="utf-8")
     lines += ["![win, tie and loss per opponent](win_tie_loss.svg)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {out / 'report.md'} and {out / 'win_tie_loss.svg'}")

@@ -31,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from data.schema import run_main
 from model import KVCache, Transformer, token_logprobs
+from tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass
@@ -166,6 +167,51 @@ def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id
         yield int(tokens[0])
 
 
+class ReplyText:
+    """The text of one reply as its tokens arrive. Stop strings end it (and are not part of it); text that could be the
+    start of a stop string is held back until it is known not to be, and so is whitespace at
+    either end, so the streamed pieces always add up to the final content, which is the
+    decoded reply stripped (as evaluate.Doctor returns it). serve.py and chat.py stream with it."""
+
+    def __init__(self, tok: Tokenizer, stop: list[str], max_tokens: int):
+        self.decoder, self.stop, self.max_tokens = StreamDecoder(tok), stop, max_tokens
+        self.text, self.sent, self.tokens, self.finish = "", 0, 0, None
+
+    def push(self, token: int, eos: int) -> str:
+        """Take one sampled token; return the text that became final."""
+        self.tokens += 1
+        if token != eos:
+            self.text += self.decoder.push(token)
+        if token == eos or self.tokens >= self.max_tokens:
+            self.text += self.decoder.flush()
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self._end("stop")
+        if token == eos or self.tokens >= self.max_tokens:
+            return self._end("stop" if token == eos else "length")
+        start = len(self.text) - len(self.text.lstrip())
+        hold = max([k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])], default=0)
+        end = min(len(self.text) - hold, len(self.text.rstrip()))
+        return self._take(max(start, self.sent), end)
+
+    def _end(self, reason: str) -> str:
+        self.finish = reason
+        content = self.text.strip()
+        start = len(self.text) - len(self.text.lstrip())
+        return self._take(max(start, self.sent), start + len(content))
+
+    def _take(self, start: int, end: int) -> str:
+        if end <= start:
+            return ""
+        self.sent = end
+        return self.text[start:end]
+
+    @property
+    def content(self) -> str:
+        return self.text.strip()
+
+
 # -- where inference runs ----------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -189,8 +235,6 @@ def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
 
 
 def main(argv=None):
-    from tokenizer import StreamDecoder, Tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
     p.add_argument("--prompt", required=True, help="raw text, encoded with bos (no chat template)")

@@ -132,7 +132,8 @@ class ModelConfig:
 CONFIGS = {
     "tiny": ModelConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        # LLaMA's context (paper App. E: 2048): the judge's prompt (App. D) alone is ~1,500 tiny tokens.
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
     ),
     # ~50M parameters: the size the benchmarks in bench/ compare against transformers.
     "bench-50m": ModelConfig(

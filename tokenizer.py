@@ -83,6 +83,12 @@ class StreamDecoder:
         new, self.emitted = text[len(self.emitted):], text
         return new
 
+    def flush(self) -> str:
+        """What push held back, at the end: a sequence that stops mid-character decodes lossily."""
+        text = self.tok.decode(self.ids)
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
 
 def train_tokenizer(sentences: Iterable[str], out: str | os.PathLike, vocab_size: int = 4096) -> Tokenizer:
     """Train a LLaMA-style BPE sentencepiece model on `sentences` and write it to `out`.

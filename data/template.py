@@ -74,15 +74,17 @@ def doctor_turn(tok, answer: str) -> list[int]:
     return tok.encode(DOCTOR_TAG + answer + TURN_END) + [tok.eos_id]
 
 
-def render(tok, messages: list[dict], *, max_len: int = MAX_LEN, generation_prompt: bool | None = None):
+def render(tok, messages: list[dict], *, max_len: int = MAX_LEN, generation_prompt: bool | None = None,
+           system: str = SYSTEM):
     """messages -> Rendered(ids, labels), or None if not even one training round fits.
 
     generation_prompt defaults to "the last message is the user's": then the ids end with the
-    doctor's tag, ready for sampling, and every label is IGNORE_INDEX.
+    doctor's tag, ready for sampling, and every label is IGNORE_INDEX. `system` replaces the
+    paper's system text (serve.py passes a request's system message; nothing else does).
     """
     if generation_prompt is None:
         generation_prompt = messages[-1]["role"] == "user"
-    head = [tok.bos_id] + tok.encode(SYSTEM)
+    head = [tok.bos_id] + tok.encode(system)
     rounds = []  # (patient ids, doctor ids or None)
     for i in range(0, len(messages), 2):
         answer = doctor_turn(tok, messages[i + 1]["content"]) if i + 1 < len(messages) else None

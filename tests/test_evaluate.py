@@ -152,7 +152,7 @@ def test_doctor_on_a_device_and_dtype_and_questions_too_long(tmp_path, tokenizer
     doctor = evaluate.Doctor(tmp_path / "m", max_new_tokens=8, device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in doctor.model.parameters()} == {torch.bfloat16}
     short = [{"role": "user", "content": "头痛"}]
-    long = [{"role": "user", "content": "头痛发热咳嗽" * 200}]  # beyond the 512-token context
+    long = [{"role": "user", "content": "头痛发热咳嗽" * 800}]  # beyond the 2048-token context
     answers = doctor.reply([short, long, short])
     assert answers[1] is None and isinstance(answers[0], str) and answers[0] == answers[2]
     # In a consultation such a turn is a reject of that case, not a crash of the run.
@@ -164,7 +164,7 @@ class Verbose:
     """A simulated patient (in place of the API client) whose every turn is far too long."""
 
     def chat(self, messages):
-        return SimpleNamespace(content="头痛发热咳嗽" * 200)
+        return SimpleNamespace(content="头痛发热咳嗽" * 800)
 
 
 def test_judge_items_the_api_failed_are_judged_on_the_next_run(judge_api, tmp_path, capsys):

@@ -156,8 +156,8 @@ def test_score_ids_scores_exactly_the_ids_the_policy_produced(reward_model, toke
         reencoded = reward_model.score_ids([prompt], [tok.encode(tok.decode(sampled))], eos_id=tok.eos_id, pad_id=0)
     torch.testing.assert_close(got[0], direct[0], rtol=1e-5, atol=1e-5)
     assert abs(got[0].item() - reencoded.item()) > 1e-4
-    with pytest.raises(ValueError, match="exceeds the reward model's context of 512"):
-        reward_model.score_ids([prompt], [reply * 100], eos_id=tok.eos_id, pad_id=0)
+    with pytest.raises(ValueError, match="exceeds the reward model's context of 2048"):
+        reward_model.score_ids([prompt], [reply * 400], eos_id=tok.eos_id, pad_id=0)
 
 
 def test_pairs_too_long_are_skipped_and_counted(tokenizer_file):
@@ -178,7 +178,7 @@ def test_sample_and_score_skip_and_count_what_they_cannot_use(tiny_sft, reward_m
     data = tmp_path / "prompts.jsonl"
     rows = [{"id": "ok", "source": "t", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}]},
             {"id": "open", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]},
-            {"id": "long", "source": "t", "messages": [{"role": "user", "content": "头痛发热咳嗽" * 200},
+            {"id": "long", "source": "t", "messages": [{"role": "user", "content": "头痛发热咳嗽" * 800},
                                         {"role": "assistant", "content": "请就医。"}]}]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "samples.jsonl"

@@ -157,7 +157,7 @@ def test_masked_and_padded_tokens_do_not_move_the_loss(tokenizer_file):
 
 def test_errors_before_training(tmp_path, tokenizer_file):
     proc = run(tmp_path / "ctx", "--max-len", "4096", check=False)
-    assert proc.returncode and "--max-len 4096 exceeds the model's context of 512" in proc.stderr
+    assert proc.returncode and "--max-len 4096 exceeds the model's context of 2048" in proc.stderr
     proc = run(tmp_path / "batch", "--batch-size", "6", "--micro-batch-size", "4", check=False)
     assert proc.returncode and "--batch-size 6 is not a multiple" in proc.stderr
     # A model whose embedding is smaller than its tokenizer.

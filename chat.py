@@ -1,0 +1,98 @@
+"""Consult a model in the terminal: multi-turn, the reply streamed as it is sampled.
+
+    python chat.py --model runs/quickstart/ppo/final
+    python chat.py --model ziya-13b-huatuo --device cuda --dtype bfloat16
+
+Each turn is prompted with the whole conversation so far through the HuatuoGPT template
+(data.template.render, as in training); when the conversation outgrows the context the oldest
+rounds are left out, and the chat says so. Type `clear` to start a new consultation, `quit`
+(or `exit`, `stop`, Ctrl-D) to leave; Ctrl-C stops a reply that runs on and keeps the chat.
+Works with any checkpoint in the HF layout: ours, or a converted Ziya-LLaMA-13B (convert.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data.schema import run_main
+from data.template import DOCTOR_TAG, PATIENT_TAG, render
+from evaluate import Doctor
+from generate import add_device_args, device_and_dtype
+
+CLEAR = {"clear", "/clear"}
+QUIT = {"quit", "exit", "stop", "/quit", "/exit"}
+
+
+def chat(doctor: Doctor, ask, write) -> int:
+    """The loop: ask(prompt) returns the next line typed (None at the end), write(text) shows
+    text. Returns the number of replies given."""
+    history: list[dict] = []
+    replies = 0
+    write(f"HuatuoGPT ({doctor.path}). `clear` starts over, `quit` leaves.\n")
+    while True:
+        line = ask(PATIENT_TAG)
+        if line is None or line.strip().lower() in QUIT:
+            return replies
+        question = line.strip()
+        if not question:
+            continue
+        if question.lower() in CLEAR:
+            history = []
+            write("(a new consultation)\n")
+            continue
+        conversation = history + [{"role": "user", "content": question}]
+        budget = doctor.model.config.max_position_embeddings - doctor.max_new
+        try:
+            dropped = render(doctor.tok, conversation, max_len=budget).rounds_dropped
+        except ValueError as e:
+            write(f"(not asked: {e})\n")
+            continue
+        if dropped:
+            write(f"(the {dropped} oldest round(s) no longer fit the context and are left out)\n")
+        write(DOCTOR_TAG)
+        answer = []
+        try:
+            for piece in doctor.stream(conversation):
+                answer.append(piece)
+                write(piece)
+        except KeyboardInterrupt:
+            write(" (stopped)")
+        write("\n")
+        history = conversation + [{"role": "assistant", "content": "".join(answer)}]
+        replies += 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="per reply (the official demo's)")
+    # Our sampling defaults, those of the quick start's answers; --temperature 0 is greedy.
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
+    args = p.parse_args(argv)
+    device, dtype = device_and_dtype(args)
+    doctor = Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
+                    args.seed, device=device, dtype=dtype)
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def ask(prompt):
+        try:
+            return input(prompt)
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
+            write("\n")
+            return None
+
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    chat(doctor, ask, write)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

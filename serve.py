@@ -1,0 +1,507 @@
+"""An OpenAI-compatible chat server for any checkpoint in the HF layout, on the standard library.
+
+    python serve.py --model runs/quickstart/ppo/final [--port 8000] [--name huatuo]
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "huatuo", "messages": [{"role": "user", "content": "我头痛三天了"}]}'
+
+Whatever speaks the Chat Completions protocol can then use the model: the official `openai`
+client, and this project's own distill.py and evaluate.py judge/consult (`--base-url
+http://127.0.0.1:8000/v1`), which is how the main job (quickstart.py) runs them offline.
+
+Endpoints: POST /v1/chat/completions (with and without `"stream": true`), GET /v1/models and
+/v1/models/{name}. Honoured: messages (an optional system message, then user and assistant
+turns alternating, ending with the user's), temperature, top_p, max_tokens (or
+max_completion_tokens), stop (up to 4 strings), n, seed, stream_options.include_usage.
+Parameters this server cannot honour (tools, logprobs, penalties other than 0, ...) are refused
+with a 400 rather than ignored.
+
+Messages become token ids through data.template.render, the one template function that training
+uses too; a system message replaces the paper's system text. A conversation longer than the
+context loses its oldest rounds (render's rule); a question that alone does not fit is a 400.
+
+Requests that arrive together are decoded as one batch (generate.decode_steps, left-padded):
+one worker thread owns the model and takes every waiting request whose sampling settings match
+the first one's, up to --max-batch sequences. Each request ends on its own (eos, a stop string,
+its max_tokens) while the batch runs on for the others.
+
+Limits: the server listens on 127.0.0.1 unless --host says otherwise; a bearer key is required
+when the environment variable SERVE_API_KEY is set; a body larger than --max-body is refused
+with 413, and more than --max-concurrent requests at once with 429 (and Retry-After).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from data.schema import run_main
+from data.template import render
+from generate import ReplyText, add_device_args, decode_steps, device_and_dtype
+from model import Transformer
+from tokenizer import Tokenizer
+
+MAX_TOKENS = 512  # the default reply length (the official demo's max_new_tokens); a request may ask for more
+MAX_STOP = 4  # as OpenAI's API: at most 4 stop sequences
+MAX_N = 8
+# Accepted only at these values: anything else asks for behaviour this server does not have.
+ONLY = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logprobs": (False, None),
+        "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+        "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
+        "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# -- a request, checked ------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    ids: list[int]  # the rendered prompt
+    max_tokens: int
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    rounds_dropped: int = 0
+
+    def sampling_key(self) -> tuple:
+        """Requests decode in one batch only with equal settings (decode_steps takes one set)."""
+        return self.temperature, self.top_p, self.seed
+
+
+def _number(body, name, lo, hi, default, kind=float):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+    if not lo <= value <= hi:
+        raise BadRequest(f"'{name}' must be between {lo} and {hi}, got {value!r}", name)
+    return kind(value)
+
+
+def _text(content, where: str) -> str:
+    """A message's content: a string, or a list of text parts (newer clients send those)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise BadRequest(f"{where}.content must be a string or a list of text parts", where + ".content")
+
+
+def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = MAX_TOKENS) -> Request:
+    """The JSON body of a chat completion -> Request, or BadRequest naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    for name, allowed in ONLY.items():
+        if name in body and body[name] not in allowed:
+            raise BadRequest(f"'{name}' is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise BadRequest("only response_format {'type': 'text'} is supported", "response_format")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    system, turns = None, []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{where} must be an object", where)
+        role = m.get("role")
+        if role in ("system", "developer"):
+            if turns or system is not None:
+                raise BadRequest(f"{where}: a system message may only come first", where + ".role")
+            system = _text(m.get("content"), where)
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise BadRequest(f"{where}.role is {role!r}; the conversation must alternate user and assistant "
+                             f"turns starting with the user's, so {expected!r} was expected", where + ".role")
+        turns.append({"role": role, "content": _text(m.get("content"), where)})
+    if not turns or turns[-1]["role"] != "user":
+        raise BadRequest("the last message must be the user's: the model answers it", "messages")
+
+    n = _number(body, "n", 1, MAX_N, 1, int)
+    temperature = _number(body, "temperature", 0, 2, 1.0)
+    top_p = _number(body, "top_p", 0, 1, None)
+    if top_p == 0:
+        raise BadRequest("'top_p' must be greater than 0", "top_p")
+    seed = _number(body, "seed", -2**63, 2**63 - 1, None, int)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or (options and not stream):
+        raise BadRequest("'stream_options' is an object, and only for stream: true", "stream_options")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, name, 1, context, None, int)
+
+    kw = {} if system is None else {"system": system}
+    try:
+        # With no max_tokens the reply gets what the prompt leaves, up to the default.
+        rendered = render(tok, turns, max_len=context - (max_tokens or 1), generation_prompt=True, **kw)
+    except ValueError as e:
+        raise BadRequest(f"the prompt does not fit the model's context of {context} tokens with max_tokens "
+                         f"{max_tokens or 1}: {e}", "messages", code="context_length_exceeded") from None
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, context - len(rendered.ids))
+    return Request(rendered.ids, max_tokens, n, stop, temperature, top_p, seed, stream,
+                   bool(options.get("include_usage")), rendered.rounds_dropped)
+
+
+# -- the engine: one thread owns the model and decodes waiting requests together ------------------------
+
+
+class Job:
+    def __init__(self, request: Request):
+        self.request = request
+        self.events: queue.Queue = queue.Queue()  # ("delta", index, text) ("finish", index, reason) ("done", usage) ("error", message)
+        self.cancelled = False
+
+
+class Engine:
+    def __init__(self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0):
+        self.model, self.tok, self.max_batch = model, tok, max_batch
+        self.context = model.config.max_position_embeddings
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # for requests without a seed
+        self.waiting: list[Job] = []
+        self.cond = threading.Condition()
+        self.batches: list[int] = []  # sequences per batch decoded, for tests and logs
+        threading.Thread(target=self._loop, name="engine", daemon=True).start()
+
+    def submit(self, request: Request) -> Job:
+        job = Job(request)
+        with self.cond:
+            self.waiting.append(job)
+            self.cond.notify()
+        return job
+
+    def _take(self) -> list[Job]:
+        """The first waiting job and every later one that can share its batch."""
+        with self.cond:
+            while not self.waiting:
+                self.cond.wait()
+            first = self.waiting.pop(0)
+            batch, rows = [first], first.request.n
+            longest, most = len(first.request.ids), first.request.max_tokens
+            for job in list(self.waiting):
+                r = job.request
+                fits = max(longest, len(r.ids)) + max(most, r.max_tokens) <= self.context
+                if r.sampling_key() == first.request.sampling_key() and rows + r.n <= self.max_batch and fits:
+                    self.waiting.remove(job)
+                    batch.append(job)
+                    rows += r.n
+                    longest, most = max(longest, len(r.ids)), max(most, r.max_tokens)
+            return batch
+
+    def _loop(self):
+        while True:
+            batch = self._take()
+            try:
+                self._decode(batch)
+            except Exception as e:  # the model failed: every request of the batch hears it, the server lives on
+                for job in batch:
+                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    @torch.no_grad()
+    def _decode(self, batch: list[Job]):
+        rows = [(job, i, ReplyText(self.tok, job.request.stop, job.request.max_tokens))
+                for job in batch for i in range(job.request.n)]
+        first = batch[0].request
+        generator = self.generator if first.seed is None else torch.Generator(self.device).manual_seed(first.seed)
+        self.batches.append(len(rows))
+        steps = decode_steps(self.model, [job.request.ids for job, _, _ in rows],
+                             max_new_tokens=max(job.request.max_tokens for job in batch), eos_id=self.tok.eos_id,
+                             pad_id=self.tok.pad_id, temperature=first.temperature, top_p=first.top_p,
+                             vocab_limit=len(self.tok), generator=generator)
+        try:
+            for tokens, _, _ in steps:
+                for k, (job, index, reply) in enumerate(rows):
+                    if reply.finish is not None:
+                        continue
+                    if job.cancelled:
+                        reply.finish = "cancelled"
+                        continue
+                    piece = reply.push(int(tokens[k]), self.tok.eos_id)
+                    if piece:
+                        job.events.put(("delta", index, piece))
+                    if reply.finish is not None:
+                        job.events.put(("finish", index, reply.finish))
+                if all(reply.finish is not None for _, _, reply in rows):
+                    break
+        finally:
+            steps.close()
+        for job in batch:
+            completion = sum(reply.tokens for j, _, reply in rows if j is job)
+            job.events.put(("done", {"prompt_tokens": len(job.request.ids), "completion_tokens": completion,
+                                     "total_tokens": len(job.request.ids) + completion}))
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; streams are sent chunked
+    timeout = 60  # seconds a client may take to send its request
+    server: "ChatServer"
+
+    def log_message(self, fmt, *args):  # one line per request on stderr, only with --verbose
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def _send_json(self, status: int, obj: dict, headers: dict | None = None):
+        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: BadRequest, headers: dict | None = None):
+        if e.status in (411, 413):  # the body was not read: the connection cannot carry another request
+            self.close_connection = True
+            headers = dict(headers or {}, Connection="close")
+        self._send_json(e.status, e.body(), headers)
+
+    def _authorised(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return True
+        self._error(BadRequest("a valid bearer key is required (Authorization: Bearer ...)", status=401,
+                               code="invalid_api_key", kind="authentication_error"))
+        return False
+
+    def do_GET(self):
+        if not self._authorised():
+            return
+        path = self.path.split("?")[0].rstrip("/")
+        card = {"id": self.server.name, "object": "model", "created": self.server.created, "owned_by": "huatuogpt"}
+        if path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [card]})
+        elif path == f"/v1/models/{self.server.name}":
+            self._send_json(200, card)
+        elif path.startswith("/v1/models/"):
+            self._error(BadRequest(f"no model {path[len('/v1/models/'):]!r}; this server serves "
+                                   f"{self.server.name!r}", "model", 404, "model_not_found"))
+        else:
+            self._error(BadRequest(f"no such endpoint: GET {path}", status=404, code="not_found"))
+
+    def do_POST(self):
+        path = self.path.split("?")[0].rstrip("/")
+        if path != "/v1/chat/completions":
+            length = self._body_length(quiet=True)
+            if length is not None:
+                self.rfile.read(length)
+            self._error(BadRequest(f"no such endpoint: POST {path}", status=404, code="not_found"))
+            return
+        length = self._body_length()
+        if length is None:
+            return
+        body = self.rfile.read(length)
+        if not self._authorised():
+            return
+        if not self.server.slots.acquire(blocking=False):
+            self._error(BadRequest(f"the server is busy ({self.server.max_concurrent} requests at once); "
+                                   "try again shortly", status=429, code="server_busy", kind="rate_limit_error"),
+                        {"Retry-After": "1"})
+            return
+        try:
+            self._chat(body)
+        finally:
+            self.server.slots.release()
+
+    def _body_length(self, quiet: bool = False) -> int | None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers.get("Content-Length") is None:
+            if not quiet:
+                self._error(BadRequest("a Content-Length header is required", status=411))
+            return None
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            length = -1
+        if not 0 <= length <= self.server.max_body:
+            if not quiet:
+                self._error(BadRequest(f"the body must be at most {self.server.max_body} bytes; "
+                                       f"Content-Length is {self.headers['Content-Length']}", status=413))
+            return None
+        return length
+
+    def _chat(self, raw: bytes):
+        try:
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BadRequest(f"the body is not valid JSON ({e})") from None
+            if isinstance(body, dict) and body.get("model") != self.server.name:
+                raise BadRequest(f"no model {body.get('model')!r}; this server serves {self.server.name!r}",
+                                 "model", 404, "model_not_found")
+            request = parse_request(body, self.server.engine.tok, self.server.engine.context, self.server.max_tokens)
+        except BadRequest as e:
+            self._error(e)
+            return
+        job = self.server.engine.submit(request)
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": self.server.name}
+        try:
+            (self._stream if request.stream else self._complete)(job, head)
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled = True  # the client left: its rows stop at the next step
+            self.close_connection = True
+
+    def _complete(self, job: Job, head: dict):
+        texts, finish = [""] * job.request.n, [None] * job.request.n
+        while True:
+            event = job.events.get()
+            if event[0] == "delta":
+                texts[event[1]] += event[2]
+            elif event[0] == "finish":
+                finish[event[1]] = event[2]
+            elif event[0] == "error":
+                self._error(BadRequest(event[1], status=500, kind="server_error"))
+                return
+            else:
+                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
+                            "logprobs": None} for i, (t, f) in enumerate(zip(texts, finish))]
+                self._send_json(200, dict(head, object="chat.completion", choices=choices, usage=event[1]))
+                return
+
+    def _stream(self, job: Job, head: dict):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(obj):
+            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def chunk(index, delta, finish=None):
+            return dict(head, object="chat.completion.chunk",
+                        choices=[{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}])
+
+        for i in range(job.request.n):
+            send(chunk(i, {"role": "assistant", "content": ""}))
+        while True:
+            event = job.events.get()
+            if event[0] == "delta":
+                send(chunk(event[1], {"content": event[2]}))
+            elif event[0] == "finish":
+                send(chunk(event[1], {}, event[2]))
+            elif event[0] == "error":  # the status line is gone: an error object in the stream, as OpenAI does
+                send(BadRequest(event[1], status=500, kind="server_error").body())
+                break
+            else:
+                if job.request.include_usage:
+                    send(dict(head, object="chat.completion.chunk", choices=[], usage=event[1]))
+                break
+        send(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, engine: Engine, name: str, host: str = "127.0.0.1", port: int = 8000, *,
+                 api_key: str | None = None, max_body: int = 1 << 20, max_concurrent: int = 16,
+                 max_tokens: int = MAX_TOKENS, verbose: bool = False):
+        self.engine, self.name, self.api_key, self.verbose = engine, name, api_key or None, verbose
+        self.max_body, self.max_concurrent, self.max_tokens = max_body, max_concurrent, max_tokens
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.created = int(time.time())
+        super().__init__((host, port), Handler)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+
+def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, port: int = 0,
+          **kw) -> ChatServer:
+    """Load a model and serve it on a background thread (the main job and the tests use this);
+    server.base_url is where to point a client, server.shutdown() stops it."""
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    tok = Tokenizer(Path(model_dir) / "tokenizer.model")
+    tok.check_model_vocab(model.config.vocab_size, where=f"model {model_dir}")
+    engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0))
+    server = ChatServer(engine, name or Path(model_dir).name, port=port, **kw)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
+    p.add_argument("--name", help="the model's id in the API (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every interface: set SERVE_API_KEY then")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most")
+    p.add_argument("--max-concurrent", type=int, default=16, help="requests in flight at most; more get 429")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body at most")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="reply length when a request gives none")
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling for requests that give no seed")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    add_device_args(p)
+    args = p.parse_args(argv)
+    key = os.environ.get("SERVE_API_KEY")
+    if not _loopback(args.host) and not key:
+        print(f"warning: serving on {args.host} without a key: anyone who can reach it can use the model "
+              "(set SERVE_API_KEY)", file=sys.stderr)
+    device, dtype = device_and_dtype(args)
+    server = start(args.model, args.name, device=device, dtype=dtype, port=args.port, api_key=key,
+                   max_body=args.max_body, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
+                   max_batch=args.max_batch, seed=args.seed, verbose=args.verbose, host=args.host)
+    print(f"serving {server.name!r} at {server.base_url} (Ctrl-C stops)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,76 @@
+"""chat.py: a piped session and one through a pseudo-terminal; each streamed reply is the reply
+evaluate.Doctor gives the same conversation, `clear` forgets the history, `quit` leaves."""
+
+import os
+import pty
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+from evaluate import Doctor
+from model import CONFIGS, Transformer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_file):
+    out = tmp_path_factory.mktemp("chat") / "m"
+    Transformer.from_config(CONFIGS["tiny"], seed=5).save_pretrained(out, tokenizer=tokenizer_file)
+    return out
+
+
+def expected_replies(model_dir):
+    doctor = Doctor(model_dir, max_new_tokens=10, temperature=0, top_p=0.9, repetition_penalty=1.1)  # chat.py's defaults
+    first = [{"role": "user", "content": "头痛"}]
+    r1 = doctor.reply([first])[0]
+    r2 = doctor.reply([first + [{"role": "assistant", "content": r1}, {"role": "user", "content": "还有发烧"}]])[0]
+    return r1, r2
+
+
+COMMAND = ["--temperature", "0", "--max-new-tokens", "10"]
+
+
+def test_a_piped_session_keeps_history_until_cleared(model_dir):
+    r1, r2 = expected_replies(model_dir)
+    assert r1 != r2
+    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+                          input="头痛\n还有发烧\n\nclear\n头痛\nquit\n忽略\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replies = [line.split("<HuatuoGPT>：", 1)[1] for line in proc.stdout.split("\n") if "<HuatuoGPT>：" in line]
+    assert replies == [r1, r2, r1]  # after `clear` the first question gets the first answer again
+    assert "(a new consultation)" in proc.stdout
+    # End of input leaves as `quit` does.
+    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+                          input="头痛\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("<HuatuoGPT>：") == 1
+
+
+def test_a_terminal_session(model_dir):
+    r1, _ = expected_replies(model_dir)
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+                            stdin=child, stdout=child, stderr=child, close_fds=True)
+    os.close(child)
+    seen = b""
+
+    def read_until(marker: bytes, timeout=60):
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < end:
+            try:
+                seen += os.read(main, 4096)
+            except OSError:
+                break
+        assert marker in seen, seen.decode(errors="replace")
+
+    try:
+        read_until("<病人>：".encode())
+        os.write(main, "头痛\n".encode())
+        read_until(("<HuatuoGPT>：" + r1).encode())
+        os.write(main, b"quit\n")
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        os.close(main)

@@ -1,0 +1,246 @@
+"""serve.py: the OpenAI-compatible server, driven by the official `openai` client (both modes),
+by plain HTTP for the errors, and by this project's own clients (distill.py, evaluate.py judge)
+end to end. The model is the tiny configuration with random weights in fp64, so that a reply
+decoded in a batch with others is the reply decoded alone, token for token."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+from conftest import ROOT
+
+import distill
+import evaluate
+import serve
+from data.schema import load_jsonl
+from data.template import render
+from model import CONFIGS, Transformer
+from tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+
+QUESTIONS = ["我最近三天一直头痛，需要去医院吗？", "孩子发烧38.5度怎么办", "咳嗽两周了", "胃痛反酸烧心"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_file):
+    out = tmp_path_factory.mktemp("served")
+    Transformer.from_config(CONFIGS["tiny"], seed=3).save_pretrained(out / "m", tokenizer=tokenizer_file)
+    return out / "m"
+
+
+def make_server(model_dir, **kw):
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float64).eval()
+    engine = serve.Engine(model, Tokenizer(model_dir / "tokenizer.model"), max_batch=kw.pop("max_batch", 8))
+    server = serve.ChatServer(engine, "huatuo-tiny", port=0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = make_server(model_dir)
+    yield s
+    s.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def ask(client, question, **kw):
+    return client.chat.completions.create(model="huatuo-tiny", messages=[{"role": "user", "content": question}], **kw)
+
+
+def test_a_reply_is_the_doctors_reply_and_its_usage_counts_the_template(client, model_dir):
+    doctor = evaluate.Doctor(model_dir, max_new_tokens=12, dtype=torch.float64)
+    out = ask(client, QUESTIONS[0], temperature=0, max_tokens=12)
+    assert out.object == "chat.completion" and out.model == "huatuo-tiny" and len(out.choices) == 1
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == doctor.reply([[{"role": "user", "content": QUESTIONS[0]}]])[0]
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    prompt = render(tok, [{"role": "user", "content": QUESTIONS[0]}]).ids
+    assert out.usage.prompt_tokens == len(prompt)
+    if out.choices[0].finish_reason == "length":
+        assert out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    # A system message replaces the paper's system text: another prompt, counted as such.
+    other = client.chat.completions.create(model="huatuo-tiny", temperature=0, max_tokens=4, messages=[
+        {"role": "system", "content": "你是医生。"}, {"role": "user", "content": QUESTIONS[0]}])
+    assert other.usage.prompt_tokens == len(render(tok, [{"role": "user", "content": QUESTIONS[0]}],
+                                                   system="你是医生。").ids)
+
+
+def test_the_stream_adds_up_to_the_reply(client):
+    whole = ask(client, QUESTIONS[1], temperature=0, max_tokens=20)
+    chunks = list(ask(client, QUESTIONS[1], temperature=0, max_tokens=20, stream=True,
+                      stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_strings_end_the_reply_in_both_modes(client):
+    full = ask(client, QUESTIONS[2], temperature=0, max_tokens=30).choices[0].message.content
+    assert len(full) > 8
+    stop = full[5:8]  # three characters: held back while they might be starting
+    cut = full[:full.find(stop)].strip()
+    out = ask(client, QUESTIONS[2], temperature=0, max_tokens=30, stop=[stop, "不会出现的字符串"])
+    assert out.choices[0].message.content == cut and out.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       ask(client, QUESTIONS[2], temperature=0, max_tokens=30, stop=stop, stream=True) if c.choices)
+    assert streamed == cut
+
+
+def test_n_choices_sampled_with_a_seed_are_reproducible(client):
+    one = ask(client, QUESTIONS[3], temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7)
+    two = ask(client, QUESTIONS[3], temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7)
+    assert [c.index for c in one.choices] == [0, 1, 2]
+    texts = [c.message.content for c in one.choices]
+    assert texts == [c.message.content for c in two.choices] and len(set(texts)) > 1
+    assert one.usage.completion_tokens == sum(10 if c.finish_reason == "length" else 0 for c in one.choices) or \
+        any(c.finish_reason == "stop" for c in one.choices)
+    streamed = ["", "", ""]
+    for c in ask(client, QUESTIONS[3], temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == texts
+
+
+def test_requests_that_arrive_together_are_decoded_as_one_batch(client, server):
+    alone = [ask(client, q, temperature=0, max_tokens=16).choices[0].message.content for q in QUESTIONS[1:]]
+    before = len(server.engine.batches)
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(ask, client, QUESTIONS[0], temperature=0, max_tokens=300)  # keeps the engine busy
+        time.sleep(0.3)
+        together = [pool.submit(ask, client, q, temperature=0, max_tokens=16) for q in QUESTIONS[1:]]
+        replies = [f.result().choices[0].message.content for f in together]
+        long.result()
+    assert replies == alone
+    assert server.engine.batches[before:] == [1, 3]
+
+
+def test_bad_requests_get_a_json_error_naming_the_field(server):
+    url = server.base_url + "/chat/completions"
+    good = {"model": "huatuo-tiny", "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 2}
+
+    def post(body, status, param=None, code=None, **kw):
+        r = requests.post(url, data=body if isinstance(body, (str, bytes)) else json.dumps(body), **kw)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["message"] and err["param"] == param and (code is None or err["code"] == code)
+        return err["message"]
+
+    assert "not valid JSON" in post("{", 400)
+    post(dict(good, model="gpt-4"), 404, "model", "model_not_found")
+    post(dict(good, messages=[]), 400, "messages")
+    post(dict(good, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400,
+         "messages[1].role")
+    post(dict(good, messages=[{"role": "user", "content": 3}]), 400, "messages[0].content")
+    post(dict(good, temperature=3), 400, "temperature")
+    post(dict(good, n=0), 400, "n")
+    post(dict(good, max_tokens="many"), 400, "max_tokens")
+    post(dict(good, stop=["a"] * 5), 400, "stop")
+    post(dict(good, tools=[{"type": "function"}]), 400, "tools")
+    post(dict(good, logprobs=True), 400, "logprobs")
+    post(dict(good, stream_options={"include_usage": True}), 400, "stream_options")
+    post(dict(good, messages=[{"role": "user", "content": "头痛" * 3000}]), 400, "messages", "context_length_exceeded")
+    post(dict(good, max_tokens=4000), 400, "max_tokens")
+    assert requests.get(server.base_url + "/nothing").status_code == 404
+    assert requests.post(server.base_url.removesuffix("/v1") + "/v2/x", json={}).json()["error"]["code"] == "not_found"
+    r = requests.get(server.base_url + "/models/huatuo-tiny")
+    assert r.json()["id"] == "huatuo-tiny"
+    # The server is still there after all of that.
+    assert requests.post(url, json=good).status_code == 200
+
+
+def test_limits_size_concurrency_and_key(model_dir, monkeypatch):
+    s = make_server(model_dir, max_body=2000, max_concurrent=1, api_key="secret-key")
+    try:
+        url = s.base_url + "/chat/completions"
+        auth = {"Authorization": "Bearer secret-key"}
+        body = {"model": "huatuo-tiny", "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 2}
+        assert requests.post(url, json=body).status_code == 401
+        assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert requests.get(s.base_url + "/models").status_code == 401
+        assert requests.post(url, json=body, headers=auth).status_code == 200
+        big = dict(body, messages=[{"role": "user", "content": "头" * 3000}])
+        r = requests.post(url, json=big, headers=auth)
+        assert r.status_code == 413 and "at most 2000 bytes" in r.json()["error"]["message"]
+        # One request in flight at most: a second one at the same time is told to come back.
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(requests.post, url, json=dict(body, max_tokens=300), headers=auth)
+            time.sleep(0.3)
+            busy = requests.post(url, json=body, headers=auth)
+            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+            assert slow.result().status_code == 200
+        # The official client with the key; it retries the 429 by itself.
+        c = openai.OpenAI(base_url=s.base_url, api_key="secret-key")
+        assert c.models.list().data[0].id == "huatuo-tiny"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.base_url, api_key="nope", max_retries=0).models.list()
+    finally:
+        s.shutdown()
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_engine(client, server):
+    stream = ask(client, QUESTIONS[0], temperature=0, max_tokens=1500, stream=True)
+    next(iter(stream))
+    stream.close()
+    t = time.monotonic()
+    assert ask(client, QUESTIONS[1], temperature=0, max_tokens=2).choices  # not stuck behind 1,500 tokens
+    assert time.monotonic() - t < 5
+
+
+def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    qa = ROOT / "data" / "eval" / "qa_test.jsonl"
+    out = tmp_path / "polished.jsonl"
+    code = distill.main(["polish-qa", "--input", str(qa), "--out", str(out), "--base-url", server.base_url,
+                         "--model", "huatuo-tiny", "--limit", "2", "--temperature", "0", "--max-tokens", "8",
+                         "--workers", "2"])
+    written = load_jsonl(out)
+    rejected = load_jsonl(tmp_path / "polished.rejects.jsonl")
+    assert code == 0 and len(written) + len(rejected) == 2
+    prompt = distill.fill(distill.prompt("a3_polish_qa"), Patient_Question=written[0]["messages"][0]["content"],
+                          Doctor_Response=written[0]["meta"]["original_answer"])
+    direct = requests.post(server.base_url + "/chat/completions", json={
+        "model": "huatuo-tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+        "max_tokens": 8}).json()["choices"][0]["message"]["content"]
+    assert written[0]["messages"][1]["content"] == direct.strip()
+
+    answers = out  # any two answer files in our schema; here the same one twice
+    judged = tmp_path / "judge.jsonl"
+    code = evaluate.main(["judge", "--a", str(answers), "--b", str(answers), "--out", str(judged), "--base-url",
+                          server.base_url, "--judge-model", "huatuo-tiny", "--judge-retries", "0", "--workers", "2"])
+    assert code == 0
+    outcomes = [r["outcome"] for r in load_jsonl(judged)]
+    # A random tiny model does not say "Assistant 1 is better than Assistant 2": counted as unparsed.
+    assert len(outcomes) == len(written) and set(outcomes) <= {"unparsed", "win", "tie", "loss"}
+    assert all(r["judgments"][0]["reply"] is not None for r in load_jsonl(judged))
+
+
+def test_the_command_line_serves_until_stopped(model_dir):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0",
+                             "--name", "m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving 'm' at http://127.0.0.1:"), line + proc.stderr.read()
+        base = line.split(" at ")[1].split()[0]
+        r = requests.post(base + "/chat/completions", json={"model": "m", "max_tokens": 3,
+                                                           "messages": [{"role": "user", "content": "头痛"}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
