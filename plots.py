@@ -30,7 +30,7 @@ def svg_panels(title: str, panels: list[tuple[str, dict[str, list[tuple[float, f
                width: int = 640, panel_height: int = 170) -> str:
     """Line charts stacked vertically on a shared x axis: panels are (y label, {series name:
     [(x, y), ...]}); a series of one point is drawn as a dot. Non-finite points are skipped."""
-    left, right, top, gap = 64, 150, 36, 34
+    left, right, top, gap = 84, 150, 36, 34
     xs = [x for _, series in panels for pts in series.values() for x, y in pts if math.isfinite(y)]
     xticks = nice_ticks(min(xs, default=0), max(xs, default=1))
     x0, x1 = xticks[0], xticks[-1]
@@ -79,7 +79,7 @@ def svg_panels(title: str, panels: list[tuple[str, dict[str, list[tuple[float, f
     return "\n".join(out) + "\n"
 
 
-def svg_grouped_bars(title: str, categories: list[str], series: dict[str, list[float]], width: int = 720,
+def svg_grouped_bars(title: str, categories: list[str], series: dict[str, list[float]], width: int = 960,
                      height: int = 260) -> str:
     """Vertical bars, one group per category and one bar per series (Table 2: a group per metric,
     a bar per model), values written above the bars."""

@@ -148,6 +148,11 @@ def points(rows: list[dict], key: str, x: str = "step") -> list[tuple[float, flo
     return [(r[x], r[key]) for r in rows if key in r and r.get(key) is not None]
 
 
+def md(text: str) -> str:
+    """Model output shown in Markdown: one line, no tags (a tiny model writes `<HuatuoGPT>` too)."""
+    return " ".join(text.split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def fmt(v, digits=3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -203,7 +208,7 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
     lines += ["## 4. PPO", "", f"`ppo/metrics.jsonl`: one row per round of rollouts.", "",
               "| round | step | mean score | KL (nats) | λ_KL | policy loss | value loss | clip fraction | "
               "response length | unfinished |", "|---" * 10 + "|"]
-    lines += [f"| {r['round']} | {r['step']} | {fmt(r['score'])} | {fmt(r['kl'])} | {fmt(r['kl_coef'], 4)} | "
+    lines += [f"| {r['round']} | {r['step']} | {fmt(r['score'])} | {fmt(r['kl'])} | {fmt(r['kl_coef'], 6)} | "
               f"{fmt(r['policy_loss'])} | {fmt(r['value_loss'])} | {fmt(r['clip_fraction'])} | "
               f"{fmt(r['response_len'], 1)} | {fmt(r['unfinished'], 2)} |" for r in ppo]
     lines += ["", "![PPO](ppo.svg)", ""]
@@ -220,7 +225,8 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
             n = len(load_jsonl(bench / "predictions.jsonl"))
             lines.append(f"| {name} | {n} | " + " | ".join(f"{v:.2f}" for v in table2[name]) + " |")
     if table2:
-        (out / "table2.svg").write_text(svg_grouped_bars("Table 2 metrics (%)", evaluate.TABLE2, table2),
+        (out / "table2.svg").write_text(svg_grouped_bars(
+            "Table 2 metrics (BLEU, GLEU, ROUGE in %; Distinct as a fraction)", evaluate.TABLE2, table2),
                                         encoding="utf-8")
         lines += ["", "![Table 2](table2.svg)", ""]
     bars = []
@@ -243,10 +249,10 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
     if len(answers) == 2 and answers["SFT"]:
         first = next(iter(answers["SFT"]))
         lines += ["### One question, both models (`eval/answers_*.jsonl`)", "",
-                  f"> **<病人>**：{answers['SFT'][first]['messages'][0]['content']}", ">"]
+                  f"> **病人**：{md(answers['SFT'][first]['messages'][0]['content'])}", ">"]
         for name in ("SFT", "PPO"):
             if first in answers[name]:
-                lines += [f"> **<HuatuoGPT {name}>**：{answers[name][first]['messages'][1]['content']}", ">"]
+                lines += [f"> **HuatuoGPT ({name})**：{md(answers[name][first]['messages'][1]['content'])}", ">"]
         lines[-1] = ""
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
