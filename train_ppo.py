@@ -63,7 +63,7 @@ from data.template import render
 from generate import generate
 from model import Transformer, token_logprobs
 from train_rm import RewardModel
-from training import (MetricsLog, Timer, TrainState, accumulate, add_run_args, load_model, make_optimizer,
+from training import (HelpFormatter, MetricsLog, Timer, TrainState, accumulate, add_run_args, load_model, make_optimizer,
                       micro_batches, model_setup, run_distributed, run_setup, save_hf, shard_and_load)
 
 # Paper §3.2 and App. E.
@@ -615,7 +615,7 @@ def dry_run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--policy", required=True, help="the SFT model (HF layout), or 'tiny' / 'ziya-13b' with --dry-run")
     p.add_argument("--reward", help="the reward model (train_rm.py's best/ or final/)")
     p.add_argument("--data", nargs="+", help="the SFT data the prompts come from")

@@ -42,7 +42,7 @@ from data.template import render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from model import Transformer
 from tokenizer import Tokenizer
-from training import (add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup, shard_and_load,
+from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup, shard_and_load,
                       train_loop)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
@@ -389,7 +389,7 @@ def main(argv=None):
             p.add_argument("--seed", type=int, default=0)
             return sample(p.parse_args(argv[1:]))
         return score(p.parse_args(argv[1:]))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
     p.add_argument("--data", nargs="+", required=True, help="preference pairs (distill.py score output)")
     add_input_args(p, formats=False)

@@ -33,7 +33,7 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
 from data.schema import Report, file_digest, run_main
 from data.template import IGNORE_INDEX, collate, render
-from training import (add_trainer_args, eval_chunks, load_model, memory_estimate, model_setup, run_distributed,
+from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, memory_estimate, model_setup, run_distributed,
                       run_setup, shard_and_load, train_loop)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
@@ -142,7 +142,7 @@ def dry_run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
     p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
     add_input_args(p)

@@ -282,3 +282,30 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert all(torch.equal(a[k], b[k]) for k in a)
     va, vb = load_file(final / "value_head.safetensors"), load_file(out / "final" / "value_head.safetensors")
     assert torch.equal(va["weight"], vb["weight"])
+
+
+def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(tmp_path, tokenizer_file):
+    """§3.2: "Input queries are de-duplicated and sampled from the remaining SFT hybrid data"."""
+    from data.schema import Report
+    from data.template import render
+    from tokenizer import Tokenizer
+
+    def conv(id, *turns):
+        roles = ["user", "assistant"] * len(turns)
+        return {"id": id, "source": "t", "messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]}
+
+    sft = tmp_path / "sft.jsonl"
+    rows = [conv("a", "头痛", "多久了？", "三天", "去医院。"), conv("b", "头痛", "别担心。"), conv("c", "咳嗽", "多喝水。")]
+    sft.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "p", "source": "preference", "messages": [{"role": "user", "content": "咳嗽"}], "chosen": "x",
+                                 "rejected": "y"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    tok, report = Tokenizer(tokenizer_file), Report()
+    got = train_ppo.read_prompts([sft], [pairs], tok, 1000, report)
+    # a's two patient turns (the second with its history), b's question = a's first: kept once;
+    # c's question is a reward-model prompt: left out.
+    want = [[{"role": "user", "content": "头痛"}],
+            [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
+             {"role": "user", "content": "三天"}]]
+    assert sorted(got) == sorted(render(tok, m).ids for m in want)
+    assert "a prompt of the reward model's pairs" in report.summary()
