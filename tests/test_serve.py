@@ -118,12 +118,20 @@ def test_n_choices_sampled_with_a_seed_are_reproducible(client):
     assert streamed == texts
 
 
+def wait_until_decoding(server, decoded: int):
+    """Wait until the engine has begun decoding a batch beyond the first `decoded`."""
+    end = time.monotonic() + 30
+    while len(server.engine.batches) <= decoded and time.monotonic() < end:
+        time.sleep(0.01)
+    assert len(server.engine.batches) > decoded
+
+
 def test_requests_that_arrive_together_are_decoded_as_one_batch(client, server):
     alone = [ask(client, q, temperature=0, max_tokens=16).choices[0].message.content for q in QUESTIONS[1:]]
     before = len(server.engine.batches)
     with ThreadPoolExecutor(4) as pool:
         long = pool.submit(ask, client, QUESTIONS[0], temperature=0, max_tokens=300)  # keeps the engine busy
-        time.sleep(0.3)
+        wait_until_decoding(server, before)
         together = [pool.submit(ask, client, q, temperature=0, max_tokens=16) for q in QUESTIONS[1:]]
         replies = [f.result().choices[0].message.content for f in together]
         long.result()
@@ -180,10 +188,11 @@ def test_limits_size_concurrency_and_key(model_dir, monkeypatch):
         assert r.status_code == 413 and "at most 2000 bytes" in r.json()["error"]["message"]
         # One request in flight at most: a second one at the same time is told to come back.
         with ThreadPoolExecutor(1) as pool:
+            decoded = len(s.engine.batches)
             slow = pool.submit(requests.post, url, json=dict(body, max_tokens=300), headers=auth)
-            time.sleep(0.3)
-            busy = requests.post(url, json=body, headers=auth)
-            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+            wait_until_decoding(s, decoded)
+            refused = requests.post(url, json=body, headers=auth)
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
             assert slow.result().status_code == 200
         # The official client with the key; it retries the 429 by itself.
         c = openai.OpenAI(base_url=s.base_url, api_key="secret-key")
