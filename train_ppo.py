@@ -338,10 +338,10 @@ def gather(items: list, d) -> list:
     return [x for part in parts for x in part]
 
 
-def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], float]:
+def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], dict]:
     """Generate this rank's share of the round's prompts, chunk by chunk, and score it; every
     rank ends with the whole round, in the order of `prompts`. Returns (experiences, seconds
-    spent generating)."""
+    spent {"generate_s", "score_s"})."""
     mine = prompts[d.rank::d.world]
     gen = torch.Generator(d.device).manual_seed(hash((args.seed, round_no, d.rank)) % 2**63)
     model.eval()
@@ -351,11 +351,12 @@ def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Exper
         out = generate(model, chunk, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        temperature=1.0, vocab_limit=len(tok), generator=gen)
         exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
-    generating = time.perf_counter() - t0
+    t1 = time.perf_counter()
     model.train()
     score_round(rm, exps, tok, args)
+    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
     ordered = gather([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
-    return [e for _, e in sorted(ordered, key=lambda x: x[0])], generating
+    return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 
 
 @torch.no_grad()
@@ -515,7 +516,8 @@ def _train(args, d):
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
     while round_no < rounds:
         timer = Timer()
-        exps, generating = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
+        exps, seconds = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
+        rollout_s = timer.lap()
         make_experience(model, ref, exps, tok, args, d, round_no, kl.value)
         experience_s = timer.lap()
         stats = update(model, opt, exps, tok, args, d, round_no)
@@ -529,9 +531,12 @@ def _train(args, d):
             "entropy": sum(e.entropy for e in exps) / sum(len(e.response) for e in exps),
             "response_len": sum(len(e.response) for e in exps) / len(exps),
             "unfinished": sum(not e.finished for e in exps) / len(exps),
-            "rollout_tokens_per_s": sum(len(e.response) for e in exps) / max(generating, 1e-9),
+            "rollout_tokens_per_s": sum(len(e.response) for e in exps) / max(seconds["generate_s"], 1e-9),
             "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
-            "generate_s": generating, "experience_s": experience_s - generating, "train_s": training_s}
+            # Where the round's time went: sampling, the reward model, the forwards of the
+            # policy, value head and π0 over the experience, the PPO updates.
+            "generate_s": seconds["generate_s"], "score_s": seconds["score_s"], "experience_s": experience_s,
+            "train_s": training_s}
         metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
         kl.update(mean_kl, args.batch_size)  # trlx: n_steps = the batch size
         round_no, step = round_no + 1, step + stats["steps"]

@@ -5,6 +5,9 @@
    of the SFT model: expected about 2/L of a forward plus the head's share.
 2. Rollout tokens/s (train_ppo.rollout: generation by the FSDP-wrapped policy + value head, one
    rank) ÷ a plain generate call on an unwrapped model, same prompts and lengths.
+3. Where one whole round's time goes (the paper's round: 64 experiences in chunks of 8, 4 PPO
+   epochs; here with --round-size experiences): generation, reward-model scoring, the forwards
+   of policy, value head and π0 over the experience, and the updates, as shares of the round.
 
 Timings are medians of --repeats runs after a warm-up, made in one process; ratios only.
 
@@ -44,6 +47,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--round-size", type=int, default=16, help="experiences in the timed round (the paper: 64)")
     args = p.parse_args()
     d = init_distributed()
     config = CONFIGS["bench-50m"]
@@ -55,9 +59,12 @@ def main():
         shared = median_time(lambda: ref(hidden=hidden), args.repeats)
         whole = median_time(lambda: sft(tokens), args.repeats)
     L = config.num_hidden_layers
+    block = sum(p.numel() for p in sft.layers[0].parameters())
+    head = sft.lm_head.weight.numel()
+    expected = (2 * block + head) / (L * block + head)  # the weights each forward multiplies by
     print(f"bench-50m ({L} blocks), batch {args.batch} x {args.seq_len} tokens")
-    print(f"pi0 log-probs, shared trunk / whole frozen copy: {shared / whole:.3f}  "
-          f"(2 of {L} blocks = {2 / L:.3f}, plus the head)")
+    print(f"pi0 log-probs, shared trunk / whole frozen copy: {shared / whole:.3f}  (2 of {L} blocks and the head, "
+          f"by their weights: {expected:.3f}; the target, that +10%: {1.1 * expected:.3f})")
 
     prompts = [[1] + torch.randint(3, 2000, (24,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(args.batch)]
@@ -78,6 +85,36 @@ def main():
                                            temperature=1.0, generator=torch.Generator().manual_seed(0)), args.repeats)
     print(f"rollout tokens/s / plain generate tokens/s: {plain_s / rollout_s:.3f}  "
           f"({args.batch} x {args.new_tokens} new tokens)")
+
+    from train_rm import RewardModel
+
+    rm = RewardModel(config).eval()
+    opt = train_ppo.make_optimizer(model, 1e-6, 0.0)
+    round_args = SimpleNamespace(seed=0, chunk_size=train_ppo.CHUNK_SIZE, max_new_tokens=args.new_tokens,
+                                 unfinished_penalty=0.0, batch_size=args.round_size // 4, micro_batch_size=1,
+                                 ppo_epochs=train_ppo.PPO_EPOCHS, clip_ratio=train_ppo.CLIP_RATIO,
+                                 clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
+                                 grad_clip=train_ppo.GRAD_CLIP, grad_sync="every")
+    round_prompts = [prompts[i % len(prompts)] for i in range(args.round_size)]
+
+    class RoundTok(Tok):
+        eos_id = 2  # the reward model reads its score at an eos (rarely sampled by random weights)
+
+    parts = {"generation": [], "reward scoring": [], "policy, value and pi0 forwards": [], "updates": []}
+    for r in range(args.repeats):
+        exps, seconds = train_ppo.rollout(model, rm, round_prompts, RoundTok(), round_args, d, r)
+        t = time.perf_counter()
+        train_ppo.make_experience(model, ref, exps, RoundTok(), round_args, d, r, 0.1)
+        experience = time.perf_counter() - t
+        train_ppo.update(model, opt, exps, RoundTok(), round_args, d, r)
+        for name, v in zip(parts, (seconds["generate_s"], seconds["score_s"], experience,
+                                   time.perf_counter() - t - experience)):
+            parts[name].append(v)
+    medians = {k: statistics.median(v) for k, v in parts.items()}
+    total = sum(medians.values())
+    print(f"one round of {args.round_size} experiences ({args.new_tokens} new tokens each, chunks of "
+          f"{round_args.chunk_size}, {round_args.ppo_epochs} epochs of minibatches of {round_args.batch_size}): "
+          + ", ".join(f"{k} {v / total:.0%}" for k, v in medians.items()))
     d.close()
 
 

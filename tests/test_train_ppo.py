@@ -245,7 +245,8 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows] == [2, 4, 6, 8]
     for key in ("score", "kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy",
-                "response_len", "unfinished", "rollout_tokens_per_s", "train_tokens_per_s", "generate_s", "train_s"):
+                "response_len", "unfinished", "rollout_tokens_per_s", "train_tokens_per_s", "generate_s", "score_s",
+                "experience_s", "train_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[0]["kl"] == 0 and rows[0]["kl_coef"] == 0.1  # π = π0 in the first round; the paper's λ
     assert rows[1]["kl_coef"] != 0.1  # the adaptive controller moved it
