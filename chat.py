@@ -16,9 +16,9 @@ import argparse
 import sys
 
 from data.schema import run_main
-from data.template import DOCTOR_TAG, PATIENT_TAG, render
+from data.template import DOCTOR_TAG, PATIENT_TAG
 from evaluate import Doctor
-from generate import add_device_args, device_and_dtype
+from generate import add_device_args, add_sampling_args, device_and_dtype
 
 CLEAR = {"clear", "/clear"}
 QUIT = {"quit", "exit", "stop", "/quit", "/exit"}
@@ -42,18 +42,17 @@ def chat(doctor: Doctor, ask, write) -> int:
             write("(a new consultation)\n")
             continue
         conversation = history + [{"role": "user", "content": question}]
-        budget = doctor.model.config.max_position_embeddings - doctor.max_new
         try:
-            dropped = render(doctor.tok, conversation, max_len=budget).rounds_dropped
+            prompt = doctor.prompt(conversation)
         except ValueError as e:
             write(f"(not asked: {e})\n")
             continue
-        if dropped:
-            write(f"(the {dropped} oldest round(s) no longer fit the context and are left out)\n")
+        if prompt.rounds_dropped:
+            write(f"(the {prompt.rounds_dropped} oldest round(s) no longer fit the context and are left out)\n")
         write(DOCTOR_TAG)
         answer = []
         try:
-            for piece in doctor.stream(conversation):
+            for piece in doctor.stream(prompt.ids):
                 answer.append(piece)
                 write(piece)
         except KeyboardInterrupt:
@@ -66,12 +65,9 @@ def chat(doctor: Doctor, ask, write) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="per reply (the official demo's)")
-    # Our sampling defaults, those of the quick start's answers; --temperature 0 is greedy.
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=0)
+    # 512 new tokens as the official demo; the sampling settings are the quick start's (ours).
+    add_sampling_args(p, max_new_tokens=512, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
+                      why="; ours, the paper gives none")
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)

@@ -34,11 +34,9 @@ from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, R
 from data.readers import add_input_args, read
 from data.schema import claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main, setup_record
 from data.template import render
-from generate import ReplyText, add_device_args, device_and_dtype, generate, stream
+from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
 from metrics import compute_metrics
 from plots import svg_win_tie_loss
-from model import Transformer
-from tokenizer import Tokenizer
 
 VERDICT = re.compile(r"Assistant 1 is (better than|worse than|equal to) Assistant 2", re.IGNORECASE)
 TABLE2 = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Distinct-1", "Distinct-2"]
@@ -53,21 +51,24 @@ class Doctor:
     def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0,
                  device="cpu", dtype=torch.float32):
         self.path = path
-        self.model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
-        self.tok = Tokenizer(Path(path) / "tokenizer.model")
-        self.tok.check_model_vocab(self.model.config.vocab_size, where=f"model {path}")
+        self.model, self.tok = load(path, device=device, dtype=dtype)
         self.max_new = max_new_tokens
         self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
         self.gen = torch.Generator(device).manual_seed(seed)
 
+    def prompt(self, conversation: list[dict]):
+        """The rendered prompt (data.template.Rendered) for the next turn, leaving room for
+        max_new_tokens: older rounds that do not fit are left out (render's rule), and a
+        question that alone does not fit raises ValueError."""
+        return render(self.tok, conversation, max_len=self.model.config.max_position_embeddings - self.max_new)
+
     def reply(self, conversations: list[list[dict]]) -> list[str | None]:
         """The next assistant turn of each conversation (each ends with the user); None for one
         whose last question does not fit in the context beside max_new_tokens."""
-        budget = self.model.config.max_position_embeddings - self.max_new
         prompts = []
         for c in conversations:
             try:
-                prompts.append(render(self.tok, c, max_len=budget).ids)
+                prompts.append(self.prompt(c).ids)
             except ValueError:
                 prompts.append(None)
         fitting = [p for p in prompts if p is not None]
@@ -78,12 +79,9 @@ class Doctor:
         answers = iter(self.tok.decode(t).strip() for t in out.tokens)
         return [None if p is None else next(answers) for p in prompts]
 
-    def stream(self, conversation: list[dict]) -> Iterator[str]:
-        """The next assistant turn of one conversation, piece by piece as it is sampled (chat.py):
-        the pieces add up to what reply() returns. A question that does not fit beside
-        max_new_tokens raises ValueError; older rounds that do not fit are left out (render)."""
-        budget = self.model.config.max_position_embeddings - self.max_new
-        ids = render(self.tok, conversation, max_len=budget).ids
+    def stream(self, ids: list[int]) -> Iterator[str]:
+        """The reply to a prompt (self.prompt(...).ids), piece by piece as it is sampled
+        (chat.py): the pieces add up to what reply() returns for that conversation."""
         text = ReplyText(self.tok, [], self.max_new)
         for token in stream(self.model, ids, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
                             pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling):
@@ -337,11 +335,7 @@ def main(argv=None):
         sp.add_argument("--out", required=True)
         sp.add_argument("--limit", type=int, help="only the first N items")
         sp.add_argument("--batch-size", type=int, default=8)
-        sp.add_argument("--max-new-tokens", type=int, default=256)
-        sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-        sp.add_argument("--top-p", type=float)
-        sp.add_argument("--repetition-penalty", type=float, default=1.0)
-        sp.add_argument("--seed", type=int, default=0)
+        add_sampling_args(sp, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0)
         add_device_args(sp)
 
     def api_args(sp, role: str):

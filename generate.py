@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -224,6 +225,28 @@ def add_device_args(p: argparse.ArgumentParser):
                    help="weights and compute (default: bfloat16 on a GPU, float32 on the CPU)")
 
 
+def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
+                      top_p: float | None, repetition_penalty: float, why: str = ""):
+    """--max-new-tokens, --temperature, --top-p, --repetition-penalty and --seed, with the
+    command's defaults (`why` says where they come from, in --help)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"per reply (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0: greedy (default: {temperature}{why})")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling (default: {top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=repetition_penalty,
+                   help=f"CTRL's penalty, 1: none (default: {repetition_penalty})")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default: 0)")
+
+
+def load(path, *, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint in the HF layout and its tokenizer, ready to generate: every command that
+    runs a model for its text (generate, chat, serve, evaluate, sampling) loads it here."""
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+    tok = Tokenizer(Path(path) / "tokenizer.model")
+    tok.check_model_vocab(model.config.vocab_size, where=f"model {path}")
+    return model, tok
+
+
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
     """The --device/--dtype of add_device_args, defaults filled in. A 13B model is 52 GB in
     fp32 and 26 GB in bf16; LLaMA was trained in bf16, so on a GPU that is the default."""
@@ -238,18 +261,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
     p.add_argument("--prompt", required=True, help="raw text, encoded with bos (no chat template)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
+    add_sampling_args(p, max_new_tokens=128, temperature=0.7, top_p=0.9, repetition_penalty=1.0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)
-    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    tok = Tokenizer(f"{args.model}/tokenizer.model")
-    tok.check_model_vocab(model.config.vocab_size)
+    model, tok = load(args.model, device=device, dtype=dtype)
     decoder = StreamDecoder(tok)
     for t in stream(model, tok.encode(args.prompt, bos=True), max_new_tokens=args.max_new_tokens,
                     eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,

@@ -205,7 +205,7 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         ("mean reward-model score", {"score": points(ppo, "score", "round")}),
         ("KL to the SFT policy (nats)", {"KL": points(ppo, "kl", "round")}),
         ("KL coefficient λ", {"λ_KL": points(ppo, "kl_coef", "round")})], "round"), encoding="utf-8")
-    lines += ["## 4. PPO", "", f"`ppo/metrics.jsonl`: one row per round of rollouts.", "",
+    lines += ["## 4. PPO", "", "`ppo/metrics.jsonl`: one row per round of rollouts.", "",
               "| round | step | mean score | KL (nats) | λ_KL | policy loss | value loss | clip fraction | "
               "response length | unfinished |", "|---" * 10 + "|"]
     lines += [f"| {r['round']} | {r['step']} | {fmt(r['score'])} | {fmt(r['kl'])} | {fmt(r['kl_coef'], 6)} | "

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import ipaddress
 import json
 import os
 import queue
@@ -49,7 +48,8 @@ import torch
 
 from data.schema import run_main
 from data.template import render
-from generate import ReplyText, add_device_args, decode_steps, device_and_dtype
+from chat_api import _loopback
+from generate import ReplyText, add_device_args, decode_steps, device_and_dtype, load
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -458,20 +458,11 @@ def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float
           **kw) -> ChatServer:
     """Load a model and serve it on a background thread (the main job and the tests use this);
     server.base_url is where to point a client, server.shutdown() stops it."""
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
-    tok = Tokenizer(Path(model_dir) / "tokenizer.model")
-    tok.check_model_vocab(model.config.vocab_size, where=f"model {model_dir}")
+    model, tok = load(model_dir, device=device, dtype=dtype)
     engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0))
     server = ChatServer(engine, name or Path(model_dir).name, port=port, **kw)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def main(argv=None):

@@ -517,7 +517,7 @@ def _train(args, d):
     while round_no < rounds:
         timer = Timer()
         exps, seconds = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
-        rollout_s = timer.lap()
+        timer.lap()  # the rollout's own parts are in `seconds`
         make_experience(model, ref, exps, tok, args, d, round_no, kl.value)
         experience_s = timer.lap()
         stats = update(model, opt, exps, tok, args, d, round_no)

@@ -40,6 +40,7 @@ from data.readers import add_input_args, read
 from data.schema import Report, claim_output, file_digest, finished_ids, model_digest, run_main
 from data.template import render, render_reply
 from generate import add_device_args, device_and_dtype, generate
+from generate import load as generate_load
 from model import Transformer
 from tokenizer import Tokenizer
 from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup, shard_and_load,
@@ -287,8 +288,7 @@ def sample(args):
     record, one with no answer, or one whose question does not fit the context beside
     --max-new-tokens is skipped and counted. Resumable."""
     device, dtype = device_and_dtype(args)
-    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    tok = Tokenizer(Path(args.model) / "tokenizer.model")
+    model, tok = generate_load(args.model, device=device, dtype=dtype)
     report = Report()
     budget = model.config.max_position_embeddings - args.max_new_tokens
     if budget <= 0:

@@ -6,7 +6,6 @@ decoded in a batch with others is the reply decoded alone, token for token."""
 import json
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,11 +35,7 @@ def model_dir(tmp_path_factory, tokenizer_file):
 
 
 def make_server(model_dir, **kw):
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float64).eval()
-    engine = serve.Engine(model, Tokenizer(model_dir / "tokenizer.model"), max_batch=kw.pop("max_batch", 8))
-    server = serve.ChatServer(engine, "huatuo-tiny", port=0, **kw)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve.start(model_dir, "huatuo-tiny", dtype=torch.float64, **kw)
 
 
 @pytest.fixture(scope="module")
