@@ -49,9 +49,9 @@ class Doctor:
     """A model answering with the HuatuoGPT template and the KV cache."""
 
     def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0,
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, compile=False):
         self.path = path
-        self.model, self.tok = load(path, device=device, dtype=dtype)
+        self.model, self.tok = load(path, device=device, dtype=dtype, compile=compile)
         self.max_new = max_new_tokens
         self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
         self.gen = torch.Generator(device).manual_seed(seed)
@@ -310,7 +310,7 @@ def cmd_report(args):
 def make_doctor(args) -> Doctor:
     device, dtype = device_and_dtype(args)
     return Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed,
-                  device=device, dtype=dtype)
+                  device=device, dtype=dtype, compile=args.compile)
 
 
 def api_client(args) -> ChatClient:

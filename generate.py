@@ -95,6 +95,9 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
         raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's context of {config.max_position_embeddings}")
     total = P + max_new_tokens
+    compiled = getattr(model, "compile_decoding", False)  # PPO samples from its policy-with-value wrapper
+    if compiled:  # a static cache, whole buckets of columns: one compilation serves many lengths
+        total = min(-(-total // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings)
     tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, total), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -129,11 +132,35 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
             alive &= nxt != eos_id
             if step == max_new_tokens - 1 or not any_alive(alive, sharded):
                 break
-            logits = model(tokens[:, pos:pos + 1], mask[:, :pos + 1] if padded else None,
-                           cache=cache, start=pos)[:, -1]
+            if compiled:
+                logits = compiled_step(model)(nxt[:, None], mask, cache=cache,
+                                              start=torch.tensor([pos], device=device))[:, -1]
+            else:
+                logits = model(tokens[:, pos:pos + 1], mask[:, :pos + 1] if padded else None,
+                               cache=cache, start=pos)[:, -1]
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring
+
+
+# The static cache of a compiled decoding step has a multiple of this many columns.
+STATIC_BUCKET = 256
+
+
+def compiled_step(model: Transformer):
+    """model.forward compiled for one decoding step over a static cache (model.compile_decoding).
+
+    Every step has the same shapes (one token per sequence, the whole cache, a mask over all of
+    it), so torch.compile traces it once per batch size and cache bucket, and inductor fuses
+    the small operations between the matrix products (norms, RoPE, the cache write, residual
+    adds) that eager mode dispatches one at a time. The weights stay inputs of the compiled
+    graph, so a model that goes on training decodes with its current weights."""
+    if isinstance(model, FSDPModule):
+        raise ValueError("compiled decoding needs the whole model on this rank, not an FSDP-sharded one")
+    step = model.__dict__.get("_compiled_step")
+    if step is None:
+        step = model._compiled_step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    return step
 
 
 def any_alive(alive: torch.Tensor, across_ranks: bool) -> bool:
@@ -218,11 +245,16 @@ class ReplyText:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_device_args(p: argparse.ArgumentParser):
-    """--device and --dtype for every command that loads a model to run it."""
+def add_device_args(p: argparse.ArgumentParser, compile: bool = True):
+    """--device and --dtype for every command that loads a model to run it; --compile for
+    those that generate."""
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if there is one, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weights and compute (default: bfloat16 on a GPU, float32 on the CPU)")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="compile the decoding step (torch.compile, static cache): each new batch size and "
+                            f"length bucket of {STATIC_BUCKET} compiles once first; see README, Benchmarks")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
@@ -238,10 +270,12 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, temper
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default: 0)")
 
 
-def load(path, *, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+def load(path, *, device="cpu", dtype=torch.float32, compile: bool = False) -> tuple[Transformer, Tokenizer]:
     """A checkpoint in the HF layout and its tokenizer, ready to generate: every command that
-    runs a model for its text (generate, chat, serve, evaluate, sampling) loads it here."""
+    runs a model for its text (generate, chat, serve, evaluate, sampling) loads it here.
+    compile: decode through compiled_step (--compile)."""
     model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+    model.compile_decoding = compile
     tok = Tokenizer(Path(path) / "tokenizer.model")
     tok.check_model_vocab(model.config.vocab_size, where=f"model {path}")
     return model, tok
@@ -266,7 +300,7 @@ def main(argv=None):
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)
-    model, tok = load(args.model, device=device, dtype=dtype)
+    model, tok = load(args.model, device=device, dtype=dtype, compile=args.compile)
     decoder = StreamDecoder(tok)
     for t in stream(model, tok.encode(args.prompt, bos=True), max_new_tokens=args.max_new_tokens,
                     eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,

@@ -188,25 +188,35 @@ class KVCache:
 
     All sequences of a batch share one write position (`start` in forward), which is what left
     padding buys: the prompts end together, so each decoding step writes one column.
-    The buffers are allocated at the first write, in the dtype and on the device of the keys
-    written: that is the dtype the layers compute in, which under FSDP mixed precision (bf16)
-    differs from that of the stored fp32 weights.
+    Each layer's buffers are allocated at its first write, in the dtype and on the device of the
+    keys written: that is the dtype the layers compute in, which under FSDP mixed precision
+    (bf16) differs from that of the stored fp32 weights. One tensor per layer, so that a
+    compiled step (generate.py --compile) updates each in place.
+
+    `start` an int: write columns start.. and return the keys and values up to the last one
+    written. `start` a tensor (the static cache of a compiled step): write the one column it
+    holds and return all max_len columns; the attention mask hides those not written yet.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
-        self.shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = self.v = None
+        self.shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [None] * config.num_hidden_layers
+        self.v = [None] * config.num_hidden_layers
         self.max_len = max_len
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        if self.k is None:
-            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -273,7 +283,7 @@ class AttentionContext:
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None  # bool (B, 1, T, S), True = may attend; None = plain causal
-    start: int
+    start: int | torch.Tensor  # a tensor: the column of a static cache (KVCache.update)
 
 
 class Transformer(nn.Module):
@@ -298,6 +308,9 @@ class Transformer(nn.Module):
         # Activation checkpointing: keep only each block's input during the forward pass and
         # recompute the block during backward (~1/3 more compute, far less activation memory).
         self.activation_checkpointing = False
+        # generate.decode_steps runs each decoding step through torch.compile over a static
+        # cache (generate.compiled_step, --compile).
+        self.compile_decoding = False
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
@@ -310,7 +323,7 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
         return self
 
-    def context(self, batch_size: int, seq_len: int, attention_mask=None, start: int = 0,
+    def context(self, batch_size: int, seq_len: int, attention_mask=None, start: int | torch.Tensor = 0,
                 device=None, dtype=torch.float32) -> AttentionContext:
         """Positions and mask for `seq_len` new tokens written at cache position `start`.
 
@@ -318,7 +331,16 @@ class Transformer(nn.Module):
         right), covering everything in the cache so far. Positions count real tokens only, so a
         left-padded prompt sees the same positions as the same prompt alone.
         """
-        if attention_mask is None:
+        if isinstance(start, torch.Tensor):
+            # One token over a static cache (KVCache.update): attention_mask spans the whole
+            # cache, 1 up to and including the new token's column and 0 after it, so the count
+            # of 1s gives the position and the mask itself says what may be attended to. No
+            # shape here depends on the step, so one compilation serves every step.
+            if seq_len != 1 or attention_mask is None:
+                raise ValueError("a tensor start (static cache) takes one token and an attention_mask")
+            positions = attention_mask.sum(-1, keepdim=True) - 1
+            mask = attention_mask.bool()[:, None, None, :]
+        elif attention_mask is None:
             positions = torch.arange(start, start + seq_len, device=device).expand(batch_size, -1)
             # Prefill from position 0 is plain causal attention (SDPA's fast path). Later
             # chunks attend to all cached keys plus a causal block among themselves.
@@ -351,7 +373,7 @@ class Transformer(nn.Module):
         return h
 
     def forward(self, tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start: int = 0, hidden: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int | torch.Tensor = 0, hidden: torch.Tensor | None = None,
                 first_layer: int = 0, last_layer: int | None = None, output: str = "logits"):
         """Run blocks first_layer .. last_layer-1 (all by default) on embedded `tokens` (B, T),
         or on `hidden` (B, T, hidden_size): the residual stream entering block first_layer, as

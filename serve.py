@@ -454,11 +454,11 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
-def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, port: int = 0,
+def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, compile: bool = False, port: int = 0,
           **kw) -> ChatServer:
     """Load a model and serve it on a background thread (the main job and the tests use this);
     server.base_url is where to point a client, server.shutdown() stops it."""
-    model, tok = load(model_dir, device=device, dtype=dtype)
+    model, tok = load(model_dir, device=device, dtype=dtype, compile=compile)
     engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0))
     server = ChatServer(engine, name or Path(model_dir).name, port=port, **kw)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
@@ -484,7 +484,7 @@ def main(argv=None):
         print(f"warning: serving on {args.host} without a key: anyone who can reach it can use the model "
               "(set SERVE_API_KEY)", file=sys.stderr)
     device, dtype = device_and_dtype(args)
-    server = start(args.model, args.name, device=device, dtype=dtype, port=args.port, api_key=key,
+    server = start(args.model, args.name, device=device, dtype=dtype, compile=args.compile, port=args.port, api_key=key,
                    max_body=args.max_body, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
                    max_batch=args.max_batch, seed=args.seed, verbose=args.verbose, host=args.host)
     print(f"serving {server.name!r} at {server.base_url} (Ctrl-C stops)", flush=True)

@@ -43,6 +43,7 @@ beside it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -63,8 +64,8 @@ from data.template import render
 from generate import generate
 from model import Transformer, token_logprobs
 from train_rm import RewardModel
-from training import (HelpFormatter, MetricsLog, Timer, TrainState, accumulate, add_run_args, load_model, make_optimizer,
-                      micro_batches, model_setup, run_distributed, run_setup, save_hf, shard_and_load)
+from training import (HelpFormatter, MetricsLog, Timer, TrainState, accumulate, add_run_args, gathered, load_model,
+                      make_optimizer, micro_batches, model_setup, run_distributed, run_setup, save_hf, shard_and_load)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -340,17 +341,19 @@ def gather(items: list, d) -> list:
 
 def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], dict]:
     """Generate this rank's share of the round's prompts, chunk by chunk, and score it; every
-    rank ends with the whole round, in the order of `prompts`. Returns (experiences, seconds
-    spent {"generate_s", "score_s"})."""
+    rank ends with the whole round, in the order of `prompts`. The policy stays gathered for
+    the whole generation unless --reshard-in-rollout. Returns (experiences, seconds spent
+    {"generate_s", "score_s"})."""
     mine = prompts[d.rank::d.world]
     gen = torch.Generator(d.device).manual_seed(hash((args.seed, round_no, d.rank)) % 2**63)
     model.eval()
     t0, exps = time.perf_counter(), []
-    for c in range(0, len(mine), args.chunk_size):
-        chunk = mine[c:c + args.chunk_size]
-        out = generate(model, chunk, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                       temperature=1.0, vocab_limit=len(tok), generator=gen)
-        exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
+    with contextlib.nullcontext() if args.reshard_in_rollout else gathered(model):
+        for c in range(0, len(mine), args.chunk_size):
+            chunk = mine[c:c + args.chunk_size]
+            out = generate(model, chunk, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           temperature=1.0, vocab_limit=len(tok), generator=gen)
+            exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
     t1 = time.perf_counter()
     model.train()
     score_round(rm, exps, tok, args)
@@ -564,7 +567,7 @@ def ppo_setup(args) -> dict:
 
 
 def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
-                    trainable_blocks: int = TRAINABLE_BLOCKS) -> dict:
+                    trainable_blocks: int = TRAINABLE_BLOCKS, gathered_rollout: bool = True) -> dict:
     """Per-rank GiB of this layout on GPUs (bf16 compute, fp32 shards):
 
     frozen     the embedding and the frozen blocks, FSDP-sharded fp32: 4 bytes a parameter / ranks
@@ -573,7 +576,8 @@ def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_toke
                two Adam moments, 16 bytes a parameter / ranks
     reference  π0's top, replicated in bf16 (2 bytes a parameter)
     reward     the reward model, replicated in bf16 (frozen, never sharded: no collectives)
-    in_flight  what FSDP gathers at once: root (embedding, head) and two blocks in bf16
+    in_flight  what FSDP holds gathered: the whole policy in bf16 while the rollout keeps it
+               gathered (the default), else the root (embedding, head) and two blocks
     kv_cache   one chunk's keys and values, bf16, all layers, prompt + new tokens
     activations  a micro-batch through the top blocks only (the bottom runs without gradient),
                plus the logits (bf16 and their fp32 log-softmax)
@@ -591,7 +595,7 @@ def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_toke
         "trainable": 16 * top / world,
         "reference": 2 * (trainable_blocks * block + h + v * h),
         "reward": 2 * (n - v * h + h),
-        "in_flight": 2 * (head + 2 * block),
+        "in_flight": 2 * (n + h) if gathered_rollout else 2 * (head + 2 * block),
         "kv_cache": 2 * 2 * L * chunk * seq * config.num_key_value_heads * config.head_dim,
         "activations": micro_batch * seq * (trainable_blocks * (8 * h + 4 * f) * 2 + v * 10),
     }
@@ -612,11 +616,14 @@ def dry_run(args):
     print("per-rank GiB   " + "  ".join(f"{c:>11}" for c in cols) + f"   fits in {args.gpu_memory_gb:g} GiB")
     for micro in (1, 2, 4, 8):
         m = memory_estimate(config, world=args.world_size, chunk=args.chunk_size, prompt_len=1024,
-                            new_tokens=args.max_new_tokens, micro_batch=micro, trainable_blocks=args.trainable_blocks)
+                            new_tokens=args.max_new_tokens, micro_batch=micro, trainable_blocks=args.trainable_blocks,
+                            gathered_rollout=not args.reshard_in_rollout)
         print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
               f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
     print(f"(prompts of 1,024 tokens + {args.max_new_tokens} new; chunks of {args.chunk_size} sequences generated "
-          "together; an estimate: allocator overhead comes on top)")
+          "together; in_flight: " + ("two blocks and the root, --reshard-in-rollout" if args.reshard_in_rollout else
+                                     "the whole policy, kept gathered through the rollout; --reshard-in-rollout: two "
+                                     "blocks and the root") + "; an estimate: allocator overhead comes on top)")
 
 
 def main(argv=None):
@@ -631,6 +638,9 @@ def main(argv=None):
                  save_every=10, save_every_help="rounds between resumable states")
     p.add_argument("--rollout-size", type=int, default=ROLLOUT_SIZE)
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--reshard-in-rollout", action="store_true",
+                   help="gather each block at every decoding step of the rollout instead of keeping the policy "
+                        "gathered through it (training.gathered): saves the unsharded policy's memory, slower")
     p.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS)
     p.add_argument("--init-kl-coef", type=float, default=INIT_KL_COEF)
     p.add_argument("--kl-target", type=lambda x: None if x == "none" else float(x), default=KL_TARGET,

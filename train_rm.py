@@ -288,7 +288,7 @@ def sample(args):
     record, one with no answer, or one whose question does not fit the context beside
     --max-new-tokens is skipped and counted. Resumable."""
     device, dtype = device_and_dtype(args)
-    model, tok = generate_load(args.model, device=device, dtype=dtype)
+    model, tok = generate_load(args.model, device=device, dtype=dtype, compile=args.compile)
     report = Report()
     budget = model.config.max_position_embeddings - args.max_new_tokens
     if budget <= 0:
@@ -377,7 +377,7 @@ def main(argv=None):
         p.add_argument("--model", required=True)
         p.add_argument("--data", nargs="+", required=True)
         add_input_args(p)
-        add_device_args(p)
+        add_device_args(p, compile=argv[0] == "sample")
         if argv[0] == "sample":
             p.add_argument("--out", required=True)
             p.add_argument("-k", type=int, default=SAMPLES_PER_PROMPT)

@@ -6,12 +6,15 @@ At batch 1 a decoding step multiplies one vector by each of the model's 85 weigh
 floor is those 85 products alone, in a loop, on the same shapes, in the same run; the step is
 `generate.decode_steps`' time per new token after the prefill. Their ratio is the overhead
 (1.00 would be no overhead at all). At batch 8 the step is also compared with transformers'
-`generate` on the same weights. Runs alternate and medians are kept.
+`generate` on the same weights. Each is timed eagerly and compiled (--compile: the step through
+torch.compile over a static cache, generate.compiled_step; its compilation is timed apart).
+Runs alternate and medians are kept.
 
-    python bench/bench_decode.py [--threads 2] [--repeats 5] [--new-tokens 128]
+    python bench/bench_decode.py [--threads 2] [--repeats 5] [--new-tokens 128] [--no-compile]
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -76,25 +79,33 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--no-transformers", action="store_true", help="skip the comparison at batch 8")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled step (--compile)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     config = CONFIGS["bench-50m"]
     model = Transformer.from_config(config, seed=0).eval()
     print(f"bench-50m: {config.num_params() / 1e6:.1f}M parameters, fp32, {args.threads} threads, torch {torch.__version__}")
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     for batch in (1, 8):
         floor, n_mats = floor_fn(model, batch)
         step = step_fn(model, batch, args.prompt_len, args.new_tokens)
-        floors, steps = [], []
-        floor(), step()
-        for _ in range(args.repeats):  # alternate, so that a noisy neighbour hurts both
+        for mode in modes:  # warm up (the first compiled run compiles)
+            with compiled(model, mode == "compiled"):
+                t = time.perf_counter()
+                step()
+                if mode == "compiled":
+                    print(f"batch {batch}: compiling the step took {time.perf_counter() - t:.0f} s")
+
+        def floor_s():
             t = time.perf_counter()
             for _ in range(20):
                 floor()
-            floors.append((time.perf_counter() - t) / 20)
-            steps.append(step())
-        f, s = statistics.median(floors), statistics.median(steps)
-        print(f"batch {batch}: floor ({n_mats} products) {f * 1e3:6.2f} ms   decode step {s * 1e3:6.2f} ms   "
-              f"step / floor {s / f:4.2f}x")
+            return (time.perf_counter() - t) / 20
+
+        times = alternate(model, modes, args.repeats, floor_s, step)
+        f = times["reference"]
+        print(f"batch {batch}: floor ({n_mats} products) {f * 1e3:6.2f} ms   " + "   ".join(
+            f"{mode} step {times[mode] * 1e3:6.2f} ms = {times[mode] / f:4.2f}x floor" for mode in modes))
         if batch == 8 and not args.no_transformers:
             from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,14 +113,34 @@ def main():
             hf.load_state_dict({("" if k.startswith("lm_head") else "model.") + k: v
                                 for k, v in model.state_dict().items()})
             theirs = hf_step_fn(hf, batch, args.prompt_len, args.new_tokens)
-            ours_total = hf_like_fn(model, batch, args.prompt_len, args.new_tokens)
-            o, h = [], []
-            ours_total(), theirs()
-            for _ in range(args.repeats):
-                o.append(ours_total())
-                h.append(theirs())
-            print(f"batch {batch}: generate per token, model.py {statistics.median(o) * 1e3:6.2f} ms   transformers "
-                  f"{statistics.median(h) * 1e3:6.2f} ms   speed ratio {statistics.median(h) / statistics.median(o):4.2f}x")
+            ours = hf_like_fn(model, batch, args.prompt_len, args.new_tokens)
+            theirs()
+            times = alternate(model, modes, args.repeats, theirs, ours)
+            h = times["reference"]
+            print(f"batch {batch}: generate per token, transformers {h * 1e3:6.2f} ms   " + "   ".join(
+                f"model.py {mode} {times[mode] * 1e3:6.2f} ms = {h / times[mode]:4.2f}x as fast" for mode in modes))
+
+
+def alternate(model, modes, repeats, reference, ours):
+    """Median seconds of `reference` and of `ours` in each mode, the runs alternating so that a
+    noisy neighbour hurts all alike."""
+    times = {"reference": [], **{m: [] for m in modes}}
+    for _ in range(repeats):
+        times["reference"].append(reference())
+        for mode in modes:
+            with compiled(model, mode == "compiled"):
+                times[mode].append(ours())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def compiled(model, on: bool):
+    """Decode through generate.compiled_step (what --compile sets) inside the block."""
+    model.compile_decoding = on
+    try:
+        yield
+    finally:
+        model.compile_decoding = False
 
 
 def hf_like_fn(model, batch, prompt_len, new_tokens):

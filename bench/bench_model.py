@@ -1,8 +1,16 @@
-"""model.py against transformers' LlamaForCausalLM: one training step and decoding speed.
+"""model.py against transformers' LlamaForCausalLM: one training step and decoding speed; and
+the training step against its matmul ceiling.
 
 Both models get the same ~50M-parameter config and the same weights (fp32). Runs alternate
 (ours, theirs, ours, ...) and the median of each is kept, so a noisy shared machine hurts both
 alike; the figures that matter are the ratios printed at the end.
+
+The ceiling: the matrix products one training step has to do, timed alone in the same run on
+random tensors of the same shapes. For each linear layer (7 per block and the head) the
+forward product and the backward's two (input gradient, weight gradient); for attention the
+two forward and four backward batched products at full length (causal attention needs only
+half of them, so this ceiling is generous to the step). What the step spends beyond it is
+everything else: norms, RoPE, SwiGLU, softmax, the loss, the optimizer, autograd.
 
     python bench/bench_model.py [--threads 2] [--repeats 5]
 """
@@ -44,6 +52,35 @@ def train_step_fn(model, is_hf, batch, seq):
         return batch * seq
 
     return step
+
+
+def ceiling_fn(config, batch, seq):
+    """(run, flops): the step's matrix products alone, and their floating-point operations."""
+    n, d, hd = batch * seq, config.hidden_size, config.head_dim
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    linears = [(heads * hd, d), (kv * hd, d), (kv * hd, d), (d, heads * hd),  # q k v o
+               (config.intermediate_size, d), (config.intermediate_size, d), (d, config.intermediate_size)]
+    linears = linears * config.num_hidden_layers + [(config.vocab_size, d)]
+    g = torch.Generator().manual_seed(0)
+    ws = {shape: torch.randn(shape, generator=g) for shape in set(linears)}
+    xs = {i: torch.randn(n, i, generator=g) for i in {s[1] for s in linears} | {s[0] for s in linears}}
+    q, k = torch.randn(batch * heads, seq, hd, generator=g), torch.randn(batch * heads, seq, hd, generator=g)
+    p = torch.randn(batch * heads, seq, seq, generator=g)
+    flops = sum(3 * 2 * n * o * i for o, i in linears) + config.num_hidden_layers * 6 * 2 * batch * heads * seq * seq * hd
+
+    def run():
+        for o, i in linears:
+            w, x, dy = ws[(o, i)], xs[i], xs[o]
+            x @ w.T  # forward
+            dy @ w  # gradient of the input
+            dy.T @ x  # gradient of the weight
+        for _ in range(config.num_hidden_layers):
+            for _ in range(3):  # forward: QK^T, PV; backward: 4 more of these two shapes
+                torch.bmm(q, k.transpose(1, 2))
+                torch.bmm(p, k)
+        return flops
+
+    return run, flops
 
 
 def decode_fn(model, is_hf, batch, prompt_len, new_tokens):
@@ -96,11 +133,23 @@ def main():
     ratios = {"train": compare(f"train step (B={args.batch}, T={args.seq})",
                                train_step_fn(ours, False, args.batch, args.seq),
                                train_step_fn(hf, True, args.batch, args.seq), args.repeats)}
+    ceiling, flops = ceiling_fn(config, args.batch, args.seq)
+    step = train_step_fn(ours, False, args.batch, args.seq)
+    steps, ceilings = [], []
+    ceiling()
+    for _ in range(args.repeats):
+        steps.append(1 / timed(step) * args.batch * args.seq)
+        ceilings.append(1 / timed(ceiling) * flops)
+    s, c = statistics.median(steps), statistics.median(ceilings)
+    print(f"{'train step vs. its matmuls':28s} step {s:6.2f} s   matrix products alone {c:6.2f} s "
+          f"({flops / 1e9:.0f} GFLOP, {flops / c / 1e9:.0f} GFLOP/s)   step / ceiling {s / c:4.2f}x")
+    ratios["train/ceiling"] = s / c
     ours.eval(), hf.eval()
     for b in (1, 8):
         ratios[f"decode{b}"] = compare(f"decode (B={b}, 128 new)", decode_fn(ours, False, b, 32, 128),
                                        decode_fn(hf, True, b, 32, 128), args.repeats)
-    print("ratios (model.py / transformers): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print("ratios (model.py / transformers, and the step / its ceiling): "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":

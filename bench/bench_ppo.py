@@ -4,7 +4,8 @@
    head run on the policy's bottom output, train_ppo.reference_top) ÷ with a whole frozen copy
    of the SFT model: expected about 2/L of a forward plus the head's share.
 2. Rollout tokens/s (train_ppo.rollout: generation by the FSDP-wrapped policy + value head, one
-   rank) ÷ a plain generate call on an unwrapped model, same prompts and lengths.
+   rank) ÷ a plain generate call on an unwrapped model, same prompts and lengths; with the
+   policy kept gathered through the rollout (the default) and with --reshard-in-rollout.
 3. Where one whole round's time goes (the paper's round: 64 experiences in chunks of 8, 4 PPO
    epochs; here with --round-size experiences): generation, reward-model scoring, the forwards
    of policy, value head and π0 over the experience, and the updates, as shares of the round.
@@ -79,12 +80,25 @@ def main():
         def score_ids(self, prompts, responses, **kw):
             return torch.zeros(len(prompts))
 
-    run_args = SimpleNamespace(seed=0, chunk_size=args.batch, max_new_tokens=args.new_tokens, unfinished_penalty=0.0)
-    rollout_s = median_time(lambda: train_ppo.rollout(model, NoReward(), prompts, Tok(), run_args, d, 0), args.repeats)
-    plain_s = median_time(lambda: generate(sft, prompts, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0,
-                                           temperature=1.0, generator=torch.Generator().manual_seed(0)), args.repeats)
-    print(f"rollout tokens/s / plain generate tokens/s: {plain_s / rollout_s:.3f}  "
-          f"({args.batch} x {args.new_tokens} new tokens)")
+    def rollout(reshard):
+        run_args = SimpleNamespace(seed=0, chunk_size=args.batch, max_new_tokens=args.new_tokens,
+                                   unfinished_penalty=0.0, reshard_in_rollout=reshard)
+        return lambda: train_ppo.rollout(model, NoReward(), prompts, Tok(), run_args, d, 0)
+
+    plain = lambda: generate(sft, prompts, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0,  # noqa: E731
+                             temperature=1.0, generator=torch.Generator().manual_seed(0))
+    times = {"gathered": [], "resharded": [], "plain": []}
+    for fn in (rollout(False), rollout(True), plain):
+        fn()  # warm-up
+    for _ in range(args.repeats):  # alternate, so that a noisy neighbour hurts all alike
+        for name, fn in zip(times, (rollout(False), rollout(True), plain)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    plain_s = statistics.median(times["plain"])
+    print(f"rollout tokens/s / plain generate tokens/s ({args.batch} x {args.new_tokens} new tokens): "
+          f"policy kept gathered (the default) {plain_s / statistics.median(times['gathered']):.3f}, "
+          f"--reshard-in-rollout {plain_s / statistics.median(times['resharded']):.3f}")
 
     from train_rm import RewardModel
 
@@ -94,7 +108,7 @@ def main():
                                  unfinished_penalty=0.0, batch_size=args.round_size // 4, micro_batch_size=1,
                                  ppo_epochs=train_ppo.PPO_EPOCHS, clip_ratio=train_ppo.CLIP_RATIO,
                                  clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
-                                 grad_clip=train_ppo.GRAD_CLIP, grad_sync="every")
+                                 grad_clip=train_ppo.GRAD_CLIP, grad_sync="every", reshard_in_rollout=False)
     round_prompts = [prompts[i % len(prompts)] for i in range(args.round_size)]
 
     class RoundTok(Tok):

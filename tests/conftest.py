@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random LLaMAs built twice (ours and transformers') with the same weights."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import ModelConfig, Transformer  # noqa: E402
+
+
+def trainer_env(nproc: int = 1) -> dict:
+    """The environment for a trainer run as a subprocess: a one-process run takes both cores
+    of the two-core test machine, each rank of a two-rank run one."""
+    return dict(os.environ, OMP_NUM_THREADS="2" if nproc == 1 else "1", PYTHONWARNINGS="ignore")
 
 
 def hf_config(**overrides):

@@ -187,7 +187,7 @@ def check_bf16_mixed_precision(d):
     cache = KVCache(CONFIG, 1, 16)
     with torch.no_grad():
         logits = model(prompt, cache=cache)
-    assert cache.k.dtype == torch.bfloat16 and logits.dtype == torch.float32, (cache.k.dtype, logits.dtype)
+    assert cache.k[0].dtype == torch.bfloat16 and logits.dtype == torch.float32, (cache.k[0].dtype, logits.dtype)
     out = generate(model, [[1, 17, 33]], max_new_tokens=4, eos_id=-1, temperature=0)
     assert len(out.tokens[0]) == 4
     ok(d, "bf16_mixed_precision")
@@ -244,6 +244,61 @@ def check_ppo_update(d):
     assert not torch.equal(got["policy.layers.3.mlp.up_proj.weight"], state["layers.3.mlp.up_proj.weight"])
     torch.set_default_dtype(default)
     ok(d, "ppo_update")
+
+
+def check_rollout_gathered(d):
+    """PPO's rollout keeps the policy gathered (training.gathered): the same experiences as
+    gathering every block at every step, each block all-gathered once per rollout rather than
+    once per step, and every parameter sharded again afterwards."""
+    from types import SimpleNamespace
+
+    import train_ppo
+
+    torch.manual_seed(0)
+    sft = sharpen_(Transformer(CONFIG)).double()
+    model, _ = train_ppo.build(CONFIG, sft.state_dict() if d.main else None, d)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [[1] + torch.randint(3, 101, (3 + i,), generator=gen).tolist() for i in range(6)]
+
+    class Tok:
+        eos_id, pad_id = -1, 0
+
+        def __len__(self):
+            return CONFIG.vocab_size
+
+    class NoReward:
+        def score_ids(self, prompts, responses, **kw):
+            return torch.zeros(len(prompts))
+
+    before = {name: (True, tuple(p.to_local().shape)) for name, p in model.named_parameters()}
+    assert all(s[0] < model.state_dict()[k].shape[0] for k, (_, s) in before.items() if "layers.3." in k)
+    gathers = []
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"  # FSDP2's
+    real = getattr(dist, name)
+
+    def counting(*a, **kw):
+        gathers.append(1)
+        return real(*a, **kw)
+
+    setattr(dist, name, counting)
+    runs = {}
+    try:
+        for reshard in (True, False):
+            gathers.clear()
+            args = SimpleNamespace(seed=0, chunk_size=3, max_new_tokens=8, unfinished_penalty=0.0,
+                                   reshard_in_rollout=reshard)
+            exps, _ = train_ppo.rollout(model, NoReward(), prompts, Tok(), args, d, round_no=0)
+            runs[reshard] = ([e.response for e in exps], len(gathers))
+    finally:
+        setattr(dist, name, real)
+    assert runs[True][0] == runs[False][0] and all(len(r) == 8 for r in runs[True][0])
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    # This rank's 3 prompts are one chunk: a prefill and 7 steps, each gathering every block
+    # (the root, FSDP keeps gathered between forwards anyway), against each unit once in all.
+    assert runs[True][1] == 8 * (units - 1) + 1 and runs[False][1] == units, (runs, units)
+    after = {name: (isinstance(p, DTensor), tuple(p.to_local().shape)) for name, p in model.named_parameters()}
+    assert after == before, [k for k in after if after[k] != before[k]]
+    ok(d, "rollout_gathered")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ stays bitwise; the ratio is exactly 1 before the first update; a scripted reward
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, sharpen_
+from conftest import ROOT, sharpen_, trainer_env
 
 import train_ppo
 from model import ModelConfig, Transformer, token_logprobs
@@ -33,7 +32,8 @@ class Tok:
 
 def args_for(**kw):
     base = dict(seed=0, chunk_size=4, max_new_tokens=6, batch_size=4, micro_batch_size=2, ppo_epochs=2,
-                unfinished_penalty=0.0, clip_ratio=0.2, clip_value=0.2, vf_coef=1.0, grad_clip=1.0, grad_sync="every")
+                unfinished_penalty=0.0, clip_ratio=0.2, clip_value=0.2, vf_coef=1.0, grad_clip=1.0, grad_sync="every",
+                reshard_in_rollout=False)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -108,6 +108,19 @@ def test_clipped_surrogate_and_value_loss_by_hand():
     # Value: V = 0.5 moved beyond old ± 0.2 -> max(½(0.5 − 1)², ½(0.2 − 1)²) = 0.32, and its
     # gradient is 0 (the clipped term wins).
     assert stats["value_loss"] == pytest.approx(0.32) and values.grad[0, 0] == 0
+
+
+def test_rollout_memory_by_hand():
+    # The policy kept gathered through the rollout holds every weight and the value head in
+    # bf16 (2 bytes each) on every rank; --reshard-in-rollout only the root and two blocks.
+    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=2)
+    n = cfg.num_params()  # 2 * 100 * 8 (embedding, head) + 4 * (4 * 64 + 3 * 128 + 16) + 8 = 4232
+    assert n == 4232
+    kw = dict(world=2, chunk=1, prompt_len=1, new_tokens=1, micro_batch=1)
+    gathered = train_ppo.memory_estimate(cfg, **kw)["in_flight"] * 2**30
+    resharded = train_ppo.memory_estimate(cfg, **kw, gathered_rollout=False)["in_flight"] * 2**30
+    assert gathered == pytest.approx(2 * (4232 + 8)) and resharded == pytest.approx(2 * (1600 + 2 * 656))
 
 
 def test_adaptive_kl_controller():
@@ -232,7 +245,7 @@ def cli(checkpoints, out, *extra):
             "--max-new-tokens", "8", "--lr", "1e-3", "--save-every", "1", *extra]
 
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = trainer_env()
 
 
 def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_sigkill(checkpoints, tmp_path):

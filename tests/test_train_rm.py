@@ -3,13 +3,12 @@ shipped preference pairs from the tiny SFT model."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, trainer_env
 
 from data.template import DOCTOR_TAG, doctor_turn, render, render_reply
 from distill import read_samples
@@ -19,7 +18,7 @@ from train_rm import RewardModel, pad_batch, pairwise_loss
 
 PAIRS = str(ROOT / "data" / "preference" / "preference_pairs.jsonl")
 SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = trainer_env()
 
 
 def test_pairwise_loss_by_hand():
@@ -90,7 +89,7 @@ def run_rm(out, *extra, nproc=1, model="tiny"):
                                                     "--nproc_per_node", str(nproc)]
     cmd = launcher + [str(ROOT / "train_rm.py"), "--model", model, "--data", PAIRS, "--out", str(out),
                       "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(nproc), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -106,13 +105,13 @@ def test_one_rank_equals_two_ranks(tmp_path):
 def tiny_sft(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
     cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", "tiny", "--data", *SFT, "--out", str(out),
-           "--batch-size", "8", "--lr", "2e-3", "--max-steps", "20", "--eval-every", "10"]
+           "--batch-size", "8", "--lr", "2e-3", "--max-steps", "10", "--eval-every", "10"]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
     return out / "best"
 
 
 def test_held_out_accuracy_rises_above_chance(tiny_sft, tmp_path):
-    records = run_rm(tmp_path / "rm", "--model", str(tiny_sft), "--epochs", "3", "--eval-every", "8")
+    records = run_rm(tmp_path / "rm", "--model", str(tiny_sft), "--max-steps", "16", "--eval-every", "8")
     accs = [r["val_accuracy"] for r in records if "val_accuracy" in r]
     assert accs[0] == 0.5  # the zero head ties every pair: chance
     assert max(accs) >= 0.75, accs  # 8 held-out pairs

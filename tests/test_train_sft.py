@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, trainer_env
 
 from data.template import collate, doctor_turn, render
 from model import CONFIGS, Transformer
@@ -22,14 +22,14 @@ from training import cosine_lr, memory_estimate
 
 SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
 COMMON = ["--model", "tiny", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "2e-3", "--seed", "0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = trainer_env()
 
 
 def run(out, *extra, nproc=1, check=True):
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = launcher + [str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(out), *COMMON, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(nproc), cwd=ROOT, timeout=300)
     if check and proc.returncode:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
