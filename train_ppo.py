@@ -620,10 +620,10 @@ def dry_run(args):
                             gathered_rollout=not args.reshard_in_rollout)
         print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
               f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
+    in_flight = ("two blocks and the root (--reshard-in-rollout)" if args.reshard_in_rollout
+                 else "the whole policy, kept gathered through the rollout (--reshard-in-rollout: two blocks and the root)")
     print(f"(prompts of 1,024 tokens + {args.max_new_tokens} new; chunks of {args.chunk_size} sequences generated "
-          "together; in_flight: " + ("two blocks and the root, --reshard-in-rollout" if args.reshard_in_rollout else
-                                     "the whole policy, kept gathered through the rollout; --reshard-in-rollout: two "
-                                     "blocks and the root") + "; an estimate: allocator overhead comes on top)")
+          f"together; in_flight: {in_flight}; an estimate: allocator overhead comes on top)")
 
 
 def main(argv=None):

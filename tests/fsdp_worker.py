@@ -270,8 +270,11 @@ def check_rollout_gathered(d):
         def score_ids(self, prompts, responses, **kw):
             return torch.zeros(len(prompts))
 
-    before = {name: (True, tuple(p.to_local().shape)) for name, p in model.named_parameters()}
-    assert all(s[0] < model.state_dict()[k].shape[0] for k, (_, s) in before.items() if "layers.3." in k)
+    def local_shapes():
+        return {name: (isinstance(p, DTensor), tuple(p.to_local().shape)) for name, p in model.named_parameters()}
+
+    before = local_shapes()  # sharded: a block's local rows are fewer than its global ones
+    assert all(p.to_local().shape[0] < p.shape[0] for name, p in model.named_parameters() if "layers.3." in name)
     gathers = []
     name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"  # FSDP2's
     real = getattr(dist, name)
@@ -296,7 +299,7 @@ def check_rollout_gathered(d):
     # This rank's 3 prompts are one chunk: a prefill and 7 steps, each gathering every block
     # (the root, FSDP keeps gathered between forwards anyway), against each unit once in all.
     assert runs[True][1] == 8 * (units - 1) + 1 and runs[False][1] == units, (runs, units)
-    after = {name: (isinstance(p, DTensor), tuple(p.to_local().shape)) for name, p in model.named_parameters()}
+    after = local_shapes()
     assert after == before, [k for k in after if after[k] != before[k]]
     ok(d, "rollout_gathered")
 
