@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data.schema import run_main
+from data.schema import refuse_to_replace, run_main
 from model import ModelConfig, write_checkpoint, read_safetensors
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
@@ -161,7 +161,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
+    refuse_to_replace(args.out.parent, [args.out.name], overwrite=args.overwrite, what="model")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     shard = int(args.max_shard_gb * 2**30)
     if args.src and not (args.base or args.delta):

@@ -32,11 +32,12 @@ from tqdm import tqdm
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
                       run_jobs)
 from data.readers import add_input_args, read
-from data.schema import claim_output, file_digest, finished_ids, load_jsonl, model_digest, run_main, setup_record
+from data.schema import (claim_output, file_digest, finished_ids, load_jsonl, model_digest, refuse_to_replace, run_main,
+                         setup_record)
 from data.template import render
 from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
 from metrics import compute_metrics
-from plots import svg_win_tie_loss
+from plots import judged, svg_win_tie_loss
 
 VERDICT = re.compile(r"Assistant 1 is (better than|worse than|equal to) Assistant 2", re.IGNORECASE)
 TABLE2 = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Distinct-1", "Distinct-2"]
@@ -288,6 +289,7 @@ def table(judgments: list[dict], name_a: str, name_b: str) -> str:
 
 def cmd_report(args):
     out = Path(args.out)
+    refuse_to_replace(out, ["report.md", "win_tie_loss.svg"], overwrite=args.overwrite, what="report")
     out.mkdir(parents=True, exist_ok=True)
     lines, bars = ["# Evaluation report", ""], []
     for path in args.judgments:
@@ -298,10 +300,14 @@ def cmd_report(args):
         lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
                   table(judgments, meta["a"], meta["b"]), ""]
         bars.append((f"{meta['a']} vs. {meta['b']}", tally(judgments)["Total"]))
-    (out / "win_tie_loss.svg").write_text(svg_win_tie_loss("Win / tie / loss", bars), encoding="utf-8")
-    lines += ["![win, tie and loss per opponent](win_tie_loss.svg)", ""]
+    (out / "win_tie_loss.svg").unlink(missing_ok=True)
+    if judged(bars):
+        (out / "win_tie_loss.svg").write_text(svg_win_tie_loss("Win / tie / loss", bars), encoding="utf-8")
+        lines += ["![win, tie and loss per opponent](win_tie_loss.svg)", ""]
+    else:
+        lines += ["No verdict could be parsed in any of these judgments, so there is no win/tie/loss chart.", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    print(f"wrote {out / 'report.md'} and {out / 'win_tie_loss.svg'}")
+    print(f"wrote {out / 'report.md'}" + (f" and {out / 'win_tie_loss.svg'}" if judged(bars) else ""))
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -372,6 +378,7 @@ def main(argv=None):
     r = sub.add_parser("report", help="Markdown tables and SVG charts")
     r.add_argument("--judgments", nargs="+", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     args = p.parse_args(argv)
     try:
         code = {"bench": cmd_bench, "answer": cmd_answer, "consult": cmd_consult, "judge": cmd_judge,

@@ -99,7 +99,7 @@ class ModelConfig:
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (expected an HF-format model directory)")
+            raise FileNotFoundError(not_a_model(path.parent))
         try:
             hf = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -143,6 +143,34 @@ CONFIGS = {
     # Ziya-LLaMA-13B (the dataclass defaults), the base model of the paper (App. E).
     "ziya-13b": ModelConfig(),
 }
+
+
+def load_config(spec: str | os.PathLike, *, builtin: bool = True) -> ModelConfig:
+    """The config of the model a command line names: an HF-format directory or, where `builtin`
+    allows it, one of CONFIGS by name (a directory of that name wins)."""
+    if builtin and str(spec) in CONFIGS and not Path(spec).is_dir():
+        return CONFIGS[str(spec)]
+    if not (Path(spec) / "config.json").is_file():
+        raise FileNotFoundError(not_a_model(Path(spec), builtin=builtin))
+    return ModelConfig.from_json(Path(spec) / "config.json")
+
+
+def not_a_model(path: Path, *, builtin: bool = False) -> str:
+    """What to tell a user whose model path holds no config.json: the checkpoints one level down
+    (a trainer's OUT holds best/ and final/), or, for a path that is no directory, the built-in
+    names and the closest one."""
+    if path.is_dir():
+        below = sorted((c.parent for c in path.glob("*/config.json")),
+                       key=lambda d: (d.name not in ("best", "final"), d.name))
+        hint = f"; did you mean {' or '.join(str(d) for d in below[:3])}?" if below else ""
+        return f"{path}: no config.json (expected an HF-format model directory){hint}"
+    if not builtin:
+        return f"{path}: no such model directory (expected an HF-format model directory)"
+    import difflib
+
+    close = difflib.get_close_matches(str(path), list(CONFIGS), n=1, cutoff=0.6)
+    return (f"{path}: neither a model directory nor a built-in config ({', '.join(CONFIGS)})" +
+            (f"; did you mean {close[0]}?" if close else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,7 +662,7 @@ def _replace_dir(new: Path, path: Path):
         os.rename(new, path)
 
 
-__all__ = ["ModelConfig", "CONFIGS", "Transformer", "KVCache", "AttentionContext", "hf_name", "token_logprobs",
+__all__ = ["ModelConfig", "CONFIGS", "load_config", "Transformer", "KVCache", "AttentionContext", "hf_name", "token_logprobs",
            "write_checkpoint", "read_safetensors", "checkpoint_shards"]
 
 if __name__ == "__main__":  # print the named configs' sizes

@@ -26,6 +26,25 @@ def _label(v: float) -> str:
     return f"{v:.4g}"
 
 
+NARROW = 0.05  # a series that moves less than 5% of its size is drawn on an axis from zero
+
+
+def _narrow(lo: float, hi: float) -> bool:
+    """Whether [lo, hi] is a small change of a value far from zero, which an axis fitted to the
+    data would stretch over the whole panel."""
+    size = max(abs(lo), abs(hi))
+    return size > 0 and lo * hi > 0 and (hi - lo) < NARROW * size
+
+
+def relative_change(first: float, last: float) -> str:
+    """'+1.2%', '−0.06%': the change from first to last, relative to first (minus sign U+2212)."""
+    if first == 0:
+        return "from 0"
+    pct = 100 * (last - first) / abs(first)
+    text = f"{abs(pct):.2g}" if abs(pct) < 10 else f"{abs(pct):.0f}"
+    return f"{'−' if pct < 0 else '+'}{text}%"
+
+
 def svg_panels(title: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], xlabel: str,
                width: int = 640, panel_height: int = 170) -> str:
     """Line charts stacked vertically on a shared x axis: panels are (y label, {series name:
@@ -42,7 +61,11 @@ def svg_panels(title: str, panels: list[tuple[str, dict[str, list[tuple[float, f
     for p, (ylabel, series) in enumerate(panels):
         y_top = top + p * (panel_height + gap)
         ys = [y for pts in series.values() for _, y in pts if math.isfinite(y)]
-        yticks = nice_ticks(min(ys, default=0), max(ys, default=1))
+        lo, hi = min(ys, default=0), max(ys, default=1)
+        narrow = _narrow(lo, hi)
+        if narrow:  # an axis from zero: a drift of 0.05% must not fill the panel like a fall
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        yticks = nice_ticks(lo, hi)
         y0, y1 = yticks[0], yticks[-1]
 
         def px(x):
@@ -66,6 +89,10 @@ def svg_panels(title: str, panels: list[tuple[str, dict[str, list[tuple[float, f
         for k, (name, pts) in enumerate(series.items()):
             colour = COLOURS[k % len(COLOURS)]
             pts = [(x, y) for x, y in pts if math.isfinite(y)]
+            if narrow and len(pts) > 1:  # the change itself, in words, where the axis cannot show it
+                first, last = pts[0][1], pts[-1][1]
+                out.append(f'<text x="{left + 8}" y="{y_top + 16 + 16 * k}" fill="{colour}">{escape(name)}: '
+                           f'{_label(first)} → {_label(last)} ({relative_change(first, last)})</text>')
             coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
             if len(pts) > 1:
                 out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
@@ -118,28 +145,40 @@ def svg_grouped_bars(title: str, categories: list[str], series: dict[str, list[f
     return "\n".join(out) + "\n"
 
 
+def judged(bars: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The comparisons that have a verdict to draw: a judge whose verdicts could not be parsed
+    leaves nothing for a bar, and its comparison is said in words instead."""
+    return [(label, c) for label, c in bars if c["win"] + c["tie"] + c["loss"]]
+
+
 def svg_win_tie_loss(title: str, bars: list[tuple[str, dict]]) -> str:
-    """Horizontal stacked bars of win / tie / loss shares, one per comparison (Figures 3-5)."""
-    colours = {"win": "#4e9a6a", "tie": "#c9c9c9", "loss": "#d1605e"}
+    """Horizontal stacked bars of win / tie / loss shares, one per comparison (Figures 3-5), for
+    comparisons with at least one verdict (see judged); the legend names only the outcomes that
+    occur."""
+    if not judged(bars):
+        raise ValueError("no comparison has a parsed verdict: nothing to draw (say so in words)")
+    bars = judged(bars)
+    colours = {k: v for k, v in {"win": "#4e9a6a", "tie": "#c9c9c9", "loss": "#d1605e"}.items()
+               if any(c[k] for _, c in bars)}
     left, width, row, top = 230, 460, 34, 50
     height = top + row * len(bars) + 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 30}" height="{height}" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 110}" height="{height}" '
              f'font-family="sans-serif" font-size="13">', '<rect width="100%" height="100%" fill="white"/>',
              f'<text x="10" y="24" font-size="15" font-weight="bold">{escape(title)}</text>']
     for i, (label, c) in enumerate(bars):
         y = top + i * row
-        n = max(1, c["win"] + c["tie"] + c["loss"])
+        n = c["win"] + c["tie"] + c["loss"]
         parts.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{escape(label)}</text>')
         x = left
-        for k in ("win", "tie", "loss"):
+        for k in colours:
             w = width * c[k] / n
             if w > 0:
                 parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="24" fill="{colours[k]}"/>')
                 if w > 24:
                     parts.append(f'<text x="{x + w / 2:.1f}" y="{y + 17}" text-anchor="middle" fill="white">{c[k]}</text>')
             x += w
-        if c.get("unparsed") and not c["win"] + c["tie"] + c["loss"]:
-            parts.append(f'<text x="{left + 6}" y="{y + 17}">no verdict parsed ({c["unparsed"]} unparsed)</text>')
+        if c.get("unparsed"):
+            parts.append(f'<text x="{left + width + 6}" y="{y + 17}" font-size="11">+{c["unparsed"]} unparsed</text>')
     for k, (name, colour) in enumerate(colours.items()):
         parts.append(f'<rect x="{left + k * 90}" y="{height - 26}" width="14" height="14" fill="{colour}"/>'
                      f'<text x="{left + k * 90 + 20}" y="{height - 14}">{name}</text>')

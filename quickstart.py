@@ -1,7 +1,7 @@
 """The main job: the whole paper on the embedded default, on a laptop CPU, with no downloads and
 no API key, in a few minutes, ending with a report.
 
-    python quickstart.py [--out runs/quickstart]
+    python quickstart.py [--out runs/quickstart] [--overwrite]
 
 The stages, in the paper's order, each a script of its own that also runs at full scale
 (README.md):
@@ -41,8 +41,8 @@ import serve
 import train_ppo
 import train_rm
 import train_sft
-from data.schema import load_jsonl, run_main
-from plots import svg_grouped_bars, svg_panels, svg_win_tie_loss
+from data.schema import load_jsonl, refuse_to_replace, run_main
+from plots import judged, svg_grouped_bars, svg_panels, svg_win_tie_loss
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / "data"
@@ -64,15 +64,21 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6, help="SFT epochs over the shipped conversations")
     p.add_argument("--ppo-steps", type=int, default=32, help="PPO optimizer steps (4 rounds of 16 experiences)")
     p.add_argument("--eval-limit", type=int, default=8, help="questions and consultations judged per comparison")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
     args = p.parse_args(argv)
     out, timings = args.out, {}
+    # An earlier run is replaced only when --overwrite says so, as the trainers do.
+    refuse_to_replace(out, ["sft", "samples.jsonl", "rm", "ppo", "eval", "report.md"], overwrite=args.overwrite,
+                      what="run of the main job")
     out.mkdir(parents=True, exist_ok=True)
     sft, rm, ppo, ev = out / "sft", out / "rm", out / "ppo", out / "eval"
+    again = ["--overwrite"] if args.overwrite else []
 
     t = time.monotonic()
     stage(1, "supervised fine-tuning of the tiny model on data/sft/ (§3.1)")
-    train_sft.main(["--model", "tiny", "--data", *SFT_DATA, "--out", str(sft), "--overwrite", "--batch-size", "8",
-                    "--lr", "2e-3", "--epochs", str(args.epochs), "--eval-every", "10", "--save-every", "1000"])
+    train_sft.main(["--model", "tiny", "--data", *SFT_DATA, "--out", str(sft), *again, "--batch-size", "8",
+                    "--lr", "2e-3", "--epochs", str(args.epochs), "--eval-every", "10", "--save-every", "1000",
+                    "--log-every", "5"])
     timings["SFT"], t = time.monotonic() - t, time.monotonic()
 
     stage(2, "sampling 2 responses for each of 8 real-doctor prompts from the SFT model (§3.2)")
@@ -86,13 +92,13 @@ def main(argv=None):
 
     stage(3, "the reward model from the SFT model on data/preference/ (§3.2)")
     train_rm.main(["--model", str(sft / "best"), "--data", str(DATA / "preference" / "preference_pairs.jsonl"),
-                   "--out", str(rm), "--overwrite", "--batch-size", "4", "--lr", "1e-3", "--epochs", "3",
+                   "--out", str(rm), *again, "--batch-size", "4", "--lr", "1e-3", "--epochs", "3",
                    "--eval-every", "8", "--save-every", "1000"])
     timings["reward model"], t = time.monotonic() - t, time.monotonic()
 
     stage(4, "PPO from the SFT model against the reward model, KL penalty to the SFT policy (§3.2)")
     train_ppo.main(["--policy", str(sft / "best"), "--reward", str(rm / "best"), "--data", *SFT_DATA,
-                    "--exclude", str(DATA / "preference" / "preference_pairs.jsonl"), "--out", str(ppo), "--overwrite",
+                    "--exclude", str(DATA / "preference" / "preference_pairs.jsonl"), "--out", str(ppo), *again,
                     "--max-steps", str(args.ppo_steps), "--rollout-size", "16", "--chunk-size", "8", "--batch-size", "8",
                     "--max-new-tokens", "48", "--lr", "1e-4", "--save-every", "1000"])
     timings["PPO"], t = time.monotonic() - t, time.monotonic()
@@ -233,30 +239,52 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
     for kind, title in (("answers", "single-turn answers (KUAKE-QIC style, Table 4)"),
                         ("consult", "consultations with a simulated patient (MedDialog style, Table 5)")):
         path = ev / f"judge_{kind}.jsonl"
-        judged = load_jsonl(path) if path.is_file() else []
-        if not judged:
+        verdicts = load_jsonl(path) if path.is_file() else []
+        if not verdicts:
             continue
-        total = evaluate.tally(judged)["Total"]
+        total = evaluate.tally(verdicts)["Total"]
         bars.append((f"PPO vs. SFT, {kind}", total))
         lines += [f"### PPO vs. SFT: {title}", "", f"`eval/judge_{kind}.jsonl`, judged by `{JUDGE_NAME}` through "
-                  f"serve.py with the App. D prompt; {total['unparsed']} of {len(judged)} verdicts could not be "
-                  "parsed (counted, not guessed).", "", evaluate.table(judged, "PPO", "SFT"), ""]
-    if bars:
+                  f"serve.py with the App. D prompt; {total['unparsed']} of {len(verdicts)} verdicts could not be "
+                  "parsed (counted, not guessed).", "", evaluate.table(verdicts, "PPO", "SFT"), ""]
+    (out / "win_tie_loss.svg").unlink(missing_ok=True)
+    if judged(bars):
         (out / "win_tie_loss.svg").write_text(svg_win_tie_loss("PPO vs. SFT, judged", bars), encoding="utf-8")
         lines += ["![win, tie, loss](win_tie_loss.svg)", ""]
-    answers = {name: {r["id"]: r for r in load_jsonl(ev / f"answers_{name}.jsonl")}
-               for name in ("SFT", "PPO") if (ev / f"answers_{name}.jsonl").is_file()}
-    if len(answers) == 2 and answers["SFT"]:
-        first = next(iter(answers["SFT"]))
-        lines += ["### One question, both models (`eval/answers_*.jsonl`)", "",
-                  f"> **病人**：{md(answers['SFT'][first]['messages'][0]['content'])}", ">"]
-        for name in ("SFT", "PPO"):
-            if first in answers[name]:
-                lines += [f"> **HuatuoGPT ({name})**：{md(answers[name][first]['messages'][1]['content'])}", ">"]
-        lines[-1] = ""
+    elif bars:
+        lines += ["No verdict of the judge could be parsed, so there is no win/tie/loss chart: "
+                  + "; ".join(f"{label}: {c['unparsed']} unparsed" for label, c in bars) + ".", ""]
+    lines += answer_examples(ev)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def answer_examples(ev: Path, most: int = 3) -> list[str]:
+    """Report lines: questions both models answered, the ones where they differ first (up to
+    `most`); when they answered every question alike, one of them and a sentence saying so."""
+    answers = {name: {r["id"]: r for r in load_jsonl(ev / f"answers_{name}.jsonl")}
+               for name in ("SFT", "PPO") if (ev / f"answers_{name}.jsonl").is_file()}
+    if len(answers) < 2:
+        return []
+    reply = lambda name, i: answers[name][i]["messages"][1]["content"]  # noqa: E731
+    both = [i for i in answers["SFT"] if i in answers["PPO"]]
+    differ = [i for i in both if reply("SFT", i) != reply("PPO", i)]
+    shown = differ[:most] or both[:1]
+    if not shown:
+        return []
+    lines = [f"### {'Questions' if len(shown) > 1 else 'One question'}, both models (`eval/answers_*.jsonl`)", ""]
+    if not differ:
+        lines += [f"The two models gave the same answer to each of the {len(both)} questions; one of them:", ""]
+    elif len(differ) < len(both):
+        lines += [f"The models' answers differ on {len(differ)} of {len(both)} questions; "
+                  f"{'the first ' + str(len(shown)) if len(shown) < len(differ) else 'those'}:", ""]
+    for i in shown:
+        lines += [f"> **病人**：{md(answers['SFT'][i]['messages'][0]['content'])}", ">"]
+        for name in ("SFT", "PPO"):
+            lines += [f"> **HuatuoGPT ({name})**：{md(reply(name, i))}", ">"]
+        lines[-1] = ""
+    return lines
 
 
 def summary(out: Path, report: Path) -> str:

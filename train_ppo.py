@@ -605,10 +605,9 @@ def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_toke
 
 
 def dry_run(args):
-    from model import CONFIGS, ModelConfig
+    from model import load_config
 
-    config = (CONFIGS[args.policy] if args.policy in CONFIGS
-              else ModelConfig.from_json(Path(args.policy) / "config.json"))
+    config = load_config(args.policy)
     print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
           f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
           f"{args.world_size} ranks, bf16 compute")

@@ -119,9 +119,9 @@ def render_all(records, tok, max_len, report):
 
 
 def dry_run(args):
-    from model import CONFIGS, ModelConfig
+    from model import load_config
 
-    config = CONFIGS[args.model] if args.model in CONFIGS else ModelConfig.from_json(Path(args.model) / "config.json")
+    config = load_config(args.model)
     bf16 = not args.fp32
     args.max_len = args.max_len or min(MAX_LEN, config.max_position_embeddings)
     print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, "

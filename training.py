@@ -31,6 +31,7 @@ import pickle
 import random
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from data.schema import file_digest, model_digest
+from data.schema import file_digest, model_digest, refuse_to_replace
 
 ROOT = Path(__file__).resolve().parent
 
@@ -113,6 +114,9 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
     p.add_argument("--max-len", type=int, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between progress lines when stderr is no terminal (a log, a pipe), which shows no "
+                        "progress bar (0: none)")
     add_run_args(p, unit=unit, lr=lr, batch_size=batch_size, weight_decay=weight_decay, grad_clip=grad_clip,
                  max_steps=0, max_steps_help="stop after this many optimizer steps (0: epochs decide)",
                  save_every=100, save_every_help="steps between resumable states")
@@ -221,14 +225,12 @@ def lock_out(out: Path):
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool):
-    """Refuse to train into an earlier run's directory unless told how; with --overwrite its
-    metrics and resumable state go (best/ and final/ are replaced as the new run writes them)."""
-    earlier = [name for name in ("metrics.jsonl", "state", "best", "final") if (out / name).exists()]
-    if not earlier or resume:
+    """Refuse to train into an earlier run's directory unless told how (data.schema's one rule);
+    with --overwrite its metrics and resumable state go (best/ and final/ are replaced as the new
+    run writes them)."""
+    if resume or not refuse_to_replace(out, ["metrics.jsonl", "state", "best", "final"], overwrite=overwrite,
+                                       what="run", resume=True):
         return
-    if not overwrite:
-        raise SystemExit(f"{out} holds an earlier run ({', '.join(earlier)}): add --resume to continue it, "
-                         "or --overwrite to start over there, or choose another --out")
     (out / "metrics.jsonl").unlink(missing_ok=True)
     for name in ("state", "state.tmp", "state.old"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -295,17 +297,16 @@ def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
     state dict on rank 0 (None elsewhere) when called, so a trainer checks its data first and
     never spends minutes reading 26 GB to fail on a bad --data line. Only rank 0 reads the
     weights; shard_and_load scatters them, so 8 ranks on one node do not hold 8 copies."""
-    from model import CONFIGS, ModelConfig, Transformer
+    from model import CONFIGS, Transformer, load_config
     from tokenizer import Tokenizer
 
+    config = load_config(spec)
     if spec in CONFIGS and not Path(spec).is_dir():
-        config = CONFIGS[spec]
         tok = tiny_tokenizer(out, dist_info)
 
         def read_weights():
             return Transformer.from_config(config, seed=seed).state_dict() if dist_info.main else None
     else:
-        config = ModelConfig.from_json(Path(spec) / "config.json")
         tok = Tokenizer(Path(spec) / "tokenizer.model")
 
         def read_weights():
@@ -453,6 +454,9 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
     peak_tflops = getattr(args, "peak_tflops", None)
     batches, timer = iter(sampler), Timer()
     bar = tqdm(total=total, initial=step, disable=not d.main, desc=name)
+    # A log file or a pipe shows no progress bar: there, a line every --log-every steps instead.
+    log_every = args.log_every if d.main and not sys.stderr.isatty() else 0
+    started, first = time.monotonic(), step
     while step < total:
         global_batch = next(batches)
         lr = cosine_lr(step + 1, total, args.lr, warmup)
@@ -484,6 +488,10 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
         metrics.write(**record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if log_every and step % log_every == 0:
+            spent = time.monotonic() - started
+            tqdm.write(f"step {step}/{total}: loss {loss:.4f}, lr {lr:.2e}, {spent:.0f} s so far, about "
+                       f"{spent / (step - first) * (total - step):.0f} s to go", file=sys.stdout)
         if step % eval_every == 0 or step == total:
             v = validate()
             if v:

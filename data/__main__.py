@@ -6,7 +6,8 @@
     python -m data export-huatuo IN.jsonl --out OUT.jsonl      (our schema -> HuatuoGPT's {"data": […]})
 
 Formats: see data/readers.py (guessed from the file name and first line when --format is not
-given). Every command prints what it skipped or changed; nothing is dropped silently.
+given). Every command prints what it skipped or changed; nothing is dropped silently. An
+existing output is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections import Counter
 
 from data.mixing import Source, length_stats, mix
 from data.readers import READERS, add_input_args, read
-from data.schema import RecordError, Report, run_main, to_huatuo, write_jsonl
+from pathlib import Path
+
+from data.schema import RecordError, Report, refuse_to_replace, run_main, to_huatuo, write_jsonl
 from data.template import MAX_LEN, render
 
 
@@ -64,12 +67,18 @@ def cmd_stats(args):
 
 
 def cmd_convert(args):
+    replacing(args.out, args)
     report = Report()
     n = write_jsonl(args.out, read(args.input, args.format, skip_bad=args.skip_bad, report=report,
                                    encoding=args.encoding, **({"split": args.split} if args.split else {})))
     print(f"wrote {n} records to {args.out}")
     if report:
         print(report.summary())
+
+
+def replacing(out: str, args):
+    """An existing --out is replaced only with --overwrite (the project's one rule)."""
+    refuse_to_replace(Path(out).parent, [Path(out).name], overwrite=args.overwrite)
 
 
 def parse_source(spec: str) -> tuple[str, float, int | None]:
@@ -88,6 +97,7 @@ def parse_source(spec: str) -> tuple[str, float, int | None]:
 
 
 def cmd_mix(args):
+    refuse_to_replace(Path(args.out_dir), ["train.jsonl", "val.jsonl"], overwrite=args.overwrite)
     sources, report = [], Report()
     for spec in args.source:
         path, weight, cap = parse_source(spec)
@@ -116,6 +126,7 @@ def cmd_export(args):
     """The HuatuoGPT layout holds question/answer pairs: a prompt-only record (a question and
     no answer) has nothing to write and is skipped, a last unanswered question is dropped;
     both are counted. What is written reads back with the huatuo-sft reader."""
+    replacing(args.out, args)
     report = Report()
 
     def exportable():
@@ -142,6 +153,9 @@ def main(argv=None):
         add_input_args(sp)
         sp.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of stopping")
 
+    def overwrite(sp):
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
     s = sub.add_parser("stats", help="counts and length percentiles")
     s.add_argument("files", nargs="+")
     s.add_argument("--tokenizer")
@@ -152,6 +166,7 @@ def main(argv=None):
     c.add_argument("--out", required=True)
     c.add_argument("--split", help="cMedQA2: which candidates file (test, dev, train)")
     common(c)
+    overwrite(c)
     m = sub.add_parser("mix", help="sources -> train.jsonl and val.jsonl")
     m.add_argument("--source", nargs="+", required=True)
     m.add_argument("--out-dir", required=True)
@@ -160,9 +175,11 @@ def main(argv=None):
     m.add_argument("--tokenizer")
     m.add_argument("--max-len", type=int, default=MAX_LEN)
     common(m)
+    overwrite(m)
     e = sub.add_parser("export-huatuo", help="our schema -> the HuatuoGPT SFT data layout")
     e.add_argument("input")
     e.add_argument("--out", required=True)
+    overwrite(e)
     args = p.parse_args(argv)
     try:
         {"stats": cmd_stats, "convert": cmd_convert, "mix": cmd_mix, "export-huatuo": cmd_export}[args.cmd](args)

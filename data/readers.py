@@ -34,10 +34,13 @@ KUAKE_QIC_LABELS = ("病情诊断", "病因分析", "治疗方案", "就医建�
 
 
 def _guard(records: Iterator, skip_bad: bool, report: Report | None):
-    """Run a generator of (where, thunk) pairs, raising or skipping RecordErrors."""
+    """Run a generator of (where, thunk) pairs, raising or skipping RecordErrors. A thunk that
+    returns None left its record out on purpose (it said why in the report)."""
     for where, make in records:
         try:
-            yield make()
+            record = make()
+            if record is not None:
+                yield record
         except RecordError as e:
             if not skip_bad:
                 raise
@@ -254,7 +257,8 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
     dialogue with it, so a doctor who speaks first answers it. The "Diagnosis and suggestions"
     text goes into meta["diagnosis"] (distill.py conversations reads it). Both full-width and
     ASCII colons occur. Consecutive turns of one speaker are joined and a final patient turn
-    that got no answer is dropped, each counted in the report. Ids are "meddialog-{file stem}-
+    that got no answer is dropped, each counted in the report; a consultation that no doctor
+    answered at all (the published files hold some) is left out and counted, skip_bad or not. Ids are "meddialog-{file stem}-
     {id}": the raw ids restart in every file.
     """
     stem = Path(path).stem
@@ -318,6 +322,12 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
         while merged and merged[0][0] == "医生":  # only with no Description at all
             merged.pop(0)
             _note("doctor turn before any patient text dropped", where)
+        if merged and all(s == "病人" for s, _ in merged):
+            # Published so: a consultation the doctor never answered (COVID-Dialogue's
+            # Chinese file has some). Nothing to learn from, nothing malformed: left out, counted.
+            if report is not None:
+                report.skip("a consultation no doctor answered (as published)", where)
+            return None
         if merged and merged[-1][0] == "病人":
             merged.pop()
             _note("final unanswered patient turn dropped", where)

@@ -219,6 +219,25 @@ def _an_object(record, where: str) -> dict:
     return record
 
 
+# -- outputs a command replaces ------------------------------------------------------------------
+
+
+def refuse_to_replace(where: Path, names: list[str], *, overwrite: bool, what: str = "output",
+                      resume: bool = False) -> list[str]:
+    """The one rule for outputs a command would replace, the trainers', the converters' and the
+    main job's alike: when any of `names` exists in `where`, refuse, naming them, unless
+    --overwrite; with it, say what is replaced. (Outputs that resume, such as distill.py's, are
+    continued instead, see claim_output.) Returns the names that exist."""
+    earlier = [n for n in names if (Path(where) / n).exists()]
+    if earlier and not overwrite:
+        how = "add --resume to continue it, or --overwrite to start over there" if resume else \
+            "add --overwrite to replace it"
+        raise SystemExit(f"{where} holds an earlier {what} ({', '.join(earlier)}): {how}, or choose another --out")
+    if earlier:
+        print(f"--overwrite: replacing {', '.join(earlier)} in {where}", flush=True)
+    return earlier
+
+
 # -- what produced a resumable output --------------------------------------------------------------
 
 

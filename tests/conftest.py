@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny random LLaMAs built twice (ours and transformers') with the same weights."""
+"""Shared fixtures: tiny random LLaMAs built twice (ours and transformers') with the same weights;
+and the rule that every test starts from the same process state, as on a fresh machine."""
 
 import os
+import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +16,65 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import ModelConfig, Transformer  # noqa: E402
+
+# -- a fresh machine, every run ---------------------------------------------------------------------
+# A machine that has run the suite before keeps inductor's compiled kernels on disk; a fresh one
+# compiles them, and compiling changes process state (inductor raises the recursion limit to
+# 2,000), so a suite that passes warm can fail cold. Every session gets an empty cache of its
+# own, the subprocesses it starts included (they inherit the environment), and removes it at
+# the end. (pytest_configure: a worker script that imports this module for its helpers keeps
+# its own environment, torchrun's RANK included.)
+INDUCTOR_CACHE = None
+# The process-global state a test can change and another could depend on, as the session
+# starts; `fresh_process_state` gives each test exactly this and puts it back afterwards.
+BASELINE = {}
+SEED = 0  # every test's global RNGs (torch, random, numpy) start here
+
+
+def pytest_configure(config):
+    global INDUCTOR_CACHE
+    INDUCTOR_CACHE = tempfile.mkdtemp(prefix="huatuo-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE
+    # Variables that change what the code under test does, when a developer's shell has them
+    # set: torchrun's (init_distributed would join a process group that is not there) and the
+    # API keys (a server that asks for a key, a client that sends a real one).
+    for name in [n for n in os.environ if n.startswith(("TORCHELASTIC_", "OPENAI_"))] + [
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "SERVE_API_KEY"]:
+        os.environ.pop(name, None)
+    BASELINE.update(recursion_limit=sys.getrecursionlimit(), threads=torch.get_num_threads(),
+                    dtype=torch.get_default_dtype(), cwd=os.getcwd(), environ=dict(os.environ))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if INDUCTOR_CACHE:
+        shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    """Each test alone, in any order: the recursion limit, torch's thread count and default
+    dtype, the working directory and the environment as the session started, the global RNGs
+    seeded with SEED; whatever the test changes of them is put back when it ends."""
+    restore_process_state()
+    yield
+    restore_process_state()
+
+
+def restore_process_state():
+    sys.setrecursionlimit(BASELINE["recursion_limit"])
+    torch.set_num_threads(BASELINE["threads"])
+    torch.set_default_dtype(BASELINE["dtype"])
+    os.chdir(BASELINE["cwd"])
+    for name in set(os.environ) - set(BASELINE["environ"]):
+        if not name.startswith("PYTEST_"):  # pytest's own, PYTEST_CURRENT_TEST
+            del os.environ[name]
+    for name, value in BASELINE["environ"].items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    torch.manual_seed(SEED)
+    random.seed(SEED)
+    np.random.seed(SEED)
 
 
 def trainer_env(nproc: int = 1) -> dict:

@@ -205,3 +205,29 @@ def test_error_weights_the_model_cannot_use(pair, tmp_path, damage, message):
     save_file(tensors, f)
     with pytest.raises(ValueError, match=f"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' {message}"):
         Transformer.from_pretrained(tmp_path / "m")
+
+
+def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
+    """Issue 21: `--model ziya-13` (a mistyped name) and a trainer's OUT instead of its best/ got
+    "ziya-13/config.json: no config.json"."""
+    import train_sft
+    from data.schema import run_main
+    from model import load_config
+
+    with pytest.raises(FileNotFoundError, match=r"^ziya-13: neither a model directory nor a built-in config "
+                                                r"\(tiny, bench-50m, ziya-13b\); did you mean ziya-13b\?$"):
+        load_config("ziya-13")
+    run = tmp_path / "runs" / "sft"
+    for name in ("final", "best", "step-10"):
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"did you mean {run / 'best'} or {run / 'final'} or "
+                                                rf"{run / 'step-10'}\?$"):
+        load_config(run)
+    with pytest.raises(FileNotFoundError, match=r"no such model directory"):
+        load_config(tmp_path / "nowhere", builtin=False)
+    assert load_config("ziya-13b").num_hidden_layers == 40
+    assert run_main(train_sft.main, ["--model", "ziya-13", "--dry-run"]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith("error: ziya-13: neither a model directory nor a built-in config")
+    with pytest.raises(FileNotFoundError, match=rf"did you mean {run / 'best'}"):
+        Transformer.from_pretrained(run)  # every loader, not only the trainers'

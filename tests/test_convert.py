@@ -67,6 +67,12 @@ def test_convert_bin_to_safetensors_via_cli(base_and_delta):
     got = {hf_name(k): v for k, v in Transformer.from_pretrained(tmp / "st").state_dict().items()}
     assert got.keys() == base.keys()
     assert all(torch.equal(got[k], base[k].float()) for k in base)
+    # Converting again into the same --out is refused unless --overwrite (issue 21: one rule).
+    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--src", str(tmp / "base"), "--out",
+                           str(tmp / "st"), "--dtype", "bfloat16"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {tmp} holds an earlier model (st): add --overwrite to replace it, or choose another --out")
+    assert json.loads((tmp / "st" / "config.json").read_text())["torch_dtype"] == "float32"  # not replaced
 
 
 def test_delta_errors(base_and_delta):

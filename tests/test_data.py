@@ -519,3 +519,87 @@ def test_gbk_files_are_read_wherever_data_is_read(tmp_path, capsys):
             main([*argv, "--help"])
         printed = capsys.readouterr().out
         assert e.value.code == 0 and all(f in printed for f in flags), (argv, printed)
+
+
+COVID_DIALOGUE = """id=53
+https://www.haodf.com/wenda/a_53.htm
+
+Description
+疾病：
+发热咳嗽
+病情描述（发病时间、主要症状等）：
+发热两天，干咳。
+希望获得的帮助：
+需要做核酸吗
+
+Dialogue
+病人：
+发热两天，干咳。
+医生：
+建议到发热门诊做核酸检测。
+
+id=54
+https://www.haodf.com/wenda/a_54.htm
+
+Description
+疾病：
+肺炎
+病情描述（发病时间、主要症状等）：
+咳嗽一周，有痰。
+希望获得的帮助：
+是不是新冠
+
+Dialogue
+病人：
+咳嗽一周，有痰。
+病人：
+今天开始低烧。
+病人：
+医生在吗？
+
+"""
+
+
+def test_consultations_no_doctor_answered_are_left_out_and_counted(tmp_path, capsys):
+    """Issue 21: the published COVID-Dialogue / MedDialog-CN files hold consultations the doctor
+    never answered (id=54 of COVID-Dialogue's Chinese file: a Description and three patient
+    turns); convert stopped on the first with exit 2 unless --skip-bad."""
+    from data.schema import run_main
+
+    f = write(tmp_path / "COVID-Dialogue-Dataset-Chinese.txt", COVID_DIALOGUE)
+    report = Report()
+    (answered,) = read_meddialog(f, report=report)  # not skip_bad: nothing here is malformed
+    assert answered["id"] == "meddialog-COVID-Dialogue-Dataset-Chinese-53"
+    assert report.skipped == {"a consultation no doctor answered (as published)": 1}
+    assert "(id=54)" in report.summary()
+    out = tmp_path / "covid.jsonl"
+    assert run_main(data_cli, ["convert", str(f), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 1 records" in printed and "skipped 1 record(s): a consultation no doctor answered" in printed
+    # What is malformed still stops the conversion, with the file and line.
+    g = write(tmp_path / "2020.txt", COVID_DIALOGUE + "id=55\nhttps://www.haodf.com/wenda/a_55.htm\n\nDescription\n"
+                                                      "病情描述：头痛\n")
+    assert run_main(data_cli, ["convert", str(g), "--out", str(tmp_path / "b.jsonl")]) == 2
+    assert "2020.txt:" in capsys.readouterr().err and not (tmp_path / "b.jsonl").exists()
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
+    """Issue 21: `python -m data convert … --out X` replaced X without a word, where the trainers
+    refuse; one rule everywhere: refused, naming it, unless --overwrite, which says what it replaces."""
+    from data.schema import run_main
+
+    f = write(tmp_path / "medQA.valid.txt", "内科\t1\tq1\t头晕怎么回事\t测一下血压\n")
+    out = write(tmp_path / "o.jsonl", "mine\n")
+    assert run_main(data_cli, ["convert", str(f), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path} holds an earlier output (o.jsonl): add --overwrite "
+                                               "to replace it, or choose another --out")
+    assert out.read_text() == "mine\n"
+    assert run_main(data_cli, ["convert", str(f), "--out", str(out), "--overwrite"]) == 0
+    assert f"--overwrite: replacing o.jsonl in {tmp_path}" in capsys.readouterr().out
+    assert len(list(read_schema(out))) == 1
+    (tmp_path / "mix").mkdir()
+    write(tmp_path / "mix" / "val.jsonl", "")
+    assert run_main(data_cli, ["mix", "--source", str(out), "--out-dir", str(tmp_path / "mix")]) == 2
+    assert "holds an earlier output (val.jsonl)" in capsys.readouterr().err
+    assert run_main(data_cli, ["export-huatuo", str(out), "--out", str(out)]) == 2
+    assert out.read_text().count("\n") == 1

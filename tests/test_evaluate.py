@@ -92,6 +92,11 @@ def test_single_turn_judge_run(judge_api, tmp_path):
     svg = ET.parse(tmp_path / "rep" / "win_tie_loss.svg").getroot()
     fills = [r.get("fill") for r in svg.iter("{http://www.w3.org/2000/svg}rect")]
     assert fills.count("#4e9a6a") == 2 and fills.count("#c9c9c9") == 2  # a bar segment each, and the legend
+    # A second report into the same --out replaces the first only when told to (issue 21).
+    with pytest.raises(SystemExit, match=r"rep holds an earlier report \(report.md, win_tie_loss.svg\): add "
+                                         r"--overwrite"):
+        evaluate.main(["report", "--judgments", str(out), "--out", str(tmp_path / "rep")])
+    assert evaluate.main(["report", "--judgments", str(out), "--out", str(tmp_path / "rep"), "--overwrite"]) == 0
 
 
 def test_both_orders_turn_a_position_bias_into_a_tie(judge_api, tmp_path):

@@ -11,6 +11,7 @@ nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
 nltk_gleu = pytest.importorskip("nltk.translate.gleu_score")
 rouge = pytest.importorskip("rouge")
 
+PYTHON_DEFAULT_RECURSION_LIMIT = 1000  # CPython's, what a scoring script runs under unless it says otherwise
 ALPHABET = list("头痛发烧咳嗽医生建议休息多喝水的了是不在有.。，3 8")
 
 
@@ -90,11 +91,14 @@ def test_rouge_l_of_long_texts_is_rouges_own_value():
     letters = [c for c in ALPHABET if c != "."]  # one long sentence each: an ASCII "." would split
     pred, ref = ("".join(rng.choice(letters) for _ in range(1200)) for _ in range(2))
     h, r = " ".join(tokens(pred)), " ".join(tokens(ref))
-    with pytest.raises(RecursionError):
-        rouge.Rouge().get_scores(h, r)
+    # Each limit is set here, not assumed: torch.compile raises the process's limit to 2,000 the
+    # first time it compiles, so what the process has depends on what ran before.
     old = sys.getrecursionlimit()
-    sys.setrecursionlimit(20_000)
     try:
+        sys.setrecursionlimit(PYTHON_DEFAULT_RECURSION_LIMIT)
+        with pytest.raises(RecursionError):
+            rouge.Rouge().get_scores(h, r)
+        sys.setrecursionlimit(20_000)
         expected = rouge.Rouge().get_scores(h, r)[0]
     finally:
         sys.setrecursionlimit(old)

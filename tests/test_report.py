@@ -90,3 +90,61 @@ def test_the_report_says_what_the_files_hold(run):
     assert "best 7.000 at step 4" in quickstart.write_report(run, {}).read_text(encoding="utf-8")
     summary = quickstart.summary(run, run / "report.md")
     assert "PPO          mean score -1.250 -> 0.625" in summary and "1 win, 0 tie, 0 loss, 1 unparsed" in summary
+
+
+def test_a_small_drift_is_drawn_as_small_and_said_in_words():
+    """Issue 21: λ_KL went 0.1 -> 0.09994 and the axis ran 0.09994-0.1, so a 0.06% drift filled the
+    panel like a fall."""
+    lam = [(1, 0.1), (2, 0.09997), (3, 0.09994)]
+    root = ET.fromstring(svg_panels("t", [("λ", {"λ_KL": lam}), ("loss", {"loss": [(1, 8.0), (3, 5.0)]})], "round"))
+    frames = [r for r in root.iter(SVG + "rect") if r.get("fill") == "none"]
+    lines = list(root.iter(SVG + "polyline"))
+    ys = [float(p.split(",")[1]) for p in lines[0].get("points").split()]
+    top, height = float(frames[0].get("y")), float(frames[0].get("height"))
+    assert max(ys) - min(ys) < 0.01 * height  # 0.06% of 0.1 on an axis from 0: under a pixel or two
+    assert abs(ys[0] - top) < 0.05 * height  # the value itself near the top of an axis 0 .. 0.1
+    texts = [t.text for t in root.iter(SVG + "text")]
+    assert "λ_KL: 0.1 → 0.09994 (−0.06%)" in texts
+    # A real change keeps an axis fitted to it, with nothing to annotate: the loss falls 8 -> 5.
+    ys = [float(p.split(",")[1]) for p in lines[1].get("points").split()]
+    assert ys[1] - ys[0] > 0.5 * float(frames[1].get("height"))
+    assert not any(t and t.startswith("loss:") for t in texts)
+
+
+def test_no_parsed_verdict_is_said_in_words_and_answers_that_differ_are_shown(run):
+    """Issue 21: with nothing parsed the win/tie/loss chart was two lines of text and a legend for
+    bars that were not there; "One question, both models" showed a question both answered alike."""
+    write(run / "eval" / "judge_answers.jsonl", [{"id": "q1", "group": "g", "outcome": "unparsed"}] * 3)
+    for name in ("SFT", "PPO"):
+        write(run / "eval" / f"answers_{name}.jsonl", [
+            {"id": "same", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}]},
+            {"id": "other", "messages": [{"role": "user", "content": "咳嗽"},
+                                         {"role": "assistant", "content": f"{name}说多喝水"}]}])
+    (run / "win_tie_loss.svg").write_text("<svg/>")  # an earlier run's chart goes
+    report = quickstart.write_report(run, {}).read_text(encoding="utf-8")
+    assert "No verdict of the judge could be parsed, so there is no win/tie/loss chart: PPO vs. SFT, answers: " \
+           "3 unparsed." in report
+    assert "win_tie_loss.svg" not in report and not (run / "win_tie_loss.svg").exists()
+    assert "differ on 1 of 2 questions" in report and "SFT说多喝水" in report and "PPO说多喝水" in report
+    assert "**病人**：头痛" not in report  # the question both answered alike is not the example
+    with pytest.raises(ValueError, match="no comparison has a parsed verdict"):
+        svg_win_tie_loss("t", [("x", {"win": 0, "tie": 0, "loss": 0, "unparsed": 3})])
+    legend = ET.fromstring(svg_win_tie_loss("t", [("x", {"win": 2, "tie": 0, "loss": 1, "unparsed": 0})]))
+    assert [t.text for t in legend.iter(SVG + "text") if t.text in ("win", "tie", "loss")] == ["win", "loss"]
+    for name in ("SFT", "PPO"):  # answered alike everywhere: one of them, and a sentence saying so
+        write(run / "eval" / f"answers_{name}.jsonl", [
+            {"id": "same", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}]}])
+    report = quickstart.write_report(run, {}).read_text(encoding="utf-8")
+    assert "gave the same answer to each of the 1 questions" in report and "**病人**：头痛" in report
+
+
+def test_the_main_job_never_replaces_an_earlier_run_silently(tmp_path, capsys):
+    from data.schema import run_main
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "report.md").write_text("an earlier report")
+    assert run_main(quickstart.main, ["--out", str(tmp_path)]) == 2  # before any work
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path} holds an earlier run of the main job (sft, report.md): add --overwrite to replace it, "
+        "or choose another --out")
+    assert (tmp_path / "report.md").read_text() == "an earlier report"

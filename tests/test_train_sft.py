@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -415,3 +416,12 @@ def test_a_full_disk_is_said_as_such(tmp_path, monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="enforce fail"):
         run_main(train_sft.main, ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2",
                                   "--save-every", "1", "--overwrite"])
+
+
+def test_a_log_without_a_progress_bar_gets_progress_lines(tmp_path, monkeypatch, capsys):
+    """Issue 21: piped to a log, the main job's SFT stage said nothing for up to 45 s at a time
+    (tqdm's bar is only redrawn in a terminal, and validations came every 10 steps)."""
+    in_process(monkeypatch, tmp_path, "--max-steps", "3", "--log-every", "2", "--eval-every", "100")
+    printed = capsys.readouterr().out
+    assert re.search(r"^step 2/3: loss \d+\.\d{4}, lr [0-9.e+-]+, \d+ s so far, about \d+ s to go$", printed, re.M)
+    assert "step 1/3:" not in printed and "step 3/3:" not in printed
