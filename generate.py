@@ -73,7 +73,7 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, temperatu
     return logits
 
 
-def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
+def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,
                  pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0,
                  vocab_limit: int | None = None, generator: torch.Generator | None = None,
@@ -81,7 +81,9 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     """Yield, per step, (tokens (B,), logprobs (B,), alive (B,) bool) for the batch.
 
     `alive` is False for sequences that had already finished before this step; their token is
-    padding. temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode
+    padding. eos_id None: no token ends a sequence, every one runs max_new_tokens, and nothing
+    here reads a value back from the device (plan.py decodes so on tensors without values).
+    temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode
     from being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
     log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
     equal what a training forward computes for the same ids.
@@ -103,7 +105,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):P] = 1
-    padded = bool((mask[:, :P] == 0).any())
+    padded = any(len(p) < P for p in prompts)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros((B, config.vocab_size), dtype=torch.bool, device=device)
@@ -113,7 +115,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
 
     alive = torch.ones(B, dtype=torch.bool, device=device)
     try:
-        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0)[:, -1]
+        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0, last=True)[:, -1]
         for step in range(max_new_tokens):
             scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, vocab_limit=vocab_limit)
@@ -129,9 +131,12 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], alive[:, None])
             yield nxt, logprob, alive.clone()
-            alive &= nxt != eos_id
-            if step == max_new_tokens - 1 or not any_alive(alive, sharded):
+            if step == max_new_tokens - 1:
                 break
+            if eos_id is not None:
+                alive &= nxt != eos_id
+                if not any_alive(alive, sharded):
+                    break
             if compiled:
                 logits = compiled_step(model)(nxt[:, None], mask, cache=cache,
                                               start=torch.tensor([pos], device=device))[:, -1]

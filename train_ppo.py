@@ -9,8 +9,8 @@ transformer blocks trained. FSDP on 1 to N ranks.
     # the paper's run: Ziya-LLaMA-13B SFT policy and reward model, 8 GPUs
     torchrun --nproc_per_node 8 train_ppo.py --policy runs/sft-13b/best --reward runs/rm-13b/best \
         --data sft_mix/train.jsonl --exclude preference/pairs.jsonl --out runs/ppo-13b
-    # will it fit? per-rank memory of the layout below, on the meta device
-    python train_ppo.py --policy ziya-13b --dry-run --world-size 8
+    # will it fit, and how long? per-rank memory (--simulate: measured, plan.py) and the hours
+    python train_ppo.py --policy ziya-13b --dry-run --world-size 8 [--simulate]
 
 One round (trlx's, which HuatuoGPT used; the paper names its settings as trlx does):
 
@@ -62,10 +62,11 @@ from data.readers import add_input_args, read
 from data.schema import Report, file_digest, run_main
 from data.template import render
 from generate import generate
-from model import Transformer, token_logprobs
+from model import Transformer, allocate, token_logprobs
 from train_rm import RewardModel
+from plan import add_plan_args, ppo_dry_run
 from training import (HelpFormatter, MetricsLog, Timer, TrainState, accumulate, add_run_args, gathered, load_model,
-                      make_optimizer, micro_batches, model_setup, run_distributed, run_setup, save_hf, shard_and_load)
+                      load_sharded, make_optimizer, micro_batches, model_setup, run_distributed, run_setup, save_hf, shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -122,9 +123,10 @@ class PolicyWithValue(nn.Module):
     def layers(self):
         return self.policy.layers
 
-    def forward(self, tokens=None, attention_mask=None, *, part: str = "logits", hidden=None, cache=None, start=0):
+    def forward(self, tokens=None, attention_mask=None, *, part: str = "logits", hidden=None, cache=None, start=0,
+                last=False):
         if part == "logits":
-            return self.policy(tokens, attention_mask, cache=cache, start=start)
+            return self.policy(tokens, attention_mask, cache=cache, start=start, last=last)
         if part == "bottom":
             return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
         h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden")
@@ -138,26 +140,38 @@ class PolicyWithValue(nn.Module):
                                     extra_files={"value_head.safetensors": head})
 
 
-def reference_top(full_state: dict, config, split: int, device, dtype) -> Transformer:
-    """π0's top: a frozen copy of the SFT blocks [split, L), norm and head, as a small
+def sft_name(name: str, split: int) -> str:
+    """A tensor of π0's top -> its name in the SFT model: the top's blocks are the SFT model's
+    blocks from `split` on, renumbered from 0; the final norm and the head keep their names."""
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        return f"layers.{int(i) + split}.{rest}"
+    return name
+
+
+def reference_top(config, split: int, device, dtype) -> Transformer:
+    """π0's top, empty: a frozen copy of the SFT blocks [split, L), norm and head, as a small
     Transformer run on the shared bottom's output (forward(hidden=...)). Replicated on every
-    rank: two blocks and a head (1.7 GB in bf16 for Ziya-13B)."""
+    rank: two blocks and a head (1.7 GB in bf16 for Ziya-13B). load_reference fills it."""
     top_config = replace(config, num_hidden_layers=config.num_hidden_layers - split)
     with torch.device("meta"):
         ref = Transformer(top_config)
     if not config.tie_word_embeddings:
         ref.embed_tokens = None  # never run: the input is the bottom's residual stream
-    ref.to_empty(device=device)
-    state = {}
-    for name, t in full_state.items():
-        if name.startswith("layers."):
-            i = int(name.split(".")[1])
-            if i >= split:
-                state[f"layers.{i - split}." + name.split(".", 2)[2]] = t
-        elif name.startswith(("norm.", "lm_head.")) or (config.tie_word_embeddings and name.startswith("embed")):
-            state[name] = t
-    ref.load_state_dict(state, strict=True)
-    return ref.to(dtype).eval().requires_grad_(False)
+    return allocate(ref, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def load_reference(ref: Transformer, full: dict | None, split: int, d):
+    """Fill π0's top from rank 0's SFT state dict (`full`; None elsewhere): rank 0 broadcasts
+    these tensors alone, in the top's dtype, as tensors. Every rank knows their names and
+    shapes from the config, so no other rank ever receives, and no object collective carries,
+    any of the rest of the model."""
+    for name, tensor in ref.named_parameters():  # a tied head is the embedding: once
+        if d.main:
+            tensor.copy_(full[sft_name(name, split)])
+        if d.world > 1:
+            dist.broadcast(tensor, src=0)
 
 
 # -- the algorithm, as plain functions (each tested by hand) -----------------------------------------
@@ -382,10 +396,12 @@ def minibatches(n: int, batch_size: int, seed: int, round_no: int, epoch: int) -
 
 
 @torch.no_grad()
-def make_experience(model, ref, exps: list[Experience], tok, args, d, round_no: int, kl_coef: float):
-    """Old log-probs, values, π0's log-probs and entropy of every experience, computed in the
-    micro-batches the first epoch's updates will use (so its first ratio is exactly 1); then
-    rewards, advantages (whitened over the round) and returns. Every rank ends with all."""
+def experience_forwards(model, ref, exps: list[Experience], tok, args, d, round_no: int) -> list[tuple]:
+    """The forwards of the experience pass on this rank's share: old log-probs, values, π0's
+    log-probs and summed entropy of each experience, in the micro-batches the first epoch's
+    updates will use (so its first ratio is exactly 1). -> [(index, logp, ref_logp, values,
+    entropy)], tensors on the CPU; nothing is read back as a number here (plan.py runs it on
+    tensors without values)."""
     model.eval()
     results = []
     for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, 0):
@@ -394,12 +410,19 @@ def make_experience(model, ref, exps: list[Experience], tok, args, d, round_no: 
             for row, i in enumerate(chunk):
                 n = len(exps[i].response)
                 results.append((i, out["logp"][row, :n].cpu(), out["ref_logp"][row, :n].cpu(),
-                                out["values"][row, :n].cpu(), float(out["entropy"][row, :n].sum())))
+                                out["values"][row, :n].cpu(), out["entropy"][row, :n].sum().cpu()))
     model.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
     model.train()
-    for i, logp, ref_logp, values, entropy in gather(results, d):
+    return results
+
+
+def make_experience(model, ref, exps: list[Experience], tok, args, d, round_no: int, kl_coef: float):
+    """Old log-probs, values, π0's log-probs and entropy of every experience (experience_forwards
+    on each rank's share, then shared with every rank); then rewards, advantages (whitened over
+    the round) and returns. Every rank ends with all."""
+    for i, logp, ref_logp, values, entropy in gather(experience_forwards(model, ref, exps, tok, args, d, round_no), d):
         e = exps[i]
-        e.logp, e.ref_logp, e.values, e.entropy = logp, ref_logp, values, entropy
+        e.logp, e.ref_logp, e.values, e.entropy = logp, ref_logp, values, float(entropy)
         e.advantages, e.returns = gae(per_token_rewards(logp.double(), ref_logp.double(), e.score, kl_coef),
                                       values.double())
     flat = whiten(torch.cat([e.advantages for e in exps]))
@@ -414,6 +437,20 @@ def update(model, opt, exps: list[Experience], tok, args, d, round_no: int) -> d
     """--ppo-epochs passes over the round in shuffled minibatches, one optimizer step each.
     Returns the round's statistics, each a mean over response tokens."""
     totals, tokens_seen, steps = {}, 0, 0
+    for epoch in range(args.ppo_epochs):
+        for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, epoch):
+            tokens_seen += update_step(model, opt, exps, batch, tok, args, d, totals)
+            steps += 1
+    stats = {k: d.all_sum(float(v)) / tokens_seen for k, v in totals.items()}
+    stats["steps"], stats["tokens"] = steps, tokens_seen
+    return stats
+
+
+def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args, d, totals: dict) -> int:
+    """One optimizer step on the minibatch `batch` (indices into exps): the PPO loss of its
+    response tokens, micro-batch by micro-batch on this rank's share, divided by the
+    minibatch's response tokens on all ranks. Adds the loss statistics (sums, tensors) to
+    `totals`; returns the minibatch's response tokens."""
 
     def loss_sum(chunk):
         mine = [exps[i] for i in chunk]
@@ -431,18 +468,11 @@ def update(model, opt, exps: list[Experience], tok, args, d, round_no: int) -> d
             totals[k] = totals.get(k, 0.0) + v
         return loss
 
-    for epoch in range(args.ppo_epochs):
-        for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, epoch):
-            n = sum(len(exps[i].response) for i in batch)
-            accumulate(model, d, batch, args.micro_batch_size, loss_sum, n, grad_clip=args.grad_clip,
-                       grad_sync=args.grad_sync)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tokens_seen += n
-            steps += 1
-    stats = {k: d.all_sum(float(v)) / tokens_seen for k, v in totals.items()}
-    stats["steps"], stats["tokens"] = steps, tokens_seen
-    return stats
+    n = sum(len(exps[i].response) for i in batch)
+    accumulate(model, d, batch, args.micro_batch_size, loss_sum, n, grad_clip=args.grad_clip, grad_sync=args.grad_sync)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return n
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -450,20 +480,27 @@ def update(model, opt, exps: list[Experience], tok, args, d, round_no: int) -> d
 
 def build(config, full: dict | None, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False):
     """(the sharded policy + value head, π0's replicated top) from rank 0's SFT state dict
-    (`full`; None on the other ranks). The value head starts at zero: V = 0 everywhere."""
-    state = full
-    if d.world > 1:  # every rank builds its replica of π0's top from rank 0's weights
-        box = [full]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
-    with torch.device("meta"):
-        model = PolicyWithValue(Transformer(config), trainable_blocks)
-    dtype = next(iter(state.values())).dtype if not bf16 else torch.bfloat16
-    ref = reference_top(state, config, model.split, d.device, dtype)
+    (`full`; None on the other ranks). Each rank receives its shards of the policy and π0's
+    top, nothing else (load_reference, training.shard_and_load). The value head starts at
+    zero: V = 0 everywhere."""
+    model, ref = build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16)
+    load_reference(ref, full, model.split, d)
     if d.main:
         full = {f"policy.{k}": v for k, v in full.items()}
-        full["value_head.weight"] = torch.zeros(1, config.hidden_size, dtype=next(iter(state.values())).dtype)
-    return shard_and_load(model, full, d, bf16=bf16).train(), ref
+        full["value_head.weight"] = torch.zeros(1, config.hidden_size, dtype=torch.get_default_dtype())
+    return load_sharded(model, full, d).train(), ref
+
+
+def build_empty(config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False, mesh=None):
+    """The policy + value head sharded with FSDP (training.shard) and π0's top, allocated and
+    not filled (plan.py measures these). The policy is stored in the default dtype, as it is
+    built in it (fp32); π0's top too, or bf16 under mixed precision, the dtype it computes in."""
+    with torch.device("meta"):
+        model = PolicyWithValue(Transformer(config), trainable_blocks)
+    shard(model, model.layers, bf16=bf16, mesh=mesh)
+    model.to_empty(device=d.device)
+    ref = reference_top(config, model.split, d.device, torch.bfloat16 if bf16 else torch.get_default_dtype())
+    return model, ref
 
 
 def _train(args, d):
@@ -495,7 +532,7 @@ def _train(args, d):
     bf16 = d.device.type == "cuda" and not args.fp32
     compute = torch.bfloat16 if bf16 else torch.float32
     model, ref = build(config, read_weights(), d, trainable_blocks=args.trainable_blocks, bf16=bf16)
-    rm = RewardModel.from_pretrained(args.reward, dtype=compute, device=d.device).eval().requires_grad_(False)
+    rm = RewardModel.from_pretrained(args.reward, dtype=compute, device=d.device).scorer().eval().requires_grad_(False)
     if rm.config.vocab_size != config.vocab_size:
         raise SystemExit(f"--reward {args.reward} has a vocabulary of {rm.config.vocab_size}, the policy "
                          f"{config.vocab_size}: they must share the tokenizer")
@@ -563,68 +600,6 @@ def ppo_setup(args) -> dict:
                      exclude=sorted(file_digest(f) for f in args.exclude))
 
 
-# -- will it fit? -----------------------------------------------------------------------------------
-
-
-def memory_estimate(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
-                    trainable_blocks: int = TRAINABLE_BLOCKS, gathered_rollout: bool = True) -> dict:
-    """Per-rank GiB of this layout on GPUs (bf16 compute, fp32 shards):
-
-    frozen     the embedding and the frozen blocks, FSDP-sharded fp32: 4 bytes a parameter / ranks
-               (no gradient, no optimizer state)
-    trainable  the top blocks, norm, head and value head, sharded: fp32 weight, gradient and
-               two Adam moments, 16 bytes a parameter / ranks
-    reference  π0's top, replicated in bf16 (2 bytes a parameter)
-    reward     the reward model, replicated in bf16 (frozen, never sharded: no collectives)
-    in_flight  what FSDP holds gathered: the whole policy in bf16 while the rollout keeps it
-               gathered (the default), else the root (embedding, head) and two blocks
-    kv_cache   one chunk's keys and values, bf16, all layers, prompt + new tokens
-    activations  a micro-batch through the top blocks only (the bottom runs without gradient),
-               plus the logits (bf16 and their fp32 log-softmax)
-    """
-    h, f, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    n = config.num_params()
-    head = v * h * (1 if config.tie_word_embeddings else 2)
-    block = (n - head - h) // L
-    top = trainable_blocks * block + h + (0 if config.tie_word_embeddings else v * h) + h
-    frozen = n - top + h
-    seq = prompt_len + new_tokens
-    gib = 2**30
-    parts = {
-        "frozen": 4 * frozen / world,
-        "trainable": 16 * top / world,
-        "reference": 2 * (trainable_blocks * block + h + v * h),
-        "reward": 2 * (n - v * h + h),
-        "in_flight": 2 * (n + h) if gathered_rollout else 2 * (head + 2 * block),
-        "kv_cache": 2 * 2 * L * chunk * seq * config.num_key_value_heads * config.head_dim,
-        "activations": micro_batch * seq * (trainable_blocks * (8 * h + 4 * f) * 2 + v * 10),
-    }
-    parts = {k: b / gib for k, b in parts.items()}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def dry_run(args):
-    from model import load_config
-
-    config = load_config(args.policy)
-    print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
-          f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
-          f"{args.world_size} ranks, bf16 compute")
-    cols = ("frozen", "trainable", "reference", "reward", "in_flight", "kv_cache", "activations", "total")
-    print("per-rank GiB   " + "  ".join(f"{c:>11}" for c in cols) + f"   fits in {args.gpu_memory_gb:g} GiB")
-    for micro in (1, 2, 4, 8):
-        m = memory_estimate(config, world=args.world_size, chunk=args.chunk_size, prompt_len=1024,
-                            new_tokens=args.max_new_tokens, micro_batch=micro, trainable_blocks=args.trainable_blocks,
-                            gathered_rollout=not args.reshard_in_rollout)
-        print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
-              f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
-    in_flight = ("two blocks and the root (--reshard-in-rollout)" if args.reshard_in_rollout
-                 else "the whole policy, kept gathered through the rollout (--reshard-in-rollout: two blocks and the root)")
-    print(f"(prompts of 1,024 tokens + {args.max_new_tokens} new; chunks of {args.chunk_size} sequences generated "
-          f"together; in_flight: {in_flight}; an estimate: allocator overhead comes on top)")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--policy", required=True, help="the SFT model (HF layout), or 'tiny' / 'ziya-13b' with --dry-run")
@@ -652,12 +627,10 @@ def main(argv=None):
     p.add_argument("--unfinished-penalty", type=float, default=UNFINISHED_PENALTY,
                    help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)")
     p.add_argument("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS)
-    p.add_argument("--dry-run", action="store_true", help="print per-rank memory; train nothing")
-    p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return dry_run(args)
+        return ppo_dry_run(args)
     if not (args.reward and args.data and args.out):
         p.error("--reward, --data and --out are required (unless --dry-run)")
     run_distributed(_train, args)

@@ -5,8 +5,8 @@
     # the paper's run: Ziya-LLaMA-13B on 8 GPUs
     torchrun --nproc_per_node 8 train_sft.py --model ziya-13b --data sft_mix/train.jsonl \
         --val-data sft_mix/val.jsonl --out runs/sft-13b --micro-batch-size 2 --activation-checkpointing
-    # will it fit? the per-rank memory of any config, computed on the meta device
-    python train_sft.py --model ziya-13b --dry-run --world-size 8
+    # will it fit, and how long? per-rank memory (--simulate: measured, plan.py) and the hours
+    python train_sft.py --model ziya-13b --dry-run --world-size 8 [--simulate]
 
 Each optimizer step takes one global batch of --batch-size conversations (the same batches
 whatever the number of ranks), renders them with the HuatuoGPT template, and minimises the
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,9 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
 from data.schema import Report, file_digest, run_main
 from data.template import IGNORE_INDEX, collate, render
-from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, memory_estimate, model_setup, run_distributed,
-                      run_setup, shard_and_load, train_loop)
+from plan import add_plan_args, lm_dry_run
+from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup,
+                      shard_and_load, train_loop)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -64,6 +64,11 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     logits = model(batch["tokens"][:, :-1]).float()
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def batch_loss(model, items, pad_id: int, device) -> torch.Tensor:
+    """The summed loss of one micro-batch of rendered conversations (what a step accumulates)."""
+    return token_loss_sum(model, {key: t.to(device) for key, t in collate(items, pad_id).items()})
 
 
 def n_labels(item) -> int:
@@ -118,29 +123,6 @@ def render_all(records, tok, max_len, report):
     return items
 
 
-def dry_run(args):
-    from model import load_config
-
-    config = load_config(args.model)
-    bf16 = not args.fp32
-    args.max_len = args.max_len or min(MAX_LEN, config.max_position_embeddings)
-    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, "
-          f"sequences of {args.max_len} tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP")
-    print(f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
-          f" (--grad-sync {args.grad_sync})")
-    print(f"per-rank GiB    states  grads  in-flight   activations AC off | on     total AC off | on   "
-          f"fits in {args.gpu_memory_gb:g} GiB")
-    for micro in (1, 2, 4, 8, 16):
-        off, on = (memory_estimate(config, world=args.world_size, micro_batch=micro, seq_len=args.max_len, bf16=bf16,
-                                   activation_checkpointing=ac, grad_sync=args.grad_sync) for ac in (False, True))
-        fits = " | ".join("yes" if m["total"] <= args.gpu_memory_gb else "no" for m in (off, on))
-        print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['grads']:5.1f}  {off['in_flight']:9.1f}  "
-              f"{off['activations']:12.1f} | {on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}")
-    acc = args.batch_size // args.world_size
-    print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
-          f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
@@ -148,13 +130,10 @@ def main(argv=None):
     add_input_args(p)
     add_trainer_args(p, unit="conversations", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
                      warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
-    p.add_argument("--peak-tflops", type=float, help="the accelerator's peak dense TFLOP/s, to report MFU")
-    p.add_argument("--dry-run", action="store_true", help="print parameter count and per-rank memory; train nothing")
-    p.add_argument("--world-size", type=int, default=8, help="with --dry-run: ranks to plan for")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: memory per GPU")
+    add_plan_args(p, items_help="conversations an epoch (default: the 226,042 of Table 3's medical parts)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return dry_run(args)
+        return lm_dry_run(args, "sft")
     if not args.data or not args.out:
         p.error("--data and --out are required (unless --dry-run)")
     run_distributed(_train, args)
@@ -193,8 +172,7 @@ def _train(args, d):
     model.train()
 
     def loss_sum(chunk):
-        batch = {key: t.to(d.device) for key, t in collate([train_items[i] for i in chunk], tok.pad_id).items()}
-        return token_loss_sum(model, batch)
+        return batch_loss(model, [train_items[i] for i in chunk], tok.pad_id, d.device)
 
     def validate():
         return {"val_loss": validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)} if val_items else {}

@@ -255,7 +255,7 @@ def init_distributed() -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device, store_dir)
 
 
-def shard(model: torch.nn.Module, layers, *, bf16: bool):
+def shard(model: torch.nn.Module, layers, *, bf16: bool, mesh=None):
     """FSDP2: each block is its own unit (gathered just before it runs, freed after), then the
     root takes what is left (embedding, final norm, head). On GPU, bf16 compute with fp32
     master weights and fp32 gradient reduction; on CPU everything stays fp32. Under bf16 the
@@ -267,8 +267,8 @@ def shard(model: torch.nn.Module, layers, *, bf16: bool):
     else:
         mp = root = MixedPrecisionPolicy()  # outputs in the weights' own dtype
     for layer in layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=root)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=root)
     return model
 
 
@@ -322,6 +322,12 @@ def shard_and_load(model, state_dict, dist_info: Distributed, *, bf16: bool):
     its device, and fill them from rank 0's full state dict."""
     shard(model, model.layers, bf16=bf16)
     model.to_empty(device=dist_info.device)
+    return load_sharded(model, state_dict, dist_info)
+
+
+def load_sharded(model, state_dict, dist_info: Distributed):
+    """Fill a sharded model from rank 0's full state dict ({} or None elsewhere): each tensor
+    is broadcast in turn and every rank keeps its shard of it."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state_dict if dist_info.main else {}, options=options)
     return model
@@ -361,8 +367,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
 
 
 def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss_sum, n_units: int, *,
-               grad_clip: float, grad_sync: str = "every") -> tuple[float, float]:
-    """Gradients of one global batch -> (loss, gradient norm before clipping); no update.
+               grad_clip: float, grad_sync: str = "every") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one global batch -> (loss, gradient norm before clipping), as 0-d tensors the
+    caller reads once a step: nothing here waits for the device (a .item() per micro-batch
+    would stall a GPU's queue each time, and lets plan.py run this on tensors without values).
+    No update.
 
     This rank takes every world-th item of the global batch and runs it in micro-batches;
     loss_sum(items) returns the summed loss of its items (over tokens for SFT, over pairs for
@@ -373,10 +382,10 @@ def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss
     (4 bytes a parameter / ranks): what ZeRO, the paper's optimizer (App. E), does. "last"
     skips the collective until the last micro-batch; FSDP then keeps the whole unsharded
     gradient in fp32 on every rank (4 bytes a parameter: +49 GiB for Ziya-13B) in exchange
-    for fewer collectives. memory_estimate models both.
+    for fewer collectives. plan.training_memory models both.
     """
     chunks = micro_batches(global_batch, d, micro_batch)
-    local = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
     for k, chunk in enumerate(chunks):
         model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
         s = loss_sum(chunk)
@@ -384,8 +393,9 @@ def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss
         # a sum, so the gradient is that of (sum of unit losses) / (units in the global batch):
         # 1 rank and N ranks compute the same step.
         (s * d.world / n_units).backward()
-        local += s.item()
-    return d.all_sum(local) / n_units, grad_norm_and_clip(model, grad_clip)
+        total += s.detach()
+    dist.all_reduce(total)
+    return total / n_units, grad_norm_and_clip(model, grad_clip)
 
 
 def micro_batches(global_batch: list, d: Distributed, micro_batch: int) -> list[list]:
@@ -394,9 +404,10 @@ def micro_batches(global_batch: list, d: Distributed, micro_batch: int) -> list[
     return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
-def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
+def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a total norm of max_norm; returns the norm before (a 0-d tensor)."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum, n_units, n_tokens, validate,
@@ -460,8 +471,9 @@ def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum
     while step < total:
         global_batch = next(batches)
         lr = cosine_lr(step + 1, total, args.lr, warmup)
-        loss, grad_norm = accumulate(model, d, global_batch, args.micro_batch_size, loss_sum, n_units(global_batch),
-                                     grad_clip=args.grad_clip, grad_sync=args.grad_sync)
+        loss, grad_norm = map(float, accumulate(model, d, global_batch, args.micro_batch_size, loss_sum,
+                                                n_units(global_batch), grad_clip=args.grad_clip,
+                                                grad_sync=args.grad_sync))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
                              f"before the update. The last good state: {last_state()}. Lower --lr or check the data.")
@@ -775,48 +787,3 @@ def tiny_tokenizer(out: Path, dist_info: Distributed, vocab_size: int = 2048):
         train_tokenizer(corpus_sentences(files), path, vocab_size=vocab_size)
     dist_info.barrier()
     return Tokenizer(path)
-
-
-# -- scale on paper ------------------------------------------------------------------------------
-
-
-def gradient_bytes(n_params: int, *, world: int, grad_sync: str) -> float:
-    """Gradient bytes a rank holds between micro-batches (see accumulate): its fp32 shard when
-    gradients are reduce-scattered every micro-batch, the whole unsharded fp32 gradient when
-    they are kept until the last one."""
-    return 4 * n_params / world if grad_sync == "every" else 4 * n_params
-
-
-def memory_estimate(config, *, world: int, micro_batch: int, seq_len: int, bf16: bool,
-                    activation_checkpointing: bool, grad_sync: str = "every") -> dict:
-    """Per-rank training memory in GiB under FSDP2 (ZeRO-3-like) with AdamW.
-
-    states     fp32 master weights and two fp32 Adam moments: 12 bytes a parameter, divided
-               among the ranks
-    grads      gradient_bytes: 4 bytes a parameter / ranks (grad_sync "every"), or 4 bytes a
-               parameter on every rank (grad_sync "last", held across micro-batches)
-    in_flight  what is gathered at once: the root's weights (embedding, head) and about two
-               blocks (the running one and the prefetched one) in the compute dtype, plus one
-               block's unsharded gradients in fp32
-    activations  saved for backward, per token and layer about 8*hidden + 4*intermediate
-               values (norm inputs, q, k, v, rotated q and k, attention output; gate, up,
-               silu(gate), their product); with checkpointing only each block's input is kept,
-               plus one block's worth while it is recomputed. The logits add ~10 bytes per
-               vocabulary entry and token (compute-dtype logits, fp32 softmax and gradient).
-    An estimate: allocator fragmentation and temporary buffers come on top.
-    """
-    h, f, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    act_bytes = 2 if bf16 else 4
-    n = config.num_params()
-    block = (n - v * h * (1 if config.tie_word_embeddings else 2) - h) // L
-    root = n - L * block
-    tokens = micro_batch * seq_len
-    per_layer = tokens * (8 * h + 4 * f) * act_bytes
-    acts = (L * tokens * h * act_bytes + per_layer) if activation_checkpointing else L * per_layer
-    acts += tokens * v * (act_bytes + 8)
-    gib = 2**30
-    states = 12 * n / world
-    grads = gradient_bytes(n, world=world, grad_sync=grad_sync)
-    in_flight = (root + 2 * block) * act_bytes + 4 * block
-    return {"states": states / gib, "grads": grads / gib, "in_flight": in_flight / gib, "activations": acts / gib,
-            "total": (states + grads + in_flight + acts) / gib}

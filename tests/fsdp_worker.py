@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import sharpen_  # noqa: E402
 from generate import generate  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
-from training import accumulate, gradient_bytes, init_distributed, shard  # noqa: E402
+from plan import gradient_bytes  # noqa: E402
+from training import accumulate, init_distributed, shard  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0)
@@ -302,6 +303,82 @@ def check_rollout_gathered(d):
     after = local_shapes()
     assert after == before, [k for k in after if after[k] != before[k]]
     ok(d, "rollout_gathered")
+
+
+def check_ppo_setup_share(d):
+    """Issue 22: PPO's setup sent rank 0's whole SFT state dict to every rank through
+    broadcast_object_list (pickled; on NCCL staged in GPU memory: 52 GB to each of 8 GPUs at
+    13B) to build π0's top. Now the bytes through object collectives during setup are a few
+    KiB (FSDP's tensor names and shapes), and a rank other than 0 never holds more of the SFT
+    weights than its shards, π0's top, and the one tensor being broadcast at a time."""
+    import pickle
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import train_ppo
+
+    sent = []
+    real = {name: getattr(dist, name) for name in ("broadcast_object_list", "all_gather_object", "gather_object",
+                                                 "scatter_object_list")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            out = real[name](*args, **kwargs)
+            sent.append(len(pickle.dumps(args[0])))  # the objects that went through, as this rank has them now
+            return out
+        return call
+
+    torch.manual_seed(0)
+    sft = sharpen_(Transformer(CONFIG))
+    state = sft.state_dict() if d.main else None
+    for name in real:
+        setattr(dist, name, counting(name))
+    try:
+        with MemTracker() as tracker:
+            model, ref = train_ppo.build(CONFIG, state, d)
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    whole = sum(t.numel() * t.element_size() for t in sft.state_dict().values())
+    assert sum(sent) < 8 * 1024, (sum(sent), sent, whole)  # the whole model: 545 KiB
+    if d.rank != 0:
+        shards = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        top = sum(t.numel() * t.element_size() for t in ref.state_dict().values())
+        largest = max(t.numel() * t.element_size() for t in sft.state_dict().values())
+        # At most: its shards (FSDP pads them to equal sizes), π0's top, and one tensor in flight
+        # whole with its shard's copy.
+        assert peak <= shards + top + 2 * largest + 16 * 1024, (peak, shards, top, largest, whole)
+    ok(d, "ppo_setup_share")
+
+
+PLAN_CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500.0)
+PLAN_SFT = dict(micro_batch=4, bf16=True)
+PLAN_PPO = dict(trainable_blocks=2, rollout_size=8, chunk_size=4, batch_size=8, micro_batches=[4], prompt_len=200,
+                new_tokens=24, bf16=True)
+
+
+def plan_sft_loss(model, n):
+    from data.template import Rendered
+    from train_sft import batch_loss
+
+    return batch_loss(model, [Rendered([3] * 257, [3] * 257)] * n, 0, "cpu")
+
+
+def check_simulation_is_real(d):
+    """plan.py's steps on real tensors and 2 gloo ranks: test_plan.py holds the same steps on
+    fake tensors and fake ranks to these figures (rank 0's peaks, printed as JSON)."""
+    import json
+
+    import plan
+
+    sft = plan.measure_training(d, None, lambda: Transformer(PLAN_CONFIG), plan_sft_loss, **PLAN_SFT)
+    ppo = plan.measure_ppo(d, None, PLAN_CONFIG, **PLAN_PPO)
+    if d.main:
+        print("measured " + json.dumps({"sft": sft.parts, **{"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts
+                                                              for k, m in ppo.items()}}), flush=True)
+    ok(d, "simulation_is_real")
 
 
 if __name__ == "__main__":

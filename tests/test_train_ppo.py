@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, sharpen_, trainer_env
 
+import plan
 import train_ppo
 from model import ModelConfig, Transformer, token_logprobs
 from train_ppo import AdaptiveKL, Experience, gae, per_token_rewards, ppo_loss_sum, whiten
@@ -117,9 +118,9 @@ def test_rollout_memory_by_hand():
                       num_attention_heads=2, num_key_value_heads=2)
     n = cfg.num_params()  # 2 * 100 * 8 (embedding, head) + 4 * (4 * 64 + 3 * 128 + 16) + 8 = 4232
     assert n == 4232
-    kw = dict(world=2, chunk=1, prompt_len=1, new_tokens=1, micro_batch=1)
-    gathered = train_ppo.memory_estimate(cfg, **kw)["in_flight"] * 2**30
-    resharded = train_ppo.memory_estimate(cfg, **kw, gathered_rollout=False)["in_flight"] * 2**30
+    kw = dict(world=2, chunk=1, prompt_len=1, new_tokens=1, micro_batch=1, trainable_blocks=2)
+    gathered = plan.ppo_memory(cfg, **kw)["in_flight"] * 2**30
+    resharded = plan.ppo_memory(cfg, **kw, gathered_rollout=False)["in_flight"] * 2**30
     assert gathered == pytest.approx(2 * (4232 + 8)) and resharded == pytest.approx(2 * (1600 + 2 * 656))
 
 

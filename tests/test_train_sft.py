@@ -19,7 +19,8 @@ from conftest import ROOT, trainer_env
 from data.template import collate, doctor_turn, render
 from model import CONFIGS, Transformer
 from tokenizer import Tokenizer
-from training import cosine_lr, memory_estimate
+from plan import training_memory
+from training import cosine_lr
 
 SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
 COMMON = ["--model", "tiny", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "2e-3", "--seed", "0"]
@@ -215,15 +216,18 @@ def test_cosine_schedule_by_hand():
 def test_memory_estimate_by_hand():
     cfg = CONFIGS["tiny"]
     n = cfg.num_params()
-    m = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False)
+    m = training_memory(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False)
     assert m["states"] == pytest.approx(12 * n / 4 / 2**30)
     assert m["grads"] == pytest.approx(4 * n / 4 / 2**30)
-    per_layer = 2 * 100 * (8 * 256 + 4 * 688) * 4
-    logits = 2 * 100 * 4096 * 12
+    # Per token and block (fp32 compute): the two norms' fp32 inputs 2 x 4 x 256, and 4 bytes for
+    # each of the norms' outputs and the projections' normed inputs (4 x 256), q and k after
+    # RoPE, v and attention's output (4 x 256), gate, up, silu(gate) and the product (4 x 688).
+    per_layer = 2 * 100 * (8 * 256 + 4 * (4 * 256 + 4 * 256 + 4 * 688))
+    logits = 2 * 100 * 4096 * 8
     assert m["activations"] == pytest.approx((4 * per_layer + logits) / 2**30)
-    ac = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=True)
+    ac = training_memory(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=True)
     assert ac["activations"] == pytest.approx((4 * 200 * 256 * 4 + per_layer + logits) / 2**30)
-    last = memory_estimate(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False,
+    last = training_memory(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False,
                            grad_sync="last")
     assert last["grads"] == pytest.approx(4 * n / 2**30)
     assert last["total"] - m["total"] == pytest.approx(3 * n / 2**30)

@@ -1,0 +1,648 @@
+"""Will it fit, and how long will it take? The paper's runs planned on a CPU, with no GPU.
+
+    python train_sft.py --model ziya-13b --dry-run --world-size 8             # the memory model, instantly
+    python train_sft.py --model ziya-13b --dry-run --simulate --world-size 8  # measured: this code's steps
+    python train_rm.py  --model ziya-13b --dry-run [--simulate]
+    python train_ppo.py --policy ziya-13b --dry-run [--simulate]
+
+Measured means the trainer's own step at full size: training.accumulate with the trainer's loss
+and AdamW for SFT and the reward model; for PPO a round as train_ppo.py runs it (the rollout with
+the policy kept gathered, the reward model's scoring, the experience pass, an update step).
+They run on fake tensors (torch's FakeTensorMode: every tensor has its shape, dtype and device
+but no storage) over `world` ranks that exist only in this process (torch's fake process group:
+collectives that move nothing), the model sharded by training.shard as a run shards it, while
+torch's FSDPMemTracker follows every tensor rank 0 holds and keeps the peak by category. A 13B
+step takes seconds of one CPU core and no memory to speak of.
+
+What the measurement leaves out: what is not a tensor (the CUDA context, ~0.5-1 GiB; NCCL's
+buffers; cuBLAS's workspace), the caching allocator's fragmentation, and the kernels' own
+scratch space on a GPU (attention here is the CPU's flash kernel, which like the GPU's keeps
+O(sequence) per head, not the T x T scores). Plan 10-15% of headroom for them.
+
+The memory model (the instant table) is arithmetic over the same categories; tests hold it to
+the measurement, and the README says where the two differ. Time is arithmetic on purpose:
+FLOPs of each step from the config, at a stated share of the accelerator's peak (train_time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+GIB = 2**30
+
+# Defaults for the time estimates: the A100 the paper trained on (App. E: 8 A100s).
+PEAK_TFLOPS = 312.0  # A100 dense bf16 tensor-core peak, NVIDIA A100 datasheet
+HBM_TBPS = 2.039  # A100 80GB SXM memory bandwidth, TB/s, the same datasheet
+# The share of that peak a training step reaches. LLaMA's paper (Touvron et al. 2023, §2.4)
+# reports ~380 tokens/s/GPU for the 65.2B model on 2,048 A100-80GB: 6 x 65.2e9 x 380 / 312e12 =
+# 0.48 with a hand-tuned stack; FSDP on one node of 8 reaches less, so we plan with 0.40.
+MFU = 0.40
+MBU = 0.60  # the share of HBM bandwidth a decoding step reaches (weights and KV cache read once a step)
+
+
+# -- fake ranks, fake tensors, a tracker ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_ranks(world: int):
+    """`world` ranks inside this process, this one rank 0, and tensors without storage: yields
+    (training.Distributed, the device mesh for training.shard). The mesh is built before fake
+    mode is entered (a mesh reads its ranks' numbers back from a tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from training import Distributed
+
+    if dist.is_initialized():
+        raise RuntimeError("a dry run makes its own (fake) process group; run it outside torchrun")
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        with FakeTensorMode():
+            yield Distributed(0, world, 0, torch.device("cpu")), mesh
+    finally:
+        dist.destroy_process_group()
+
+
+# FSDPMemTracker's categories -> ours; "Buffer" holds the weights of modules outside the FSDP
+# root (PPO's replicated reward model and π0's top, see tracking).
+CATEGORIES = {"Sharded Param": "weights", "Unsharded Param": "gathered", "Sharded Grad": "grads",
+              "Unsharded Grad": "gathered grads", "OptState": "optimizer", "Buffer": "replicated",
+              "Activation": "activations", "Temp": "temporaries", "All Gather": "all-gather",
+              "Reduce Scatter": "reduce-scatter", "Inputs": "inputs"}
+
+
+@dataclass
+class Measurement:
+    """The peak a tracker saw, bytes by category (CATEGORIES' values) and in all."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def gib(self, name: str) -> float:
+        return self.parts.get(name, 0) / GIB
+
+
+@contextlib.contextmanager
+def tracking(root, optimizer=None, replicated=()):
+    """Track what this rank holds while the block runs: FSDPMemTracker over the FSDP module
+    `root` (its shards, what it gathers, gradients, `optimizer`'s state, every tensor made
+    inside), plus the weights of `replicated` modules outside it. Yields a Measurement,
+    filled when the block ends.
+
+    FSDPMemTracker refuses a root module called more than once (it takes that for a second
+    iteration): a rollout calls it at every decoding step and PPO's experience pass twice (the
+    bottom, then the top). The root's own module-wise statistics are dropped before each call
+    of it (the blocks' are kept: FSDP's final backward callback reads them); the peak by
+    category, all this reports, is kept across calls."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+
+    tracker = FSDPMemTracker(root, optimizer)
+    # The replicated weights must be known to the tracker before they are used: a view of one
+    # (the transposed weight of a linear layer) would otherwise be counted as an activation.
+    # They go in as "Buffer", a category of FSDPMemTracker's own that our models never fill (no
+    # module registers a buffer), through the call MemTracker.track_external makes for its own.
+    assert not any(True for _ in root.buffers()), "a buffer in the model would be counted as replicated"
+    for module in replicated:
+        for t in module.state_dict().values():
+            tracker._update_and_maybe_create_winfos(t, _FSDPRefType.BUFFER)
+    result = Measurement({})
+    with tracker:
+        def forget_root(*_):
+            tracker.memory_tracking.pop(root, None)
+
+        hook = root.register_forward_pre_hook(forget_root, prepend=True)
+        try:
+            yield result
+        finally:
+            hook.remove()
+    for device, snapshot in tracker.get_tracker_snapshot("peak").items():
+        for kind, nbytes in snapshot.items():
+            name = CATEGORIES.get(getattr(kind, "value", kind))
+            if name and nbytes:
+                result.parts[name] = result.parts.get(name, 0) + nbytes
+
+
+# -- SFT and the reward model: optimizer steps ---------------------------------------------------------------
+
+
+def simulate_training(make_model, loss_sum, *, world: int, **kwargs) -> Measurement:
+    """measure_training on rank 0 of `world` fake ranks, on fake tensors."""
+    with fake_ranks(world) as (d, mesh):
+        return measure_training(d, mesh, make_model, loss_sum, **kwargs)
+
+
+def measure_training(d, mesh, make_model, loss_sum, *, micro_batch: int, units_per_step: int = 2, bf16: bool = True,
+                     grad_sync: str = "every", lr: float = 1e-5, weight_decay: float = 0.1,
+                     grad_clip: float = 1.0) -> Measurement:
+    """The peak of a training step on this rank (`d`): the model make_model() builds (with
+    .layers) sharded as the trainers shard it, then optimizer steps of a global batch that
+    gives every rank `units_per_step` micro-batches of `micro_batch` items (the second
+    micro-batch finds the first's gradients held, all that a longer accumulation holds).
+    loss_sum(model, n) is the trainer's summed loss of one micro-batch of n items, as
+    training.accumulate calls it. The first step runs untracked: it makes Adam's state, as
+    every step of a run but the first finds it, and it warms the caches of DTensor's sharding
+    rules, whose first use the tracker would otherwise count (tracked, it came out 8% high on
+    the tiny model in a fresh process, and the same as every later run after it). The second
+    step is tracked. Real ranks and tensors work the same (tests compare the two)."""
+    from training import accumulate, make_optimizer, shard
+
+    with torch.device("meta"):
+        model = make_model()
+    shard(model, model.layers, bf16=bf16, mesh=mesh)
+    model.to_empty(device=d.device)
+    fill_(model)
+    model.train()
+    opt = make_optimizer(model, lr, weight_decay)
+    batch = list(range(d.world * micro_batch * units_per_step))
+
+    def step():
+        accumulate(model, d, batch, micro_batch, lambda chunk: loss_sum(model, len(chunk)), len(batch),
+                   grad_clip=grad_clip, grad_sync=grad_sync)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with tracking(model, opt) as peak:
+        step()
+    return peak
+
+
+@torch.no_grad()
+def fill_(*modules):
+    """Weights small enough that nothing overflows (what they are does not change what is held;
+    on real tensors, uninitialised memory could hold NaNs that sampling refuses)."""
+    for module in modules:
+        for p in module.parameters():
+            (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02)
+
+
+# -- PPO: a round -----------------------------------------------------------------------------------------
+
+
+def simulate_ppo(config, *, world: int, **kwargs) -> dict:
+    """measure_ppo on rank 0 of `world` fake ranks, on fake tensors."""
+    with fake_ranks(world) as (d, mesh):
+        return measure_ppo(d, mesh, config, **kwargs)
+
+
+def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, chunk_size: int, batch_size: int,
+                micro_batches: list[int], prompt_len: int, new_tokens: int, gathered_rollout: bool = True,
+                bf16: bool = True) -> dict:
+    """The peak of each part of a PPO round on this rank (`d`), placed as train_ppo.py places it: the policy + value head sharded (train_ppo.build_empty), π0's top and the reward model
+    replicated in the compute dtype, AdamW over the trainable top. Every prompt has
+    `prompt_len` tokens and every response `new_tokens` (fake tensors hold no eos to stop on).
+    Each part is tracked on its own:
+
+        "rollout"     this rank's first chunk generated (training.gathered unless
+                      gathered_rollout is False; generate.decode_steps, its KV cache)
+        "scoring"     the reward model on that chunk (RewardModel.score_ids)
+        ("experience", m)  train_ppo.experience_forwards over this rank's share of the round,
+                      in micro-batches of m
+        ("update", m)      train_ppo.update_step on the first minibatch, micro-batches of m
+
+    For each micro-batch size the experience pass and an update run once untracked first, so
+    that Adam's state exists, as from the second round on, and DTensor's caches are warm (see
+    simulate_training). Left out, being bookkeeping on small tensors: sampling's Python side,
+    GAE and whitening (advantages and returns are stood in by tensors of their shapes), the
+    object collectives that share experiences between ranks."""
+    from types import SimpleNamespace
+
+    import train_ppo
+    from generate import decode_steps
+    from model import allocate
+    from train_rm import RewardModel
+    from training import gathered, make_optimizer
+
+    compute = torch.bfloat16 if bf16 else torch.float32
+    args = SimpleNamespace(batch_size=batch_size, micro_batch_size=micro_batches[0], seed=0,
+                           clip_ratio=train_ppo.CLIP_RATIO, clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
+                           grad_clip=train_ppo.GRAD_CLIP, grad_sync="every")
+    tok = SimpleNamespace(pad_id=0, eos_id=2)
+    prompt, response = [1] + [3] * (prompt_len - 1), [3] * new_tokens
+    out = {}
+    model, ref = train_ppo.build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, mesh=mesh)
+    with torch.device("meta"):
+        rm = RewardModel(config)
+    rm = allocate(rm, device=d.device, dtype=compute).scorer().eval().requires_grad_(False)  # as train_ppo loads it
+    fill_(model, ref, rm)
+    opt = make_optimizer(model, 1e-6, 0.0)
+    exps = [train_ppo.Experience(prompt, response, True) for _ in range(rollout_size)]
+    replicated = (rm, ref)
+
+    def experience():
+        for i, logp, ref_logp, values, _ in train_ppo.experience_forwards(model, ref, exps, tok, args, d, 0):
+            e = exps[i]
+            e.logp, e.ref_logp, e.values = logp, ref_logp, values
+            e.advantages, e.returns = torch.zeros_like(logp), torch.zeros_like(values)
+
+    def update():
+        batch = train_ppo.minibatches(len(exps), batch_size, 0, 0, 0)[0]
+        train_ppo.update_step(model, opt, exps, batch, tok, args, d, {})
+
+    for micro in micro_batches:
+        args.micro_batch_size = micro
+        experience()
+        update()  # untracked: Adam's state, and DTensor's caches warm
+        with tracking(model, opt, replicated) as out["experience", micro]:
+            experience()
+        with tracking(model, opt, replicated) as out["update", micro]:
+            update()
+    chunk = [prompt] * min(chunk_size, rollout_size // d.world)
+    with tracking(model, opt, replicated) as out["rollout"]:
+        model.eval()
+        with gathered(model) if gathered_rollout else contextlib.nullcontext():
+            for _ in decode_steps(model, chunk, max_new_tokens=new_tokens, eos_id=None, pad_id=0):
+                pass
+        model.train()
+    with tracking(model, opt, replicated) as out["scoring"], torch.no_grad():
+        rm.score_ids(chunk, [response] * len(chunk), eos_id=tok.eos_id, pad_id=0)
+    return out
+
+
+# -- the memory model ----------------------------------------------------------------------------------------
+
+
+def block_activation_bytes(config, act_bytes: int) -> int:
+    """Bytes one token leaves saved for backward in one block, as model.py's Block saves them
+    (counted with saved_tensors_hooks): each RMSNorm its fp32 input (4 bytes a value, as it
+    normalises in fp32) and its output; the normed inputs of the projections; q and k after
+    RoPE, v, and attention's output (SDPA's flash kernel keeps those and a per-head scalar);
+    gate, up, silu(gate) and their product. In the compute dtype but the norms' fp32 inputs:
+    24 x hidden + 8 x intermediate bytes in bf16 for multi-head attention."""
+    h, f = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return 2 * 4 * h + act_bytes * (4 * h + 2 * q + 2 * kv + 4 * f)
+
+
+def gradient_bytes(n_params: int, *, world: int, grad_sync: str) -> float:
+    """Gradient bytes a rank holds between micro-batches (see training.accumulate): its fp32
+    shard when gradients are reduce-scattered every micro-batch, the whole unsharded fp32
+    gradient when they are kept until the last one."""
+    return 4 * n_params / world if grad_sync == "every" else 4 * n_params
+
+
+def training_memory(config, *, world: int, micro_batch: int, seq_len: int, bf16: bool,
+                    activation_checkpointing: bool, grad_sync: str = "every", logits: bool = True) -> dict:
+    """Per-rank training memory in GiB under FSDP2 (ZeRO-3-like) with AdamW, by arithmetic.
+
+    states     fp32 master weights and two fp32 Adam moments: 12 bytes a parameter, divided
+               among the ranks
+    grads      gradient_bytes: 4 bytes a parameter / ranks (grad_sync "every"), or 4 bytes a
+               parameter on every rank (grad_sync "last", held across micro-batches)
+    in_flight  what is gathered at once: the root's weights (embedding, head) and about two
+               blocks (the running one and the prefetched one) in the compute dtype, plus one
+               block's unsharded gradients in fp32
+    activations  saved for backward: block_activation_bytes per token and block; with
+               checkpointing only each block's input is kept, plus one block's worth while it
+               is recomputed. The logits add 8 bytes per vocabulary entry and token (their fp32
+               copy and log-softmax, or its gradient, at the peak); a reward model (logits
+               False) reads a score head instead.
+    Checked against the simulation (simulate_training) at Ziya-13B on 8 ranks: within 1-2% of
+    it without checkpointing, +0 to +7% with it (micro-batches 1 to 16); tests hold it within
+    10% at Ziya's widths.
+    """
+    h, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    act_bytes = 2 if bf16 else 4
+    n = config.num_params()
+    block = (n - v * h * (1 if config.tie_word_embeddings else 2) - h) // L
+    root = n - L * block
+    tokens = micro_batch * seq_len
+    per_layer = tokens * block_activation_bytes(config, act_bytes)
+    acts = (L * tokens * h * act_bytes + per_layer) if activation_checkpointing else L * per_layer
+    acts += tokens * v * 8 if logits else 0
+    states = 12 * n / world
+    grads = gradient_bytes(n, world=world, grad_sync=grad_sync)
+    in_flight = (root + 2 * block) * act_bytes + 4 * block
+    return {"states": states / GIB, "grads": grads / GIB, "in_flight": in_flight / GIB, "activations": acts / GIB,
+            "total": (states + grads + in_flight + acts) / GIB}
+
+
+def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
+               trainable_blocks: int, gathered_rollout: bool = True) -> dict:
+    """Per-rank GiB of PPO's layout on GPUs (bf16 compute, fp32 shards), by arithmetic:
+
+    frozen     the embedding and the frozen blocks, FSDP-sharded fp32: 4 bytes a parameter / ranks
+               (no gradient, no optimizer state)
+    trainable  the top blocks, norm, head and value head, sharded: fp32 weight, gradient and
+               two Adam moments, 16 bytes a parameter / ranks
+    reference  π0's top, replicated in bf16 (2 bytes a parameter)
+    reward     the reward model, replicated in bf16 (frozen, never sharded: no collectives)
+    in_flight  what FSDP holds gathered: the whole policy in bf16 while the rollout keeps it
+               gathered (the default), else the root (embedding, head) and two blocks
+    kv_cache   one chunk's keys and values, bf16, all layers, prompt + new tokens
+    activations  a micro-batch through the top blocks only (the bottom runs without gradient,
+               block_activation_bytes), plus the logits (fp32 copy and log-softmax)
+    """
+    h, f, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    n = config.num_params()
+    head = v * h * (1 if config.tie_word_embeddings else 2)
+    block = (n - head - h) // L
+    top = trainable_blocks * block + h + (0 if config.tie_word_embeddings else v * h) + h
+    frozen = n - top + h
+    seq = prompt_len + new_tokens
+    parts = {
+        "frozen": 4 * frozen / world,
+        "trainable": 16 * top / world,
+        "reference": 2 * (trainable_blocks * block + h + v * h),
+        "reward": 2 * (n - v * h + h),  # without its LM head (RewardModel.scorer)
+        "in_flight": 2 * (n + h) if gathered_rollout else 2 * (head + 2 * block),
+        "kv_cache": 2 * 2 * L * chunk * seq * config.num_key_value_heads * config.head_dim,
+        "activations": micro_batch * seq * (trainable_blocks * block_activation_bytes(config, 2) + v * 8),
+    }
+    parts = {k: b / GIB for k, b in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# -- time ------------------------------------------------------------------------------------------------------
+
+
+def matmul_params(config, blocks: int | None = None, head: bool = True) -> int:
+    """Weights that multiply an activation in a forward pass through `blocks` blocks (all by
+    default) and, if `head`, the LM head: every weight but the embedding table (a lookup) and the
+    norms' gains (elementwise)."""
+    h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    block = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 3 * h * f
+    blocks = config.num_hidden_layers if blocks is None else blocks
+    return blocks * block + (config.vocab_size * h if head else 0)
+
+
+def forward_flops(config, tokens: int, context: float, blocks: int | None = None, head: bool = True) -> float:
+    """FLOPs of a forward pass of `tokens` tokens that attend to `context` keys each on
+    average: 2 per multiplying weight and token, and attention's two products (q·k and the
+    weighted sum of v) at 2·hidden·context each per token and block. A causal sequence of T
+    tokens has context (T + 1) / 2: what a causal kernel computes (PaLM's convention counts T,
+    Chowdhery et al. 2022, App. B)."""
+    blocks = config.num_hidden_layers if blocks is None else blocks
+    attention = 4 * config.num_attention_heads * config.head_dim * context * blocks
+    return tokens * (2 * matmul_params(config, blocks, head) + attention)
+
+
+def train_flops(config, tokens: int, seq_len: int, activation_checkpointing: bool = False) -> float:
+    """FLOPs of training on `tokens` tokens in sequences of seq_len: the forward, and a
+    backward of twice its cost (a gradient for the input and one for the weight of every
+    product), 6 per weight and token in all; activation checkpointing runs the blocks' forward
+    a second time."""
+    fwd = forward_flops(config, tokens, (seq_len + 1) / 2)
+    recompute = forward_flops(config, tokens, (seq_len + 1) / 2, head=False) if activation_checkpointing else 0.0
+    return 3 * fwd + recompute
+
+
+def decode_step(config, batch: int, context: int, *, weight_bytes: float, peak_tflops: float = PEAK_TFLOPS,
+                mfu: float = MFU, hbm_tbps: float = HBM_TBPS, mbu: float = MBU) -> dict:
+    """One decoding step of `batch` sequences at `context` cached positions: its FLOPs (2 per
+    weight and sequence, and attention over the cache), the bytes it must read (every weight
+    once, `weight_bytes`, and the KV cache of every sequence, bf16), and its time: the larger of
+    compute at mfu x peak and reading at mbu x bandwidth. At a batch of 8 a 13B step reads
+    26 GB to do 0.2 TFLOP: memory-bound by two orders of magnitude."""
+    flops = forward_flops(config, batch, context)
+    kv = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * batch
+    compute_s = flops / (peak_tflops * 1e12 * mfu)
+    memory_s = (weight_bytes + kv) / (hbm_tbps * 1e12 * mbu)
+    return {"flops": flops, "bytes": weight_bytes + kv, "seconds": max(compute_s, memory_s),
+            "memory_bound": memory_s > compute_s}
+
+
+def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int, batch_size: int, ppo_epochs: int,
+                      prompt_len: int, new_tokens: int, trainable_blocks: int, peak_tflops: float = PEAK_TFLOPS,
+                      mfu: float = MFU, hbm_tbps: float = HBM_TBPS, mbu: float = MBU) -> dict:
+    """Seconds of each part of a PPO round on `world` GPUs, every rank doing its share at once
+    (--rollout-size / world prompts), prompts of prompt_len tokens and responses of new_tokens:
+
+        rollout     per chunk a prefill (compute-bound) and new_tokens decoding steps that read
+                    the gathered bf16 policy and the KV cache (decode_step: memory-bound)
+        scoring     the reward model's forward over prompt + response
+        experience  the policy's forward, π0's top on its bottom's output
+        update      ppo_epochs passes: a forward of the whole policy per minibatch (the frozen
+                    bottom too, as train_ppo.update runs it) and a backward through the top
+    """
+    per_rank = rollout_size // world
+    seq = prompt_len + new_tokens
+    tokens = per_rank * seq
+    rate = peak_tflops * 1e12 * mfu
+    weight_bytes = 2 * matmul_params(config)
+    rollout = 0.0
+    for c in range(0, per_rank, chunk_size):
+        batch = min(chunk_size, per_rank - c)
+        rollout += forward_flops(config, batch * prompt_len, (prompt_len + 1) / 2) / rate
+        rollout += sum(decode_step(config, batch, prompt_len + k, weight_bytes=weight_bytes, peak_tflops=peak_tflops,
+                                   mfu=mfu, hbm_tbps=hbm_tbps, mbu=mbu)["seconds"] for k in range(new_tokens))
+    causal = (seq + 1) / 2
+    top = forward_flops(config, tokens, causal, blocks=trainable_blocks)
+    parts = {"rollout": rollout,
+             "scoring": forward_flops(config, tokens, causal, head=False) / rate,
+             "experience": (forward_flops(config, tokens, causal) + top) / rate,
+             "update": ppo_epochs * (forward_flops(config, tokens, causal) + 2 * top) / rate}
+    parts["total"] = sum(parts.values())
+    parts["steps"] = ppo_epochs * rollout_size // batch_size
+    return parts
+
+
+# -- the dry runs ------------------------------------------------------------------------------------------------
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
+
+
+SHOWN = ("weights", "optimizer", "grads", "gathered", "gathered grads", "replicated", "activations", "temporaries",
+         "all-gather", "reduce-scatter", "inputs")
+
+
+def measured_table(rows: list[tuple[list, Measurement, list]], header: list[str], after: list[str]) -> str:
+    """Rows of (leading cells, a measurement, trailing cells): the categories any row holds and
+    the total, in GiB (MiB when every total is under 1 GiB)."""
+    shown = [c for c in SHOWN if any(m.parts.get(c) for _, m, _ in rows)]
+    unit, scale = ("GiB", GIB) if max(m.total for _, m, _ in rows) >= GIB else ("MiB", 2**20)
+    body = [[*lead, *(f"{m.parts.get(c, 0) / scale:.1f}" for c in shown), f"{m.total / scale:.1f}", *tail]
+            for lead, m, tail in rows]
+    return f"per-rank {unit}\n" + _table(body, [*header, *shown, "total", *after])
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
+
+
+def lm_dry_run(args, kind: str):
+    """`train_sft.py --dry-run` (kind "sft") and `train_rm.py --dry-run` ("rm"): the memory model
+    for each micro-batch size with and without activation checkpointing; with --simulate the
+    same rows measured; then the time of the run at --mfu of --peak-tflops."""
+    from model import load_config
+
+    config = load_config(args.model)
+    bf16 = not args.fp32
+    seq = args.max_len or min(2048, config.max_position_embeddings)
+    per_item = 2 if kind == "rm" else 1  # a reward model's item is a pair: chosen and rejected, one forward
+    unit = "pairs" if kind == "rm" else "conversations"
+    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, sequences of {seq} "
+          f"tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP" + (" (a reward model: chosen and rejected "
+                                                                            "in one forward)" if kind == "rm" else ""))
+    print(f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
+          f" (--grad-sync {args.grad_sync})")
+    print(f"the memory model, per-rank GiB (states: fp32 weights and Adam moments; grads: the gradient a rank holds "
+          f"between micro-batches; in-flight: the gathered blocks):")
+    print(f"per-rank GiB    states  grads  in-flight   activations AC off | on     total AC off | on   "
+          f"fits in {args.gpu_memory_gb:g} GiB")
+    micros = (1, 2, 4, 8, 16)
+    models = {}
+    for micro in micros:
+        off, on = models[micro] = [training_memory(config, world=args.world_size, micro_batch=micro * per_item,
+                                                   seq_len=seq, bf16=bf16, activation_checkpointing=ac,
+                                                   grad_sync=args.grad_sync, logits=kind == "sft")
+                                   for ac in (False, True)]
+        fits = " | ".join("yes" if m["total"] <= args.gpu_memory_gb else "no" for m in (off, on))
+        print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['grads']:5.1f}  {off['in_flight']:9.1f}  "
+              f"{off['activations']:12.1f} | {on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}")
+    acc = args.batch_size // args.world_size
+    print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
+          f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
+    if args.simulate:
+        print(f"\nsimulated: {'train_sft.token_loss_sum' if kind == 'sft' else 'train_rm.pairs_loss'} through "
+              f"training.accumulate and AdamW on fake tensors over {args.world_size} fake ranks; FSDPMemTracker's "
+              f"peak on a rank, GiB:")
+        rows = []
+        for micro in args.simulate_micro_batches or micros:
+            for ac in (False, True):
+                m = simulate_training(lambda: _lm(config, kind, ac), lambda model, n: _lm_loss(model, kind, n, seq),
+                                      world=args.world_size, micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
+                modelled = models.get(micro, [None, None])[ac]
+                vs = f"{100 * (modelled['total'] * GIB / m.total - 1):+.0f}%" if modelled else "-"
+                rows.append(([micro, "on" if ac else "off"], m,
+                             [vs, "yes" if m.total / GIB <= args.gpu_memory_gb else "no"]))
+                print(f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
+                      flush=True)
+        print(measured_table(rows, ["micro-batch", "AC"], ["model vs. this", f"fits {args.gpu_memory_gb:g} GiB"]))
+    # The time of the run.
+    items = args.plan_items or (TABLE3_CONVERSATIONS if kind == "sft" else args.batch_size * 100)
+    tokens_per_item = args.plan_tokens_per_item * per_item
+    steps = args.epochs * items // args.batch_size
+    flops = train_flops(config, args.batch_size * tokens_per_item, args.plan_tokens_per_item,
+                        args.activation_checkpointing) * steps
+    peak = args.peak_tflops or PEAK_TFLOPS
+    seconds = flops / (args.world_size * peak * 1e12 * args.mfu)
+    print(f"\ntime: {args.epochs} epoch(s) of {items:,} {unit} of ~{args.plan_tokens_per_item:,} tokens each "
+          f"(--plan-items, --plan-tokens-per-item), {steps:,} steps of {args.batch_size}: {flops:.3g} FLOPs "
+          f"({flops / steps:.3g} a step{', activation checkpointing recomputing the blocks' if args.activation_checkpointing else ''}); "
+          f"at {args.mfu:.0%} of {peak:g} TFLOP/s on {args.world_size} GPUs: {hours(seconds)} "
+          f"({seconds * args.world_size / 3600:,.0f} GPU-hours)")
+
+
+# Paper Table 3: the four medical parts of the SFT mix, 61,400 + 69,768 + 68,888 + 25,986
+# conversations (the general-domain Alpaca and ShareGPT data come on top; their share is not given).
+TABLE3_CONVERSATIONS = 61_400 + 69_768 + 68_888 + 25_986
+
+
+def _lm(config, kind: str, activation_checkpointing: bool):
+    from model import Transformer
+    from train_rm import RewardModel
+
+    model = Transformer(config) if kind == "sft" else RewardModel(config)
+    (model if kind == "sft" else model.trunk).activation_checkpointing = activation_checkpointing
+    return model
+
+
+def _lm_loss(model, kind: str, n: int, seq: int):
+    """The trainer's own loss of n items of `seq` tokens (the worst case: every one full)."""
+    from data.template import Rendered
+
+    if kind == "sft":
+        from train_sft import batch_loss
+
+        return batch_loss(model, [Rendered([3] * (seq + 1), [3] * (seq + 1))] * n, 0, "cpu")
+    from train_rm import pairs_loss
+
+    return pairs_loss(model, [{"chosen_ids": [3] * seq, "rejected_ids": [4] * seq}] * n, 0, "cpu")
+
+
+def add_plan_args(p, *, items_help: str | None = None, length_flag: str = "--plan-tokens-per-item",
+                  length_help: str = "mean tokens of one (assumed; `python -m data stats --tokenizer` measures them)"):
+    """The dry run's flags, for every trainer."""
+    p.add_argument("--dry-run", action="store_true", help="print per-rank memory and the run's time; train nothing")
+    p.add_argument("--simulate", action="store_true",
+                   help="with --dry-run: measure memory by running this code's steps on fake tensors (seconds per "
+                        "row at 13B)")
+    p.add_argument("--simulate-micro-batches", type=int, nargs="+", help="with --simulate: only these micro-batch sizes")
+    p.add_argument("--world-size", type=int, default=8, help="with --dry-run: ranks to plan for")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: memory per GPU")
+    p.add_argument("--peak-tflops", type=float,
+                   help=f"the accelerator's peak dense bf16 TFLOP/s: a run reports MFU against it; the dry run's time "
+                        f"uses it (default there: {PEAK_TFLOPS:g}, the A100's)")
+    p.add_argument("--mfu", type=float, default=MFU, help="with --dry-run: the share of that peak a step reaches")
+    p.add_argument("--hbm-tbps", type=float, default=HBM_TBPS, help="with --dry-run: memory bandwidth, TB/s")
+    if items_help:
+        p.add_argument("--plan-items", type=int, help=f"with --dry-run: {items_help}")
+    p.add_argument(length_flag, type=int, default=1024, help=f"with --dry-run: {length_help}")
+
+
+def ppo_dry_run(args):
+    """`train_ppo.py --dry-run`: the memory model of PPO's layout for each micro-batch size; with
+    --simulate each part of a round measured; then the time of a round and of the run."""
+    from model import load_config
+
+    config = load_config(args.policy)
+    world, prompt_len = args.world_size, args.plan_prompt_tokens
+    print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
+          f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
+          f"{world} ranks, bf16 compute; prompts of {prompt_len:,} tokens + {args.max_new_tokens} new")
+    cols = ("frozen", "trainable", "reference", "reward", "in_flight", "kv_cache", "activations", "total")
+    print("the memory model:")
+    print("per-rank GiB   " + "  ".join(f"{c:>11}" for c in cols) + f"   fits in {args.gpu_memory_gb:g} GiB")
+    # A micro-batch holds at most a rank's share of a minibatch: --batch-size / ranks.
+    micros = [m for m in (1, 2, 4, 8, 16) if m <= max(1, args.batch_size // world)]
+    models = {}
+    for micro in micros:
+        m = models[micro] = ppo_memory(config, world=world, chunk=args.chunk_size, prompt_len=prompt_len,
+                                       new_tokens=args.max_new_tokens, micro_batch=micro,
+                                       trainable_blocks=args.trainable_blocks, gathered_rollout=not args.reshard_in_rollout)
+        print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
+              f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
+    in_flight = ("two blocks and the root (--reshard-in-rollout)" if args.reshard_in_rollout
+                 else "the whole policy, kept gathered through the rollout (--reshard-in-rollout: two blocks and the root)")
+    print(f"(chunks of {args.chunk_size} sequences generated together; in_flight: {in_flight})")
+    if args.simulate:
+        print(f"\nsimulated: a round of train_ppo.py on fake tensors over {world} fake ranks (every response "
+              f"{args.max_new_tokens} tokens); FSDPMemTracker's peak on a rank in each part:", flush=True)
+        chosen = args.simulate_micro_batches or list(micros)
+        sim = simulate_ppo(config, world=world, trainable_blocks=args.trainable_blocks, rollout_size=args.rollout_size,
+                           chunk_size=args.chunk_size, batch_size=args.batch_size, micro_batches=chosen,
+                           prompt_len=prompt_len, new_tokens=args.max_new_tokens,
+                           gathered_rollout=not args.reshard_in_rollout)
+        rows = [([name, "-"], sim[name], []) for name in ("rollout", "scoring")]
+        rows += [([name, micro], sim[name, micro], []) for micro in chosen for name in ("experience", "update")]
+        print(measured_table(rows, ["part", "micro-batch"], []))
+        for micro in chosen:
+            peak = max(m.total for k, m in sim.items() if not isinstance(k, tuple) or k[1] == micro)
+            modelled = models.get(micro)
+            vs = f"; the memory model says {size(modelled['total'] * GIB)} ({100 * (modelled['total'] * GIB / peak - 1):+.0f}%)" \
+                if modelled else ""
+            print(f"micro-batch {micro}: the round's peak {size(peak)} "
+                  f"({'fits' if peak <= args.gpu_memory_gb * GIB else 'does not fit'} {args.gpu_memory_gb:g} GiB){vs}")
+    peak_tflops = args.peak_tflops or PEAK_TFLOPS
+    t = ppo_round_seconds(config, world=world, rollout_size=args.rollout_size, chunk_size=args.chunk_size,
+                          batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, prompt_len=prompt_len,
+                          new_tokens=args.max_new_tokens, trainable_blocks=args.trainable_blocks,
+                          peak_tflops=peak_tflops, mfu=args.mfu, hbm_tbps=args.hbm_tbps)
+    rounds = math.ceil(args.max_steps / t["steps"])
+    parts = ", ".join(f"{k} {t[k]:.1f} s" for k in ("rollout", "scoring", "experience", "update"))
+    print(f"\ntime of a round ({args.rollout_size} experiences, {t['steps']} optimizer steps; decoding memory-bound at "
+          f"{MBU:.0%} of {args.hbm_tbps:g} TB/s, the rest at {args.mfu:.0%} of {peak_tflops:g} TFLOP/s): "
+          f"{t['total']:.1f} s ({parts}); --max-steps {args.max_steps:,} = {rounds:,} rounds = "
+          f"{hours(rounds * t['total'])} on {world} GPUs ({rounds * t['total'] * world / 3600:,.0f} GPU-hours)")

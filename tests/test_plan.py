@@ -1,0 +1,116 @@
+"""plan.py: the dry runs' simulation is the real thing (the same steps on fake tensors and fake
+ranks hold what they hold on real tensors and 2 gloo ranks), the memory model agrees with it at
+Ziya-13B's widths, and the time estimates' formulas by hand."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import plan
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+import fsdp_worker  # noqa: E402
+
+
+def test_the_simulation_is_what_real_ranks_hold():
+    """Issue 22: at a small config, FSDPMemTracker's peak under fake tensors equals, within 5%,
+    its peak on a real 2-rank gloo run of the same steps: an SFT step, and each part of a PPO
+    round."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp_worker.py"), "simulation_is_real"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("measured ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    real = json.loads(lines[0].removeprefix("measured "))
+    fake = {"sft": plan.simulate_training(lambda: fsdp_worker.Transformer(fsdp_worker.PLAN_CONFIG),
+                                          fsdp_worker.plan_sft_loss, world=2, **fsdp_worker.PLAN_SFT).parts}
+    ppo = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, **fsdp_worker.PLAN_PPO)
+    fake.update({"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts for k, m in ppo.items()})
+    assert fake.keys() == real.keys()
+    for part in real:
+        total_real, total_fake = sum(real[part].values()), sum(fake[part].values())
+        assert total_fake == pytest.approx(total_real, rel=0.05), (part, fake[part], real[part])
+        # What the model holds for the whole step is the same to the byte: weights, optimizer state, replicas.
+        for kind in ("weights", "optimizer", "replicated"):
+            assert fake[part].get(kind) == real[part].get(kind), (part, kind, fake[part], real[part])
+
+
+def test_time_formulas_by_hand():
+    cfg = fsdp_worker.ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    # A block: q 4x4 (2 heads of 2), k and v 4x2 (1 head), o 4x4, gate/up/down 4x8 each:
+    # 16 + 8 + 8 + 16 + 96 = 144; the head 10x4 = 40. The embedding is a lookup, a norm elementwise.
+    assert plan.matmul_params(cfg) == 184 and plan.matmul_params(cfg, head=False) == 144
+    # 3 tokens attending to 2 keys each: 2 x 184 per token, and q.k and the weighted sum of v,
+    # 2 x hidden 4 x 2 keys = 16 each: 32 per token and block.
+    assert plan.forward_flops(cfg, tokens=3, context=2) == 3 * (368 + 32) == 1200
+    # Training a sequence of 3 (mean causal context 2): the backward twice the forward; with
+    # checkpointing the block's forward once more (not the head's).
+    assert plan.train_flops(cfg, tokens=3, seq_len=3) == 3 * 1200
+    assert plan.train_flops(cfg, tokens=3, seq_len=3, activation_checkpointing=True) == 3 * 1200 + 3 * (288 + 32)
+    # Decoding 2 sequences at 5 cached positions: 2 x (368 + 4 x 4 x 5) = 896 FLOPs; reading the
+    # weights (1,000 bytes given) and K and V (bf16) of 1 layer, 1 head of 2, 5 positions, 2
+    # sequences: 2 x 2 x 1 x 1 x 2 x 5 x 2 = 80 bytes. At 1,000 FLOP/s and 1,000 B/s: 0.896 s
+    # computing, 1.08 s reading: memory-bound.
+    step = plan.decode_step(cfg, batch=2, context=5, weight_bytes=1000, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
+    assert (step["flops"], step["bytes"]) == (896, 1080)
+    assert step["seconds"] == pytest.approx(1.08) and step["memory_bound"]
+    # A PPO round on 1 GPU, 1,000 FLOP/s and B/s: 2 prompts of 3 tokens, 2 new, one chunk, the 1
+    # block trained, 2 epochs of minibatches of 1.
+    t = plan.ppo_round_seconds(cfg, world=1, rollout_size=2, chunk_size=2, batch_size=1, ppo_epochs=2, prompt_len=3,
+                               new_tokens=2, trainable_blocks=1, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
+    # Prefill: 6 tokens at mean context 2 = 2,400 FLOPs. Step at context 3: 2 x (368 + 48) = 832
+    # FLOPs against 368 weight bytes (bf16) + 48 of cache: compute-bound, 0.832 s; at context 4:
+    # 864 FLOPs, 0.864 s.
+    assert t["rollout"] == pytest.approx(2.4 + 0.832 + 0.864)
+    # 10 tokens (2 x 5), mean context 3: the reward model 10 x (288 + 48) (no LM head); the
+    # policy 10 x (368 + 48) = 4,160, and π0's top, here the whole (1 block and the head); each
+    # epoch a forward and a backward twice as costly.
+    assert t["scoring"] == pytest.approx(3.36) and t["experience"] == pytest.approx(8.32)
+    assert t["update"] == pytest.approx(2 * 3 * 4.16) and t["steps"] == 4
+
+
+ZIYA_WIDTHS = dict(vocab_size=39424, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                   num_key_value_heads=40, max_position_embeddings=2048)
+
+
+def test_the_memory_model_agrees_with_the_simulation_at_ziyas_widths():
+    """The instant table of a dry run stays only as close as 10% to what the simulation measures
+    (issue 22): Ziya-13B's widths and 12 of its 40 blocks, so that it takes seconds (fake tensors
+    cost by the operation, not by the byte), 8 ranks, sequences of 2,048, with and without
+    checkpointing, for SFT and the reward model. (With 4 blocks the model is 40% high: at the
+    peak not every block's activations and the logits are held at once, which a deeper model
+    makes a small share.)"""
+    cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
+    for kind, micro, ac in (("sft", 2, False), ("sft", 2, True), ("rm", 1, False), ("rm", 1, True)):
+        measured = plan.simulate_training(lambda: plan._lm(cfg, kind, ac),
+                                          lambda model, n: plan._lm_loss(model, kind, n, 2048),
+                                          world=8, micro_batch=micro).total / 2**30
+        per_item = 2 if kind == "rm" else 1  # a pair: chosen and rejected
+        modelled = plan.training_memory(cfg, world=8, micro_batch=micro * per_item, seq_len=2048, bf16=True,
+                                        activation_checkpointing=ac, logits=kind == "sft")["total"]
+        assert modelled == pytest.approx(measured, rel=0.10), (kind, micro, ac, modelled, measured)
+
+
+def test_the_dry_runs_simulate_from_the_command_line(capsys):
+    import train_ppo
+    import train_sft
+
+    train_sft.main(["--model", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "1"])
+    out = capsys.readouterr().out
+    assert "simulated: train_sft.token_loss_sum through training.accumulate" in out
+    row = next(l for l in out.splitlines() if l.split()[:2] == ["1", "off"])
+    assert row.split()[-1] == "yes" and "time: 3 epoch(s) of 226,042 conversations" in out
+    train_ppo.main(["--policy", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "2",
+                    "--rollout-size", "8", "--chunk-size", "4", "--batch-size", "4", "--max-new-tokens", "8",
+                    "--plan-prompt-tokens", "32"])
+    out = capsys.readouterr().out
+    for part in ("rollout", "scoring", "experience", "update"):
+        assert any(l.split()[:1] == [part] for l in out.splitlines()), part
+    assert "micro-batch 2: the round's peak" in out and "--max-steps 16,000 = 2,000 rounds" in out
