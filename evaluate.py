@@ -42,6 +42,8 @@ from plots import judged, svg_win_tie_loss
 VERDICT = re.compile(r"Assistant 1 is (better than|worse than|equal to) Assistant 2", re.IGNORECASE)
 TABLE2 = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Distinct-1", "Distinct-2"]
 
+BATCH_SIZE = 8  # questions answered together (38.5 GiB on one GPU at 13B with the longest prompts: plan.py)
+
 
 # -- the model under test ----------------------------------------------------------------------------
 
@@ -340,7 +342,7 @@ def main(argv=None):
         add_input_args(sp)
         sp.add_argument("--out", required=True)
         sp.add_argument("--limit", type=int, help="only the first N items")
-        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--batch-size", type=int, default=BATCH_SIZE)
         add_sampling_args(sp, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0)
         add_device_args(sp)
 

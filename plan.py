@@ -19,9 +19,10 @@ buffers; cuBLAS's workspace), the caching allocator's fragmentation, and the ker
 scratch space on a GPU (attention here is the CPU's flash kernel, which like the GPU's keeps
 O(sequence) per head, not the T x T scores). Plan 10-15% of headroom for them.
 
-The memory model (the instant table) is arithmetic over the same categories; tests hold it to
-the measurement, and the README says where the two differ. Time is arithmetic on purpose:
-FLOPs of each step from the config, at a stated share of the accelerator's peak (train_time).
+The memory model (the instant table) is arithmetic over the same categories; tests hold it
+within 10% of the measurement (docs/scale.md has both at 13B). Time is arithmetic on purpose:
+FLOPs of each step from the config, at a stated share of the accelerator's peak (train_flops,
+ppo_round_seconds).
 """
 
 from __future__ import annotations
@@ -88,9 +89,6 @@ class Measurement:
     def total(self) -> int:
         return sum(self.parts.values())
 
-    def gib(self, name: str) -> float:
-        return self.parts.get(name, 0) / GIB
-
 
 @contextlib.contextmanager
 def tracking(root, optimizer=None, replicated=()):
@@ -104,9 +102,7 @@ def tracking(root, optimizer=None, replicated=()):
     bottom, then the top). The root's own module-wise statistics are dropped before each call
     of it (the blocks' are kept: FSDP's final backward callback reads them); the peak by
     category, all this reports, is kept across calls."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
 
     tracker = FSDPMemTracker(root, optimizer)
     # The replicated weights must be known to the tracker before they are used: a view of one
@@ -167,15 +163,15 @@ def measure_training(d, mesh, make_model, loss_sum, *, micro_batch: int, units_p
     opt = make_optimizer(model, lr, weight_decay)
     batch = list(range(d.world * micro_batch * units_per_step))
 
-    def step():
-        accumulate(model, d, batch, micro_batch, lambda chunk: loss_sum(model, len(chunk)), len(batch),
+    def step(items):
+        accumulate(model, d, items, micro_batch, lambda chunk: loss_sum(model, len(chunk)), len(items),
                    grad_clip=grad_clip, grad_sync=grad_sync)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
+    step(batch[:d.world * micro_batch])  # one micro-batch does all the first step is for
     with tracking(model, opt) as peak:
-        step()
+        step(batch)
     return peak
 
 
@@ -200,7 +196,8 @@ def simulate_ppo(config, *, world: int, **kwargs) -> dict:
 def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, chunk_size: int, batch_size: int,
                 micro_batches: list[int], prompt_len: int, new_tokens: int, gathered_rollout: bool = True,
                 bf16: bool = True) -> dict:
-    """The peak of each part of a PPO round on this rank (`d`), placed as train_ppo.py places it: the policy + value head sharded (train_ppo.build_empty), π0's top and the reward model
+    """The peak of each part of a PPO round on this rank (`d`), placed as train_ppo.py places it:
+    the policy + value head sharded (train_ppo.build_empty), π0's top and the reward model
     replicated in the compute dtype, AdamW over the trainable top. Every prompt has
     `prompt_len` tokens and every response `new_tokens` (fake tensors hold no eos to stop on).
     Each part is tracked on its own:
@@ -214,7 +211,7 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
 
     For each micro-batch size the experience pass and an update run once untracked first, so
     that Adam's state exists, as from the second round on, and DTensor's caches are warm (see
-    simulate_training). Left out, being bookkeeping on small tensors: sampling's Python side,
+    measure_training). Left out, being bookkeeping on small tensors: sampling's Python side,
     GAE and whitening (advantages and returns are stood in by tensors of their shapes), the
     object collectives that share experiences between ranks."""
     from types import SimpleNamespace
@@ -269,6 +266,55 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     with tracking(model, opt, replicated) as out["scoring"], torch.no_grad():
         rm.score_ids(chunk, [response] * len(chunk), eos_id=tok.eos_id, pad_id=0)
     return out
+
+
+# -- sampling on one GPU ------------------------------------------------------------------------------------
+
+
+def simulate_sampling(config, *, sequences: int, prompt_len: int, new_tokens: int, steps: int = 2,
+                      dtype=torch.bfloat16) -> Measurement:
+    """The peak of generate.decode_steps on one device, as `train_ppo.py sample` and
+    `evaluate.py` run it (the whole model in `dtype`, no FSDP): `sequences` prompts of
+    prompt_len tokens decoded for `steps` of new_tokens. Two steps show all a run of any length
+    holds: the KV cache is allocated whole (prompt + new_tokens) at the prefill, and a step
+    allocates nothing that outlives it. Tracked by torch's MemTracker (the model's weights
+    under "replicated")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from generate import decode_steps
+    from model import Transformer, allocate
+
+    with FakeTensorMode():
+        with torch.device("meta"):
+            model = Transformer(config)
+        model = allocate(model, device="cpu", dtype=dtype).eval()
+        fill_(model)
+        # MemTracker hooks every parameter's gradient; these never get one (no_grad below).
+        model.requires_grad_(True)
+        tracker = MemTracker()
+        tracker.track_external(model)
+
+        def forget(module, _):  # each decoding step calls the model again, which MemTracker takes for
+            if module is model:  # another iteration: its module statistics go first, its peak stays
+                tracker.reset_mod_stats()
+
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(forget)  # before MemTracker's own
+        try:
+            with tracker, torch.no_grad():
+                for i, _ in enumerate(decode_steps(model, [[1] * prompt_len] * sequences, max_new_tokens=new_tokens,
+                                                   eos_id=None, pad_id=0)):
+                    if i + 1 == steps:
+                        break
+        finally:
+            hook.remove()
+    parts = {}
+    for kind, nbytes in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items():
+        name = {"Parameter": "weights", "Activation": "activations", "Temp": "temporaries"}.get(
+            getattr(kind, "value", kind), None if kind == "Total" else "other")
+        if name and nbytes:
+            parts[name] = parts.get(name, 0) + nbytes
+    return Measurement(parts)
 
 
 # -- the memory model ----------------------------------------------------------------------------------------
@@ -391,12 +437,12 @@ def forward_flops(config, tokens: int, context: float, blocks: int | None = None
     return tokens * (2 * matmul_params(config, blocks, head) + attention)
 
 
-def train_flops(config, tokens: int, seq_len: int, activation_checkpointing: bool = False) -> float:
+def train_flops(config, tokens: int, seq_len: int, activation_checkpointing: bool = False, head: bool = True) -> float:
     """FLOPs of training on `tokens` tokens in sequences of seq_len: the forward, and a
     backward of twice its cost (a gradient for the input and one for the weight of every
     product), 6 per weight and token in all; activation checkpointing runs the blocks' forward
-    a second time."""
-    fwd = forward_flops(config, tokens, (seq_len + 1) / 2)
+    a second time. head False: a reward model, whose score head replaces the LM head."""
+    fwd = forward_flops(config, tokens, (seq_len + 1) / 2, head=head)
     recompute = forward_flops(config, tokens, (seq_len + 1) / 2, head=False) if activation_checkpointing else 0.0
     return 3 * fwd + recompute
 
@@ -530,12 +576,27 @@ def lm_dry_run(args, kind: str):
                 print(f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
                       flush=True)
         print(measured_table(rows, ["micro-batch", "AC"], ["model vs. this", f"fits {args.gpu_memory_gb:g} GiB"]))
+        # What inference on one GPU holds (the whole model, bf16, no FSDP), at each command's
+        # defaults and the longest prompts their budget allows (the context less the new tokens).
+        import evaluate
+        import train_rm
+
+        context = config.max_position_embeddings
+        k = train_rm.SAMPLES_PER_PROMPT
+        uses = [("train_rm.py sample", train_rm.SAMPLE_BATCH_SIZE * k, train_rm.MAX_NEW_TOKENS,
+                 f"--batch-size {train_rm.SAMPLE_BATCH_SIZE} prompts x -k {k}"),
+                ("evaluate.py bench|answer", evaluate.BATCH_SIZE, 256, f"--batch-size {evaluate.BATCH_SIZE}")]
+        rows = [([command, what, f"{context - new:,} + {new}"],
+                 simulate_sampling(config, sequences=n, prompt_len=context - new, new_tokens=new), [])
+                for command, n, new, what in uses]
+        print("\nsimulated: sampling on one GPU (generate.decode_steps on the whole bf16 model, torch's MemTracker):")
+        print(measured_table(rows, ["command", "sequences", "tokens"], []))
     # The time of the run.
     items = args.plan_items or (TABLE3_CONVERSATIONS if kind == "sft" else args.batch_size * 100)
     tokens_per_item = args.plan_tokens_per_item * per_item
     steps = args.epochs * items // args.batch_size
     flops = train_flops(config, args.batch_size * tokens_per_item, args.plan_tokens_per_item,
-                        args.activation_checkpointing) * steps
+                        args.activation_checkpointing, head=kind == "sft") * steps
     peak = args.peak_tflops or PEAK_TFLOPS
     seconds = flops / (args.world_size * peak * 1e12 * args.mfu)
     print(f"\ntime: {args.epochs} epoch(s) of {items:,} {unit} of ~{args.plan_tokens_per_item:,} tokens each "

@@ -66,6 +66,10 @@ SAMPLES_PER_PROMPT = 4  # k responses per prompt; distill.py score rates k(k-1)/
 # response that reaches the limit without eos is marked unfinished, and distill.py score does
 # not rate it: a cut-off answer judged against a whole doctor's reply says nothing useful.
 MAX_NEW_TOKENS = 512
+# Prompts sampled together (x k responses each). 4 x 4 = 16 sequences of up to 2,048 positions
+# fit one 80 GB GPU at 13B with the longest prompts (plan.py: 52.2 GiB); 8 x 4 did not (80.1 GiB:
+# the KV cache alone is 50 GiB). Short prompts leave room for more.
+SAMPLE_BATCH_SIZE = 4
 # Paper §3.2: responses are rated "against responses from real doctors" on "authentic
 # instructions and dialogues". ChatGPT's answers in the distilled parts are no doctor's.
 DISTILLED_SOURCES = ("distilled_instruction", "distilled_conversation")
@@ -398,7 +402,7 @@ def main(argv=None):
             p.add_argument("--temperature", type=float, default=1.0)
             p.add_argument("--top-p", type=float, default=0.9)
             p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-            p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+            p.add_argument("--batch-size", type=int, default=SAMPLE_BATCH_SIZE, help="prompts per generation batch")
             p.add_argument("--limit", type=int)
             p.add_argument("--seed", type=int, default=0)
             return sample(p.parse_args(argv[1:]))

@@ -143,6 +143,21 @@ def small_model():
     return sharpen_(Transformer(cfg)).eval()
 
 
+@pytest.fixture(scope="session")
+def two_rank_checks():
+    """tests/fsdp_worker.py's checks under torchrun on 2 gloo ranks, run once a session for the
+    tests that read them (test_fsdp.py, test_plan.py): the finished process, its output text. A
+    hang (a rank leaving a collective early) fails by the timeout."""
+    import subprocess
+
+    checks = ["sliced_forward", "generation", "gradient_memory", "bf16_mixed_precision", "ppo_update",
+              "rollout_gathered", "ppo_setup_share", "simulation_is_real"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp_worker.py"), *checks]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
 CORPUS = [
     "我最近三天一直头痛，晚上睡不好，需要去医院吗？",
     "头痛伴随发热和颈部僵硬时，应尽快就医，排除脑膜炎。",
