@@ -115,7 +115,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
 
     alive = torch.ones(B, dtype=torch.bool, device=device)
     try:
-        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0, last=True)[:, -1]
+        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0, positions=slice(-1, None))[:, -1]
         for step in range(max_new_tokens):
             scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, vocab_limit=vocab_limit)

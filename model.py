@@ -402,7 +402,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start: int | torch.Tensor = 0, hidden: torch.Tensor | None = None,
-                first_layer: int = 0, last_layer: int | None = None, output: str = "logits", last: bool = False):
+                first_layer: int = 0, last_layer: int | None = None, output: str = "logits",
+                positions: slice | None = None):
         """Run blocks first_layer .. last_layer-1 (all by default) on embedded `tokens` (B, T),
         or on `hidden` (B, T, hidden_size): the residual stream entering block first_layer, as
         an earlier call with output="residual" returned it. What comes out:
@@ -412,9 +413,10 @@ class Transformer(nn.Module):
             "residual"  the residual stream after the last block run, no norm (B, T, hidden_size)
 
         Slicing is exact: forward(output="residual", last_layer=k) then forward(hidden=...,
-        first_layer=k) computes what one full forward does, operation for operation. last=True
-        returns the last position only, (B, 1, ...): what a prefill needs (the logits of every
-        position of 8 prompts of 1,024 tokens are 1.2 GiB in fp32 at Ziya's vocabulary).
+        first_layer=k) computes what one full forward does, operation for operation. positions
+        (a slice) returns those positions only, (B, len, ...), and the final norm and the head
+        run on them alone: a prefill needs the last (the logits of every position of 8 prompts of
+        1,024 tokens are 1.2 GiB in fp32 at Ziya's vocabulary), PPO the response's.
         """
         if (tokens is None) == (hidden is None):
             raise ValueError("give exactly one of tokens and hidden")
@@ -424,8 +426,8 @@ class Transformer(nn.Module):
         B, T = h.shape[:2]
         ctx = self.context(B, T, attention_mask, start, h.device, h.dtype)
         h = self.run_layers(h, ctx, first_layer, last_layer, cache=cache)
-        if last:
-            h = h[:, -1:]
+        if positions is not None:
+            h = h[:, positions]
         if output == "residual":
             return h
         h = self.norm(h)

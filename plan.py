@@ -91,18 +91,20 @@ class Measurement:
 
 
 @contextlib.contextmanager
-def tracking(root, optimizer=None, replicated=()):
+def tracking(root, optimizer=None, replicated=(), inputs=()):
     """Track what this rank holds while the block runs: FSDPMemTracker over the FSDP module
     `root` (its shards, what it gathers, gradients, `optimizer`'s state, every tensor made
-    inside), plus the weights of `replicated` modules outside it. Yields a Measurement,
-    filled when the block ends.
+    inside), plus the weights of `replicated` modules outside it and the tensors `inputs` made
+    before it (PPO's kept trunk). Yields a Measurement, filled when the block ends.
 
     FSDPMemTracker refuses a root module called more than once (it takes that for a second
     iteration): a rollout calls it at every decoding step and PPO's experience pass twice (the
     bottom, then the top). The root's own module-wise statistics are dropped before each call
-    of it (the blocks' are kept: FSDP's final backward callback reads them); the peak by
-    category, all this reports, is kept across calls."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+    of it, and every FSDP unit that has none yet gets an empty one: FSDP's final backward
+    callback reads them, a PPO update's too, whose frozen bottom never runs (its output is
+    kept). The peak by category, all this reports, is kept across calls."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModMemStats, _FSDPRefType
+    from torch.distributed.fsdp import FSDPModule
 
     tracker = FSDPMemTracker(root, optimizer)
     # The replicated weights must be known to the tracker before they are used: a view of one
@@ -113,10 +115,16 @@ def tracking(root, optimizer=None, replicated=()):
     for module in replicated:
         for t in module.state_dict().values():
             tracker._update_and_maybe_create_winfos(t, _FSDPRefType.BUFFER)
+    for t in inputs:
+        tracker._update_and_maybe_create_winfos(t, _FSDPRefType.INP)
     result = Measurement({})
+    units = [(name, m) for name, m in root.named_modules() if isinstance(m, FSDPModule) and m is not root]
     with tracker:
         def forget_root(*_):
             tracker.memory_tracking.pop(root, None)
+            for name, unit in units:
+                if unit not in tracker.memory_tracking:
+                    tracker.memory_tracking[unit] = _FSDPModMemStats(name)
 
         hook = root.register_forward_pre_hook(forget_root, prepend=True)
         try:
@@ -205,15 +213,15 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
         "rollout"     this rank's first chunk generated (training.gathered unless
                       gathered_rollout is False; generate.decode_steps, its KV cache)
         "scoring"     the reward model on that chunk (RewardModel.score_ids)
-        ("experience", m)  train_ppo.experience_forwards over this rank's share of the round,
-                      in micro-batches of m
-        ("update", m)      train_ppo.update_step on the first minibatch, micro-batches of m
+        ("experience", m)  train_ppo.make_experience: the kept trunk, the forwards in
+                      micro-batches of m, GAE and whitening, over this rank's share of the round
+        ("update", m)      train_ppo.update_step on the first minibatch, micro-batches of m,
+                      with the experience pass's kept trunk and per-token tensors held
 
     For each micro-batch size the experience pass and an update run once untracked first, so
     that Adam's state exists, as from the second round on, and DTensor's caches are warm (see
-    measure_training). Left out, being bookkeeping on small tensors: sampling's Python side,
-    GAE and whitening (advantages and returns are stood in by tensors of their shapes), the
-    object collectives that share experiences between ranks."""
+    measure_training). Left out, being bookkeeping: sampling's Python side and the object
+    collective that shares the sampled token ids between ranks."""
     from types import SimpleNamespace
 
     import train_ppo
@@ -223,7 +231,7 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     from training import gathered, make_optimizer
 
     compute = torch.bfloat16 if bf16 else torch.float32
-    args = SimpleNamespace(batch_size=batch_size, micro_batch_size=micro_batches[0], seed=0,
+    args = SimpleNamespace(batch_size=batch_size, micro_batch_size=micro_batches[0], seed=0, chunk_size=chunk_size,
                            clip_ratio=train_ppo.CLIP_RATIO, clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
                            grad_clip=train_ppo.GRAD_CLIP, grad_sync="every")
     tok = SimpleNamespace(pad_id=0, eos_id=2)
@@ -236,17 +244,20 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     fill_(model, ref, rm)
     opt = make_optimizer(model, 1e-6, 0.0)
     exps = [train_ppo.Experience(prompt, response, True) for _ in range(rollout_size)]
+    batches = train_ppo.minibatches(len(exps), batch_size, 0, 0)
     replicated = (rm, ref)
 
     def experience():
-        for i, logp, ref_logp, values, _ in train_ppo.experience_forwards(model, ref, exps, tok, args, d, 0):
-            e = exps[i]
-            e.logp, e.ref_logp, e.values = logp, ref_logp, values
-            e.advantages, e.returns = torch.zeros_like(logp), torch.zeros_like(values)
+        for e in exps:
+            e.trunk = None  # each pass keeps its own, as each round does
+        train_ppo.make_experience(model, ref, exps, batches, tok, args, d, train_ppo.INIT_KL_COEF)
 
     def update():
-        batch = train_ppo.minibatches(len(exps), batch_size, 0, 0, 0)[0]
-        train_ppo.update_step(model, opt, exps, batch, tok, args, d, {})
+        train_ppo.update_step(model, opt, exps, batches[0], tok, args, d, {})
+
+    def kept():
+        return [t for e in exps for t in (e.trunk, e.logp, e.ref_logp, e.values, e.advantages, e.returns)
+                if t is not None]
 
     for micro in micro_batches:
         args.micro_batch_size = micro
@@ -254,7 +265,7 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
         update()  # untracked: Adam's state, and DTensor's caches warm
         with tracking(model, opt, replicated) as out["experience", micro]:
             experience()
-        with tracking(model, opt, replicated) as out["update", micro]:
+        with tracking(model, opt, replicated, inputs=kept()) as out["update", micro]:
             update()
     chunk = [prompt] * min(chunk_size, rollout_size // d.world)
     with tracking(model, opt, replicated) as out["rollout"]:
@@ -471,9 +482,9 @@ def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int,
         rollout     per chunk a prefill (compute-bound) and new_tokens decoding steps that read
                     the gathered bf16 policy and the KV cache (decode_step: memory-bound)
         scoring     the reward model's forward over prompt + response
-        experience  the policy's forward, π0's top on its bottom's output
-        update      ppo_epochs passes: a forward of the whole policy per minibatch (the frozen
-                    bottom too, as train_ppo.update runs it) and a backward through the top
+        experience  the frozen bottom once (kept for the round), the trainable top and π0's top
+        update      ppo_epochs passes of the top alone on the kept bottom: its forward and a
+                    backward twice as costly
     """
     per_rank = rollout_size // world
     seq = prompt_len + new_tokens
@@ -488,10 +499,11 @@ def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int,
                                    mfu=mfu, hbm_tbps=hbm_tbps, mbu=mbu)["seconds"] for k in range(new_tokens))
     causal = (seq + 1) / 2
     top = forward_flops(config, tokens, causal, blocks=trainable_blocks)
+    bottom = forward_flops(config, tokens, causal, blocks=config.num_hidden_layers - trainable_blocks, head=False)
     parts = {"rollout": rollout,
              "scoring": forward_flops(config, tokens, causal, head=False) / rate,
-             "experience": (forward_flops(config, tokens, causal) + top) / rate,
-             "update": ppo_epochs * (forward_flops(config, tokens, causal) + 2 * top) / rate}
+             "experience": (bottom + 2 * top) / rate,
+             "update": ppo_epochs * 3 * top / rate}
     parts["total"] = sum(parts.values())
     parts["steps"] = ppo_epochs * rollout_size // batch_size
     return parts

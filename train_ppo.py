@@ -12,28 +12,32 @@ transformer blocks trained. FSDP on 1 to N ranks.
     # will it fit, and how long? per-rank memory (--simulate: measured, plan.py) and the hours
     python train_ppo.py --policy ziya-13b --dry-run --world-size 8 [--simulate]
 
-One round (trlx's, which HuatuoGPT used; the paper names its settings as trlx does):
+One round, as trlx ran it when the paper appeared (commit 355c974; HuatuoGPT used trlx and the
+paper names its settings as trlx does; where we differ, the code says so):
 
 1. rollout: --rollout-size prompts (64), generated --chunk-size (8) at a time with the KV
    cache, sampled from the policy itself (temperature 1, no top-p: PPO's ratio assumes the
-   samples come from π); each rank generates its share.
-2. experience: the reward model scores each prompt + response; one forward of the training
-   model, in the very micro-batches the first update will use, gives the old log-probs and
-   values; the reference top gives π0's log-probs (see "the shared trunk" below). Per token,
-   r_t = −λ_KL · (log π(y_t) − log π0(y_t)), plus the clipped score at the last token.
-   Advantages by GAE (γ = 1, λ = 0.95), whitened over the round; returns = advantages + values.
-3. update: --ppo-epochs (4) passes over the round's experiences in shuffled minibatches of
-   --batch-size; each minibatch is one optimizer step (what --max-steps, the paper's 16,000,
-   counts). Loss per response token: the clipped surrogate (ε = 0.2) plus vf_coef (1) times the
-   clipped value loss (0.2), averaged over the minibatch's response tokens.
-4. the adaptive KL controller (Ziegler et al. 2019) moves λ_KL towards --kl-target.
+   samples come from π); each rank generates its share; the reward model scores each.
+2. experience (make_experience): the round is shuffled once into minibatches of --batch-size;
+   each rank keeps the frozen trunk's output of the experiences in its micro-batches of them
+   (see "the shared trunk" below), and one forward of the top in those very micro-batches gives
+   the old log-probs and values, the reference top π0's log-probs. Per token, r_t = −λ_KL ·
+   (log π(y_t) − log π0(y_t)), plus the clipped score at the last token. Advantages by GAE
+   (γ = 1, λ = 0.95), whitened over the round; returns = advantages + values.
+3. update: each minibatch in turn takes --ppo-epochs (4) optimizer steps in a row (what
+   --max-steps, the paper's 16,000, counts; a run stops at exactly that). Loss per response
+   token: the clipped surrogate (ε = 0.2) plus vf_coef (1) times the clipped value loss (0.2),
+   averaged over the minibatch's response tokens. After each minibatch's steps the adaptive KL
+   controller (Ziegler et al. 2019) moves λ_KL towards --kl-target.
 
 The shared trunk. Only the last two blocks (and the final norm and the LM head, as trlx
 unfreezes an untied head) train; the embedding and the blocks below never change, so on any
-input they compute the same residual stream under π and under π0. The bottom therefore runs
-once per sequence, without gradients, and both tops run on its output: the trainable one for π
-and the value head, a frozen copy of the SFT top for π0. That is exact, not an approximation,
-and π0 costs two blocks and a head instead of a whole second model (bench/bench_ppo.py).
+input they compute the same residual stream under π and under π0, and in every update of a
+round. The bottom therefore runs once per experience, without gradients, its output is kept for
+the round, and every forward of the round starts from it: the trainable top for π and the value
+head, a frozen copy of the SFT top for π0, every update step. That is exact, not an
+approximation: π0 costs two blocks and a head instead of a whole second model, and an update
+two blocks instead of all of them (bench/bench_ppo.py).
 
 Outputs in --out: metrics.jsonl (one record per round), state/ (resumable: weights, optimizer,
 KL coefficient, prompt position, RNG), final/ (the policy in the HF layout, value_head.safetensors
@@ -76,17 +80,28 @@ CHUNK_SIZE = 8  # "chunk size 8": prompts generated together
 PPO_EPOCHS = 4  # "4 PPO epochs" over each rollout
 INIT_KL_COEF = 0.1  # "the initial KL divergence coefficient is set at 0.1"
 TRAINABLE_BLOCKS = 2  # "only the parameters of the last two layers are updated"
-# Where the paper is silent: trlx's PPO defaults (trlx.models.modeling_ppo.PPOConfig).
-KL_TARGET = 6.0  # the adaptive controller's target KL (nats per sequence) ...
-KL_HORIZON = 10_000  # ... and horizon; --kl-target none keeps λ_KL fixed
-GAMMA, LAM = 1.0, 0.95  # GAE
-CLIP_RATIO = 0.2  # PPO's ε
-CLIP_VALUE = 0.2  # value-loss clipping around the old values
-VF_COEF = 1.0
-SCORE_CLIP = 10.0  # trlx's cliprange_reward: the reward model's score is clipped to ±10
+# Where the paper is silent: trlx (CarperAI/trlx), which HuatuoGPT used, as it stood when the
+# paper appeared: main at commit 355c974 (11 May 2023), its last before the paper (24 May).
+TRLX_COMMIT = "355c974"
+GAMMA = 1.0  # PPOConfig gamma and lam (GAE), in default_ppo_config and the examples
+LAM = 0.95
+CLIP_RATIO = 0.2  # cliprange: PPO's ε
+CLIP_VALUE = 0.2  # cliprange_value: value-loss clipping around the old values
+VF_COEF = 1.0  # vf_coef
+SCORE_CLIP = 10.0  # cliprange_reward: the reward model's score is clipped to ±10
+# AdamW as default_ppo_config (trlx/data/default_configs.py) sets it: betas (0.9, 0.95), eps 1e-8
+# (torch's default too), weight decay 1e-6 (our one change: not on norm gains, make_optimizer).
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 1e-6
+# The paper's "initial" KL coefficient implies an adaptive one, and PPOConfig has no defaults:
+# the target and horizon are those of trlx's example for a model of this size
+# (examples/hh/ppo_hh.py, GPT-J 6B: target 6, horizon 10,000); default_ppo_config keeps λ fixed
+# (target None). --kl-target none does that.
+KL_TARGET = 6.0  # nats per sequence
+KL_HORIZON = 10_000
 # Silent in both: ours.
 BATCH_SIZE = 16  # experiences per minibatch (optimizer step): 64 / 16 x 4 epochs = 16 steps a round,
-#                  so 16,000 steps = 1,000 rounds = 64,000 experiences
+#                  so 16,000 steps = 1,000 rounds = 64,000 experiences (global: see README)
 MAX_NEW_TOKENS = 256
 GRAD_CLIP = 1.0  # the SFT recipe's
 UNFINISHED_PENALTY = 0.0  # added to the score of a response cut at --max-new-tokens (see score_round)
@@ -101,7 +116,8 @@ class PolicyWithValue(nn.Module):
 
         "logits"  the whole policy (generation; tokens, attention_mask, cache, start)
         "bottom"  the frozen embedding and blocks [0, split): the residual stream entering split
-        "top"     blocks [split, L), norm, head on `hidden`: (logits, values) per position
+        "top"     blocks [split, L), norm, head on `hidden`: (logits, values) per position (of
+                  `positions` only, when given)
     """
 
     def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
@@ -124,12 +140,13 @@ class PolicyWithValue(nn.Module):
         return self.policy.layers
 
     def forward(self, tokens=None, attention_mask=None, *, part: str = "logits", hidden=None, cache=None, start=0,
-                last=False):
+                positions=None):
         if part == "logits":
-            return self.policy(tokens, attention_mask, cache=cache, start=start, last=last)
+            return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
         if part == "bottom":
             return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
-        h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden")
+        h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden",
+                        positions=positions)
         return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
 
     def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
@@ -197,9 +214,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float = GAMMA, lam: 
     return adv, adv + values
 
 
-def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance (the unbiased variance, as trlx's whiten)."""
-    return (x - x.mean()) * torch.rsqrt(x.var() + eps)
+def whiten(x: torch.Tensor, eps: float = 1e-8, sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero mean, unit variance (the unbiased variance, as trlx's whiten does on one process).
+    sums: (Σx, Σx², n) over every rank's values when x is one rank's share of them."""
+    if sums is None:
+        return (x - x.mean()) * torch.rsqrt(x.var() + eps)
+    total, squares, n = sums
+    mean = total / n
+    return (x - mean) * torch.rsqrt((squares - n * mean * mean) / (n - 1).clamp(min=1) + eps)
 
 
 def ppo_loss_sum(logp, old_logp, values, old_values, adv, returns, mask, *, clip: float = CLIP_RATIO,
@@ -223,7 +245,8 @@ def ppo_loss_sum(logp, old_logp, values, old_values, adv, returns, mask, *, clip
 
 class AdaptiveKL:
     """Ziegler et al. 2019's controller, as trlx applies it: λ ← λ · (1 + clip(KL/target − 1,
-    ±0.2) · n/horizon) after each round, n the batch size. target None: λ stays fixed."""
+    ±0.2) · n/horizon), n the batch size, called after each minibatch's --ppo-epochs steps
+    (update). target None: λ stays fixed."""
 
     def __init__(self, value: float, target: float | None, horizon: int):
         self.value, self.target, self.horizon = value, target, horizon
@@ -243,10 +266,11 @@ class Experience:
     response: list[int]
     finished: bool  # ended with eos before --max-new-tokens
     score: float = 0.0  # the reward model's, clipped, penalty included
+    # Filled by make_experience on the rank whose micro-batches hold this experience, and only there:
+    trunk: torch.Tensor | None = None  # the frozen bottom's output at its prompt + response positions
     logp: torch.Tensor | None = None  # old log π(y_t), one per response token
     ref_logp: torch.Tensor | None = None  # log π0(y_t)
     values: torch.Tensor | None = None  # V(s_t) before each response token
-    entropy: float = 0.0  # summed over the response
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
@@ -265,25 +289,46 @@ def batch_tensors(exps: list[Experience], pad_id: int, device):
     return tokens.to(device), mask.to(device), P, R
 
 
+@torch.no_grad()
+def keep_trunk(model, exps: list[Experience], pad_id: int, device):
+    """The frozen bottom's output for each experience, kept with it (e.trunk: its prompt +
+    response positions, on the device). The embedding and the blocks below the split never
+    change within a run, and the bottom runs without dropout or gradients, so this is what every
+    update of the round would compute again (74-93% of an update step at Ziya's split): it is
+    computed once, here, in batches of any size (their padding changes nothing at the real
+    positions), and every forward of the round starts from it (response_outputs)."""
+    tokens, mask, P, _ = batch_tensors(exps, pad_id, device)
+    hidden = model(tokens, mask, part="bottom")
+    for row, e in enumerate(exps):
+        e.trunk = hidden[row, P - len(e.prompt):P + len(e.response)].clone()
+
+
 def response_outputs(model, exps, pad_id, device, *, ref=None):
-    """One forward of a micro-batch through the shared bottom (no gradient) and the trainable
-    top: per response position, (log π, values, response mask, [log π0, entropy]). The top
-    runs with gradients when they are enabled (training), without in the experience pass: the
-    same operations on the same inputs, so the two agree bit for bit."""
+    """One forward of a micro-batch through the trainable top on the kept trunk (keep_trunk),
+    or, for experiences without one, through the shared bottom first (no gradient): per response
+    position, (log π, values, response mask, [log π0, entropy]). The top runs with gradients when
+    they are enabled (training), without in the experience pass: the same operations on the same
+    inputs, so the two agree bit for bit."""
     tokens, mask, P, R = batch_tensors(exps, pad_id, device)
-    with torch.no_grad():
-        hidden = model(tokens, mask, part="bottom")
-    logits, values = model(part="top", hidden=hidden, attention_mask=mask)
+    if all(e.trunk is not None for e in exps):
+        # The kept rows at their positions in this micro-batch's layout; zeros where it pads
+        # (masked: no real position sees them).
+        hidden = exps[0].trunk.new_zeros(len(exps), P + R, exps[0].trunk.shape[-1])
+        for row, e in enumerate(exps):
+            hidden[row, P - len(e.prompt):P + len(e.response)] = e.trunk
+    else:
+        with torch.no_grad():
+            hidden = model(tokens, mask, part="bottom")
+    # Only the positions that predict a response token reach the final norm and the heads.
     span = slice(P - 1, P + R - 1)
+    logits, values = model(part="top", hidden=hidden, attention_mask=mask, positions=span)
     targets = tokens[:, P:P + R]
-    logp = token_logprobs(logits[:, span], targets)
-    rmask = mask[:, P:P + R]
-    out = {"logp": logp, "values": values[:, span].float(), "mask": rmask}
+    out = {"logp": token_logprobs(logits, targets), "values": values.float(), "mask": mask[:, P:P + R]}
     if ref is not None:
         with torch.no_grad():
-            ref_logits = ref(hidden=hidden.to(next(ref.parameters()).dtype), attention_mask=mask)
-            out["ref_logp"] = token_logprobs(ref_logits[:, span], targets)
-            lp = torch.log_softmax(logits[:, span].float(), -1)
+            ref_logits = ref(hidden=hidden.to(next(ref.parameters()).dtype), attention_mask=mask, positions=span)
+            out["ref_logp"] = token_logprobs(ref_logits, targets)
+            lp = torch.log_softmax(logits.float(), -1)
             out["entropy"] = -(lp.exp() * lp).sum(-1)
     return out
 
@@ -379,8 +424,10 @@ def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Exper
 @torch.no_grad()
 def score_round(rm, exps: list[Experience], tok, args):
     """The reward model's score of each response, clipped to ±SCORE_CLIP. A response cut off at
-    --max-new-tokens is scored as it is, as trlx does (score_ids reads the head at an eos put
-    after it), plus --unfinished-penalty (0 by default); how many were cut is reported."""
+    --max-new-tokens is scored with an eos put after it (score_ids): our choice, as the reward
+    model was trained to read its score at the eos that closes a reply (trlx decodes a cut
+    response and scores its text as it is, with no eos). --unfinished-penalty (0 by default) is
+    added to it, and how many were cut is reported."""
     for c in range(0, len(exps), args.chunk_size):
         chunk = exps[c:c + args.chunk_size]
         scores = rm.score_ids([e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id,
@@ -389,60 +436,75 @@ def score_round(rm, exps: list[Experience], tok, args):
             e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) + (0.0 if e.finished else args.unfinished_penalty)
 
 
-def minibatches(n: int, batch_size: int, seed: int, round_no: int, epoch: int) -> list[list[int]]:
+def minibatches(n: int, batch_size: int, seed: int, round_no: int) -> list[list[int]]:
+    """The round's minibatches: its n experiences shuffled once (by seed and round) and cut into
+    --batch-size. Each takes --ppo-epochs optimizer steps in a row (update)."""
     order = list(range(n))
-    random.Random(f"{seed}:{round_no}:{epoch}").shuffle(order)
+    random.Random(f"{seed}:{round_no}").shuffle(order)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-@torch.no_grad()
-def experience_forwards(model, ref, exps: list[Experience], tok, args, d, round_no: int) -> list[tuple]:
-    """The forwards of the experience pass on this rank's share: old log-probs, values, π0's
-    log-probs and summed entropy of each experience, in the micro-batches the first epoch's
-    updates will use (so its first ratio is exactly 1). -> [(index, logp, ref_logp, values,
-    entropy)], tensors on the CPU; nothing is read back as a number here (plan.py runs it on
-    tensors without values)."""
+def make_experience(model, ref, exps: list[Experience], batches: list[list[int]], tok, args, d,
+                    kl_coef: float, recompute_trunk: bool = False) -> dict:
+    """This rank's experiences of the round, the ones in its micro-batches of `batches` (it
+    updates on those, and only those, in every epoch: a minibatch keeps its micro-batches):
+    the frozen trunk once (keep_trunk, in batches of --chunk-size), then old log-probs, values,
+    π0's log-probs and entropy in the very micro-batches the updates use (so the first step's
+    ratio is exactly 1); per-token rewards, GAE, and advantages whitened over the round's
+    response tokens on all ranks. -> the round's sums {kl, entropy, tokens} over all ranks (0-d
+    tensors; nothing here reads a value back, so plan.py runs it on tensors without values).
+    recompute_trunk: keep no trunk (each forward runs the bottom again), the way before the
+    trunk was kept, for tests and bench/bench_ppo.py."""
     model.eval()
-    results = []
-    for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, 0):
-        for chunk in micro_batches(batch, d, args.micro_batch_size):
+    chunks = [chunk for batch in batches for chunk in micro_batches(batch, d, args.micro_batch_size)]
+    mine = [i for chunk in chunks for i in chunk]
+    if not recompute_trunk:
+        for c in range(0, len(mine), args.chunk_size):
+            keep_trunk(model, [exps[i] for i in mine[c:c + args.chunk_size]], tok.pad_id, d.device)
+    sums = torch.zeros(5, dtype=torch.float64, device=d.device)  # kl, entropy, tokens, advantages, their squares
+    with torch.no_grad():
+        for chunk in chunks:
             out = response_outputs(model, [exps[i] for i in chunk], tok.pad_id, d.device, ref=ref)
             for row, i in enumerate(chunk):
-                n = len(exps[i].response)
-                results.append((i, out["logp"][row, :n].cpu(), out["ref_logp"][row, :n].cpu(),
-                                out["values"][row, :n].cpu(), out["entropy"][row, :n].sum().cpu()))
+                e, n = exps[i], len(exps[i].response)
+                e.logp, e.ref_logp, e.values = out["logp"][row, :n], out["ref_logp"][row, :n], out["values"][row, :n]
+                rewards = per_token_rewards(e.logp.double(), e.ref_logp.double(), e.score, kl_coef)
+                e.advantages, e.returns = gae(rewards, e.values.double())
+                sums += torch.stack([(e.logp - e.ref_logp).sum().double(), out["entropy"][row, :n].sum().double(),
+                                     torch.tensor(float(n), device=d.device, dtype=torch.float64),
+                                     e.advantages.sum(), (e.advantages ** 2).sum()])
     model.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
     model.train()
-    return results
-
-
-def make_experience(model, ref, exps: list[Experience], tok, args, d, round_no: int, kl_coef: float):
-    """Old log-probs, values, π0's log-probs and entropy of every experience (experience_forwards
-    on each rank's share, then shared with every rank); then rewards, advantages (whitened over
-    the round) and returns. Every rank ends with all."""
-    for i, logp, ref_logp, values, entropy in gather(experience_forwards(model, ref, exps, tok, args, d, round_no), d):
+    dist.all_reduce(sums)  # tensors, as every collective here: nothing of the round is pickled
+    for i in mine:  # whitened over the round's response tokens on all ranks
         e = exps[i]
-        e.logp, e.ref_logp, e.values, e.entropy = logp, ref_logp, values, float(entropy)
-        e.advantages, e.returns = gae(per_token_rewards(logp.double(), ref_logp.double(), e.score, kl_coef),
-                                      values.double())
-    flat = whiten(torch.cat([e.advantages for e in exps]))
-    at = 0
-    for e in exps:
-        e.advantages = flat[at:at + len(e.response)].to(e.logp.dtype)
+        e.advantages = whiten(e.advantages, sums=sums[[3, 4, 2]]).to(e.logp.dtype)
         e.returns = e.returns.to(e.logp.dtype)
-        at += len(e.response)
+    return {"kl": sums[0], "entropy": sums[1], "tokens": sums[2]}  # read once a round, by the caller
 
 
-def update(model, opt, exps: list[Experience], tok, args, d, round_no: int) -> dict:
-    """--ppo-epochs passes over the round in shuffled minibatches, one optimizer step each.
-    Returns the round's statistics, each a mean over response tokens."""
-    totals, tokens_seen, steps = {}, 0, 0
-    for epoch in range(args.ppo_epochs):
-        for batch in minibatches(len(exps), args.batch_size, args.seed, round_no, epoch):
+def update(model, opt, kl: "AdaptiveKL", exps: list[Experience], batches: list[list[int]], tok, args, d,
+           mean_kl: float, steps: int) -> dict:
+    """At most `steps` optimizer steps over the round, in trlx's order (AccelerateRLTrainer.learn
+    and AcceleratePPOTrainer.post_backward_callback at trlx 355c974): each minibatch takes
+    --ppo-epochs steps in a row, then the KL controller moves λ by the round's mean KL with
+    n_steps = --batch-size. (trlx PR #522, July 2023, later put the epochs outside, each
+    reshuffled, and the controller once an epoch.) A run stops within a round at exactly
+    --max-steps, as trlx stops at its total_steps, before that minibatch's controller update.
+    Returns the statistics, each a mean over the response tokens of the steps made."""
+    totals, tokens_seen, done = {}, 0, 0
+    for batch in batches:
+        for _ in range(args.ppo_epochs):
+            if done == steps:
+                break
             tokens_seen += update_step(model, opt, exps, batch, tok, args, d, totals)
-            steps += 1
-    stats = {k: d.all_sum(float(v)) / tokens_seen for k, v in totals.items()}
-    stats["steps"], stats["tokens"] = steps, tokens_seen
+            done += 1
+        else:
+            kl.update(mean_kl, args.batch_size)
+            continue
+        break
+    stats = {k: d.all_sum(float(v)) / max(tokens_seen, 1) for k, v in totals.items()}
+    stats["steps"], stats["tokens"] = done, tokens_seen
     return stats
 
 
@@ -503,20 +565,35 @@ def build_empty(config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bo
     return model, ref
 
 
+def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
+    """The longest prompt a round can take: the policy generates up to max_new_tokens after it
+    within its context, and the reward model reads prompt + response + the eos put after a
+    response cut at max_new_tokens (score_ids) within its own."""
+    return min(policy_config.max_position_embeddings - max_new_tokens,
+               reward_config.max_position_embeddings - max_new_tokens - 1)
+
+
 def _train(args, d):
+    from model import load_config
+
     out = args.out
     meta_policy, read_weights, tok = load_model(args.policy, out, d, seed=args.seed)
     config = meta_policy.config
+    reward_config = load_config(args.reward, builtin=False)  # config.json alone: the weights come later
+    if reward_config.vocab_size != config.vocab_size:
+        raise SystemExit(f"--reward {args.reward} has a vocabulary of {reward_config.vocab_size}, the policy "
+                         f"{config.vocab_size}: they must share the tokenizer")
     if not 1 <= args.trainable_blocks <= config.num_hidden_layers:
         raise SystemExit(f"--trainable-blocks {args.trainable_blocks}: the model has {config.num_hidden_layers} blocks")
-    budget = config.max_position_embeddings - args.max_new_tokens
+    budget = prompt_budget(config, reward_config, args.max_new_tokens)
     if budget <= 0:
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
-                         f"{config.max_position_embeddings}")
+                         f"{config.max_position_embeddings} (the reward model's: {reward_config.max_position_embeddings})")
     report = Report()
     prompts = read_prompts(args.data, args.exclude, tok, budget, report, args.format, args.encoding)
     if not prompts:
-        raise SystemExit(f"no prompts in {' '.join(map(str, args.data))} (after --exclude)")
+        raise SystemExit(f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} "
+                         "tokens)")
     if args.rollout_size % d.world or args.batch_size % (args.micro_batch_size * d.world) or \
             args.rollout_size % args.batch_size:
         raise SystemExit(f"--rollout-size {args.rollout_size} must be a multiple of --batch-size {args.batch_size}, "
@@ -524,8 +601,10 @@ def _train(args, d):
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)
     if d.main:
-        print(f"{len(prompts)} prompts; {rounds} rounds of {args.rollout_size} experiences, {steps_per_round} "
-              f"optimizer steps each; {d.world} rank(s) on {d.device}")
+        last = args.max_steps - (rounds - 1) * steps_per_round
+        print(f"{len(prompts)} prompts of at most {budget} tokens; {rounds} rounds of {args.rollout_size} experiences, "
+              f"{steps_per_round} optimizer steps each" + (f" (the last {last})" if last < steps_per_round else "") +
+              f"; {d.world} rank(s) on {d.device}")
         if report:
             print(report.summary())
 
@@ -533,12 +612,9 @@ def _train(args, d):
     compute = torch.bfloat16 if bf16 else torch.float32
     model, ref = build(config, read_weights(), d, trainable_blocks=args.trainable_blocks, bf16=bf16)
     rm = RewardModel.from_pretrained(args.reward, dtype=compute, device=d.device).scorer().eval().requires_grad_(False)
-    if rm.config.vocab_size != config.vocab_size:
-        raise SystemExit(f"--reward {args.reward} has a vocabulary of {rm.config.vocab_size}, the policy "
-                         f"{config.vocab_size}: they must share the tokenizer")
     model.train()
 
-    opt = make_optimizer(model, args.lr, args.weight_decay)
+    opt = make_optimizer(model, args.lr, args.weight_decay, betas=BETAS)
     kl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
@@ -554,31 +630,31 @@ def _train(args, d):
         metrics.truncate_after(step)
 
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
-    while round_no < rounds:
+    while round_no < rounds and step < args.max_steps:
         timer = Timer()
         exps, seconds = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
         timer.lap()  # the rollout's own parts are in `seconds`
-        make_experience(model, ref, exps, tok, args, d, round_no, kl.value)
+        batches = minibatches(len(exps), args.batch_size, args.seed, round_no)
+        kl_coef = kl.value  # the round's rewards are penalised with the λ it starts with
+        sums = {k: float(v) for k, v in make_experience(model, ref, exps, batches, tok, args, d, kl_coef).items()}
+        mean_kl = sums["kl"] / len(exps)  # nats per response: Σ_t log π − log π0, as the penalty counts it
         experience_s = timer.lap()
-        stats = update(model, opt, exps, tok, args, d, round_no)
+        stats = update(model, opt, kl, exps, batches, tok, args, d, mean_kl, args.max_steps - step)
         training_s = timer.lap()
-        mean_kl = sum(float((e.logp - e.ref_logp).sum()) for e in exps) / len(exps)
         record = {
             "round": round_no + 1, "step": step + stats["steps"],
-            "score": sum(e.score for e in exps) / len(exps), "kl": mean_kl, "kl_coef": kl.value,
+            "score": sum(e.score for e in exps) / len(exps), "kl": mean_kl, "kl_coef": kl_coef,
             "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
             "clip_fraction": stats["clip_fraction"], "approx_kl": stats["approx_kl"],
-            "entropy": sum(e.entropy for e in exps) / sum(len(e.response) for e in exps),
-            "response_len": sum(len(e.response) for e in exps) / len(exps),
+            "entropy": sums["entropy"] / sums["tokens"], "response_len": sums["tokens"] / len(exps),
             "unfinished": sum(not e.finished for e in exps) / len(exps),
-            "rollout_tokens_per_s": sum(len(e.response) for e in exps) / max(seconds["generate_s"], 1e-9),
+            "rollout_tokens_per_s": sums["tokens"] / max(seconds["generate_s"], 1e-9),
             "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
-            # Where the round's time went: sampling, the reward model, the forwards of the
-            # policy, value head and π0 over the experience, the PPO updates.
+            # Where the round's time went: sampling, the reward model, the frozen trunk and the
+            # forwards of the policy, value head and π0 over the experience, the PPO updates.
             "generate_s": seconds["generate_s"], "score_s": seconds["score_s"], "experience_s": experience_s,
             "train_s": training_s}
         metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
-        kl.update(mean_kl, args.batch_size)  # trlx: n_steps = the batch size
         round_no, step = round_no + 1, step + stats["steps"]
         bar.update(1)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
@@ -607,7 +683,7 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", help="the SFT data the prompts come from")
     p.add_argument("--exclude", nargs="*", default=[], help="preference pairs whose prompts are left out (§3.2)")
     add_input_args(p)
-    add_run_args(p, unit="experiences", lr=LR, batch_size=BATCH_SIZE, weight_decay=0.0, grad_clip=GRAD_CLIP,
+    add_run_args(p, unit="experiences", lr=LR, batch_size=BATCH_SIZE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
                  max_steps=MAX_STEPS, max_steps_help="optimizer steps (minibatch updates) in all",
                  save_every=10, save_every_help="rounds between resumable states")
     p.add_argument("--rollout-size", type=int, default=ROLLOUT_SIZE)

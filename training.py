@@ -363,7 +363,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False, foreach=True)  # foreach: the CPU too (GPUs default to it)
 
 
 def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss_sum, n_units: int, *,

@@ -6,9 +6,13 @@
 2. Rollout tokens/s (train_ppo.rollout: generation by the FSDP-wrapped policy + value head, one
    rank) ÷ a plain generate call on an unwrapped model, same prompts and lengths; with the
    policy kept gathered through the rollout (the default) and with --reshard-in-rollout.
-3. Where one whole round's time goes (the paper's round: 64 experiences in chunks of 8, 4 PPO
-   epochs; here with --round-size experiences): generation, reward-model scoring, the forwards
-   of policy, value head and π0 over the experience, and the updates, as shares of the round.
+3. An update step with the frozen trunk kept from the experience pass ÷ one that runs the
+   bottom again (train_ppo.update_step), at bench-50m (12 blocks, 10 frozen) and at a 40-block
+   model of its width (Ziya's split: 38 frozen).
+4. One whole round (the paper's: 64 experiences in chunks of 8, 4 PPO epochs; here with
+   --round-size experiences), kept ÷ recomputed, and where its time goes: generation,
+   reward-model scoring, the experience pass (the kept trunk, the forwards of policy, value head
+   and π0), the updates, as shares of the round.
 
 Timings are medians of --repeats runs after a warm-up, made in one process; ratios only.
 
@@ -80,6 +84,9 @@ def main():
         def score_ids(self, prompts, responses, **kw):
             return torch.zeros(len(prompts))
 
+    class RoundTok(Tok):
+        eos_id = 2  # the reward model reads its score at an eos (rarely sampled by random weights)
+
     def rollout(reshard):
         run_args = SimpleNamespace(seed=0, chunk_size=args.batch, max_new_tokens=args.new_tokens,
                                    unfinished_penalty=0.0, reshard_in_rollout=reshard)
@@ -100,35 +107,69 @@ def main():
           f"policy kept gathered (the default) {plain_s / statistics.median(times['gathered']):.3f}, "
           f"--reshard-in-rollout {plain_s / statistics.median(times['resharded']):.3f}")
 
+    from model import ModelConfig
     from train_rm import RewardModel
 
+    def round_args(experiences):
+        return SimpleNamespace(seed=0, chunk_size=train_ppo.CHUNK_SIZE, max_new_tokens=args.new_tokens,
+                               unfinished_penalty=0.0, batch_size=experiences // 4, micro_batch_size=experiences // 4,
+                               ppo_epochs=train_ppo.PPO_EPOCHS, clip_ratio=train_ppo.CLIP_RATIO,
+                               clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
+                               grad_clip=train_ppo.GRAD_CLIP, grad_sync="every", reshard_in_rollout=False)
+
+    # 3. One update step, the trunk kept or recomputed: the same experiences, steps alternated.
+    prompt_len = args.seq_len - args.new_tokens
+    for blocks in (L, 40):
+        cfg = ModelConfig(**{**config.__dict__, "num_hidden_layers": blocks})
+        policy, pi0 = train_ppo.build(cfg, Transformer.from_config(cfg, seed=0).state_dict(), d)
+        step_args = round_args(16)
+        exps = [train_ppo.Experience([1] + [5 + i] * (prompt_len - 1), [7 + i] * args.new_tokens, True, score=0.1 * i)
+                for i in range(16)]
+        batches = train_ppo.minibatches(len(exps), step_args.batch_size, 0, 0)
+        train_ppo.make_experience(policy, pi0, exps, batches, RoundTok(), step_args, d, 0.1)
+        recomputing = [train_ppo.Experience(**{**e.__dict__, "trunk": None}) for e in exps]
+        step_opt = train_ppo.make_optimizer(policy, 0.0, 0.0)  # lr 0: every step does the same work on the same weights
+        times = {"kept": [], "recomputed": []}
+        for _ in range(args.repeats + 1):
+            for name, batch_exps in (("kept", exps), ("recomputed", recomputing)):
+                t = time.perf_counter()
+                train_ppo.update_step(policy, step_opt, batch_exps, batches[0], RoundTok(), step_args, d, {})
+                times[name].append(time.perf_counter() - t)
+        kept, recomputed = (statistics.median(v[1:]) for v in times.values())
+        print(f"update step ({blocks} blocks, {cfg.num_hidden_layers - 2} frozen; {step_args.batch_size} x "
+              f"{args.seq_len} tokens): trunk kept {kept:.3f} s, recomputed {recomputed:.3f} s: "
+              f"{recomputed / kept:.2f}x faster kept")
+        del policy, pi0, step_opt
+
+    # 4. A whole round, before (the trunk recomputed in every update) and after, alternated.
     rm = RewardModel(config).eval()
     opt = train_ppo.make_optimizer(model, 1e-6, 0.0)
-    round_args = SimpleNamespace(seed=0, chunk_size=train_ppo.CHUNK_SIZE, max_new_tokens=args.new_tokens,
-                                 unfinished_penalty=0.0, batch_size=args.round_size // 4, micro_batch_size=1,
-                                 ppo_epochs=train_ppo.PPO_EPOCHS, clip_ratio=train_ppo.CLIP_RATIO,
-                                 clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
-                                 grad_clip=train_ppo.GRAD_CLIP, grad_sync="every", reshard_in_rollout=False)
+    run = round_args(args.round_size)
     round_prompts = [prompts[i % len(prompts)] for i in range(args.round_size)]
-
-    class RoundTok(Tok):
-        eos_id = 2  # the reward model reads its score at an eos (rarely sampled by random weights)
-
-    parts = {"generation": [], "reward scoring": [], "policy, value and pi0 forwards": [], "updates": []}
-    for r in range(args.repeats):
-        exps, seconds = train_ppo.rollout(model, rm, round_prompts, RoundTok(), round_args, d, r)
-        t = time.perf_counter()
-        train_ppo.make_experience(model, ref, exps, RoundTok(), round_args, d, r, 0.1)
-        experience = time.perf_counter() - t
-        train_ppo.update(model, opt, exps, RoundTok(), round_args, d, r)
-        for name, v in zip(parts, (seconds["generate_s"], seconds["score_s"], experience,
-                                   time.perf_counter() - t - experience)):
-            parts[name].append(v)
-    medians = {k: statistics.median(v) for k, v in parts.items()}
-    total = sum(medians.values())
-    print(f"one round of {args.round_size} experiences ({args.new_tokens} new tokens each, chunks of "
-          f"{round_args.chunk_size}, {round_args.ppo_epochs} epochs of minibatches of {round_args.batch_size}): "
-          + ", ".join(f"{k} {v / total:.0%}" for k, v in medians.items()))
+    parts = {True: {}, False: {}}
+    for r in range(args.repeats + 1):
+        for recompute in (True, False):
+            exps, seconds = train_ppo.rollout(model, rm, round_prompts, RoundTok(), run, d, r)
+            batches = train_ppo.minibatches(len(exps), run.batch_size, run.seed, r)
+            t = time.perf_counter()
+            train_ppo.make_experience(model, ref, exps, batches, RoundTok(), run, d, 0.1, recompute_trunk=recompute)
+            experience = time.perf_counter() - t
+            train_ppo.update(model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, RoundTok(), run, d, 0.0,
+                             10**9)
+            if r:  # the first pair warms up
+                for name, v in (("generation", seconds["generate_s"]), ("reward scoring", seconds["score_s"]),
+                                ("experience pass", experience), ("updates", time.perf_counter() - t - experience)):
+                    parts[recompute].setdefault(name, []).append(v)
+    for recompute in (True, False):
+        parts[recompute] = {k: statistics.median(v) for k, v in parts[recompute].items()}
+    before, after = (sum(parts[k].values()) for k in (True, False))
+    print(f"one round of {args.round_size} experiences ({args.new_tokens} new tokens each, chunks of {run.chunk_size}, "
+          f"{run.ppo_epochs} epochs of minibatches of {run.batch_size}): {before:.2f} s recomputing the trunk, "
+          f"{after:.2f} s keeping it: {before / after:.2f}x faster")
+    for recompute in (True, False):
+        total = sum(parts[recompute].values())
+        print(f"  {'recomputed' if recompute else 'kept'}: " +
+              ", ".join(f"{k} {v / total:.0%}" for k, v in parts[recompute].items()))
     d.close()
 
 

@@ -215,8 +215,20 @@ def check_ppo_update(d):
             for i in range(8)]
     tok = SimpleNamespace(pad_id=0, eos_id=2)
     args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=0, ppo_epochs=1, clip_ratio=0.2, clip_value=0.2,
-                           vf_coef=1.0, grad_clip=0.5, grad_sync="every")
-    train_ppo.make_experience(model, ref, exps, tok, args, d, 0, kl_coef=0.1)
+                           vf_coef=1.0, grad_clip=0.5, grad_sync="every", chunk_size=4)
+    batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
+    train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
+    # Each rank holds what it made, its own experiences (its micro-batches); the hand computation
+    # below wants all of them.
+    fields = ("logp", "values", "advantages", "returns")
+    mine = [(i, [getattr(e, f) for f in fields]) for i, e in enumerate(exps) if e.logp is not None]
+    everyone = [None] * d.world
+    dist.all_gather_object(everyone, mine)
+    assert sorted(i for part in everyone for i, _ in part) == list(range(8))  # each made once, by one rank
+    hand = [Experience(e.prompt, e.response, e.finished, e.score) for e in exps]
+    for i, values in (x for part in everyone for x in part):
+        for f, v in zip(fields, values):
+            setattr(hand[i], f, v)
     plain = PolicyWithValue(Transformer(CONFIG))
     plain.load_state_dict({**{f"policy.{k}": v for k, v in state.items()},
                            "value_head.weight": torch.zeros(1, CONFIG.hidden_size)})
@@ -227,16 +239,17 @@ def check_ppo_update(d):
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
-    train_ppo.update(model, make_optimizer(model, 1e-2, 0.0), exps, tok, args, d, 0)
+    train_ppo.update(model, make_optimizer(model, 1e-2, 0.0), train_ppo.AdaptiveKL(0.1, None, 1), exps, batches,
+                     tok, args, d, 0.0, 1)
 
     opt = make_optimizer(plain, 1e-2, 0.0)
-    out = response_outputs(plain, exps, 0, "cpu")
+    out = response_outputs(plain, hand, 0, "cpu")
     width = out["logp"].shape[1]
     pad = lambda name: torch.stack([torch.nn.functional.pad(getattr(e, name), (0, width - len(e.response)))
-                                    for e in exps])
+                                    for e in hand])
     loss, _ = ppo_loss_sum(out["logp"], pad("logp"), out["values"], pad("values"), pad("advantages"),
                            pad("returns"), out["mask"])
-    (loss / sum(len(e.response) for e in exps)).backward()
+    (loss / sum(len(e.response) for e in hand)).backward()
     torch.nn.utils.clip_grad_norm_([p for p in plain.parameters() if p.grad is not None], 0.5)
     opt.step()
     got = {k: v.full_tensor() for k, v in model.state_dict().items()}

@@ -68,6 +68,15 @@ def test_time_formulas_by_hand():
     # epoch a forward and a backward twice as costly.
     assert t["scoring"] == pytest.approx(3.36) and t["experience"] == pytest.approx(8.32)
     assert t["update"] == pytest.approx(2 * 3 * 4.16) and t["steps"] == 4
+    # Two blocks, the second trained: the experience pass runs the frozen block once, 10 x (288 +
+    # 48) = 3,360, and two tops of a block and the head, 10 x (2 x 184 + 48) = 4,160 each; each
+    # update epoch the top alone, forward and backward: 3 x 4,160 (the bottom is kept).
+    two = fsdp_worker.ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    t = plan.ppo_round_seconds(two, world=1, rollout_size=2, chunk_size=2, batch_size=1, ppo_epochs=2, prompt_len=3,
+                               new_tokens=2, trainable_blocks=1, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
+    assert t["experience"] == pytest.approx(3.36 + 2 * 4.16) and t["update"] == pytest.approx(2 * 3 * 4.16)
+    assert t["scoring"] == pytest.approx(10 * (2 * 288 + 2 * 48) / 1000)
 
 
 ZIYA_WIDTHS = dict(vocab_size=39424, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,

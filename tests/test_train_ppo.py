@@ -139,10 +139,17 @@ def test_adaptive_kl_controller():
 
 
 def experiences(ppo, n=8, seed=0, kl_coef=0.1, args=None):
+    """A round's experiences, made: (experiences, args, the round's minibatches)."""
     args = args or args_for()
     exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
-    train_ppo.make_experience(ppo.model, ppo.ref, exps, Tok(), args, ppo.d, round_no=seed, kl_coef=kl_coef)
-    return exps, args
+    batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, seed)
+    train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, Tok(), args, ppo.d, kl_coef=kl_coef)
+    return exps, args, batches
+
+
+def update(model, opt, exps, batches, args, d):
+    """A round's updates at a fixed λ_KL."""
+    return train_ppo.update(model, opt, AdaptiveKL(0.1, None, 1), exps, batches, Tok(), args, d, 0.0, 10**9)
 
 
 def test_shared_trunk_reference_equals_a_whole_frozen_sft_model(ppo):
@@ -157,7 +164,7 @@ def test_shared_trunk_reference_equals_a_whole_frozen_sft_model(ppo):
 
 
 def test_first_round_pi_equals_pi0_and_the_first_ratio_is_exactly_one(ppo):
-    exps, args = experiences(ppo)
+    exps, args, batches = experiences(ppo)
     for e in exps:
         assert torch.equal(e.logp, e.ref_logp)  # KL exactly 0
         r = per_token_rewards(e.logp, e.ref_logp, e.score, 0.1)
@@ -165,7 +172,7 @@ def test_first_round_pi_equals_pi0_and_the_first_ratio_is_exactly_one(ppo):
         assert r[-1].item() == e.score
     # The first epoch's first micro-batch, run as training runs it (with gradients), gives the
     # very log-probs stored as old: the ratio is 1 exactly, not approximately.
-    first = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0, 0)[0][: args.micro_batch_size]
+    first = batches[0][: args.micro_batch_size]
     out = train_ppo.response_outputs(ppo.model, [exps[i] for i in first], Tok.pad_id, ppo.d.device)
     assert out["logp"].requires_grad
     for row, i in enumerate(first):
@@ -176,8 +183,8 @@ def test_updates_touch_only_the_last_two_blocks_and_pi0_stays_the_sft_model(ppo)
     opt = train_ppo.make_optimizer(ppo.model, 1e-2, 0.0)
     before = {k: v.full_tensor().clone() for k, v in ppo.model.state_dict().items()}
     for round_no in range(2):
-        exps, args = experiences(ppo, seed=round_no)
-        train_ppo.update(ppo.model, opt, exps, Tok(), args, ppo.d, round_no)
+        exps, args, batches = experiences(ppo, seed=round_no)
+        update(ppo.model, opt, exps, batches, args, ppo.d)
     after = {k: v.full_tensor() for k, v in ppo.model.state_dict().items()}
     frozen = [k for k in before if k.startswith(("policy.embed", "policy.layers.0.", "policy.layers.1."))]
     trained = [k for k in before if k not in frozen]
@@ -190,6 +197,72 @@ def test_updates_touch_only_the_last_two_blocks_and_pi0_stays_the_sft_model(ppo)
     assert torch.equal(ref["lm_head.weight"], ppo.state["lm_head.weight"])
 
 
+def test_the_kept_trunk_gives_the_updates_of_recomputing_it_and_block_0_never_runs_in_an_update(ppo):
+    """Issue 23: every update ran the frozen bottom again (block 0 ran 32 times in a round of 8
+    experiences); its output is kept from the experience pass instead (trunk batches of 8, not
+    the updates' micro-batches of 2). Two rounds' updates equal those that recompute it, in fp64."""
+    args = args_for(batch_size=4, micro_batch_size=2, ppo_epochs=2, chunk_size=8)
+    results = []
+    for recompute in (False, True):
+        model, ref = train_ppo.build(CONFIG, ppo.state, ppo.d)
+        opt = train_ppo.make_optimizer(model, 1e-2, 0.0)
+        calls = []
+        for round_no in range(2):
+            exps, _ = train_ppo.rollout(model, TokenReward(5), prompts(8, round_no), Tok(), args, ppo.d, round_no)
+            batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, round_no)
+            train_ppo.make_experience(model, ref, exps, batches, Tok(), args, ppo.d, 0.1, recompute_trunk=recompute)
+            hook = model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+            update(model, opt, exps, batches, args, ppo.d)
+            hook.remove()
+        results.append(({k: v.full_tensor() for k, v in model.state_dict().items()}, len(calls)))
+    (kept, kept_calls), (recomputed, recomputed_calls) = results
+    assert kept_calls == 0 and recomputed_calls == 2 * 2 * 2 * 2  # rounds x minibatches x epochs x micro-batches
+    for k in kept:
+        torch.testing.assert_close(kept[k], recomputed[k], rtol=0, atol=1e-12)
+    assert not torch.equal(kept["policy.layers.3.mlp.up_proj.weight"], ppo.state["layers.3.mlp.up_proj.weight"])
+
+
+def test_the_kl_controller_moves_as_trlx_moved_it_and_a_run_stops_at_max_steps(ppo):
+    """Issue 23: λ_KL moved once a round (with n_steps = --batch-size), trlx (355c974) after every
+    minibatch's --ppo-epochs steps, 4 times a round here: after a round at twice the target
+    (clipped to +0.2), ours was 0.1 x 1.00032 where trlx's is 0.1 x 1.00032^4. And --max-steps 20
+    at 16 steps a round ran 32."""
+    def trlx_learn(value, kl, n_rollouts, batch_size, ppo_epochs, target, horizon, steps):
+        """AccelerateRLTrainer.learn and AcceleratePPOTrainer.post_backward_callback at trlx
+        355c974, for one round of the store, transcribed: (λ after it, optimizer steps made)."""
+        iter_count = 0
+        for _ in range(n_rollouts // batch_size):  # for mbs in MiniBatchIterator(train_dataloader, ...)
+            for _ in range(ppo_epochs):  # for _ in range(self.n_updates_per_batch)
+                iter_count += 1  # self.opt.step(); self.iter_count += 1
+                if iter_count >= steps:
+                    return value, iter_count  # if self.iter_count >= self.total_steps: return
+            error = min(max(kl / target - 1, -0.2), 0.2)  # self.kl_ctl.update(self.mean_kl, n_steps=batch_size)
+            value *= 1 + error * batch_size / horizon
+        return value, iter_count
+
+    args = args_for(batch_size=2, micro_batch_size=2, ppo_epochs=2, chunk_size=8)
+    exps, _, batches = experiences(ppo, n=8, args=args)
+    opt = train_ppo.make_optimizer(ppo.model, 0.0, 0.0)  # no step moves anything: only the schedule counts
+    for mean_kl, steps in ((12.0, 10**9), (1.5, 10**9), (12.0, 5)):
+        kl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
+        stats = train_ppo.update(ppo.model, opt, kl, exps, batches, Tok(), args, ppo.d, mean_kl, steps)
+        assert (kl.value, stats["steps"]) == trlx_learn(0.1, mean_kl, 8, 2, 2, 6.0, 10_000, steps)
+    assert trlx_learn(0.1, 12.0, 64, 16, 4, 6.0, 10_000, 10**9)[0] == pytest.approx(0.1 * 1.00032 ** 4)
+
+
+def test_prompts_leave_room_for_the_reward_models_eos():
+    """Issue 23: prompts were read up to the policy's context less --max-new-tokens; a response
+    cut there got an eos for the reward model, one token over its context (ValueError: 513
+    tokens exceeds the reward model's context of 512), and --resume replayed the crash."""
+    def cfg(context):
+        return ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
+
+    assert train_ppo.prompt_budget(cfg(512), cfg(512), 8) == 512 - 8 - 1
+    assert train_ppo.prompt_budget(cfg(512), cfg(300), 8) == 300 - 8 - 1  # the smaller context rules
+    assert train_ppo.prompt_budget(cfg(256), cfg(512), 8) == 256 - 8  # the policy's own limit: no eos to add
+
+
 def learn(ppo, kl_coef, rounds=16):
     """Rounds of PPO against TokenReward(5) at a fixed λ_KL, from a plainly initialised model
     (near-uniform next-token distributions, so the rewarded token is sampled at all):
@@ -200,8 +273,8 @@ def learn(ppo, kl_coef, rounds=16):
     opt = train_ppo.make_optimizer(model, 1e-2, 0.0)
     history = []
     for round_no in range(rounds):
-        exps, _ = experiences(run, n=16, seed=round_no, kl_coef=kl_coef, args=args)
-        train_ppo.update(model, opt, exps, Tok(), args, ppo.d, round_no)
+        exps, _, batches = experiences(run, n=16, seed=round_no, kl_coef=kl_coef, args=args)
+        update(model, opt, exps, batches, args, ppo.d)
         history.append((sum(e.score for e in exps) / len(exps),
                         sum(float((e.logp - e.ref_logp).sum()) for e in exps) / len(exps)))
     return history
@@ -297,6 +370,35 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert all(torch.equal(a[k], b[k]) for k in a)
     va, vb = load_file(final / "value_head.safetensors"), load_file(out / "final" / "value_head.safetensors")
     assert torch.equal(va["weight"], vb["weight"])
+
+
+def test_a_prompt_at_the_edge_of_the_context_and_max_steps_inside_a_round(checkpoints, tmp_path, tokenizer_file):
+    """Issue 23: a prompt of exactly the context less --max-new-tokens was accepted, and its cut
+    response with the reward model's eos was one token over the context: the run crashed, and
+    --resume replayed the same round into the same crash. And --max-steps ran whole rounds."""
+    from data.template import render
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_file)
+    long_question = ("头痛发热咳嗽" * 100)[:360]
+    edge = len(render(tok, [{"role": "user", "content": long_question}]).ids)  # 504 with this tokenizer
+    new_tokens = 512 - edge  # the old rule let this prompt in; a cut response + eos is 513 tokens
+    rows = [{"id": "long", "source": "t", "messages": [{"role": "user", "content": long_question},
+                                                        {"role": "assistant", "content": "请就医。"}]}]
+    rows += [{"id": f"q{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天了"},
+                                                         {"role": "assistant", "content": "多休息。"}]} for i in range(7)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cmd = [sys.executable, str(ROOT / "train_ppo.py"), "--policy", str(checkpoints / "sft"), "--reward",
+           str(checkpoints / "rm"), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "3",
+           "--rollout-size", "4", "--chunk-size", "4", "--batch-size", "2", "--ppo-epochs", "1", "--max-new-tokens",
+           str(new_tokens), "--lr", "1e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"question longer than the context less --max-new-tokens ({edge - 1} tokens)" in proc.stdout
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [2, 3]  # 2 steps a round, and the second round stops at 3
+    assert json.loads((tmp_path / "run" / "state" / "trainer.json").read_text())["step"] == 3
 
 
 def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(tmp_path, tokenizer_file):
