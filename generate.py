@@ -76,7 +76,7 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, temperatu
 def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,
                  pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0,
-                 vocab_limit: int | None = None, generator: torch.Generator | None = None,
+                 vocab_limit: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield, per step, (tokens (B,), logprobs (B,), alive (B,) bool) for the batch.
 
@@ -86,7 +86,9 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode
     from being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
     log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
-    equal what a training forward computes for the same ids.
+    equal what a training forward computes for the same ids. `generator` may be one per prompt:
+    each row then samples from its own, and a seeded row draws the same tokens whatever else is
+    in the batch (serve.py's seeded requests).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the bos token, at least)")
@@ -122,7 +124,11 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
             if temperature <= 0:
                 nxt = scores.argmax(-1)
             else:
-                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+                probs = scores.softmax(-1)
+                if isinstance(generator, list):
+                    nxt = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+                else:
+                    nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             logprob = token_logprobs(logits, nxt)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
             pos = P + step
@@ -200,31 +206,58 @@ def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id
         yield int(tokens[0])
 
 
+def held_back(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that a stop string starts with, short of all of
+    it: what must be held back in case the stop string is arriving. Linear in len(stop) (KMP's
+    failure function over stop, then a walk over text's last len(stop) - 1 characters)."""
+    if len(stop) < 2:
+        return 0
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        k += stop[i] == stop[k]
+        fail[i] = k
+    k = 0
+    for c in text[-(len(stop) - 1):]:
+        while k and c != stop[k]:
+            k = fail[k - 1]
+        k += c == stop[k]
+        if k == len(stop):  # a whole stop string ends here; push cuts at it before asking
+            k = fail[k - 1]
+    return k
+
+
 class ReplyText:
     """The text of one reply as its tokens arrive. Stop strings end it (and are not part of it); text that could be the
     start of a stop string is held back until it is known not to be, and so is whitespace at
     either end, so the streamed pieces always add up to the final content, which is the
-    decoded reply stripped (as evaluate.Doctor returns it). serve.py and chat.py stream with it."""
+    decoded reply stripped (as evaluate.Doctor returns it). serve.py and chat.py stream with it.
+    Each token costs time linear in the stop strings' and the token's lengths, not the reply's
+    (only the text that could hold a new match is searched)."""
 
     def __init__(self, tok: Tokenizer, stop: list[str], max_tokens: int):
         self.decoder, self.stop, self.max_tokens = StreamDecoder(tok), stop, max_tokens
         self.text, self.sent, self.tokens, self.finish = "", 0, 0, None
+        self.longest = max(map(len, stop), default=0)
 
     def push(self, token: int, eos: int) -> str:
         """Take one sampled token; return the text that became final."""
         self.tokens += 1
+        searched = max(0, len(self.text) - self.longest + 1)  # a new match ends in the new text
         if token != eos:
             self.text += self.decoder.push(token)
         if token == eos or self.tokens >= self.max_tokens:
             self.text += self.decoder.flush()
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        hits = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             return self._end("stop")
         if token == eos or self.tokens >= self.max_tokens:
             return self._end("stop" if token == eos else "length")
         start = len(self.text) - len(self.text.lstrip())
-        hold = max([k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])], default=0)
+        hold = max((held_back(self.text, s) for s in self.stop), default=0)
         end = min(len(self.text) - hold, len(self.text.rstrip()))
         return self._take(max(start, self.sent), end)
 

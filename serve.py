@@ -36,6 +36,8 @@ import hmac
 import json
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -54,13 +56,20 @@ from model import Transformer
 from tokenizer import Tokenizer
 
 MAX_TOKENS = 512  # the default reply length (the official demo's max_new_tokens); a request may ask for more
-MAX_STOP = 4  # as OpenAI's API: at most 4 stop sequences
+MAX_STOP = 4  # as OpenAI's API: at most 4 stop sequences ...
+MAX_STOP_CHARS = 2048  # ... of at most this many characters each: the order of a reply's length at most
 MAX_N = 8
+MIN_TEMPERATURE = 1e-4  # above 0 and below this, logits / temperature overflows float32: 0 is greedy
 # Accepted only at these values: anything else asks for behaviour this server does not have.
 ONLY = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logprobs": (False, None),
         "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
         "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
-        "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
+        "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+        "web_search_options": (None,)}
+# Fields read (or harmless: who the caller is, what to store of the exchange); any other is refused,
+# naming it, rather than ignored ("max_token" for "max_tokens" would otherwise run to the default).
+FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
+          "stream", "stream_options", "response_format", "user", "metadata", "store", *ONLY}
 
 
 class BadRequest(Exception):
@@ -90,8 +99,9 @@ class Request:
     rounds_dropped: int = 0
 
     def sampling_key(self) -> tuple:
-        """Requests decode in one batch only with equal settings (decode_steps takes one set)."""
-        return self.temperature, self.top_p, self.seed
+        """Requests decode in one batch only with equal settings (decode_steps takes one set; the
+        seed is each row's own)."""
+        return self.temperature, self.top_p
 
 
 def _number(body, name, lo, hi, default, kind=float):
@@ -107,18 +117,26 @@ def _number(body, name, lo, hi, default, kind=float):
 
 def _text(content, where: str) -> str:
     """A message's content: a string, or a list of text parts (newer clients send those)."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise BadRequest(f"{where}.content must be a string or a list of text parts", where + ".content")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequest(f"{where}.content must be a string or a list of text parts", where + ".content")
+    try:
+        content.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{where}.content is not valid Unicode text (a lone surrogate at character {e.start})",
+                         where + ".content") from None
+    return content
 
 
 def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = MAX_TOKENS) -> Request:
     """The JSON body of a chat completion -> Request, or BadRequest naming the field."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    for name in body:
+        if name not in FIELDS:
+            raise BadRequest(f"unknown field {name!r}", name, code="unknown_parameter")
     for name, allowed in ONLY.items():
         if name in body and body[name] not in allowed:
             raise BadRequest(f"'{name}' is not supported by this server", name)
@@ -149,14 +167,19 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
 
     n = _number(body, "n", 1, MAX_N, 1, int)
     temperature = _number(body, "temperature", 0, 2, 1.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise BadRequest(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}",
+                         "temperature")
     top_p = _number(body, "top_p", 0, 1, None)
-    if top_p == 0:
-        raise BadRequest("'top_p' must be greater than 0", "top_p")
+    if top_p is not None and float(torch.tensor(top_p, dtype=torch.float32)) == 0:  # as sampling sees it
+        raise BadRequest(f"'top_p' must be greater than 0 in float32, got {top_p!r}", "top_p")
     seed = _number(body, "seed", -2**63, 2**63 - 1, None, int)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise BadRequest(f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at "
+                         f"most {MAX_STOP} of them", "stop")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", "stream")
@@ -187,6 +210,7 @@ class Job:
         self.request = request
         self.events: queue.Queue = queue.Queue()  # ("delta", index, text) ("finish", index, reason) ("done", usage) ("error", message)
         self.cancelled = False
+        self.usage: dict | None = None
 
 
 class Engine:
@@ -198,6 +222,7 @@ class Engine:
         self.waiting: list[Job] = []
         self.cond = threading.Condition()
         self.batches: list[int] = []  # sequences per batch decoded, for tests and logs
+        self.cancelled = 0  # requests whose client left before the reply was done
         threading.Thread(target=self._loop, name="engine", daemon=True).start()
 
     def submit(self, request: Request) -> Job:
@@ -206,6 +231,11 @@ class Engine:
             self.waiting.append(job)
             self.cond.notify()
         return job
+
+    def row_seed(self, seed: int | None, choice: int) -> int:
+        if seed is None:
+            return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return seed % 2**63 if choice == 0 else (seed * 1_000_003 + choice) % 2**63
 
     def _take(self) -> list[Job]:
         """The first waiting job and every later one that can share its batch."""
@@ -239,12 +269,15 @@ class Engine:
         rows = [(job, i, ReplyText(self.tok, job.request.stop, job.request.max_tokens))
                 for job in batch for i in range(job.request.n)]
         first = batch[0].request
-        generator = self.generator if first.seed is None else torch.Generator(self.device).manual_seed(first.seed)
+        # Each row samples from a generator of its own, seeded from its request's seed and its
+        # choice's index: a seeded reply is the same alone, batched with others, or as choice 0
+        # of n. Rows without a seed take theirs from the server's generator.
+        generators = [torch.Generator(self.device).manual_seed(self.row_seed(job.request.seed, i)) for job, i, _ in rows]
         self.batches.append(len(rows))
         steps = decode_steps(self.model, [job.request.ids for job, _, _ in rows],
                              max_new_tokens=max(job.request.max_tokens for job in batch), eos_id=self.tok.eos_id,
                              pad_id=self.tok.pad_id, temperature=first.temperature, top_p=first.top_p,
-                             vocab_limit=len(self.tok), generator=generator)
+                             vocab_limit=len(self.tok), generator=generators)
         try:
             for tokens, _, _ in steps:
                 for k, (job, index, reply) in enumerate(rows):
@@ -263,6 +296,8 @@ class Engine:
         finally:
             steps.close()
         for job in batch:
+            if job.cancelled:
+                self.cancelled += 1
             completion = sum(reply.tokens for j, _, reply in rows if j is job)
             job.events.put(("done", {"prompt_tokens": len(job.request.ids), "completion_tokens": completion,
                                      "total_tokens": len(job.request.ids) + completion}))
@@ -276,9 +311,20 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may take to send its request
     server: "ChatServer"
 
-    def log_message(self, fmt, *args):  # one line per request on stderr, only with --verbose
-        if self.server.verbose:
-            super().log_message(fmt, *args)
+    def handle_one_request(self):
+        """One request, and one access-log line for it (when the server keeps one): the client,
+        method, path, status, completion tokens and seconds; never what was asked or answered."""
+        self._began, self._status, self._tokens = time.monotonic(), None, None
+        super().handle_one_request()
+        if self._status is not None:
+            self.server.log(f'{self.client_address[0]} "{self.command} {self.path.split("?")[0]}" {self._status} '
+                            f"{self._tokens if self._tokens is not None else '-'} {time.monotonic() - self._began:.2f}s")
+
+    def log_request(self, code="-", size="-"):  # send_response's own line: kept for the access log above
+        self._status = code
+
+    def log_message(self, fmt, *args):  # http.server's complaints (a bad request line): one line
+        self.server.log(f"{self.client_address[0]} {fmt % args}")
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None):
         data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
@@ -291,7 +337,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, e: BadRequest, headers: dict | None = None):
-        if e.status in (411, 413):  # the body was not read: the connection cannot carry another request
+        if e.status in (411, 413) or self.close_connection:  # the body was not read: no next request on it
             self.close_connection = True
             headers = dict(headers or {}, Connection="close")
         self._send_json(e.status, e.body(), headers)
@@ -326,8 +372,12 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/")
         if path != "/v1/chat/completions":
             length = self._body_length(quiet=True)
-            if length is not None:
-                self.rfile.read(length)
+            if length is None:  # a body not read: what follows it cannot be told from a next request
+                self.close_connection = True
+                self._send_json(404, BadRequest(f"no such endpoint: POST {path}", code="not_found").body(),
+                                {"Connection": "close"})
+                return
+            self.rfile.read(length)
             self._error(BadRequest(f"no such endpoint: POST {path}", status=404, code="not_found"))
             return
         length = self._body_length()
@@ -347,6 +397,16 @@ class Handler(BaseHTTPRequestHandler):
             self.server.slots.release()
 
     def _body_length(self, quiet: bool = False) -> int | None:
+        """The body's length by its one Content-Length, or None (refused, said unless quiet): no
+        Content-Length, a chunked body, more than one Content-Length or a Transfer-Encoding beside it
+        (requests framed two ways are how one request is smuggled inside another), too long."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and self.headers.get("Transfer-Encoding") is not None):
+            if not quiet:
+                self._error(BadRequest("the body's length is given more than once (Content-Length, "
+                                       "Transfer-Encoding): send one Content-Length", status=400))
+                self.close_connection = True
+            return None
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers.get("Content-Length") is None:
             if not quiet:
                 self._error(BadRequest("a Content-Length header is required", status=411))
@@ -368,8 +428,12 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"the body is not valid JSON ({e})") from None
-            if isinstance(body, dict) and body.get("model") != self.server.name:
-                raise BadRequest(f"no model {body.get('model')!r}; this server serves {self.server.name!r}",
+            except RecursionError:
+                raise BadRequest("the body's JSON is nested too deeply") from None
+            if isinstance(body, dict) and "model" not in body:
+                raise BadRequest(f"'model' is required: this server serves {self.server.name!r}", "model")
+            if isinstance(body, dict) and body["model"] != self.server.name:
+                raise BadRequest(f"no model {body['model']!r}; this server serves {self.server.name!r}",
                                  "model", 404, "model_not_found")
             request = parse_request(body, self.server.engine.tok, self.server.engine.context, self.server.max_tokens)
         except BadRequest as e:
@@ -382,11 +446,28 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled = True  # the client left: its rows stop at the next step
             self.close_connection = True
+        self._tokens = job.usage.get("completion_tokens") if job.usage else None
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end while it waits for a reply: readable with nothing
+        to read. (Bytes waiting, a pipelined next request, are not a goodbye.)"""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _complete(self, job: Job, head: dict):
         texts, finish = [""] * job.request.n, [None] * job.request.n
         while True:
-            event = job.events.get()
+            try:
+                event = job.events.get(timeout=0.2)
+            except queue.Empty:
+                if self._client_gone():  # nobody will read the reply: stop making it, free the slot
+                    job.cancelled = True
+                    self.close_connection = True
+                    return
+                continue
             if event[0] == "delta":
                 texts[event[1]] += event[2]
             elif event[0] == "finish":
@@ -395,6 +476,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(BadRequest(event[1], status=500, kind="server_error"))
                 return
             else:
+                job.usage = event[1]
                 choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
                             "logprobs": None} for i, (t, f) in enumerate(zip(texts, finish))]
                 self._send_json(200, dict(head, object="chat.completion", choices=choices, usage=event[1]))
@@ -428,6 +510,7 @@ class Handler(BaseHTTPRequestHandler):
                 send(BadRequest(event[1], status=500, kind="server_error").body())
                 break
             else:
+                job.usage = event[1]
                 if job.request.include_usage:
                     send(dict(head, object="chat.completion.chunk", choices=[], usage=event[1]))
                 break
@@ -441,17 +524,34 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, engine: Engine, name: str, host: str = "127.0.0.1", port: int = 8000, *,
                  api_key: str | None = None, max_body: int = 1 << 20, max_concurrent: int = 16,
-                 max_tokens: int = MAX_TOKENS, verbose: bool = False):
-        self.engine, self.name, self.api_key, self.verbose = engine, name, api_key or None, verbose
+                 max_tokens: int = MAX_TOKENS, access_log: bool = False):
+        self.engine, self.name, self.api_key, self.access_log = engine, name, api_key or None, access_log
         self.max_body, self.max_concurrent, self.max_tokens = max_body, max_concurrent, max_tokens
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.created = int(time.time())
-        super().__init__((host, port), Handler)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:  # a port in use, a host that is not this machine's: one line, not a trace
+            raise SystemExit(f"cannot serve on {host} port {port}: {e.strerror or e}") from None
+
+    def log(self, line: str):
+        if self.access_log:
+            print(line, file=sys.stderr, flush=True)
+
+    def handle_error(self, request, client_address):
+        """A connection that broke (a client that left, a timeout) is one log line, not a
+        traceback; anything else is a bug, and keeps its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self.log(f"{client_address[0]} connection closed: {type(error).__name__}")
+        else:
+            super().handle_error(request, client_address)
 
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, compile: bool = False, port: int = 0,
@@ -476,7 +576,7 @@ def main(argv=None):
     p.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body at most")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="reply length when a request gives none")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling for requests that give no seed")
-    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--quiet", action="store_true", help="no access log (one line a request on stderr)")
     add_device_args(p)
     args = p.parse_args(argv)
     key = os.environ.get("SERVE_API_KEY")
@@ -486,8 +586,9 @@ def main(argv=None):
     device, dtype = device_and_dtype(args)
     server = start(args.model, args.name, device=device, dtype=dtype, compile=args.compile, port=args.port, api_key=key,
                    max_body=args.max_body, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
-                   max_batch=args.max_batch, seed=args.seed, verbose=args.verbose, host=args.host)
-    print(f"serving {server.name!r} at {server.base_url} (Ctrl-C stops)", flush=True)
+                   max_batch=args.max_batch, seed=args.seed, access_log=not args.quiet, host=args.host)
+    print(f"serving {server.name!r} at {server.base_url} ({args.model}; a request names it as its \"model\"; "
+          "Ctrl-C stops)", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -248,3 +248,154 @@ def test_the_command_line_serves_until_stopped(model_dir):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- reliability, round 3 (issue 24) ---------------------------------------------------------------------
+
+
+def raw(server, data: bytes, timeout=10) -> bytes:
+    """Send bytes on a fresh connection and read until the server closes it (or the timeout)."""
+    import socket
+
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            chunks.append(b"<still open>")
+    return b"".join(chunks)
+
+
+def test_stop_strings_are_bounded_and_held_back_in_linear_time(server):
+    """A stop string of 262,000 characters made every token build all its prefixes: 8.7 s of the
+    engine for 4 tokens. Stops are bounded, and what is held back is found by KMP, equal to the
+    brute-force rule on random texts."""
+    import random
+
+    from generate import held_back
+
+    url = server.base_url + "/chat/completions"
+    body = {"model": "huatuo-tiny", "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 2}
+    r = requests.post(url, json=dict(body, stop=["痛" * (serve.MAX_STOP_CHARS + 1)]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    assert requests.post(url, json=dict(body, stop=["痛" * serve.MAX_STOP_CHARS] * 4)).status_code == 200
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+        brute = max([k for k in range(1, len(stop)) if text.endswith(stop[:k])], default=0)
+        assert held_back(text, stop) == brute, (text, stop)
+
+
+def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(model_dir):
+    """Non-streaming clients that disconnected kept their rows decoding and held the slots: the
+    next request got 429. A client gone is now noticed while it waits, its rows stop, the slot
+    is free, and it is counted."""
+    s = make_server(model_dir, max_concurrent=2)
+    try:
+        request = json.dumps({"model": "huatuo-tiny", "max_tokens": 1500, "temperature": 0,
+                              "messages": [{"role": "user", "content": QUESTIONS[0]}]}).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for _ in range(2):
+            raw(s, head + b"Content-Length: %d\r\n\r\n" % len(request) + request, timeout=0.3)  # then hangs up
+        end = time.monotonic() + 60
+        while s.engine.cancelled < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert s.engine.cancelled == 2
+        ok = requests.post(s.base_url + "/chat/completions", json={
+            "model": "huatuo-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "头痛"}]})
+        assert ok.status_code == 200
+    finally:
+        s.shutdown()
+
+
+def test_a_seeded_reply_is_the_same_alone_batched_and_as_choice_0(client, server):
+    """One generator served the whole batch: the same prompt and seed gave another reply when
+    batched with someone else's request, and choice 0 of n=2 differed from n=1."""
+    kw = dict(temperature=1.0, max_tokens=12, seed=11)
+    alone = ask(client, QUESTIONS[2], **kw).choices[0].message.content
+    assert ask(client, QUESTIONS[2], n=2, **kw).choices[0].message.content == alone
+    before = len(server.engine.batches)
+    with ThreadPoolExecutor(3) as pool:
+        long = pool.submit(ask, client, QUESTIONS[0], temperature=1.0, max_tokens=300, seed=1)
+        wait_until_decoding(server, before)
+        mine = pool.submit(ask, client, QUESTIONS[2], **kw)
+        other = pool.submit(ask, client, QUESTIONS[3], temperature=1.0, max_tokens=12, seed=99)
+        batched = mine.result().choices[0].message.content
+        other.result(), long.result()
+    assert server.engine.batches[before:] == [1, 2]  # the seeded request shared a batch with another
+    assert batched == alone
+
+
+def test_a_body_is_never_read_as_a_next_request(server):
+    """A POST to an unknown path with a chunked body was answered 404 without reading the body,
+    on a connection kept open: a request smuggled in that body was answered as a second one.
+    Duplicate Content-Length headers were taken (the first one)."""
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    reply = raw(server, b"POST /v2/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
+    assert reply.count(b"HTTP/1.1 ") == 1 and b" 404 " in reply and b'"object": "list"' not in reply
+    body = b'{"model": "huatuo-tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1}'
+    reply = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                        b"Content-Length: 3\r\n\r\n" % len(body) + body)
+    assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1 ") == 1 and b"more than once" in reply
+
+
+def test_requests_that_broke_the_server_get_a_400_naming_the_field(server):
+    url = server.base_url + "/chat/completions"
+    good = {"model": "huatuo-tiny", "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 2}
+
+    def error(body, status=400):
+        r = requests.post(url, data=body if isinstance(body, (bytes, str)) else json.dumps(body))
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    assert "nested too deeply" in error(b"[" * 100_000 + b"]" * 100_000)["message"]  # a RecursionError before
+    surrogate = json.dumps(good, ensure_ascii=False).replace("头痛", "\\ud800abc").encode()
+    assert error(surrogate)["param"] == "messages[0].content"  # sentencepiece's RuntimeError before
+    assert error(dict(good, top_p=1e-46))["param"] == "top_p"  # > 0, yet 0 in float32: a 500 before
+    assert error(dict(good, temperature=1e-30))["param"] == "temperature"
+    e = error(dict(good, max_token=5))  # a misspelt field was ignored, the reply ran to the default length
+    assert e["param"] == "max_token" and e["code"] == "unknown_parameter"
+    e = error({k: v for k, v in good.items() if k != "model"})
+    assert e["param"] == "model" and "'huatuo-tiny'" in e["message"]  # was "no model None"
+    assert requests.post(url, json=good).status_code == 200
+
+
+def test_the_command_line_says_in_one_line_what_it_cannot_do_and_logs_a_line_a_request(model_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot serve on 127.0.0.1 port {port}: ")
+    has_ipv6 = socket.has_ipv6 and subprocess.run(["python3", "-c", "import socket; socket.socket(socket.AF_INET6)"
+                                                   ".bind(('::1', 0))"]).returncode == 0
+    host = "::1" if has_ipv6 else "127.0.0.1"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0",
+                             "--host", host], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving 'm' at http://") and "a request names it as its \"model\"" in line, line
+        base = line.split(" at ")[1].split()[0]
+        body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "头痛"}]}
+        assert requests.post(base + "/chat/completions", json=body).status_code == 200
+        with requests.post(base + "/chat/completions", json=dict(body, max_tokens=500, stream=True), stream=True) as r:
+            next(r.iter_content(16))  # and leave mid-stream
+        assert requests.post(base + "/chat/completions", json=body).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    log = proc.stderr.read()
+    assert "Traceback" not in log
+    lines = [l for l in log.splitlines() if '"POST /v1/chat/completions"' in l]
+    assert len(lines) == 3, log  # one a request, the one whose client left too
+    status, tokens, seconds = lines[0].split()[3:6]
+    assert status == "200" and tokens.isdigit() and int(tokens) <= 3 and seconds.endswith("s"), lines[0]
