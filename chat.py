@@ -13,6 +13,7 @@ Works with any checkpoint in the HF layout: ours, or a converted Ziya-LLaMA-13B 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from data.schema import run_main
@@ -78,16 +79,26 @@ def main(argv=None):
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    # Bytes that are not UTF-8 (a terminal in another encoding, a binary file piped in) become
+    # U+FFFD and the chat says so, rather than ending it and the conversation with a traceback.
+    sys.stdin.reconfigure(errors="replace")
+
     def ask(prompt):
         try:
-            return input(prompt)
+            line = input(prompt)
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
             write("\n")
             return None
+        if "\ufffd" in line:
+            write("(part of that line was not UTF-8 text; it is shown to the model as �)\n")
+        return line
 
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    chat(doctor, ask, write)
+    try:
+        chat(doctor, ask, write)
+    except BrokenPipeError:  # `chat.py | head`: the reader has gone, and so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

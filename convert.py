@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from data.schema import refuse_to_replace, run_main
-from model import ModelConfig, write_checkpoint, read_safetensors
+from model import CheckpointError, ModelConfig, check_tensors, expected_shapes, read_safetensors, write_checkpoint
+from tokenizer import Tokenizer
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
 DELTA_REPLACES = ("model.embed_tokens.weight", "lm_head.weight")
@@ -45,7 +46,7 @@ class CheckpointFiles:
                 try:
                     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{index}: not a valid checkpoint index ({e!r})") from None
+                    raise CheckpointError(f"{index}: not a valid checkpoint index ({e!r})") from None
                 self.files = sorted({self.path / f for f in weight_map.values()})
                 self.where = {name: self.path / f for name, f in weight_map.items()}
                 break
@@ -71,11 +72,11 @@ class CheckpointFiles:
                 try:
                     tensors = torch.load(file, map_location="cpu", weights_only=True)
                 except Exception as e:
-                    raise ValueError(f"{file}: cannot read as a PyTorch weights file ({e})") from None
+                    raise CheckpointError(f"{file}: cannot read as a PyTorch weights file ({e})") from None
             except Exception as e:
-                raise ValueError(f"{file}: cannot read as a PyTorch weights file ({e})") from None
+                raise CheckpointError(f"{file}: cannot read as a PyTorch weights file ({e})") from None
             if not isinstance(tensors, dict):
-                raise ValueError(f"{file}: expected a dict of tensors, found {type(tensors).__name__}")
+                raise CheckpointError(f"{file}: expected a dict of tensors, found {type(tensors).__name__}")
         self._cached = (file, tensors)
         return tensors
 
@@ -102,17 +103,43 @@ def read_config(*dirs: Path) -> tuple[dict, Path]:
     raise FileNotFoundError(f"no config.json in {', '.join(str(d) for d in dirs if d is not None)}")
 
 
+def checked(hf: dict, where: Path, groups):
+    """The tensor groups as they stream to the writer, each checked against the config first
+    (names, shapes), and all of them at the end: what is written is a model that loads."""
+    config = ModelConfig.from_hf(hf, source=str(where / "config.json"))
+    expected, seen = expected_shapes(config), {}
+    for group in groups:
+        for name, t in group.items():
+            if name not in expected:
+                raise CheckpointError(f"{where}: unexpected tensor {name!r} (not in the {config.num_hidden_layers}-layer "
+                                      "LLaMA its config.json describes)")
+            if tuple(t.shape) != expected[name]:
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, but config.json implies "
+                                      f"{expected[name]}")
+            seen[name] = tuple(t.shape)
+        yield group
+    check_tensors(config, seen, where)
+
+
+def checked_tokenizer(path: Path | None, hf: dict) -> Path | None:
+    """The tokenizer to copy beside the weights, once it loads and fits the model's vocabulary."""
+    if path is not None:
+        Tokenizer(path).check_model_vocab(hf["vocab_size"], where=f"model of {path.parent / 'config.json'}")
+    return path
+
+
 def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30):
     """Copy a checkpoint's tensors into the safetensors layout, shard by shard."""
     files = CheckpointFiles(src)
     hf, _ = read_config(src)
+    tokenizer = checked_tokenizer(_tokenizer(src), hf)
 
     def groups():
         for file in files.files:
             tensors = files.load(file)
             yield {n: (t if dtype is None else t.to(dtype)) for n, t in tensors.items() if not is_buffer(n)}
 
-    write_checkpoint(out, hf, groups(), tokenizer=_tokenizer(src), max_shard_bytes=max_shard_bytes)
+    write_checkpoint(out, hf, checked(hf, src, groups()), tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
 
 
 def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = None,
@@ -122,10 +149,10 @@ def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = 
     hf, _ = read_config(delta, base)  # the delta's config carries Ziya's vocabulary size
     missing = sorted(n for n in d.names() - b.names() if not is_buffer(n) and n not in DELTA_REPLACES)
     if missing:
-        raise ValueError(f"{base}: base checkpoint lacks {missing[:3]} that the delta {delta} changes")
+        raise CheckpointError(f"{base}: base checkpoint lacks {missing[:3]} that the delta {delta} changes")
     uncovered = sorted(n for n in b.names() - d.names() if not is_buffer(n))
     if uncovered:
-        raise ValueError(f"{delta}: delta lacks {uncovered[:3]}, present in the base {base}")
+        raise CheckpointError(f"{delta}: delta lacks {uncovered[:3]}, present in the base {base}")
 
     def groups():
         for file in d.files:
@@ -139,11 +166,12 @@ def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = 
                     continue
                 bt = b.get(name)
                 if bt.shape != dt.shape:
-                    raise ValueError(f"{name}: base {base} has shape {tuple(bt.shape)}, delta {delta} has {tuple(dt.shape)}")
+                    raise CheckpointError(f"{name}: base {base} has shape {tuple(bt.shape)}, delta {delta} has {tuple(dt.shape)}")
                 merged[name] = (bt.float() + dt.float()).to(target)  # add in fp32, then round once
             yield merged
 
-    write_checkpoint(out, hf, groups(), tokenizer=_tokenizer(delta, base), max_shard_bytes=max_shard_bytes)
+    write_checkpoint(out, hf, checked(hf, delta, groups()), tokenizer=checked_tokenizer(_tokenizer(delta, base), hf),
+                     max_shard_bytes=max_shard_bytes)
 
 
 def _tokenizer(*dirs: Path) -> Path | None:

@@ -15,6 +15,7 @@ Sampling lives in generate.py, the tokenizer in tokenizer.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,6 +33,20 @@ from safetensors.torch import save_file
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
+
+
+class CheckpointError(ValueError):
+    """A model directory or file that cannot be used, the message naming it and why: a command
+    line prints it as one line and exits 2 (data.schema.run_main), as for any input of the user's."""
+
+    for_the_user = True
+
+
+# Bounds a config's sizes must keep (ModelConfig checks them first): far beyond any LLaMA, small
+# enough that a typo cannot make a loader build a model without end.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+          "max_position_embeddings": 1 << 21}
 
 
 @dataclass
@@ -55,7 +70,30 @@ class ModelConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        # Checked before anything is allocated: a config with a billion layers once built layers
+        # without end, and zero heads or a string for a size failed deep inside with a bare
+        # ZeroDivisionError or TypeError. The bounds are far beyond any LLaMA.
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if name == "head_dim" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"{name} must be an integer from 1 to {limit:,}, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be a token id below vocab_size {self.vocab_size}, got {value!r}")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                                 f"({self.num_attention_heads}), or head_dim given")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -76,14 +114,14 @@ class ModelConfig:
         }
         for key, bad in unsupported.items():
             if key in hf and bad(hf[key]):
-                raise ValueError(f"{source}: {key}={hf[key]!r} is not supported by model.py")
+                raise CheckpointError(f"{source}: {key}={hf[key]!r} is not supported by model.py")
         # The RoPE base: older configs write `rope_theta` at the top level, newer ones (transformers
         # 5) nest it in `rope_parameters`. Only the original (un-scaled) RoPE is implemented, and
         # a config may carry both spellings: each is checked, so neither hides a scaling.
         for key in ("rope_parameters", "rope_scaling"):
             rope = hf.get(key) or {}
             if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise ValueError(f"{source}: RoPE scaling {key}={rope!r} is not supported by model.py")
+                raise CheckpointError(f"{source}: RoPE scaling {key}={rope!r} is not supported by model.py")
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         known = {f.name for f in fields(cls)} - {"rope_theta"}
         kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
@@ -92,8 +130,13 @@ class ModelConfig:
         kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads", cls.num_key_value_heads))
         for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if required not in hf:
-                raise ValueError(f"{source}: missing required field {required!r}")
-        return cls(**kwargs, rope_theta=float(theta))
+                raise CheckpointError(f"{source}: missing required field {required!r}")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            raise CheckpointError(f"{source}: rope_theta must be a number, got {theta!r}")
+        try:
+            return cls(**kwargs, rope_theta=float(theta))
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -103,7 +146,7 @@ class ModelConfig:
         try:
             hf = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path))
 
     def to_hf(self) -> dict:
@@ -460,8 +503,17 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight")
         ours = {hf_name(n): n for n in model.state_dict()}
+        shards = checkpoint_shards(path)
+        found = {}
+        for shard, names in shards.items():  # headers only: nothing is read before all of them agree
+            shapes = dict(tensor_shapes(shard))
+            if names is not None and set(names) - set(shapes):
+                absent = sorted(set(names) - set(shapes))
+                raise CheckpointError(f"{shard}: the index assigns {absent[:3]} to this file, but it does not hold them")
+            found.update(shapes)
+        check_tensors(config, found, path)
         loaded = set()
-        for shard, names in checkpoint_shards(path).items():
+        for shard, names in shards.items():
             tensors = {}
             for name, tensor in read_safetensors(shard, names):
                 if name.endswith("rotary_emb.inv_freq"):  # recomputed, never stored by new HF
@@ -469,15 +521,15 @@ class Transformer(nn.Module):
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # a tied head is the embedding; some checkpoints store both
                 if name not in expected:
-                    raise ValueError(f"{shard}: unexpected tensor {name!r} (not in a {config.num_hidden_layers}-layer LLaMA)")
+                    raise CheckpointError(f"{shard}: unexpected tensor {name!r} (not in a {config.num_hidden_layers}-layer LLaMA)")
                 if tuple(tensor.shape) != tuple(expected[name]):
-                    raise ValueError(
+                    raise CheckpointError(
                         f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                         f"but config.json implies {tuple(expected[name])}")
                 if not tensor.is_floating_point():  # casting quantised or integer data would be nonsense
-                    raise ValueError(f"{shard}: tensor {name!r} is {tensor.dtype}, expected floating-point weights")
+                    raise CheckpointError(f"{shard}: tensor {name!r} is {tensor.dtype}, expected floating-point weights")
                 if not torch.isfinite(tensor).all():  # one pass over memory already read: cheap beside the read
-                    raise ValueError(f"{shard}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged")
+                    raise CheckpointError(f"{shard}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged")
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
                 loaded.add(name)
             model.load_state_dict(tensors, strict=False, assign=True)
@@ -485,7 +537,7 @@ class Transformer(nn.Module):
         missing = sorted(set(expected) - loaded)
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ValueError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
+            raise CheckpointError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return model
@@ -556,7 +608,7 @@ def checkpoint_shards(path: Path) -> dict[Path, list[str] | None]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         shards: dict[Path, list[str]] = {}
         for name, file in weight_map.items():
             shards.setdefault(path / file, []).append(name)
@@ -571,6 +623,44 @@ def checkpoint_shards(path: Path) -> dict[Path, list[str] | None]:
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json{hint}")
 
 
+def tensor_shapes(file: Path):
+    """(name, shape) of every tensor in one safetensors file, read from its header alone."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return [(name, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+    except (SafetensorError, OSError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """The HF names and shapes of every tensor a checkpoint of `config` holds."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {hf_name(n): tuple(t.shape) for n, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_tensors(config: ModelConfig, found: dict[str, tuple], where: Path):
+    """Refuse, before any tensor's data is read, a checkpoint whose tensors are not the ones its
+    config implies: a config.json of 1,000 layers over a checkpoint of 40, a shape of another model."""
+    expected = expected_shapes(config)
+    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")
+             and not (config.tie_word_embeddings and k == "lm_head.weight")}
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} (not in the {config.num_hidden_layers}-"
+                              f"layer LLaMA its config.json describes){f'; {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
+    for name, shape in found.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {shape}, but config.json implies {expected[name]}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{where}: checkpoint lacks tensors {missing[:5]}{more}")
+
+
 def read_safetensors(file: Path, names: list[str] | None = None):
     """Yield (name, tensor) from one safetensors file, with errors that name the file."""
     try:
@@ -578,11 +668,11 @@ def read_safetensors(file: Path, names: list[str] | None = None):
             keys = list(f.keys())
             if names is not None and set(names) - set(keys):
                 absent = sorted(set(names) - set(keys))
-                raise ValueError(f"{file}: the index assigns {absent[:3]} to this file, but it does not hold them")
+                raise CheckpointError(f"{file}: the index assigns {absent[:3]} to this file, but it does not hold them")
             for name in keys:
                 yield name, f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+    except (SafetensorError, OSError, OverflowError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
 
 
 def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, max_shard_bytes=5 * 2**30,
@@ -639,6 +729,11 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
             _fsync(tmp / name)
         _apply_umask(tmp)
         _replace_dir(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # said of the checkpoint asked for, not of its temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -646,7 +741,12 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
 
 def _save_shard(directory: Path, i: int, shard: dict):
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
-    save_file(tensors, str(directory / f"shard-{i}"), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(directory / f"shard-{i}"), metadata={"format": "pt"})
+    except SafetensorError as e:  # its own words for a full disk ("No space left" inside a Rust error)
+        if shutil.disk_usage(directory).free < 64 << 20 or "No space left" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory)) from None
+        raise
     _fsync(directory / f"shard-{i}")
 
 
@@ -682,7 +782,7 @@ def _replace_dir(new: Path, path: Path):
         os.rename(new, path)
 
 
-__all__ = ["ModelConfig", "CONFIGS", "load_config", "Transformer", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs",
+__all__ = ["ModelConfig", "CONFIGS", "CheckpointError", "load_config", "Transformer", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs",
            "write_checkpoint", "read_safetensors", "checkpoint_shards"]
 
 if __name__ == "__main__":  # print the named configs' sizes

@@ -26,7 +26,10 @@ its max_tokens) while the batch runs on for the others.
 
 Limits: the server listens on 127.0.0.1 unless --host says otherwise; a bearer key is required
 when the environment variable SERVE_API_KEY is set; a body larger than --max-body is refused
-with 413, and more than --max-concurrent requests at once with 429 (and Retry-After).
+with 413, and more than --max-concurrent requests at once with 429 (and Retry-After); stop
+strings are at most 4 of MAX_STOP_CHARS characters. A client that leaves, streaming or not,
+frees its rows at the next step; a seeded request is reproducible whatever it is batched with
+(a generator per row); each request is one access-log line on stderr.
 """
 
 from __future__ import annotations

@@ -27,6 +27,12 @@ import sentencepiece as spm
 from data.schema import run_main
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used with its model, named; one line on a command line."""
+
+    for_the_user = True
+
+
 class Tokenizer:
     def __init__(self, model_file: str | os.PathLike):
         self.path = Path(model_file)
@@ -35,12 +41,12 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
+            raise TokenizerError(f"{self.path}: not a sentencepiece model ({e})") from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path}: the tokenizer defines no bos or eos piece")
+            raise TokenizerError(f"{self.path}: the tokenizer defines no bos or eos piece")
 
     def __len__(self) -> int:
         return self.sp.get_piece_size()
@@ -60,7 +66,7 @@ class Tokenizer:
 
     def check_model_vocab(self, vocab_size: int, where: str = "model"):
         if vocab_size < len(self):
-            raise ValueError(
+            raise TokenizerError(
                 f"{self.path}: tokenizer has {len(self)} pieces but the {where} embeds only "
                 f"{vocab_size} ids: they do not belong together")
 

@@ -153,7 +153,10 @@ def _train(args, d):
     # resumed run do not depend on the order of --data.
     report = Report()
     sources = read_sources(sorted(args.data, key=file_digest), report, args.format, args.encoding)
-    train_records, val_records, _ = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
+    train_records, val_records, rows = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
+    for row in rows:  # nothing is dropped without a word: the same conversation under another id
+        for _ in range(row["duplicates"]):
+            report.skip("the same conversation as another (normalised text; data.mixing.dedup_key)", row["source"])
     if args.val_data:
         val_records = [r for s in read_sources(args.val_data, report, args.format, args.encoding) for r in s.records]
     train_items = render_all(train_records, tok, args.max_len, report)

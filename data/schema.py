@@ -36,6 +36,8 @@ SFT_SOURCES = ("distilled_instruction", "real_instruction", "distilled_conversat
 class RecordError(ValueError):
     """A record that does not fit its format; the message names the file, line and field."""
 
+    for_the_user = True  # run_main prints it as one line
+
 
 def run_main(main: Callable, argv: list[str] | None = None) -> int:
     """A command line's main(argv), with a user's mistake ending as one line on stderr,
@@ -48,7 +50,9 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
         if not isinstance(e.code, str):
             raise
         message = e.code
-    except RecordError as e:
+    except ValueError as e:  # RecordError, model.CheckpointError: what the user gave, named
+        if not getattr(e, "for_the_user", False):
+            raise
         message = str(e)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         message = f"{e.filename}: {e.strerror.lower()}" if e.filename else str(e)
@@ -98,6 +102,11 @@ def check_messages(messages, where: str, ending: str = "assistant") -> list[dict
             raise RecordError(f"{where}: messages[{i}].role is {m['role']!r}, expected {expected!r} (turns alternate, user first)")
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise RecordError(f"{where}: messages[{i}].content must be a non-empty string")
+        try:
+            m["content"].encode("utf-8")  # a JSON "\ud800" is a lone surrogate, which no tokenizer takes
+        except UnicodeEncodeError as e:
+            raise RecordError(f"{where}: messages[{i}].content is not valid Unicode text (a lone surrogate at "
+                              f"character {e.start})") from None
     last = messages[-1]["role"]
     if ending != "any" and last != ending:
         raise RecordError(f"{where}: the last message is from the {last}, expected the {ending}")

@@ -74,3 +74,19 @@ def test_a_terminal_session(model_dir):
     finally:
         proc.kill()
         os.close(main)
+
+
+def test_bytes_that_are_not_utf8_and_a_reader_that_leaves_end_nothing(model_dir):
+    """Issue 24: non-UTF-8 bytes on stdin crashed the chat and lost the conversation, and
+    `chat.py | head` ended in a BrokenPipe traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+                          input="头痛\n".encode() + b"\xff\xfe\n" + "还有发烧\n".encode(), capture_output=True,
+                          timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr.decode(), proc.stderr.decode()
+    assert "(part of that line was not UTF-8 text" in out
+    assert out.count("<HuatuoGPT>：") == 3  # the conversation went on after the bad line
+    pipeline = subprocess.run(f"{sys.executable} {ROOT / 'chat.py'} --model {model_dir} {' '.join(COMMAND)} | head -c 20",
+                              shell=True, input="头痛\n头痛\n头痛\n", capture_output=True, text=True, timeout=120)
+    assert pipeline.returncode == 0 and "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr, \
+        pipeline.stderr

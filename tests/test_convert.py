@@ -37,8 +37,8 @@ def random_state(vocab, seed):
 
 @pytest.fixture
 def base_and_delta(tmp_path, tokenizer_file):
-    base, base_cfg = random_state(vocab=101, seed=1)  # "LLaMA": its own vocabulary
-    delta, delta_cfg = random_state(vocab=120, seed=2)  # "Ziya": a larger vocabulary
+    base, base_cfg = random_state(vocab=401, seed=1)  # "LLaMA": its own vocabulary
+    delta, delta_cfg = random_state(vocab=420, seed=2)  # "Ziya": a larger one, for its 400-piece tokenizer
     write_bin_dir(tmp_path / "base", base, base_cfg, shards=3)
     write_bin_dir(tmp_path / "delta", delta, delta_cfg, shards=2, tokenizer=tokenizer_file)
     return tmp_path, base, delta
@@ -48,7 +48,7 @@ def test_delta_merge(base_and_delta):
     tmp, base, delta = base_and_delta
     apply_delta(tmp / "base", tmp / "delta", tmp / "out", max_shard_bytes=40_000)
     merged = Transformer.from_pretrained(tmp / "out", dtype=torch.float16)
-    assert merged.config.vocab_size == 120
+    assert merged.config.vocab_size == 420
     got = {hf_name(k): v for k, v in merged.state_dict().items()}
     for name in delta:
         if name in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -429,3 +429,54 @@ def test_a_log_without_a_progress_bar_gets_progress_lines(tmp_path, monkeypatch,
     printed = capsys.readouterr().out
     assert re.search(r"^step 2/3: loss \d+\.\d{4}, lr [0-9.e+-]+, \d+ s so far, about \d+ s to go$", printed, re.M)
     assert "step 1/3:" not in printed and "step 3/3:" not in printed
+
+
+def test_a_state_changed_since_it_was_saved_is_refused_naming_the_file(tmp_path, monkeypatch):
+    """Issue 24: one flipped exponent bit in state/__0_0.distcp made a weight 1e37 and --resume
+    wrote it into final/; a changed digit of "step" in trainer.json was accepted."""
+    in_process(monkeypatch, tmp_path, "--max-steps", "2", "--save-every", "2")
+    state = tmp_path / "state"
+    resume = ["--max-steps", "3", "--allow-change", "max-steps", "--resume"]
+    shard = next(state.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    original = bytes(data)
+    data[len(data) // 2] ^= 0x40  # one bit, in the middle of the tensors
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=rf"^{shard}: not the file that was saved \(its digest differs\)"):
+        in_process(monkeypatch, tmp_path, *resume)
+    shard.write_bytes(original)
+    trainer = state / "trainer.json"
+    saved = trainer.read_text()
+    trainer.write_text(saved.replace('"step": 2', '"step": 1'))
+    with pytest.raises(SystemExit, match=rf"^{trainer}: its contents are not what was saved"):
+        in_process(monkeypatch, tmp_path, *resume)
+    trainer.write_text(saved[: len(saved) // 2])  # torn
+    with pytest.raises(SystemExit, match=rf"^{trainer}: not a state this project wrote, or a damaged one"):
+        in_process(monkeypatch, tmp_path, *resume)
+    trainer.write_text(saved)
+    in_process(monkeypatch, tmp_path, *resume)  # the state as saved resumes
+    assert len(losses(tmp_path)) == 3
+
+
+def test_duplicates_are_counted_and_a_lone_surrogate_is_named(tmp_path, monkeypatch, capsys):
+    """Issue 24: 64 records of which 32 repeat others under new ids trained on 32 and said
+    nothing; a lone surrogate (JSON "\\ud800") in a record was a sentencepiece RuntimeError
+    with no file or line."""
+    import train_sft
+    from data.schema import run_main
+
+    rows = [{"id": f"r{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天了"},
+                                                        {"role": "assistant", "content": f"多休息{i}。"}]}
+            for i in range(32)]
+    rows += [dict(r, id=r["id"] + "-again") for r in rows]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train_sft.main(["--data", str(data), "--out", str(tmp_path / "run"), *COMMON, "--max-steps", "1"])
+    assert "skipped 32 record(s): the same conversation as another" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    lone = json.dumps(rows[1], ensure_ascii=False).replace("头", "\\ud800")  # as JSON spells a lone surrogate
+    bad.write_text(json.dumps(rows[0]) + "\n" + lone + "\n", encoding="utf-8")
+    assert run_main(train_sft.main, ["--data", str(bad), "--out", str(tmp_path / "bad"), *COMMON]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {bad}:2: messages[0].content is not valid Unicode text (a lone "
+                                               "surrogate at character 0)")
