@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from data.schema import run_main
+from safety import run_main
 from data.template import DOCTOR_TAG, PATIENT_TAG
 from evaluate import Doctor
 from generate import add_device_args, add_sampling_args, device_and_dtype

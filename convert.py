@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data.schema import refuse_to_replace, run_main
+from safety import refuse_to_replace, run_main
 from model import CheckpointError, ModelConfig, check_tensors, expected_shapes, read_safetensors, write_checkpoint
 from tokenizer import Tokenizer
 

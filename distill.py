@@ -26,7 +26,8 @@ from pathlib import Path
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, PROMPTS, APIError, ChatClient, Reject,
                       dialogue_text, fill, prompt, run_jobs)
 from data.readers import add_input_args, read
-from data.schema import Report, check_prompt, claim_output, file_digest, load_jsonl, run_main
+from data.schema import Report, check_prompt, load_jsonl
+from safety import claim_output, file_digest, run_main
 
 SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instructions.jsonl"
 SEEDS_PER_CALL = 3  # human-written examples shown in each generation call (self-instruct)
@@ -319,7 +320,7 @@ PROMPTS_USED = {"instructions": ["a1_self_instruct", "a1_role_answer"], "convers
 
 
 def distill_setup(args, sampling: dict) -> tuple[dict, dict]:
-    """What makes this command's records what they are (data.schema.claim_output)."""
+    """What makes this command's records what they are (safety.claim_output)."""
     source = Path(args.input) if args.input else SEEDS
     setup = {"command": args.command, "input": file_digest(source), "model": args.model, **sampling,
              "seed": args.seed, "max_rounds": args.max_rounds if args.command == "conversations" else None}

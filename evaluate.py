@@ -32,8 +32,8 @@ from tqdm import tqdm
 from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
                       run_jobs)
 from data.readers import add_input_args, read
-from data.schema import (claim_output, file_digest, finished_ids, load_jsonl, model_digest, refuse_to_replace, run_main,
-                         setup_record)
+from data.schema import finished_ids, load_jsonl
+from safety import claim_output, file_digest, model_digest, refuse_to_replace, run_main, setup_record
 from data.template import render
 from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
 from metrics import compute_metrics

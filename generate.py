@@ -28,10 +28,12 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
-from data.schema import run_main
+from data.template import pad_batch
 from model import KVCache, Transformer, token_logprobs
+from safety import run_main
 from tokenizer import StreamDecoder, Tokenizer
 
 
@@ -102,11 +104,9 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     compiled = getattr(model, "compile_decoding", False)  # PPO samples from its policy-with-value wrapper
     if compiled:  # a static cache, whole buckets of columns: one compilation serves many lengths
         total = min(-(-total // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings)
-    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, total), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):P] = 1
+    tokens, mask = pad_batch(prompts, pad_id, left=True)  # every row's next token in column P
+    tokens = F.pad(tokens, (0, total - P), value=pad_id).to(device)  # the columns generation fills
+    mask = F.pad(mask, (0, total - P)).to(device)
     padded = any(len(p) < P for p in prompts)
     seen = None
     if repetition_penalty != 1.0:

@@ -7,6 +7,8 @@ on Chinese. This file holds everything needed to run such a model:
     Transformer      embed -> layers -> norm -> lm_head, with a preallocated KV cache
     from_pretrained  config.json + (sharded) safetensors -> Transformer, streamed shard by shard
     save_pretrained  the reverse, atomically, in the layout `transformers` opens unchanged
+    RewardModel      the trunk and a scalar head read at the reply's eos (train_rm.py)
+    PolicyWithValue  the policy and a value head, its frozen bottom and trainable top (train_ppo.py)
 
 Module and tensor names follow Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...),
 so a checkpoint maps onto this model by adding the prefix `model.` (see `hf_name`).
@@ -28,7 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors, save as save_safetensors, save_file
+
+from data.template import pad_batch
+from safety import replace_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,7 +42,7 @@ from safetensors.torch import save_file
 
 class CheckpointError(ValueError):
     """A model directory or file that cannot be used, the message naming it and why: a command
-    line prints it as one line and exits 2 (data.schema.run_main), as for any input of the user's."""
+    line prints it as one line and exits 2 (safety.run_main), as for any input of the user's."""
 
     for_the_user = True
 
@@ -597,6 +602,147 @@ def hf_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The models built on it: the reward model (train_rm.py) and the policy with its value head (train_ppo.py)
+
+TRAINABLE_BLOCKS = 2  # paper App. E: "only the parameters of the last two layers are updated" in RL
+
+
+class RewardModel(nn.Module):
+    """A LLaMA trunk and a scalar head read at the last real token (the reply's eos)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.trunk = Transformer(config)
+        self.trunk.lm_head.requires_grad_(False)  # kept for the HF layout, never used for rewards
+        self.score_head = nn.Linear(config.hidden_size, 1, bias=False)
+
+    @property
+    def layers(self):
+        return self.trunk.layers
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """tokens, attention_mask (B, T) -> rewards (B,), read at each row's last real token."""
+        hidden = self.trunk(tokens, attention_mask, output="hidden")
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # left or right padding
+        h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
+        return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
+
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
+        sd = self.state_dict() if state_dict is None else state_dict
+        trunk = {k.removeprefix("trunk."): v for k, v in sd.items() if k.startswith("trunk.")}
+        head = save_safetensors({"weight": sd["score_head.weight"].detach().cpu().contiguous()})
+        meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
+        self.trunk.save_pretrained(path, tokenizer=tokenizer, state_dict=trunk, extra_files={
+            "score_head.safetensors": head, "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
+
+    def scorer(self) -> "RewardModel":
+        """This model without its LM head, which a score never reads (kept in a checkpoint for
+        the HF layout): 0.4 GB less on every rank of PPO at 13B. It can score, not be saved."""
+        if not self.config.tie_word_embeddings:
+            self.trunk.lm_head = None
+        return self
+
+    def score_ids(self, prompts: list[list[int]], responses: list[list[int]], *, eos_id: int,
+                  pad_id: int) -> torch.Tensor:
+        """Rewards (B,) of responses given as token ids after their prompts' ids, exactly as the
+        policy produced them. A response is scored at its eos, the token the head was trained
+        to read. One without eos (cut off at max_new_tokens) gets one appended: it is scored as
+        if it ended there, as a text reply always is (render_reply closes every reply with
+        eos); whether to penalise it is the caller's choice, who knows it was cut (PPO does)."""
+        device = next(self.parameters()).device
+        seqs = [p + r + ([] if r and r[-1] == eos_id else [eos_id]) for p, r in zip(prompts, responses)]
+        limit = self.config.max_position_embeddings
+        if max(map(len, seqs)) > limit:
+            raise ValueError(f"a prompt + response + eos of {max(map(len, seqs))} tokens exceeds the reward "
+                             f"model's context of {limit}")
+        tokens, mask = pad_batch(seqs, pad_id)
+        return self(tokens.to(device), mask.to(device))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        trunk = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        head_file = Path(path) / "score_head.safetensors"
+        if not head_file.is_file():
+            raise FileNotFoundError(f"{head_file}: not a reward model checkpoint (no score head)")
+        with torch.device("meta"):
+            rm = cls(trunk.config)
+        rm.trunk = trunk
+        rm.trunk.lm_head.requires_grad_(False)
+        weight = load_safetensors(head_file.read_bytes())["weight"].to(dtype)
+        if weight.shape != (1, trunk.config.hidden_size):
+            raise ValueError(f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})")
+        rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype, device=device)
+        rm.score_head.weight.data.copy_(weight)
+        return rm
+
+
+class PolicyWithValue(nn.Module):
+    """PPO's policy (a LLaMA) and a value head on its final hidden state, as one module so that
+    FSDP wraps both. The embedding and the blocks below `split` are frozen (paper App. E: only
+    the last TRAINABLE_BLOCKS are updated in RL). Three ways to run it:
+
+        forward  the whole policy: logits (generation; tokens, attention_mask, cache, start)
+        bottom   the frozen embedding and blocks [0, split): the residual stream entering split
+        top      blocks [split, L), the norm, the head and the value head on that stream:
+                 (logits, values) per position (of `positions` only, when given)
+
+    bottom and top run through forward (see there), each returning one kind of thing."""
+
+    def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
+        super().__init__()
+        self.policy = policy
+        self.split = policy.config.num_hidden_layers - trainable_blocks
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, bias=False)
+        policy.embed_tokens.requires_grad_(False)
+        for layer in policy.layers[: self.split]:
+            layer.requires_grad_(False)
+        if policy.config.tie_word_embeddings:  # a tied head is the embedding, which stays frozen
+            policy.lm_head.requires_grad_(False)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def layers(self):
+        return self.policy.layers
+
+    def bottom(self, tokens, attention_mask=None) -> torch.Tensor:
+        """The residual stream entering block `split`, (B, T, hidden), without the value head."""
+        return self(tokens, attention_mask, part="bottom")
+
+    def top(self, hidden, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values) per position of `hidden` (of `positions` only, when given)."""
+        return self(hidden=hidden, attention_mask=attention_mask, positions=positions, part="top")
+
+    def forward(self, tokens=None, attention_mask=None, *, hidden=None, cache=None, start=0, positions=None,
+                part: str = "policy"):
+        """The policy's logits; bottom() and top() come through here too, so that every part
+        runs under nn.Module.__call__, where FSDP gathers the root's weights and where torch's
+        FSDPMemTracker (plan.py) sees it. (FSDP2's register_fsdp_forward_method would spare the
+        switch, but the tracker does not see a method registered that way: a KeyError in its
+        backward hook, tried.)"""
+        if part == "bottom":
+            return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
+        if part == "top":
+            h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden",
+                            positions=positions)
+            return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
+        return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
+
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
+        sd = self.state_dict() if state_dict is None else state_dict
+        policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
+        head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})
+        self.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=policy,
+                                    extra_files={"value_head.safetensors": head})
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoint files (shared by save_pretrained, convert.py and the trainers)
 
 
@@ -728,7 +874,7 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
             (tmp / name).write_bytes(data)
             _fsync(tmp / name)
         _apply_umask(tmp)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # said of the checkpoint asked for, not of its temporary
@@ -771,19 +917,9 @@ def _apply_umask(directory: Path):
         os.chmod(f, 0o666 & ~mask)
 
 
-def _replace_dir(new: Path, path: Path):
-    """Move a finished directory to `path`; an existing one is moved aside first, then removed."""
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, old / "d")
-        os.rename(new, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(new, path)
-
-
-__all__ = ["ModelConfig", "CONFIGS", "CheckpointError", "load_config", "Transformer", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs",
-           "write_checkpoint", "read_safetensors", "checkpoint_shards"]
+__all__ = ["ModelConfig", "CONFIGS", "CheckpointError", "load_config", "Transformer", "RewardModel", "PolicyWithValue",
+           "TRAINABLE_BLOCKS", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs", "write_checkpoint",
+           "read_safetensors", "checkpoint_shards"]
 
 if __name__ == "__main__":  # print the named configs' sizes
     for name, cfg in CONFIGS.items():

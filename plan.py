@@ -5,7 +5,7 @@
     python train_rm.py  --model ziya-13b --dry-run [--simulate]
     python train_ppo.py --policy ziya-13b --dry-run [--simulate]
 
-Measured means the trainer's own step at full size: training.accumulate with the trainer's loss
+Measured means the trainer's own step at full size: the trainer's train_step (its loss
 and AdamW for SFT and the reward model; for PPO a round as train_ppo.py runs it (the rollout with
 the policy kept gathered, the reward model's scoring, the experience pass, an update step).
 They run on fake tensors (torch's FakeTensorMode: every tensor has its shape, dtype and device
@@ -141,26 +141,26 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
 # -- SFT and the reward model: optimizer steps ---------------------------------------------------------------
 
 
-def simulate_training(make_model, loss_sum, *, world: int, **kwargs) -> Measurement:
+def simulate_training(make_model, train_step, *, world: int, **kwargs) -> Measurement:
     """measure_training on rank 0 of `world` fake ranks, on fake tensors."""
     with fake_ranks(world) as (d, mesh):
-        return measure_training(d, mesh, make_model, loss_sum, **kwargs)
+        return measure_training(d, mesh, make_model, train_step, **kwargs)
 
 
-def measure_training(d, mesh, make_model, loss_sum, *, micro_batch: int, units_per_step: int = 2, bf16: bool = True,
+def measure_training(d, mesh, make_model, train_step, *, micro_batch: int, units_per_step: int = 2, bf16: bool = True,
                      grad_sync: str = "every", lr: float = 1e-5, weight_decay: float = 0.1,
                      grad_clip: float = 1.0) -> Measurement:
     """The peak of a training step on this rank (`d`): the model make_model() builds (with
     .layers) sharded as the trainers shard it, then optimizer steps of a global batch that
     gives every rank `units_per_step` micro-batches of `micro_batch` items (the second
     micro-batch finds the first's gradients held, all that a longer accumulation holds).
-    loss_sum(model, n) is the trainer's summed loss of one micro-batch of n items, as
-    training.accumulate calls it. The first step runs untracked: it makes Adam's state, as
+    train_step(model, d, n, micro_batch=, grad_clip=, grad_sync=) is the trainer's own
+    (train_sft.train_step, train_rm.train_step) on a global batch of n items. The first step runs untracked: it makes Adam's state, as
     every step of a run but the first finds it, and it warms the caches of DTensor's sharding
     rules, whose first use the tracker would otherwise count (tracked, it came out 8% high on
     the tiny model in a fresh process, and the same as every later run after it). The second
     step is tracked. Real ranks and tensors work the same (tests compare the two)."""
-    from training import accumulate, make_optimizer, shard
+    from training import make_optimizer, shard
 
     with torch.device("meta"):
         model = make_model()
@@ -172,8 +172,7 @@ def measure_training(d, mesh, make_model, loss_sum, *, micro_batch: int, units_p
     batch = list(range(d.world * micro_batch * units_per_step))
 
     def step(items):
-        accumulate(model, d, items, micro_batch, lambda chunk: loss_sum(model, len(chunk)), len(items),
-                   grad_clip=grad_clip, grad_sync=grad_sync)
+        train_step(model, d, len(items), micro_batch=micro_batch, grad_clip=grad_clip, grad_sync=grad_sync)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -227,7 +226,7 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     import train_ppo
     from generate import decode_steps
     from model import allocate
-    from train_rm import RewardModel
+    from model import RewardModel
     from training import gathered, make_optimizer
 
     compute = torch.bfloat16 if bf16 else torch.float32
@@ -345,7 +344,7 @@ def block_activation_bytes(config, act_bytes: int) -> int:
 
 
 def gradient_bytes(n_params: int, *, world: int, grad_sync: str) -> float:
-    """Gradient bytes a rank holds between micro-batches (see training.accumulate): its fp32
+    """Gradient bytes a rank holds between micro-batches (see train_sft.train_step): its fp32
     shard when gradients are reduce-scattered every micro-batch, the whole unsharded fp32
     gradient when they are kept until the last one."""
     return 4 * n_params / world if grad_sync == "every" else 4 * n_params
@@ -403,7 +402,7 @@ def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: i
     activations  a micro-batch through the top blocks only (the bottom runs without gradient,
                block_activation_bytes), plus the logits (fp32 copy and log-softmax)
     """
-    h, f, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    h, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     n = config.num_params()
     head = v * h * (1 if config.tie_word_embeddings else 2)
     block = (n - head - h) // L
@@ -555,8 +554,8 @@ def lm_dry_run(args, kind: str):
                                                                             "in one forward)" if kind == "rm" else ""))
     print(f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
           f" (--grad-sync {args.grad_sync})")
-    print(f"the memory model, per-rank GiB (states: fp32 weights and Adam moments; grads: the gradient a rank holds "
-          f"between micro-batches; in-flight: the gathered blocks):")
+    print("the memory model, per-rank GiB (states: fp32 weights and Adam moments; grads: the gradient a rank holds "
+          "between micro-batches; in-flight: the gathered blocks):")
     print(f"per-rank GiB    states  grads  in-flight   activations AC off | on     total AC off | on   "
           f"fits in {args.gpu_memory_gb:g} GiB")
     micros = (1, 2, 4, 8, 16)
@@ -573,13 +572,13 @@ def lm_dry_run(args, kind: str):
     print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
           f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
     if args.simulate:
-        print(f"\nsimulated: {'train_sft.token_loss_sum' if kind == 'sft' else 'train_rm.pairs_loss'} through "
-              f"training.accumulate and AdamW on fake tensors over {args.world_size} fake ranks; FSDPMemTracker's "
+        print(f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
+              f"{args.world_size} fake ranks; FSDPMemTracker's "
               f"peak on a rank, GiB:")
         rows = []
         for micro in args.simulate_micro_batches or micros:
             for ac in (False, True):
-                m = simulate_training(lambda: _lm(config, kind, ac), lambda model, n: _lm_loss(model, kind, n, seq),
+                m = simulate_training(lambda: _lm(config, kind, ac), lm_step(kind, seq),
                                       world=args.world_size, micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
                 modelled = models.get(micro, [None, None])[ac]
                 vs = f"{100 * (modelled['total'] * GIB / m.total - 1):+.0f}%" if modelled else "-"
@@ -624,25 +623,28 @@ TABLE3_CONVERSATIONS = 61_400 + 69_768 + 68_888 + 25_986
 
 
 def _lm(config, kind: str, activation_checkpointing: bool):
-    from model import Transformer
-    from train_rm import RewardModel
+    from model import RewardModel, Transformer
 
     model = Transformer(config) if kind == "sft" else RewardModel(config)
     (model if kind == "sft" else model.trunk).activation_checkpointing = activation_checkpointing
     return model
 
 
-def _lm_loss(model, kind: str, n: int, seq: int):
-    """The trainer's own loss of n items of `seq` tokens (the worst case: every one full)."""
+def lm_step(kind: str, seq: int):
+    """The trainer's own step (train_sft.train_step, train_rm.train_step) on n items of `seq`
+    tokens (the worst case: every one full), as measure_training calls it."""
     from data.template import Rendered
 
-    if kind == "sft":
-        from train_sft import batch_loss
+    def step(model, d, n, **kw):
+        if kind == "sft":
+            from train_sft import train_step
 
-        return batch_loss(model, [Rendered([3] * (seq + 1), [3] * (seq + 1))] * n, 0, "cpu")
-    from train_rm import pairs_loss
+            return train_step(model, d, [Rendered([3] * (seq + 1), [3] * (seq + 1))] * n, pad_id=0, **kw)
+        from train_rm import train_step
 
-    return pairs_loss(model, [{"chosen_ids": [3] * seq, "rejected_ids": [4] * seq}] * n, 0, "cpu")
+        return train_step(model, d, [{"chosen_ids": [3] * seq, "rejected_ids": [4] * seq}] * n, pad_id=0,
+                          margin=0.0, **kw)
+    return step
 
 
 def add_plan_args(p, *, items_help: str | None = None, length_flag: str = "--plan-tokens-per-item",

@@ -41,7 +41,8 @@ import serve
 import train_ppo
 import train_rm
 import train_sft
-from data.schema import load_jsonl, refuse_to_replace, run_main
+from data.schema import load_jsonl
+from safety import refuse_to_replace, run_main
 from plots import judged, svg_grouped_bars, svg_panels, svg_win_tie_loss
 
 ROOT = Path(__file__).resolve().parent

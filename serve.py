@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from data.schema import run_main
+from safety import run_main
 from data.template import render
 from chat_api import _loopback
 from generate import ReplyText, add_device_args, decode_steps, device_and_dtype, load

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from data.schema import run_main
+from safety import run_main
 
 
 class TokenizerError(ValueError):

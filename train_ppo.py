@@ -54,23 +54,21 @@ import random
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from data.readers import add_input_args, read
-from data.schema import Report, file_digest, run_main
-from data.template import render
+from data.schema import Report
+from data.template import pad_batch, render
 from generate import generate
-from model import Transformer, allocate, token_logprobs
-from train_rm import RewardModel
+from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import add_plan_args, ppo_dry_run
-from training import (HelpFormatter, MetricsLog, Timer, TrainState, accumulate, add_run_args, gathered, load_model,
-                      load_sharded, make_optimizer, micro_batches, model_setup, run_distributed, run_setup, save_hf, shard)
+from safety import file_digest, model_fingerprint, run_fingerprint, run_main
+from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, gathered, grad_norm_and_clip,
+                      load_model, load_sharded, make_optimizer, micro_batches, run_distributed, save_hf, shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -79,7 +77,7 @@ ROLLOUT_SIZE = 64  # "rollout size 64": experiences collected before each round 
 CHUNK_SIZE = 8  # "chunk size 8": prompts generated together
 PPO_EPOCHS = 4  # "4 PPO epochs" over each rollout
 INIT_KL_COEF = 0.1  # "the initial KL divergence coefficient is set at 0.1"
-TRAINABLE_BLOCKS = 2  # "only the parameters of the last two layers are updated"
+# TRAINABLE_BLOCKS = 2 (model.py, beside the policy it shapes): "only the parameters of the last two layers are updated"
 # Where the paper is silent: trlx (CarperAI/trlx), which HuatuoGPT used, as it stood when the
 # paper appeared: main at commit 355c974 (11 May 2023), its last before the paper (24 May).
 TRLX_COMMIT = "355c974"
@@ -110,51 +108,6 @@ UNFINISHED_PENALTY = 0.0  # added to the score of a response cut at --max-new-to
 # -- the model: policy + value head, and the reference top --------------------------------------------
 
 
-class PolicyWithValue(nn.Module):
-    """The policy (a LLaMA) and a value head on its final hidden state, as one module so that
-    FSDP wraps both. Blocks below `split` and the embedding are frozen. forward's `part`:
-
-        "logits"  the whole policy (generation; tokens, attention_mask, cache, start)
-        "bottom"  the frozen embedding and blocks [0, split): the residual stream entering split
-        "top"     blocks [split, L), norm, head on `hidden`: (logits, values) per position (of
-                  `positions` only, when given)
-    """
-
-    def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
-        super().__init__()
-        self.policy = policy
-        self.split = policy.config.num_hidden_layers - trainable_blocks
-        self.value_head = nn.Linear(policy.config.hidden_size, 1, bias=False)
-        policy.embed_tokens.requires_grad_(False)
-        for layer in policy.layers[: self.split]:
-            layer.requires_grad_(False)
-        if policy.config.tie_word_embeddings:  # a tied head is the embedding, which stays frozen
-            policy.lm_head.requires_grad_(False)
-
-    @property
-    def config(self):
-        return self.policy.config
-
-    @property
-    def layers(self):
-        return self.policy.layers
-
-    def forward(self, tokens=None, attention_mask=None, *, part: str = "logits", hidden=None, cache=None, start=0,
-                positions=None):
-        if part == "logits":
-            return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
-        if part == "bottom":
-            return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
-        h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden",
-                        positions=positions)
-        return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
-
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
-        sd = self.state_dict() if state_dict is None else state_dict
-        policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
-        head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})
-        self.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=policy,
-                                    extra_files={"value_head.safetensors": head})
 
 
 def sft_name(name: str, split: int) -> str:
@@ -279,14 +232,10 @@ def batch_tensors(exps: list[Experience], pad_id: int, device):
     """Prompts left-padded and responses right-padded to the micro-batch's widths: (tokens,
     mask, P, R). The response of row i is tokens[i, P:P + len]; position P − 1 + t predicts its
     t-th token and holds V(s_t)."""
-    P, R = max(len(e.prompt) for e in exps), max(len(e.response) for e in exps)
-    tokens = torch.full((len(exps), P + R), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(exps), P + R), dtype=torch.long)
-    for i, e in enumerate(exps):
-        tokens[i, P - len(e.prompt):P] = torch.tensor(e.prompt)
-        tokens[i, P:P + len(e.response)] = torch.tensor(e.response)
-        mask[i, P - len(e.prompt):P + len(e.response)] = 1
-    return tokens.to(device), mask.to(device), P, R
+    prompts, prompt_mask = pad_batch([e.prompt for e in exps], pad_id, left=True)
+    responses, response_mask = pad_batch([e.response for e in exps], pad_id)
+    tokens, mask = torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1)
+    return tokens.to(device), mask.to(device), prompts.shape[1], responses.shape[1]
 
 
 @torch.no_grad()
@@ -298,7 +247,7 @@ def keep_trunk(model, exps: list[Experience], pad_id: int, device):
     computed once, here, in batches of any size (their padding changes nothing at the real
     positions), and every forward of the round starts from it (response_outputs)."""
     tokens, mask, P, _ = batch_tensors(exps, pad_id, device)
-    hidden = model(tokens, mask, part="bottom")
+    hidden = model.bottom(tokens, mask)
     for row, e in enumerate(exps):
         e.trunk = hidden[row, P - len(e.prompt):P + len(e.response)].clone()
 
@@ -318,10 +267,10 @@ def response_outputs(model, exps, pad_id, device, *, ref=None):
             hidden[row, P - len(e.prompt):P + len(e.response)] = e.trunk
     else:
         with torch.no_grad():
-            hidden = model(tokens, mask, part="bottom")
+            hidden = model.bottom(tokens, mask)
     # Only the positions that predict a response token reach the final norm and the heads.
     span = slice(P - 1, P + R - 1)
-    logits, values = model(part="top", hidden=hidden, attention_mask=mask, positions=span)
+    logits, values = model.top(hidden, mask, positions=span)
     targets = tokens[:, P:P + R]
     out = {"logp": token_logprobs(logits, targets), "values": values.float(), "mask": mask[:, P:P + R]}
     if ref is not None:
@@ -389,8 +338,9 @@ class PromptStream:
 # -- one round --------------------------------------------------------------------------------------------
 
 
-def gather(items: list, d) -> list:
-    """Every rank's list, concatenated in rank order, on every rank."""
+def all_gather_list(items: list, d) -> list:
+    """Every rank's list of Python objects, concatenated in rank order, on every rank (the sampled
+    token ids: a few bytes a token; no tensor goes through an object collective)."""
     if d.world == 1:
         return items
     parts = [None] * d.world
@@ -417,7 +367,7 @@ def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Exper
     model.train()
     score_round(rm, exps, tok, args)
     seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
-    ordered = gather([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
+    ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
     return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 
 
@@ -510,31 +460,32 @@ def update(model, opt, kl: "AdaptiveKL", exps: list[Experience], batches: list[l
 
 def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args, d, totals: dict) -> int:
     """One optimizer step on the minibatch `batch` (indices into exps): the PPO loss of its
-    response tokens, micro-batch by micro-batch on this rank's share, divided by the
-    minibatch's response tokens on all ranks. Adds the loss statistics (sums, tensors) to
-    `totals`; returns the minibatch's response tokens."""
-
-    def loss_sum(chunk):
+    response tokens, micro-batch by micro-batch on this rank's share, then the clip and the
+    step. Adds the loss statistics (sums, tensors) to `totals`; returns the minibatch's
+    response tokens (on all ranks: every rank knows the whole round)."""
+    n_tokens = sum(len(exps[i].response) for i in batch)
+    chunks = micro_batches(batch, d, args.micro_batch_size)
+    for k, chunk in enumerate(chunks):
+        # --grad-sync every: reduce-scatter each micro-batch's gradient at once (train_sft.train_step).
+        model.set_requires_gradient_sync(args.grad_sync == "every" or k == len(chunks) - 1)
         mine = [exps[i] for i in chunk]
-        out = response_outputs(model, mine, tok.pad_id, d.device)
+        out = response_outputs(model, mine, tok.pad_id, d.device)  # the top on the kept trunk, with gradients
         width = out["logp"].shape[1]
-
-        def padded(name):
-            rows = [getattr(e, name) for e in mine]
-            return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).to(d.device)
-
-        loss, stats = ppo_loss_sum(out["logp"], padded("logp"), out["values"], padded("values"),
-                                   padded("advantages"), padded("returns"), out["mask"], clip=args.clip_ratio,
-                                   clip_value=args.clip_value, vf_coef=args.vf_coef)
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v
-        return loss
-
-    n = sum(len(exps[i].response) for i in batch)
-    accumulate(model, d, batch, args.micro_batch_size, loss_sum, n, grad_clip=args.grad_clip, grad_sync=args.grad_sync)
+        old = {name: torch.stack([nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in mine])
+               for name in ("logp", "values", "advantages", "returns")}  # the experience pass's, padded alike
+        loss_sum, stats = ppo_loss_sum(out["logp"], old["logp"], out["values"], old["values"], old["advantages"],
+                                       old["returns"], out["mask"], clip=args.clip_ratio, clip_value=args.clip_value,
+                                       vf_coef=args.vf_coef)
+        # FSDP averages gradients over ranks; scaling by the world size makes that a sum, so the
+        # gradient is that of (summed token losses) / (response tokens of the whole minibatch):
+        # 1 rank and N ranks take the same step.
+        (loss_sum * d.world / n_tokens).backward()
+        for name, v in stats.items():
+            totals[name] = totals.get(name, 0.0) + v
+    grad_norm_and_clip(model, args.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return n
+    return n_tokens
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -618,12 +569,9 @@ def _train(args, d):
     kl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
-    setup = ppo_setup(args)
-    if d.main:
-        state.recover()
-    d.barrier()
+    fingerprint = ppo_fingerprint(args)
     round_no = step = 0
-    trainer = state.resume(args, setup, model, opt)
+    trainer = state.resume(args, fingerprint, model, opt)
     if trainer:
         round_no, step, kl.value = trainer["round"], trainer["step"], trainer["kl_coef"]
         stream.load_state_dict(trainer["prompts"])
@@ -660,19 +608,19 @@ def _train(args, d):
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
         if round_no % args.save_every == 0 or round_no == rounds:
             state.save(model, opt, {"round": round_no, "step": step, "kl_coef": kl.value,
-                                    "prompts": stream.state_dict(), "setup": setup})
+                                    "prompts": stream.state_dict(), "setup": fingerprint})
     bar.close()
     save_hf(model, out / "final", tok.path, d)
     if d.main:
         print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
 
 
-def ppo_setup(args) -> dict:
-    """What defines a PPO run (training.check_setup refuses a resume with another)."""
+def ppo_fingerprint(args) -> dict:
+    """What defines a PPO run (safety.check_fingerprint refuses a resume with another)."""
     keys = ("max_steps", "rollout_size", "chunk_size", "batch_size", "ppo_epochs", "lr", "weight_decay",
             "init_kl_coef", "kl_target", "kl_horizon", "clip_ratio", "clip_value", "vf_coef", "grad_clip",
             "max_new_tokens", "trainable_blocks", "unfinished_penalty", "seed")
-    return run_setup(args, keys, policy=model_setup(args.policy), reward=model_setup(args.reward),
+    return run_fingerprint(args, keys, policy=model_fingerprint(args.policy), reward=model_fingerprint(args.reward),
                      exclude=sorted(file_digest(f) for f in args.exclude))
 
 

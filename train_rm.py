@@ -32,22 +32,23 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors, save as save_safetensors
 from tqdm import tqdm
 
 from data.mixing import LengthGroupedBatches, dedup_key
 from data.readers import add_input_args, read
-from data.schema import Report, claim_output, file_digest, finished_ids, model_digest, run_main
-from data.template import render, render_reply
+from data.schema import Report, finished_ids
+from data.template import pad_batch, render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
-from model import Transformer
-from tokenizer import Tokenizer
+from model import RewardModel
 from plan import add_plan_args, lm_dry_run
-from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup, shard_and_load,
-                      train_loop)
+from safety import StepGuard, claim_output, file_digest, model_digest, model_fingerprint, run_fingerprint, run_main
+from tokenizer import Tokenizer
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
+                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb, run_distributed,
+                      save_hf, set_lr, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -75,77 +76,6 @@ SAMPLE_BATCH_SIZE = 4
 DISTILLED_SOURCES = ("distilled_instruction", "distilled_conversation")
 
 
-class RewardModel(nn.Module):
-    """A LLaMA trunk and a scalar head read at the last real token (the reply's eos)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.trunk = Transformer(config)
-        self.trunk.lm_head.requires_grad_(False)  # kept for the HF layout, never used for rewards
-        self.score_head = nn.Linear(config.hidden_size, 1, bias=False)
-
-    @property
-    def layers(self):
-        return self.trunk.layers
-
-    @property
-    def config(self):
-        return self.trunk.config
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """tokens, attention_mask (B, T) -> rewards (B,), read at each row's last real token."""
-        hidden = self.trunk(tokens, attention_mask, output="hidden")
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # left or right padding
-        h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
-        return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
-
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
-        sd = self.state_dict() if state_dict is None else state_dict
-        trunk = {k.removeprefix("trunk."): v for k, v in sd.items() if k.startswith("trunk.")}
-        head = save_safetensors({"weight": sd["score_head.weight"].detach().cpu().contiguous()})
-        meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
-        self.trunk.save_pretrained(path, tokenizer=tokenizer, state_dict=trunk, extra_files={
-            "score_head.safetensors": head, "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
-
-    def scorer(self) -> "RewardModel":
-        """This model without its LM head, which a score never reads (kept in a checkpoint for
-        the HF layout): 0.4 GB less on every rank of PPO at 13B. It can score, not be saved."""
-        if not self.config.tie_word_embeddings:
-            self.trunk.lm_head = None
-        return self
-
-    def score_ids(self, prompts: list[list[int]], responses: list[list[int]], *, eos_id: int,
-                  pad_id: int) -> torch.Tensor:
-        """Rewards (B,) of responses given as token ids after their prompts' ids, exactly as the
-        policy produced them. A response is scored at its eos, the token the head was trained
-        to read. One without eos (cut off at max_new_tokens) gets one appended: it is scored as
-        if it ended there, as a text reply always is (render_reply closes every reply with
-        eos); whether to penalise it is the caller's choice, who knows it was cut (PPO does)."""
-        device = next(self.parameters()).device
-        seqs = [p + r + ([] if r and r[-1] == eos_id else [eos_id]) for p, r in zip(prompts, responses)]
-        limit = self.config.max_position_embeddings
-        if max(map(len, seqs)) > limit:
-            raise ValueError(f"a prompt + response + eos of {max(map(len, seqs))} tokens exceeds the reward "
-                             f"model's context of {limit}")
-        tokens, mask = pad_batch(seqs, pad_id)
-        return self(tokens.to(device), mask.to(device))
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        trunk = Transformer.from_pretrained(path, dtype=dtype, device=device)
-        head_file = Path(path) / "score_head.safetensors"
-        if not head_file.is_file():
-            raise FileNotFoundError(f"{head_file}: not a reward model checkpoint (no score head)")
-        with torch.device("meta"):
-            rm = cls(trunk.config)
-        rm.trunk = trunk
-        rm.trunk.lm_head.requires_grad_(False)
-        weight = load_safetensors(head_file.read_bytes())["weight"].to(dtype)
-        if weight.shape != (1, trunk.config.hidden_size):
-            raise ValueError(f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})")
-        rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype, device=device)
-        rm.score_head.weight.data.copy_(weight)
-        return rm
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
@@ -153,15 +83,6 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
     return -F.logsigmoid(chosen - rejected - margin)
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, left: bool = False):
-    """(tokens, attention_mask) for sequences of different lengths."""
-    width = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        span = slice(width - len(s), width) if left else slice(0, len(s))
-        tokens[i, span], mask[i, span] = torch.tensor(s), 1
-    return tokens, mask
 
 
 def pair_rewards(model, pairs: list[dict], pad_id: int, device):
@@ -265,21 +186,90 @@ def _train(args, d):
     del full
     model.train()
 
-    def loss_sum(chunk):
-        return pairs_loss(model, [train_pairs[i] for i in chunk], tok.pad_id, d.device, args.margin)
+    # The schedule, the optimizer and what a resume continues from.
+    steps_per_epoch = len(sampler)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
+    warmup = round(args.warmup_ratio * total)
+    eval_every = args.eval_every or steps_per_epoch
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
+    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), margin=args.margin)
+    start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
+    resumed = state.resume(args, fingerprint, model, opt)
+    if resumed:
+        start, best, guard.saved = resumed["step"], resumed["best"], resumed["step"]
+        sampler.load_state_dict(resumed["sampler"])
+        metrics.truncate_after(start)
+    elif val_pairs:  # where validation starts from
+        v = validation(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
+        metrics.write(step=0, **{k: round(x, 6) for k, x in v.items()}, best=False)
 
-    def validate():
-        if not val_pairs:
-            return {}
-        v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
-        return {"val_accuracy": v["accuracy"], "val_margin": v["margin"]}
+    batches, timer = iter(sampler), Timer()
+    progress = Progress("rm", total, start, d, args.log_every)
+    for step in range(start + 1, total + 1):
+        # 1. The global batch of pairs: the same whatever the number of ranks.
+        batch = [train_pairs[i] for i in next(batches)]
+        # 2. Forward (chosen and rejected together), loss and backward by micro-batch; the clip.
+        loss, grad_norm = map(float, train_step(model, d, batch, micro_batch=args.micro_batch_size, pad_id=tok.pad_id,
+                                                margin=args.margin, grad_clip=args.grad_clip, grad_sync=args.grad_sync))
+        guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
+        # 3. The update, at the step's learning rate.
+        lr = cosine_lr(step, total, args.lr, warmup)
+        set_lr(opt, lr)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # 4. One line of metrics.
+        dt, seen = timer.lap(), sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
+        metrics.write(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
+                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
+                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        progress.step(step, loss, lr)
+        # 5. Validation; best/ keeps the highest held-out accuracy, ties broken by the margin.
+        if val_pairs and (step % eval_every == 0 or step == total):
+            v = validation(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
+            improved = guard.sound(v) and (best is None or (v["val_accuracy"], v["val_margin"]) >
+                                           (best["val_accuracy"], best["val_margin"]))
+            metrics.write(step=step, **{k: round(x, 6) for k, x in v.items()}, best=improved)
+            progress.say(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
+            if improved:
+                best = v
+                save_hf(model, out / "best", tok.path, d)
+        # 6. The resumable state.
+        if step % args.save_every == 0 or step == total:
+            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
+            guard.saved = step
+        timer.lap()  # validation and checkpoints do not count against tokens/s
+    progress.close()
+    save_hf(model, out / "final", tok.path, d)
+    if d.main:
+        kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
+        print(f"done: {total} steps; {kept}final weights in {out / 'final'}")
 
-    train_loop(args, d, model, tok, name="rm", sampler=sampler, loss_sum=loss_sum, n_units=len,
-               n_tokens=lambda batch: sum(len(train_pairs[i]["chosen_ids"]) + len(train_pairs[i]["rejected_ids"])
-                                          for i in batch),
-               validate=validate, score=lambda m: (m["val_accuracy"], m["val_margin"]),  # accuracy, then margin
-               describe=lambda m: f"held-out accuracy {m['val_accuracy']:.3f}, mean margin {m['val_margin']:.3f}",
-               setup=run_setup(args, model=model_setup(args.model), margin=args.margin))
+
+def train_step(model, d, batch: list[dict], *, micro_batch: int, pad_id: int, margin: float, grad_clip: float,
+               grad_sync: str = "every") -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of one global batch of pairs -> (its mean loss, the gradient norm before
+    clipping), 0-d tensors the caller reads (as train_sft.train_step, which says why). No update."""
+    chunks = micro_batches(batch, d, micro_batch)
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
+    for k, chunk in enumerate(chunks):
+        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
+        loss_sum = pairs_loss(model, chunk, pad_id, d.device, margin)
+        # FSDP averages over ranks; × world makes it a sum: the gradient of (summed pair losses) /
+        # (pairs in the global batch), the same on 1 rank as on N.
+        (loss_sum * d.world / len(batch)).backward()
+        total += loss_sum.detach()
+    dist.all_reduce(total)
+    return total / len(batch), grad_norm_and_clip(model, grad_clip)
+
+
+def validation(model, pairs, d, micro: int, pad_id: int) -> dict:
+    v = validate_pairs(model, pairs, d, micro, pad_id)
+    return {"val_accuracy": v["accuracy"], "val_margin": v["margin"]}
+
+
+def describe(v: dict) -> str:
+    return f"held-out accuracy {v['val_accuracy']:.3f}, mean margin {v['val_margin']:.3f}"
 
 
 # -- sampling and scoring --------------------------------------------------------------------------

@@ -26,15 +26,18 @@ import argparse
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
-from data.schema import Report, file_digest, run_main
+from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
 from plan import add_plan_args, lm_dry_run
-from training import (HelpFormatter, add_trainer_args, eval_chunks, load_model, model_setup, run_distributed, run_setup,
-                      shard_and_load, train_loop)
+from safety import StepGuard, file_digest, model_fingerprint, run_fingerprint, run_main
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
+                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb, run_distributed,
+                      save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -174,24 +177,98 @@ def _train(args, d):
     model = shard_and_load(model, read_weights(), d, bf16=d.device.type == "cuda" and not args.fp32)
     model.train()
 
-    def loss_sum(chunk):
-        return batch_loss(model, [train_items[i] for i in chunk], tok.pad_id, d.device)
-
-    def validate():
-        return {"val_loss": validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)} if val_items else {}
-
-    # Training FLOPs per token: 6 per weight of every matrix product (forward 2, backward 4);
-    # the embedding is a lookup, not a product. Attention scores add ~12·layers·hidden·T more,
-    # which we leave out, so the MFU reported is slightly conservative.
+    # The schedule, the optimizer and what a resume continues from.
+    steps_per_epoch = len(sampler)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
+    warmup = round(args.warmup_ratio * total)
+    eval_every = args.eval_every or steps_per_epoch
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
+    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model))
+    start, best = 0, None  # best: the lowest validation loss so far
+    resumed = state.resume(args, fingerprint, model, opt)
+    if resumed:
+        start, best, guard.saved = resumed["step"], resumed["best"], resumed["step"]
+        sampler.load_state_dict(resumed["sampler"])
+        metrics.truncate_after(start)
+    elif val_items:  # where validation starts from
+        metrics.write(step=0, val_loss=round(validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id), 6),
+                      best=False)
+    # Training FLOPs per token, for MFU: 6 per weight of every matrix product (forward 2,
+    # backward 4); the embedding is a lookup, not a product (a tied table is also the head).
+    # Attention scores add ~12·layers·hidden·T more, left out: the MFU is slightly conservative.
     cfg = model.config
-    lookup_only = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # a tied table is also the head
-    train_loop(args, d, model, tok, name="sft", sampler=sampler, loss_sum=loss_sum,
-               n_units=lambda batch: sum(n_labels(train_items[i]) for i in batch),
-               n_tokens=lambda batch: sum(len(train_items[i].ids) for i in batch),
-               validate=validate, score=lambda m: (-m["val_loss"],),
-               describe=lambda m: f"validation loss {m['val_loss']:.4f}",
-               setup=run_setup(args, model=model_setup(args.model)), flops_per_token=6 * (cfg.num_params() - lookup_only))
+    flops_per_token = 6 * (cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size))
 
+    batches, timer = iter(sampler), Timer()
+    progress = Progress("sft", total, start, d, args.log_every)
+    for step in range(start + 1, total + 1):
+        # 1. The global batch: the same conversations whatever the number of ranks.
+        batch = [train_items[i] for i in next(batches)]
+        # 2. Forward, loss and backward, micro-batch by micro-batch; the gradient clipped.
+        loss, grad_norm = map(float, train_step(model, d, batch, micro_batch=args.micro_batch_size, pad_id=tok.pad_id,
+                                                grad_clip=args.grad_clip, grad_sync=args.grad_sync))
+        guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
+        # 3. The update, at the step's learning rate.
+        lr = cosine_lr(step, total, args.lr, warmup)
+        set_lr(opt, lr)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # 4. One line of metrics.
+        dt, seen = timer.lap(), sum(len(x.ids) for x in batch)
+        record = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
+                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
+                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        if args.peak_tflops and d.device.type == "cuda":
+            record["mfu"] = round(seen / dt * flops_per_token / (args.peak_tflops * 1e12 * d.world), 4)
+        metrics.write(**record)
+        progress.step(step, loss, lr)
+        # 5. Validation; best/ keeps the weights of the lowest loss (paper App. E).
+        if val_items and (step % eval_every == 0 or step == total):
+            val_loss = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
+            improved = guard.sound({"val_loss": val_loss}) and (best is None or val_loss < best["val_loss"])
+            metrics.write(step=step, val_loss=round(val_loss, 6), best=improved)
+            progress.say(f"step {step}: validation loss {val_loss:.4f}" + (" (best: saving best/)" if improved else ""))
+            if improved:
+                best = {"val_loss": val_loss}
+                save_hf(model, out / "best", tok.path, d)
+        # 6. The resumable state.
+        if step % args.save_every == 0 or step == total:
+            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
+            guard.saved = step
+        timer.lap()  # validation and checkpoints do not count against tokens/s
+    progress.close()
+    save_hf(model, out / "final", tok.path, d)
+    if d.main:
+        kept = f"best validation loss {best['val_loss']:.4f} in {out / 'best'}; " if best else ""
+        print(f"done: {total} steps; {kept}final weights in {out / 'final'}")
+
+
+def train_step(model, d, batch: list, *, micro_batch: int, pad_id: int, grad_clip: float,
+               grad_sync: str = "every") -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of one global batch of rendered conversations -> (its loss, the gradient
+    norm before clipping), 0-d tensors read once a step by the caller: nothing here waits for
+    the device (a .item() per micro-batch would stall a GPU's queue, and plan.py runs this very
+    function on fake tensors, which have no values). No update.
+
+    This rank takes every world-th conversation and runs them in micro-batches. grad_sync
+    "every" reduce-scatters each micro-batch's gradient as soon as its backward is done, so a
+    rank holds only its shard of the gradient between micro-batches (ZeRO's way, the paper's
+    optimizer, App. E); "last" waits for the last micro-batch, holding the whole unsharded fp32
+    gradient meanwhile (+4 bytes a parameter) for fewer collectives (plan.training_memory)."""
+    n_units = sum(n_labels(x) for x in batch)  # labelled tokens of the whole global batch
+    chunks = micro_batches(batch, d, micro_batch)
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
+    for k, chunk in enumerate(chunks):
+        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
+        loss_sum = batch_loss(model, chunk, pad_id, d.device)
+        # FSDP averages gradients over ranks; scaling by the world size turns that average into
+        # a sum, so the gradient is that of (sum of token losses) / (labelled tokens of the
+        # global batch): 1 rank and N ranks take the same step.
+        (loss_sum * d.world / n_units).backward()
+        total += loss_sum.detach()
+    dist.all_reduce(total)
+    return total / n_units, grad_norm_and_clip(model, grad_clip)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

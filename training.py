@@ -1,15 +1,19 @@
-"""What the three trainers (SFT, reward model, PPO) share, written once.
+"""The building blocks the three trainers (SFT, reward model, PPO) share. Each trainer writes
+its own loop, step by step, and calls these; none of them calls a trainer.
 
-    Distributed     process group (gloo on CPU, nccl on GPU), rank, world size, device
-    shard           FSDP2: fully_shard on each transformer block, then on the root
-    cosine_lr       linear warmup then cosine decay
-    make_optimizer  AdamW, weight decay on matrices only
-    accumulate      one global batch: micro-batches, backward, gradient norm and clipping
-    train_loop      the loop every trainer runs: schedule, steps, validation, best/, state/, final/
-    TrainState      the resumable state: model + optimizer (sharded, torch.distributed.checkpoint),
-                    step, sampler position, RNG, best validation score; written atomically
-    save_hf         gather the full weights and write them with Transformer.save_pretrained
-    MetricsLog      one JSON object per line in OUT/metrics.jsonl, from rank 0
+    Distributed, init_distributed   the process group (gloo on CPU, nccl on GPU): rank, world, device
+    run_distributed   a trainer's main inside a process group, its --out locked and checked (safety.py)
+    add_run_args, add_trainer_args  the flags the trainers share, with each trainer's defaults
+    load_model, shard_and_load      a model on the meta device, then FSDP2-sharded and filled from rank 0
+    shard, gathered   FSDP2 on each block and the root; every unit kept gathered for a rollout
+    micro_batches, eval_chunks      a rank's share of a batch, in micro-batches
+    cosine_lr, set_lr, make_optimizer, grad_norm_and_clip   the schedule, AdamW, clipping
+    TrainState        the resumable state (torch.distributed.checkpoint), written atomically
+    save_hf           the full weights gathered to rank 0 and written in the HF layout
+    MetricsLog, Progress, Timer, peak_memory_gb   what a run shows and records
+
+What protects a run (the --out lock, fingerprints, safe loading, atomic swaps, disk errors) is
+in safety.py; the models are in model.py.
 
 FSDP2 stands in for the paper's ZeRO (App. E: ZeRO on 8 A100s): parameters, gradients and
 optimizer states are sharded across ranks, and each block's weights are gathered only while it
@@ -22,13 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import resource
 import shutil
@@ -41,16 +41,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from data.schema import file_digest, model_digest, refuse_to_replace
+from safety import (CHANGEABLE, check_dcp_metadata, check_fingerprint, check_out, check_state_files, clear_leftovers,
+                    file_digest, json_digest, load_dcp_state, lock_out, replace_dir, writing)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -146,46 +143,15 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
     p.add_argument("--grad-sync", choices=["every", "last"], default="every",
                    help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
                         "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
-                        "gradient on every rank); see accumulate")
+                        "gradient on every rank); see train_sft.train_step")
 
 
-# What defines a run: a resume must have the same (check_setup). The micro-batch size, the
-# number of ranks, --grad-sync and activation checkpointing change how a step is computed, not
-# what it computes, and may differ. CHANGEABLE may differ when --allow-change names them.
-DEFINING = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip", "max_len", "seed")
-CHANGEABLE = {"lr": "lr", "max-steps": "max_steps", "epochs": "epochs"}
 
 
-FLAT_STEPS = 3  # steps in a row with an exactly zero gradient before train_loop stops
 
 
-def run_setup(args, defining: tuple[str, ...] = DEFINING, **extra) -> dict:
-    """The settings (`defining`, names of args) and the data (by content: the files' digests,
-    in no particular order) that define a training run, plus the trainer's own (`extra`: a base
-    model, a loss margin; models by model_setup, files by digests)."""
-    setup = {k: getattr(args, k) for k in defining}
-    setup["data"] = sorted(file_digest(f) for f in args.data)
-    setup["val_data"] = sorted(file_digest(f) for f in getattr(args, "val_data", None) or [])
-    setup.update(extra)
-    return json.loads(json.dumps(setup))
 
 
-def check_setup(saved: dict, now: dict, allowed: list[str], where: Path):
-    """Refuse to resume a run saved with other settings or data, naming each difference."""
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    refused = [k for k in diff if k not in {CHANGEABLE[a] for a in allowed}]
-    if refused:
-        changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
-        may = [a for a, k in CHANGEABLE.items() if k in refused]
-        raise SystemExit(f"--resume: {where} was saved by a run with other settings or data ({changes}). Resume "
-                         f"with the same ones, or start over with --overwrite" +
-                         (f"; --allow-change {' '.join(may)} lets {'that' if len(may) == 1 else 'those'} change"
-                          if may and len(may) == len(refused) else ""))
-
-
-def model_setup(spec: str) -> str:
-    """A base model by content (data.schema.model_digest), or the name of a built-in config."""
-    return model_digest(spec) if Path(spec).is_dir() else spec
 
 
 def run_distributed(train_fn, args):
@@ -212,29 +178,8 @@ def run_distributed(train_fn, args):
             lock.close()
 
 
-def lock_out(out: Path):
-    """An exclusive lock on OUT/.lock for as long as the returned file stays open: two runs
-    writing one --out would interleave their metrics and overwrite each other's state."""
-    f = open(out / ".lock", "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise SystemExit(f"{out}: another run is using this directory (it holds {out / '.lock'}); "
-                         "wait for it, or choose another --out") from None
-    return f
 
 
-def check_out(out: Path, *, resume: bool, overwrite: bool):
-    """Refuse to train into an earlier run's directory unless told how (data.schema's one rule);
-    with --overwrite its metrics and resumable state go (best/ and final/ are replaced as the new
-    run writes them)."""
-    if resume or not refuse_to_replace(out, ["metrics.jsonl", "state", "best", "final"], overwrite=overwrite,
-                                       what="run", resume=True):
-        return
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    for name in ("state", "state.tmp", "state.old"):
-        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def init_distributed() -> Distributed:
@@ -291,7 +236,7 @@ def gathered(model: torch.nn.Module):
             unit.reshard()
 
 
-def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
+def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
     """An HF-format directory, or the name of a config in model.CONFIGS (`tiny`, the embedded
     default; randomly initialised, with the tokenizer trained on data/) -> (model on the meta
     device, read_weights, tokenizer). Nothing heavy happens here: read_weights() reads the full
@@ -303,34 +248,34 @@ def load_model(spec: str, out: Path, dist_info: Distributed, seed: int = 0):
 
     config = load_config(spec)
     if spec in CONFIGS and not Path(spec).is_dir():
-        tok = tiny_tokenizer(out, dist_info)
+        tok = tiny_tokenizer(out, d)
 
         def read_weights():
-            return Transformer.from_config(config, seed=seed).state_dict() if dist_info.main else None
+            return Transformer.from_config(config, seed=seed).state_dict() if d.main else None
     else:
         tok = Tokenizer(Path(spec) / "tokenizer.model")
 
         def read_weights():
-            return Transformer.from_pretrained(spec).state_dict() if dist_info.main else None
+            return Transformer.from_pretrained(spec).state_dict() if d.main else None
     tok.check_model_vocab(config.vocab_size, where=f"model {spec}")
     with torch.device("meta"):
         model = Transformer(config)
     return model, read_weights, tok
 
 
-def shard_and_load(model, state_dict, dist_info: Distributed, *, bf16: bool):
+def shard_and_load(model, state_dict, d: Distributed, *, bf16: bool):
     """Shard a meta-device model (one with .layers) with FSDP2, allocate each rank's shards on
     its device, and fill them from rank 0's full state dict."""
     shard(model, model.layers, bf16=bf16)
-    model.to_empty(device=dist_info.device)
-    return load_sharded(model, state_dict, dist_info)
+    model.to_empty(device=d.device)
+    return load_sharded(model, state_dict, d)
 
 
-def load_sharded(model, state_dict, dist_info: Distributed):
+def load_sharded(model, state_dict, d: Distributed):
     """Fill a sharded model from rank 0's full state dict ({} or None elsewhere): each tensor
     is broadcast in turn and every rank keeps its shard of it."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, state_dict if dist_info.main else {}, options=options)
+    set_model_state_dict(model, state_dict if d.main else {}, options=options)
     return model
 
 
@@ -367,36 +312,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False, foreach=True)  # foreach: the CPU too (GPUs default to it)
 
 
-def accumulate(model, d: Distributed, global_batch: list, micro_batch: int, loss_sum, n_units: int, *,
-               grad_clip: float, grad_sync: str = "every") -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of one global batch -> (loss, gradient norm before clipping), as 0-d tensors the
-    caller reads once a step: nothing here waits for the device (a .item() per micro-batch
-    would stall a GPU's queue each time, and lets plan.py run this on tensors without values).
-    No update.
 
-    This rank takes every world-th item of the global batch and runs it in micro-batches;
-    loss_sum(items) returns the summed loss of its items (over tokens for SFT, over pairs for
-    the reward model) and n_units counts those units in the whole global batch, on every rank.
 
-    grad_sync "every" (the default) reduce-scatters each micro-batch's gradients as soon as its
-    backward is done, so between micro-batches a rank holds only its shard of the gradient
-    (4 bytes a parameter / ranks): what ZeRO, the paper's optimizer (App. E), does. "last"
-    skips the collective until the last micro-batch; FSDP then keeps the whole unsharded
-    gradient in fp32 on every rank (4 bytes a parameter: +49 GiB for Ziya-13B) in exchange
-    for fewer collectives. plan.training_memory models both.
-    """
-    chunks = micro_batches(global_batch, d, micro_batch)
-    total = torch.zeros((), dtype=torch.float64, device=d.device)
-    for k, chunk in enumerate(chunks):
-        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
-        s = loss_sum(chunk)
-        # FSDP averages gradients over ranks; scaling by the world size turns that average into
-        # a sum, so the gradient is that of (sum of unit losses) / (units in the global batch):
-        # 1 rank and N ranks compute the same step.
-        (s * d.world / n_units).backward()
-        total += s.detach()
-    dist.all_reduce(total)
-    return total / n_units, grad_norm_and_clip(model, grad_clip)
+def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def micro_batches(global_batch: list, d: Distributed, micro_batch: int) -> list[list]:
@@ -411,138 +331,11 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def train_loop(args, d: Distributed, model, tok, *, name: str, sampler, loss_sum, n_units, n_tokens, validate,
-               score, describe, setup: dict, flops_per_token: float | None = None):
-    """The optimisation every trainer runs, written once. The trainer brings a sharded model,
-    its batches and these functions:
-
-        loss_sum(indices)  the summed loss (a tensor) of one micro-batch of training items
-        n_units(indices)   what a global batch's loss is divided by (labelled tokens, pairs)
-        n_tokens(indices)  tokens in a global batch, for tokens/s
-        validate()         {metric: value} on the validation set over all ranks; {} if none
-        score(metrics)     a tuple that orders validations, larger is better: best/ keeps the max
-        describe(metrics)  one line of text for a validation
-        setup              what defines the run (run_setup): saved with the state, and a
-                           resume with another setup is refused
-
-    The loop: AdamW, warmup + cosine schedule, a step per global batch (accumulate), a guard
-    that stops before an update whose loss or gradient is not finite, validation at step 0,
-    every --eval-every steps and at the end, best/ and final/ in the HF layout, state/ every
-    --save-every steps (--resume continues exactly), one JSON line a step in metrics.jsonl.
-    """
-    out = args.out
-    steps_per_epoch = len(sampler)
-    total = args.epochs * steps_per_epoch
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = round(args.warmup_ratio * total)
-    eval_every = args.eval_every or steps_per_epoch
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    state = TrainState(out, d)
-    metrics = MetricsLog(out / "metrics.jsonl", d.main)
-    if d.main:  # model-sized leftovers of a save that was killed or ran out of disk
-        for leftover in [*out.glob(".best.tmp-*"), *out.glob(".best.old-*"), *out.glob(".final.tmp-*"),
-                         *out.glob(".final.old-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
-        state.recover()
-    d.barrier()
-    step, best, saved = 0, None, None
-    flat = 0  # optimizer steps in a row whose gradient was exactly zero
-    trainer = state.resume(args, setup, model, opt)
-    if trainer:
-        step, best, saved = trainer["step"], trainer["best"], trainer["step"]
-        sampler.load_state_dict(trainer["sampler"])
-        metrics.truncate_after(step)
-
-    def last_state() -> str:  # what the guards below name: only a state that exists
-        return f"{state.dir} (step {saved})" if saved is not None else "none, no state was saved yet"
-
-    def rounded(m: dict) -> dict:
-        return {k: round(v, 6) for k, v in m.items()}
-
-    if step == 0:  # where validation starts from
-        v = validate()
-        if v:
-            metrics.write(step=0, **rounded(v), best=False)
-    peak_tflops = getattr(args, "peak_tflops", None)
-    batches, timer = iter(sampler), Timer()
-    bar = tqdm(total=total, initial=step, disable=not d.main, desc=name)
-    # A log file or a pipe shows no progress bar: there, a line every --log-every steps instead.
-    log_every = args.log_every if d.main and not sys.stderr.isatty() else 0
-    started, first = time.monotonic(), step
-    while step < total:
-        global_batch = next(batches)
-        lr = cosine_lr(step + 1, total, args.lr, warmup)
-        loss, grad_norm = map(float, accumulate(model, d, global_batch, args.micro_batch_size, loss_sum,
-                                                n_units(global_batch), grad_clip=args.grad_clip,
-                                                grad_sync=args.grad_sync))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise SystemExit(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
-                             f"before the update. The last good state: {last_state()}. Lower --lr or check the data.")
-        # An exactly zero gradient (in fp32, over every trainable weight) does not happen to a
-        # model that is learning; it does to one whose activations blew up and saturated.
-        flat = flat + 1 if grad_norm == 0.0 else 0
-        if flat >= FLAT_STEPS:
-            raise SystemExit(f"steps {step + 2 - flat}-{step + 1}: the gradient is exactly zero (loss flat at "
-                             f"{loss:.6g}): the model has stopped learning, most likely blown up by too high an "
-                             f"--lr. Stopping; best/ holds no validation from those steps. "
-                             f"The last state: {last_state()}.")
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        dt = timer.lap()
-        seen = n_tokens(global_batch)
-        record = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
-                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
-                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
-        if flops_per_token and peak_tflops and d.device.type == "cuda":
-            record["mfu"] = round(seen / dt * flops_per_token / (peak_tflops * 1e12 * d.world), 4)
-        metrics.write(**record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if log_every and step % log_every == 0:
-            spent = time.monotonic() - started
-            tqdm.write(f"step {step}/{total}: loss {loss:.4f}, lr {lr:.2e}, {spent:.0f} s so far, about "
-                       f"{spent / (step - first) * (total - step):.0f} s to go", file=sys.stdout)
-        if step % eval_every == 0 or step == total:
-            v = validate()
-            if v:
-                sound = flat == 0 and all(math.isfinite(x) for x in v.values())  # never keep a broken model
-                improved = sound and (best is None or score(v) > score(best))
-                metrics.write(step=step, **rounded(v), best=improved)
-                if d.main:
-                    tqdm.write(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
-                if improved:
-                    best = v
-                    save_hf(model, out / "best", tok.path, d)
-        if step % args.save_every == 0 or step == total:
-            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": setup})
-            saved = step
-        timer.lap()  # validation and checkpoints do not count against tokens/s
-    bar.close()
-    save_hf(model, out / "final", tok.path, d)
-    if d.main:
-        kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
-        print(f"done: {step} steps; {kept}final weights in {out / 'final'}")
-    return best
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-def _atomic_dir_swap(tmp: Path, final: Path):
-    """Replace `final` by the finished directory `tmp`; the old one is removed only afterwards.
-    A kill between the two renames leaves final.old and tmp, both complete: TrainState.recover
-    takes the newer."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
 
 
 # What a torch.distributed.checkpoint .metadata file is made of. It is a pickle, and a pickle
@@ -553,42 +346,10 @@ _METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo")
                      ("collections", "OrderedDict")}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = (module, name) in _METADATA_GLOBALS
-        if module == "torch.distributed.checkpoint.metadata":  # its dataclasses and enums
-            obj = getattr(dcp_metadata, name, None)
-            allowed = isinstance(obj, type) and obj.__module__ == module
-        elif module == "torch":
-            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
-        if not allowed:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
-        return super().find_class(module, name)
 
 
-class _SafeReader(FileSystemReader):
-    """FileSystemReader whose .metadata goes through the allow-listed unpickler above."""
-
-    def read_metadata(self, *args, **kwargs):
-        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
-class _SafePlanner(DefaultLoadPlanner):
-    """The default planner reads non-tensor entries (the optimizer's hyperparameters) with
-    torch.load(weights_only=False); plain numbers, strings and lists need no more than
-    weights_only=True, which runs no code."""
-
-    def load_bytes(self, read_item, value):
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 class TrainState:
@@ -597,10 +358,10 @@ class TrainState:
     number of ranks), and trainer.json with the step, sampler position, best validation score
     and the RNG states of every rank. Written to OUT/state.tmp (trainer.json last) and renamed
     when complete, so OUT/state is always the last checkpoint that finished. Loading never
-    unpickles anything but checkpoint metadata and plain values (_SafeReader, _SafePlanner)."""
+    unpickles anything but checkpoint metadata and plain values (safety.load_dcp_state)."""
 
-    def __init__(self, out: Path, dist_info: Distributed):
-        self.dir, self.tmp, self.d = out / "state", out / "state.tmp", dist_info
+    def __init__(self, out: Path, d: Distributed):
+        self.dir, self.tmp, self.d = out / "state", out / "state.tmp", d
         self.old = out / "state.old"
 
     def exists(self) -> bool:
@@ -633,14 +394,14 @@ class TrainState:
         self.d.barrier()
         files = self._digests(self.tmp)  # what was written, to be checked when it is read
         rng = _rng_state()
-        gathered = [None] * self.d.world
-        dist.all_gather_object(gathered, rng)
+        rngs = [None] * self.d.world
+        dist.all_gather_object(rngs, rng)  # a few KiB a rank
         if self.d.main:
-            content = dict(trainer, rng=gathered, files=files)
+            content = dict(trainer, rng=rngs, files=files)
             with writing(self.tmp):
-                (self.tmp / "trainer.json").write_text(json.dumps(dict(content, digest=_json_digest(content))),
+                (self.tmp / "trainer.json").write_text(json.dumps(dict(content, digest=json_digest(content))),
                                                        encoding="utf-8")
-            _atomic_dir_swap(self.tmp, self.dir)
+            replace_dir(self.tmp, self.dir, aside=self.old)
         self.d.barrier()
 
     def _digests(self, directory: Path, only: set[str] | None = None) -> dict[str, str]:
@@ -662,22 +423,28 @@ class TrainState:
         except (ValueError, UnicodeDecodeError, AttributeError) as e:
             raise SystemExit(f"{path}: not a state this project wrote, or a damaged one ({e}); nothing was "
                              "loaded: start over with --overwrite, or restore the file") from None
-        if digest is not None and digest != _json_digest(content):
+        if digest is not None and digest != json_digest(content):
             raise SystemExit(f"{path}: its contents are not what was saved (they do not match the digest written "
                              "with them): changed or damaged since; nothing was loaded: start over with --overwrite, "
                              "or restore the file")
         return content
 
-    def resume(self, args, setup: dict, model, optimizer) -> dict | None:
-        """With --resume and a state here: refuse another setup (check_setup), else load the
-        weights and optimizer and return the trainer's part (it says "step"). None otherwise."""
+    def resume(self, args, fingerprint: dict, model, optimizer) -> dict | None:
+        """Where a run starts. First what an interrupted save left behind is cleared up (rank 0:
+        recover(), safety.clear_leftovers). Then, with --resume and a state here: refuse another
+        fingerprint (safety.check_fingerprint), else load the weights and optimizer and return
+        the trainer's part (it says "step"). None otherwise: the run starts from the beginning."""
+        if self.d.main:
+            clear_leftovers(self.dir.parent)
+            self.recover()
+        self.d.barrier()
         if not args.resume:
             return None
         if not self.exists():
             if self.d.main:
                 print(f"--resume: no state in {self.dir.parent}, starting from the beginning")
             return None
-        check_setup(self.trainer().get("setup", {}), setup, args.allow_change, self.dir)
+        check_fingerprint(self.trainer().get("setup", {}), fingerprint, args.allow_change, self.dir)
         trainer = self.load(model, optimizer)
         if self.d.main:
             print(f"resumed from {self.dir} at step {trainer['step']}")
@@ -685,25 +452,14 @@ class TrainState:
 
     def load(self, model, optimizer) -> dict:
         trainer = self.trainer()
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
-        reader = _SafeReader(str(self.dir))
-        try:
-            reader.read_metadata()  # checked here first, for a clear message before DCP's machinery
-        except pickle.UnpicklingError as e:
-            raise SystemExit(f"{self.dir}: refusing to load this state: {e}. Nothing was loaded or run; "
-                             "it is not a state this project wrote.") from None
+        check_dcp_metadata(self.dir)  # a clear refusal before DCP's machinery reads anything
         saved = trainer.pop("files", None)
         if saved is not None:  # (states of earlier versions carry no digests and are not checked)
-            on_disk = {f.name for f in self.dir.iterdir() if f.name != "trainer.json"}
-            now = self._digests(self.dir, only=set(saved) & on_disk)
-            wrong = sorted(set(saved) - on_disk) + sorted(n for n in now if now[n] != saved[n])
-            if wrong:
-                raise SystemExit(f"{self.dir / wrong[0]}: not the file that was saved ("
-                                 f"{'missing' if wrong[0] not in on_disk else 'its digest differs'}"
-                                 f"{f'; {len(wrong) - 1} more' if len(wrong) > 1 else ''}): the state was changed "
-                                 "or damaged since; nothing was loaded: start over with --overwrite, or restore it")
-        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
+            on_disk = {f.name for f in self.dir.iterdir()}
+            check_state_files(self.dir, saved, self._digests(self.dir, only=set(saved) & on_disk))
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        load_dcp_state(state, self.dir)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rngs = trainer.pop("rng")
         if len(rngs) == self.d.world:  # same number of ranks: each takes up its own RNG streams
@@ -711,8 +467,6 @@ class TrainState:
         return trainer
 
 
-def _json_digest(content: dict) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _rng_state() -> dict:
@@ -735,37 +489,17 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_hf(model, path: Path, tokenizer, dist_info: Distributed):
+def save_hf(model, path: Path, tokenizer, d: Distributed):
     """Write the model with its save_pretrained (rank 0), atomically; all ranks take part."""
     sd = full_state_dict(model)
-    if dist_info.main:
+    if d.main:
         with writing(path):
             model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd)
-    dist_info.barrier()
+    d.barrier()
 
 
-@contextlib.contextmanager
-def writing(path: Path):
-    """Writes to `path` whose failure for want of space, or of permission, is said as such and
-    names the path: torch's writers report a full disk as "[enforce fail at inline_container.cc]
-    unexpected pos", and torch.distributed.checkpoint wraps that again (a BaseException)."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) and not e.filename:
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
-    except (RuntimeError, CheckpointException):
-        if _free_bytes(path) < 64 << 20:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise
 
 
-def _free_bytes(path: Path) -> int:
-    for p in (path, *path.parents):
-        if p.exists():
-            return shutil.disk_usage(p).free
-    return 1 << 62
 
 
 # -- observability -------------------------------------------------------------------------------
@@ -800,6 +534,32 @@ class MetricsLog:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+class Progress:
+    """A run's progress on rank 0: tqdm's bar in a terminal; in a log file or a pipe, where no
+    bar is drawn, a line every `log_every` steps with the time spent and to go."""
+
+    def __init__(self, name: str, total: int, start: int, d: Distributed, log_every: int):
+        self.total, self.start, self.main = total, start, d.main
+        self.bar = tqdm(total=total, initial=start, disable=not d.main, desc=name)
+        self.log_every = log_every if d.main and not sys.stderr.isatty() else 0
+        self.started = time.monotonic()
+
+    def step(self, step: int, loss: float, lr: float):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if self.log_every and step % self.log_every == 0:
+            spent = time.monotonic() - self.started
+            tqdm.write(f"step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {spent:.0f} s so far, about "
+                       f"{spent / (step - self.start) * (self.total - step):.0f} s to go", file=sys.stdout)
+
+    def say(self, text: str):
+        if self.main:
+            tqdm.write(text, file=sys.stdout)
+
+    def close(self):
+        self.bar.close()
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -816,14 +576,14 @@ class Timer:
         return dt
 
 
-def tiny_tokenizer(out: Path, dist_info: Distributed, vocab_size: int = 2048):
+def tiny_tokenizer(out: Path, d: Distributed, vocab_size: int = 2048):
     """The embedded default's tokenizer: trained on the text shipped in data/ (deterministic),
     by rank 0, into OUT/tokenizer.model."""
     from tokenizer import Tokenizer, corpus_sentences, train_tokenizer
 
     path = out / "tokenizer.model"
-    if dist_info.main and not path.is_file():
+    if d.main and not path.is_file():
         files = sorted(str(f) for f in (ROOT / "data").glob("*/*.jsonl"))
         train_tokenizer(corpus_sentences(files), path, vocab_size=vocab_size)
-    dist_info.barrier()
+    d.barrier()
     return Tokenizer(path)

@@ -60,7 +60,7 @@ def main():
     model, ref = train_ppo.build(config, sft.state_dict(), d)
     tokens = torch.randint(3, config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        hidden = model(tokens, part="bottom")
+        hidden = model.bottom(tokens)
         shared = median_time(lambda: ref(hidden=hidden), args.repeats)
         whole = median_time(lambda: sft(tokens), args.repeats)
     L = config.num_hidden_layers
@@ -108,7 +108,7 @@ def main():
           f"--reshard-in-rollout {plain_s / statistics.median(times['resharded']):.3f}")
 
     from model import ModelConfig
-    from train_rm import RewardModel
+    from model import RewardModel
 
     def round_args(experiences):
         return SimpleNamespace(seed=0, chunk_size=train_ppo.CHUNK_SIZE, max_new_tokens=args.new_tokens,

@@ -20,7 +20,8 @@ from data.mixing import Source, length_stats, mix
 from data.readers import READERS, add_input_args, read
 from pathlib import Path
 
-from data.schema import RecordError, Report, refuse_to_replace, run_main, to_huatuo, write_jsonl
+from data.schema import RecordError, Report, to_huatuo, write_jsonl
+from safety import refuse_to_replace, run_main
 from data.template import MAX_LEN, render
 
 

@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data.schema import (Report, RecordError, check_conversation, check_pair, check_prompt, from_huatuo,
-                         read_jsonl, text_lines)
+from data.schema import (Report, RecordError, check_conversation, check_pair, check_prompt, from_huatuo, read_jsonl,
+                         text_lines)
 
 KUAKE_QIC_LABELS = ("病情诊断", "病因分析", "治疗方案", "就医建议", "指标解读", "疾病表述", "后果表述",
                     "注意事项", "功效作用", "医疗费用", "其他")

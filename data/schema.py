@@ -12,57 +12,28 @@ a prompt plus two candidate replies: {"id", "source", "messages", "chosen", "rej
 
 Every reader here checks each record and stops at the first bad one, naming the file, line and
 field; with skip_bad=True it skips such records instead and counts them in a Report, which the
-caller prints. Nothing is dropped silently.
+caller prints. Nothing is dropped silently. (What a command's outputs are checked against, and
+how its errors end, is safety.py's: claim_output, refuse_to_replace, run_main.)
 """
 
 from __future__ import annotations
 
-import errno
-import glob
-import hashlib
 import json
 import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from safety import RecordError  # the one error a user's bad record ends in (safety.run_main prints it)
 
 ROLES = ("user", "assistant")
 # The paper's four SFT parts (§3.1, Table 3); free-form names are allowed for other sources.
 SFT_SOURCES = ("distilled_instruction", "real_instruction", "distilled_conversation", "real_conversation")
 
 
-class RecordError(ValueError):
-    """A record that does not fit its format; the message names the file, line and field."""
-
-    for_the_user = True  # run_main prints it as one line
 
 
-def run_main(main: Callable, argv: list[str] | None = None) -> int:
-    """A command line's main(argv), with a user's mistake ending as one line on stderr,
-    `error: …`, and exit status 2 instead of a traceback: a bad record or a refused output
-    (RecordError), a refusal (SystemExit with a message), a missing file, a full or read-only
-    disk. Anything else is a bug and keeps its traceback."""
-    try:
-        return main(argv) or 0
-    except SystemExit as e:
-        if not isinstance(e.code, str):
-            raise
-        message = e.code
-    except ValueError as e:  # RecordError, model.CheckpointError: what the user gave, named
-        if not getattr(e, "for_the_user", False):
-            raise
-        message = str(e)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        message = f"{e.filename}: {e.strerror.lower()}" if e.filename else str(e)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
-            raise
-        message = (f"{e.filename or 'writing'}: {errno.errorcode[e.errno]}, {e.strerror}; nothing written before "
-                   "was removed: free space or give a writable path, then rerun (trainers: add --resume)")
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 class Report:
@@ -225,91 +196,6 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
 def _an_object(record, where: str) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"{where}: expected a JSON object")
-    return record
-
-
-# -- outputs a command replaces ------------------------------------------------------------------
-
-
-def refuse_to_replace(where: Path, names: list[str], *, overwrite: bool, what: str = "output",
-                      resume: bool = False) -> list[str]:
-    """The one rule for outputs a command would replace, the trainers', the converters' and the
-    main job's alike: when any of `names` exists in `where`, refuse, naming them, unless
-    --overwrite; with it, say what is replaced. (Outputs that resume, such as distill.py's, are
-    continued instead, see claim_output.) Returns the names that exist."""
-    earlier = [n for n in names if (Path(where) / n).exists()]
-    if earlier and not overwrite:
-        how = "add --resume to continue it, or --overwrite to start over there" if resume else \
-            "add --overwrite to replace it"
-        raise SystemExit(f"{where} holds an earlier {what} ({', '.join(earlier)}): {how}, or choose another --out")
-    if earlier:
-        print(f"--overwrite: replacing {', '.join(earlier)} in {where}", flush=True)
-    return earlier
-
-
-# -- what produced a resumable output --------------------------------------------------------------
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (the first 16 hex digits)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def model_digest(path: str | os.PathLike) -> str:
-    """A fingerprint of an HF-format model directory, cheap at any size: config.json,
-    tokenizer.model, and of every weight file its size, its header (tensor names, shapes,
-    offsets) and 1 MiB from its middle and its end. Two trainings' weights differ there."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.model"):
-        if (path / name).is_file():
-            h.update(name.encode() + (path / name).read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for start in (0, size // 2, max(0, size - (1 << 20))):
-                fh.seek(start)
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def setup_record(out: str | os.PathLike) -> Path:
-    """Where claim_output records what produced `out`: OUT.setup.json beside it."""
-    out = Path(out)
-    return out.with_name(out.stem + ".setup.json")
-
-
-def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None) -> Path:
-    """Make sure resumable output `out` is this setup's: a file beside it (OUT.setup.json)
-    records what produced it — `setup` (fingerprints and settings that change the records)
-    and `info` (paths, labels: shown, not compared). A rerun with another setup is refused
-    with the differences named, so one model's records are never continued, or counted, as
-    another's. An output that holds nothing yet takes the new setup. Returns the record's path."""
-    out = Path(out)
-    record = setup_record(out)
-    setup = json.loads(json.dumps(setup))  # as it will read back
-    beside = [out, *out.parent.glob(f"{glob.escape(out.stem)}.*.jsonl")]  # its rejects, a first stage's records
-    holds = any(p.exists() and (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0) for p in beside)
-    if holds and record.is_file():
-        before = json.loads(record.read_text(encoding="utf-8"))["setup"]
-        diff = [f"{k}: {before.get(k)!r} -> {setup.get(k)!r}" for k in sorted(set(before) | set(setup))
-                if before.get(k) != setup.get(k)]
-        if diff:
-            raise RecordError(f"{out} holds the output of another setup ({'; '.join(diff)}): write to another "
-                              f"--out, or delete {out} and the files beside it named {out.stem}.* to start over")
-    elif holds:
-        raise RecordError(f"{out} exists but says nothing of what produced it (no {record.name}): write to "
-                          f"another --out, or delete it to start over")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps({"setup": setup, "info": info or {}}, ensure_ascii=False, indent=1) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, record)
     return record
 
 

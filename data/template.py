@@ -115,17 +115,24 @@ def render(tok, messages: list[dict], *, max_len: int = MAX_LEN, generation_prom
     return Rendered(ids, labels, len(rounds) - kept)
 
 
+def pad_batch(sequences: list[list[int]], pad_id: int, *, left: bool = False):
+    """Sequences of different lengths as one batch: (tokens, attention_mask), (B, longest), each
+    sequence at the right of its row (left=True: prompts for generation, so that every row's
+    next token lands in the same column) or at its left, the rest pad_id with mask 0. The one
+    padding of the project: training, scoring, PPO's experiences and sampling all batch here."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        tokens[i, span], mask[i, span] = torch.tensor(s, dtype=torch.long), 1
+    return tokens, mask
+
+
 def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch for training: tokens, labels (-100 on padding), attention_mask."""
-    width = max(len(r.ids) for r in items)
-    tokens = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, r in enumerate(items):
-        n = len(r.ids)
-        tokens[i, :n] = torch.tensor(r.ids)
-        labels[i, :n] = torch.tensor(r.labels)
-        mask[i, :n] = 1
+    tokens, mask = pad_batch([r.ids for r in items], pad_id)
+    labels, _ = pad_batch([r.labels for r in items], IGNORE_INDEX)
     return {"tokens": tokens, "labels": labels, "attention_mask": mask}
 
 

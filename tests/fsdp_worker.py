@@ -21,7 +21,7 @@ from conftest import sharpen_  # noqa: E402
 from generate import generate  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
 from plan import gradient_bytes  # noqa: E402
-from training import accumulate, init_distributed, shard  # noqa: E402
+from training import init_distributed, shard  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0)
@@ -156,14 +156,23 @@ def check_gradient_memory(d):
         tokens, _ = batch(d, n=8, length=10)
         calls, held = [], []
 
-        def loss_sum(rows):
+        def loss_sum(model, chunk, pad_id, device):  # train_sft.batch_loss's place: row i of `tokens`
             if len(calls) == 1:  # after the first micro-batch's backward, before the second's forward
                 held.append(held_gradient_bytes(model))
+            rows = [x.ids[0] for x in chunk]
             calls.append(rows)
             return model(tokens[rows]).logsumexp(-1).sum()
 
-        # 8 items, 2 ranks, micro-batches of 2: two micro-batches on each rank.
-        accumulate(model, d, list(range(8)), 2, loss_sum, 8, grad_clip=1e9, grad_sync=grad_sync)
+        # 8 items, 2 ranks, micro-batches of 2: two micro-batches on each rank (train_sft's step).
+        import train_sft
+        from data.template import Rendered
+
+        train_sft.batch_loss, real = loss_sum, train_sft.batch_loss
+        try:
+            train_sft.train_step(model, d, [Rendered([i], [-100, 1]) for i in range(8)], micro_batch=2, pad_id=0,
+                                 grad_clip=1e9, grad_sync=grad_sync)
+        finally:
+            train_sft.batch_loss = real
         expected = gradient_bytes(CONFIG.num_params(), world=d.world, grad_sync=grad_sync)
         assert len(calls) == 2 and len(held) == 1
         # Shards split dim 0 unevenly (101 vocabulary rows: 51 + 50), so a rank's share is
@@ -200,7 +209,8 @@ def check_ppo_update(d):
     from types import SimpleNamespace
 
     import train_ppo
-    from train_ppo import Experience, PolicyWithValue, ppo_loss_sum, response_outputs
+    from model import PolicyWithValue
+    from train_ppo import Experience, ppo_loss_sum, response_outputs
     from training import make_optimizer
 
     default = torch.get_default_dtype()
@@ -372,11 +382,11 @@ PLAN_PPO = dict(trainable_blocks=2, rollout_size=8, chunk_size=4, batch_size=8, 
                 new_tokens=24, bf16=True)
 
 
-def plan_sft_loss(model, n):
+def plan_sft_step(model, d, n, **kw):
     from data.template import Rendered
-    from train_sft import batch_loss
+    from train_sft import train_step
 
-    return batch_loss(model, [Rendered([3] * 257, [3] * 257)] * n, 0, "cpu")
+    return train_step(model, d, [Rendered([3] * 257, [3] * 257)] * n, pad_id=0, **kw)
 
 
 def check_simulation_is_real(d):
@@ -386,7 +396,7 @@ def check_simulation_is_real(d):
 
     import plan
 
-    sft = plan.measure_training(d, None, lambda: Transformer(PLAN_CONFIG), plan_sft_loss, **PLAN_SFT)
+    sft = plan.measure_training(d, None, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
     ppo = plan.measure_ppo(d, None, PLAN_CONFIG, **PLAN_PPO)
     if d.main:
         print("measured " + json.dumps({"sft": sft.parts, **{"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts

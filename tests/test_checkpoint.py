@@ -211,7 +211,7 @@ def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
     """Issue 21: `--model ziya-13` (a mistyped name) and a trainer's OUT instead of its best/ got
     "ziya-13/config.json: no config.json"."""
     import train_sft
-    from data.schema import run_main
+    from safety import run_main
     from model import load_config
 
     with pytest.raises(FileNotFoundError, match=r"^ziya-13: neither a model directory nor a built-in config "
@@ -245,7 +245,7 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
     import convert
     import generate
     from conftest import ROOT
-    from data.schema import run_main
+    from safety import run_main
     from safetensors import SafetensorError
 
     ours, _ = pair

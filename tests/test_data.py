@@ -564,7 +564,7 @@ def test_consultations_no_doctor_answered_are_left_out_and_counted(tmp_path, cap
     """Issue 21: the published COVID-Dialogue / MedDialog-CN files hold consultations the doctor
     never answered (id=54 of COVID-Dialogue's Chinese file: a Description and three patient
     turns); convert stopped on the first with exit 2 unless --skip-bad."""
-    from data.schema import run_main
+    from safety import run_main
 
     f = write(tmp_path / "COVID-Dialogue-Dataset-Chinese.txt", COVID_DIALOGUE)
     report = Report()
@@ -586,7 +586,7 @@ def test_consultations_no_doctor_answered_are_left_out_and_counted(tmp_path, cap
 def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
     """Issue 21: `python -m data convert … --out X` replaced X without a word, where the trainers
     refuse; one rule everywhere: refused, naming it, unless --overwrite, which says what it replaces."""
-    from data.schema import run_main
+    from safety import run_main
 
     f = write(tmp_path / "medQA.valid.txt", "内科\t1\tq1\t头晕怎么回事\t测一下血压\n")
     out = write(tmp_path / "o.jsonl", "mine\n")

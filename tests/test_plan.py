@@ -23,7 +23,7 @@ def test_the_simulation_is_what_real_ranks_hold(two_rank_checks):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     real = json.loads(lines[0].removeprefix("measured "))
     fake = {"sft": plan.simulate_training(lambda: fsdp_worker.Transformer(fsdp_worker.PLAN_CONFIG),
-                                          fsdp_worker.plan_sft_loss, world=2, **fsdp_worker.PLAN_SFT).parts}
+                                          fsdp_worker.plan_sft_step, world=2, **fsdp_worker.PLAN_SFT).parts}
     ppo = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, **fsdp_worker.PLAN_PPO)
     fake.update({"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts for k, m in ppo.items()})
     assert fake.keys() == real.keys()
@@ -93,7 +93,7 @@ def test_the_memory_model_agrees_with_the_simulation_at_ziyas_widths():
     cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
     for kind, micro, ac in (("sft", 2, True), ("rm", 1, False)):  # at 13B the model's worst row and a typical one
         measured = plan.simulate_training(lambda: plan._lm(cfg, kind, ac),
-                                          lambda model, n: plan._lm_loss(model, kind, n, 2048),
+                                          plan.lm_step(kind, 2048),
                                           world=8, micro_batch=micro).total / 2**30
         per_item = 2 if kind == "rm" else 1  # a pair: chosen and rejected
         modelled = plan.training_memory(cfg, world=8, micro_batch=micro * per_item, seq_len=2048, bf16=True,
@@ -107,7 +107,7 @@ def test_the_dry_runs_simulate_from_the_command_line(capsys):
 
     train_sft.main(["--model", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "1"])
     out = capsys.readouterr().out
-    assert "simulated: train_sft.token_loss_sum through training.accumulate" in out
+    assert "simulated: train_sft.train_step and AdamW" in out
     row = next(l for l in out.splitlines() if l.split()[:2] == ["1", "off"])
     assert row.split()[-1] == "yes" and "time: 3 epoch(s) of 226,042 conversations" in out
     train_ppo.main(["--policy", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "2",

@@ -139,7 +139,7 @@ def test_no_parsed_verdict_is_said_in_words_and_answers_that_differ_are_shown(ru
 
 
 def test_the_main_job_never_replaces_an_earlier_run_silently(tmp_path, capsys):
-    from data.schema import run_main
+    from safety import run_main
 
     (tmp_path / "sft").mkdir()
     (tmp_path / "report.md").write_text("an earlier report")

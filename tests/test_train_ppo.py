@@ -298,7 +298,7 @@ def test_a_scripted_reward_is_learnt_and_a_large_kl_coefficient_holds_the_policy
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer_file):
     """A tiny SFT policy and a reward model on the test tokenizer, in the HF layout."""
-    from train_rm import RewardModel
+    from model import RewardModel
 
     root = tmp_path_factory.mktemp("ppo_models")
     config = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=4,

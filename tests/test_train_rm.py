@@ -14,7 +14,9 @@ from data.template import DOCTOR_TAG, doctor_turn, render, render_reply
 from distill import read_samples
 from model import CONFIGS, Transformer
 from tokenizer import Tokenizer
-from train_rm import RewardModel, pad_batch, pairwise_loss
+from data.template import pad_batch
+from model import RewardModel
+from train_rm import pairwise_loss
 
 PAIRS = str(ROOT / "data" / "preference" / "preference_pairs.jsonl")
 SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]

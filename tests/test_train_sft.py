@@ -90,16 +90,15 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch, capsys):
     import train_sft
-    import training
 
-    real, calls = training.accumulate, []
+    real, calls = train_sft.train_step, []
 
-    def nan_at_step_5(*args, **kwargs):  # the loop calls accumulate once per optimizer step
+    def nan_at_step_5(*args, **kwargs):  # the loop calls train_step once per optimizer step
         calls.append(1)
         loss, norm = real(*args, **kwargs)
         return (float("nan"), norm) if len(calls) == 5 else (loss, norm)
 
-    monkeypatch.setattr(training, "accumulate", nan_at_step_5)
+    monkeypatch.setattr(train_sft, "train_step", nan_at_step_5)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "8", "--save-every", "2"]
     with pytest.raises(SystemExit) as stop:
@@ -111,7 +110,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch, ca
     assert not (tmp_path / "final").exists()
     assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3, 4]
     # The kept state resumes cleanly (without the fault) to the end.
-    monkeypatch.setattr(training, "accumulate", real)
+    monkeypatch.setattr(train_sft, "train_step", real)
     train_sft.main(argv + ["--resume"])
     assert len(losses(tmp_path)) == 8 and all(math.isfinite(x) for x in losses(tmp_path))
 
@@ -281,19 +280,19 @@ def test_a_kill_between_the_state_renames_resumes_exactly(tmp_path, monkeypatch)
     args = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3"]
     in_process(monkeypatch, tmp_path / "whole", *args)
     out = tmp_path / "killed"
-    real_swap, swaps = training._atomic_dir_swap, []
+    real_swap, swaps = training.replace_dir, []
 
-    def killed_at_step_4(tmp, final):  # the second save: only the first rename happens
+    def killed_at_step_4(tmp, final, aside=None):  # the second save: only the first rename happens
         swaps.append(1)
         if len(swaps) == 2:
             os.rename(final, final.with_name(final.name + ".old"))
             raise KeyboardInterrupt("killed between the two renames")
-        real_swap(tmp, final)
+        real_swap(tmp, final, aside)
 
-    monkeypatch.setattr(training, "_atomic_dir_swap", killed_at_step_4)
+    monkeypatch.setattr(training, "replace_dir", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         in_process(monkeypatch, out, *args)
-    monkeypatch.setattr(training, "_atomic_dir_swap", real_swap)
+    monkeypatch.setattr(training, "replace_dir", real_swap)
     assert not (out / "state").exists() and (out / "state.tmp" / "trainer.json").is_file()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.2')  # and a last line cut short
@@ -306,7 +305,7 @@ def test_a_kill_between_the_state_renames_resumes_exactly(tmp_path, monkeypatch)
 
 
 def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
-    from training import lock_out
+    from safety import lock_out
 
     torch.set_num_threads(1)
     in_process(monkeypatch, tmp_path, "--max-steps", "1")
@@ -342,9 +341,7 @@ def test_resume_refuses_other_settings_and_data_order_does_not_matter(tmp_path, 
     args = [*COMMON, "--max-steps", "4", "--save-every", "2", "--eval-every", "2"]
     train_sft.main(["--data", *SFT, "--out", str(tmp_path / "whole"), *args])
     out = tmp_path / "resumed"
-    import training
-
-    real, calls = training.accumulate, []
+    real, calls = train_sft.train_step, []
 
     def interrupted_at_step_3(*a, **kw):
         calls.append(1)
@@ -352,10 +349,10 @@ def test_resume_refuses_other_settings_and_data_order_does_not_matter(tmp_path, 
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(training, "accumulate", interrupted_at_step_3)
+    monkeypatch.setattr(train_sft, "train_step", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train_sft.main(["--data", *SFT, "--out", str(out), *args])  # the state of step 2 is saved
-    monkeypatch.setattr(training, "accumulate", real)
+    monkeypatch.setattr(train_sft, "train_step", real)
     base = ["--data", *SFT, "--out", str(out), *args, "--resume"]
     with pytest.raises(SystemExit, match=r"other settings or data \(lr: 0.002 -> 0.001\)\. .*--allow-change lr"):
         train_sft.main(base + ["--lr", "1e-3"])
@@ -378,16 +375,15 @@ def test_a_model_that_stopped_learning_is_named_and_never_kept_as_best(tmp_path,
     """Issue 12: a run whose weights blew up (finite loss, gradient exactly 0 from step 2 on)
     kept that model as best/."""
     import train_sft
-    import training
 
-    real, calls = training.accumulate, []
+    real, calls = train_sft.train_step, []
 
     def flat_from_step_2(*args, **kwargs):
         calls.append(1)
         loss, norm = real(*args, **kwargs)
         return (loss, 0.0) if len(calls) >= 2 else (loss, norm)
 
-    monkeypatch.setattr(training, "accumulate", flat_from_step_2)
+    monkeypatch.setattr(train_sft, "train_step", flat_from_step_2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     with pytest.raises(SystemExit, match=r"steps 2-4: the gradient is exactly zero \(loss flat at [0-9.]+\): the "
@@ -401,22 +397,23 @@ def test_a_model_that_stopped_learning_is_named_and_never_kept_as_best(tmp_path,
 def test_a_full_disk_is_said_as_such(tmp_path, monkeypatch, capsys):
     """Issue 12: a full disk surfaced as "[enforce fail at inline_container.cc] unexpected pos"
     (torch's writer, wrapped again by torch.distributed.checkpoint) and a traceback."""
+    import safety
     import train_sft
     import training
-    from data.schema import run_main
+    from safety import run_main
 
     def full(*args, **kwargs):  # what torch.save reports when a write hits ENOSPC
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(training.dcp, "save", full)
-    monkeypatch.setattr(training, "_free_bytes", lambda path: 0)
+    monkeypatch.setattr(safety, "_free_bytes", lambda path: 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     assert run_main(train_sft.main, ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2",
                                      "--save-every", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {tmp_path / 'state.tmp'}: ENOSPC") and "enforce fail" not in err
-    monkeypatch.setattr(training, "_free_bytes", lambda path: 1 << 40)  # not a full disk: a bug, kept as it is
+    monkeypatch.setattr(safety, "_free_bytes", lambda path: 1 << 40)  # not a full disk: a bug, kept as it is
     with pytest.raises(RuntimeError, match="enforce fail"):
         run_main(train_sft.main, ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2",
                                   "--save-every", "1", "--overwrite"])
@@ -463,7 +460,7 @@ def test_duplicates_are_counted_and_a_lone_surrogate_is_named(tmp_path, monkeypa
     nothing; a lone surrogate (JSON "\\ud800") in a record was a sentencepiece RuntimeError
     with no file or line."""
     import train_sft
-    from data.schema import run_main
+    from safety import run_main
 
     rows = [{"id": f"r{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天了"},
                                                         {"role": "assistant", "content": f"多休息{i}。"}]}
