@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 
 from safety import run_main
@@ -83,17 +84,33 @@ def main(argv=None):
     # U+FFFD and the chat says so, rather than ending it and the conversation with a traceback.
     sys.stdin.reconfigure(errors="replace")
 
+    terminal = sys.stdin.isatty()
+    typed: list[str] = []  # whole lines typed while a reply streamed, asked in turn
+
     def ask(prompt):
-        try:
-            line = input(prompt)
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
-            write("\n")
-            return None
+        if terminal and not typed and select.select([sys.stdin], [], [], 0)[0]:
+            # Typed while the reply streamed, when the terminal was in its line mode: a Ctrl-D
+            # there is an end of file for one read(), which readline (raw mode for the prompt)
+            # would never make, so the Ctrl-D was lost. Read it here: b"" is that Ctrl-D.
+            ahead = os.read(sys.stdin.fileno(), 1 << 16)
+            if not ahead:
+                write(prompt + "\n")
+                return None
+            typed.extend(ahead.decode(errors="replace").splitlines())
+        if typed:
+            line = typed.pop(0)
+            write(prompt + line + "\n")
+        else:
+            try:
+                line = input(prompt)
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
+                write("\n")
+                return None
         if "\ufffd" in line:
             write("(part of that line was not UTF-8 text; it is shown to the model as �)\n")
         return line
 
-    if sys.stdin.isatty():
+    if terminal:
         import readline  # noqa: F401  (line editing and history for input())
     try:
         chat(doctor, ask, write)

@@ -3,6 +3,7 @@ evaluate.Doctor gives the same conversation, `clear` forgets the history, `quit`
 
 import os
 import pty
+import select
 import subprocess
 import sys
 import time
@@ -90,3 +91,37 @@ def test_bytes_that_are_not_utf8_and_a_reader_that_leaves_end_nothing(model_dir)
                               shell=True, input="头痛\n头痛\n头痛\n", capture_output=True, text=True, timeout=120)
     assert pipeline.returncode == 0 and "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr, \
         pipeline.stderr
+
+
+def test_ctrl_d_typed_during_a_reply_ends_the_session_after_it(model_dir):
+    """Issue 24: in a terminal, Ctrl-D typed while a reply streamed was lost: the terminal's
+    line discipline turns it into an end of file for a read that readline, switching to raw mode
+    for the next prompt, never makes; the session waited for a second Ctrl-D. A long reply (200
+    greedy tokens of a random model, no eos) leaves the Ctrl-D time to arrive during it."""
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), "--temperature", "0",
+                             "--max-new-tokens", "200"], stdin=child, stdout=child, stderr=child, close_fds=True)
+    os.close(child)
+    seen = b""
+    try:
+        while "<病人>：".encode() not in seen:
+            seen += os.read(main, 4096)
+        os.write(main, "头痛\n".encode())
+        while "<HuatuoGPT>：".encode() not in seen:
+            seen += os.read(main, 4096)
+        os.write(main, b"\x04")  # Ctrl-D, while the reply streams
+        end = time.monotonic() + 20  # the reply takes a few seconds
+        while proc.poll() is None and time.monotonic() < end:
+            if select.select([main], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(main, 4096)
+                except OSError:
+                    break
+        assert proc.wait(5) == 0, seen.decode(errors="replace")[-500:]
+        assert seen.count("<病人>：".encode()) <= 2  # at most the next prompt, shown once
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the session did not end after the reply: the Ctrl-D was lost\n" +
+                             seen.decode(errors="replace")[-300:]) from None
+    finally:
+        proc.kill()
+        os.close(main)
