@@ -18,7 +18,7 @@ import select
 import sys
 
 from safety import run_main
-from data.template import DOCTOR_TAG, PATIENT_TAG
+from data.template import CHAT_SAMPLING, DOCTOR_TAG, PATIENT_TAG
 from evaluate import Doctor
 from generate import add_device_args, add_sampling_args, device_and_dtype
 
@@ -67,9 +67,9 @@ def chat(doctor: Doctor, ask, write) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
-    # 512 new tokens as the official demo; the sampling settings are the quick start's (ours).
-    add_sampling_args(p, max_new_tokens=512, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
-                      why="; ours, the paper gives none")
+    # 512 new tokens as the official demo; the sampling settings are ours (data.template.CHAT_SAMPLING,
+    # which every exported checkpoint carries as generation_config.json).
+    add_sampling_args(p, **CHAT_SAMPLING, why="; ours, the paper gives none")
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)

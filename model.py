@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors, save as save_safetensors, save_file
 
-from data.template import pad_batch
+from data.template import CHAT_SAMPLING, CHAT_TEMPLATE, pad_batch
 from safety import replace_dir
 
 
@@ -869,7 +869,10 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
         if tokenizer is not None:
             from tokenizer import write_hf_tokenizer_files
 
-            write_hf_tokenizer_files(tokenizer, tmp, hf_config)
+            write_hf_tokenizer_files(tokenizer, tmp, hf_config, chat_template=CHAT_TEMPLATE)
+        generation = dict(do_sample=True, **CHAT_SAMPLING, bos_token_id=hf_config.get("bos_token_id", 1),
+                          eos_token_id=hf_config.get("eos_token_id", 2), pad_token_id=hf_config.get("pad_token_id", 0))
+        _write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))  # chat.py's settings
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
             _fsync(tmp / name)

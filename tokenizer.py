@@ -156,13 +156,17 @@ def _strings(obj) -> Iterator[str]:
             yield from _strings(value)
 
 
-def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory: Path, hf_config: dict):
-    """Copy tokenizer.model and write the small JSON files transformers' LlamaTokenizer expects."""
+def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory: Path, hf_config: dict,
+                             chat_template: str | None = None):
+    """Copy tokenizer.model and write the small JSON files transformers' LlamaTokenizer expects
+    (with the chat template, when given: data.template.CHAT_TEMPLATE)."""
     src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
     shutil.copyfile(src, directory / "tokenizer.model")
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config = dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
                   model_max_length=hf_config.get("max_position_embeddings", 2048), legacy=True)
+    if chat_template:
+        config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 

@@ -55,6 +55,25 @@ SYSTEM = ("一位用户和智能医疗大模型HuatuoGPT之间的对话。对于
 PATIENT_TAG = "<病人>："
 DOCTOR_TAG = "<HuatuoGPT>："
 TURN_END = " "  # the official UTTER_END_SIGNAL; a doctor's turn ends with ROUND_END_SIGNAL, " </s>"
+# The official inference demo's prompt (HuatuoGPT repo at 1412a5d, huatuo_cli_demo_stream.py,
+# generate_prompt) as the Jinja chat template every exported checkpoint carries in
+# tokenizer_config.json, for transformers' apply_chat_template, vLLM and TGI: SYSTEM, then per
+# round "<病人>：{question} <HuatuoGPT>：{answer}</s>", the last question followed by the tag. Like
+# the demo's string it has no <s>: the demo's tokenizer(prompt) adds it (add_bos_token). A string
+# template encoded whole cannot give render's segment-wise ids (see "Where the official inference
+# demo differs" above): a server that applies it prompts as the demo did, not as we trained.
+CHAT_TEMPLATE = (
+    "{{ '" + SYSTEM + "' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '" + PATIENT_TAG + "' + message['content'] + '" + TURN_END + "' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + DOCTOR_TAG + "' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('HuatuoGPT has no ' + message['role'] + ' role: user and assistant only') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + DOCTOR_TAG + "' }}{% endif %}")
+# How chat.py samples, written as generation_config.json into every exported checkpoint: at most
+# 512 new tokens as the official demo (huatuo_cli_demo_stream.py, --max-new-tokens); temperature,
+# top-p and repetition penalty are ours (the paper gives none; the demo's are 0.5 and 1.2).
+CHAT_SAMPLING = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: no loss on this position
 MAX_LEN = 2048  # paper App. E: maximum context length 2048
 

@@ -79,3 +79,37 @@ def test_exported_merged_vocabulary_encodes_as_ours_in_transformers(tmp_path):
     hf = AutoTokenizer.from_pretrained(tmp_path)
     for text in CORPUS[:8] + ["头痛发热三天了，需要去医院吗？", "孩子咳嗽 晚上更重", "Aspirin 100mg qd, 监测血压"]:
         assert hf(text)["input_ids"] == tok.encode(text, bos=True), text
+
+
+def official_demo_prompt(query: str, history: list[tuple[str, str]], eos: str) -> str:
+    """generate_prompt of the official demo (FreedomIntelligence/HuatuoGPT at 1412a5d,
+    huatuo_cli_demo_stream.py), transcribed: the system text, then per earlier round
+    "<病人>：{q} <HuatuoGPT>：{r}" + eos, then "<病人>：{query} <HuatuoGPT>："."""
+    system = ("一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的指导建议。"
+              "对于用户的指令问题，HuatuoGPT给出有益的、详细的、有礼貌的回答。")
+    return system + "".join(f"<病人>：{q} <HuatuoGPT>：{r}" + eos for q, r in history) + f"<病人>：{query} <HuatuoGPT>："
+
+
+def test_a_saved_checkpoint_carries_the_demos_chat_template_and_chat_py_s_sampling(tmp_path, tokenizer_file):
+    """Issue 26 item 2: vLLM, TGI and apply_chat_template need chat_template in
+    tokenizer_config.json, and the sampling settings lived only in code."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from data.template import CHAT_SAMPLING
+    from model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    Transformer(cfg).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "m")
+    history = [("头痛三天了", "多休息，注意饮水。"), ("还有发烧", "量一下体温。")]
+    for rounds in range(len(history) + 1):
+        messages = [{"role": role, "content": text} for q, r in history[:rounds]
+                    for role, text in (("user", q), ("assistant", r))] + [{"role": "user", "content": "需要吃药吗？"}]
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+            official_demo_prompt("需要吃药吗？", history[:rounds], "</s>")
+    with pytest.raises(Exception, match="no system role"):
+        hf.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    generation = GenerationConfig.from_pretrained(tmp_path / "m")
+    assert {k: getattr(generation, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
