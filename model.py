@@ -631,13 +631,14 @@ class RewardModel(nn.Module):
         h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
         return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
 
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, **kw):
         sd = self.state_dict() if state_dict is None else state_dict
         trunk = {k.removeprefix("trunk."): v for k, v in sd.items() if k.startswith("trunk.")}
         head = save_safetensors({"weight": sd["score_head.weight"].detach().cpu().contiguous()})
         meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
         self.trunk.save_pretrained(path, tokenizer=tokenizer, state_dict=trunk, extra_files={
-            "score_head.safetensors": head, "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
+            **(extra_files or {}), "score_head.safetensors": head,
+            "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
 
     def scorer(self) -> "RewardModel":
         """This model without its LM head, which a score never reads (kept in a checkpoint for
@@ -734,12 +735,12 @@ class PolicyWithValue(nn.Module):
             return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
         return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
 
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, **kw):
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, **kw):
         sd = self.state_dict() if state_dict is None else state_dict
         policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
         head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})
         self.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=policy,
-                                    extra_files={"value_head.safetensors": head})
+                                    extra_files={**(extra_files or {}), "value_head.safetensors": head})
 
 
 # ----------------------------------------------------------------------------------------------

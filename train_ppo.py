@@ -68,7 +68,8 @@ from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, a
 from plan import add_plan_args, ppo_dry_run
 from safety import file_digest, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, gathered, grad_norm_and_clip,
-                      load_model, load_sharded, make_optimizer, micro_batches, run_distributed, save_hf, shard)
+                      load_model, load_sharded, make_optimizer, micro_batches, model_card, run_distributed, save_hf,
+                      shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -578,6 +579,7 @@ def _train(args, d):
         metrics.truncate_after(step)
 
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
+    record = None  # the last round's metrics, for the checkpoint's README.md
     while round_no < rounds and step < args.max_steps:
         timer = Timer()
         exps, seconds = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
@@ -610,7 +612,12 @@ def _train(args, d):
             state.save(model, opt, {"round": round_no, "step": step, "kl_coef": kl.value,
                                     "prompts": stream.state_dict(), "setup": fingerprint})
     bar.close()
-    save_hf(model, out / "final", tok.path, d)
+    last = [f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
+            f"λ_KL {kl.value:.4f}"] if record else []
+    card = model_card("ppo", base=args.policy, data=[(f, file_digest(f)) for f in args.data], command="train_ppo.py",
+                      figures=[f"{round_no} rounds, {step} optimizer steps, {d.world} rank(s)", *last,
+                               f"reward model: {args.reward} ({model_fingerprint(args.reward)})"])
+    save_hf(model, out / "final", tok.path, d, card)
     if d.main:
         print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
 

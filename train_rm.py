@@ -47,8 +47,8 @@ from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, claim_output, file_digest, model_digest, model_fingerprint, run_fingerprint, run_main
 from tokenizer import Tokenizer
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
-                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb, run_distributed,
-                      save_hf, set_lr, shard_and_load)
+                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, model_card, peak_memory_gb,
+                      run_distributed, save_hf, set_lr, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -194,6 +194,12 @@ def _train(args, d):
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
     fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), margin=args.margin)
+    files = [(f, file_digest(f)) for f in [*args.data, *(args.val_data or [])]]
+
+    def card(*figures):  # the README.md of a checkpoint
+        return model_card("rm", base=args.model, data=files, figures=[*figures, f"{d.world} rank(s), global batch "
+                          f"{args.batch_size} pairs, lr {args.lr}, {total} steps planned"], command="train_rm.py")
+
     start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
     resumed = state.resume(args, fingerprint, model, opt)
     if resumed:
@@ -233,14 +239,15 @@ def _train(args, d):
             progress.say(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
             if improved:
                 best = v
-                save_hf(model, out / "best", tok.path, d)
+                save_hf(model, out / "best", tok.path, d, card(f"step {step}: {describe(v)} (best/)"))
         # 6. The resumable state.
         if step % args.save_every == 0 or step == total:
             state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
             guard.saved = step
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
-    save_hf(model, out / "final", tok.path, d)
+    save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights",
+                                                   *([f"best {describe(best)} (kept in best/)"] if best else [])))
     if d.main:
         kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
         print(f"done: {total} steps; {kept}final weights in {out / 'final'}")

@@ -36,8 +36,8 @@ from data.template import IGNORE_INDEX, collate, render
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, file_digest, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
-                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb, run_distributed,
-                      save_hf, set_lr, shard_and_load)
+                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, model_card, peak_memory_gb,
+                      run_distributed, save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -185,6 +185,12 @@ def _train(args, d):
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
     fingerprint = run_fingerprint(args, model=model_fingerprint(args.model))
+    files = [(f, file_digest(f)) for f in [*args.data, *(args.val_data or [])]]
+
+    def card(*figures):  # the README.md of a checkpoint
+        return model_card("sft", base=args.model, data=files, figures=[*figures, f"{d.world} rank(s), global batch "
+                          f"{args.batch_size}, lr {args.lr}, {total} steps planned"], command="train_sft.py")
+
     start, best = 0, None  # best: the lowest validation loss so far
     resumed = state.resume(args, fingerprint, model, opt)
     if resumed:
@@ -231,14 +237,15 @@ def _train(args, d):
             progress.say(f"step {step}: validation loss {val_loss:.4f}" + (" (best: saving best/)" if improved else ""))
             if improved:
                 best = {"val_loss": val_loss}
-                save_hf(model, out / "best", tok.path, d)
+                save_hf(model, out / "best", tok.path, d, card(f"validation loss {val_loss:.4f} at step {step} (best/)"))
         # 6. The resumable state.
         if step % args.save_every == 0 or step == total:
             state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
             guard.saved = step
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
-    save_hf(model, out / "final", tok.path, d)
+    save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights", *(
+        [f"best validation loss {best['val_loss']:.4f} (kept in best/)"] if best else [])))
     if d.main:
         kept = f"best validation loss {best['val_loss']:.4f} in {out / 'best'}; " if best else ""
         print(f"done: {total} steps; {kept}final weights in {out / 'final'}")

@@ -339,6 +339,8 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert rows[1]["kl_coef"] != 0.1  # the adaptive controller moved it
     final = tmp_path / "whole" / "final"
     assert (final / "value_head.safetensors").is_file() and (final / "tokenizer.model").is_file()
+    card = (final / "README.md").read_text(encoding="utf-8")  # issue 26: the model card, with the run's figures
+    assert "# HuatuoGPT, PPO checkpoint" in card and "optimizer steps" in card and "本模型不提供医疗建议" in card
     hf = LlamaForCausalLM.from_pretrained(final)  # opens in any LLaMA tooling
     ours = load_file(final / "model.safetensors")
     assert torch.equal(hf.model.layers[3].mlp.up_proj.weight, ours["model.layers.3.mlp.up_proj.weight"])

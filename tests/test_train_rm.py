@@ -118,6 +118,8 @@ def test_held_out_accuracy_rises_above_chance(tiny_sft, tmp_path):
     assert accs[0] == 0.5  # the zero head ties every pair: chance
     assert max(accs) >= 0.75, accs  # 8 held-out pairs
     assert (tmp_path / "rm" / "best" / "score_head.safetensors").is_file()
+    card = (tmp_path / "rm" / "best" / "README.md").read_text(encoding="utf-8")  # issue 26: the model card
+    assert "# HuatuoGPT, RM checkpoint" in card and "held-out accuracy" in card and "RewardModel.from_pretrained" in card
 
 
 def test_sample_writes_what_distill_score_reads(tiny_sft, tmp_path):

@@ -477,3 +477,23 @@ def test_duplicates_are_counted_and_a_lone_surrogate_is_named(tmp_path, monkeypa
     assert run_main(train_sft.main, ["--data", str(bad), "--out", str(tmp_path / "bad"), *COMMON]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {bad}:2: messages[0].content is not valid Unicode text (a lone "
                                                "surrogate at character 0)")
+
+
+def test_every_checkpoint_carries_a_model_card_with_its_runs_figures(tmp_path, monkeypatch):
+    """Issue 26 item 4: a checkpoint said nothing of what it is, what it was trained on, how to
+    load it or what it must not be used for."""
+    from safety import file_digest
+
+    torch.set_num_threads(1)
+    in_process(monkeypatch, tmp_path, "--max-steps", "2", "--eval-every", "1")
+    validations = [r for r in records(tmp_path) if "val_loss" in r and r["step"] > 0]
+    best = min(validations, key=lambda r: r["val_loss"])
+    for name in ("best", "final"):
+        card = (tmp_path / name / "README.md").read_text(encoding="utf-8")
+        assert card.startswith("---\nlanguage: [zh]\nbase_model: tiny\n") and "# HuatuoGPT, SFT checkpoint" in card
+        assert all(f"`{Path(f).name}` (sha256 {file_digest(f)}…)" in card for f in SFT)
+        assert f"validation loss {best['val_loss']:.4f}" in card
+        assert "does not give medical advice" in card and "本模型不提供医疗建议" in card
+        assert "apply_chat_template" in card and "vllm serve" in card
+    assert f"at step {best['step']} (best/)" in (tmp_path / "best" / "README.md").read_text(encoding="utf-8")
+    assert "step 2: the final weights" in (tmp_path / "final" / "README.md").read_text(encoding="utf-8")
