@@ -632,13 +632,20 @@ class RewardModel(nn.Module):
         return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
 
     def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, **kw):
+        """The Hugging Face reward-model layout, LlamaForSequenceClassification's, as the official
+        HuatuoGPT, Ziya, TRL and OpenRLHF reward models are: the trunk's tensors under `model.`,
+        the head as `score.weight`, num_labels 1, no LM head (a score never reads it).
+        transformers scores at the last token that is not pad_token_id, which is the reply's eos
+        when a batch is right-padded, as ours reads it from the mask."""
         sd = self.state_dict() if state_dict is None else state_dict
-        trunk = {k.removeprefix("trunk."): v for k, v in sd.items() if k.startswith("trunk.")}
-        head = save_safetensors({"weight": sd["score_head.weight"].detach().cpu().contiguous()})
+        tensors = {hf_name(k.removeprefix("trunk.")): v for k, v in sd.items()
+                   if k.startswith("trunk.") and k != "trunk.lm_head.weight"}
+        tensors["score.weight"] = sd["score_head.weight"]
+        hf = dict(self.config.to_hf(), architectures=["LlamaForSequenceClassification"], num_labels=1,
+                  id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
-        self.trunk.save_pretrained(path, tokenizer=tokenizer, state_dict=trunk, extra_files={
-            **(extra_files or {}), "score_head.safetensors": head,
-            "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
+        write_checkpoint(path, hf, [tensors], tokenizer=tokenizer, extra_files={
+            **(extra_files or {}), "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
 
     def scorer(self) -> "RewardModel":
         """This model without its LM head, which a score never reads (kept in a checkpoint for
@@ -664,11 +671,49 @@ class RewardModel(nn.Module):
         return self(tokens.to(device), mask.to(device))
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "RewardModel":
+        """A reward model in the HF layout (save_pretrained's; one transformers wrote, such as the
+        official HuatuoGPT reward model), or in ours before it (a causal LM with
+        score_head.safetensors beside it). Tensors are checked against config.json from the
+        headers before any data is read, as Transformer.from_pretrained does."""
+        path = Path(path)
+        if (path / "score_head.safetensors").is_file():
+            return cls._from_causal_lm_and_head(path, dtype, device)
+        config = ModelConfig.from_json(path / "config.json")
+        labels = json.loads((path / "config.json").read_text(encoding="utf-8")).get("num_labels", 1)
+        if labels != 1:
+            raise CheckpointError(f"{path / 'config.json'}: num_labels {labels}; a reward model has one score")
+        expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
+        expected["score.weight"] = (1, config.hidden_size)
+        shards = checkpoint_shards(path)
+        found = {name: shape for shard in shards for name, shape in tensor_shapes(shard)
+                 if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq")}
+        if "score.weight" not in found:
+            raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
+        check_tensors(config, found, path, expected=expected)
+        with torch.device("meta"):
+            rm = cls(config)
+        if not config.tie_word_embeddings:
+            rm.trunk.lm_head = None
+        ours = {hf_name(n): f"trunk.{n}" for n in rm.trunk.state_dict()}
+        ours["score.weight"] = "score_head.weight"
+        for shard, names in shards.items():
+            tensors = {}
+            for name, tensor in read_safetensors(shard, names):
+                if name not in expected:
+                    continue  # an LM head saved beside the score, rotary buffers
+                if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"{shard}: tensor {name!r} is not finite floating-point weights")
+                tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
+            rm.load_state_dict(tensors, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            rm.trunk.lm_head.weight = rm.trunk.embed_tokens.weight
+        return rm
+
+    @classmethod
+    def _from_causal_lm_and_head(cls, path: Path, dtype, device) -> "RewardModel":
         trunk = Transformer.from_pretrained(path, dtype=dtype, device=device)
-        head_file = Path(path) / "score_head.safetensors"
-        if not head_file.is_file():
-            raise FileNotFoundError(f"{head_file}: not a reward model checkpoint (no score head)")
+        head_file = path / "score_head.safetensors"
         with torch.device("meta"):
             rm = cls(trunk.config)
         rm.trunk = trunk
@@ -789,10 +834,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
-def check_tensors(config: ModelConfig, found: dict[str, tuple], where: Path):
+def check_tensors(config: ModelConfig, found: dict[str, tuple], where: Path, expected: dict | None = None):
     """Refuse, before any tensor's data is read, a checkpoint whose tensors are not the ones its
-    config implies: a config.json of 1,000 layers over a checkpoint of 40, a shape of another model."""
-    expected = expected_shapes(config)
+    config implies (expected_shapes, or `expected`): a config.json of 1,000 layers over a
+    checkpoint of 40, a shape of another model."""
+    expected = expected_shapes(config) if expected is None else expected
     found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")
              and not (config.tie_word_embeddings and k == "lm_head.weight")}
     unexpected = sorted(set(found) - set(expected))

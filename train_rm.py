@@ -19,7 +19,8 @@ sampled as token ids (score_ids), never decoded and re-encoded text: decode -> e
 the identity, and the reward must be that of the very sequence the policy produced. The loss is
 -log σ(r_chosen − r_rejected − margin); chosen and rejected go through one forward pass.
 Outputs in --out: metrics.jsonl, best/ (highest validation accuracy), final/, state/ (--resume);
-a checkpoint is the trunk in the HF layout plus score_head.safetensors and reward_config.json.
+a checkpoint is in the HF reward-model layout (LlamaForSequenceClassification: score.weight,
+num_labels 1; model.RewardModel.save_pretrained), with reward_config.json and a README.md.
 """
 
 from __future__ import annotations

@@ -513,7 +513,9 @@ def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: l
     used for."""
     files = "\n".join(f"- `{Path(f).name}` (sha256 {digest}…)" for f, digest in data) or "- (none)"
     shown = "\n".join(f"- {line}" for line in figures) or "- (none recorded)"
-    loading = ("```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n```"
+    loading = ("```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n\n"
+               "from transformers import AutoModelForSequenceClassification  # the same score, at the last non-pad token\n"
+               "rm = AutoModelForSequenceClassification.from_pretrained(PATH)\n```"
                if stage == "rm" else
                "```bash\npython chat.py --model PATH                   # this repository, streamed, multi-turn\n"
                "python serve.py --model PATH                  # OpenAI-compatible, http://127.0.0.1:8000/v1\n"

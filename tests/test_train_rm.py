@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, trainer_env
+from safetensors.torch import save_file
 
-from data.template import DOCTOR_TAG, doctor_turn, render, render_reply
+from data.template import DOCTOR_TAG, doctor_turn, pad_batch, render, render_reply
 from distill import read_samples
-from model import CONFIGS, Transformer
+from model import CONFIGS, CheckpointError, RewardModel
 from tokenizer import Tokenizer
-from data.template import pad_batch
-from model import RewardModel
 from train_rm import pairwise_loss
 
 PAIRS = str(ROOT / "data" / "preference" / "preference_pairs.jsonl")
@@ -80,10 +79,50 @@ def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
     tokens = torch.randint(3, 2000, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens, torch.ones_like(tokens)), reward_model(tokens, torch.ones_like(tokens)))
-    assert Transformer.from_pretrained(tmp_path / "rm").config == reward_model.config  # the trunk is plain HF
-    (tmp_path / "rm" / "score_head.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="not a reward model checkpoint"):
-        RewardModel.from_pretrained(tmp_path / "rm")
+    # Issue 26: the HF reward-model layout (it was a causal LM + score_head.safetensors, which
+    # transformers opened as a classifier with a random head).
+    hf = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert hf["architectures"] == ["LlamaForSequenceClassification"] and hf["num_labels"] == 1
+    # The layout before it still loads, and scores the same.
+    old = tmp_path / "old"
+    reward_model.trunk.save_pretrained(old, tokenizer=tokenizer_file)
+    save_file({"weight": reward_model.score_head.weight.detach().contiguous()}, str(old / "score_head.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(RewardModel.from_pretrained(old)(tokens, torch.ones_like(tokens)),
+                                   reward_model(tokens, torch.ones_like(tokens)))
+    (old / "score_head.safetensors").unlink()  # a causal LM alone is no reward model
+    with pytest.raises(CheckpointError, match="not a reward model checkpoint"):
+        RewardModel.from_pretrained(old)
+
+
+def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_path, tokenizer_file):
+    """Issue 26 item 1: ours opens in transformers' AutoModelForSequenceClassification and
+    scores as train_rm.py does; one transformers wrote (as the official HuatuoGPT reward model
+    is) loads in ours and scores as transformers does. Right-padded batches of replies that end
+    with eos: transformers reads the last token that is not pad_token_id, ours the mask's last."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    tok = Tokenizer(tokenizer_file)
+    msgs = [{"role": "user", "content": "头痛三天了"}]
+    seqs = [render_reply(tok, msgs, reply)[0] for reply in ("有没有发烧？", "请问疼痛在哪个部位？持续多久了？", "多喝水")]
+    tokens, mask = pad_batch(seqs, tok.pad_id)
+    reward_model.save_pretrained(tmp_path / "ours", tokenizer=tokenizer_file)
+    theirs_of_ours = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs_of_ours(input_ids=tokens, attention_mask=mask).logits[:, 0],
+                                   reward_model(tokens, mask), rtol=1e-4, atol=1e-5)
+    cfg = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, num_labels=1, pad_token_id=0)
+    torch.manual_seed(3)
+    theirs = LlamaForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        theirs.score.weight.normal_(0, 1.0)  # scores of order 1, not 0.02's
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_of_theirs = RewardModel.from_pretrained(tmp_path / "theirs").eval()
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens, attention_mask=mask).logits[:, 0]
+        torch.testing.assert_close(ours_of_theirs(tokens, mask), expected, rtol=1e-4, atol=1e-5)
+        assert expected.abs().min() > 1e-3  # not a comparison of zeros
 
 
 def run_rm(out, *extra, nproc=1, model="tiny"):
@@ -117,7 +156,7 @@ def test_held_out_accuracy_rises_above_chance(tiny_sft, tmp_path):
     accs = [r["val_accuracy"] for r in records if "val_accuracy" in r]
     assert accs[0] == 0.5  # the zero head ties every pair: chance
     assert max(accs) >= 0.75, accs  # 8 held-out pairs
-    assert (tmp_path / "rm" / "best" / "score_head.safetensors").is_file()
+    assert (tmp_path / "rm" / "best" / "model.safetensors").is_file()  # the HF reward-model layout (issue 26)
     card = (tmp_path / "rm" / "best" / "README.md").read_text(encoding="utf-8")  # issue 26: the model card
     assert "# HuatuoGPT, RM checkpoint" in card and "held-out accuracy" in card and "RewardModel.from_pretrained" in card
 
