@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from safety import refuse_to_replace, run_main
-from model import CheckpointError, ModelConfig, check_tensors, expected_shapes, read_safetensors, write_checkpoint
+from model import (CheckpointError, ModelConfig, check_tensors, expected_shapes, model_card, read_safetensors,
+                   write_checkpoint)
 from tokenizer import Tokenizer
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
@@ -139,7 +140,9 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
             tensors = files.load(file)
             yield {n: (t if dtype is None else t.to(dtype)) for n, t in tensors.items() if not is_buffer(n)}
 
-    write_checkpoint(out, hf, checked(hf, src, groups()), tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+    write_checkpoint(out, hf, checked(hf, src, groups()), tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                     extra_files={"README.md": model_card("base", base=src.name, data=[], command="convert.py",
+                                                          figures=[f"converted from {src}"]).encode()})
 
 
 def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = None,
@@ -171,7 +174,9 @@ def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = 
             yield merged
 
     write_checkpoint(out, hf, checked(hf, delta, groups()), tokenizer=checked_tokenizer(_tokenizer(delta, base), hf),
-                     max_shard_bytes=max_shard_bytes)
+                     max_shard_bytes=max_shard_bytes, extra_files={"README.md": model_card(
+                         "base", base=f"{base.name} + {delta.name}", data=[], command="convert.py --base --delta",
+                         figures=[f"the delta {delta} added to {base}"]).encode()})
 
 
 def _tokenizer(*dirs: Path) -> Path | None:

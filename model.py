@@ -967,9 +967,85 @@ def _apply_umask(directory: Path):
         os.chmod(f, 0o666 & ~mask)
 
 
+# -- what a checkpoint says of itself --------------------------------------------------------------
+
+
+STAGES = {  # what each checkpoint is, in the paper's words
+    "base": "the base model converted to the Hugging Face safetensors layout by convert.py, not fine-tuned: "
+            "where SFT starts (paper App. E: Ziya-LLaMA-13B)",
+    "sft": "supervised fine-tuning on distilled and real-world medical data (paper §3.1)",
+    "rm": "the reward model of RLMF, trained on mixed-feedback preference pairs (paper §3.2)",
+    "ppo": "the policy after reinforcement learning with mixed feedback, PPO with a KL penalty (paper §3.2)",
+}
+
+
+def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: list[str], command: str) -> str:
+    """The README.md of an exported checkpoint: what it is, what it was trained from and on
+    (data: (file, digest) pairs), the run's own figures, how to load it, and what it must not be
+    used for."""
+    files = "\n".join(f"- `{Path(f).name}` (sha256 {digest}…)" for f, digest in data) or "- (none)"
+    shown = "\n".join(f"- {line}" for line in figures) or "- (none recorded)"
+    loading = ("```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n\n"
+               "from transformers import AutoModelForSequenceClassification  # the same score, at the last non-pad token\n"
+               "rm = AutoModelForSequenceClassification.from_pretrained(PATH)\n```"
+               if stage == "rm" else
+               "```bash\npython chat.py --model PATH                   # this repository, streamed, multi-turn\n"
+               "python serve.py --model PATH                  # OpenAI-compatible, http://127.0.0.1:8000/v1\n"
+               "vllm serve PATH                               # vLLM: prompts with the chat template below\n```\n\n"
+               "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+               "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n"
+               "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"头痛三天了怎么办？\"}],\n"
+               "                              add_generation_prompt=True, return_tensors=\"pt\")\n```\n\n"
+               "The chat template (`tokenizer_config.json`) is the official HuatuoGPT demo's prompt; encoded whole, "
+               "it differs at each role tag from the segment-wise ids this model was trained on "
+               "(`data/template.py`), which `chat.py` and `serve.py` use. `generation_config.json` holds "
+               "`chat.py`'s sampling settings.")
+    return f"""---
+language: [zh]
+base_model: {base}
+tags: [medical, huatuogpt, llama, {stage}]
+---
+
+# HuatuoGPT, {stage.upper()} checkpoint
+
+{STAGES[stage][0].upper() + STAGES[stage][1:]}, written by this repository's `{command}`
+(a reimplementation of *HuatuoGPT, Towards Taming Language Models To Be a Doctor*, Zhang et al.,
+2023). A LLaMA in the Hugging Face layout.
+
+## Trained from and on
+
+- base: `{base}`
+{files}
+
+## This run's figures
+
+{shown}
+
+## How to load it
+
+{loading}
+
+## Intended use and limitations
+
+For research on medical dialogue models: reproducing and studying the paper's recipe. Not for
+diagnosis or treatment. A language model can state wrong medical facts fluently, miss what a
+doctor would ask, and reflect the biases of its data; its answers have not been checked by
+clinicians. A checkpoint of the embedded default (a tiny model trained in minutes) shows that
+the recipe runs, not that it gives good answers.
+
+## Disclaimer / 免责声明
+
+This model does not give medical advice. Its output may be wrong or harmful; never use it in
+place of a doctor, and seek professional care for any health concern or emergency.
+
+本模型不提供医疗建议。其输出可能有误或有害，不能代替医生；如有健康问题或紧急情况，请及时就医。
+"""
+
+
+
 __all__ = ["ModelConfig", "CONFIGS", "CheckpointError", "load_config", "Transformer", "RewardModel", "PolicyWithValue",
            "TRAINABLE_BLOCKS", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs", "write_checkpoint",
-           "read_safetensors", "checkpoint_shards"]
+           "read_safetensors", "checkpoint_shards", "model_card"]
 
 if __name__ == "__main__":  # print the named configs' sizes
     for name, cfg in CONFIGS.items():

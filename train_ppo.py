@@ -64,11 +64,11 @@ from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import pad_batch, render
 from generate import generate
-from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
+from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, model_card, token_logprobs
 from plan import add_plan_args, ppo_dry_run
 from safety import file_digest, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, gathered, grad_norm_and_clip,
-                      load_model, load_sharded, make_optimizer, micro_batches, model_card, run_distributed, save_hf,
+                      load_model, load_sharded, make_optimizer, micro_batches, run_distributed, save_hf,
                       shard)
 
 # Paper §3.2 and App. E.

@@ -43,12 +43,12 @@ from data.schema import Report, finished_ids
 from data.template import pad_batch, render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
-from model import RewardModel
+from model import RewardModel, model_card
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, claim_output, file_digest, model_digest, model_fingerprint, run_fingerprint, run_main
 from tokenizer import Tokenizer
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
-                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, model_card, peak_memory_gb,
+                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb,
                       run_distributed, save_hf, set_lr, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).

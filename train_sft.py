@@ -33,10 +33,11 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
+from model import model_card
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, file_digest, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
-                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, model_card, peak_memory_gb,
+                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb,
                       run_distributed, save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
