@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -337,6 +338,72 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LoRALinear(nn.Linear):
+    """y = x·Wᵀ + (α/r)·x·Aᵀ·Bᵀ: a frozen weight W and a trainable low-rank update B·A (LoRA,
+    Hu et al. 2021), for a researcher with one GPU (the paper trains every weight). A (r × in)
+    starts random and B (out × r) at zero, so the adapted model starts as the base model. The
+    weight keeps its name, so a checkpoint's names are unchanged; merged_weight() folds the
+    update in for export (merge_lora), and every checkpoint stays a plain LLaMA."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.rank, self.scale = rank, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        self.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + self.scale * (self.lora_b @ self.lora_a)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[str]:
+    """Replace the linear layers named `targets` (q_proj, v_proj, …) of every block of `model`
+    (a Transformer, or a module holding one) by LoRALinear, keeping their weights, and freeze
+    everything but the LoRA matrices. Works on the meta device, before sharding. Returns the
+    names of the new trainable parameters (to be initialised by lora_init)."""
+    found = [(name, mod) for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in targets
+             and isinstance(mod, nn.Linear) and ".layers." in f".{name}"]
+    if not found:
+        raise ValueError(f"--lora-targets {' '.join(targets)}: no such linear layer in the blocks")
+    model.requires_grad_(False)
+    for name, linear in found:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        lora = LoRALinear(linear.in_features, linear.out_features, rank, alpha, device=linear.weight.device,
+                          dtype=linear.weight.dtype)
+        lora.weight = linear.weight
+        lora.weight.requires_grad_(False)
+        setattr(parent, name.rsplit(".", 1)[-1], lora)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_init(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Starting values of every LoRA matrix of `model`, by name: A ~ U(±1/√in) (the bound
+    kaiming_uniform_(a=√5) gives, as PEFT initialises A), B = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            bound = 1 / math.sqrt(mod.in_features)
+            out[f"{name}.lora_a"] = (torch.rand(mod.rank, mod.in_features, generator=gen) * 2 - 1) * bound
+            out[f"{name}.lora_b"] = torch.zeros(mod.out_features, mod.rank)
+    return out
+
+
+def merge_lora(model: nn.Module, state_dict: dict) -> dict:
+    """`state_dict` (of `model`, full) with each LoRA layer's update folded into its weight,
+    W + (α/r)·B·A computed in fp32 at least, and the LoRA matrices gone: an ordinary LLaMA's tensors."""
+    sd = dict(state_dict)
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear) and f"{name}.lora_a" in sd:
+            a, b, w = sd.pop(f"{name}.lora_a"), sd.pop(f"{name}.lora_b"), sd[f"{name}.weight"]
+            acc = torch.promote_types(w.dtype, torch.float32)  # bf16 weights merge in fp32, fp64 stay fp64
+            sd[f"{name}.weight"] = (w.to(acc) + mod.scale * (b.to(acc) @ a.to(acc))).to(w.dtype)
+    return sd
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -555,7 +622,7 @@ class Transformer(nn.Module):
         `state_dict` lets a distributed trainer pass a gathered full state dict; `extra_files`
         (name -> bytes) go into the same directory, inside the same atomic rename.
         """
-        sd = self.state_dict() if state_dict is None else state_dict
+        sd = merge_lora(self, self.state_dict() if state_dict is None else state_dict)
         tensors = {hf_name(n): t for n, t in sd.items()}
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
@@ -637,7 +704,7 @@ class RewardModel(nn.Module):
         the head as `score.weight`, num_labels 1, no LM head (a score never reads it).
         transformers scores at the last token that is not pad_token_id, which is the reply's eos
         when a batch is right-padded, as ours reads it from the mask."""
-        sd = self.state_dict() if state_dict is None else state_dict
+        sd = merge_lora(self, self.state_dict() if state_dict is None else state_dict)
         tensors = {hf_name(k.removeprefix("trunk.")): v for k, v in sd.items()
                    if k.startswith("trunk.") and k != "trunk.lm_head.weight"}
         tensors["score.weight"] = sd["score_head.weight"]
@@ -1045,7 +1112,8 @@ place of a doctor, and seek professional care for any health concern or emergenc
 
 __all__ = ["ModelConfig", "CONFIGS", "CheckpointError", "load_config", "Transformer", "RewardModel", "PolicyWithValue",
            "TRAINABLE_BLOCKS", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs", "write_checkpoint",
-           "read_safetensors", "checkpoint_shards", "model_card"]
+           "read_safetensors", "checkpoint_shards", "model_card", "LoRALinear", "add_lora", "lora_init",
+           "merge_lora"]
 
 if __name__ == "__main__":  # print the named configs' sizes
     for name, cfg in CONFIGS.items():

@@ -549,6 +549,9 @@ def lm_dry_run(args, kind: str):
     seq = args.max_len or min(2048, config.max_position_embeddings)
     per_item = 2 if kind == "rm" else 1  # a reward model's item is a pair: chosen and rejected, one forward
     unit = "pairs" if kind == "rm" else "conversations"
+    lora = (args.lora_rank, args.lora_alpha, args.lora_targets) if getattr(args, "lora_rank", 0) else None
+    if lora:  # the memory model knows no adapters: only the simulation speaks for a LoRA run
+        return lora_dry_run(args, kind, config, seq, bf16, lora)
     print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, sequences of {seq} "
           f"tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP" + (" (a reward model: chosen and rejected "
                                                                             "in one forward)" if kind == "rm" else ""))
@@ -622,12 +625,38 @@ def lm_dry_run(args, kind: str):
 TABLE3_CONVERSATIONS = 61_400 + 69_768 + 68_888 + 25_986
 
 
-def _lm(config, kind: str, activation_checkpointing: bool):
-    from model import RewardModel, Transformer
+def _lm(config, kind: str, activation_checkpointing: bool, lora: tuple | None = None):
+    from model import RewardModel, Transformer, add_lora
 
     model = Transformer(config) if kind == "sft" else RewardModel(config)
     (model if kind == "sft" else model.trunk).activation_checkpointing = activation_checkpointing
+    if lora:  # as the trainers add it: adapters trainable, the rest frozen (the RM's score head trains too)
+        add_lora(model, *lora)
+        if kind == "rm":
+            model.score_head.requires_grad_(True)
     return model
+
+
+def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple):
+    """A LoRA run's dry run: its step simulated at each micro-batch size, with and without
+    activation checkpointing, on --world-size fake ranks (1: one GPU)."""
+    rank, alpha, targets = lora
+    with torch.device("meta"):
+        trainable = sum(p.numel() for p in _lm(config, kind, False, lora).parameters() if p.requires_grad)
+    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, LoRA rank {rank} (alpha {alpha:g}) on "
+          f"{' '.join(targets)}: {trainable / 1e6:.2f}M trainable; {args.world_size} rank(s), sequences of {seq} "
+          f"tokens, {'bf16' if bf16 else 'fp32'} compute, the frozen weights stored in fp32 and sharded by FSDP")
+    print(f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
+          f"{args.world_size} fake rank(s); FSDPMemTracker's peak on a rank, GiB:")
+    rows = []
+    for micro in args.simulate_micro_batches or (1, 2, 4):
+        for ac in (False, True):
+            m = simulate_training(lambda: _lm(config, kind, ac, lora), lm_step(kind, seq), world=args.world_size,
+                                  micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
+            rows.append(([micro, "on" if ac else "off"], m, ["yes" if m.total / GIB <= args.gpu_memory_gb else "no"]))
+            print(f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
+                  flush=True)
+    print(measured_table(rows, ["micro-batch", "AC"], [f"fits {args.gpu_memory_gb:g} GiB"]))
 
 
 def lm_step(kind: str, seq: int):

@@ -43,13 +43,13 @@ from data.schema import Report, finished_ids
 from data.template import pad_batch, render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
-from model import RewardModel, model_card
+from model import RewardModel, add_lora, lora_init, model_card
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, claim_output, file_digest, model_digest, model_fingerprint, run_fingerprint, run_main
 from tokenizer import Tokenizer
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
-                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb,
-                      run_distributed, save_hf, set_lr, shard_and_load)
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr,
+                      eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer, micro_batches,
+                      peak_memory_gb, run_distributed, save_hf, set_lr, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -179,10 +179,14 @@ def _train(args, d):
     with torch.device("meta"):
         model = RewardModel(trunk.config)
     model.trunk.activation_checkpointing = args.activation_checkpointing
+    if args.lora_rank:  # adapters and the score head trained, the trunk frozen (ours, off by default)
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        model.score_head.requires_grad_(True)
     full = None
     if d.main:
         full = {f"trunk.{k}": v for k, v in read_weights().items()}
         full["score_head.weight"] = torch.zeros(1, trunk.config.hidden_size)
+        full.update(lora_init(model, args.seed) if args.lora_rank else {})
     model = shard_and_load(model, full, d, bf16=d.device.type == "cuda" and not args.fp32)
     del full
     model.train()
@@ -194,12 +198,17 @@ def _train(args, d):
     eval_every = args.eval_every or steps_per_epoch
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
-    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), margin=args.margin)
+    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), margin=args.margin,
+                                  lora=lora_fingerprint(args))
     files = [(f, file_digest(f)) for f in [*args.data, *(args.val_data or [])]]
 
+    lora_note = [f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged "
+                 "into the weights here"] if args.lora_rank else []
+
     def card(*figures):  # the README.md of a checkpoint
-        return model_card("rm", base=args.model, data=files, figures=[*figures, f"{d.world} rank(s), global batch "
-                          f"{args.batch_size} pairs, lr {args.lr}, {total} steps planned"], command="train_rm.py")
+        return model_card("rm", base=args.model, data=files, command="train_rm.py", figures=[
+            *figures, *lora_note, f"{d.world} rank(s), global batch {args.batch_size} pairs, lr {args.lr}, {total} steps "
+            "planned"])
 
     start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
     resumed = state.resume(args, fingerprint, model, opt)

@@ -33,12 +33,12 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from model import model_card
+from model import add_lora, lora_init, model_card
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, file_digest, model_fingerprint, run_fingerprint, run_main
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr, eval_chunks,
-                      grad_norm_and_clip, load_model, make_optimizer, micro_batches, peak_memory_gb,
-                      run_distributed, save_hf, set_lr, shard_and_load)
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr,
+                      eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer, micro_batches,
+                      peak_memory_gb, run_distributed, save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -175,7 +175,13 @@ def _train(args, d):
             print(report.summary())
 
     model.activation_checkpointing = args.activation_checkpointing
-    model = shard_and_load(model, read_weights(), d, bf16=d.device.type == "cuda" and not args.fp32)
+    if args.lora_rank:  # adapters only, the rest frozen (ours, off by default; the paper trains every weight)
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    full = read_weights()
+    if args.lora_rank and d.main:
+        full.update(lora_init(model, args.seed))
+    model = shard_and_load(model, full, d, bf16=d.device.type == "cuda" and not args.fp32)
+    del full
     model.train()
 
     # The schedule, the optimizer and what a resume continues from.
@@ -185,12 +191,15 @@ def _train(args, d):
     eval_every = args.eval_every or steps_per_epoch
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
-    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model))
+    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), lora=lora_fingerprint(args))
     files = [(f, file_digest(f)) for f in [*args.data, *(args.val_data or [])]]
 
+    lora_note = [f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged "
+                 "into the weights here"] if args.lora_rank else []
+
     def card(*figures):  # the README.md of a checkpoint
-        return model_card("sft", base=args.model, data=files, figures=[*figures, f"{d.world} rank(s), global batch "
-                          f"{args.batch_size}, lr {args.lr}, {total} steps planned"], command="train_sft.py")
+        return model_card("sft", base=args.model, data=files, command="train_sft.py", figures=[
+            *figures, *lora_note, f"{d.world} rank(s), global batch {args.batch_size}, lr {args.lr}, {total} steps planned"])
 
     start, best = 0, None  # best: the lowest validation loss so far
     resumed = state.resume(args, fingerprint, model, opt)

@@ -101,6 +101,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return bool(action.option_strings) and action.default not in (None, False, [], argparse.SUPPRESS)
 
 
+# LoRA, where a trainer asks for it (--lora-rank; off by default, as the paper trains every weight):
+# PEFT's defaults (peft LoraConfig: lora_alpha 8; its target modules for LLaMA: q_proj, v_proj).
+LORA_ALPHA = 8.0
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
 def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, weight_decay: float,
                      warmup_ratio: float, grad_clip: float, max_len: int):
     """The flags of the trainers that learn from a data set (SFT, reward model), with that
@@ -112,12 +118,22 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
     p.add_argument("--max-len", type=int, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank in place of every weight (0: off, the paper's way); "
+                        "merged into plain weights in every checkpoint")
+    p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help="LoRA's scale is alpha / rank")
+    p.add_argument("--lora-targets", nargs="+", default=LORA_TARGETS, help="the blocks' linear layers that get adapters")
     p.add_argument("--log-every", type=int, default=10,
                    help="steps between progress lines when stderr is no terminal (a log, a pipe), which shows no "
                         "progress bar (0: none)")
     add_run_args(p, unit=unit, lr=lr, batch_size=batch_size, weight_decay=weight_decay, grad_clip=grad_clip,
                  max_steps=0, max_steps_help="stop after this many optimizer steps (0: epochs decide)",
                  save_every=100, save_every_help="steps between resumable states")
+
+
+def lora_fingerprint(args) -> list | None:
+    """What of LoRA defines a run (safety.run_fingerprint's extra): None when it is off."""
+    return [args.lora_rank, args.lora_alpha, sorted(args.lora_targets)] if args.lora_rank else None
 
 
 def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: float, grad_clip: float,

@@ -1,0 +1,121 @@
+"""LoRA (issue 26 item 6): the adapted layer is base + (α/r)·B·A; only A and B learn; every
+checkpoint is the merged plain LLaMA; 1 rank = 2 ranks; resume equals no interruption."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_sft import in_process, losses, run
+
+from model import CONFIGS, LoRALinear, ModelConfig, Transformer, add_lora, lora_init, merge_lora
+
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj", "v_proj", "down_proj"]
+CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+def adapted(seed=0):
+    """A small model in fp64 with LoRA on q_proj and down_proj, B random (not zero) so the update shows."""
+    model = Transformer(CFG).to(torch.float64).init_weights(seed)
+    add_lora(model, 4, 8.0, ["q_proj", "down_proj"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def test_the_adapted_layer_is_the_base_plus_the_scaled_low_rank_update():
+    layer = LoRALinear(6, 5, rank=2, alpha=3.0, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (layer.weight, layer.lora_a, layer.lora_b):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    by_hand = x @ (layer.weight + 1.5 * layer.lora_b @ layer.lora_a).T  # α/r = 3/2
+    torch.testing.assert_close(layer(x), by_hand, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.merged_weight(), layer.weight + 1.5 * layer.lora_b @ layer.lora_a)
+    fresh = LoRALinear(6, 5, rank=2, alpha=3.0)
+    assert torch.count_nonzero(fresh.lora_b) == 0  # B starts at zero: the adapted model starts as the base
+
+
+def test_gradients_reach_only_a_and_b():
+    model = adapted()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{m}.{ab}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+                         for ab in ("lora_a", "lora_b")}
+    model(torch.randint(0, 101, (2, 7))).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == (name in trainable), name
+    init = lora_init(model, seed=0)
+    assert set(init) == trainable and all(not t.any() for n, t in init.items() if n.endswith("lora_b"))
+
+
+def test_the_merged_export_is_a_plain_llama_with_the_adapted_models_logits(tmp_path, tokenizer_file):
+    model = adapted().eval()
+    tokens = torch.randint(0, 101, (2, 9))
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    names = set(load_file(tmp_path / "m" / "model.safetensors"))
+    assert not [n for n in names if "lora" in n] and "model.layers.0.self_attn.q_proj.weight" in names
+    merged = Transformer.from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), model(tokens), rtol=1e-10, atol=1e-10)
+    sd = merge_lora(model, model.state_dict())
+    assert sd.keys() == Transformer(CFG).state_dict().keys()
+
+
+def test_sft_with_lora_one_rank_equals_two_ranks_and_only_the_adapted_weights_move(tmp_path):
+    run(tmp_path / "one", "--max-steps", "3", *LORA)
+    run(tmp_path / "two", "--max-steps", "3", *LORA, nproc=2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    base = Transformer.from_config(CONFIGS["tiny"], seed=0).state_dict()  # what --model tiny --seed 0 starts from
+    final = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for name, weight in final.items():
+        ours = name.removeprefix("model.")
+        moved = not torch.equal(weight, base[ours])
+        assert moved == any(t in name for t in ("q_proj", "v_proj", "down_proj")), name
+    card = json.loads((tmp_path / "one" / "final" / "config.json").read_text())
+    assert card["architectures"] == ["LlamaForCausalLM"]  # an ordinary LLaMA
+
+
+def test_sft_with_lora_resumes_exactly(tmp_path, monkeypatch):
+    import train_sft
+
+    torch.set_num_threads(1)
+    args = ["--max-steps", "4", "--save-every", "2", *LORA]
+    in_process(monkeypatch, tmp_path / "whole", *args)
+    real, calls = train_sft.train_step, []
+
+    def interrupted_at_step_3(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_sft, "train_step", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        in_process(monkeypatch, tmp_path / "resumed", *args)
+    monkeypatch.setattr(train_sft, "train_step", real)
+    with pytest.raises(SystemExit, match=r"other settings or data \(lora: "):  # LoRA's settings define the run
+        in_process(monkeypatch, tmp_path / "resumed", "--max-steps", "4", "--save-every", "2", *LORA[:2], "--resume")
+    in_process(monkeypatch, tmp_path / "resumed", *args, "--resume")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+    a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("whole", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_dry_run_simulates_a_lora_run(capsys):
+    """Issue 26: what a LoRA run needs, from this code's step on fake tensors (the memory model
+    knows no adapters, so the dry run gives only the simulation)."""
+    import train_sft
+
+    train_sft.main(["--model", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--max-len", "64",
+                    "--simulate-micro-batches", "1", *LORA])
+    out = capsys.readouterr().out
+    assert "LoRA rank 4 (alpha 8) on q_proj v_proj down_proj" in out
+    assert "simulated: train_sft.train_step and AdamW on fake tensors over 2 fake rank(s)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1 ")]
+    assert [r[1] for r in rows] == ["off", "on"] and all(float(r[-2]) > 0 for r in rows)
