@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 from test_train_sft import in_process, losses, run
 
@@ -119,3 +120,20 @@ def test_the_dry_run_simulates_a_lora_run(capsys):
     assert "simulated: train_sft.train_step and AdamW on fake tensors over 2 fake rank(s)" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("1 ")]
     assert [r[1] for r in rows] == ["off", "on"] and all(float(r[-2]) > 0 for r in rows)
+
+
+def test_a_reward_model_with_lora_trains_its_adapters_and_head_and_exports_plain(tmp_path, monkeypatch):
+    import train_rm
+    from model import RewardModel
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train_rm.main(["--model", "tiny", "--data", str(ROOT / "data" / "preference" / "preference_pairs.jsonl"), "--out",
+                   str(tmp_path), "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--max-steps", "2",
+                   *LORA])
+    rm = RewardModel.from_pretrained(tmp_path / "final")
+    assert not any(isinstance(m, LoRALinear) for m in rm.modules())  # merged: a plain reward model
+    assert rm.score_head.weight.abs().sum() > 0  # the head, zero at the start, was trained
+    base = Transformer.from_config(CONFIGS["tiny"], seed=0).state_dict()
+    for name, weight in rm.trunk.state_dict().items():
+        assert (not torch.equal(weight, base[name])) == any(t in name for t in ("q_proj", "v_proj", "down_proj")), name
