@@ -1,14 +1,17 @@
 """A LLaMA written out by hand, loading and saving Hugging Face-format checkpoints.
 
 HuatuoGPT starts from Ziya-LLaMA-13B-Pretrain (paper App. E), a LLaMA-13B continued-pretrained
-on Chinese. This file holds everything needed to run such a model:
+on Chinese. This file holds everything needed to run such a model, in this order (each part under a
+banner comment):
 
-    ModelConfig      the hyperparameters, read from / written to an HF `config.json`
-    Transformer      embed -> layers -> norm -> lm_head, with a preallocated KV cache
-    from_pretrained  config.json + (sharded) safetensors -> Transformer, streamed shard by shard
-    save_pretrained  the reverse, atomically, in the layout `transformers` opens unchanged
-    RewardModel      the trunk and a scalar head read at the reply's eos (train_rm.py)
-    PolicyWithValue  the policy and a value head, its frozen bottom and trainable top (train_ppo.py)
+    Configuration    ModelConfig, read from / written to an HF `config.json`; the named configs
+    The network      RMSNorm, RoPE, KVCache, Attention, MLP, LoRALinear (LoRA adapters, off by
+                     default), Block, and Transformer: embed -> layers -> norm -> lm_head, with
+                     from_pretrained (streamed shard by shard) and save_pretrained (atomic, the
+                     layout `transformers` opens unchanged)
+    Built on it      RewardModel (the trunk and a scalar head at the reply's eos, in the HF
+                     reward-model layout) and PolicyWithValue (PPO's policy and value head)
+    Checkpoint files the safetensors shards, their checks, write_checkpoint, and model_card
 
 Module and tensor names follow Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...),
 so a checkpoint maps onto this model by adding the prefix `model.` (see `hf_name`).
@@ -338,6 +341,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# LoRA (--lora-rank in train_sft.py and train_rm.py; off by default, the paper trains every weight)
+
+
 class LoRALinear(nn.Linear):
     """y = x·Wᵀ + (α/r)·x·Aᵀ·Bᵀ: a frozen weight W and a trainable low-rank update B·A (LoRA,
     Hu et al. 2021), for a researcher with one GPU (the paper trains every weight). A (r × in)
@@ -598,10 +604,7 @@ class Transformer(nn.Module):
                     raise CheckpointError(
                         f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                         f"but config.json implies {tuple(expected[name])}")
-                if not tensor.is_floating_point():  # casting quantised or integer data would be nonsense
-                    raise CheckpointError(f"{shard}: tensor {name!r} is {tensor.dtype}, expected floating-point weights")
-                if not torch.isfinite(tensor).all():  # one pass over memory already read: cheap beside the read
-                    raise CheckpointError(f"{shard}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged")
+                check_weight(shard, name, tensor)
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
                 loaded.add(name)
             model.load_state_dict(tensors, strict=False, assign=True)
@@ -769,8 +772,7 @@ class RewardModel(nn.Module):
             for name, tensor in read_safetensors(shard, names):
                 if name not in expected:
                     continue  # an LM head saved beside the score, rotary buffers
-                if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                    raise CheckpointError(f"{shard}: tensor {name!r} is not finite floating-point weights")
+                check_weight(shard, name, tensor)
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
             rm.load_state_dict(tensors, strict=False, assign=True)
         if config.tie_word_embeddings:
@@ -921,6 +923,15 @@ def check_tensors(config: ModelConfig, found: dict[str, tuple], where: Path, exp
         raise CheckpointError(f"{where}: checkpoint lacks tensors {missing[:5]}{more}")
 
 
+def check_weight(shard: Path, name: str, tensor: torch.Tensor):
+    """Refuse a tensor no model can use: integer or quantised data (casting it would be nonsense),
+    or NaN and infinities (one pass over memory already read: cheap beside the read)."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{shard}: tensor {name!r} is {tensor.dtype}, expected floating-point weights")
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{shard}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged")
+
+
 def read_safetensors(file: Path, names: list[str] | None = None):
     """Yield (name, tensor) from one safetensors file, with errors that name the file."""
     try:
@@ -1034,7 +1045,7 @@ def _apply_umask(directory: Path):
         os.chmod(f, 0o666 & ~mask)
 
 
-# -- what a checkpoint says of itself --------------------------------------------------------------
+# What a checkpoint says of itself: its README.md
 
 
 STAGES = {  # what each checkpoint is, in the paper's words

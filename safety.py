@@ -152,13 +152,19 @@ DEFINING = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_r
 CHANGEABLE = {"lr": "lr", "max-steps": "max_steps", "epochs": "epochs"}
 
 
-def run_fingerprint(args, defining: tuple[str, ...] = DEFINING, **extra) -> dict:
-    """The settings (`defining`, names of args) and the data (by content: the files' digests,
-    in no particular order) that define a training run, plus the trainer's own (`extra`: a base
-    model, a loss margin; models by model_fingerprint, files by digests)."""
+def data_digests(args) -> dict[str, str]:
+    """file_digest of each of a run's --data and --val-data files, read once: the run's
+    fingerprint, its order of the files and its model card all take them from here."""
+    return {f: file_digest(f) for f in [*args.data, *(getattr(args, "val_data", None) or [])]}
+
+
+def run_fingerprint(args, digests: dict[str, str], defining: tuple[str, ...] = DEFINING, **extra) -> dict:
+    """The settings (`defining`, names of args) and the data (by content: `digests`, from
+    data_digests, in no particular order) that define a training run, plus the trainer's own
+    (`extra`: a base model, a loss margin; models by model_fingerprint, files by digests)."""
     setup = {k: getattr(args, k) for k in defining}
-    setup["data"] = sorted(file_digest(f) for f in args.data)
-    setup["val_data"] = sorted(file_digest(f) for f in getattr(args, "val_data", None) or [])
+    setup["data"] = sorted(digests[f] for f in args.data)
+    setup["val_data"] = sorted(digests[f] for f in getattr(args, "val_data", None) or [])
     setup.update(extra)
     return json.loads(json.dumps(setup))
 

@@ -64,12 +64,12 @@ from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import pad_batch, render
 from generate import generate
-from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, model_card, token_logprobs
+from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import add_plan_args, ppo_dry_run
-from safety import file_digest, model_fingerprint, run_fingerprint, run_main
-from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, gathered, grad_norm_and_clip,
-                      load_model, load_sharded, make_optimizer, micro_batches, run_distributed, save_hf,
-                      shard)
+from safety import data_digests, file_digest, model_fingerprint, run_fingerprint, run_main
+from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, gathered,
+                      grad_norm_and_clip, load_model, load_sharded, make_optimizer, micro_batches, run_distributed,
+                      save_hf, shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -570,7 +570,10 @@ def _train(args, d):
     kl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
-    fingerprint = ppo_fingerprint(args)
+    digests = data_digests(args)  # each file read once: fingerprint and model card
+    fingerprint = ppo_fingerprint(args, digests)
+    card = card_writer("ppo", args, d, base=args.policy, digests=digests, total=args.max_steps, unit="experiences",
+                       command="train_ppo.py")  # the README.md of final/
     round_no = step = 0
     trainer = state.resume(args, fingerprint, model, opt)
     if trainer:
@@ -614,21 +617,20 @@ def _train(args, d):
     bar.close()
     last = [f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
             f"λ_KL {kl.value:.4f}"] if record else []
-    card = model_card("ppo", base=args.policy, data=[(f, file_digest(f)) for f in args.data], command="train_ppo.py",
-                      figures=[f"{round_no} rounds, {step} optimizer steps, {d.world} rank(s)", *last,
-                               f"reward model: {args.reward} ({model_fingerprint(args.reward)})"])
-    save_hf(model, out / "final", tok.path, d, card)
+    save_hf(model, out / "final", tok.path, d, card(f"{round_no} rounds, {step} optimizer steps", *last,
+                                                   f"reward model: {args.reward} ({fingerprint['reward']})"))
     if d.main:
         print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
 
 
-def ppo_fingerprint(args) -> dict:
-    """What defines a PPO run (safety.check_fingerprint refuses a resume with another)."""
+def ppo_fingerprint(args, digests: dict[str, str]) -> dict:
+    """What defines a PPO run (safety.check_fingerprint refuses a resume with another); `digests`
+    of its --data (safety.data_digests)."""
     keys = ("max_steps", "rollout_size", "chunk_size", "batch_size", "ppo_epochs", "lr", "weight_decay",
             "init_kl_coef", "kl_target", "kl_horizon", "clip_ratio", "clip_value", "vf_coef", "grad_clip",
             "max_new_tokens", "trainable_blocks", "unfinished_penalty", "seed")
-    return run_fingerprint(args, keys, policy=model_fingerprint(args.policy), reward=model_fingerprint(args.reward),
-                     exclude=sorted(file_digest(f) for f in args.exclude))
+    return run_fingerprint(args, digests, keys, policy=model_fingerprint(args.policy),
+                           reward=model_fingerprint(args.reward), exclude=sorted(file_digest(f) for f in args.exclude))
 
 
 def main(argv=None):

@@ -43,13 +43,14 @@ from data.schema import Report, finished_ids
 from data.template import pad_batch, render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
-from model import RewardModel, add_lora, lora_init, model_card
+from model import RewardModel, add_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import StepGuard, claim_output, file_digest, model_digest, model_fingerprint, run_fingerprint, run_main
+from safety import (StepGuard, claim_output, data_digests, file_digest, model_digest, model_fingerprint, run_fingerprint,
+                    run_main)
 from tokenizer import Tokenizer
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr,
-                      eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer, micro_batches,
-                      peak_memory_gb, run_distributed, save_hf, set_lr, shard_and_load)
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
+                      cosine_lr, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer,
+                      micro_batches, peak_memory_gb, run_distributed, save_hf, set_lr, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -137,7 +138,8 @@ def encode_pairs(records, tok, max_len, report: Report) -> list[dict]:
 
 @torch.no_grad()
 def validate_pairs(model, pairs, d, micro: int, pad_id: int) -> dict:
-    """Pairwise accuracy (r_chosen > r_rejected, ties half) and mean margin, over all ranks."""
+    """Pairwise accuracy (r_chosen > r_rejected, ties half) and mean margin, over all ranks:
+    {"val_accuracy", "val_margin"}, as metrics.jsonl records them."""
     model.eval()
     correct = margin = 0.0
     for chunk, real in eval_chunks(pairs, d, micro):
@@ -147,7 +149,7 @@ def validate_pairs(model, pairs, d, micro: int, pad_id: int) -> dict:
             margin += (c - r).sum().item()
     model.train()
     n = len(pairs)
-    return {"accuracy": d.all_sum(correct) / n, "margin": d.all_sum(margin) / n}
+    return {"val_accuracy": d.all_sum(correct) / n, "val_margin": d.all_sum(margin) / n}
 
 
 def _train(args, d):
@@ -198,17 +200,11 @@ def _train(args, d):
     eval_every = args.eval_every or steps_per_epoch
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
-    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), margin=args.margin,
+    digests = data_digests(args)  # each file read once: fingerprint and model card
+    fingerprint = run_fingerprint(args, digests, model=model_fingerprint(args.model), margin=args.margin,
                                   lora=lora_fingerprint(args))
-    files = [(f, file_digest(f)) for f in [*args.data, *(args.val_data or [])]]
-
-    lora_note = [f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged "
-                 "into the weights here"] if args.lora_rank else []
-
-    def card(*figures):  # the README.md of a checkpoint
-        return model_card("rm", base=args.model, data=files, command="train_rm.py", figures=[
-            *figures, *lora_note, f"{d.world} rank(s), global batch {args.batch_size} pairs, lr {args.lr}, {total} steps "
-            "planned"])
+    card = card_writer("rm", args, d, base=args.model, digests=digests, total=total, unit="pairs",
+                       command="train_rm.py")  # the README.md of each checkpoint
 
     start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
     resumed = state.resume(args, fingerprint, model, opt)
@@ -217,7 +213,7 @@ def _train(args, d):
         sampler.load_state_dict(resumed["sampler"])
         metrics.truncate_after(start)
     elif val_pairs:  # where validation starts from
-        v = validation(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
+        v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
         metrics.write(step=0, **{k: round(x, 6) for k, x in v.items()}, best=False)
 
     batches, timer = iter(sampler), Timer()
@@ -242,7 +238,7 @@ def _train(args, d):
         progress.step(step, loss, lr)
         # 5. Validation; best/ keeps the highest held-out accuracy, ties broken by the margin.
         if val_pairs and (step % eval_every == 0 or step == total):
-            v = validation(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
+            v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
             improved = guard.sound(v) and (best is None or (v["val_accuracy"], v["val_margin"]) >
                                            (best["val_accuracy"], best["val_margin"]))
             metrics.write(step=step, **{k: round(x, 6) for k, x in v.items()}, best=improved)
@@ -278,11 +274,6 @@ def train_step(model, d, batch: list[dict], *, micro_batch: int, pad_id: int, ma
         total += loss_sum.detach()
     dist.all_reduce(total)
     return total / len(batch), grad_norm_and_clip(model, grad_clip)
-
-
-def validation(model, pairs, d, micro: int, pad_id: int) -> dict:
-    v = validate_pairs(model, pairs, d, micro, pad_id)
-    return {"val_accuracy": v["accuracy"], "val_margin": v["margin"]}
 
 
 def describe(v: dict) -> str:

@@ -33,12 +33,12 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from model import add_lora, lora_init, model_card
+from model import add_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import StepGuard, file_digest, model_fingerprint, run_fingerprint, run_main
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, cosine_lr,
-                      eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer, micro_batches,
-                      peak_memory_gb, run_distributed, save_hf, set_lr, shard_and_load)
+from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint, run_main
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
+                      cosine_lr, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer,
+                      micro_batches, peak_memory_gb, run_distributed, save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -156,7 +156,8 @@ def _train(args, d):
     # The files in an order of their own (by content), so that the split, the batches and a
     # resumed run do not depend on the order of --data.
     report = Report()
-    sources = read_sources(sorted(args.data, key=file_digest), report, args.format, args.encoding)
+    digests = data_digests(args)  # each file read once for its digest: order, fingerprint, model card
+    sources = read_sources(sorted(args.data, key=digests.get), report, args.format, args.encoding)
     train_records, val_records, rows = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
     for row in rows:  # nothing is dropped without a word: the same conversation under another id
         for _ in range(row["duplicates"]):
@@ -191,15 +192,9 @@ def _train(args, d):
     eval_every = args.eval_every or steps_per_epoch
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
-    fingerprint = run_fingerprint(args, model=model_fingerprint(args.model), lora=lora_fingerprint(args))
-    files = [(f, file_digest(f)) for f in [*args.data, *(args.val_data or [])]]
-
-    lora_note = [f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged "
-                 "into the weights here"] if args.lora_rank else []
-
-    def card(*figures):  # the README.md of a checkpoint
-        return model_card("sft", base=args.model, data=files, command="train_sft.py", figures=[
-            *figures, *lora_note, f"{d.world} rank(s), global batch {args.batch_size}, lr {args.lr}, {total} steps planned"])
+    fingerprint = run_fingerprint(args, digests, model=model_fingerprint(args.model), lora=lora_fingerprint(args))
+    card = card_writer("sft", args, d, base=args.model, digests=digests, total=total, unit="conversations",
+                       command="train_sft.py")  # the README.md of each checkpoint
 
     start, best = 0, None  # best: the lowest validation loss so far
     resumed = state.resume(args, fingerprint, model, opt)

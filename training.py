@@ -136,6 +136,21 @@ def lora_fingerprint(args) -> list | None:
     return [args.lora_rank, args.lora_alpha, sorted(args.lora_targets)] if args.lora_rank else None
 
 
+def card_writer(stage: str, args, d: Distributed, *, base: str, digests: dict[str, str], total: int, unit: str,
+                command: str):
+    """card(*figures) -> the README.md of one of this run's checkpoints (model.model_card): the
+    figures of that checkpoint, then what holds for the whole run (LoRA, ranks, batch, lr, steps)."""
+    from model import model_card
+
+    run = [f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged into "
+           "the weights here"] if getattr(args, "lora_rank", 0) else []
+    run.append(f"{d.world} rank(s), global batch {args.batch_size} {unit}, lr {args.lr}, {total} steps planned")
+
+    def card(*figures: str) -> str:
+        return model_card(stage, base=base, data=list(digests.items()), figures=[*figures, *run], command=command)
+    return card
+
+
 def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: float, grad_clip: float,
                  max_steps: int, max_steps_help: str, save_every: int, save_every_help: str):
     """The flags every trainer shares, PPO's included: where the run goes and how it resumes,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
-from test_train_sft import in_process, losses, run
+from test_train_sft import in_process, interrupted_at_step, losses, run
 
 from model import CONFIGS, LoRALinear, ModelConfig, Transformer, add_lora, lora_init, merge_lora
 
@@ -83,23 +83,11 @@ def test_sft_with_lora_one_rank_equals_two_ranks_and_only_the_adapted_weights_mo
 
 
 def test_sft_with_lora_resumes_exactly(tmp_path, monkeypatch):
-    import train_sft
-
     torch.set_num_threads(1)
     args = ["--max-steps", "4", "--save-every", "2", *LORA]
     in_process(monkeypatch, tmp_path / "whole", *args)
-    real, calls = train_sft.train_step, []
-
-    def interrupted_at_step_3(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_sft, "train_step", interrupted_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         in_process(monkeypatch, tmp_path / "resumed", *args)
-    monkeypatch.setattr(train_sft, "train_step", real)
     with pytest.raises(SystemExit, match=r"other settings or data \(lora: "):  # LoRA's settings define the run
         in_process(monkeypatch, tmp_path / "resumed", "--max-steps", "4", "--save-every", "2", *LORA[:2], "--resume")
     in_process(monkeypatch, tmp_path / "resumed", *args, "--resume")

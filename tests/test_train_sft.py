@@ -1,6 +1,7 @@
 """train_sft.py and training.py: 1 rank = 2 ranks, exact resume after SIGKILL, the NaN guard,
 the loss mask, the best checkpoint, and the guards that run before training."""
 
+import contextlib
 import json
 import math
 import os
@@ -251,6 +252,27 @@ def test_unanswered_last_questions_are_counted_not_silently_dropped(tmp_path):
 # -- reliability of OUT: what a crash, a crafted state or a second run can do -------------------
 
 
+@contextlib.contextmanager
+def interrupted_at_step(monkeypatch, n: int):
+    """Inside, train_sft's n-th optimizer step from here raises KeyboardInterrupt before it runs,
+    as a kill there would stop the run; the real step is back afterwards."""
+    import train_sft
+
+    real, calls = train_sft.train_step, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_sft, "train_step", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(train_sft, "train_step", real)
+
+
 def in_process(monkeypatch, out, *extra):
     import train_sft
 
@@ -341,18 +363,8 @@ def test_resume_refuses_other_settings_and_data_order_does_not_matter(tmp_path, 
     args = [*COMMON, "--max-steps", "4", "--save-every", "2", "--eval-every", "2"]
     train_sft.main(["--data", *SFT, "--out", str(tmp_path / "whole"), *args])
     out = tmp_path / "resumed"
-    real, calls = train_sft.train_step, []
-
-    def interrupted_at_step_3(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_sft, "train_step", interrupted_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         train_sft.main(["--data", *SFT, "--out", str(out), *args])  # the state of step 2 is saved
-    monkeypatch.setattr(train_sft, "train_step", real)
     base = ["--data", *SFT, "--out", str(out), *args, "--resume"]
     with pytest.raises(SystemExit, match=r"other settings or data \(lr: 0.002 -> 0.001\)\. .*--allow-change lr"):
         train_sft.main(base + ["--lr", "1e-3"])
