@@ -994,7 +994,12 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
         if tokenizer is not None:
             from tokenizer import write_hf_tokenizer_files
 
-            write_hf_tokenizer_files(tokenizer, tmp, hf_config, chat_template=CHAT_TEMPLATE)
+            how = write_hf_tokenizer_files(tokenizer, tmp, hf_config, chat_template=CHAT_TEMPLATE)
+        else:
+            how = "this checkpoint carries no tokenizer"
+        if "README.md" in (extra_files or {}):  # the card says how this checkpoint's tokenizer.json stands
+            extra_files = dict(extra_files, **{"README.md": extra_files["README.md"].replace(
+                TOKEN_IDS.encode(), how.encode())})
         generation = dict(do_sample=True, **CHAT_SAMPLING, bos_token_id=hf_config.get("bos_token_id", 1),
                           eos_token_id=hf_config.get("eos_token_id", 2), pad_token_id=hf_config.get("pad_token_id", 0))
         _write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))  # chat.py's settings
@@ -1057,6 +1062,9 @@ STAGES = {  # what each checkpoint is, in the paper's words
 }
 
 
+TOKEN_IDS = "{how tokenizer.json stands}"  # write_checkpoint fills it in: tokenizer.hf_tokenizer_json's sentence
+
+
 def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: list[str], command: str) -> str:
     """The README.md of an exported checkpoint: what it is, what it was trained from and on
     (data: (file, digest) pairs), the run's own figures, how to load it, and what it must not be
@@ -1078,6 +1086,13 @@ def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: l
                "it differs at each role tag from the segment-wise ids this model was trained on "
                "(`data/template.py`), which `chat.py` and `serve.py` use. `generation_config.json` holds "
                "`chat.py`'s sampling settings.")
+    loading += ("\n\n**Token ids.** `tokenizer.model` (sentencepiece, as `tokenizer.py` reads it) gives the ids this "
+                "model was trained on. `tokenizer.json` is the same vocabulary as a merge list for Hugging Face's "
+                "fast tokenizers (transformers, vLLM, TGI). Here: " + TOKEN_IDS + ". Where pieces share a score "
+                "(a merged vocabulary such as Ziya's: new pieces appended with score 0) sentencepiece joins the "
+                "leftmost of two overlapping pieces, which no merge list expresses: for exact ids encode with "
+                "sentencepiece (or transformers 4.x's slow `LlamaTokenizer.from_pretrained(PATH)`) and pass the "
+                "ids (vLLM: `prompt_token_ids`).")
     return f"""---
 language: [zh]
 base_model: {base}

@@ -14,6 +14,7 @@ config does (pad_token_id 0) — padded positions are masked out, so their id ne
 from __future__ import annotations
 
 import argparse
+import heapq
 import io
 import json
 import os
@@ -157,18 +158,128 @@ def _strings(obj) -> Iterator[str]:
 
 
 def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory: Path, hf_config: dict,
-                             chat_template: str | None = None):
-    """Copy tokenizer.model and write the small JSON files transformers' LlamaTokenizer expects
-    (with the chat template, when given: data.template.CHAT_TEMPLATE)."""
-    src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
-    shutil.copyfile(src, directory / "tokenizer.model")
+                             chat_template: str | None = None) -> str:
+    """Copy tokenizer.model, write tokenizer.json (sentencepiece's BPE as a merge list: see
+    hf_tokenizer_json) and the small JSON files transformers' LlamaTokenizer reads, with the chat
+    template when given (data.template.CHAT_TEMPLATE). Returns how tokenizer.json stands, for
+    the model card."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    shutil.copyfile(tok.path, directory / "tokenizer.model")
+    fast, how = hf_tokenizer_json(tok)
+    if fast is not None:
+        with open(directory / "tokenizer.json", "w", encoding="utf-8") as f:
+            json.dump(fast, f, ensure_ascii=False)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    config = dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+    # With tokenizer.json, transformers (4.x and 5.x) is to read it as written: its LlamaTokenizer of
+    # 5.x keeps only the vocabulary and merges and puts back a Metaspace that drops a leading space.
+    config = dict(special, tokenizer_class="PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
+                  add_bos_token=True, add_eos_token=False,
                   model_max_length=hf_config.get("max_position_embeddings", 2048), legacy=True)
     if chat_template:
         config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    return how
+
+
+# -- tokenizer.json: the same segmentation in Hugging Face's `tokenizers` ---------------------------
+#
+# sentencepiece's BPE encoder starts from characters and, again and again, joins the adjacent pair
+# whose join is the vocabulary piece of highest score; between equal scores it takes the leftmost
+# pair (bpe_model.cc). `tokenizers`' BPE joins the adjacent pair that comes first in a merge list.
+# Listing every way to split each piece in order of its score therefore reproduces sentencepiece
+# exactly when no two pieces share a score, as in a tokenizer sentencepiece trained (every piece
+# its own score). A merged vocabulary does not: Chinese-LLaMA-Alpaca's recipe (and so, by all
+# appearances, Ziya's 39,410 pieces) appends its new pieces with score 0, and for 有效果, with 有效
+# and 效果 both score 0, sentencepiece takes the leftmost, 有效|果, whatever comes first in a list.
+# No list can say "leftmost": were 果有 tied with them too, 有效果 would want 有效 before 效果,
+# 效果有 效果 before 果有, and 果有效 果有 before 有效, a cycle. The order below satisfies as many of these left-before-right constraints as a
+# topological order can (Kahn's, breaking each cycle at the piece fewest constraints wait on).
+# Measured (tests/test_tokenizer.py's texts: data/sft, data/eval and 3 more, 527 in all; ids equal
+# to sentencepiece's, through AutoTokenizer): LLaMA's own 32,000 pieces (karpathy/llama2.c's
+# tokenizer.model) 527 of 527 in transformers 4.46.3 and 5.24.0; LLaMA + chinese_sp.model merged by
+# that recipe (49,953 pieces, 11,291 tied) 487 of 527 in both, where transformers converting
+# tokenizer.model itself gives 427 (4.46.3) and 451 (5.24.0). Exact ids from any vocabulary:
+# sentencepiece (tokenizer.py), or transformers 4.x's LlamaTokenizer (the slow class, which runs it).
+
+def hf_tokenizer_json(tok: Tokenizer) -> tuple[dict | None, str]:
+    """tokenizer.json for `tok` and a sentence on how it agrees with sentencepiece; (None, why)
+    for a model whose normalisation it cannot express (LLaMA's: none, a space prefixed)."""
+    sp = tok.sp
+    if sp.normalize("a  b\tＡ①") != "▁a▁▁b\tＡ①":
+        return None, ("no tokenizer.json: this tokenizer.model normalises text (not LLaMA's identity "
+                      "rule with a prefixed space), which the export does not reproduce")
+    ids = range(len(tok))
+    vocab = {sp.id_to_piece(i): i for i in ids}
+    normal = [i for i in ids if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    splits = {i: [(p[:k], p[k:]) for p in [sp.id_to_piece(i)] for k in range(1, len(p))
+                  if p[:k] in vocab and p[k:] in vocab] for i in normal}
+    by_score: dict[float, list[int]] = {}
+    for i in normal:
+        if splits[i]:
+            by_score.setdefault(sp.get_score(i), []).append(i)
+    order = []
+    for score in sorted(by_score, reverse=True):
+        order += _leftmost_first(by_score[score], splits)
+    tied = sum(len(g) for g in by_score.values() if len(g) > 1)
+    merges = [list(pair) for i in order for pair in splits[i]]
+    special = [i for i in ids if sp.is_control(i) or sp.is_unknown(i)]
+    bos = sp.id_to_piece(tok.bos_id)
+    fast = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True} for i in special],
+        # sentencepiece's own rule: one ▁ before the text, every space a ▁ (a Metaspace pre-tokenizer
+        # prefixes none to a text that begins with a space), and the text one word, unsplit
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()),
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": any(sp.is_byte(i) for i in ids), "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    if not tied:
+        return fast, "tokenizer.json gives sentencepiece's ids (no two pieces share a score)"
+    return fast, (f"tokenizer.json gives sentencepiece's ids except where pieces of equal score overlap "
+                  f"({tied} pieces share a score with another); exact: tokenizer.model with sentencepiece")
+
+
+def _leftmost_first(group: list[int], splits: dict) -> list[int]:
+    """Pieces of one score in the order that puts P before Q wherever P's right part is Q's left
+    part (u·v before v·w: sentencepiece joins the leftmost); a cycle is broken at the piece with
+    fewest unmet constraints, then the lower id."""
+    starting: dict[str, list[int]] = {}
+    for i in group:
+        for left, _ in splits[i]:
+            starting.setdefault(left, []).append(i)
+    after = {i: {j for _, right in splits[i] for j in starting.get(right, ()) if j != i} for i in group}
+    waiting = dict.fromkeys(group, 0)
+    for i in group:
+        for j in after[i]:
+            waiting[j] += 1
+    heap = [(waiting[i], i) for i in group]
+    heapq.heapify(heap)
+    order, placed = [], set()
+    while heap:
+        n, i = heapq.heappop(heap)
+        if i in placed or n != waiting[i]:
+            continue
+        placed.add(i)
+        order.append(i)
+        for j in after[i]:
+            if j not in placed:
+                waiting[j] -= 1
+                heapq.heappush(heap, (waiting[j], j))
+    return order
 
 
 def main(argv=None):

@@ -69,6 +69,7 @@ def test_convert_bin_to_safetensors_via_cli(base_and_delta):
     assert all(torch.equal(got[k], base[k].float()) for k in base)
     card = (tmp / "st" / "README.md").read_text(encoding="utf-8")  # issue 26: every checkpoint has a model card
     assert "tags: [medical, huatuogpt, llama, base]" in card and f"converted from {tmp / 'base'}" in card
+    assert "Here: this checkpoint carries no tokenizer." in card  # as its source
     # Converting again into the same --out is refused unless --overwrite (issue 21: one rule).
     proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--src", str(tmp / "base"), "--out",
                            str(tmp / "st"), "--dtype", "bfloat16"], capture_output=True, text=True)

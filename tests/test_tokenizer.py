@@ -1,5 +1,7 @@
 """The sentencepiece wrapper and the training of a small LLaMA-style tokenizer."""
 
+from pathlib import Path
+
 import pytest
 from conftest import CORPUS
 
@@ -55,30 +57,113 @@ def test_corpus_reader_and_bad_files(tmp_path):
         Tokenizer(tmp_path / "bad.model")
 
 
-def test_exported_merged_vocabulary_encodes_as_ours_in_transformers(tmp_path):
-    # A Chinese-LLaMA-style merged vocabulary: pieces of a second model appended, score 0, to a
-    # trained BPE model's protobuf, so that they compete with the base pieces for the same text.
-    from sentencepiece import sentencepiece_model_pb2 as pb
+MIXED = ["头痛发热三天了，需要去医院吗？", "孩子咳嗽 晚上更重", "Aspirin 100mg qd, 监测血压", "  两个空格\n换行\t制表",
+         "血糖 6.8 mmol/L 😷", "ＡＢＣ①全角", ""]
+
+
+def medical_texts() -> list[str]:
+    """The texts this project ships (data/sft, data/eval): questions and answers as published."""
+    import json
+
+    from tokenizer import _strings
+
+    root = Path(__file__).resolve().parent.parent / "data"
+    texts = list(corpus_sentences(sorted((root / "sft").glob("*.jsonl")) + [root / "eval" / "qa_test.jsonl"]))
+    for f in sorted((root / "eval").glob("*.json")):
+        texts += list(_strings(json.loads(f.read_text(encoding="utf-8"))))
+    return texts + MIXED
+
+
+def test_tokenizer_json_gives_sentencepieces_ids_for_a_trained_vocabulary(tmp_path, tokenizer_file):
+    """Issue 26 item 3: a vocabulary sentencepiece trained (every piece its own score) gives the
+    same ids in transformers' fast tokenizer as in training, and decodes back to the text."""
+    from tokenizers import Tokenizer as Fast
     from transformers import AutoTokenizer
 
     from tokenizer import write_hf_tokenizer_files
 
-    train_tokenizer(CORPUS[:4] * 3 + ["hello world, the patient has a fever."] * 20, tmp_path / "base.model", vocab_size=380)
-    train_tokenizer(CORPUS, tmp_path / "zh.model", vocab_size=800)
+    tok = Tokenizer(tokenizer_file)
+    how = write_hf_tokenizer_files(tok, tmp_path, {"max_position_embeddings": 512})
+    assert how.startswith("tokenizer.json gives sentencepiece's ids (no two pieces share a score)")
+    fast, hf = Fast.from_file(str(tmp_path / "tokenizer.json")), AutoTokenizer.from_pretrained(tmp_path)
+    texts = medical_texts()
+    assert len(texts) > 500
+    for text in texts:
+        assert fast.encode(text, add_special_tokens=False).ids == tok.encode(text), text
+        assert hf(text)["input_ids"] == tok.encode(text, bos=True), text
+        assert hf.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text)), text
+
+
+def merged_vocabulary(tmp_path: Path) -> Path:
+    """A faithful stand-in for Ziya's tokenizer: Chinese-LLaMA-Alpaca's merge recipe
+    (scripts/merge_tokenizer/merge_tokenizers.py at 090475f) — the pieces of a second model not in
+    the first appended with score 0 — applied to two models trained on this project's texts.
+    有效 and 效果 (score 0, 效果 the lower id) make sure two tied pieces overlap."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    texts = medical_texts()
+    train_tokenizer(texts[::2] + ["hello world, the patient has a fever."] * 20, tmp_path / "base.model", vocab_size=1600)
+    train_tokenizer(texts[1::2], tmp_path / "zh.model", vocab_size=3000)
     base, zh = pb.ModelProto(), pb.ModelProto()
     base.ParseFromString((tmp_path / "base.model").read_bytes())
     zh.ParseFromString((tmp_path / "zh.model").read_bytes())
     have = {p.piece for p in base.pieces}
-    for p in zh.pieces:
-        if p.piece not in have and p.type == pb.ModelProto.SentencePiece.NORMAL:
-            base.pieces.append(pb.ModelProto.SentencePiece(piece=p.piece, score=0.0))
+    for piece in ["效果", "有效"] + [p.piece for p in zh.pieces if p.type == pb.ModelProto.SentencePiece.NORMAL]:
+        if piece not in have:
+            base.pieces.append(pb.ModelProto.SentencePiece(piece=piece, score=0.0))
+            have.add(piece)
     (tmp_path / "merged.model").write_bytes(base.SerializeToString())
-    tok = Tokenizer(tmp_path / "merged.model")
-    assert len(tok) > 600
-    write_hf_tokenizer_files(tok, tmp_path, {"max_position_embeddings": 512})
-    hf = AutoTokenizer.from_pretrained(tmp_path)
-    for text in CORPUS[:8] + ["头痛发热三天了，需要去医院吗？", "孩子咳嗽 晚上更重", "Aspirin 100mg qd, 监测血压"]:
-        assert hf(text)["input_ids"] == tok.encode(text, bos=True), text
+    return tmp_path / "merged.model"
+
+
+def test_tokenizer_json_on_a_merged_vocabulary_differs_from_sentencepiece_only_in_breaking_ties(tmp_path):
+    """Where pieces share a score sentencepiece joins the leftmost pair, which no merge list can
+    say. Shown: that rule on a hand-worked case; transformers' own conversion of tokenizer.model
+    missing it; and the exported tokenizer.json equal, on every text, to sentencepiece itself with
+    the ties broken in the export's order — so the tie rule is the one difference."""
+    import json
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import Tokenizer as Fast
+    from transformers import AutoTokenizer
+
+    from tokenizer import write_hf_tokenizer_files
+
+    tok = Tokenizer(merged_vocabulary(tmp_path))
+    texts = medical_texts() + ["有效果吗", "关于减肥代餐粉有效果吗？"]
+    assert [tok.sp.id_to_piece(i) for i in tok.encode("有效果")] == ["▁", "有效", "果"]  # the leftmost of two ties
+
+    (tmp_path / "theirs").mkdir()  # transformers converting tokenizer.model itself, as before this export
+    write_hf_tokenizer_files(tok, tmp_path / "theirs", {})
+    (tmp_path / "theirs" / "tokenizer.json").unlink()
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "theirs")
+    theirs_agree = sum(theirs(t)["input_ids"] == tok.encode(t, bos=True) for t in texts)
+    assert theirs_agree < len(texts)  # the stand-in has ties that matter, as a merged vocabulary does
+
+    how = write_hf_tokenizer_files(tok, tmp_path, {})
+    assert "except where pieces of equal score overlap" in how
+    ours = AutoTokenizer.from_pretrained(tmp_path)
+    assert ours("有效果")["input_ids"] == tok.encode("有效果", bos=True)
+
+    # sentencepiece with each piece's score replaced by its place in the exported merge list
+    fast = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    rank: dict[str, int] = {}
+    for left, right in fast["model"]["merges"]:
+        rank.setdefault(left + right, len(rank))
+    proto = pb.ModelProto()
+    proto.ParseFromString(tok.path.read_bytes())
+    for p in proto.pieces:
+        if p.piece in rank:
+            p.score = -float(rank[p.piece])
+    (tmp_path / "untied.model").write_bytes(proto.SerializeToString())
+    untied = Tokenizer(tmp_path / "untied.model")
+    reader = Fast.from_file(str(tmp_path / "tokenizer.json"))
+    same = 0
+    for text in texts:
+        assert ours(text)["input_ids"] == untied.encode(text, bos=True), text
+        assert reader.encode(text, add_special_tokens=False).ids == untied.encode(text), text
+        same += untied.encode(text) == tok.encode(text)
+    assert same >= theirs_agree  # the export's order of ties is at least as near sentencepiece's rule
 
 
 def official_demo_prompt(query: str, history: list[tuple[str, str]], eos: str) -> str:

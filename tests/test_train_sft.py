@@ -507,5 +507,6 @@ def test_every_checkpoint_carries_a_model_card_with_its_runs_figures(tmp_path, m
         assert f"validation loss {best['val_loss']:.4f}" in card
         assert "does not give medical advice" in card and "本模型不提供医疗建议" in card
         assert "apply_chat_template" in card and "vllm serve" in card
+        assert "Here: tokenizer.json gives sentencepiece's ids (no two pieces share a score)." in card  # item 3
     assert f"at step {best['step']} (best/)" in (tmp_path / "best" / "README.md").read_text(encoding="utf-8")
     assert "step 2: the final weights" in (tmp_path / "final" / "README.md").read_text(encoding="utf-8")
