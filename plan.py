@@ -625,8 +625,9 @@ def lm_dry_run(args, kind: str):
 TABLE3_CONVERSATIONS = 61_400 + 69_768 + 68_888 + 25_986
 
 
-def _lm(config, kind: str, activation_checkpointing: bool, lora: tuple | None = None):
+def _lm(config, kind: str, activation_checkpointing: bool, lora: tuple | None = None, bf16: bool = False):
     from model import RewardModel, Transformer, add_lora
+    from training import frozen_in_bf16
 
     model = Transformer(config) if kind == "sft" else RewardModel(config)
     (model if kind == "sft" else model.trunk).activation_checkpointing = activation_checkpointing
@@ -634,6 +635,8 @@ def _lm(config, kind: str, activation_checkpointing: bool, lora: tuple | None = 
         add_lora(model, *lora)
         if kind == "rm":
             model.score_head.requires_grad_(True)
+        if bf16:  # and store it: the frozen weights in bf16 (training.shard_and_load)
+            frozen_in_bf16(model)
     return model
 
 
@@ -645,13 +648,14 @@ def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple):
         trainable = sum(p.numel() for p in _lm(config, kind, False, lora).parameters() if p.requires_grad)
     print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, LoRA rank {rank} (alpha {alpha:g}) on "
           f"{' '.join(targets)}: {trainable / 1e6:.2f}M trainable; {args.world_size} rank(s), sequences of {seq} "
-          f"tokens, {'bf16' if bf16 else 'fp32'} compute, the frozen weights stored in fp32 and sharded by FSDP")
+          f"tokens, {'bf16' if bf16 else 'fp32'} compute, the frozen weights stored in {'bf16' if bf16 else 'fp32'} and "
+          "sharded by FSDP")
     print(f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
           f"{args.world_size} fake rank(s); FSDPMemTracker's peak on a rank, GiB:")
     rows = []
     for micro in args.simulate_micro_batches or (1, 2, 4):
         for ac in (False, True):
-            m = simulate_training(lambda: _lm(config, kind, ac, lora), lm_step(kind, seq), world=args.world_size,
+            m = simulate_training(lambda: _lm(config, kind, ac, lora, bf16), lm_step(kind, seq), world=args.world_size,
                                   micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
             rows.append(([micro, "on" if ac else "off"], m, ["yes" if m.total / GIB <= args.gpu_memory_gb else "no"]))
             print(f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",

@@ -9,7 +9,8 @@ client, and this project's own distill.py and evaluate.py judge/consult (`--base
 http://127.0.0.1:8000/v1`), which is how the main job (quickstart.py) runs them offline.
 
 Endpoints: POST /v1/chat/completions (with and without `"stream": true`), GET /v1/models and
-/v1/models/{name}. Honoured: messages (an optional system message, then user and assistant
+/v1/models/{name}, and GET / the chat page (serve.html: a multi-turn consultation in the
+browser, streamed from this API; no build step, nothing loaded from elsewhere). Honoured: messages (an optional system message, then user and assistant
 turns alternating, ending with the user's), temperature, top_p, max_tokens (or
 max_completion_tokens), stop (up to 4 strings), n, seed, stream_options.include_usage.
 Parameters this server cannot honour (tools, logprobs, penalties other than 0, ...) are refused
@@ -35,6 +36,8 @@ frees its rows at the next step; a seeded request is reproducible whatever it is
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import hmac
 import json
 import os
@@ -309,6 +312,25 @@ class Engine:
 # -- HTTP ---------------------------------------------------------------------------------------------------
 
 
+class Page:
+    """serve.html, the chat page at /, and the Content-Security-Policy that lets it run its own
+    inline script and style (by their sha256) and talk to this server only."""
+
+    def __init__(self, path: Path):
+        self.html = path.read_bytes()
+        text = self.html.decode("utf-8")
+        digests = {}
+        for tag in ("script", "style"):
+            body = text.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+            digests[tag] = base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode()
+        self.policy = (f"default-src 'none'; script-src 'sha256-{digests['script']}'; "
+                       f"style-src 'sha256-{digests['style']}'; connect-src 'self'; img-src 'self'; "
+                       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+PAGE = Page(Path(__file__).with_name("serve.html"))
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; streams are sent chunked
     timeout = 60  # seconds a client may take to send its request
@@ -339,6 +361,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_page(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(PAGE.html)))
+        self.send_header("Content-Security-Policy", PAGE.policy)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        self.wfile.write(PAGE.html)
+
     def _error(self, e: BadRequest, headers: dict | None = None):
         if e.status in (411, 413) or self.close_connection:  # the body was not read: no next request on it
             self.close_connection = True
@@ -357,9 +389,12 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self):
+        path = self.path.split("?")[0].rstrip("/")
+        if path == "":  # the chat page: static, no data of anyone's, so no key; what it asks the API needs one
+            self._send_page()
+            return
         if not self._authorised():
             return
-        path = self.path.split("?")[0].rstrip("/")
         card = {"id": self.server.name, "object": "model", "created": self.server.created, "owned_by": "huatuogpt"}
         if path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [card]})

@@ -68,8 +68,8 @@ from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, a
 from plan import add_plan_args, ppo_dry_run
 from safety import data_digests, file_digest, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, gathered,
-                      grad_norm_and_clip, load_model, load_sharded, make_optimizer, micro_batches, run_distributed,
-                      save_hf, shard)
+                      grad_norm_and_clip, load_model, load_sharded, make_optimizer, micro_batches, mixed_precision,
+                      run_distributed, save_hf, shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -560,7 +560,7 @@ def _train(args, d):
         if report:
             print(report.summary())
 
-    bf16 = d.device.type == "cuda" and not args.fp32
+    bf16 = mixed_precision(d, args)
     compute = torch.bfloat16 if bf16 else torch.float32
     model, ref = build(config, read_weights(), d, trainable_blocks=args.trainable_blocks, bf16=bf16)
     rm = RewardModel.from_pretrained(args.reward, dtype=compute, device=d.device).scorer().eval().requires_grad_(False)

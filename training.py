@@ -294,9 +294,30 @@ def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
     return model, read_weights, tok
 
 
-def shard_and_load(model, state_dict, d: Distributed, *, bf16: bool):
+def mixed_precision(d: Distributed, args) -> bool:
+    """bf16 compute with fp32 master weights: on a GPU unless --fp32; on a CPU never."""
+    return d.device.type == "cuda" and not args.fp32
+
+
+def frozen_in_bf16(model: torch.nn.Module):
+    """Every parameter that does not train, stored in bf16 (on the meta device: only the dtype
+    changes, before sharding allocates it); see shard_and_load."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def shard_and_load(model, state_dict, d: Distributed, *, bf16: bool, frozen_bf16: bool = False):
     """Shard a meta-device model (one with .layers) with FSDP2, allocate each rank's shards on
-    its device, and fill them from rank 0's full state dict."""
+    its device, and fill them from rank 0's full state dict.
+
+    frozen_bf16 (LoRA runs, under bf16): the weights that do not train are stored in bf16, not
+    fp32. FSDP gathers every weight in bf16 for the compute anyway, so each step is the same to
+    the bit; a frozen weight has no gradient and no optimizer state, so nothing needs its fp32
+    copy, and a frozen 13B base takes 26 GB in place of 52 (it is exported in bf16 too, merged
+    with its adapters in fp32)."""
+    if bf16 and frozen_bf16:
+        frozen_in_bf16(model)
     shard(model, model.layers, bf16=bf16)
     model.to_empty(device=d.device)
     return load_sharded(model, state_dict, d)

@@ -3,7 +3,7 @@ forwards through the root, sharded generation with ranks that finish at differen
 log-probs that equal a training forward's, the gradient memory the dry run predicts, bf16 mixed
 precision, a PPO step equal to one computed by hand, the rollout kept gathered, PPO's setup
 sending each rank only its share, and plan.py's steps on real tensors (test_plan.py compares
-them with the simulation). The worker runs once a session (conftest.two_rank_checks)."""
+them with the simulation). The worker runs once a test run (conftest.two_rank_checks)."""
 
 CHECKS = ["sliced_forward", "generation", "generation_one_rank_finishes_first", "generation_logprobs",
           "gradient_memory", "bf16_mixed_precision", "ppo_update", "rollout_gathered", "ppo_setup_share",

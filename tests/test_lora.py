@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, micro_model
 from safetensors.torch import load_file
 from test_train_sft import in_process, interrupted_at_step, losses, run
 
-from model import CONFIGS, LoRALinear, ModelConfig, Transformer, add_lora, lora_init, merge_lora
+from model import LoRALinear, ModelConfig, Transformer, add_lora, lora_init, merge_lora
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj", "v_proj", "down_proj"]
 CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +72,7 @@ def test_sft_with_lora_one_rank_equals_two_ranks_and_only_the_adapted_weights_mo
     run(tmp_path / "two", "--max-steps", "3", *LORA, nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    base = Transformer.from_config(CONFIGS["tiny"], seed=0).state_dict()  # what --model tiny --seed 0 starts from
+    base = Transformer.from_pretrained(micro_model()).state_dict()  # what the runs start from
     final = load_file(tmp_path / "one" / "final" / "model.safetensors")
     for name, weight in final.items():
         ours = name.removeprefix("model.")
@@ -116,12 +116,48 @@ def test_a_reward_model_with_lora_trains_its_adapters_and_head_and_exports_plain
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    train_rm.main(["--model", "tiny", "--data", str(ROOT / "data" / "preference" / "preference_pairs.jsonl"), "--out",
+    train_rm.main(["--model", str(micro_model()), "--data", str(ROOT / "data" / "preference" / "preference_pairs.jsonl"), "--out",
                    str(tmp_path), "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--max-steps", "2",
                    *LORA])
     rm = RewardModel.from_pretrained(tmp_path / "final")
     assert not any(isinstance(m, LoRALinear) for m in rm.modules())  # merged: a plain reward model
     assert rm.score_head.weight.abs().sum() > 0  # the head, zero at the start, was trained
-    base = Transformer.from_config(CONFIGS["tiny"], seed=0).state_dict()
+    base = Transformer.from_pretrained(micro_model()).state_dict()
     for name, weight in rm.trunk.state_dict().items():
         assert (not torch.equal(weight, base[name])) == any(t in name for t in ("q_proj", "v_proj", "down_proj")), name
+
+
+def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_every_step_is_the_same(tmp_path, monkeypatch):
+    """Issue 26: LoRA's frozen base in bf16 on the GPU. bf16 mixed precision forced on the CPU
+    (the GPU's code path: FSDP2 gathers in bf16, reduces in fp32): with the frozen weights stored
+    in bf16 the losses are those of storing them in fp32, to the bit, since FSDP casts each
+    weight to bf16 before it computes either way; the adapters keep fp32 master weights."""
+    import train_sft
+    import training
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(train_sft, "mixed_precision", lambda d, args: True)
+    stored = {}
+
+    def keeping(frozen_bf16):
+        def shard_and_load(model, full, d, *, bf16, **kw):
+            model = training.shard_and_load(model, full, d, bf16=bf16, frozen_bf16=frozen_bf16 and kw["frozen_bf16"])
+            stored[frozen_bf16] = {n: p.dtype for n, p in model.named_parameters()}
+            return model
+        return shard_and_load
+
+    for frozen_bf16 in (True, False):
+        monkeypatch.setattr(train_sft, "shard_and_load", keeping(frozen_bf16))
+        in_process(monkeypatch, tmp_path / str(frozen_bf16), "--max-steps", "3", *LORA)
+    assert losses(tmp_path / "True") == losses(tmp_path / "False")
+    assert all((dtype == torch.float32) == ("lora_" in n) for n, dtype in stored[True].items()), stored[True]
+    assert set(stored[False].values()) == {torch.float32}
+    a, b = (load_file(tmp_path / str(f) / "final" / "model.safetensors") for f in (True, False))
+    base = Transformer.from_pretrained(micro_model()).state_dict()
+    for name in a:  # the same export but for the base's rounding to bf16
+        assert a[name].dtype == torch.bfloat16 and b[name].dtype == torch.float32, name
+        if not any(t in name for t in ("q_proj", "v_proj", "down_proj")):
+            assert torch.equal(a[name], b[name].to(torch.bfloat16)), name  # a frozen weight: rounded once
+        else:  # bf16(bf16(W) + (α/r)·B·A): two roundings, each within half a bf16 ulp (2^-8 relative)
+            w = base[name.removeprefix("model.")]
+            assert ((a[name].float() - b[name]).abs() <= 2 ** -8 * (w.abs() + b[name].abs())).all(), name

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, trainer_env
+from conftest import ROOT, micro_model, trainer_env
 from safetensors.torch import save_file
 
 from data.template import DOCTOR_TAG, doctor_turn, pad_batch, render, render_reply
@@ -125,10 +125,10 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
         assert expected.abs().min() > 1e-3  # not a comparison of zeros
 
 
-def run_rm(out, *extra, nproc=1, model="tiny"):
+def run_rm(out, *extra, nproc=1, model=None):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
-    cmd = launcher + [str(ROOT / "train_rm.py"), "--model", model, "--data", PAIRS, "--out", str(out),
+    cmd = launcher + [str(ROOT / "train_rm.py"), "--model", str(model or micro_model()), "--data", PAIRS, "--out", str(out),
                       "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(nproc), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_one_rank_equals_two_ranks(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", "tiny", "--data", *SFT, "--out", str(out),
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", str(micro_model()), "--data", *SFT, "--out", str(out),
            "--batch-size", "8", "--lr", "2e-3", "--max-steps", "10", "--eval-every", "10"]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
     return out / "best"

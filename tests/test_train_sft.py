@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, trainer_env
+from conftest import ROOT, micro_model, trainer_env
 
 from data.template import collate, doctor_turn, render
 from model import CONFIGS, Transformer
@@ -24,7 +24,7 @@ from plan import training_memory
 from training import cosine_lr
 
 SFT = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
-COMMON = ["--model", "tiny", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "2e-3", "--seed", "0"]
+COMMON = ["--model", str(micro_model()), "--batch-size", "8", "--micro-batch-size", "2", "--lr", "2e-3", "--seed", "0"]
 ENV = trainer_env()
 
 
@@ -502,7 +502,7 @@ def test_every_checkpoint_carries_a_model_card_with_its_runs_figures(tmp_path, m
     best = min(validations, key=lambda r: r["val_loss"])
     for name in ("best", "final"):
         card = (tmp_path / name / "README.md").read_text(encoding="utf-8")
-        assert card.startswith("---\nlanguage: [zh]\nbase_model: tiny\n") and "# HuatuoGPT, SFT checkpoint" in card
+        assert card.startswith(f"---\nlanguage: [zh]\nbase_model: {micro_model()}\n") and "# HuatuoGPT, SFT checkpoint" in card
         assert all(f"`{Path(f).name}` (sha256 {file_digest(f)}…)" in card for f in SFT)
         assert f"validation loss {best['val_loss']:.4f}" in card
         assert "does not give medical advice" in card and "本模型不提供医疗建议" in card

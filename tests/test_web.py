@@ -1,0 +1,182 @@
+"""serve.py's chat page at /, in a real browser: Debian's headless Chromium, driven through
+chromedriver by selenium, types questions as a user does and reads what the page shows. The
+streamed replies must be the API's own replies to the same conversation (greedy, fp64 tiny
+model), turn after turn; Clear forgets the history; Stop ends a reply; a keyed server asks for
+its key. The README's test command installs chromium and chromium-driver."""
+
+import shutil
+
+import pytest
+import requests
+import torch
+from conftest import ROOT, sharpen_
+from test_serve import make_server
+
+from data.template import CHAT_SAMPLING
+from model import CONFIGS, Transformer
+from tokenizer import Tokenizer
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("the chat page's test needs Debian's chromium and chromium-driver: "
+                    "apt-get install chromium chromium-driver (the README's test command does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # Headless as root, and none of Chromium's own connections out (this machine has no network).
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1000,800", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    yield b
+    b.quit()
+
+
+@pytest.fixture(scope="module")
+def readable_model(tmp_path_factory, tokenizer_file):
+    """The tiny configuration with random weights whose replies are text: the output rows of
+    the byte pieces zeroed, so greedy decoding picks whole pieces (bytes alone decode to U+FFFD,
+    and one reply of replacement characters looks like another)."""
+    tok = Tokenizer(tokenizer_file)
+    model = sharpen_(Transformer.from_config(CONFIGS["tiny"], seed=3))  # replies that depend on the context
+    with torch.no_grad():
+        for i in range(len(tok)):
+            if tok.sp.is_byte(i):
+                model.lm_head.weight[i] = 0
+    out = tmp_path_factory.mktemp("web") / "m"
+    model.save_pretrained(out, tokenizer=tokenizer_file)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(readable_model):
+    s = make_server(readable_model)
+    yield s
+    s.shutdown()
+
+
+def page_url(server) -> str:
+    return server.base_url.removesuffix("/v1") + "/"
+
+
+def api_reply(server, messages, key=None) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = requests.post(server.base_url + "/chat/completions", headers=headers, timeout=60, json={
+        "model": "huatuo-tiny", "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def state(b) -> str:
+    return b.find_element(By.ID, "status").get_attribute("data-state")
+
+
+def replies(b) -> list[str]:
+    """What the page shows of each reply: the text node's content, exactly (no whitespace folding)."""
+    return b.execute_script("return [...document.querySelectorAll('.turn.assistant .text')].map(e => e.textContent)")
+
+
+def wait_for_reply(b, n: int):
+    WebDriverWait(b, 60).until(lambda b: len(replies(b)) == n and state(b) == "idle")
+    return replies(b)[-1]
+
+
+def type_into(b, element_id: str, text: str):
+    field = b.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(text)
+
+
+def open_page(b, server):
+    b.get(page_url(server))
+    WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "model").text == "huatuo-tiny")
+    type_into(b, "temperature", "0")
+    type_into(b, "max-tokens", str(MAX_TOKENS))
+
+
+def test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn(browser, server):
+    b = browser
+    open_page(b, server)
+    # The page's sampling defaults are chat.py's (data.template.CHAT_SAMPLING), as it opened.
+    b.refresh()
+    WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "model").text == "huatuo-tiny")
+    shown = {k: float(b.find_element(By.ID, k).get_attribute("value")) for k in ("temperature", "top-p", "max-tokens")}
+    assert shown == {"temperature": CHAT_SAMPLING["temperature"], "top-p": CHAT_SAMPLING["top_p"],
+                     "max-tokens": CHAT_SAMPLING["max_new_tokens"]}
+    type_into(b, "temperature", "0")
+    type_into(b, "max-tokens", str(MAX_TOKENS))
+
+    first, second = "我最近三天一直头痛，需要去医院吗？", "还有点发烧，38度"
+    type_into(b, "question", first)
+    b.find_element(By.ID, "question").send_keys(Keys.ENTER)  # Enter sends
+    one = wait_for_reply(b, 1)
+    assert one and one == api_reply(server, [{"role": "user", "content": first}])
+    assert b.find_element(By.ID, "question").get_attribute("value") == ""
+
+    type_into(b, "question", second)
+    b.find_element(By.ID, "send").click()
+    two = wait_for_reply(b, 2)
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": one},
+               {"role": "user", "content": second}]
+    assert two == api_reply(server, history)  # the second turn was asked with the first in its history
+    assert two != api_reply(server, history[2:])  # ... which changes the reply (else this test shows nothing)
+
+    b.find_element(By.ID, "clear").click()
+    assert replies(b) == [] and b.find_element(By.ID, "empty").is_displayed()
+    type_into(b, "question", second)
+    b.find_element(By.ID, "send").click()
+    assert wait_for_reply(b, 1) == api_reply(server, history[2:])  # Clear forgot the history
+
+
+def test_stop_ends_a_reply_and_the_page_goes_on(browser, server):
+    b = browser
+    open_page(b, server)
+    type_into(b, "max-tokens", "1000")
+    type_into(b, "question", "请详细介绍高血压的治疗")
+    b.find_element(By.ID, "send").click()
+    WebDriverWait(b, 60).until(lambda b: state(b) == "streaming" and len(replies(b)) == 1 and replies(b)[0])
+    b.find_element(By.ID, "stop").click()
+    WebDriverWait(b, 30).until(lambda b: state(b) == "idle")
+    assert b.find_element(By.ID, "status").text == "stopped"
+    assert "stopped" in b.find_element(By.CSS_SELECTOR, ".turn.assistant").get_attribute("class")
+    stopped = replies(b)[0]
+    type_into(b, "max-tokens", str(MAX_TOKENS))
+    type_into(b, "question", "谢谢")
+    b.find_element(By.ID, "send").click()
+    assert wait_for_reply(b, 2) == api_reply(server, [
+        {"role": "user", "content": "请详细介绍高血压的治疗"}, {"role": "assistant", "content": stopped},
+        {"role": "user", "content": "谢谢"}])  # the stopped reply stays in the history, as shown
+
+
+def test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key(browser, readable_model):
+    b = browser
+    keyed = make_server(readable_model, api_key="s3cret")
+    try:
+        page = requests.get(page_url(keyed), timeout=10)
+        assert page.status_code == 200 and page.text == (ROOT / "serve.html").read_text(encoding="utf-8")  # no key
+        policy = page.headers["Content-Security-Policy"]  # its own inline script and style, by digest, and no more
+        assert policy.startswith("default-src 'none'; script-src 'sha256-") and "connect-src 'self'" in policy
+        assert requests.get(keyed.base_url + "/models", timeout=10).status_code == 401  # the API does
+        b.get(page_url(keyed))
+        WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "key-row").is_displayed())
+        assert b.find_element(By.ID, "status").text == "this server needs an API key"
+        type_into(b, "key", "s3cret")
+        type_into(b, "temperature", "0")
+        type_into(b, "max-tokens", str(MAX_TOKENS))
+        type_into(b, "question", "头痛")
+        b.find_element(By.ID, "send").click()
+        assert wait_for_reply(b, 1) == api_reply(keyed, [{"role": "user", "content": "头痛"}], key="s3cret")
+        assert b.find_element(By.ID, "model").text == "huatuo-tiny"
+    finally:
+        keyed.shutdown()
