@@ -370,8 +370,10 @@ def check_ppo_setup_share(d):
         top = sum(t.numel() * t.element_size() for t in ref.state_dict().values())
         largest = max(t.numel() * t.element_size() for t in sft.state_dict().values())
         # At most: its shards (FSDP pads them to equal sizes), π0's top, and one tensor in flight
-        # whole with its shard's copy.
-        assert peak <= shards + top + 2 * largest + 16 * 1024, (peak, shards, top, largest, whole)
+        # whole with its shard's copy; and 32 KiB of small tensors that come and go (a clean-clone
+        # CI run under pytest-xdist once peaked 22.3 KiB over the rest). Holding the whole state dict
+        # as well, as before #22, would add 533 KiB.
+        assert peak <= shards + top + 2 * largest + 32 * 1024, (peak, shards, top, largest, whole)
     ok(d, "ppo_setup_share")
 
 
