@@ -10,11 +10,11 @@ http://127.0.0.1:8000/v1`), which is how the main job (quickstart.py) runs them 
 
 Endpoints: POST /v1/chat/completions (with and without `"stream": true`), GET /v1/models and
 /v1/models/{name}, and GET / the chat page (serve.html: a multi-turn consultation in the
-browser, streamed from this API; no build step, nothing loaded from elsewhere). Honoured: messages (an optional system message, then user and assistant
-turns alternating, ending with the user's), temperature, top_p, max_tokens (or
-max_completion_tokens), stop (up to 4 strings), n, seed, stream_options.include_usage.
-Parameters this server cannot honour (tools, logprobs, penalties other than 0, ...) are refused
-with a 400 rather than ignored.
+browser, streamed from this API; no build step, nothing loaded from elsewhere). Honoured:
+messages (an optional system message, then user and assistant turns alternating, ending with
+the user's), temperature, top_p, max_tokens (or max_completion_tokens), stop (up to 4
+strings), n, seed, stream_options.include_usage. Parameters this server cannot honour (tools,
+logprobs, penalties other than 0, ...) are refused with a 400 rather than ignored.
 
 Messages become token ids through data.template.render, the one template function that training
 uses too; a system message replaces the paper's system text. A conversation longer than the

@@ -14,6 +14,7 @@ config does (pad_token_id 0) — padded positions are masked out, so their id ne
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import io
 import json
@@ -163,12 +164,12 @@ def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory
     hf_tokenizer_json) and the small JSON files transformers' LlamaTokenizer reads, with the chat
     template when given (data.template.CHAT_TEMPLATE). Returns how tokenizer.json stands, for
     the model card."""
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    shutil.copyfile(tok.path, directory / "tokenizer.model")
-    fast, how = hf_tokenizer_json(tok)
+    src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
+    shutil.copyfile(src, directory / "tokenizer.model")
+    stat = src.stat()  # a run saves best/ again and again with one tokenizer: its tokenizer.json is made once
+    fast, how = _tokenizer_json_text(str(src.resolve()), stat.st_size, stat.st_mtime_ns)
     if fast is not None:
-        with open(directory / "tokenizer.json", "w", encoding="utf-8") as f:
-            json.dump(fast, f, ensure_ascii=False)
+        (directory / "tokenizer.json").write_text(fast, encoding="utf-8")
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     # With tokenizer.json, transformers (4.x and 5.x) is to read it as written: its LlamaTokenizer of
     # 5.x keeps only the vocabulary and merges and puts back a Metaspace that drops a leading space.
@@ -193,14 +194,22 @@ def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory
 # appearances, Ziya's 39,410 pieces) appends its new pieces with score 0, and for 有效果, with 有效
 # and 效果 both score 0, sentencepiece takes the leftmost, 有效|果, whatever comes first in a list.
 # No list can say "leftmost": were 果有 tied with them too, 有效果 would want 有效 before 效果,
-# 效果有 效果 before 果有, and 果有效 果有 before 有效, a cycle. The order below satisfies as many of these left-before-right constraints as a
-# topological order can (Kahn's, breaking each cycle at the piece fewest constraints wait on).
+# 效果有 效果 before 果有, and 果有效 果有 before 有效, a cycle. The order below satisfies as many
+# of these left-before-right constraints as a topological order can (Kahn's, breaking each cycle
+# at the piece fewest constraints wait on).
 # Measured (tests/test_tokenizer.py's texts: data/sft, data/eval and 3 more, 527 in all; ids equal
 # to sentencepiece's, through AutoTokenizer): LLaMA's own 32,000 pieces (karpathy/llama2.c's
 # tokenizer.model) 527 of 527 in transformers 4.46.3 and 5.24.0; LLaMA + chinese_sp.model merged by
 # that recipe (49,953 pieces, 11,291 tied) 487 of 527 in both, where transformers converting
 # tokenizer.model itself gives 427 (4.46.3) and 451 (5.24.0). Exact ids from any vocabulary:
 # sentencepiece (tokenizer.py), or transformers 4.x's LlamaTokenizer (the slow class, which runs it).
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json_text(path: str, size: int, mtime_ns: int) -> tuple[str | None, str]:
+    """hf_tokenizer_json of the file at `path` (as it is at that size and time), serialised."""
+    fast, how = hf_tokenizer_json(Tokenizer(path))
+    return (None if fast is None else json.dumps(fast, ensure_ascii=False)), how
+
 
 def hf_tokenizer_json(tok: Tokenizer) -> tuple[dict | None, str]:
     """tokenizer.json for `tok` and a sentence on how it agrees with sentencepiece; (None, why)

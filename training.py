@@ -629,14 +629,20 @@ class Timer:
         return dt
 
 
-def tiny_tokenizer(out: Path, d: Distributed, vocab_size: int = 2048):
-    """The embedded default's tokenizer: trained on the text shipped in data/ (deterministic),
-    by rank 0, into OUT/tokenizer.model."""
-    from tokenizer import Tokenizer, corpus_sentences, train_tokenizer
+def tiny_tokenizer(out: Path, d: Distributed):
+    """The embedded default's tokenizer, trained by rank 0 into OUT/tokenizer.model."""
+    from tokenizer import Tokenizer
 
     path = out / "tokenizer.model"
     if d.main and not path.is_file():
-        files = sorted(str(f) for f in (ROOT / "data").glob("*/*.jsonl"))
-        train_tokenizer(corpus_sentences(files), path, vocab_size=vocab_size)
+        train_tiny_tokenizer(path)
     d.barrier()
     return Tokenizer(path)
+
+
+def train_tiny_tokenizer(path: Path, vocab_size: int = 2048):
+    """The embedded default's tokenizer: trained on the text shipped in data/ (deterministic)."""
+    from tokenizer import corpus_sentences, train_tokenizer
+
+    files = sorted(str(f) for f in (ROOT / "data").glob("*/*.jsonl"))
+    return train_tokenizer(corpus_sentences(files), path, vocab_size=vocab_size)

@@ -63,16 +63,15 @@ def micro_model() -> Path:
     """The model of the trainer runs that show a mechanism (1 rank = 2 ranks, exact resume, the
     guards): `tiny`'s layout at a tenth of its compute — 2 blocks of width 64, grouped-query
     attention, an embedding table larger than its tokenizer — randomly initialised (seed 0), with
-    the embedded default's tokenizer (training.tiny_tokenizer's corpus and size). An HF-format
+    the embedded default's tokenizer (training.train_tiny_tokenizer). An HF-format
     directory, written once a session: `--model MICRO` runs three times faster than `--model tiny`."""
     global MICRO
     if MICRO is None:
-        from tokenizer import corpus_sentences, train_tokenizer
+        from training import train_tiny_tokenizer
 
         out = Path(tempfile.mkdtemp(prefix="huatuo-tests-micro-")) / "micro"
         out.mkdir()
-        files = sorted(str(f) for f in (ROOT / "data").glob("*/*.jsonl"))
-        train_tokenizer(corpus_sentences(files), out.parent / "tokenizer.model", vocab_size=2048)
+        train_tiny_tokenizer(out.parent / "tokenizer.model")
         config = ModelConfig(vocab_size=2304, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
         Transformer.from_config(config, seed=0).save_pretrained(out, tokenizer=out.parent / "tokenizer.model")
