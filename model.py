@@ -653,6 +653,12 @@ def causal_mask(q_len: int, k_len: int, start: int, device) -> torch.Tensor:
     return torch.arange(k_len, device=device)[None, :] <= q
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 if it is narrower (bf16 logits, scores), as it is otherwise (fp32; fp64, the
+    dtype of the exactness tests, which an fp32 cast would round)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) under `logits`: (..., V) and (...) -> (...), in fp32 or wider.
 
@@ -662,7 +668,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     whatever the logits' dtype: a bf16 log-softmax would put errors of ~0.01 nats into every
     ratio. (fp64 logits stay fp64, for exactness tests.)
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = at_least_fp32(logits)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -695,11 +701,12 @@ class RewardModel(nn.Module):
         return self.trunk.config
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """tokens, attention_mask (B, T) -> rewards (B,), read at each row's last real token."""
+        """tokens, attention_mask (B, T) -> rewards (B,), read at each row's last real token, in
+        fp32 or wider (bf16 scores come back fp32; an fp64 model's stay fp64)."""
         hidden = self.trunk(tokens, attention_mask, output="hidden")
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # left or right padding
         h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
-        return self.score_head(h)[:, 0].float().clone()  # a fresh tensor, not a view (FSDP hooks)
+        return at_least_fp32(self.score_head(h)[:, 0]).clone()  # a fresh tensor, not a view (FSDP hooks)
 
     def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, **kw):
         """The Hugging Face reward-model layout, LlamaForSequenceClassification's, as the official

@@ -33,7 +33,7 @@ from data.mixing import LengthGroupedBatches, Source, mix
 from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
-from model import add_lora, lora_init
+from model import add_lora, at_least_fp32, lora_init
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
@@ -66,7 +66,7 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     Right padding needs no attention mask: causal attention never lets a real token see the
     padding after it, and padded positions carry the label -100.
     """
-    logits = model(batch["tokens"][:, :-1]).float()
+    logits = at_least_fp32(model(batch["tokens"][:, :-1]))
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 

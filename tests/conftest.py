@@ -36,6 +36,8 @@ SEED = 0  # every test's global RNGs (torch, random, numpy) start here
 
 def pytest_configure(config):
     global INDUCTOR_CACHE
+    config.addinivalue_line("markers", "numerics: a numerical test that tests/test_kernels.py runs again under "
+                                       "other CPU kernel sets (its tolerances must hold on any CPU)")
     INDUCTOR_CACHE = tempfile.mkdtemp(prefix="huatuo-tests-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE
     # Variables that change what the code under test does, when a developer's shell has them
@@ -47,6 +49,24 @@ def pytest_configure(config):
         os.environ.pop(name, None)
     BASELINE.update(recursion_limit=sys.getrecursionlimit(), threads=torch.get_num_threads(),
                     dtype=torch.get_default_dtype(), cwd=os.getcwd(), environ=dict(os.environ))
+
+
+NUMERICS = 0  # how many tests of the whole suite are marked `numerics` (tests/test_kernels.py)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m and -k deselect any
+def pytest_collection_modifyitems(config, items):
+    global NUMERICS
+    NUMERICS = sum(1 for item in items if item.get_closest_marker("numerics"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Why tests were skipped, a line a reason (`-q` would only count them): how to enable the
+    browser tests where there is no browser, for one."""
+    reasons = [r.longrepr[2].removeprefix("Skipped: ") for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple)]
+    for reason in dict.fromkeys(reasons):
+        terminalreporter.write_line(f"skipped ({reasons.count(reason)}): {reason}")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -172,16 +192,19 @@ def small_model():
 
 
 @pytest.fixture(scope="session")
-def two_rank_checks(tmp_path_factory):
+def two_rank_checks(tmp_path_factory, request):
     """tests/fsdp_worker.py's checks under torchrun on 2 gloo ranks, run once a test run for the
     tests that read them (test_fsdp.py, test_plan.py), whichever xdist worker asks first: the
     finished process's return code and output text. A hang (a rank leaving a collective early)
-    fails by the timeout."""
+    fails by the timeout. The simulation's real run (a third of the time) only when a test of
+    test_plan.py is in the run."""
     import subprocess
+
+    plan = any(item.path.name == "test_plan.py" for item in request.session.items)
 
     def run():
         checks = ["sliced_forward", "generation", "gradient_memory", "bf16_mixed_precision", "ppo_update",
-                  "rollout_gathered", "ppo_setup_share", "simulation_is_real"]
+                  "rollout_gathered", "ppo_setup_share"] + ["simulation_is_real"] * plan
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "fsdp_worker.py"), *checks]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -216,14 +216,13 @@ Dialogue
 id=3
 https://www.haodf.com/doctorteam/flow_team_3.htm
 
-Description
 病情描述：无对话
 """
 
 
 def test_meddialog_both_colons_and_turn_merging(tmp_path):
     f = write(tmp_path / "2020.txt", MEDDIALOG)
-    with pytest.raises(RecordError, match=r"2020.txt:\d+ \(id=3\): no 'Dialogue' section"):
+    with pytest.raises(RecordError, match=r"2020.txt:\d+ \(id=3\): neither a 'Description' nor a 'Dialogue' section"):
         list(read_meddialog(f))
     report = Report()
     first, second = read_meddialog(f, skip_bad=True, report=report)
@@ -281,7 +280,8 @@ def test_meddialog_follow_ups_diagnosis_ids_and_grouped_skips(tmp_path):
     assert [m["content"] for m in consult["messages"]] == [
         "病情描述：手上起疹子", "多久了？", "一周 病情描述：复诊，疹子消了一半 还要继续用药吗", "再用一周。"]
     assert consult["meta"]["diagnosis"] == "湿疹，外用激素药膏两周。"
-    assert report.skipped == {"no 'Dialogue' section": 2}  # one reason, counted, not a line per id
+    # A Description with no Dialogue (published so): one reason, counted, not a line per id.
+    assert report.skipped == {"a consultation with no dialogue (as published)": 2}
     # Raw ids restart in every file; ours do not collide.
     g = write(tmp_path / "2020.txt", MEDDIALOG)
     ids = [r["id"] for path in (f, g) for r in read_meddialog(path, skip_bad=True, report=Report())]
@@ -577,10 +577,81 @@ def test_consultations_no_doctor_answered_are_left_out_and_counted(tmp_path, cap
     printed = capsys.readouterr().out
     assert "wrote 1 records" in printed and "skipped 1 record(s): a consultation no doctor answered" in printed
     # What is malformed still stops the conversion, with the file and line.
-    g = write(tmp_path / "2020.txt", COVID_DIALOGUE + "id=55\nhttps://www.haodf.com/wenda/a_55.htm\n\nDescription\n"
-                                                      "病情描述：头痛\n")
+    g = write(tmp_path / "2020.txt", COVID_DIALOGUE + "id=55\nhttps://www.haodf.com/wenda/a_55.htm\n\n"
+                                                      "病情描述：头痛\n")  # no section at all
     assert run_main(data_cli, ["convert", str(g), "--out", str(tmp_path / "b.jsonl")]) == 2
-    assert "2020.txt:" in capsys.readouterr().err and not (tmp_path / "b.jsonl").exists()
+    err = capsys.readouterr().err
+    assert "2020.txt:" in err and "(id=55): neither a 'Description' nor a 'Dialogue' section" in err, err
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+# Issue 31: COVID-Dialogue's Chinese file, as published, also holds consultations with a
+# Description and no Dialogue section (74 of its 1,393; id=122 the first, between two ordinary
+# ones). The layout is the file's: fields with full-width colons and inline values, the
+# "(date 填写)" suffix, a blank line before the next id. The text is ours.
+NO_DIALOGUE = """id=121
+https://www.haodf.com/doctorteam/flow_team_1_1.htm
+
+Description
+疾病： 咳嗽
+病情描述： 咳嗽五天，夜里加重。
+希望获得的帮助： 要不要拍胸片
+患病多久： 一周内
+过敏史： 无（2020-02-01填写）
+
+Dialogue
+医生：
+咳嗽五天伴夜间加重，先查血常规。
+病人：
+好的，谢谢医生。
+
+Diagnosis and suggestions
+病情摘要及初步印象： 上呼吸道感染
+
+id=122
+https://www.haodf.com/doctorteam/flow_team_2_1.htm
+
+Description
+疾病： 肺炎
+病情描述： 胸闷气短两天，没有发烧。
+希望获得的帮助： 我该怎么办？
+患病多久： 一月内
+过敏史： 无（2020-02-02填写）
+既往病史： 无（2020-02-02填写）
+
+id=123
+https://www.haodf.com/doctorteam/flow_team_3_1.htm
+
+Description
+疾病： 发热
+病情描述： 低烧三天。
+希望获得的帮助： 需要去医院吗
+
+Dialogue
+病人：
+低烧三天。
+医生：
+建议去发热门诊。
+
+"""
+
+
+def test_a_consultation_with_no_dialogue_is_left_out_and_counted(tmp_path, capsys):
+    from safety import run_main
+
+    f = write(tmp_path / "COVID-Dialogue-Dataset-Chinese.txt", NO_DIALOGUE)
+    report = Report()
+    got = list(read_meddialog(f, report=report))  # not skip_bad: nothing here is malformed
+    assert [r["id"] for r in got] == ["meddialog-COVID-Dialogue-Dataset-Chinese-121",
+                                      "meddialog-COVID-Dialogue-Dataset-Chinese-123"]
+    assert got[0]["messages"][-1] == {"role": "assistant", "content": "咳嗽五天伴夜间加重，先查血常规。"}
+    assert report.skipped == {"a consultation with no dialogue (as published)": 1}
+    assert f"{f}:20 (id=122)" in report.summary()  # the file and line of its id=
+    out = tmp_path / "covid.jsonl"
+    assert run_main(data_cli, ["convert", str(f), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 records" in printed and "skipped 1 record(s): a consultation with no dialogue" in printed
+    assert len(list(read_schema(out))) == 2
 
 
 def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):

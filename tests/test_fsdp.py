@@ -5,12 +5,16 @@ precision, a PPO step equal to one computed by hand, the rollout kept gathered, 
 sending each rank only its share, and plan.py's steps on real tensors (test_plan.py compares
 them with the simulation). The worker runs once a test run (conftest.two_rank_checks)."""
 
+import pytest
+
+pytestmark = pytest.mark.numerics  # run again under other kernel sets (tests/test_kernels.py)
+
 CHECKS = ["sliced_forward", "generation", "generation_one_rank_finishes_first", "generation_logprobs",
-          "gradient_memory", "bf16_mixed_precision", "ppo_update", "rollout_gathered", "ppo_setup_share",
-          "simulation_is_real"]
+          "gradient_memory", "bf16_mixed_precision", "ppo_update", "rollout_gathered", "ppo_setup_share"]
 
 
 def test_two_rank_fsdp_checks(two_rank_checks):
     proc = two_rank_checks
     passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert proc.returncode == 0 and passed == CHECKS, f"passed {passed}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    ours = [name for name in passed if name != "simulation_is_real"]  # test_plan.py's, when it runs
+    assert proc.returncode == 0 and ours == CHECKS, f"passed {passed}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -57,6 +57,9 @@ def test_one_rank_equals_two_ranks(tmp_path):
     run(tmp_path / "two", "--max-steps", "4", nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == 4 and a[0] > a[-1]
+    # fp32 trainer runs, losses logged to 6 decimals: 1 and 2 ranks run each item's forward alike
+    # and sum the same terms in another order, fp32 reorderings of ~1e-7 relative carried over 4
+    # AdamW steps; equal to the logged digit here, 1e-4 is that with room (tests/TOLERANCES.md).
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     for k in wa:  # Adam can turn a 1e-9 gradient difference into one weight off by ~lr: compare norms
@@ -131,14 +134,18 @@ def test_best_checkpoint_reproduces_its_validation_loss(tmp_path):
     items = [render(tok, r["messages"], max_len=512) for r in read_schema(val)]
     with torch.no_grad():
         total = sum(token_loss_sum(model, collate([x], tok.pad_id)).item() for x in items)
+    # The trainer's fp32 validation (its own batches), logged to 6 decimals, against one
+    # conversation at a time: 5e-7 apart here in fp32 and in fp64 alike, the log's rounding
+    # (tests/TOLERANCES.md).
     assert abs(total / sum(n_labels(x) for x in items) - best) < 1e-4
 
 
+@pytest.mark.numerics
 def test_masked_and_padded_tokens_do_not_move_the_loss(tokenizer_file):
     from train_sft import token_loss_sum
 
     tok = Tokenizer(tokenizer_file)
-    model = Transformer.from_config(CONFIGS["tiny"], seed=0).eval()
+    model = Transformer.from_config(CONFIGS["tiny"], seed=0).double().eval()  # fp64: rounding-free bounds
     conv = [{"role": "user", "content": "头痛三天了"}, {"role": "assistant", "content": "有没有发烧？"}]
     other_question = [{"role": "user", "content": "孩子咳嗽，晚上更厉害，怎么办"}, conv[1]]
     short, long = render(tok, conv), render(tok, other_question)
@@ -152,8 +159,8 @@ def test_masked_and_padded_tokens_do_not_move_the_loss(tokenizer_file):
         targets = torch.tensor(short.ids[1:])
         keep = torch.tensor(short.labels[1:]) != -100
         by_hand = -logits[keep].gather(-1, targets[keep][:, None]).sum()
-    torch.testing.assert_close(in_batch, alone, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(alone, by_hand, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(in_batch, alone, rtol=0, atol=1e-9)  # another batch shape: other kernels
+    torch.testing.assert_close(alone, by_hand, rtol=0, atol=1e-9)
     assert int(keep.sum()) == len(doctor_turn(tok, "有没有发烧？"))  # the doctor's whole turn, as officially
 
 
