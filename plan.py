@@ -112,9 +112,10 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
     # They go in as "Buffer", a category of FSDPMemTracker's own that our models never fill (no
     # module registers a buffer), through the call MemTracker.track_external makes for its own.
     assert not any(True for _ in root.buffers()), "a buffer in the model would be counted as replicated"
-    for module in replicated:
+    for module in replicated:  # a module sharded apart from `root` (PPO's reward model) by its shards
         for t in module.state_dict().values():
-            tracker._update_and_maybe_create_winfos(t, _FSDPRefType.BUFFER)
+            tracker._update_and_maybe_create_winfos(t.to_local() if hasattr(t, "to_local") else t,
+                                                    _FSDPRefType.BUFFER)
     for t in inputs:
         tracker._update_and_maybe_create_winfos(t, _FSDPRefType.INP)
     result = Measurement({})
@@ -202,10 +203,14 @@ def simulate_ppo(config, *, world: int, **kwargs) -> dict:
 
 def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, chunk_size: int, batch_size: int,
                 micro_batches: list[int], prompt_len: int, new_tokens: int, gathered_rollout: bool = True,
-                bf16: bool = True) -> dict:
+                reward_sharded: bool = True, bf16: bool = True) -> dict:
     """The peak of each part of a PPO round on this rank (`d`), placed as train_ppo.py places it:
-    the policy + value head sharded (train_ppo.build_empty), π0's top and the reward model
-    replicated in the compute dtype, AdamW over the trainable top. Every prompt has
+    the policy + value head sharded (train_ppo.build_empty), π0's top replicated and the reward
+    model sharded (or replicated: reward_sharded False) in the compute dtype
+    (train_ppo.reward_empty), AdamW over the trainable top. What is held outside the part's
+    FSDP module, π0's top and the reward model's shards or whole copy, shows as "replicated";
+    while the sharded reward model scores it is the tracked module, and the policy's shards
+    and Adam's state are what it holds beside. Every prompt has
     `prompt_len` tokens and every response `new_tokens` (fake tensors hold no eos to stop on).
     Each part is tracked on its own:
 
@@ -225,8 +230,6 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
 
     import train_ppo
     from generate import decode_steps
-    from model import allocate
-    from model import RewardModel
     from training import gathered, make_optimizer
 
     compute = torch.bfloat16 if bf16 else torch.float32
@@ -237,9 +240,7 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     prompt, response = [1] + [3] * (prompt_len - 1), [3] * new_tokens
     out = {}
     model, ref = train_ppo.build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, mesh=mesh)
-    with torch.device("meta"):
-        rm = RewardModel(config)
-    rm = allocate(rm, device=d.device, dtype=compute).scorer().eval().requires_grad_(False)  # as train_ppo loads it
+    rm = train_ppo.reward_empty(config, d, compute, sharded=reward_sharded, mesh=mesh)  # as train_ppo loads it
     fill_(model, ref, rm)
     opt = make_optimizer(model, 1e-6, 0.0)
     exps = [train_ppo.Experience(prompt, response, True) for _ in range(rollout_size)]
@@ -273,8 +274,16 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
             for _ in decode_steps(model, chunk, max_new_tokens=new_tokens, eos_id=None, pad_id=0):
                 pass
         model.train()
-    with tracking(model, opt, replicated) as out["scoring"], torch.no_grad():
+    if reward_sharded:
+        adam = [t.to_local() if hasattr(t, "to_local") else t for state in opt.state.values() for t in state.values()
+                if torch.is_tensor(t) and t.dim()]
+        scoring = tracking(rm, None, (model, ref), inputs=adam)
+    else:
+        scoring = tracking(model, opt, replicated)
+    with scoring as out["scoring"], torch.no_grad():  # train_ppo.score_round's forward (its .tolist() aside)
         rm.score_ids(chunk, [response] * len(chunk), eos_id=tok.eos_id, pad_id=0)
+        if reward_sharded:
+            rm.reshard()
     return out
 
 
@@ -387,7 +396,7 @@ def training_memory(config, *, world: int, micro_batch: int, seq_len: int, bf16:
 
 
 def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
-               trainable_blocks: int, gathered_rollout: bool = True) -> dict:
+               trainable_blocks: int, gathered_rollout: bool = True, reward_sharded: bool = True) -> dict:
     """Per-rank GiB of PPO's layout on GPUs (bf16 compute, fp32 shards), by arithmetic:
 
     frozen     the embedding and the frozen blocks, FSDP-sharded fp32: 4 bytes a parameter / ranks
@@ -395,7 +404,8 @@ def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: i
     trainable  the top blocks, norm, head and value head, sharded: fp32 weight, gradient and
                two Adam moments, 16 bytes a parameter / ranks
     reference  π0's top, replicated in bf16 (2 bytes a parameter)
-    reward     the reward model, replicated in bf16 (frozen, never sharded: no collectives)
+    reward     the reward model in bf16, frozen: its shard (--reward-placement sharded, the
+               default), or the whole of it on every rank (replicated)
     in_flight  what FSDP holds gathered: the whole policy in bf16 while the rollout keeps it
                gathered (the default), else the root (embedding, head) and two blocks
     kv_cache   one chunk's keys and values, bf16, all layers, prompt + new tokens
@@ -413,7 +423,7 @@ def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: i
         "frozen": 4 * frozen / world,
         "trainable": 16 * top / world,
         "reference": 2 * (trainable_blocks * block + h + v * h),
-        "reward": 2 * (n - v * h + h),  # without its LM head (RewardModel.scorer)
+        "reward": 2 * (n - v * h + h) / (world if reward_sharded else 1),  # without its LM head (RewardModel.scorer)
         "in_flight": 2 * (n + h) if gathered_rollout else 2 * (head + 2 * block),
         "kv_cache": 2 * 2 * L * chunk * seq * config.num_key_value_heads * config.head_dim,
         "activations": micro_batch * seq * (trainable_blocks * block_activation_bytes(config, 2) + v * 8),
@@ -719,12 +729,14 @@ def ppo_dry_run(args):
     for micro in micros:
         m = models[micro] = ppo_memory(config, world=world, chunk=args.chunk_size, prompt_len=prompt_len,
                                        new_tokens=args.max_new_tokens, micro_batch=micro,
-                                       trainable_blocks=args.trainable_blocks, gathered_rollout=not args.reshard_in_rollout)
+                                       trainable_blocks=args.trainable_blocks, gathered_rollout=not args.reshard_in_rollout,
+                                       reward_sharded=args.reward_placement == "sharded")
         print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
               f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
     in_flight = ("two blocks and the root (--reshard-in-rollout)" if args.reshard_in_rollout
                  else "the whole policy, kept gathered through the rollout (--reshard-in-rollout: two blocks and the root)")
-    print(f"(chunks of {args.chunk_size} sequences generated together; in_flight: {in_flight})")
+    print(f"(chunks of {args.chunk_size} sequences generated together; in_flight: {in_flight}; the reward model "
+          f"{args.reward_placement}, --reward-placement)")
     if args.simulate:
         print(f"\nsimulated: a round of train_ppo.py on fake tensors over {world} fake ranks (every response "
               f"{args.max_new_tokens} tokens); FSDPMemTracker's peak on a rank in each part:", flush=True)
@@ -732,7 +744,8 @@ def ppo_dry_run(args):
         sim = simulate_ppo(config, world=world, trainable_blocks=args.trainable_blocks, rollout_size=args.rollout_size,
                            chunk_size=args.chunk_size, batch_size=args.batch_size, micro_batches=chosen,
                            prompt_len=prompt_len, new_tokens=args.max_new_tokens,
-                           gathered_rollout=not args.reshard_in_rollout)
+                           gathered_rollout=not args.reshard_in_rollout,
+                           reward_sharded=args.reward_placement == "sharded")
         rows = [([name, "-"], sim[name], []) for name in ("rollout", "scoring")]
         rows += [([name, micro], sim[name, micro], []) for micro in chosen for name in ("experience", "update")]
         print(measured_table(rows, ["part", "micro-batch"], []))

@@ -11,13 +11,16 @@ transformer blocks trained. FSDP on 1 to N ranks.
         --data sft_mix/train.jsonl --exclude preference/pairs.jsonl --out runs/ppo-13b
     # will it fit, and how long? per-rank memory (--simulate: measured, plan.py) and the hours
     python train_ppo.py --policy ziya-13b --dry-run --world-size 8 [--simulate]
+    # within 40 GiB a rank on 8 GPUs: each block gathered at every decoding step (slower)
+    torchrun --nproc_per_node 8 train_ppo.py ... --reshard-in-rollout
 
 One round, as trlx ran it when the paper appeared (commit 355c974; HuatuoGPT used trlx and the
 paper names its settings as trlx does; where we differ, the code says so):
 
 1. rollout: --rollout-size prompts (64), generated --chunk-size (8) at a time with the KV
    cache, sampled from the policy itself (temperature 1, no top-p: PPO's ratio assumes the
-   samples come from π); each rank generates its share; the reward model scores each.
+   samples come from π); each rank generates its share; the reward model scores each (it is
+   sharded over the ranks like the policy, --reward-placement: a rank holds its share).
 2. experience (make_experience): the round is shuffled once into minibatches of --batch-size;
    each rank keeps the frozen trunk's output of the experiences in its micro-batches of them
    (see "the shared trunk" below), and one forward of the top in those very micro-batches gives
@@ -58,6 +61,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from data.readers import add_input_args, read
@@ -385,6 +389,8 @@ def score_round(rm, exps: list[Experience], tok, args):
                               pad_id=tok.pad_id)
         for e, s in zip(chunk, scores.tolist()):
             e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) + (0.0 if e.finished else args.unfinished_penalty)
+    if isinstance(rm, FSDPModule):
+        rm.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
 
 
 def minibatches(n: int, batch_size: int, seed: int, round_no: int) -> list[list[int]]:
@@ -517,6 +523,33 @@ def build_empty(config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bo
     return model, ref
 
 
+def reward_empty(config, d, dtype, *, sharded: bool = True, mesh=None) -> RewardModel:
+    """The reward model for scoring, frozen, in the compute dtype, without its LM head
+    (RewardModel.scorer), allocated and not filled (plan.py measures it). sharded
+    (--reward-placement sharded, the default): FSDP over the ranks as the policy is, each block
+    gathered just before it scores and freed after, so a rank holds its share (3.0 GiB at 13B on
+    8 ranks in bf16) and a scoring chunk all-gathers the model once. Replicated: the whole model
+    on every rank (24.0 GiB), scoring without collectives."""
+    with torch.device("meta"):
+        rm = RewardModel(config).scorer().eval().requires_grad_(False)
+    if not sharded:
+        return allocate(rm, device=d.device, dtype=dtype)
+    for p in rm.parameters():
+        p.data = p.data.to(dtype)  # on the meta device: only the dtype changes
+    shard(rm, rm.layers, bf16=False, mesh=mesh)  # stored in the compute dtype: no mixed precision
+    return rm.to_empty(device=d.device)
+
+
+def load_reward(path, config, d, dtype, *, sharded: bool = True) -> RewardModel:
+    """The reward model at `path` placed as reward_empty says. Sharded, rank 0 reads the
+    checkpoint and each rank receives its shards (training.load_sharded); replicated, every
+    rank reads it whole."""
+    if not sharded:
+        return RewardModel.from_pretrained(path, dtype=dtype, device=d.device).scorer().eval().requires_grad_(False)
+    full = RewardModel.from_pretrained(path, dtype=dtype).scorer().state_dict() if d.main else None
+    return load_sharded(reward_empty(config, d, dtype), full, d)
+
+
 def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
     """The longest prompt a round can take: the policy generates up to max_new_tokens after it
     within its context, and the reward model reads prompt + response + the eos put after a
@@ -563,7 +596,7 @@ def _train(args, d):
     bf16 = mixed_precision(d, args)
     compute = torch.bfloat16 if bf16 else torch.float32
     model, ref = build(config, read_weights(), d, trainable_blocks=args.trainable_blocks, bf16=bf16)
-    rm = RewardModel.from_pretrained(args.reward, dtype=compute, device=d.device).scorer().eval().requires_grad_(False)
+    rm = load_reward(args.reward, reward_config, d, compute, sharded=args.reward_placement == "sharded")
     model.train()
 
     opt = make_optimizer(model, args.lr, args.weight_decay, betas=BETAS)
@@ -648,6 +681,10 @@ def main(argv=None):
     p.add_argument("--reshard-in-rollout", action="store_true",
                    help="gather each block at every decoding step of the rollout instead of keeping the policy "
                         "gathered through it (training.gathered): saves the unsharded policy's memory, slower")
+    p.add_argument("--reward-placement", choices=["sharded", "replicated"], default="sharded",
+                   help="the reward model sharded over the ranks with FSDP, each block gathered while it scores "
+                        "(the default: a rank holds its share), or whole on every rank (scoring needs no "
+                        "collectives; 24 GiB a rank at 13B)")
     p.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS)
     p.add_argument("--init-kl-coef", type=float, default=INIT_KL_COEF)
     p.add_argument("--kl-target", type=lambda x: None if x == "none" else float(x), default=KL_TARGET,

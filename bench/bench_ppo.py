@@ -14,9 +14,15 @@
    reward-model scoring, the experience pass (the kept trunk, the forwards of policy, value head
    and π0), the updates, as shares of the round.
 
+5. Reward scoring (train_ppo.score_round over a rank's chunk) with the reward model sharded
+   over the ranks (--reward-placement sharded, the default: each block all-gathered while it
+   scores) ÷ replicated on every rank, alternated. On one process it is FSDP's own overhead; under
+   torchrun the all-gathers too (gloo on a CPU; NCCL's over NVLink are another matter).
+
 Timings are medians of --repeats runs after a warm-up, made in one process; ratios only.
 
     python bench/bench_ppo.py [--repeats 5]
+    torchrun --nproc_per_node 2 bench/bench_ppo.py --reward-only   # 5. alone, on 2 ranks
 """
 
 import argparse
@@ -53,9 +59,13 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--round-size", type=int, default=16, help="experiences in the timed round (the paper: 64)")
+    p.add_argument("--reward-only", action="store_true", help="only 5., the reward model's placement")
     args = p.parse_args()
     d = init_distributed()
     config = CONFIGS["bench-50m"]
+    reward_placement(config, d, args)
+    if args.reward_only:
+        return d.close()
     sft = Transformer.from_config(config, seed=0).eval()
     model, ref = train_ppo.build(config, sft.state_dict(), d)
     tokens = torch.randint(3, config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -171,6 +181,39 @@ def main():
         print(f"  {'recomputed' if recompute else 'kept'}: " +
               ", ".join(f"{k} {v / total:.0%}" for k, v in parts[recompute].items()))
     d.close()
+
+
+def reward_placement(config, d, args):
+    """5. Scoring a rank's chunk, the reward model sharded ÷ replicated, steps alternated."""
+    from model import RewardModel
+
+    torch.manual_seed(0)
+    full = RewardModel(config)
+    full.trunk.init_weights(seed=0)
+    with torch.no_grad():
+        full.score_head.weight.normal_(0, 0.02)
+    state = full.scorer().state_dict()
+    sharded = train_ppo.load_sharded(train_ppo.reward_empty(config, d, torch.float32), dict(state), d)  # it takes the dict over
+    replicated = train_ppo.reward_empty(config, d, torch.float32, sharded=False)
+    replicated.load_state_dict(state)
+    gen = torch.Generator().manual_seed(d.rank)
+    prompt_len = args.seq_len - args.new_tokens
+    exps = [train_ppo.Experience([1] + torch.randint(3, 2000, (prompt_len - 1,), generator=gen).tolist(),
+                                 torch.randint(3, 2000, (args.new_tokens,), generator=gen).tolist(), True)
+            for _ in range(args.batch)]
+    tok = SimpleNamespace(eos_id=2, pad_id=0)
+    run = SimpleNamespace(chunk_size=args.batch, unfinished_penalty=0.0)
+    times = {"sharded": [], "replicated": []}
+    for r in range(args.repeats + 1):
+        for name, rm in (("sharded", sharded), ("replicated", replicated)):
+            t = time.perf_counter()
+            train_ppo.score_round(rm, exps, tok, run)
+            if r:  # the first pair warms up
+                times[name].append(time.perf_counter() - t)
+    shard_s, whole_s = (statistics.median(v) for v in times.values())
+    if d.main:
+        print(f"reward scoring ({args.batch} x {args.seq_len} tokens a rank, {d.world} rank(s)): sharded / replicated "
+              f"{shard_s / whole_s:.2f} ({shard_s:.3f} s, {whole_s:.3f} s)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ model is in fp64 wherever results are compared, so the bounds are rounding-free 
 """
 
 import copy
+import shutil
 import sys
 from pathlib import Path
 
@@ -377,6 +378,52 @@ def check_ppo_setup_share(d):
         # as well, as before #22, would add 533 KiB.
         assert peak <= shards + top + 2 * largest + 32 * 1024, (peak, shards, top, largest, whole)
     ok(d, "ppo_setup_share")
+
+
+def check_reward_sharded(d):
+    """PPO's reward model sharded over the ranks (train_ppo.load_reward, --reward-placement
+    sharded, the default) scores as the whole model does: fp64, each rank its own prompts and
+    reply lengths, left-padded and not; a rank holds its shard of every weight, and after
+    scoring (train_ppo.score_round) nothing is left gathered."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import train_ppo
+    from model import RewardModel
+
+    torch.manual_seed(0)
+    whole = RewardModel(CONFIG)
+    sharpen_(whole.trunk)
+    with torch.no_grad():
+        whole.score_head.weight.normal_(0, 1.0)
+    where = [tempfile.mkdtemp(prefix="huatuo-rm-")] if d.main else [None]
+    dist.broadcast_object_list(where)  # a path: a few bytes
+    if d.main:
+        whole.save_pretrained(where[0])
+    dist.barrier()
+    sharded = train_ppo.load_reward(where[0], CONFIG, d, torch.float64)
+    replicated = train_ppo.load_reward(where[0], CONFIG, d, torch.float64, sharded=False)
+    assert all(isinstance(p, DTensor) and p.to_local().shape[0] <= -(-p.shape[0] // d.world)
+               for p in sharded.parameters())
+    assert not any(isinstance(p, DTensor) for p in replicated.parameters())
+    gen = torch.Generator().manual_seed(10 + d.rank)
+    prompts = [[1] + torch.randint(3, 101, (n,), generator=gen).tolist() for n in (5, 11, 3)]
+    replies = [torch.randint(3, 101, (n,), generator=gen).tolist() for n in (4, 1, 9)]
+    with torch.no_grad():
+        want = replicated.score_ids(prompts, replies, eos_id=2, pad_id=0)
+        got = sharded.score_ids(prompts, replies, eos_id=2, pad_id=0)
+    torch.testing.assert_close(got, want, **TOL)
+    assert want.abs().min() > 1e-3  # not a comparison of zeros
+    exps = [train_ppo.Experience(p, r, True) for p, r in zip(prompts, replies)]
+    train_ppo.score_round(sharded, exps, SimpleNamespace(eos_id=2, pad_id=0),
+                          SimpleNamespace(chunk_size=2, unfinished_penalty=0.0))
+    scores = torch.tensor([e.score for e in exps], dtype=torch.float64)
+    torch.testing.assert_close(scores, want.clamp(-train_ppo.SCORE_CLIP, train_ppo.SCORE_CLIP), **TOL)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())  # resharded, the root too
+    dist.barrier()
+    if d.main:
+        shutil.rmtree(where[0])
+    ok(d, "reward_sharded")
 
 
 PLAN_CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
