@@ -729,7 +729,8 @@ def ppo_dry_run(args):
     for micro in micros:
         m = models[micro] = ppo_memory(config, world=world, chunk=args.chunk_size, prompt_len=prompt_len,
                                        new_tokens=args.max_new_tokens, micro_batch=micro,
-                                       trainable_blocks=args.trainable_blocks, gathered_rollout=not args.reshard_in_rollout,
+                                       trainable_blocks=args.trainable_blocks,
+                                       gathered_rollout=not args.reshard_in_rollout,
                                        reward_sharded=args.reward_placement == "sharded")
         print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
               f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")

@@ -193,7 +193,8 @@ def reward_placement(config, d, args):
     with torch.no_grad():
         full.score_head.weight.normal_(0, 0.02)
     state = full.scorer().state_dict()
-    sharded = train_ppo.load_sharded(train_ppo.reward_empty(config, d, torch.float32), dict(state), d)  # it takes the dict over
+    # load_sharded takes its dict over (its tensors become the shards): it gets a copy
+    sharded = train_ppo.load_sharded(train_ppo.reward_empty(config, d, torch.float32), dict(state), d)
     replicated = train_ppo.reward_empty(config, d, torch.float32, sharded=False)
     replicated.load_state_dict(state)
     gen = torch.Generator().manual_seed(d.rank)

@@ -136,8 +136,8 @@ def test_process_logits_by_hand():
     # top_p below the first probability keeps exactly the argmax.
     assert torch.isfinite(process_logits(logits, None, top_p=0.1))[0].tolist() == [True] + [False] * 4
     assert torch.isfinite(process_logits(logits, None, top_k=3))[0].tolist() == [True] * 3 + [False] * 2
-    # temperature divides.
-    torch.testing.assert_close(process_logits(logits, None, temperature=0.5), logits * 2, rtol=0, atol=0)  # x / 0.5 is exact
+    # temperature divides (x / 0.5 is exact in binary).
+    torch.testing.assert_close(process_logits(logits, None, temperature=0.5), logits * 2, rtol=0, atol=0)
     # repetition penalty 2 on tokens 0 and 3: 2.0 -> 1.0 and -1.0 -> -2.0; others untouched.
     seen = torch.tensor([[True, False, False, True, False]])
     out = process_logits(logits, seen, repetition_penalty=2.0)

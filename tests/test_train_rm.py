@@ -85,8 +85,8 @@ def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
     loaded = RewardModel.from_pretrained(tmp_path / "rm", dtype=torch.float64)
     tokens = torch.randint(3, 2000, (2, 12))
     with torch.no_grad():  # the same weights, the same computation: the same scores
-        torch.testing.assert_close(loaded(tokens, torch.ones_like(tokens)), reward_model(tokens, torch.ones_like(tokens)),
-                                   rtol=0, atol=1e-12)
+        ones = torch.ones_like(tokens)
+        torch.testing.assert_close(loaded(tokens, ones), reward_model(tokens, ones), rtol=0, atol=1e-12)
     # Issue 26: the HF reward-model layout (it was a causal LM + score_head.safetensors, which
     # transformers opened as a classifier with a random head).
     hf = json.loads((tmp_path / "rm" / "config.json").read_text())
@@ -96,8 +96,8 @@ def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
     reward_model.trunk.save_pretrained(old, tokenizer=tokenizer_file)
     save_file({"weight": reward_model.score_head.weight.detach().contiguous()}, str(old / "score_head.safetensors"))
     with torch.no_grad():
-        torch.testing.assert_close(RewardModel.from_pretrained(old, dtype=torch.float64)(tokens, torch.ones_like(tokens)),
-                                   reward_model(tokens, torch.ones_like(tokens)), rtol=0, atol=1e-12)
+        before = RewardModel.from_pretrained(old, dtype=torch.float64)
+        torch.testing.assert_close(before(tokens, ones), reward_model(tokens, ones), rtol=0, atol=1e-12)
     (old / "score_head.safetensors").unlink()  # a causal LM alone is no reward model
     with pytest.raises(CheckpointError, match="not a reward model checkpoint"):
         RewardModel.from_pretrained(old)

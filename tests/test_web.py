@@ -217,8 +217,9 @@ def test_without_a_browser_ci_fails_and_elsewhere_the_tests_skip_saying_how_to_e
     # The whole path, as a learner's run meets it: a PATH with neither, CI unset. The browser
     # tests skip (each before any model is built) and the run says in one line how to enable them.
     env = {k: v for k, v in os.environ.items() if k != "CI" and not k.startswith("PYTEST_")}
-    names = ["test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn",
-             "test_stop_ends_a_reply_and_the_page_goes_on", "test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key"]
+    names = [test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn.__name__,
+             test_stop_ends_a_reply_and_the_page_goes_on.__name__,
+             test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key.__name__]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "--basetemp",
            str(tmp_path / "run"), *(f"{Path(__file__)}::{name}" for name in names)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PATH=str(tmp_path)), cwd=ROOT, timeout=300)
