@@ -90,6 +90,11 @@ class Measurement:
         return sum(self.parts.values())
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @contextlib.contextmanager
 def tracking(root, optimizer=None, replicated=(), inputs=()):
     """Track what this rank holds while the block runs: FSDPMemTracker over the FSDP module
@@ -114,8 +119,7 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
     assert not any(True for _ in root.buffers()), "a buffer in the model would be counted as replicated"
     for module in replicated:  # a module sharded apart from `root` (PPO's reward model) by its shards
         for t in module.state_dict().values():
-            tracker._update_and_maybe_create_winfos(t.to_local() if hasattr(t, "to_local") else t,
-                                                    _FSDPRefType.BUFFER)
+            tracker._update_and_maybe_create_winfos(local(t), _FSDPRefType.BUFFER)
     for t in inputs:
         tracker._update_and_maybe_create_winfos(t, _FSDPRefType.INP)
     result = Measurement({})
@@ -189,7 +193,7 @@ def fill_(*modules):
     on real tensors, uninitialised memory could hold NaNs that sampling refuses)."""
     for module in modules:
         for p in module.parameters():
-            (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02)
+            local(p).normal_(0, 0.02)
 
 
 # -- PPO: a round -----------------------------------------------------------------------------------------
@@ -275,8 +279,7 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
                 pass
         model.train()
     if reward_sharded:
-        adam = [t.to_local() if hasattr(t, "to_local") else t for state in opt.state.values() for t in state.values()
-                if torch.is_tensor(t) and t.dim()]
+        adam = [local(t) for state in opt.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
         scoring = tracking(rm, None, (model, ref), inputs=adam)
     else:
         scoring = tracking(model, opt, replicated)
