@@ -50,21 +50,22 @@ MBU = 0.60  # the share of HBM bandwidth a decoding step reaches (weights and KV
 
 
 @contextlib.contextmanager
-def fake_ranks(world: int):
+def fake_ranks(world: int, shard: int | None = None):
     """`world` ranks inside this process, this one rank 0, and tensors without storage: yields
-    (training.Distributed, the device mesh for training.shard). The mesh is built before fake
-    mode is entered (a mesh reads its ranks' numbers back from a tensor)."""
+    (training.Distributed, the device mesh for training.shard). shard (--shard-ranks): the
+    model sharded over groups of that many ranks and replicated across them (HSDP, a 2-D
+    mesh, training.device_mesh); None or `world`: over all of them. The mesh is built before
+    fake mode is entered (a mesh reads its ranks' numbers back from a tensor)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from training import Distributed
+    from training import Distributed, device_mesh
 
     if dist.is_initialized():
         raise RuntimeError("a dry run makes its own (fake) process group; run it outside torchrun")
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = device_mesh("cpu", world, shard)
         with FakeTensorMode():
             yield Distributed(0, world, 0, torch.device("cpu")), mesh
     finally:
@@ -146,9 +147,9 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
 # -- SFT and the reward model: optimizer steps ---------------------------------------------------------------
 
 
-def simulate_training(make_model, train_step, *, world: int, **kwargs) -> Measurement:
-    """measure_training on rank 0 of `world` fake ranks, on fake tensors."""
-    with fake_ranks(world) as (d, mesh):
+def simulate_training(make_model, train_step, *, world: int, shard: int | None = None, **kwargs) -> Measurement:
+    """measure_training on rank 0 of `world` fake ranks (sharded over `shard`, see fake_ranks)."""
+    with fake_ranks(world, shard) as (d, mesh):
         return measure_training(d, mesh, make_model, train_step, **kwargs)
 
 
@@ -198,16 +199,23 @@ def fill_(*modules):
 
 # -- PPO: a round -----------------------------------------------------------------------------------------
 
+# Decoding steps of the rollout a simulation runs. generate.decode_steps allocates the whole KV
+# cache (prompt + every new token) at the prefill, and a step allocates nothing that outlives
+# it, so the prefill and one step hold the peak of any number of steps (tests/test_plan.py
+# checks it against all of them); at 13B that makes a simulated round ~1 min, not 5-20.
+ROLLOUT_STEPS = 2
 
-def simulate_ppo(config, *, world: int, **kwargs) -> dict:
-    """measure_ppo on rank 0 of `world` fake ranks, on fake tensors."""
-    with fake_ranks(world) as (d, mesh):
+
+def simulate_ppo(config, *, world: int, shard: int | None = None, **kwargs) -> dict:
+    """measure_ppo on rank 0 of `world` fake ranks (sharded over `shard`, see fake_ranks)."""
+    with fake_ranks(world, shard) as (d, mesh):
         return measure_ppo(d, mesh, config, **kwargs)
 
 
 def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, chunk_size: int, batch_size: int,
                 micro_batches: list[int], prompt_len: int, new_tokens: int, gathered_rollout: bool = True,
-                reward_sharded: bool = True, bf16: bool = True) -> dict:
+                reward_sharded: bool = True, frozen_bf16: bool = False, bf16: bool = True,
+                rollout_steps: int | None = ROLLOUT_STEPS) -> dict:
     """The peak of each part of a PPO round on this rank (`d`), placed as train_ppo.py places it:
     the policy + value head sharded (train_ppo.build_empty), π0's top replicated and the reward
     model sharded (or replicated: reward_sharded False) in the compute dtype
@@ -219,7 +227,8 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     Each part is tracked on its own:
 
         "rollout"     this rank's first chunk generated (training.gathered unless
-                      gathered_rollout is False; generate.decode_steps, its KV cache)
+                      gathered_rollout is False; generate.decode_steps, its KV cache), its
+                      first `rollout_steps` tokens (None: all new_tokens; see ROLLOUT_STEPS)
         "scoring"     the reward model on that chunk (RewardModel.score_ids)
         ("experience", m)  train_ppo.make_experience: the kept trunk, the forwards in
                       micro-batches of m, GAE and whitening, over this rank's share of the round
@@ -243,7 +252,8 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     tok = SimpleNamespace(pad_id=0, eos_id=2)
     prompt, response = [1] + [3] * (prompt_len - 1), [3] * new_tokens
     out = {}
-    model, ref = train_ppo.build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, mesh=mesh)
+    model, ref = train_ppo.build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16,
+                                       mesh=mesh)
     rm = train_ppo.reward_empty(config, d, compute, sharded=reward_sharded, mesh=mesh)  # as train_ppo loads it
     fill_(model, ref, rm)
     opt = make_optimizer(model, 1e-6, 0.0)
@@ -274,9 +284,11 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     chunk = [prompt] * min(chunk_size, rollout_size // d.world)
     with tracking(model, opt, replicated) as out["rollout"]:
         model.eval()
-        with gathered(model) if gathered_rollout else contextlib.nullcontext():
-            for _ in decode_steps(model, chunk, max_new_tokens=new_tokens, eos_id=None, pad_id=0):
-                pass
+        with gathered(model) if gathered_rollout else contextlib.nullcontext(), torch.no_grad():  # as generate()
+            steps = decode_steps(model, chunk, max_new_tokens=new_tokens, eos_id=None, pad_id=0)
+            with contextlib.closing(steps):  # closed early: its `finally` reshards before gathered's exit
+                for _, _ in zip(range(rollout_steps or new_tokens), steps):
+                    pass
         model.train()
     if reward_sharded:
         adam = [local(t) for state in opt.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
@@ -363,11 +375,12 @@ def gradient_bytes(n_params: int, *, world: int, grad_sync: str) -> float:
 
 
 def training_memory(config, *, world: int, micro_batch: int, seq_len: int, bf16: bool,
-                    activation_checkpointing: bool, grad_sync: str = "every", logits: bool = True) -> dict:
+                    activation_checkpointing: bool, grad_sync: str = "every", logits: bool = True,
+                    shard: int | None = None) -> dict:
     """Per-rank training memory in GiB under FSDP2 (ZeRO-3-like) with AdamW, by arithmetic.
 
     states     fp32 master weights and two fp32 Adam moments: 12 bytes a parameter, divided
-               among the ranks
+               among the ranks (those of a shard group under HSDP, `shard`)
     grads      gradient_bytes: 4 bytes a parameter / ranks (grad_sync "every"), or 4 bytes a
                parameter on every rank (grad_sync "last", held across micro-batches)
     in_flight  what is gathered at once: the root's weights (embedding, head) and about two
@@ -391,19 +404,21 @@ def training_memory(config, *, world: int, micro_batch: int, seq_len: int, bf16:
     per_layer = tokens * block_activation_bytes(config, act_bytes)
     acts = (L * tokens * h * act_bytes + per_layer) if activation_checkpointing else L * per_layer
     acts += tokens * v * 8 if logits else 0
-    states = 12 * n / world
-    grads = gradient_bytes(n, world=world, grad_sync=grad_sync)
+    states = 12 * n / (shard or world)
+    grads = gradient_bytes(n, world=shard or world, grad_sync=grad_sync)
     in_flight = (root + 2 * block) * act_bytes + 4 * block
     return {"states": states / GIB, "grads": grads / GIB, "in_flight": in_flight / GIB, "activations": acts / GIB,
             "total": (states + grads + in_flight + acts) / GIB}
 
 
 def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
-               trainable_blocks: int, gathered_rollout: bool = True, reward_sharded: bool = True) -> dict:
-    """Per-rank GiB of PPO's layout on GPUs (bf16 compute, fp32 shards), by arithmetic:
+               trainable_blocks: int, gathered_rollout: bool = True, reward_sharded: bool = True,
+               frozen_bf16: bool = False, shard: int | None = None) -> dict:
+    """Per-rank GiB of PPO's layout on GPUs (bf16 compute, fp32 shards), by arithmetic; "ranks"
+    are those a model is sharded over (`shard` under HSDP, else `world`):
 
     frozen     the embedding and the frozen blocks, FSDP-sharded fp32: 4 bytes a parameter / ranks
-               (no gradient, no optimizer state)
+               (no gradient, no optimizer state); 2 with frozen_bf16 (--frozen-bf16)
     trainable  the top blocks, norm, head and value head, sharded: fp32 weight, gradient and
                two Adam moments, 16 bytes a parameter / ranks
     reference  π0's top, replicated in bf16 (2 bytes a parameter)
@@ -422,11 +437,12 @@ def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: i
     top = trainable_blocks * block + h + (0 if config.tie_word_embeddings else v * h) + h
     frozen = n - top + h
     seq = prompt_len + new_tokens
+    ranks = shard or world
     parts = {
-        "frozen": 4 * frozen / world,
-        "trainable": 16 * top / world,
+        "frozen": (2 if frozen_bf16 else 4) * frozen / ranks,
+        "trainable": 16 * top / ranks,
         "reference": 2 * (trainable_blocks * block + h + v * h),
-        "reward": 2 * (n - v * h + h) / (world if reward_sharded else 1),  # without its LM head (RewardModel.scorer)
+        "reward": 2 * (n - v * h + h) / (ranks if reward_sharded else 1),  # without its LM head (RewardModel.scorer)
         "in_flight": 2 * (n + h) if gathered_rollout else 2 * (head + 2 * block),
         "kv_cache": 2 * 2 * L * chunk * seq * config.num_key_value_heads * config.head_dim,
         "activations": micro_batch * seq * (trainable_blocks * block_activation_bytes(config, 2) + v * 8),
@@ -485,40 +501,282 @@ def decode_step(config, batch: int, context: int, *, weight_bytes: float, peak_t
             "memory_bound": memory_s > compute_s}
 
 
+# What the time model assumes FSDP's collectives reach: NCCL's bus bandwidth for a ring
+# all-gather or reduce-scatter, GB/s a GPU (--intra-node-gbps, --inter-node-gbps). Assumed, not
+# measured here: no GPU has run this code.
+GPUS_PER_NODE = 8
+INTRA_NODE_GBPS = 230.0  # inside an 8-GPU A100 node: NVLink 3 through NVSwitch, 300 GB/s a direction, ~3/4 reached
+INTER_NODE_GBPS = 23.0  # across nodes: one 200 Gb/s HDR InfiniBand NIC a GPU (DGX A100's 8), ~90% of its 25 GB/s
+
+
+@dataclass
+class Network:
+    """The links between `world` GPUs, GPUS_PER_NODE a node, and the group a model is sharded
+    over: `shard` consecutive ranks (HSDP, training.device_mesh), or all of them (None)."""
+
+    world: int
+    shard: int | None = None
+    intra_gbps: float = INTRA_NODE_GBPS
+    inter_gbps: float = INTER_NODE_GBPS
+
+    def _ring(self, nbytes: float, ranks: int, across_nodes: bool) -> float:
+        # A ring all-gather or reduce-scatter: each rank sends and receives (ranks - 1) / ranks of
+        # the whole tensor, at the bandwidth of the slowest link the ring crosses.
+        gbps = self.inter_gbps if across_nodes else self.intra_gbps
+        return nbytes * (ranks - 1) / ranks / (gbps * 1e9) if ranks > 1 else 0.0
+
+    def gather(self, nbytes: float) -> float:
+        """Seconds of an all-gather (or reduce-scatter) of `nbytes`, whole, over the shard group."""
+        ranks = self.shard or self.world
+        return self._ring(nbytes, ranks, ranks > GPUS_PER_NODE)
+
+    def reduce(self, nbytes: float) -> float:
+        """Seconds of a gradient reduction of `nbytes`, whole: a reduce-scatter over the shard
+        group, and under HSDP an all-reduce (twice a ring) of each shard across the copies, whose
+        members sit on different nodes once there is more than one node."""
+        ranks = self.shard or self.world
+        copies = self.world // ranks
+        return self.gather(nbytes) + 2 * self._ring(nbytes / ranks, copies, self.world > GPUS_PER_NODE)
+
+
+def training_step_seconds(config, *, world: int, batch: int, micro_batch: int, seq_len: int, bf16: bool = True,
+                          activation_checkpointing: bool = False, grad_sync: str = "every", head: bool = True,
+                          net: Network | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU) -> dict:
+    """Seconds of one optimizer step of `batch` sequences of seq_len (head False: a reward
+    model's, whose items are pairs: pass 2 x pairs): the compute (train_flops at mfu of the peak,
+    the ranks splitting it), FSDP's collectives, and the step: the slower of the two, FSDP2
+    overlapping them (it gathers the next block while one computes, and reduces the last one's
+    gradients while the next runs backward). Each of a rank's micro-batches gathers every block
+    twice in the compute dtype (forward; backward, which recomputes under checkpointing from the
+    same gather); gradients are reduced in fp32 after each micro-batch (grad_sync "every") or
+    after the last."""
+    net = net or Network(world)
+    n = config.num_params() - (0 if head or config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    micros = batch // (world * micro_batch)
+    compute = train_flops(config, batch * seq_len, seq_len, activation_checkpointing, head=head) / (
+        world * peak_tflops * 1e12 * mfu)
+    comm = micros * 2 * net.gather((2 if bf16 else 4) * n) + (micros if grad_sync == "every" else 1) * net.reduce(4 * n)
+    return {"compute": compute, "collectives": comm, "seconds": max(compute, comm)}
+
+
 def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int, batch_size: int, ppo_epochs: int,
-                      prompt_len: int, new_tokens: int, trainable_blocks: int, peak_tflops: float = PEAK_TFLOPS,
-                      mfu: float = MFU, hbm_tbps: float = HBM_TBPS, mbu: float = MBU) -> dict:
+                      prompt_len: int, new_tokens: int, trainable_blocks: int, micro_batch: int = 1,
+                      gathered_rollout: bool = True, reward_sharded: bool = True, net: Network | None = None,
+                      peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU, hbm_tbps: float = HBM_TBPS,
+                      mbu: float = MBU) -> dict:
     """Seconds of each part of a PPO round on `world` GPUs, every rank doing its share at once
-    (--rollout-size / world prompts), prompts of prompt_len tokens and responses of new_tokens:
+    (--rollout-size / world prompts), prompts of prompt_len tokens and responses of new_tokens,
+    each part the slower of its compute and its collectives (see training_step_seconds; all
+    bf16 gathers, fp32 reductions, over `net`):
 
         rollout     per chunk a prefill (compute-bound) and new_tokens decoding steps that read
-                    the gathered bf16 policy and the KV cache (decode_step: memory-bound)
-        scoring     the reward model's forward over prompt + response
-        experience  the frozen bottom once (kept for the round), the trainable top and π0's top
+                    the bf16 policy and the KV cache (decode_step: memory-bound); the policy
+                    gathered once a chunk (training.gathered), or at every step of it
+                    (gathered_rollout False, --reshard-in-rollout)
+        scoring     the reward model's forward over prompt + response; sharded, it is gathered
+                    once a chunk
+        experience  the frozen bottom once (kept for the round), the trainable top and π0's top;
+                    the policy gathered once a micro-batch
         update      ppo_epochs passes of the top alone on the kept bottom: its forward and a
-                    backward twice as costly
+                    backward twice as costly; the top gathered twice a micro-batch and its
+                    gradient reduced once
     """
+    net = net or Network(world)
     per_rank = rollout_size // world
     seq = prompt_len + new_tokens
     tokens = per_rank * seq
     rate = peak_tflops * 1e12 * mfu
     weight_bytes = 2 * matmul_params(config)
+    n = config.num_params()
+    head = config.vocab_size * config.hidden_size
+    top_params = (n - head * (1 if config.tie_word_embeddings else 2)) // config.num_hidden_layers * trainable_blocks \
+        + head + config.hidden_size
+    gather_policy = net.gather(2 * n)
     rollout = 0.0
+    chunks = 0
     for c in range(0, per_rank, chunk_size):
         batch = min(chunk_size, per_rank - c)
-        rollout += forward_flops(config, batch * prompt_len, (prompt_len + 1) / 2) / rate
-        rollout += sum(decode_step(config, batch, prompt_len + k, weight_bytes=weight_bytes, peak_tflops=peak_tflops,
-                                   mfu=mfu, hbm_tbps=hbm_tbps, mbu=mbu)["seconds"] for k in range(new_tokens))
+        chunks += 1
+        rollout += forward_flops(config, batch * prompt_len, (prompt_len + 1) / 2) / rate + gather_policy
+        for k in range(new_tokens):
+            step = decode_step(config, batch, prompt_len + k, weight_bytes=weight_bytes, peak_tflops=peak_tflops,
+                               mfu=mfu, hbm_tbps=hbm_tbps, mbu=mbu)["seconds"]
+            rollout += step if gathered_rollout else max(step, gather_policy)
     causal = (seq + 1) / 2
     top = forward_flops(config, tokens, causal, blocks=trainable_blocks)
     bottom = forward_flops(config, tokens, causal, blocks=config.num_hidden_layers - trainable_blocks, head=False)
+    micros = -(-per_rank // micro_batch)
+    updates_micros = ppo_epochs * (rollout_size // batch_size) * -(-batch_size // (world * micro_batch))
     parts = {"rollout": rollout,
-             "scoring": forward_flops(config, tokens, causal, head=False) / rate,
-             "experience": (bottom + 2 * top) / rate,
-             "update": ppo_epochs * 3 * top / rate}
+             "scoring": max(forward_flops(config, tokens, causal, head=False) / rate,
+                            chunks * net.gather(2 * (n - head)) if reward_sharded else 0.0),
+             "experience": max((bottom + 2 * top) / rate, micros * gather_policy),
+             "update": max(ppo_epochs * 3 * top / rate,
+                           updates_micros * (2 * net.gather(2 * top_params) + net.reduce(4 * top_params)))}
     parts["total"] = sum(parts.values())
     parts["steps"] = ppo_epochs * rollout_size // batch_size
     return parts
+
+
+# -- choosing a layout -----------------------------------------------------------------------------------------
+
+# What the dry run's choice leaves of a GPU's memory for what no simulation sees: the CUDA
+# context, NCCL's buffers, cuBLAS's workspace, the caching allocator's fragmentation (the module
+# docstring's 10-15%).
+HEADROOM = 0.12
+# The memory model is held within 10% of the simulation by tests: a layout it puts further than
+# that above the usable memory cannot fit, and is not simulated.
+MODEL_SLACK = 0.10
+
+
+@dataclass
+class Candidate:
+    """A layout the dry run may choose: the value of each flag it sets (False for a switch off,
+    None for --shard-ranks over all ranks), the run's seconds by the time model, the memory
+    model's bytes, and once simulated the peak a rank holds."""
+
+    flags: dict
+    seconds: float
+    modelled: float
+    simulated: float | None = None
+
+    DEFAULTS = {"--micro-batch-size": 1, "--activation-checkpointing": False, "--grad-sync": "every",
+                "--shard-ranks": None, "--chunk-size": 8, "--reshard-in-rollout": False,
+                "--reward-placement": "sharded", "--frozen-bf16": False}  # the trainers' own defaults
+
+    def changed(self) -> dict:
+        return {k: v for k, v in self.flags.items() if v != self.DEFAULTS[k]}
+
+    def command_flags(self) -> str:
+        return " ".join(k if v is True else f"{k} {v}" for k, v in self.changed().items())
+
+
+def choose(candidates: list[Candidate], usable: float, simulate, *, slack: float = MODEL_SLACK) -> list[Candidate]:
+    """The candidates ranked by the time model (then by fewer flags), each marked: those the
+    memory model puts above usable x (1 + slack) are pruned unsimulated; the rest are simulated
+    in that order (simulate(candidate) -> bytes) until one fits `usable`. Returns the ranking up
+    to and including the chosen one, the last (its .simulated <= usable), or the whole ranking
+    when nothing fits."""
+    ranked = sorted(candidates, key=lambda c: (round(c.seconds, 6), len(c.changed())))
+    for i, c in enumerate(ranked):
+        if c.modelled > usable * (1 + slack):
+            continue
+        c.simulated = simulate(c)
+        if c.simulated <= usable:
+            return ranked[:i + 1]
+    return ranked
+
+
+def torchrun(world: int, script: str) -> str:
+    """How to start `script` on `world` GPUs, GPUS_PER_NODE a node."""
+    if world == 1:
+        return f"python {script}"
+    if world <= GPUS_PER_NODE:
+        return f"torchrun --nproc-per-node {world} {script}"
+    return (f"torchrun --nnodes {world // GPUS_PER_NODE} --nproc-per-node {GPUS_PER_NODE} --rdzv-backend c10d "
+            f"--rdzv-endpoint HOST:29500 {script}")
+
+
+def print_choice(ranked: list[Candidate], *, gpu_gb: float, world: int, command: str, log=print):
+    """The dry run's answer, above its tables: the fastest layout that fits, and why each faster
+    one did not."""
+    usable = gpu_gb * (1 - HEADROOM) * GIB
+    chosen = ranked[-1] if ranked and ranked[-1].simulated is not None and ranked[-1].simulated <= usable else None
+    log(f"the fastest layout that fits {gpu_gb:g} GiB ({size(usable)} usable, {HEADROOM:.0%} headroom) on {world} "
+        f"GPU(s), by the time model's hours, the memory model pruning and the simulation deciding:")
+    for c in ranked if chosen is None else ranked[:-1]:
+        why = (f"simulated {size(c.simulated)}" if c.simulated is not None
+               else f"the memory model says {size(c.modelled)}")
+        log(f"  not {c.command_flags() or '(the defaults)'}: {hours(c.seconds)}, {why}")
+    if chosen is None:
+        log(f"  nothing fits {gpu_gb:g} GiB on {world} GPU(s)")
+        return None
+    log(f"  chosen: {chosen.command_flags() or '(the defaults)'}: {hours(chosen.seconds)}, simulated "
+        f"{size(chosen.simulated)} (the memory model {size(chosen.modelled)})")
+    log(f"  {torchrun(world, command)} {chosen.command_flags()}".rstrip())
+    return chosen
+
+
+def shard_choices(world: int) -> list[int | None]:
+    """FSDP over all ranks, and on more than one node HSDP with a node's GPUs a shard group."""
+    return [None] + ([GPUS_PER_NODE] if world > GPUS_PER_NODE and world % GPUS_PER_NODE == 0 else [])
+
+
+def choose_lm(config, kind: str, *, world: int, gpu_gb: float, batch: int, seq: int, steps: int, bf16: bool = True,
+              net_args: dict | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU,
+              micros=(1, 2, 4, 8, 16)) -> list[Candidate]:
+    """choose() for SFT (kind "sft") or the reward model ("rm", items are pairs): a run of
+    `steps` steps of `batch` items of `seq` tokens on `world` GPUs, over micro-batch size,
+    activation checkpointing, --grad-sync and (more than a node) --shard-ranks."""
+    per_item = 2 if kind == "rm" else 1
+    candidates = []
+    for micro in (m for m in micros if batch % (world * m) == 0):
+        for ac in (False, True):
+            for sync in ("every", "last"):
+                for shard in shard_choices(world):
+                    net = Network(world, shard, **(net_args or {}))
+                    t = training_step_seconds(config, world=world, batch=batch * per_item, micro_batch=micro * per_item,
+                                              seq_len=seq, bf16=bf16, activation_checkpointing=ac, grad_sync=sync,
+                                              head=kind == "sft", net=net, peak_tflops=peak_tflops, mfu=mfu)
+                    m = training_memory(config, world=world, micro_batch=micro * per_item, seq_len=seq, bf16=bf16,
+                                        activation_checkpointing=ac, grad_sync=sync, logits=kind == "sft",
+                                        shard=shard)
+                    candidates.append(Candidate({"--micro-batch-size": micro, "--activation-checkpointing": ac,
+                                                 "--grad-sync": sync, "--shard-ranks": shard},
+                                                steps * t["seconds"], m["total"] * GIB))
+
+    def simulate(c):
+        f = c.flags
+        return simulate_training(lambda: _lm(config, kind, f["--activation-checkpointing"]), lm_step(kind, seq),
+                                 world=world, shard=f["--shard-ranks"], micro_batch=f["--micro-batch-size"], bf16=bf16,
+                                 grad_sync=f["--grad-sync"]).total
+
+    return choose(candidates, gpu_gb * (1 - HEADROOM) * GIB, simulate)
+
+
+def choose_ppo(config, *, world: int, gpu_gb: float, rounds: int, rollout_size: int, batch_size: int,
+               ppo_epochs: int, prompt_len: int, new_tokens: int, trainable_blocks: int,
+               net_args: dict | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU,
+               hbm_tbps: float = HBM_TBPS, chunks=(8, 4, 2, 1)) -> list[Candidate]:
+    """choose() for PPO: `rounds` rounds on `world` GPUs, over the micro-batch size, the chunk
+    size, --reshard-in-rollout, --reward-placement, --frozen-bf16 and (more than a node)
+    --shard-ranks. The chunk sizes tried are the default (8) and smaller: a smaller chunk holds
+    a smaller KV cache and decodes more steps."""
+    per_rank = rollout_size // world
+    candidates = []
+    for micro in (m for m in (1, 2, 4, 8, 16) if batch_size % (world * m) == 0):
+        for chunk in (c for c in chunks if c <= per_rank):
+            for reshard in (False, True):
+                for reward_sharded in (True, False):
+                    for frozen_bf16 in (False, True):
+                        for shard in shard_choices(world):
+                            net = Network(world, shard, **(net_args or {}))
+                            t = ppo_round_seconds(config, world=world, rollout_size=rollout_size, chunk_size=chunk,
+                                                  batch_size=batch_size, ppo_epochs=ppo_epochs, prompt_len=prompt_len,
+                                                  new_tokens=new_tokens, trainable_blocks=trainable_blocks,
+                                                  micro_batch=micro, gathered_rollout=not reshard,
+                                                  reward_sharded=reward_sharded, net=net, peak_tflops=peak_tflops,
+                                                  mfu=mfu, hbm_tbps=hbm_tbps)
+                            m = ppo_memory(config, world=world, chunk=chunk, prompt_len=prompt_len,
+                                           new_tokens=new_tokens, micro_batch=micro, trainable_blocks=trainable_blocks,
+                                           gathered_rollout=not reshard, reward_sharded=reward_sharded,
+                                           frozen_bf16=frozen_bf16, shard=shard)
+                            flags = {"--micro-batch-size": micro, "--chunk-size": chunk,
+                                     "--reshard-in-rollout": reshard,
+                                     "--reward-placement": "sharded" if reward_sharded else "replicated",
+                                     "--frozen-bf16": frozen_bf16, "--shard-ranks": shard}
+                            candidates.append(Candidate(flags, rounds * t["total"], m["total"] * GIB))
+
+    def simulate(c):
+        f = c.flags
+        sim = simulate_ppo(config, world=world, shard=f["--shard-ranks"], trainable_blocks=trainable_blocks,
+                           rollout_size=rollout_size, chunk_size=f["--chunk-size"], batch_size=batch_size,
+                           micro_batches=[f["--micro-batch-size"]], prompt_len=prompt_len, new_tokens=new_tokens,
+                           gathered_rollout=not f["--reshard-in-rollout"],
+                           reward_sharded=f["--reward-placement"] == "sharded", frozen_bf16=f["--frozen-bf16"])
+        return max(m.total for m in sim.values())
+
+    return choose(candidates, gpu_gb * (1 - HEADROOM) * GIB, simulate)
 
 
 # -- the dry runs ------------------------------------------------------------------------------------------------
@@ -565,9 +823,20 @@ def lm_dry_run(args, kind: str):
     lora = (args.lora_rank, args.lora_alpha, args.lora_targets) if getattr(args, "lora_rank", 0) else None
     if lora:  # the memory model knows no adapters: only the simulation speaks for a LoRA run
         return lora_dry_run(args, kind, config, seq, bf16, lora)
+    items = args.plan_items or (TABLE3_CONVERSATIONS if kind == "sft" else args.batch_size * 100)
+    steps = args.epochs * items // args.batch_size
+    peak = args.peak_tflops or PEAK_TFLOPS
+    net = network(args)
+    if args.simulate:  # the answer first, the tables it comes from after
+        ranked = choose_lm(config, kind, world=args.world_size, gpu_gb=args.gpu_memory_gb, batch=args.batch_size,
+                           seq=seq, steps=steps, bf16=bf16, net_args=net_args(args), peak_tflops=peak, mfu=args.mfu)
+        print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=args.world_size,
+                     command=f"{'train_sft' if kind == 'sft' else 'train_rm'}.py --model {args.model}")
+        print()
     print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, sequences of {seq} "
-          f"tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, FSDP" + (" (a reward model: chosen and rejected "
-                                                                            "in one forward)" if kind == "rm" else ""))
+          f"tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, "
+          f"{f'HSDP (sharded over {args.shard_ranks})' if args.shard_ranks else 'FSDP'}" +
+          (" (a reward model: chosen and rejected in one forward)" if kind == "rm" else ""))
     print(f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
           f" (--grad-sync {args.grad_sync})")
     print("the memory model, per-rank GiB (states: fp32 weights and Adam moments; grads: the gradient a rank holds "
@@ -579,7 +848,8 @@ def lm_dry_run(args, kind: str):
     for micro in micros:
         off, on = models[micro] = [training_memory(config, world=args.world_size, micro_batch=micro * per_item,
                                                    seq_len=seq, bf16=bf16, activation_checkpointing=ac,
-                                                   grad_sync=args.grad_sync, logits=kind == "sft")
+                                                   grad_sync=args.grad_sync, logits=kind == "sft",
+                                                   shard=args.shard_ranks)
                                    for ac in (False, True)]
         fits = " | ".join("yes" if m["total"] <= args.gpu_memory_gb else "no" for m in (off, on))
         print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['grads']:5.1f}  {off['in_flight']:9.1f}  "
@@ -594,8 +864,8 @@ def lm_dry_run(args, kind: str):
         rows = []
         for micro in args.simulate_micro_batches or micros:
             for ac in (False, True):
-                m = simulate_training(lambda: _lm(config, kind, ac), lm_step(kind, seq),
-                                      world=args.world_size, micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
+                m = simulate_training(lambda: _lm(config, kind, ac), lm_step(kind, seq), world=args.world_size,
+                                      shard=args.shard_ranks, micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
                 modelled = models.get(micro, [None, None])[ac]
                 vs = f"{100 * (modelled['total'] * GIB / m.total - 1):+.0f}%" if modelled else "-"
                 rows.append(([micro, "on" if ac else "off"], m,
@@ -619,18 +889,29 @@ def lm_dry_run(args, kind: str):
         print("\nsimulated: sampling on one GPU (generate.decode_steps on the whole bf16 model, torch's MemTracker):")
         print(measured_table(rows, ["command", "sequences", "tokens"], []))
     # The time of the run.
-    items = args.plan_items or (TABLE3_CONVERSATIONS if kind == "sft" else args.batch_size * 100)
     tokens_per_item = args.plan_tokens_per_item * per_item
-    steps = args.epochs * items // args.batch_size
     flops = train_flops(config, args.batch_size * tokens_per_item, args.plan_tokens_per_item,
                         args.activation_checkpointing, head=kind == "sft") * steps
-    peak = args.peak_tflops or PEAK_TFLOPS
-    seconds = flops / (args.world_size * peak * 1e12 * args.mfu)
+    t = training_step_seconds(config, world=args.world_size, batch=args.batch_size * per_item,
+                              micro_batch=args.micro_batch_size * per_item, seq_len=args.plan_tokens_per_item, bf16=bf16,
+                              activation_checkpointing=args.activation_checkpointing, grad_sync=args.grad_sync,
+                              head=kind == "sft", net=net, peak_tflops=peak, mfu=args.mfu)
+    seconds = steps * t["seconds"]
     print(f"\ntime: {args.epochs} epoch(s) of {items:,} {unit} of ~{args.plan_tokens_per_item:,} tokens each "
           f"(--plan-items, --plan-tokens-per-item), {steps:,} steps of {args.batch_size}: {flops:.3g} FLOPs "
           f"({flops / steps:.3g} a step{', activation checkpointing recomputing the blocks' if args.activation_checkpointing else ''}); "
           f"at {args.mfu:.0%} of {peak:g} TFLOP/s on {args.world_size} GPUs: {hours(seconds)} "
-          f"({seconds * args.world_size / 3600:,.0f} GPU-hours)")
+          f"({seconds * args.world_size / 3600:,.0f} GPU-hours); a step computes {t['compute']:.2f} s and FSDP's "
+          f"collectives take {t['collectives']:.2f} s at --micro-batch-size {args.micro_batch_size} "
+          f"({net.intra_gbps:g} GB/s in a node, {net.inter_gbps:g} across nodes; overlapped, the slower counts)")
+
+
+def net_args(args) -> dict:
+    return {"intra_gbps": args.intra_node_gbps, "inter_gbps": args.inter_node_gbps}
+
+
+def network(args) -> Network:
+    return Network(args.world_size, args.shard_ranks, **net_args(args))
 
 
 # Paper Table 3: the four medical parts of the SFT mix, 61,400 + 69,768 + 68,888 + 25,986
@@ -708,6 +989,10 @@ def add_plan_args(p, *, items_help: str | None = None, length_flag: str = "--pla
                         f"uses it (default there: {PEAK_TFLOPS:g}, the A100's)")
     p.add_argument("--mfu", type=float, default=MFU, help="with --dry-run: the share of that peak a step reaches")
     p.add_argument("--hbm-tbps", type=float, default=HBM_TBPS, help="with --dry-run: memory bandwidth, TB/s")
+    p.add_argument("--intra-node-gbps", type=float, default=INTRA_NODE_GBPS,
+                   help=f"with --dry-run: FSDP's all-gather bandwidth inside a node of {GPUS_PER_NODE} GPUs, GB/s a GPU")
+    p.add_argument("--inter-node-gbps", type=float, default=INTER_NODE_GBPS,
+                   help="with --dry-run: the same across nodes, GB/s a GPU")
     if items_help:
         p.add_argument("--plan-items", type=int, help=f"with --dry-run: {items_help}")
     p.add_argument(length_flag, type=int, default=1024, help=f"with --dry-run: {length_help}")
@@ -720,6 +1005,17 @@ def ppo_dry_run(args):
 
     config = load_config(args.policy)
     world, prompt_len = args.world_size, args.plan_prompt_tokens
+    peak_tflops = args.peak_tflops or PEAK_TFLOPS
+    steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
+    rounds = math.ceil(args.max_steps / steps_per_round)
+    if args.simulate:  # the answer first, the tables it comes from after
+        ranked = choose_ppo(config, world=world, gpu_gb=args.gpu_memory_gb, rounds=rounds,
+                            rollout_size=args.rollout_size, batch_size=args.batch_size, ppo_epochs=args.ppo_epochs,
+                            prompt_len=prompt_len, new_tokens=args.max_new_tokens,
+                            trainable_blocks=args.trainable_blocks, net_args=net_args(args),
+                            peak_tflops=peak_tflops, mfu=args.mfu, hbm_tbps=args.hbm_tbps)
+        print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=world, command=f"train_ppo.py --policy {args.policy}")
+        print()
     print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
           f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
           f"{world} ranks, bf16 compute; prompts of {prompt_len:,} tokens + {args.max_new_tokens} new")
@@ -734,7 +1030,8 @@ def ppo_dry_run(args):
                                        new_tokens=args.max_new_tokens, micro_batch=micro,
                                        trainable_blocks=args.trainable_blocks,
                                        gathered_rollout=not args.reshard_in_rollout,
-                                       reward_sharded=args.reward_placement == "sharded")
+                                       reward_sharded=args.reward_placement == "sharded",
+                                       frozen_bf16=args.frozen_bf16, shard=args.shard_ranks)
         print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
               f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
     in_flight = ("two blocks and the root (--reshard-in-rollout)" if args.reshard_in_rollout
@@ -749,7 +1046,8 @@ def ppo_dry_run(args):
                            chunk_size=args.chunk_size, batch_size=args.batch_size, micro_batches=chosen,
                            prompt_len=prompt_len, new_tokens=args.max_new_tokens,
                            gathered_rollout=not args.reshard_in_rollout,
-                           reward_sharded=args.reward_placement == "sharded")
+                           reward_sharded=args.reward_placement == "sharded", frozen_bf16=args.frozen_bf16,
+                           shard=args.shard_ranks)
         rows = [([name, "-"], sim[name], []) for name in ("rollout", "scoring")]
         rows += [([name, micro], sim[name, micro], []) for micro in chosen for name in ("experience", "update")]
         print(measured_table(rows, ["part", "micro-batch"], []))
@@ -760,14 +1058,15 @@ def ppo_dry_run(args):
                 if modelled else ""
             print(f"micro-batch {micro}: the round's peak {size(peak)} "
                   f"({'fits' if peak <= args.gpu_memory_gb * GIB else 'does not fit'} {args.gpu_memory_gb:g} GiB){vs}")
-    peak_tflops = args.peak_tflops or PEAK_TFLOPS
     t = ppo_round_seconds(config, world=world, rollout_size=args.rollout_size, chunk_size=args.chunk_size,
                           batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, prompt_len=prompt_len,
                           new_tokens=args.max_new_tokens, trainable_blocks=args.trainable_blocks,
+                          micro_batch=args.micro_batch_size, gathered_rollout=not args.reshard_in_rollout,
+                          reward_sharded=args.reward_placement == "sharded", net=network(args),
                           peak_tflops=peak_tflops, mfu=args.mfu, hbm_tbps=args.hbm_tbps)
-    rounds = math.ceil(args.max_steps / t["steps"])
     parts = ", ".join(f"{k} {t[k]:.1f} s" for k in ("rollout", "scoring", "experience", "update"))
     print(f"\ntime of a round ({args.rollout_size} experiences, {t['steps']} optimizer steps; decoding memory-bound at "
-          f"{MBU:.0%} of {args.hbm_tbps:g} TB/s, the rest at {args.mfu:.0%} of {peak_tflops:g} TFLOP/s): "
+          f"{MBU:.0%} of {args.hbm_tbps:g} TB/s, the rest at {args.mfu:.0%} of {peak_tflops:g} TFLOP/s, FSDP's "
+          f"collectives at {args.intra_node_gbps:g} GB/s in a node and {args.inter_node_gbps:g} across): "
           f"{t['total']:.1f} s ({parts}); --max-steps {args.max_steps:,} = {rounds:,} rounds = "
           f"{hours(rounds * t['total'])} on {world} GPUs ({rounds * t['total'] * world / 3600:,.0f} GPU-hours)")

@@ -49,8 +49,8 @@ from safety import (StepGuard, claim_output, data_digests, file_digest, model_di
                     run_main)
 from tokenizer import Tokenizer
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
-                      cosine_lr, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer,
-                      micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
+                      cosine_lr, device_mesh, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint,
+                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
                       shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
@@ -190,7 +190,8 @@ def _train(args, d):
         full = {f"trunk.{k}": v for k, v in read_weights().items()}
         full["score_head.weight"] = torch.zeros(1, trunk.config.hidden_size)
         full.update(lora_init(model, args.seed) if args.lora_rank else {})
-    model = shard_and_load(model, full, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank))
+    model = shard_and_load(model, full, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
+                           mesh=device_mesh(d.device.type, d.world, args.shard_ranks))
     del full
     model.train()
 

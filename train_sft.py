@@ -37,8 +37,8 @@ from model import add_lora, at_least_fp32, lora_init
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint, run_main
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
-                      cosine_lr, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint, make_optimizer,
-                      micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
+                      cosine_lr, device_mesh, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint,
+                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
                       shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
@@ -182,7 +182,8 @@ def _train(args, d):
     full = read_weights()
     if args.lora_rank and d.main:
         full.update(lora_init(model, args.seed))
-    model = shard_and_load(model, full, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank))
+    model = shard_and_load(model, full, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
+                           mesh=device_mesh(d.device.type, d.world, args.shard_ranks))
     del full
     model.train()
 

@@ -380,6 +380,50 @@ def check_ppo_setup_share(d):
     ok(d, "ppo_setup_share")
 
 
+def check_frozen_bf16(d):
+    """PPO's --frozen-bf16 under bf16 mixed precision (the GPU's code path, forced on the CPU):
+    the frozen embedding and bottom blocks stored in bf16 and the trained top in fp32, and a
+    round's numbers (the experience pass's log-probs, values and advantages, then an update's
+    weights) the same to the bit as with the bottom stored in fp32, on each rank, since FSDP
+    casts every weight to bf16 before it computes either way."""
+    from types import SimpleNamespace
+
+    import train_ppo
+    from train_ppo import Experience
+    from training import make_optimizer
+
+    torch.manual_seed(0)
+    state = sharpen_(Transformer(CONFIG)).state_dict()
+    tok = SimpleNamespace(pad_id=0, eos_id=2)
+    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=0, ppo_epochs=1, clip_ratio=0.2, clip_value=0.2,
+                           vf_coef=1.0, grad_clip=0.5, grad_sync="every", chunk_size=4)
+    seen = {}
+    for frozen_bf16 in (False, True):
+        model, ref = train_ppo.build(CONFIG, state if d.main else None, d, bf16=True, frozen_bf16=frozen_bf16)
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all((dtypes[n] == torch.float32) == (n in trained or not frozen_bf16) for n in dtypes), dtypes
+        gen = torch.Generator().manual_seed(1)
+        exps = [Experience([1] + torch.randint(3, 101, (2 + i % 4,), generator=gen).tolist(),
+                           torch.randint(3, 101, (1 + (3 * i) % 5,), generator=gen).tolist(), True, score=0.5 * i - 2)
+                for i in range(8)]
+        batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
+        train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
+        made = [(e.logp, e.values, e.advantages) for e in exps if e.logp is not None]
+        opt = make_optimizer(model, 1e-2, 0.0)
+        train_ppo.update(model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, tok, args, d, 0.0, 1)
+        seen[frozen_bf16] = made, {n: p.to_local().clone() for n, p in model.named_parameters() if n in trained}
+    (made32, top32), (made16, top16) = seen[False], seen[True]
+    assert made32 and len(made32) == len(made16)
+    for a, b in zip(made32, made16):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), (x, y)
+    assert top32.keys() == top16.keys() and all(torch.equal(top32[n], top16[n]) for n in top32)
+    assert not torch.equal(top32["policy.layers.3.mlp.up_proj.weight"],
+                           state["layers.3.mlp.up_proj.weight"].chunk(d.world)[d.rank])  # it trained
+    ok(d, "frozen_bf16")
+
+
 def check_reward_sharded(d):
     """PPO's reward model sharded over the ranks (train_ppo.load_reward, --reward-placement
     sharded, the default) scores as the whole model does: fp64, each rank its own prompts and
@@ -440,19 +484,60 @@ def plan_sft_step(model, d, n, **kw):
     return train_step(model, d, [Rendered([3] * 257, [3] * 257)] * n, pad_id=0, **kw)
 
 
-def check_simulation_is_real(d):
-    """plan.py's steps on real tensors and 2 gloo ranks: test_plan.py holds the same steps on
-    fake tensors and fake ranks to these figures (rank 0's peaks, printed as JSON)."""
+def check_simulation_is_real(d, shard: int | None = None):
+    """plan.py's steps on real tensors and gloo ranks (sharded over groups of `shard`: HSDP, see
+    training.device_mesh): test_plan.py holds the same steps on fake tensors and fake ranks to
+    these figures (rank 0's peaks, printed as JSON)."""
     import json
 
     import plan
+    from training import device_mesh
 
-    sft = plan.measure_training(d, None, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
-    ppo = plan.measure_ppo(d, None, PLAN_CONFIG, **PLAN_PPO)
+    mesh = device_mesh("cpu", d.world, shard)
+    sft = plan.measure_training(d, mesh, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
+    ppo = plan.measure_ppo(d, mesh, PLAN_CONFIG, **PLAN_PPO)
     if d.main:
         print("measured " + json.dumps({"sft": sft.parts, **{"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts
                                                               for k, m in ppo.items()}}), flush=True)
     ok(d, "simulation_is_real")
+
+
+def check_hsdp(d):
+    """--shard-ranks 2 on 4 ranks (HSDP: two copies, each sharded over 2 ranks) trains as FSDP
+    over all 4 does: an SFT step and AdamW in fp64, the same global batch, the same weights
+    after it; each rank holds half of every weight, not a quarter."""
+    from data.template import Rendered
+    from train_sft import train_step
+    from training import device_mesh, make_optimizer
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    whole = sharpen_(Transformer(CONFIG)).state_dict()
+    gen = torch.Generator().manual_seed(3)
+    items = [Rendered(t, t) for t in (torch.randint(3, 101, (6 + i,), generator=gen).tolist() for i in range(8))]
+    after, losses = {}, {}
+    for group in (None, 2):
+        model = Transformer(CONFIG)
+        model.load_state_dict(whole)
+        shard(model, model.layers, bf16=False, mesh=device_mesh("cpu", d.world, group))
+        if group:
+            p = model.layers[0].mlp.up_proj.weight
+            assert p.to_local().shape[0] == p.shape[0] // group, p.to_local().shape
+        opt = make_optimizer(model, 1e-2, 0.0)
+        losses[group] = train_step(model, d, items, pad_id=0, micro_batch=1, grad_clip=0.5, grad_sync="every")
+        opt.step()
+        after[group] = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    torch.testing.assert_close(losses[2], losses[None], **TOL)
+    for k, v in after[None].items():
+        torch.testing.assert_close(after[2][k], v, **TOL)
+        assert not torch.equal(v, whole[k]) or "embed" in k, k  # it trained
+    torch.set_default_dtype(default)
+    ok(d, "hsdp")
+
+
+def check_simulation_is_real_hsdp(d):
+    check_simulation_is_real(d, shard=2)
 
 
 if __name__ == "__main__":

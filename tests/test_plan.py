@@ -18,13 +18,32 @@ def test_the_simulation_is_what_real_ranks_hold(two_rank_checks):
     """Issue 22: at a small config, FSDPMemTracker's peak under fake tensors equals, within 5%,
     its peak on a real 2-rank gloo run of the same steps (fsdp_worker.check_simulation_is_real):
     an SFT step, and each part of a PPO round."""
-    proc = two_rank_checks
+    assert_simulation_is_real(two_rank_checks, world=2, shard=None)
+
+
+def test_hsdp_trains_as_fsdp_and_its_simulation_is_real(tmp_path):
+    """Issue 32: --shard-ranks 2 on 4 real gloo ranks (a 2 x 2 mesh: two copies, each sharded
+    over 2) trains as FSDP over all 4 does (fsdp_worker.check_hsdp, fp64), and the simulation
+    on a fake 2 x 2 mesh holds what those 4 ranks hold, within the 2-rank test's bounds."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           str(ROOT / "tests" / "fsdp_worker.py"), "hsdp", "simulation_is_real_hsdp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert "ok hsdp" in proc.stdout, proc.stderr[-3000:]
+    assert_simulation_is_real(proc, world=4, shard=2)
+
+
+def assert_simulation_is_real(proc, *, world: int, shard: int | None):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("measured ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     real = json.loads(lines[0].removeprefix("measured "))
     fake = {"sft": plan.simulate_training(lambda: fsdp_worker.Transformer(fsdp_worker.PLAN_CONFIG),
-                                          fsdp_worker.plan_sft_step, world=2, **fsdp_worker.PLAN_SFT).parts}
-    ppo = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, **fsdp_worker.PLAN_PPO)
+                                          fsdp_worker.plan_sft_step, world=world, shard=shard,
+                                          **fsdp_worker.PLAN_SFT).parts}
+    ppo = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=world, shard=shard, **fsdp_worker.PLAN_PPO)
     fake.update({"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts for k, m in ppo.items()})
     assert fake.keys() == real.keys()
     for part in real:
@@ -117,3 +136,40 @@ def test_the_dry_runs_simulate_from_the_command_line(capsys):
     for part in ("rollout", "scoring", "experience", "update"):
         assert any(l.split()[:1] == [part] for l in out.splitlines()), part
     assert "micro-batch 2: the round's peak" in out and "--max-steps 16,000 = 2,000 rounds" in out
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them(gathered):
+    """plan.ROLLOUT_STEPS: the simulation decodes the prefill and one step, not every new token
+    (at 13B a round in ~1 min, not 5-20); the rollout's peak is the same, to the byte, as
+    decoding all 24 (the KV cache is allocated whole at the prefill), with the policy kept
+    gathered and resharded at every step."""
+    kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=gathered)
+    short, full = (plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, rollout_steps=steps, **kw)["rollout"]
+                   for steps in (plan.ROLLOUT_STEPS, None))
+    assert short.parts == full.parts and short.parts["activations"] > 0, (short.parts, full.parts)
+
+
+def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
+    """Issue 32: plan.choose_lm at Ziya's widths (12 blocks, where the memory model is within
+    10% of the simulation), 8 ranks, sequences of 2,048, a GPU of 17.6 GiB (15.5 usable). The
+    layout it picks fits by its simulation; the one ranked just faster does not, simulated here
+    whether the chooser simulated it or the memory model pruned it; and the chooser did
+    simulate and reject a faster one (the defaults: 16.6 GiB), so the simulation, not the
+    memory model alone, decided."""
+    cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
+    gpu_gb = 17.6
+    usable = gpu_gb * (1 - plan.HEADROOM) * 2**30
+    ranked = plan.choose_lm(cfg, "sft", world=8, gpu_gb=gpu_gb, batch=64, seq=2048, steps=100)
+    chosen, faster = ranked[-1], ranked[-2]
+    assert chosen.simulated is not None and chosen.simulated <= usable, chosen
+    assert any(c.simulated is not None and c.simulated > usable for c in ranked[:-1]), ranked
+    assert all(c.seconds <= chosen.seconds for c in ranked[:-1])
+    f = faster.flags
+    held = faster.simulated or plan.simulate_training(
+        lambda: plan._lm(cfg, "sft", f["--activation-checkpointing"]), plan.lm_step("sft", 2048), world=8,
+        micro_batch=f["--micro-batch-size"], grad_sync=f["--grad-sync"]).total
+    assert held > usable, (faster, held / 2**30)
+    lines = []
+    plan.print_choice(ranked, gpu_gb=gpu_gb, world=8, command="train_sft.py --model m", log=lines.append)
+    assert lines[-1] == f"  torchrun --nproc-per-node 8 train_sft.py --model m {chosen.command_flags()}".rstrip()
