@@ -21,8 +21,10 @@ O(sequence) per head, not the T x T scores). Plan 10-15% of headroom for them.
 
 The memory model (the instant table) is arithmetic over the same categories; tests hold it
 within 10% of the measurement (docs/scale.md has both at 13B). Time is arithmetic on purpose:
-FLOPs of each step from the config, at a stated share of the accelerator's peak (train_flops,
-ppo_round_seconds).
+FLOPs of each step from the config, at a stated share of the accelerator's peak, and FSDP's
+collectives at stated bandwidths, the slower of the two (training_step_seconds,
+ppo_round_seconds). With --gpu-memory-gb the dry run chooses the fastest layout that fits
+(choose: the time model ranks, the memory model prunes, the simulation decides).
 """
 
 from __future__ import annotations
@@ -702,21 +704,22 @@ def shard_choices(world: int) -> list[int | None]:
     return [None] + ([GPUS_PER_NODE] if world > GPUS_PER_NODE and world % GPUS_PER_NODE == 0 else [])
 
 
-def choose_lm(config, kind: str, *, world: int, gpu_gb: float, batch: int, seq: int, steps: int, bf16: bool = True,
-              net_args: dict | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU,
-              micros=(1, 2, 4, 8, 16)) -> list[Candidate]:
+def choose_lm(config, kind: str, *, world: int, gpu_gb: float, batch: int, seq: int, steps: int, mean_tokens: int,
+              bf16: bool = True, net_args: dict | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU,
+              micros=(1, 2, 4, 8, 16), shards: list | None = None) -> list[Candidate]:
     """choose() for SFT (kind "sft") or the reward model ("rm", items are pairs): a run of
-    `steps` steps of `batch` items of `seq` tokens on `world` GPUs, over micro-batch size,
-    activation checkpointing, --grad-sync and (more than a node) --shard-ranks."""
+    `steps` steps of `batch` items on `world` GPUs, memory at the longest sequence (`seq`
+    tokens), time at `mean_tokens` an item (--plan-tokens-per-item), over micro-batch size,
+    activation checkpointing, --grad-sync and (more than a node) --shard-ranks (or only `shards`)."""
     per_item = 2 if kind == "rm" else 1
     candidates = []
     for micro in (m for m in micros if batch % (world * m) == 0):
         for ac in (False, True):
             for sync in ("every", "last"):
-                for shard in shard_choices(world):
+                for shard in shard_choices(world) if shards is None else shards:
                     net = Network(world, shard, **(net_args or {}))
                     t = training_step_seconds(config, world=world, batch=batch * per_item, micro_batch=micro * per_item,
-                                              seq_len=seq, bf16=bf16, activation_checkpointing=ac, grad_sync=sync,
+                                              seq_len=mean_tokens, bf16=bf16, activation_checkpointing=ac, grad_sync=sync,
                                               head=kind == "sft", net=net, peak_tflops=peak_tflops, mfu=mfu)
                     m = training_memory(config, world=world, micro_batch=micro * per_item, seq_len=seq, bf16=bf16,
                                         activation_checkpointing=ac, grad_sync=sync, logits=kind == "sft",
@@ -829,7 +832,8 @@ def lm_dry_run(args, kind: str):
     net = network(args)
     if args.simulate:  # the answer first, the tables it comes from after
         ranked = choose_lm(config, kind, world=args.world_size, gpu_gb=args.gpu_memory_gb, batch=args.batch_size,
-                           seq=seq, steps=steps, bf16=bf16, net_args=net_args(args), peak_tflops=peak, mfu=args.mfu)
+                           seq=seq, steps=steps, mean_tokens=args.plan_tokens_per_item, bf16=bf16,
+                           net_args=net_args(args), peak_tflops=peak, mfu=args.mfu)
         print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=args.world_size,
                      command=f"{'train_sft' if kind == 'sft' else 'train_rm'}.py --model {args.model}")
         print()
