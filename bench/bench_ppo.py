@@ -19,10 +19,16 @@
    scores) ÷ replicated on every rank, alternated. On one process it is FSDP's own overhead; under
    torchrun the all-gathers too (gloo on a CPU; NCCL's over NVLink are another matter).
 
+6. --frozen-bf16 under bf16 mixed precision (the GPU's code path, forced on the CPU): the
+   experience pass and an update step with the frozen bottom stored in bf16 ÷ in fp32,
+   alternated. The numbers are the same to the bit (tests/fsdp_worker.check_frozen_bf16); what
+   changes is FSDP's cast of each frozen weight to bf16 before its all-gather, skipped.
+
 Timings are medians of --repeats runs after a warm-up, made in one process; ratios only.
 
     python bench/bench_ppo.py [--repeats 5]
     torchrun --nproc_per_node 2 bench/bench_ppo.py --reward-only   # 5. alone, on 2 ranks
+    python bench/bench_ppo.py --frozen-only                        # 6. alone
 """
 
 import argparse
@@ -60,11 +66,15 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--round-size", type=int, default=16, help="experiences in the timed round (the paper: 64)")
     p.add_argument("--reward-only", action="store_true", help="only 5., the reward model's placement")
+    p.add_argument("--frozen-only", action="store_true", help="only 6., --frozen-bf16")
     args = p.parse_args()
     d = init_distributed()
     config = CONFIGS["bench-50m"]
-    reward_placement(config, d, args)
-    if args.reward_only:
+    if not args.frozen_only:
+        reward_placement(config, d, args)
+    if not args.reward_only:
+        frozen_bf16(config, d, args)
+    if args.reward_only or args.frozen_only:
         return d.close()
     sft = Transformer.from_config(config, seed=0).eval()
     model, ref = train_ppo.build(config, sft.state_dict(), d)
@@ -215,6 +225,38 @@ def reward_placement(config, d, args):
     if d.main:
         print(f"reward scoring ({args.batch} x {args.seq_len} tokens a rank, {d.world} rank(s)): sharded / replicated "
               f"{shard_s / whole_s:.2f} ({shard_s:.3f} s, {whole_s:.3f} s)")
+
+
+def frozen_bf16(config, d, args):
+    """6. The experience pass and an update step under bf16, the frozen bottom stored in bf16 ÷
+    fp32, alternated."""
+    state = Transformer.from_config(config, seed=0).state_dict()
+    run = SimpleNamespace(batch_size=8, micro_batch_size=4, seed=0, ppo_epochs=1, clip_ratio=train_ppo.CLIP_RATIO,
+                          clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF, grad_clip=train_ppo.GRAD_CLIP,
+                          grad_sync="every", chunk_size=8)
+    tok = SimpleNamespace(eos_id=2, pad_id=0)
+    prompt_len = args.seq_len - args.new_tokens
+    setups = {}
+    for stored in (True, False):
+        model, ref = train_ppo.build(config, dict(state) if d.main else None, d, bf16=True, frozen_bf16=stored)
+        exps = [train_ppo.Experience([1] + [5 + i] * (prompt_len - 1), [7 + i] * args.new_tokens, True, score=0.1 * i)
+                for i in range(run.batch_size)]
+        setups[stored] = model, ref, exps, train_ppo.make_optimizer(model, 0.0, 0.0)
+    batches = train_ppo.minibatches(run.batch_size, run.batch_size, 0, 0)
+    times = {True: [], False: []}
+    for r in range(args.repeats + 1):
+        for stored, (model, ref, exps, opt) in setups.items():
+            for e in exps:
+                e.trunk = None
+            t = time.perf_counter()
+            train_ppo.make_experience(model, ref, exps, batches, tok, run, d, 0.1)
+            train_ppo.update_step(model, opt, exps, batches[0], tok, run, d, {})
+            if r:  # the first pair warms up
+                times[stored].append(time.perf_counter() - t)
+    bf16_s, fp32_s = (statistics.median(times[k]) for k in (True, False))
+    if d.main:
+        print(f"experience pass + update step under bf16 ({run.batch_size} x {args.seq_len} tokens, {d.world} "
+              f"rank(s)): --frozen-bf16 / the bottom in fp32 {bf16_s / fp32_s:.2f} ({bf16_s:.3f} s, {fp32_s:.3f} s)")
 
 
 if __name__ == "__main__":

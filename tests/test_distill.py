@@ -18,7 +18,10 @@ from chat_api import APIError, ChatClient, fill, prompt
 from data.schema import RecordError
 from distill import keep_novel, lcs_similarity, parse_dialogue, parse_ratings, parse_triples
 
-KEY = "sk-test-DO-NOT-LEAK-123456"
+# Its tail (checked alone below: a log must not print even the last 4 characters) has capitals:
+# all digits, "3456", once matched a random port of the fake server's URL (127.0.0.1:34561),
+# and no port, loopback address or pytest tmp path (lowercase) can hold "Qz7W".
+KEY = "sk-test-DO-NOT-LEAK-xQz7W"
 EVAL = ROOT / "data" / "eval"
 
 
