@@ -683,6 +683,9 @@ def print_choice(ranked: list[Candidate], *, gpu_gb: float, world: int, command:
     """The dry run's answer, above its tables: the fastest layout that fits, and why each faster
     one did not."""
     usable = gpu_gb * (1 - HEADROOM) * GIB
+    if not ranked:
+        log(f"no layout: --batch-size is not a multiple of --micro-batch-size x {world} ranks for any micro-batch")
+        return None
     chosen = ranked[-1] if ranked and ranked[-1].simulated is not None and ranked[-1].simulated <= usable else None
     log(f"the fastest layout that fits {gpu_gb:g} GiB ({size(usable)} usable, {HEADROOM:.0%} headroom) on {world} "
         f"GPU(s), by the time model's hours, the memory model pruning and the simulation deciding:")

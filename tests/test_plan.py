@@ -96,6 +96,26 @@ def test_time_formulas_by_hand():
                                new_tokens=2, trainable_blocks=1, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
     assert t["experience"] == pytest.approx(3.36 + 2 * 4.16) and t["update"] == pytest.approx(2 * 3 * 4.16)
     assert t["scoring"] == pytest.approx(10 * (2 * 288 + 2 * 48) / 1000)
+    # FSDP's collectives, at 1 and 0.5 B/s in and across nodes of 8. A ring over r ranks moves
+    # (r - 1) / r of the tensor: 800 bytes over one node's 8, 700 s; over 16 ranks on 2 nodes,
+    # 750 bytes at 0.5, 1,500 s. HSDP (shards of 8, 2 copies): the reduce-scatter in the node
+    # (700 s) and an all-reduce (two rings) of the 100-byte shard across the copies: 2 x 50 / 0.5.
+    bw = dict(intra_gbps=1e-9, inter_gbps=0.5e-9)
+    assert plan.Network(16, 8, **bw).gather(800) == pytest.approx(700)
+    assert plan.Network(16, **bw).gather(800) == pytest.approx(1500)
+    assert plan.Network(16, 8, **bw).reduce(800) == pytest.approx(900)
+    assert plan.Network(1, **bw).reduce(800) == 0
+    # A step of 2 micro-batches a rank on one node of 8 (no HSDP): each gathers the 236
+    # parameters (184 multiplying, the embedding's 40, three norms' 12) twice in bf16, 472 bytes
+    # (413 moved), and reduces their fp32 gradient once (944, 826 moved): 2 x (2 x 413 + 826) =
+    # 3,304 s, far above the compute of 16 sequences of 3 at 1,000 FLOP/s: 16 x 3,600 / 8 /
+    # 1,000 = 7.2 s.
+    assert cfg.num_params() == 236
+    step = plan.training_step_seconds(cfg, world=8, batch=16, micro_batch=1, seq_len=3, net=plan.Network(8, **bw),
+                                      peak_tflops=1e-9, mfu=1.0)
+    assert step["compute"] == pytest.approx(7.2)
+    assert step["collectives"] == pytest.approx(3304)
+    assert step["seconds"] == step["collectives"]
 
 
 ZIYA_WIDTHS = dict(vocab_size=39424, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
