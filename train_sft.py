@@ -245,10 +245,15 @@ def _train(args, d):
             if improved:
                 best = {"val_loss": val_loss}
                 save_hf(model, out / "best", tok.path, d, card(f"validation loss {val_loss:.4f} at step {step} (best/)"))
-        # 6. The resumable state.
-        if step % args.save_every == 0 or step == total:
+        # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
+        # rank agreeing through one all-reduce, its state saved (training.Preemption).
+        stop = args.preemption.requested(d) and step < total
+        if step % args.save_every == 0 or step == total or stop:
             state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
             guard.saved = step
+        if stop:
+            progress.close()
+            args.preemption.stop(d, out, f"step {step}")
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
     save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights", *(

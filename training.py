@@ -32,6 +32,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -165,6 +166,9 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=save_every, help=save_every_help)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state (with the same settings and data)")
+    p.add_argument("--stop-signals", nargs="*", default=list(STOP_SIGNALS), choices=sorted(SIGNALS),
+                   help=f"signals that stop the run at the next step (every rank agreeing), with its state saved and "
+                        f"exit status {PREEMPTED_EXIT}; the same command then resumes it (see Preemption)")
     p.add_argument("--allow-change", nargs="+", choices=sorted(CHANGEABLE), default=[],
                    help="with --resume: let these settings differ from the saved run's (the schedule follows "
                         "the new values from the step resumed)")
@@ -188,18 +192,80 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
 
 
 
+# -- preemption ----------------------------------------------------------------------------------
+
+# What a cluster sends before it kills a job: SIGTERM (SLURM's default, and what torchrun's agent
+# passes on to its workers, killing them 30 s later), or one chosen ahead of time
+# (`sbatch --signal=USR1@120`: SIGUSR1 120 s before the end).
+SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2, "INT": signal.SIGINT}
+STOP_SIGNALS = ("TERM", "USR1")
+PREEMPTED_EXIT = 75  # sysexits.h's EX_TEMPFAIL, "try again later": the state is saved, rerun to resume
+PREEMPTED = "preempted"  # OUT/preempted: the step a stopped run saved, read by the rerun
+
+
+class Preemption:
+    """A run that a signal stops at its next step, on every rank. The handler only notes the
+    signal; a trainer asks requested() at each step boundary, which all-reduces the notes (one
+    int, MAX), so that one rank's signal stops every rank at the same step; a flag read by each
+    rank alone would leave some in the next step's collectives while others save, and hang
+    (or save nothing). The trainer saves its state as a normal save does, then stop() writes
+    OUT/preempted (after the state, so it never names a state that is not complete) and exits
+    with PREEMPTED_EXIT. Rerun with the same command, or under torchrun's --max-restarts, and
+    run_distributed reads the marker as --resume."""
+
+    def __init__(self, names):
+        self.signal = None
+        self.previous = {}
+        for name in names:
+            self.previous[SIGNALS[name]] = signal.signal(SIGNALS[name], self._note)
+
+    def _note(self, signum, _frame):
+        self.signal = signum
+
+    def requested(self, d: Distributed) -> bool:
+        flag = torch.tensor([0 if self.signal is None else 1], dtype=torch.int32, device=d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop(self, d: Distributed, out: Path, where: str):
+        """After the state is saved: the marker, one line, the exit status, on every rank."""
+        if d.main:
+            (out / f"{PREEMPTED}.tmp").write_text(where + "\n", encoding="utf-8")
+            os.replace(out / f"{PREEMPTED}.tmp", out / PREEMPTED)
+            why = signal.Signals(self.signal).name if self.signal else "another rank's signal"
+            print(f"stopped by {why} after {where}: the state is in {out / 'state'}; the same command resumes it",
+                  flush=True)
+        d.barrier()
+        raise SystemExit(PREEMPTED_EXIT)
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def run_distributed(train_fn, args):
     """train_fn(args, d) inside a process group, after the checks every trainer makes: the
     output directory is this run's alone (locked) and not an earlier run's unless --resume or
     --overwrite says what to do with it, and the global batch splits evenly into
     micro-batches x ranks."""
+    preemption = Preemption(args.stop_signals)
     d = init_distributed()
     lock = None
     try:
         if d.main:
             args.out.mkdir(parents=True, exist_ok=True)
             lock = lock_out(args.out)
+        resumes = torch.tensor([int(d.main and (args.out / PREEMPTED).is_file() and not args.overwrite)],
+                               device=d.device)
+        dist.broadcast(resumes, 0)  # rank 0 read the disk; every rank takes its answer
+        if int(resumes) and not args.resume:  # a rerun of a preempted run: it resumes
+            args.resume = True
+            if d.main:
+                where = (args.out / PREEMPTED).read_text(encoding="utf-8").strip()
+                print(f"{args.out} holds a run stopped after {where}: resuming it (--overwrite starts over)")
+        if d.main:
             check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+            (args.out / PREEMPTED).unlink(missing_ok=True)
         d.barrier()
         if args.shard_ranks is not None and (args.shard_ranks < 1 or d.world % args.shard_ranks):
             raise SystemExit(f"--shard-ranks {args.shard_ranks} does not divide the {d.world} ranks")
@@ -207,8 +273,10 @@ def run_distributed(train_fn, args):
             raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                              f"{args.micro_batch_size} x {d.world} ranks")
         torch.manual_seed(args.seed)
+        args.preemption = preemption
         train_fn(args, d)
     finally:
+        preemption.close()
         d.close()
         if lock is not None:
             lock.close()

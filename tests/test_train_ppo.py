@@ -383,6 +383,27 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     va, vb = load_file(final / "value_head.safetensors"), load_file(out / "final" / "value_head.safetensors")
     assert torch.equal(va["weight"], vb["weight"])
 
+    # Issue 33: SIGUSR1 (as `sbatch --signal=USR1@120` sends it) stops the run at the end of the
+    # round it reaches, its state saved, exit status 75; the same command, without --resume,
+    # then resumes it, and the run ends as the uninterrupted one did.
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(cli(checkpoints, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, (proc.returncode, stderr[-2000:])
+    saved = json.loads((out / "state" / "trainer.json").read_text())["round"]
+    assert 1 <= saved < 4 and (out / "preempted").read_text().strip() == f"round {saved}"
+    assert (out / "metrics.jsonl").read_text().count("\n") == saved and "stopped by SIGUSR1" in stdout
+    again = subprocess.run(cli(checkpoints, out), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0 and f"stopped after round {saved}: resuming it" in again.stdout, again.stderr[-2000:]
+    assert [strip(json.loads(l)) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
+    b = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_a_prompt_at_the_edge_of_the_context_and_max_steps_inside_a_round(checkpoints, tmp_path, tokenizer_file):
     """Issue 23: a prompt of exactly the context less --max-new-tokens was accepted, and its cut

@@ -517,3 +517,62 @@ def test_every_checkpoint_carries_a_model_card_with_its_runs_figures(tmp_path, m
         assert "Here: tokenizer.json gives sentencepiece's ids (no two pieces share a score)." in card  # item 3
     assert f"at step {best['step']} (best/)" in (tmp_path / "best" / "README.md").read_text(encoding="utf-8")
     assert "step 2: the final weights" in (tmp_path / "final" / "README.md").read_text(encoding="utf-8")
+
+
+def _children(pid: int) -> dict[int, int]:
+    """The processes whose parent is `pid`, by their RANK (torchrun's workers)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+                rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+                if rank is not None:
+                    found[rank] = int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_sigterm_to_one_worker_or_to_torchrun_saves_at_the_next_step_and_the_rerun_resumes_exactly(tmp_path):
+    """Issue 33: a preemption on 2 gloo ranks under torchrun. SIGTERM to rank 1 alone, then
+    (the same command rerun) SIGTERM to torchrun's agent, which passes it to both workers: each
+    time every rank stops at the same step boundary (training.Preemption's all-reduce), the
+    state of that step is on disk, OUT/preempted names it, and the workers exit 75. A third run
+    of the same command, without --resume, finishes, with the losses and final weights of an
+    uninterrupted 2-rank run, to the bit."""
+    args = ["--max-steps", "14", "--save-every", "100"]
+    run(tmp_path / "whole", *args, nproc=2)
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(out), *COMMON, *args]
+    stops = []
+    for target in ("rank 1", "torchrun"):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(2),
+                                cwd=ROOT)
+        after = stops[-1] + 2 if stops else 2
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and any(r.get("step") == after and "loss" in r for r in records(out)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the signal"
+        os.kill(_children(proc.pid)[1] if target == "rank 1" else proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0, (target, stdout[-2000:])
+        # The workers exit 75: torchrun names that code when a worker ends the group; signalled
+        # itself, it waits for its workers (which save first) and ends by the signal's exception.
+        assert ("exitcode  : 75" if target == "rank 1" else "got signal: 15") in stderr, (target, stderr[-3000:])
+        saved = json.loads((out / "state" / "trainer.json").read_text())["step"]
+        assert after <= saved < 14 and (out / "preempted").read_text().strip() == f"step {saved}", (target, saved)
+        assert f"stopped by {'another' if target == 'rank 1' else 'SIGTERM'}" in stdout, (target, stdout[-2000:])
+        assert max(r["step"] for r in records(out) if "loss" in r) == saved  # no step after the one saved
+        stops.append(saved)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"holds a run stopped after step {stops[-1]}: resuming it" in proc.stdout
+    assert not (out / "preempted").exists()
+    assert losses(out) == losses(tmp_path / "whole")
+    a, b = weights(tmp_path / "whole" / "final"), weights(out / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
