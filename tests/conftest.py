@@ -204,7 +204,7 @@ def two_rank_checks(tmp_path_factory, request):
 
     def run():
         checks = ["sliced_forward", "generation", "gradient_memory", "bf16_mixed_precision", "ppo_update",
-                  "rollout_gathered", "ppo_setup_share", "reward_sharded", "frozen_bf16"] + ["simulation_is_real"] * plan
+                  "rollout_gathered", "ppo_setup_share", "frozen_bf16", "reward_sharded"] + ["simulation_is_real"] * plan
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "fsdp_worker.py"), *checks]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
