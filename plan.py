@@ -631,6 +631,11 @@ HEADROOM = 0.12
 MODEL_SLACK = 0.10
 
 
+def usable_bytes(gpu_gb: float) -> float:
+    """What a layout may hold on a GPU of gpu_gb GiB: all but HEADROOM."""
+    return gpu_gb * (1 - HEADROOM) * GIB
+
+
 @dataclass
 class Candidate:
     """A layout the dry run may choose: the value of each flag it sets (False for a switch off,
@@ -682,7 +687,7 @@ def torchrun(world: int, script: str) -> str:
 def print_choice(ranked: list[Candidate], *, gpu_gb: float, world: int, command: str, log=print):
     """The dry run's answer, above its tables: the fastest layout that fits, and why each faster
     one did not."""
-    usable = gpu_gb * (1 - HEADROOM) * GIB
+    usable = usable_bytes(gpu_gb)
     if not ranked:
         log(f"no layout: --batch-size is not a multiple of --micro-batch-size x {world} ranks for any micro-batch")
         return None
@@ -737,7 +742,7 @@ def choose_lm(config, kind: str, *, world: int, gpu_gb: float, batch: int, seq: 
                                  world=world, shard=f["--shard-ranks"], micro_batch=f["--micro-batch-size"], bf16=bf16,
                                  grad_sync=f["--grad-sync"]).total
 
-    return choose(candidates, gpu_gb * (1 - HEADROOM) * GIB, simulate)
+    return choose(candidates, usable_bytes(gpu_gb), simulate)
 
 
 def choose_ppo(config, *, world: int, gpu_gb: float, rounds: int, rollout_size: int, batch_size: int,
@@ -782,7 +787,7 @@ def choose_ppo(config, *, world: int, gpu_gb: float, rounds: int, rollout_size: 
                            reward_sharded=f["--reward-placement"] == "sharded", frozen_bf16=f["--frozen-bf16"])
         return max(m.total for m in sim.values())
 
-    return choose(candidates, gpu_gb * (1 - HEADROOM) * GIB, simulate)
+    return choose(candidates, usable_bytes(gpu_gb), simulate)
 
 
 # -- the dry runs ------------------------------------------------------------------------------------------------
@@ -821,7 +826,10 @@ def lm_dry_run(args, kind: str):
     same rows measured; then the time of the run at --mfu of --peak-tflops."""
     from model import load_config
 
+    from training import check_shard_ranks
+
     config = load_config(args.model)
+    check_shard_ranks(args.world_size, args.shard_ranks)  # as the real run refuses it
     bf16 = not args.fp32
     seq = args.max_len or min(2048, config.max_position_embeddings)
     per_item = 2 if kind == "rm" else 1  # a reward model's item is a pair: chosen and rejected, one forward
@@ -1010,8 +1018,11 @@ def ppo_dry_run(args):
     --simulate each part of a round measured; then the time of a round and of the run."""
     from model import load_config
 
+    from training import check_shard_ranks
+
     config = load_config(args.policy)
     world, prompt_len = args.world_size, args.plan_prompt_tokens
+    check_shard_ranks(world, args.shard_ranks)  # as the real run refuses it
     peak_tflops = args.peak_tflops or PEAK_TFLOPS
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)

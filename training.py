@@ -267,8 +267,7 @@ def run_distributed(train_fn, args):
             check_out(args.out, resume=args.resume, overwrite=args.overwrite)
             (args.out / PREEMPTED).unlink(missing_ok=True)
         d.barrier()
-        if args.shard_ranks is not None and (args.shard_ranks < 1 or d.world % args.shard_ranks):
-            raise SystemExit(f"--shard-ranks {args.shard_ranks} does not divide the {d.world} ranks")
+        check_shard_ranks(d.world, args.shard_ranks)  # before the data and the model load
         if args.batch_size % (args.micro_batch_size * d.world):
             raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                              f"{args.micro_batch_size} x {d.world} ranks")
@@ -311,14 +310,19 @@ def device_mesh(device_type: str, world: int, shard_ranks: int | None = None):
     rows are groups of shard_ranks consecutive ranks; each group holds one sharded copy, and
     the copies are kept equal by an all-reduce of the gradient shards across groups. On 8 nodes
     of 8 that keeps FSDP's all-gathers inside a node (NVLink) and sends across nodes only 1/8
-    of the gradient (plan.collective_seconds), for 8x the per-rank weights and Adam state."""
+    of the gradient (plan.Network), for 8x the per-rank weights and Adam state."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    check_shard_ranks(world, shard_ranks)
     if shard_ranks in (None, world):
         return init_device_mesh(device_type, (world,))
-    if shard_ranks < 1 or world % shard_ranks:
-        raise SystemExit(f"--shard-ranks {shard_ranks} does not divide the {world} ranks")
     return init_device_mesh(device_type, (world // shard_ranks, shard_ranks), mesh_dim_names=("replicate", "shard"))
+
+
+def check_shard_ranks(world: int, shard_ranks: int | None):
+    """--shard-ranks must divide the ranks (every rank decides alike: nothing is read)."""
+    if shard_ranks is not None and (shard_ranks < 1 or world % shard_ranks):
+        raise SystemExit(f"--shard-ranks {shard_ranks} does not divide the {world} ranks")
 
 
 def shard(model: torch.nn.Module, layers, *, bf16: bool, mesh=None):

@@ -180,7 +180,7 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     memory model alone, decided."""
     cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
     gpu_gb = 17.6
-    usable = gpu_gb * (1 - plan.HEADROOM) * 2**30
+    usable = plan.usable_bytes(gpu_gb)
     ranked = plan.choose_lm(cfg, "sft", world=8, gpu_gb=gpu_gb, batch=64, seq=2048, steps=100, mean_tokens=1024)
     chosen, faster = ranked[-1], ranked[-2]
     assert chosen.simulated is not None and chosen.simulated <= usable, chosen
