@@ -54,7 +54,6 @@ import contextlib
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -70,8 +69,8 @@ from data.template import pad_batch, render
 from generate import generate
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import add_plan_args, ppo_dry_run
-from safety import data_digests, file_digest, model_fingerprint, run_fingerprint, run_main
-from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
+from safety import data_digests, file_digest, model_fingerprint, run_fingerprint
+from training import (HelpFormatter, exit_trainer, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
                       frozen_in_bf16, gathered, grad_norm_and_clip, load_model, load_sharded, make_optimizer,
                       micro_batches, mixed_precision, run_distributed, save_hf, shard)
 
@@ -731,4 +730,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_trainer(main)

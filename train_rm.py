@@ -45,10 +45,9 @@ from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
 from model import RewardModel, add_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import (StepGuard, claim_output, data_digests, file_digest, model_digest, model_fingerprint, run_fingerprint,
-                    run_main)
+from safety import (StepGuard, claim_output, data_digests, file_digest, model_digest, model_fingerprint, run_fingerprint)
 from tokenizer import Tokenizer
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
+from training import (HelpFormatter, exit_trainer, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
                       cosine_lr, device_mesh, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint,
                       make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
                       shard_and_load)
@@ -429,4 +428,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_trainer(main)

@@ -23,7 +23,6 @@ trajectory. Outputs in --out:
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.distributed as dist
@@ -35,8 +34,8 @@ from data.schema import Report
 from data.template import IGNORE_INDEX, collate, render
 from model import add_lora, at_least_fp32, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint, run_main
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
+from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint
+from training import (HelpFormatter, exit_trainer, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
                       cosine_lr, device_mesh, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint,
                       make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
                       shard_and_load)
@@ -290,4 +289,4 @@ def train_step(model, d, batch: list, *, micro_batch: int, pad_id: int, grad_cli
     return total / n_units, grad_norm_and_clip(model, grad_clip)
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_trainer(main)

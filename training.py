@@ -3,6 +3,7 @@ its own loop, step by step, and calls these; none of them calls a trainer.
 
     Distributed, init_distributed   the process group (gloo on CPU, nccl on GPU): rank, world, device
     run_distributed   a trainer's main inside a process group, its --out locked and checked (safety.py)
+    exit_trainer      a trainer's command line: its exit status, a dead or stuck rank named in one line
     add_run_args, add_trainer_args  the flags the trainers share, with each trainer's defaults
     load_model, shard_and_load      a model on the meta device, then FSDP2-sharded and filled from rank 0
     shard, gathered   FSDP2 on each block and the root; every unit kept gathered for a rollout
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime
 import json
 import math
 import os
@@ -36,6 +38,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +51,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from safety import (CHANGEABLE, check_dcp_metadata, check_fingerprint, check_out, check_state_files, clear_leftovers,
-                    file_digest, json_digest, load_dcp_state, lock_out, replace_dir, writing)
+                    file_digest, json_digest, load_dcp_state, lock_out, replace_dir, run_main, writing)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -182,14 +185,9 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
                    help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
                         "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
                         "gradient on every rank); see train_sft.train_step")
-
-
-
-
-
-
-
-
+    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+                   help="seconds a rank waits in a collective for the others (a rank that died or hangs) before the "
+                        "run ends with one line saying so; rank 0's solo work at 13B (docs/scale.md) fits the default")
 
 
 # -- preemption ----------------------------------------------------------------------------------
@@ -201,6 +199,10 @@ SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR
 STOP_SIGNALS = ("TERM", "USR1")
 PREEMPTED_EXIT = 75  # sysexits.h's EX_TEMPFAIL, "try again later": the state is saved, rerun to resume
 PREEMPTED = "preempted"  # OUT/preempted: the step a stopped run saved, read by the rerun
+# torch's own default for a gloo group (NCCL's is 10 min); here the same on both. Rank 0's
+# longest solo phase at 13B, the 26 GB HF export at 1 GB/s, takes under a minute (docs/scale.md).
+DIST_TIMEOUT_S = 1800.0
+SHARED = ".shared-by-ranks"  # OUT/.shared-by-ranks: rank 0's token, which every rank must read back
 
 
 class Preemption:
@@ -249,7 +251,7 @@ def run_distributed(train_fn, args):
     --overwrite says what to do with it, and the global batch splits evenly into
     micro-batches x ranks."""
     preemption = Preemption(args.stop_signals)
-    d = init_distributed()
+    d = init_distributed(args.dist_timeout)
     lock = None
     try:
         if d.main:
@@ -267,6 +269,7 @@ def run_distributed(train_fn, args):
             check_out(args.out, resume=args.resume, overwrite=args.overwrite)
             (args.out / PREEMPTED).unlink(missing_ok=True)
         d.barrier()
+        check_shared(args.out, d)
         check_shard_ranks(d.world, args.shard_ranks)  # before the data and the model load
         if args.batch_size % (args.micro_batch_size * d.world):
             raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
@@ -274,6 +277,7 @@ def run_distributed(train_fn, args):
         torch.manual_seed(args.seed)
         args.preemption = preemption
         train_fn(args, d)
+        d.barrier()  # every rank done with every collective before any tears its group down
     finally:
         preemption.close()
         d.close()
@@ -285,21 +289,89 @@ def run_distributed(train_fn, args):
 
 
 
-def init_distributed() -> Distributed:
-    """Join the process group torchrun set up, or make a one-process group of our own."""
+def exit_trainer(main) -> None:
+    """A trainer's command line: safety.run_main(main), then the process ends with its status
+    through os._exit, without the interpreter's teardown. FSDP's DTensor caches keep the gloo
+    group alive past destroy_process_group, so its worker threads still run while the
+    interpreter tears itself down, and one of them that takes the GIL then dies inside C++
+    ("terminate called without an active exception", SIGABRT), failing a finished run about
+    once in a hundred 2-rank runs on a loaded machine. Nothing is left to write by then: every
+    file the trainers write is closed. A collective that fails because another rank died or hung
+    (a RuntimeError from gloo or NCCL) ends as one line naming the rank and --dist-timeout."""
+    try:
+        code = run_main(main)
+    except SystemExit as e:  # PREEMPTED_EXIT, argparse's 2
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except RuntimeError as e:
+        if not collective_failed(e):
+            traceback.print_exc()
+            code = 1
+        else:
+            rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
+            print(f"error: rank {rank}: a collective failed, {str(e).splitlines()[0].strip()}: another rank died, or "
+                  f"stopped for longer than --dist-timeout; rerun with --resume (the state is the last one saved)",
+                  file=sys.stderr)
+            code = 1
+    except BaseException:  # a bug: its traceback, as Python gives it
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def collective_failed(e: RuntimeError) -> bool:
+    """An error that a peer's death or hang gives a collective (gloo's transport, a timeout,
+    NCCL's), not a bug in the caller."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in (
+        "gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "NCCL"))
+
+
+def check_shared(out: Path, d: Distributed):
+    """--out must be one directory on every rank: each rank writes its shard of the state there
+    and rank 0 the rest, so a path that is each node's local disk would leave a state no node
+    can resume. Rank 0 writes a random token; after a barrier every rank reads it back; one
+    all-reduce tells every rank which ranks did not, and all of them stop, before any work."""
+    token = torch.tensor(int.from_bytes(os.urandom(7), "big") if d.main else 0, dtype=torch.int64, device=d.device)
+    dist.broadcast(token, 0)
+    if d.main:
+        (out / SHARED).write_text(str(int(token)), encoding="utf-8")
+    d.barrier()
+    try:
+        seen = (out / SHARED).read_text(encoding="utf-8") == str(int(token))
+    except OSError:
+        seen = False
+    missing = torch.zeros(d.world, dtype=torch.int32, device=d.device)
+    missing[d.rank] = int(not seen)
+    dist.all_reduce(missing)  # also the barrier before rank 0 removes the token
+    if d.main:
+        (out / SHARED).unlink()
+    if missing.any():
+        ranks = ", ".join(str(r) for r in missing.nonzero().flatten().tolist())
+        raise SystemExit(f"--out {out} is not the same directory on every rank: rank(s) {ranks} do not see what rank "
+                         f"0 wrote there. Give a path on a filesystem every node shares")
+
+
+def init_distributed(timeout_s: float = DIST_TIMEOUT_S) -> Distributed:
+    """Join the process group torchrun set up, or make a one-process group of our own. A
+    collective that waits longer than timeout_s for another rank raises (gloo), or is aborted
+    by NCCL's watchdog: a rank that died or hangs ends the run (exit_trainer says so)."""
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this node's GPU; everything else uses the global rank
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         store_dir = None
     else:
         local_rank = 0
         store_dir = tempfile.mkdtemp(prefix="huatuo-pg-")  # private to this process, removed at close
         store = dist.FileStore(os.path.join(store_dir, "store"), 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device, store_dir)
 

@@ -213,6 +213,25 @@ def two_rank_checks(tmp_path_factory, request):
     return SimpleNamespace(**once_a_run(tmp_path_factory, "two_rank_checks", run))
 
 
+def two_nodes(script: str, *per_node: list[str], timeout: float = 300):
+    """Two "nodes" on this machine: `torchrun --nnodes 2 --nproc-per-node 1` started twice, as on
+    two hosts, meeting through a c10d rendezvous on loopback, which gives each its node rank
+    (and so its global rank). per_node: each node's arguments to `script` (their --out may
+    differ, as two local disks do). Returns both finished processes."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a port free now; the first node to start hosts the rendezvous there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
+    procs = [subprocess.Popen(launcher + [str(ROOT / script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=trainer_env(2), cwd=ROOT) for args in per_node]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outputs)]
+
+
 def once_a_run(tmp_path_factory, name: str, make):
     """make()'s JSON-able result, made by one process of the test run: under pytest-xdist every
     worker's base temporary directory lies in the run's own, where the first worker to ask
