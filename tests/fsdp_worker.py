@@ -22,7 +22,7 @@ from conftest import sharpen_  # noqa: E402
 from generate import generate  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
 from plan import gradient_bytes  # noqa: E402
-from training import init_distributed, shard  # noqa: E402
+from training import exit_trainer, init_distributed, shard  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0)
@@ -542,15 +542,13 @@ def check_simulation_is_real_hsdp(d):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    d = init_distributed()
-    try:
-        for check in sys.argv[1:]:
-            globals()[f"check_{check}"](d)
-    finally:
-        # What the checks left (sharded modules, their hooks) goes while the process group is
-        # still up: once, a rank aborted at exit ("terminate called without an active exception")
-        # after every check had passed, with the bf16 PPO check the last one run.
-        import gc
 
-        gc.collect()
-        d.close()
+    def main(_argv):
+        d = init_distributed()
+        try:
+            for check in sys.argv[1:]:
+                globals()[f"check_{check}"](d)
+        finally:
+            d.close()
+
+    exit_trainer(main)  # the trainers' exit: see there why not through the interpreter's teardown
