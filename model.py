@@ -410,6 +410,11 @@ def merge_lora(model: nn.Module, state_dict: dict) -> dict:
     return sd
 
 
+def as_dtype(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """Each tensor rounded to `dtype` (to nearest, ties to even: torch's cast), or as it is (None)."""
+    return state_dict if dtype is None else {k: v.to(dtype) for k, v in state_dict.items()}
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -619,13 +624,14 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                         state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30,
-                        extra_files: dict[str, bytes] | None = None):
+                        extra_files: dict[str, bytes] | None = None, dtype: torch.dtype | None = None):
         """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
 
         `state_dict` lets a distributed trainer pass a gathered full state dict; `extra_files`
-        (name -> bytes) go into the same directory, inside the same atomic rename.
+        (name -> bytes) go into the same directory, inside the same atomic rename; `dtype`
+        (None: the weights' own) is what the tensors are written in, after LoRA is merged.
         """
-        sd = merge_lora(self, self.state_dict() if state_dict is None else state_dict)
+        sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
         tensors = {hf_name(n): t for n, t in sd.items()}
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
@@ -708,13 +714,13 @@ class RewardModel(nn.Module):
         h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
         return at_least_fp32(self.score_head(h)[:, 0]).clone()  # a fresh tensor, not a view (FSDP hooks)
 
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, **kw):
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
         """The Hugging Face reward-model layout, LlamaForSequenceClassification's, as the official
         HuatuoGPT, Ziya, TRL and OpenRLHF reward models are: the trunk's tensors under `model.`,
         the head as `score.weight`, num_labels 1, no LM head (a score never reads it).
         transformers scores at the last token that is not pad_token_id, which is the reply's eos
         when a batch is right-padded, as ours reads it from the mask."""
-        sd = merge_lora(self, self.state_dict() if state_dict is None else state_dict)
+        sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
         tensors = {hf_name(k.removeprefix("trunk.")): v for k, v in sd.items()
                    if k.startswith("trunk.") and k != "trunk.lm_head.weight"}
         tensors["score.weight"] = sd["score_head.weight"]
@@ -856,7 +862,7 @@ class PolicyWithValue(nn.Module):
             return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
         return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
 
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, **kw):
+    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
         sd = self.state_dict() if state_dict is None else state_dict
         policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
         head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})

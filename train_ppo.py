@@ -70,9 +70,9 @@ from generate import generate
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import add_plan_args, ppo_dry_run
 from safety import data_digests, file_digest, model_fingerprint, run_fingerprint
-from training import (HelpFormatter, exit_trainer, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
-                      frozen_in_bf16, gathered, grad_norm_and_clip, load_model, load_sharded, make_optimizer,
-                      micro_batches, mixed_precision, run_distributed, save_hf, shard)
+from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
+                      exit_trainer, frozen_in_bf16, gathered, grad_norm_and_clip, load_model, load_sharded,
+                      make_optimizer, micro_batches, mixed_precision, run_distributed, save_dtype, save_hf, shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -618,6 +618,7 @@ def _train(args, d):
     fingerprint = ppo_fingerprint(args, digests)
     card = card_writer("ppo", args, d, base=args.policy, digests=digests, total=args.max_steps, unit="experiences",
                        command="train_ppo.py")  # the README.md of final/
+    export = save_dtype(args.save_dtype, args.policy)  # best/, final/: the base model's dtype
     round_no = step = 0
     trainer = state.resume(args, fingerprint, model, opt)
     if trainer:
@@ -670,7 +671,8 @@ def _train(args, d):
     last = [f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
             f"λ_KL {kl.value:.4f}"] if record else []
     save_hf(model, out / "final", tok.path, d, card(f"{round_no} rounds, {step} optimizer steps", *last,
-                                                   f"reward model: {args.reward} ({fingerprint['reward']})"))
+                                                   f"reward model: {args.reward} ({fingerprint['reward']})"),
+            dtype=export)
     if d.main:
         print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
 

@@ -47,10 +47,10 @@ from model import RewardModel, add_lora, lora_init
 from plan import add_plan_args, lm_dry_run
 from safety import (StepGuard, claim_output, data_digests, file_digest, model_digest, model_fingerprint, run_fingerprint)
 from tokenizer import Tokenizer
-from training import (HelpFormatter, exit_trainer, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
-                      cosine_lr, device_mesh, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint,
-                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
-                      shard_and_load)
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer, cosine_lr,
+                      device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model, lora_fingerprint,
+                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_dtype,
+                      save_hf, set_lr, shard_and_load)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -206,6 +206,7 @@ def _train(args, d):
                                   lora=lora_fingerprint(args))
     card = card_writer("rm", args, d, base=args.model, digests=digests, total=total, unit="pairs",
                        command="train_rm.py")  # the README.md of each checkpoint
+    export = save_dtype(args.save_dtype, args.model)  # best/, final/: the base model's dtype
 
     start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
     resumed = state.resume(args, fingerprint, model, opt)
@@ -246,7 +247,8 @@ def _train(args, d):
             progress.say(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
             if improved:
                 best = v
-                save_hf(model, out / "best", tok.path, d, card(f"step {step}: {describe(v)} (best/)"))
+                save_hf(model, out / "best", tok.path, d, card(f"step {step}: {describe(v)} (best/)"),
+                        dtype=export)
         # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
         # rank agreeing through one all-reduce, its state saved (training.Preemption).
         stop = args.preemption.requested(d) and step < total
@@ -259,7 +261,8 @@ def _train(args, d):
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
     save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights",
-                                                   *([f"best {describe(best)} (kept in best/)"] if best else [])))
+                                                   *([f"best {describe(best)} (kept in best/)"] if best else [])),
+            dtype=export)
     if d.main:
         kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
         print(f"done: {total} steps; {kept}final weights in {out / 'final'}")

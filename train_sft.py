@@ -35,10 +35,10 @@ from data.template import IGNORE_INDEX, collate, render
 from model import add_lora, at_least_fp32, lora_init
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint
-from training import (HelpFormatter, exit_trainer, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
-                      cosine_lr, device_mesh, eval_chunks, grad_norm_and_clip, load_model, lora_fingerprint,
-                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_hf, set_lr,
-                      shard_and_load)
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer, cosine_lr,
+                      device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model, lora_fingerprint,
+                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_dtype,
+                      save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -196,6 +196,7 @@ def _train(args, d):
     fingerprint = run_fingerprint(args, digests, model=model_fingerprint(args.model), lora=lora_fingerprint(args))
     card = card_writer("sft", args, d, base=args.model, digests=digests, total=total, unit="conversations",
                        command="train_sft.py")  # the README.md of each checkpoint
+    export = save_dtype(args.save_dtype, args.model)  # best/, final/: the base model's dtype
 
     start, best = 0, None  # best: the lowest validation loss so far
     resumed = state.resume(args, fingerprint, model, opt)
@@ -243,7 +244,8 @@ def _train(args, d):
             progress.say(f"step {step}: validation loss {val_loss:.4f}" + (" (best: saving best/)" if improved else ""))
             if improved:
                 best = {"val_loss": val_loss}
-                save_hf(model, out / "best", tok.path, d, card(f"validation loss {val_loss:.4f} at step {step} (best/)"))
+                save_hf(model, out / "best", tok.path, d,
+                        card(f"validation loss {val_loss:.4f} at step {step} (best/)"), dtype=export)
         # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
         # rank agreeing through one all-reduce, its state saved (training.Preemption).
         stop = args.preemption.requested(d) and step < total
@@ -256,7 +258,7 @@ def _train(args, d):
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
     save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights", *(
-        [f"best validation loss {best['val_loss']:.4f} (kept in best/)"] if best else [])))
+        [f"best validation loss {best['val_loss']:.4f} (kept in best/)"] if best else [])), dtype=export)
     if d.main:
         kept = f"best validation loss {best['val_loss']:.4f} in {out / 'best'}; " if best else ""
         print(f"done: {total} steps; {kept}final weights in {out / 'final'}")

@@ -45,9 +45,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from safety import (CHANGEABLE, check_dcp_metadata, check_fingerprint, check_out, check_state_files, clear_leftovers,
@@ -185,6 +186,9 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
                    help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
                         "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
                         "gradient on every rank); see train_sft.train_step")
+    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES),
+                   help="the dtype of best/ and final/ (the state stays fp32); default: the base model's "
+                        "torch_dtype, or bfloat16")
     p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
                    help="seconds a rank waits in a collective for the others (a rank that died or hangs) before the "
                         "run ends with one line saying so; rank 0's solo work at 13B (docs/scale.md) fits the default")
@@ -701,18 +705,52 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def full_state_dict(model) -> dict:
-    """The whole (unsharded) state dict on rank 0's CPU; other ranks get an empty dict."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None):
-    """Write the model with its save_pretrained (rank 0), atomically, with `card` as its
-    README.md (model.model_card); all ranks take part."""
-    sd = full_state_dict(model)
+def save_dtype(choice: str | None, base: str) -> torch.dtype:
+    """The dtype of the HF exports (best/, final/): --save-dtype, or else the base model's own
+    (its config.json's torch_dtype, `dtype` in newer transformers; Ziya's release is fp16), or
+    bf16 (a built-in config). The training state stays in fp32 whatever this is."""
+    if choice:
+        return SAVE_DTYPES[choice]
+    config = Path(base) / "config.json"
+    if config.is_file():
+        hf = json.loads(config.read_text(encoding="utf-8"))
+        name = hf.get("torch_dtype") or hf.get("dtype")
+        if name in SAVE_DTYPES:
+            return SAVE_DTYPES[name]
+    return torch.bfloat16
+
+
+def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
+    """The whole (unsharded) state dict on rank 0's CPU, other ranks an empty dict, gathered
+    tensor by tensor (every rank takes part in each all-gather) and each cast to `dtype` as it
+    arrives: rank 0 holds the model in that dtype (24.4 GiB at 13B in bf16), never all of it in
+    fp32. A LoRA layer's weight and adapters stay as they are, for save_pretrained to merge
+    in fp32 before it casts."""
+    from model import LoRALinear
+
+    keep = {f"{name}.{part}" for name, mod in model.named_modules() if isinstance(mod, LoRALinear)
+            for part in ("weight", "lora_a", "lora_b")}
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for name, t in model.state_dict().items():
+        whole = t.full_tensor() if isinstance(t, DTensor) else t
+        if main:
+            out[name] = whole.to("cpu", dtype=None if dtype is None or name in keep else dtype)
+        del whole
+    return out
+
+
+def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None, *,
+            dtype: torch.dtype | None = None):
+    """Write the model with its save_pretrained (rank 0), atomically, in `dtype` (save_dtype;
+    None: the weights' own), with `card` as its README.md (model.model_card); all ranks take part."""
+    sd = full_state_dict(model, dtype)
     if d.main:
         with writing(path):
-            model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd,
+            model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd, dtype=dtype,
                                   extra_files={"README.md": card.encode()} if card else None)
     d.barrier()
 
