@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, sharpen_, trainer_env
+from conftest import ROOT, sharpen_, trainer_env, two_nodes
 
 import plan
 import train_ppo
@@ -403,6 +403,27 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert [strip(json.loads(l)) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
     b = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_nodes_run_ppo_as_one_node_of_two_ranks(checkpoints, tmp_path):
+    """Issue 33 item 2: a PPO round on 2 nodes of 1 rank (two torchruns meeting by a c10d
+    rendezvous on loopback) gives what 1 node of 2 ranks gives, to the bit: every rank's
+    prompts and sampling seed go by its global rank (train_ppo.collect_experiences)."""
+    from safetensors.torch import load_file
+
+    args = cli(checkpoints, tmp_path / "one-node", "--max-steps", "2")[1:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    node = cli(checkpoints, tmp_path / "two-nodes", "--max-steps", "2")[2:]
+    for proc in two_nodes("train_ppo.py", node, node):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}  # timings differ
+    rows = [[strip(json.loads(l)) for l in (tmp_path / o / "metrics.jsonl").read_text().splitlines()]
+            for o in ("one-node", "two-nodes")]
+    assert rows[0] == rows[1] and len(rows[0]) == 1, rows
+    a, b = (load_file(tmp_path / o / "final" / "model.safetensors") for o in ("one-node", "two-nodes"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_prompt_at_the_edge_of_the_context_and_max_steps_inside_a_round(checkpoints, tmp_path, tokenizer_file):
