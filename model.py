@@ -576,8 +576,25 @@ class Transformer(nn.Module):
         """Load an HF-format directory: config.json + model.safetensors or a sharded index.
 
         The model is built on the meta device (no memory) and each shard's tensors are read,
-        checked against the config, converted to `dtype` and assigned, one shard at a time.
+        checked against the config, converted to `dtype` and assigned, one shard at a time
+        (read_pretrained).
         """
+        config = ModelConfig.from_json(Path(path) / "config.json")
+        with torch.device("meta"):
+            model = cls(config)
+        for tensors in cls.read_pretrained(path, dtype=dtype, device=device):
+            model.load_state_dict(tensors, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    @classmethod
+    def read_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, device="cpu"):
+        """An HF-format checkpoint's tensors, one shard file at a time: yields {our name: tensor}
+        for each file, converted to `dtype`, so that a reader holds at most one file's tensors
+        (training.load_sharded scatters each before the next is read). Every file's header is
+        checked against config.json before any data is read; a tied head is yielded with the
+        embedding, as the same tensor."""
         path = Path(path)
         config = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
@@ -612,15 +629,14 @@ class Transformer(nn.Module):
                 check_weight(shard, name, tensor)
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
                 loaded.add(name)
-            model.load_state_dict(tensors, strict=False, assign=True)
+            if config.tie_word_embeddings and "embed_tokens.weight" in tensors:
+                tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+            missing = sorted(set(expected) - loaded) if shard == list(shards)[-1] else []
+            if missing:
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise CheckpointError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
+            yield tensors
             del tensors
-        missing = sorted(set(expected) - loaded)
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise CheckpointError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model
 
     def save_pretrained(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                         state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30,
@@ -763,6 +779,27 @@ class RewardModel(nn.Module):
         if (path / "score_head.safetensors").is_file():
             return cls._from_causal_lm_and_head(path, dtype, device)
         config = ModelConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            rm = cls(config)
+        if not config.tie_word_embeddings:
+            rm.trunk.lm_head = None
+        for tensors in cls.read_pretrained(path, dtype=dtype, device=device):
+            rm.load_state_dict(tensors, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            rm.trunk.lm_head.weight = rm.trunk.embed_tokens.weight
+        return rm
+
+    @classmethod
+    def read_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """The reward model's tensors one shard file at a time, as Transformer.read_pretrained
+        yields a causal LM's: {our name: tensor} per file, without an LM head (a score never
+        reads it). Our earlier layout (score_head.safetensors) comes as one group."""
+        path = Path(path)
+        if (path / "score_head.safetensors").is_file():
+            rm = cls._from_causal_lm_and_head(path, dtype, device).scorer()
+            yield rm.state_dict()
+            return
+        config = ModelConfig.from_json(path / "config.json")
         labels = json.loads((path / "config.json").read_text(encoding="utf-8")).get("num_labels", 1)
         if labels != 1:
             raise CheckpointError(f"{path / 'config.json'}: num_labels {labels}; a reward model has one score")
@@ -775,10 +812,8 @@ class RewardModel(nn.Module):
             raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
         check_tensors(config, found, path, expected=expected)
         with torch.device("meta"):
-            rm = cls(config)
-        if not config.tie_word_embeddings:
-            rm.trunk.lm_head = None
-        ours = {hf_name(n): f"trunk.{n}" for n in rm.trunk.state_dict()}
+            trunk = Transformer(config)
+        ours = {hf_name(n): f"trunk.{n}" for n in trunk.state_dict()}
         ours["score.weight"] = "score_head.weight"
         for shard, names in shards.items():
             tensors = {}
@@ -787,10 +822,10 @@ class RewardModel(nn.Module):
                     continue  # an LM head saved beside the score, rotary buffers
                 check_weight(shard, name, tensor)
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
-            rm.load_state_dict(tensors, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            rm.trunk.lm_head.weight = rm.trunk.embed_tokens.weight
-        return rm
+            if config.tie_word_embeddings and "trunk.embed_tokens.weight" in tensors:
+                tensors["trunk.lm_head.weight"] = tensors["trunk.embed_tokens.weight"]
+            yield tensors
+            del tensors
 
     @classmethod
     def _from_causal_lm_and_head(cls, path: Path, dtype, device) -> "RewardModel":

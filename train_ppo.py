@@ -497,19 +497,27 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def build(config, full: dict | None, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False,
+def build(config, weights, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False,
           frozen_bf16: bool = False, mesh=None):
-    """(the sharded policy + value head, π0's replicated top) from rank 0's SFT state dict
-    (`full`; None on the other ranks). Each rank receives its shards of the policy and π0's
-    top, nothing else (load_reference, training.shard_and_load). The value head starts at
-    zero: V = 0 everywhere."""
+    """(the sharded policy + value head, π0's replicated top) from rank 0's SFT weights (a state
+    dict, or its groups file by file as training.load_model reads them; None on the other
+    ranks). Each rank receives its shards of the policy and π0's top, nothing else
+    (load_reference, training.load_sharded); rank 0 keeps the top's tensors as the files pass,
+    and nothing else of them. The value head starts at zero: V = 0 everywhere."""
     model, ref = build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16,
                              mesh=mesh)
-    load_reference(ref, full, model.split, d)
-    if d.main:
-        full = {f"policy.{k}": v for k, v in full.items()}
-        full["value_head.weight"] = torch.zeros(1, config.hidden_size, dtype=torch.get_default_dtype())
-    return load_sharded(model, full, d).train(), ref
+    top_names = {sft_name(name, model.split) for name, _ in ref.named_parameters()}
+    top = {}
+
+    def policy_groups():
+        for group in [weights] if isinstance(weights, dict) else weights:
+            top.update({k: v for k, v in group.items() if k in top_names})
+            yield {f"policy.{k}": v for k, v in group.items()}
+        yield {"value_head.weight": torch.zeros(1, config.hidden_size, dtype=torch.get_default_dtype())}
+
+    load_sharded(model, policy_groups() if d.main else None, d)
+    load_reference(ref, top if d.main else None, model.split, d)
+    return model.train(), ref
 
 
 def build_empty(config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False,
@@ -555,8 +563,8 @@ def load_reward(path, config, d, dtype, *, sharded: bool = True, mesh=None) -> R
     rank reads it whole."""
     if not sharded:
         return RewardModel.from_pretrained(path, dtype=dtype, device=d.device).scorer().eval().requires_grad_(False)
-    full = RewardModel.from_pretrained(path, dtype=dtype).scorer().state_dict() if d.main else None
-    return load_sharded(reward_empty(config, d, dtype, mesh=mesh), full, d)
+    weights = RewardModel.read_pretrained(path, dtype=dtype) if d.main else None  # file by file
+    return load_sharded(reward_empty(config, d, dtype, mesh=mesh), weights, d)
 
 
 def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:

@@ -26,6 +26,7 @@ num_labels 1; model.RewardModel.save_pretrained), with reward_config.json and a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -184,14 +185,14 @@ def _train(args, d):
     if args.lora_rank:  # adapters and the score head trained, the trunk frozen (ours, off by default)
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
         model.score_head.requires_grad_(True)
-    full = None
+    weights = None  # rank 0: the SFT model's tensors file by file, as the trunk's, then the head's
     if d.main:
-        full = {f"trunk.{k}": v for k, v in read_weights().items()}
-        full["score_head.weight"] = torch.zeros(1, trunk.config.hidden_size)
-        full.update(lora_init(model, args.seed) if args.lora_rank else {})
-    model = shard_and_load(model, full, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
+        head = {"score_head.weight": torch.zeros(1, trunk.config.hidden_size),
+                **(lora_init(model, args.seed) if args.lora_rank else {})}
+        weights = itertools.chain(({f"trunk.{k}": v for k, v in group.items()} for group in read_weights()), [head])
+    model = shard_and_load(model, weights, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
                            mesh=device_mesh(d.device.type, d.world, args.shard_ranks))
-    del full
+    del weights
     model.train()
 
     # The schedule, the optimizer and what a resume continues from.

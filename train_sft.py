@@ -23,6 +23,7 @@ trajectory. Outputs in --out:
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -178,12 +179,12 @@ def _train(args, d):
     model.activation_checkpointing = args.activation_checkpointing
     if args.lora_rank:  # adapters only, the rest frozen (ours, off by default; the paper trains every weight)
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    full = read_weights()
+    weights = read_weights()  # rank 0: the base's tensors, file by file, read as they are scattered
     if args.lora_rank and d.main:
-        full.update(lora_init(model, args.seed))
-    model = shard_and_load(model, full, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
+        weights = itertools.chain(weights, [lora_init(model, args.seed)])
+    model = shard_and_load(model, weights, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
                            mesh=device_mesh(d.device.type, d.world, args.shard_ranks))
-    del full
+    del weights
     model.train()
 
     # The schedule, the optimizer and what a resume continues from.

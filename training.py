@@ -439,10 +439,12 @@ def gathered(model: torch.nn.Module):
 def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
     """An HF-format directory, or the name of a config in model.CONFIGS (`tiny`, the embedded
     default; randomly initialised, with the tokenizer trained on data/) -> (model on the meta
-    device, read_weights, tokenizer). Nothing heavy happens here: read_weights() reads the full
-    state dict on rank 0 (None elsewhere) when called, so a trainer checks its data first and
-    never spends minutes reading 26 GB to fail on a bad --data line. Only rank 0 reads the
-    weights; shard_and_load scatters them, so 8 ranks on one node do not hold 8 copies."""
+    device, read_weights, tokenizer). Nothing heavy happens here: read_weights() gives rank 0
+    (None elsewhere) the weights as groups of tensors, one shard file each, read as they are
+    consumed, so a trainer checks its data first and never spends minutes reading 26 GB to
+    fail on a bad --data line. Only rank 0 reads them, one file at a time; load_sharded
+    scatters each group before the next is read, so rank 0 holds one file's tensors, not the
+    model, and 8 ranks on one node do not hold 8 copies."""
     from model import CONFIGS, Transformer, load_config
     from tokenizer import Tokenizer
 
@@ -451,12 +453,12 @@ def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
         tok = tiny_tokenizer(out, d)
 
         def read_weights():
-            return Transformer.from_config(config, seed=seed).state_dict() if d.main else None
+            return iter([Transformer.from_config(config, seed=seed).state_dict()]) if d.main else None
     else:
         tok = Tokenizer(Path(spec) / "tokenizer.model")
 
         def read_weights():
-            return Transformer.from_pretrained(spec).state_dict() if d.main else None
+            return Transformer.read_pretrained(spec) if d.main else None
     tok.check_model_vocab(config.vocab_size, where=f"model {spec}")
     with torch.device("meta"):
         model = Transformer(config)
@@ -478,7 +480,7 @@ def frozen_in_bf16(model: torch.nn.Module):
 
 def shard_and_load(model, state_dict, d: Distributed, *, bf16: bool, frozen_bf16: bool = False, mesh=None):
     """Shard a meta-device model (one with .layers) with FSDP2, allocate each rank's shards on
-    its device, and fill them from rank 0's full state dict.
+    its device, and fill them from rank 0's weights (load_sharded: a state dict or its groups).
 
     frozen_bf16 (LoRA runs, under bf16): the weights that do not train are stored in bf16, not
     fp32. FSDP gathers every weight in bf16 for the compute anyway, so each step is the same to
@@ -492,11 +494,30 @@ def shard_and_load(model, state_dict, d: Distributed, *, bf16: bool, frozen_bf16
     return load_sharded(model, state_dict, d)
 
 
-def load_sharded(model, state_dict, d: Distributed):
-    """Fill a sharded model from rank 0's full state dict ({} or None elsewhere): each tensor
-    is broadcast in turn and every rank keeps its shard of it."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, state_dict if d.main else {}, options=options)
+def load_sharded(model, weights, d: Distributed):
+    """Fill a sharded model from rank 0's weights (None elsewhere): a full state dict, or
+    groups of it (an iterable of dicts, read_weights' files), each scattered before the next is
+    drawn. Every tensor is broadcast in turn and every rank keeps its shard of it; rank 0 says
+    when the groups end, and which of the model's tensors none of them held (every rank then
+    stops, before a step runs on uninitialised memory)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    groups = iter([weights] if isinstance(weights, dict) else weights) if d.main else None
+    loaded = set()
+    while True:
+        group = next(groups, None) if d.main else None
+        more = torch.tensor(int(group is not None), device=d.device)
+        dist.broadcast(more, 0)
+        if not more:
+            break
+        loaded.update(group or ())
+        set_model_state_dict(model, group if d.main else {}, options=options)
+        del group
+    missing = sorted(set(model.state_dict()) - loaded) if d.main else []
+    count = torch.tensor(len(missing), device=d.device)
+    dist.broadcast(count, 0)
+    if int(count):
+        raise SystemExit(f"the weights given lack {int(count)} of the model's tensors" +
+                         (f": {', '.join(missing[:5])}" if missing else " (rank 0 names them)"))
     return model
 
 

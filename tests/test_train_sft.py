@@ -400,6 +400,48 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
     assert len(losses(tmp_path)) == 1  # one run's records, not two interleaved
 
 
+def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatch):
+    """Issue 34 item 3: a checkpoint in several shard files is read and scattered file by file
+    (Transformer.read_pretrained, training.load_sharded), so rank 0 holds one file's tensors at
+    a time, not the model (48.8 GiB at 13B in fp32). Logged by hooks on the reads and on the
+    scatters: each file's tensors all go out before the next file is opened (before, every file
+    was read, then the whole state dict went out once). With --lr 0 the exported weights are the
+    checkpoint's, to the bit."""
+    import model
+    import train_sft
+    import training
+
+    base = Transformer.from_pretrained(micro_model())
+    sharded = tmp_path / "sharded"
+    base.save_pretrained(sharded, tokenizer=micro_model() / "tokenizer.model", max_shard_bytes=100_000)
+    files = sorted(sharded.glob("model-*.safetensors"))
+    assert len(files) >= 4
+    log = []
+    read, scatter = model.read_safetensors, training.set_model_state_dict
+
+    def reading(file, names=None):
+        log.append(("read", Path(file).name))
+        yield from read(file, names)
+
+    def scattering(module, state_dict, options):
+        log.append(("scatter", sorted(state_dict)))
+        return scatter(module, state_dict, options=options)
+
+    monkeypatch.setattr(model, "read_safetensors", reading)
+    monkeypatch.setattr(training, "set_model_state_dict", scattering)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = [a for a in COMMON if a not in ("--model", str(micro_model()))]
+    train_sft.main(["--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *common,
+                    "--max-steps", "1", "--lr", "0"])
+    held = {f.name: sorted(k.removeprefix("model.") for k, _ in read(f)) for f in files}
+    order = [name for what, name in log if what == "read"]
+    assert sorted(order) == sorted(held)  # each file read once, in the index's order
+    assert log[:2 * len(files)] == [e for name in order for e in (("read", name), ("scatter", held[name]))], log
+    exported = weights(tmp_path / "run" / "final")
+    ours = {k: v for f in files for k, v in read(f)}
+    assert exported.keys() == ours.keys() and all(torch.equal(exported[k], ours[k]) for k in ours)
+
+
 def test_a_one_process_group_leaves_no_temporary_files():
     from training import init_distributed
 
