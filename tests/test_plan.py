@@ -194,3 +194,24 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     lines = []
     plan.print_choice(ranked, gpu_gb=gpu_gb, world=8, command="train_sft.py --model m", log=lines.append)
     assert lines[-1] == f"  torchrun --nproc-per-node 8 train_sft.py --model m {chosen.command_flags()}".rstrip()
+
+
+def test_the_gpu_check_runs_its_plumbing_on_the_cpu(capsys):
+    """Issue 34 item 4: bench/gpu_check.py --dry-run runs on the CPU what the GPU check runs
+    (the simulations, the same steps on real tensors, the decoding step against its floor) and
+    prints its one table. On real CPU tensors the tracker sees what the simulation predicts, to
+    the byte: the ratios of both peaks are 1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    gpu_check.main(["--dry-run"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
+    assert {"SFT step peak, GiB", "PPO round peak, GiB", "SFT step MFU", "decode step, ms"} <= set(rows), out
+    for name in ("SFT step peak, GiB", "PPO round peak, GiB"):
+        assert rows[name][-1].strip(" |") == "1.000", (name, out)
+    assert float(rows["decode step, ms"][0]) > 0 and float(rows["SFT step MFU"][0]) > 0
+    with pytest.raises(SystemExit, match="--decode-batch must be at least 1"):
+        gpu_check.main(["--dry-run", "--decode-batch", "0"])
