@@ -504,9 +504,17 @@ def load_sharded(model, weights, d: Distributed):
     groups = iter([weights] if isinstance(weights, dict) else weights) if d.main else None
     loaded = set()
     while True:
-        group = next(groups, None) if d.main else None
-        more = torch.tensor(int(group is not None), device=d.device)
+        failure = None
+        try:
+            group = next(groups, None) if d.main else None
+        except Exception as e:  # a bad shard file: every rank stops, not only the one reading it
+            group, failure = None, e
+        more = torch.tensor(-1 if failure else int(group is not None), device=d.device)
         dist.broadcast(more, 0)
+        if int(more) < 0:
+            if failure is not None:
+                raise failure
+            raise SystemExit("rank 0 could not read the weights (its error says why)")
         if not more:
             break
         loaded.update(group or ())

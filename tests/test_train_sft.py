@@ -442,6 +442,26 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     assert exported.keys() == ours.keys() and all(torch.equal(exported[k], ours[k]) for k in ours)
 
 
+def test_a_shard_file_rank_0_cannot_read_stops_every_rank_at_once(tmp_path):
+    """A damaged shard file of the base model, on 2 ranks: rank 0 names it in one line, rank 1
+    says that rank 0 could not read the weights, and both end at once (load_sharded broadcasts
+    the failure), not after --dist-timeout in a collective rank 0 never joins."""
+    sharded = tmp_path / "sharded"
+    Transformer.from_pretrained(micro_model()).save_pretrained(sharded, tokenizer=micro_model() / "tokenizer.model",
+                                                               max_shard_bytes=100_000)
+    damaged = sorted(sharded.glob("model-*.safetensors"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:-1000])  # its header intact, its data cut short
+    common = [a for a in COMMON if a not in ("--model", str(micro_model()))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *common]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 60
+    assert f"error: {damaged}" in proc.stderr and "error: rank 0 could not read the weights" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "train_sft.py\", line" not in proc.stderr  # no worker's traceback
+
+
 def test_a_one_process_group_leaves_no_temporary_files():
     from training import init_distributed
 
