@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ def batch_loss(model, items, pad_id: int, device) -> torch.Tensor:
 
 def n_labels(item) -> int:
     """Labelled tokens of one rendered conversation (the first position predicts nothing)."""
-    return sum(lab != IGNORE_INDEX for lab in item.labels[1:])
+    return int(np.count_nonzero(np.asarray(item.labels[1:]) != IGNORE_INDEX))
 
 
 @torch.no_grad()
@@ -122,7 +123,7 @@ def render_all(records, tok, max_len, report):
         if x is None:
             report.skip(f"first round longer than {max_len} tokens", r["id"])
         else:
-            items.append(x)
+            items.append(x.packed())  # int32 arrays: a fifth of the host memory of lists
             if x.rounds_dropped:
                 report.note("later rounds dropped to fit the context", r["id"])
     return items
