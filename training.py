@@ -304,22 +304,16 @@ def exit_trainer(main) -> None:
     (a RuntimeError from gloo or NCCL) ends as one line naming the rank and --dist-timeout."""
     try:
         code = run_main(main)
-    except SystemExit as e:  # PREEMPTED_EXIT, argparse's 2
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except RuntimeError as e:
-        if not collective_failed(e):
-            traceback.print_exc()
-            code = 1
-        else:
+    except SystemExit as e:  # PREEMPTED_EXIT, argparse's 2 (run_main has printed a message's)
+        code = e.code or 0 if isinstance(e.code, (int, type(None))) else 1
+    except BaseException as e:  # a bug: its traceback, as Python gives it; a dead or stuck peer: one line
+        if isinstance(e, RuntimeError) and collective_failed(e):
             rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
             print(f"error: rank {rank}: a collective failed, {str(e).splitlines()[0].strip()}: another rank died, or "
                   f"stopped for longer than --dist-timeout; rerun with --resume (the state is the last one saved)",
                   file=sys.stderr)
-            code = 1
-    except BaseException:  # a bug: its traceback, as Python gives it
-        traceback.print_exc()
+        else:
+            traceback.print_exc()
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()

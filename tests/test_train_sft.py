@@ -402,6 +402,14 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
     assert len(losses(tmp_path)) == 1  # one run's records, not two interleaved
 
 
+def micro_in_shard_files(out: Path) -> Path:
+    """micro_model written again in shard files of at most 100 kB (6 of them): a checkpoint laid
+    out as a 13B one is, in miniature."""
+    Transformer.from_pretrained(micro_model()).save_pretrained(out, tokenizer=micro_model() / "tokenizer.model",
+                                                               max_shard_bytes=100_000)
+    return out
+
+
 def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatch):
     """Issue 34 item 3: a checkpoint in several shard files is read and scattered file by file
     (Transformer.read_pretrained, training.load_sharded), so rank 0 holds one file's tensors at
@@ -413,9 +421,7 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     import train_sft
     import training
 
-    base = Transformer.from_pretrained(micro_model())
-    sharded = tmp_path / "sharded"
-    base.save_pretrained(sharded, tokenizer=micro_model() / "tokenizer.model", max_shard_bytes=100_000)
+    sharded = micro_in_shard_files(tmp_path / "sharded")
     files = sorted(sharded.glob("model-*.safetensors"))
     assert len(files) >= 4
     log = []
@@ -432,8 +438,7 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     monkeypatch.setattr(model, "read_safetensors", reading)
     monkeypatch.setattr(training, "set_model_state_dict", scattering)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    common = [a for a in COMMON if a not in ("--model", str(micro_model()))]
-    train_sft.main(["--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *common,
+    train_sft.main(["--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *COMMON[2:],
                     "--max-steps", "1", "--lr", "0"])
     held = {f.name: sorted(k.removeprefix("model.") for k, _ in read(f)) for f in files}
     order = [name for what, name in log if what == "read"]
@@ -448,14 +453,11 @@ def test_a_shard_file_rank_0_cannot_read_stops_every_rank_at_once(tmp_path):
     """A damaged shard file of the base model, on 2 ranks: rank 0 names it in one line, rank 1
     says that rank 0 could not read the weights, and both end at once (load_sharded broadcasts
     the failure), not after --dist-timeout in a collective rank 0 never joins."""
-    sharded = tmp_path / "sharded"
-    Transformer.from_pretrained(micro_model()).save_pretrained(sharded, tokenizer=micro_model() / "tokenizer.model",
-                                                               max_shard_bytes=100_000)
+    sharded = micro_in_shard_files(tmp_path / "sharded")
     damaged = sorted(sharded.glob("model-*.safetensors"))[1]
     damaged.write_bytes(damaged.read_bytes()[:-1000])  # its header intact, its data cut short
-    common = [a for a in COMMON if a not in ("--model", str(micro_model()))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *common]
+           str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *COMMON[2:]]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and time.time() - start < 60
