@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from safety import refuse_to_replace, run_main
+from safety import POSITIVE, refuse_to_replace, run_main
 from model import (CheckpointError, ModelConfig, check_tensors, expected_shapes, model_card, read_safetensors,
                    write_checkpoint)
 from tokenizer import Tokenizer
@@ -193,10 +193,11 @@ def main(argv=None):
     p.add_argument("--delta", type=Path, help="the delta weights (Ziya-LLaMA-13B-Pretrain-v1)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--max-shard-gb", type=POSITIVE, default=5.0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    refuse_to_replace(args.out.parent, [args.out.name], overwrite=args.overwrite, what="model")
+    refuse_to_replace(args.out.parent, [args.out.name], overwrite=args.overwrite, what="model",
+                      inputs=[args.src, args.base, args.delta])
     dtype = getattr(torch, args.dtype) if args.dtype else None
     shard = int(args.max_shard_gb * 2**30)
     if args.src and not (args.base or args.delta):

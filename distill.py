@@ -27,7 +27,7 @@ from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, PROMP
                       dialogue_text, fill, prompt, run_jobs)
 from data.readers import add_input_args, read
 from data.schema import Report, check_prompt, load_jsonl
-from safety import claim_output, file_digest, run_main
+from safety import COUNT, NONNEGATIVE, POSITIVE, SHARE, TEMPERATURE, claim_output, file_digest, run_main
 
 SEEDS = Path(__file__).resolve().parent / "data" / "prompts" / "seed_instructions.jsonl"
 SEEDS_PER_CALL = 3  # human-written examples shown in each generation call (self-instruct)
@@ -337,19 +337,19 @@ def main(argv=None):
     p.add_argument("--rejects", type=Path, help="default: OUT with .rejects.jsonl")
     p.add_argument("--base-url", default=OPENAI_BASE_URL)
     p.add_argument("--model", default="gpt-3.5-turbo")
-    p.add_argument("--temperature", type=float, help="default: 1.0 to generate, 0 to score")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--limit", type=int, help="process at most this many new items")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--max-attempts", type=int, default=6)
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry waits up to this many seconds")
-    p.add_argument("--calls", type=int, default=10, help="instructions: generation calls (20 triples each)")
-    p.add_argument("--max-rounds", type=int, default=MAX_ROUNDS, help="conversations: patient turns at most")
+    p.add_argument("--temperature", type=TEMPERATURE, help="default: 1.0 to generate, 0 to score")
+    p.add_argument("--top-p", type=SHARE)
+    p.add_argument("--max-tokens", type=COUNT)
+    p.add_argument("--workers", type=COUNT, default=4)
+    p.add_argument("--limit", type=COUNT, help="process at most this many new items")
+    p.add_argument("--timeout", type=POSITIVE, default=120.0, help="seconds per request")
+    p.add_argument("--max-attempts", type=COUNT, default=6)
+    p.add_argument("--backoff", type=NONNEGATIVE, default=1.0, help="first retry waits up to this many seconds")
+    p.add_argument("--calls", type=COUNT, default=10, help="instructions: generation calls (20 triples each)")
+    p.add_argument("--max-rounds", type=COUNT, default=MAX_ROUNDS, help="conversations: patient turns at most")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--price-input", type=float, default=PRICE_INPUT, help="USD per 1M prompt tokens")
-    p.add_argument("--price-output", type=float, default=PRICE_OUTPUT, help="USD per 1M completion tokens")
+    p.add_argument("--price-input", type=NONNEGATIVE, default=PRICE_INPUT, help="USD per 1M prompt tokens")
+    p.add_argument("--price-output", type=NONNEGATIVE, default=PRICE_OUTPUT, help="USD per 1M completion tokens")
     p.add_argument("--dry-run", action="store_true", help="print the first prompt and stop; no API call")
     args = p.parse_args(argv)
     rejects = args.rejects or args.out.with_name(args.out.stem + ".rejects.jsonl")
@@ -359,7 +359,7 @@ def main(argv=None):
                                    (0.0 if args.command == "score" else 1.0)),
                                   ("top_p", args.top_p), ("max_tokens", args.max_tokens)) if v is not None}
     if not args.dry_run:
-        claim_output(args.out, *distill_setup(args, sampling))
+        claim_output(args.out, *distill_setup(args, sampling), inputs=[args.input])
     try:
         client = None if args.dry_run else ChatClient(args.base_url, args.model, timeout=args.timeout,
                                                       max_attempts=args.max_attempts, backoff=args.backoff, **sampling)

@@ -33,7 +33,8 @@ from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, R
                       run_jobs)
 from data.readers import add_input_args, read
 from data.schema import finished_ids, load_jsonl
-from safety import claim_output, file_digest, model_digest, refuse_to_replace, run_main, setup_record
+from safety import (COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, TEMPERATURE, claim_output, file_digest,
+                    model_digest, refuse_to_replace, run_main, setup_record)
 from data.template import render
 from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
 from metrics import compute_metrics
@@ -133,7 +134,7 @@ def answer_setup(args, *prompts: str) -> tuple[dict, dict]:
 def cmd_bench(args):
     records = [r for r in read(args.data, args.format, encoding=args.encoding) if len(r["messages"]) >= 2][: args.limit]
     out = Path(args.out)
-    claim_output(out / "predictions.jsonl", *answer_setup(args))
+    claim_output(out / "predictions.jsonl", *answer_setup(args), inputs=[args.data])
     doctor = make_doctor(args)
     answer_all(doctor, records, out / "predictions.jsonl", args.batch_size, keep_reference=True)
     wanted = {r["id"] for r in records}
@@ -148,7 +149,7 @@ def cmd_bench(args):
 
 def cmd_answer(args):
     records = list(read(args.data, args.format, encoding=args.encoding))[: args.limit]
-    claim_output(args.out, *answer_setup(args))
+    claim_output(args.out, *answer_setup(args), inputs=[args.data])
     answer_all(make_doctor(args), records, Path(args.out), args.batch_size, keep_reference=False)
     print(f"answers in {args.out}")
 
@@ -181,7 +182,7 @@ def cmd_consult(args):
     cases = list(read(args.data, args.format, encoding=args.encoding))[: args.limit]  # --limit: the first N cases
     setup, info = answer_setup(args, "a2_patient")
     setup.update(patient_model=args.patient_model, api_temperature=args.api_temperature, max_rounds=args.max_rounds)
-    claim_output(args.out, setup, dict(info, base_url=args.base_url))
+    claim_output(args.out, setup, dict(info, base_url=args.base_url), inputs=[args.data])
     doctor = make_doctor(args)
     client = api_client(args)
     summary = run_jobs([(c["id"], c) for c in cases], lambda c: [consult(doctor, client, c, args.max_rounds)],
@@ -259,7 +260,8 @@ def cmd_judge(args):
     claim_output(out, {"a": produced(args.a), "b": produced(args.b), "judge_model": args.judge_model,
                        "api_temperature": args.api_temperature, "seed": args.seed, "both_orders": args.both_orders,
                        "prompt d_auto_evaluation": file_digest(PROMPTS / "d_auto_evaluation.txt")},
-                 {"a": args.name_a, "b": args.name_b, "files": [args.a, args.b], "base_url": args.base_url})
+                 {"a": args.name_a, "b": args.name_b, "files": [args.a, args.b], "base_url": args.base_url},
+                 inputs=[args.a, args.b])
     summary = run_jobs([(i, i) for i in common],
                        lambda i: [judge_item(client, a[i], b[i], seed=args.seed, both_orders=args.both_orders,
                                              retries=args.judge_retries)],
@@ -341,8 +343,8 @@ def main(argv=None):
         sp.add_argument("--data", required=True)
         add_input_args(sp)
         sp.add_argument("--out", required=True)
-        sp.add_argument("--limit", type=int, help="only the first N items")
-        sp.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+        sp.add_argument("--limit", type=COUNT, help="only the first N items")
+        sp.add_argument("--batch-size", type=COUNT, default=BATCH_SIZE)
         add_sampling_args(sp, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0)
         add_device_args(sp)
 
@@ -352,9 +354,9 @@ def main(argv=None):
             sp.add_argument("--judge-model", default="gpt-4", help="the API model that judges")
         else:  # §4.3: "we use ChatGPT to act as a patient"
             sp.add_argument("--patient-model", default="gpt-3.5-turbo", help="the API model that plays the patient")
-        sp.add_argument("--api-temperature", type=float, default=0.0)
-        sp.add_argument("--timeout", type=float, default=120.0)
-        sp.add_argument("--backoff", type=float, default=1.0)
+        sp.add_argument("--api-temperature", type=TEMPERATURE, default=0.0)
+        sp.add_argument("--timeout", type=POSITIVE, default=120.0)
+        sp.add_argument("--backoff", type=NONNEGATIVE, default=1.0)
 
     b = sub.add_parser("bench", help="Table 2: zero-shot generation metrics")
     model_args(b)
@@ -364,7 +366,7 @@ def main(argv=None):
     c = sub.add_parser("consult", help="multi-turn consultations with a simulated patient")
     model_args(c)
     api_args(c, "patient")
-    c.add_argument("--max-rounds", type=int, default=6)
+    c.add_argument("--max-rounds", type=COUNT, default=6)
     j = sub.add_parser("judge", help="pairwise LLM judgments (App. D)")
     j.add_argument("--a", required=True)
     j.add_argument("--b", required=True)
@@ -373,9 +375,9 @@ def main(argv=None):
     j.add_argument("--out", required=True)
     j.add_argument("--seed", type=int, default=0, help="draws each item's answer order")
     j.add_argument("--both-orders", action="store_true", help="judge both orders; disagreement is a tie")
-    j.add_argument("--judge-retries", type=int, default=2, help="re-asks for an unparseable verdict")
-    j.add_argument("--workers", type=int, default=4)
-    j.add_argument("--limit", type=int)
+    j.add_argument("--judge-retries", type=NONNEGATIVE_INT, default=2, help="re-asks for an unparseable verdict")
+    j.add_argument("--workers", type=COUNT, default=4)
+    j.add_argument("--limit", type=COUNT)
     api_args(j, "judge")
     r = sub.add_parser("report", help="Markdown tables and SVG charts")
     r.add_argument("--judgments", nargs="+", required=True)

@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from data.template import pad_batch
 from model import KVCache, Transformer, token_logprobs
-from safety import run_main
+from safety import COUNT, NONNEGATIVE, POSITIVE, SHARE, run_main
 from tokenizer import StreamDecoder, Tokenizer
 
 
@@ -299,11 +299,11 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, temper
                       top_p: float | None, repetition_penalty: float, why: str = ""):
     """--max-new-tokens, --temperature, --top-p, --repetition-penalty and --seed, with the
     command's defaults (`why` says where they come from, in --help)."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"per reply (default: {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature,
+    p.add_argument("--max-new-tokens", type=COUNT, default=max_new_tokens, help=f"per reply (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=temperature,
                    help=f"0: greedy (default: {temperature}{why})")
-    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling (default: {top_p})")
-    p.add_argument("--repetition-penalty", type=float, default=repetition_penalty,
+    p.add_argument("--top-p", type=SHARE, default=top_p, help=f"nucleus sampling (default: {top_p})")
+    p.add_argument("--repetition-penalty", type=POSITIVE, default=repetition_penalty,
                    help=f"CTRL's penalty, 1: none (default: {repetition_penalty})")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default: 0)")
 
@@ -334,7 +334,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
     p.add_argument("--prompt", required=True, help="raw text, encoded with bos (no chat template)")
     add_sampling_args(p, max_new_tokens=128, temperature=0.7, top_p=0.9, repetition_penalty=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=COUNT, default=None)
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)

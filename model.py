@@ -365,15 +365,38 @@ class LoRALinear(nn.Linear):
         return self.weight + self.scale * (self.lora_b @ self.lora_a)
 
 
+class SettingError(ValueError):
+    """A setting that does not fit the model (LoRA's targets or rank): a command line prints it
+    as one line and exits 2 (safety.run_main)."""
+
+    for_the_user = True
+
+
+def check_lora(model: nn.Module, rank: int, targets: list[str]):
+    """LoRA's flags against a model (on the meta device: before any data or weight is read):
+    every target is a linear layer of the blocks, and the rank is at most min(in, out) of each
+    (an update B·A of a larger rank has no more freedom than the weight itself, only more
+    memory)."""
+    linears = {name.rsplit(".", 1)[-1]: mod for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and ".layers." in f".{name}"}
+    unknown = [t for t in targets if t not in linears]
+    if unknown:
+        raise SettingError(f"--lora-targets {' '.join(unknown)}: no such linear layer in the blocks (they have "
+                           f"{', '.join(linears)})")
+    most = min(min(linears[t].in_features, linears[t].out_features) for t in targets)
+    if not 1 <= rank <= most:
+        raise SettingError(f"--lora-rank {rank}: must be between 1 and {most}, the smaller side of the smallest of "
+                           f"{' '.join(targets)}")
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[str]:
     """Replace the linear layers named `targets` (q_proj, v_proj, …) of every block of `model`
     (a Transformer, or a module holding one) by LoRALinear, keeping their weights, and freeze
     everything but the LoRA matrices. Works on the meta device, before sharding. Returns the
     names of the new trainable parameters (to be initialised by lora_init)."""
+    check_lora(model, rank, targets)
     found = [(name, mod) for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in targets
              and isinstance(mod, nn.Linear) and ".layers." in f".{name}"]
-    if not found:
-        raise ValueError(f"--lora-targets {' '.join(targets)}: no such linear layer in the blocks")
     model.requires_grad_(False)
     for name, linear in found:
         parent = model.get_submodule(name.rsplit(".", 1)[0])
@@ -705,6 +728,14 @@ def hf_name(name: str) -> str:
 TRAINABLE_BLOCKS = 2  # paper App. E: "only the parameters of the last two layers are updated" in RL
 
 
+def reward_labels(hf: dict) -> int:
+    """How many labels transformers reads a classifier's config.json as having (its
+    PretrainedConfig.__init__, v5.24): len(id2label) when given, else num_labels, else 2."""
+    if hf.get("id2label") is not None:
+        return len(hf["id2label"])
+    return hf["num_labels"] if hf.get("num_labels") is not None else 2
+
+
 class RewardModel(nn.Module):
     """A LLaMA trunk and a scalar head read at the last real token (the reply's eos)."""
 
@@ -800,9 +831,10 @@ class RewardModel(nn.Module):
             yield rm.state_dict()
             return
         config = ModelConfig.from_json(path / "config.json")
-        labels = json.loads((path / "config.json").read_text(encoding="utf-8")).get("num_labels", 1)
+        labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
         if labels != 1:
-            raise CheckpointError(f"{path / 'config.json'}: num_labels {labels}; a reward model has one score")
+            raise CheckpointError(f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
+                                  "model needs one label, a single score")
         expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
         expected["score.weight"] = (1, config.hidden_size)
         shards = checkpoint_shards(path)

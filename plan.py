@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from safety import COUNT, POSITIVE, SHARE, number
+
 GIB = 2**30
 
 # Defaults for the time estimates: the A100 the paper trained on (App. E: 8 A100s).
@@ -826,10 +828,11 @@ def lm_dry_run(args, kind: str):
     same rows measured; then the time of the run at --mfu of --peak-tflops."""
     from model import load_config
 
-    from training import check_shard_ranks
+    from training import check_shard_ranks, check_split
 
     config = load_config(args.model)
-    check_shard_ranks(args.world_size, args.shard_ranks)  # as the real run refuses it
+    check_shard_ranks(args.world_size, args.shard_ranks)  # as the real run refuses them
+    check_split(args, args.world_size)
     bf16 = not args.fp32
     seq = args.max_len or min(2048, config.max_position_embeddings)
     per_item = 2 if kind == "rm" else 1  # a reward model's item is a pair: chosen and rejected, one forward
@@ -996,21 +999,21 @@ def add_plan_args(p, *, items_help: str | None = None, length_flag: str = "--pla
     p.add_argument("--simulate", action="store_true",
                    help="with --dry-run: measure memory by running this code's steps on fake tensors (seconds per "
                         "row at 13B)")
-    p.add_argument("--simulate-micro-batches", type=int, nargs="+", help="with --simulate: only these micro-batch sizes")
-    p.add_argument("--world-size", type=int, default=8, help="with --dry-run: ranks to plan for")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: memory per GPU")
-    p.add_argument("--peak-tflops", type=float,
+    p.add_argument("--simulate-micro-batches", type=COUNT, nargs="+", help="with --simulate: only these micro-batch sizes")
+    p.add_argument("--world-size", type=COUNT, default=8, help="with --dry-run: ranks to plan for")
+    p.add_argument("--gpu-memory-gb", type=POSITIVE, default=80.0, help="with --dry-run: memory per GPU")
+    p.add_argument("--peak-tflops", type=POSITIVE,
                    help=f"the accelerator's peak dense bf16 TFLOP/s: a run reports MFU against it; the dry run's time "
                         f"uses it (default there: {PEAK_TFLOPS:g}, the A100's)")
-    p.add_argument("--mfu", type=float, default=MFU, help="with --dry-run: the share of that peak a step reaches")
-    p.add_argument("--hbm-tbps", type=float, default=HBM_TBPS, help="with --dry-run: memory bandwidth, TB/s")
-    p.add_argument("--intra-node-gbps", type=float, default=INTRA_NODE_GBPS,
+    p.add_argument("--mfu", type=SHARE, default=MFU, help="with --dry-run: the share of that peak a step reaches")
+    p.add_argument("--hbm-tbps", type=POSITIVE, default=HBM_TBPS, help="with --dry-run: memory bandwidth, TB/s")
+    p.add_argument("--intra-node-gbps", type=POSITIVE, default=INTRA_NODE_GBPS,
                    help=f"with --dry-run: FSDP's all-gather bandwidth inside a node of {GPUS_PER_NODE} GPUs, GB/s a GPU")
-    p.add_argument("--inter-node-gbps", type=float, default=INTER_NODE_GBPS,
+    p.add_argument("--inter-node-gbps", type=POSITIVE, default=INTER_NODE_GBPS,
                    help="with --dry-run: the same across nodes, GB/s a GPU")
     if items_help:
-        p.add_argument("--plan-items", type=int, help=f"with --dry-run: {items_help}")
-    p.add_argument(length_flag, type=int, default=1024, help=f"with --dry-run: {length_help}")
+        p.add_argument("--plan-items", type=COUNT, help=f"with --dry-run: {items_help}")
+    p.add_argument(length_flag, type=COUNT, default=1024, help=f"with --dry-run: {length_help}")
 
 
 def ppo_dry_run(args):
@@ -1018,11 +1021,12 @@ def ppo_dry_run(args):
     --simulate each part of a round measured; then the time of a round and of the run."""
     from model import load_config
 
-    from training import check_shard_ranks
+    from training import check_shard_ranks, check_split
 
     config = load_config(args.policy)
     world, prompt_len = args.world_size, args.plan_prompt_tokens
-    check_shard_ranks(world, args.shard_ranks)  # as the real run refuses it
+    check_shard_ranks(world, args.shard_ranks)  # as the real run refuses them
+    check_split(args, world)
     peak_tflops = args.peak_tflops or PEAK_TFLOPS
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)

@@ -42,7 +42,7 @@ import train_ppo
 import train_rm
 import train_sft
 from data.schema import load_jsonl
-from safety import refuse_to_replace, run_main
+from safety import COUNT, refuse_to_replace, run_main
 from plots import judged, svg_grouped_bars, svg_panels, svg_win_tie_loss
 
 ROOT = Path(__file__).resolve().parent
@@ -62,9 +62,9 @@ def metrics(path: Path) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
-    p.add_argument("--epochs", type=int, default=6, help="SFT epochs over the shipped conversations")
-    p.add_argument("--ppo-steps", type=int, default=32, help="PPO optimizer steps (4 rounds of 16 experiences)")
-    p.add_argument("--eval-limit", type=int, default=8, help="questions and consultations judged per comparison")
+    p.add_argument("--epochs", type=COUNT, default=6, help="SFT epochs over the shipped conversations")
+    p.add_argument("--ppo-steps", type=COUNT, default=32, help="PPO optimizer steps (4 rounds of 16 experiences)")
+    p.add_argument("--eval-limit", type=COUNT, default=8, help="questions and consultations judged per comparison")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
     args = p.parse_args(argv)
     out, timings = args.out, {}

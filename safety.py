@@ -2,6 +2,7 @@
 losing work or from running what they did not mean to, in one place.
 
     run_main            a command line's mistakes as one line on stderr and exit 2, not a traceback
+    number, COUNT, …    argparse types that refuse a flag's value out of its range, at parse time
     RecordError         an input or output refused, naming the file, line or field
     refuse_to_replace   the one rule for outputs a command would replace (--overwrite)
     lock_out, check_out a trainer's --out is this run's alone, and an earlier run's only when told
@@ -18,6 +19,7 @@ Nothing here trains, reads a data set or builds a model; everything above it may
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -34,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+
 class RecordError(ValueError):
     """A record that does not fit its format; the message names the file, line and field."""
 
@@ -44,7 +47,7 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
     """A command line's main(argv), with a user's mistake ending as one line on stderr,
     `error: …`, and exit status 2 instead of a traceback: a bad record or a refused output
     (RecordError), a refusal (SystemExit with a message), a missing file, a full or read-only
-    disk. Anything else is a bug and keeps its traceback."""
+    disk; Ctrl-C is one line and exit status 130. Anything else is a bug and keeps its traceback."""
     try:
         return main(argv) or 0
     except SystemExit as e:
@@ -62,6 +65,9 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
             raise
         message = (f"{e.filename or 'writing'}: {errno.errorcode[e.errno]}, {e.strerror}; nothing written before "
                    "was removed: free space or give a writable path, then rerun (trainers: add --resume)")
+    except KeyboardInterrupt:  # what it was writing is cleaned up by then (its finally blocks)
+        print("error: interrupted", file=sys.stderr)
+        return 130
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -69,13 +75,52 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
 # -- outputs a command replaces ------------------------------------------------------------------
 
 
+def number(kind: type = float, *, least: float | None = None, above: float | None = None,
+           most: float | None = None, below: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a flag's text as a finite `kind` within the bounds given (least and
+    most inclusive, above and below exclusive). Anything else is argparse's one-line error and
+    exit 2 at parse time, naming the flag, before a model or a data file is touched."""
+    bounds = [f">= {least:g}" if least is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {most:g}" if most is not None else "", f"< {below:g}" if below is not None else ""]
+    wanted = f"{'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        if (least is not None and value < least) or (above is not None and value <= above) \
+                or (most is not None and value > most) or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {wanted}")
+        return value
+
+    parse.__name__ = wanted  # what argparse names in its own messages
+    parse.bounds = (least if least is not None else above, most if most is not None else below)
+    return parse
+
+
+COUNT = number(int, least=1)  # how many of something: steps, items, ranks, tokens, workers
+NONNEGATIVE_INT = number(int, least=0)  # 0 meaning "none" or "off"
+POSITIVE = number(above=0)  # a rate, a size, a duration
+NONNEGATIVE = number(least=0)  # a coefficient that may be 0 (a penalty off, a learning rate of 0)
+SHARE = number(above=0, most=1)  # a share of a whole: top-p, MFU
+FRACTION = number(least=0, below=1)  # a part held out: a validation fraction, a warmup ratio
+TEMPERATURE = number(least=0, most=2)  # 0: greedy; the OpenAI API's range
+FINITE = number()  # any real number: a margin, a penalty
+
+
 def refuse_to_replace(where: Path, names: list[str], *, overwrite: bool, what: str = "output",
-                      resume: bool = False) -> list[str]:
+                      resume: bool = False, inputs=()) -> list[str]:
     """The one rule for outputs a command would replace, the trainers', the converters' and the
-    main job's alike: when any of `names` exists in `where`, refuse, naming them, unless
-    --overwrite; with it, say what is replaced. (Outputs that resume, such as distill.py's, are
-    continued instead, see claim_output.) Returns the names that exist."""
-    earlier = [n for n in names if (Path(where) / n).exists()]
+    main job's alike: when any of `names` exists in `where` (a link too, one to nowhere or a
+    loop included), refuse, naming them, unless --overwrite; with it, say what is replaced. An
+    output that is one of the command's `inputs` is refused either way (check_not_an_input).
+    (Outputs that resume, such as distill.py's, are continued instead, see claim_output.)
+    Returns the names that exist."""
+    check_not_an_input([Path(where) / n for n in names], inputs)
+    earlier = [n for n in names if os.path.lexists(Path(where) / n)]
     if earlier and not overwrite:
         how = "add --resume to continue it, or --overwrite to start over there" if resume else \
             "add --overwrite to replace it"
@@ -83,6 +128,20 @@ def refuse_to_replace(where: Path, names: list[str], *, overwrite: bool, what: s
     if earlier:
         print(f"--overwrite: replacing {', '.join(earlier)} in {where}", flush=True)
     return earlier
+
+
+def check_not_an_input(outputs, inputs):
+    """Refuse an output that is one of the command's inputs (the same path after links, or the
+    same file under another name), or a directory holding one, --overwrite or not: it replaces
+    an earlier output, never what the command is reading."""
+    for out in outputs:
+        real_out = Path(os.path.realpath(out))
+        for given in (i for i in inputs if i is not None):
+            real_in = Path(os.path.realpath(given))
+            same = real_in == real_out or (real_in.exists() and real_out.exists() and os.path.samefile(real_in, real_out))
+            if same or real_out in real_in.parents:
+                raise SystemExit(f"{out} is {'' if same else 'a directory holding '}an input of this command "
+                                 f"({given}): an output never replaces what the command reads; choose another path")
 
 
 def lock_out(out: Path):
@@ -193,17 +252,21 @@ def setup_record(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".setup.json")
 
 
-def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None) -> Path:
+def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None, inputs=()) -> Path:
     """Make sure resumable output `out` is this setup's: a file beside it (OUT.setup.json)
     records what produced it — `setup` (fingerprints and settings that change the records)
     and `info` (paths, labels: shown, not compared). A rerun with another setup is refused
     with the differences named, so one model's records are never continued, or counted, as
-    another's. An output that holds nothing yet takes the new setup. Returns the record's path."""
+    another's. An output that holds nothing yet takes the new setup; one that is among the
+    command's `inputs` is refused (check_not_an_input). Returns the record's path."""
     out = Path(out)
+    check_not_an_input([out], inputs)
     record = setup_record(out)
     setup = json.loads(json.dumps(setup))  # as it will read back
     beside = [out, *out.parent.glob(f"{glob.escape(out.stem)}.*.jsonl")]  # its rejects, a first stage's records
-    holds = any(p.exists() and (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0) for p in beside)
+    # A link to nowhere (or a loop) holds something unknown: refused below, as any unlabelled file.
+    holds = any(os.path.lexists(p) and (not p.exists() or (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0))
+                for p in beside)
     if holds and record.is_file():
         before = json.loads(record.read_text(encoding="utf-8"))["setup"]
         diff = [f"{k}: {before.get(k)!r} -> {setup.get(k)!r}" for k in sorted(set(before) | set(setup))

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from safety import run_main
+from safety import COUNT, number, run_main
 from data.template import render
 from chat_api import _loopback
 from generate import ReplyText, add_device_args, decode_steps, device_and_dtype, load
@@ -608,11 +608,11 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
     p.add_argument("--name", help="the model's id in the API (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every interface: set SERVE_API_KEY then")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most")
-    p.add_argument("--max-concurrent", type=int, default=16, help="requests in flight at most; more get 429")
-    p.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body at most")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="reply length when a request gives none")
+    p.add_argument("--port", type=number(int, least=0, most=65535), default=8000)
+    p.add_argument("--max-batch", type=COUNT, default=8, help="sequences decoded together at most")
+    p.add_argument("--max-concurrent", type=COUNT, default=16, help="requests in flight at most; more get 429")
+    p.add_argument("--max-body", type=COUNT, default=1 << 20, help="bytes per request body at most")
+    p.add_argument("--max-tokens", type=COUNT, default=MAX_TOKENS, help="reply length when a request gives none")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling for requests that give no seed")
     p.add_argument("--quiet", action="store_true", help="no access log (one line a request on stderr)")
     add_device_args(p)

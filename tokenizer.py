@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from safety import run_main
+from safety import COUNT, run_main
 
 
 class TokenizerError(ValueError):
@@ -297,7 +297,7 @@ def main(argv=None):
     t = sub.add_parser("train", help="train a sentencepiece model on JSONL conversations or text files")
     t.add_argument("--corpus", nargs="+", required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--vocab-size", type=COUNT, default=4096)
     e = sub.add_parser("encode", help="print the ids and pieces of a text")
     e.add_argument("--model", required=True)
     e.add_argument("text")

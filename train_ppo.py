@@ -69,7 +69,7 @@ from data.template import pad_batch, render
 from generate import generate
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import add_plan_args, ppo_dry_run
-from safety import data_digests, file_digest, model_fingerprint, run_fingerprint
+from safety import COUNT, FINITE, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
                       exit_trainer, frozen_in_bf16, gathered, grad_norm_and_clip, load_model, load_sharded,
                       make_optimizer, micro_batches, mixed_precision, run_distributed, save_dtype, save_hf, shard)
@@ -596,10 +596,6 @@ def _train(args, d):
     if not prompts:
         raise SystemExit(f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} "
                          "tokens)")
-    if args.rollout_size % d.world or args.batch_size % (args.micro_batch_size * d.world) or \
-            args.rollout_size % args.batch_size:
-        raise SystemExit(f"--rollout-size {args.rollout_size} must be a multiple of --batch-size {args.batch_size}, "
-                         f"itself a multiple of --micro-batch-size {args.micro_batch_size} x {d.world} ranks")
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)
     if d.main:
@@ -705,8 +701,8 @@ def main(argv=None):
     add_run_args(p, unit="experiences", lr=LR, batch_size=BATCH_SIZE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
                  max_steps=MAX_STEPS, max_steps_help="optimizer steps (minibatch updates) in all",
                  save_every=10, save_every_help="rounds between resumable states")
-    p.add_argument("--rollout-size", type=int, default=ROLLOUT_SIZE)
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--rollout-size", type=COUNT, default=ROLLOUT_SIZE)
+    p.add_argument("--chunk-size", type=COUNT, default=CHUNK_SIZE)
     p.add_argument("--reshard-in-rollout", action="store_true",
                    help="gather each block at every decoding step of the rollout instead of keeping the policy "
                         "gathered through it (training.gathered): saves the unsharded policy's memory, slower")
@@ -718,18 +714,18 @@ def main(argv=None):
                    help="under bf16 mixed precision (GPU), store the frozen embedding and bottom blocks in bf16, not "
                         "fp32: every number the same, half their memory, exported rounded to bf16 (default: fp32, "
                         "the exported bottom the SFT model's to the bit)")
-    p.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS)
-    p.add_argument("--init-kl-coef", type=float, default=INIT_KL_COEF)
+    p.add_argument("--ppo-epochs", type=COUNT, default=PPO_EPOCHS)
+    p.add_argument("--init-kl-coef", type=NONNEGATIVE, default=INIT_KL_COEF)
     p.add_argument("--kl-target", type=lambda x: None if x == "none" else float(x), default=KL_TARGET,
                    help="the adaptive controller's target KL; 'none' keeps --init-kl-coef fixed")
-    p.add_argument("--kl-horizon", type=int, default=KL_HORIZON)
-    p.add_argument("--clip-ratio", type=float, default=CLIP_RATIO)
-    p.add_argument("--clip-value", type=float, default=CLIP_VALUE)
-    p.add_argument("--vf-coef", type=float, default=VF_COEF)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument("--unfinished-penalty", type=float, default=UNFINISHED_PENALTY,
+    p.add_argument("--kl-horizon", type=COUNT, default=KL_HORIZON)
+    p.add_argument("--clip-ratio", type=POSITIVE, default=CLIP_RATIO)
+    p.add_argument("--clip-value", type=POSITIVE, default=CLIP_VALUE)
+    p.add_argument("--vf-coef", type=NONNEGATIVE, default=VF_COEF)
+    p.add_argument("--max-new-tokens", type=COUNT, default=MAX_NEW_TOKENS)
+    p.add_argument("--unfinished-penalty", type=FINITE, default=UNFINISHED_PENALTY,
                    help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)")
-    p.add_argument("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS)
+    p.add_argument("--trainable-blocks", type=COUNT, default=TRAINABLE_BLOCKS)
     add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")
     args = p.parse_args(argv)
     if args.dry_run:

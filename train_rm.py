@@ -44,9 +44,10 @@ from data.schema import Report, finished_ids
 from data.template import pad_batch, render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
-from model import RewardModel, add_lora, lora_init
+from model import RewardModel, add_lora, check_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import (StepGuard, claim_output, data_digests, file_digest, model_digest, model_fingerprint, run_fingerprint)
+from safety import (COUNT, FINITE, NONNEGATIVE, SHARE, StepGuard, claim_output, data_digests, file_digest, model_digest,
+                    model_fingerprint, number, run_fingerprint)
 from tokenizer import Tokenizer
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer, cosine_lr,
                       device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model, lora_fingerprint,
@@ -159,6 +160,8 @@ def _train(args, d):
     max_len = args.max_len or min(MAX_LEN, trunk.config.max_position_embeddings)
     if max_len > trunk.config.max_position_embeddings:
         raise SystemExit(f"--max-len {max_len} exceeds the model's context of {trunk.config.max_position_embeddings}")
+    if args.lora_rank:
+        check_lora(trunk, args.lora_rank, args.lora_targets)  # before the data is read
 
     report = Report()
     records = [r for f in args.data for r in read(f, "pairs", report=report, encoding=args.encoding)]
@@ -343,7 +346,7 @@ def sample(args):
     claim_output(out, {"model": model_digest(args.model), "data": [file_digest(f) for f in args.data], "k": args.k,
                        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                        "seed": args.seed, "dtype": str(dtype)},
-                 {"model": str(args.model), "data": [str(f) for f in args.data]})
+                 {"model": str(args.model), "data": [str(f) for f in args.data]}, inputs=args.data)
     done = finished_ids(out)
     todo = [p for p in prompts if p[0] not in done]
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -406,12 +409,12 @@ def main(argv=None):
         add_device_args(p, compile=argv[0] == "sample")
         if argv[0] == "sample":
             p.add_argument("--out", required=True)
-            p.add_argument("-k", type=int, default=SAMPLES_PER_PROMPT)
-            p.add_argument("--temperature", type=float, default=1.0)
-            p.add_argument("--top-p", type=float, default=0.9)
-            p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-            p.add_argument("--batch-size", type=int, default=SAMPLE_BATCH_SIZE, help="prompts per generation batch")
-            p.add_argument("--limit", type=int)
+            p.add_argument("-k", type=number(int, least=2), default=SAMPLES_PER_PROMPT)
+            p.add_argument("--temperature", type=NONNEGATIVE, default=1.0)
+            p.add_argument("--top-p", type=SHARE, default=0.9)
+            p.add_argument("--max-new-tokens", type=COUNT, default=MAX_NEW_TOKENS)
+            p.add_argument("--batch-size", type=COUNT, default=SAMPLE_BATCH_SIZE, help="prompts per generation batch")
+            p.add_argument("--limit", type=COUNT)
             p.add_argument("--seed", type=int, default=0)
             return sample(p.parse_args(argv[1:]))
         return score(p.parse_args(argv[1:]))
@@ -421,7 +424,7 @@ def main(argv=None):
     add_input_args(p, formats=False)
     add_trainer_args(p, unit="pairs", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
                      warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
-    p.add_argument("--margin", type=float, default=MARGIN)
+    p.add_argument("--margin", type=FINITE, default=MARGIN)
     add_plan_args(p, items_help="pairs an epoch (default: 100 batches)")
     args = p.parse_args(argv)
     if args.dry_run:

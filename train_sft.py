@@ -24,23 +24,24 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.mixing import LengthGroupedBatches, Source, mix
-from data.readers import add_input_args, read
-from data.schema import Report
-from data.template import IGNORE_INDEX, collate, render
-from model import add_lora, at_least_fp32, lora_init
+from data import corpus
+from data.mixing import LengthGroupedBatches
+from data.readers import add_input_args
+from data.template import IGNORE_INDEX, collate
+from model import add_lora, at_least_fp32, check_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import StepGuard, data_digests, model_fingerprint, run_fingerprint
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer, cosine_lr,
-                      device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model, lora_fingerprint,
-                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_dtype,
-                      save_hf, set_lr, shard_and_load)
+from safety import StepGuard, data_digests, file_digest, model_fingerprint, run_fingerprint
+from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
+                      check_shared, cosine_lr, device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model,
+                      lora_fingerprint, make_optimizer, micro_batches, mixed_precision, on_rank_0, peak_memory_gb,
+                      run_distributed, save_dtype, save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -78,7 +79,10 @@ def batch_loss(model, items, pad_id: int, device) -> torch.Tensor:
 
 
 def n_labels(item) -> int:
-    """Labelled tokens of one rendered conversation (the first position predicts nothing)."""
+    """Labelled tokens of one rendered conversation (the first position predicts nothing): the
+    corpus's count, read without touching its labels (every rank counts the whole batch)."""
+    if item.labelled is not None:
+        return item.labelled
     return int(np.count_nonzero(np.asarray(item.labels[1:]) != IGNORE_INDEX))
 
 
@@ -97,36 +101,37 @@ def validation_loss(model, items, d, micro: int, pad_id: int) -> float:
     return d.all_sum(total) / d.all_sum(count)
 
 
-def read_sources(files, report, fmt: str | None = None, encoding: str = "utf-8") -> list[Source]:
-    """Conversations from files in any format data/ reads. One that ends with the patient's
-    turn has nothing to learn at its end: its last turn is dropped (the answered rounds before
-    it stay) and counted, and one with no answered round at all is skipped and counted."""
-    sources = []
-    for f in files:
-        records = []
-        for r in read(f, fmt, report=report, encoding=encoding):
-            if r["messages"][-1]["role"] == "user":
-                if len(r["messages"]) == 1:
-                    report.skip("no answer to train on (a question alone)", r["id"])
-                    continue
-                report.note("an unanswered last question dropped", r["id"])
-                r = dict(r, messages=r["messages"][:-1])
-            records.append(r)
-        sources.append(Source(str(f), records))
-    return sources
+def rendered_data(args, digests: dict[str, str], tok, d):
+    """(train, val, report summary): the rendered corpus of this run's data, from the cache
+    (--data-cache, default OUT/data-cache; data.corpus), memory-mapped by every rank. Rank 0
+    renders a missing entry alone, the other ranks waiting in one broadcast that also tells
+    them whether it failed (data/ checks every line first: a bad one stops every rank)."""
+    cache = args.data_cache or args.out / "data-cache"
+    key = {"data": sorted(digests[f] for f in args.data), "val_data": [digests[f] for f in args.val_data or []],
+           "format": args.format, "encoding": args.encoding, "seed": args.seed, "max_len": args.max_len,
+           "val_fraction": 0 if args.val_data else VAL_FRACTION, "tokenizer": file_digest(tok.path)}
+    entry = cache / corpus.entry_name(key)
 
-
-def render_all(records, tok, max_len, report):
-    items = []
-    for r in records:
-        x = render(tok, r["messages"], max_len=max_len)
-        if x is None:
-            report.skip(f"first round longer than {max_len} tokens", r["id"])
+    def prepare():
+        cache.mkdir(parents=True, exist_ok=True)
+        if corpus.complete(entry) is None:
+            print(f"rendering the data into {entry} (once: a rerun maps it)", flush=True)
+            # The files in an order of their own (by content), so that the split, the batches
+            # and a resumed run do not depend on the order of --data.
+            corpus.build_entry(entry, key, lambda: corpus.sft_data(
+                sorted(args.data, key=digests.get), args.val_data, tok, max_len=args.max_len, seed=args.seed,
+                val_fraction=VAL_FRACTION, fmt=args.format, encoding=args.encoding))
         else:
-            items.append(x.packed())  # int32 arrays: a fifth of the host memory of lists
-            if x.rounds_dropped:
-                report.note("later rounds dropped to fit the context", r["id"])
-    return items
+            print(f"the rendered data from the cache: {entry}", flush=True)
+
+    on_rank_0(prepare, d, "render the data")
+    if args.data_cache:  # a directory of its own: one every rank must see, as --out
+        check_shared(cache, d, "--data-cache")
+    meta = corpus.complete(entry)
+    if meta is None:
+        raise SystemExit(f"rank {d.rank}: {entry} is not there or not whole: --data-cache must be a directory that "
+                         f"every rank shares")
+    return corpus.Corpus(entry / "train"), corpus.Corpus(entry / "val"), meta["summary"]
 
 
 def main(argv=None):
@@ -134,6 +139,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
     p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
     add_input_args(p)
+    p.add_argument("--data-cache", type=Path, help="where the rendered data is kept, one entry per data, tokenizer and "
+                   "settings (data/corpus.py); several runs on the same data may share one. Default: OUT/data-cache")
     add_trainer_args(p, unit="conversations", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
                      warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
     add_plan_args(p, items_help="conversations an epoch (default: the 226,042 of Table 3's medical parts)")
@@ -153,29 +160,20 @@ def _train(args, d):
     if args.max_len > model.config.max_position_embeddings:
         raise SystemExit(f"--max-len {args.max_len} exceeds the model's context of "
                          f"{model.config.max_position_embeddings} ({args.model})")
+    if args.lora_rank:
+        check_lora(model, args.lora_rank, args.lora_targets)  # before the data is read
 
-    # Data: read, deduplicate, split, render (checked before any expensive work).
-    # The files in an order of their own (by content), so that the split, the batches and a
-    # resumed run do not depend on the order of --data.
-    report = Report()
-    digests = data_digests(args)  # each file read once for its digest: order, fingerprint, model card
-    sources = read_sources(sorted(args.data, key=digests.get), report, args.format, args.encoding)
-    train_records, val_records, rows = mix(sources, seed=args.seed, val_fraction=0 if args.val_data else VAL_FRACTION)
-    for row in rows:  # nothing is dropped without a word: the same conversation under another id
-        for _ in range(row["duplicates"]):
-            report.skip("the same conversation as another (normalised text; data.mixing.dedup_key)", row["source"])
-    if args.val_data:
-        val_records = [r for s in read_sources(args.val_data, report, args.format, args.encoding) for r in s.records]
-    train_items = render_all(train_records, tok, args.max_len, report)
-    val_items = render_all(val_records, tok, args.max_len, report)
-    sampler = LengthGroupedBatches([len(x.ids) for x in train_items], args.batch_size, seed=args.seed, drop_last=True)
+    # Data: read, deduplicate, split, render (checked before any expensive work), once.
+    digests = data_digests(args)  # each file read once for its digest: the cache, fingerprint, model card
+    train_items, val_items, summary = rendered_data(args, digests, tok, d)
+    sampler = LengthGroupedBatches(train_items.lengths, args.batch_size, seed=args.seed, drop_last=True)
     if len(sampler) == 0:
         raise SystemExit(f"{len(train_items)} training conversations make no full batch of {args.batch_size}")
     if d.main:
         print(f"{len(train_items)} training / {len(val_items)} validation conversations; {len(sampler)} "
               f"steps an epoch; {d.world} rank(s) on {d.device}")
-        if report:
-            print(report.summary())
+        if summary:
+            print(summary)
 
     model.activation_checkpointing = args.activation_checkpointing
     if args.lora_rank:  # adapters only, the rest frozen (ours, off by default; the paper trains every weight)

@@ -51,8 +51,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from safety import (CHANGEABLE, check_dcp_metadata, check_fingerprint, check_out, check_state_files, clear_leftovers,
-                    file_digest, json_digest, load_dcp_state, lock_out, replace_dir, run_main, writing)
+from safety import (CHANGEABLE, COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, check_dcp_metadata, check_fingerprint,
+                    check_out, check_state_files, clear_leftovers, file_digest, json_digest, load_dcp_state, lock_out,
+                    number, replace_dir, run_main, writing)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -118,17 +119,17 @@ def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, w
     trainer's defaults (each script cites where its defaults come from). `unit` names what a
     batch counts: conversations, pairs."""
     p.add_argument("--val-data", nargs="+", help="validation files; default: a split of --data")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--warmup-ratio", type=float, default=warmup_ratio)
-    p.add_argument("--max-len", type=int, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: once an epoch)")
+    p.add_argument("--epochs", type=COUNT, default=epochs)
+    p.add_argument("--warmup-ratio", type=number(least=0, most=1), default=warmup_ratio)
+    p.add_argument("--max-len", type=COUNT, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
+    p.add_argument("--eval-every", type=NONNEGATIVE_INT, default=0, help="steps between validations (0: once an epoch)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=0,
+    p.add_argument("--lora-rank", type=NONNEGATIVE_INT, default=0,
                    help="train LoRA adapters of this rank in place of every weight (0: off, the paper's way); "
                         "merged into plain weights in every checkpoint")
-    p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help="LoRA's scale is alpha / rank")
+    p.add_argument("--lora-alpha", type=POSITIVE, default=LORA_ALPHA, help="LoRA's scale is alpha / rank")
     p.add_argument("--lora-targets", nargs="+", default=LORA_TARGETS, help="the blocks' linear layers that get adapters")
-    p.add_argument("--log-every", type=int, default=10,
+    p.add_argument("--log-every", type=NONNEGATIVE_INT, default=10,
                    help="steps between progress lines when stderr is no terminal (a log, a pipe), which shows no "
                         "progress bar (0: none)")
     add_run_args(p, unit=unit, lr=lr, batch_size=batch_size, weight_decay=weight_decay, grad_clip=grad_clip,
@@ -161,14 +162,14 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
     """The flags every trainer shares, PPO's included: where the run goes and how it resumes,
     the optimizer step and how it is split among ranks and micro-batches."""
     p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("--max-steps", type=int, default=max_steps, help=max_steps_help)
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch, in {unit}")
-    p.add_argument("--micro-batch-size", type=int, default=1, help=f"{unit} per forward pass per rank")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--weight-decay", type=float, default=weight_decay)
-    p.add_argument("--grad-clip", type=float, default=grad_clip)
+    p.add_argument("--max-steps", type=COUNT, default=max_steps, help=max_steps_help)
+    p.add_argument("--batch-size", type=COUNT, default=batch_size, help=f"global batch, in {unit}")
+    p.add_argument("--micro-batch-size", type=COUNT, default=1, help=f"{unit} per forward pass per rank")
+    p.add_argument("--lr", type=NONNEGATIVE, default=lr)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=weight_decay)
+    p.add_argument("--grad-clip", type=POSITIVE, default=grad_clip)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=save_every, help=save_every_help)
+    p.add_argument("--save-every", type=COUNT, default=save_every, help=save_every_help)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state (with the same settings and data)")
     p.add_argument("--stop-signals", nargs="*", default=list(STOP_SIGNALS), choices=sorted(SIGNALS),
                    help=f"signals that stop the run at the next step (every rank agreeing), with its state saved and "
@@ -179,7 +180,7 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds an earlier run (its metrics and state are discarded)")
     p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
-    p.add_argument("--shard-ranks", type=int,
+    p.add_argument("--shard-ranks", type=COUNT,
                    help="shard the model over groups of this many ranks (one node's GPUs) and replicate it across "
                         "the groups (HSDP); default: over all ranks (FSDP). See training.device_mesh")
     p.add_argument("--grad-sync", choices=["every", "last"], default="every",
@@ -189,7 +190,7 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
     p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES),
                    help="the dtype of best/ and final/ (the state stays fp32); default: the base model's "
                         "torch_dtype, or bfloat16")
-    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+    p.add_argument("--dist-timeout", type=POSITIVE, default=DIST_TIMEOUT_S,
                    help="seconds a rank waits in a collective for the others (a rank that died or hangs) before the "
                         "run ends with one line saying so; rank 0's solo work at 13B (docs/scale.md) fits the default")
 
@@ -275,9 +276,7 @@ def run_distributed(train_fn, args):
         d.barrier()
         check_shared(args.out, d)
         check_shard_ranks(d.world, args.shard_ranks)  # before the data and the model load
-        if args.batch_size % (args.micro_batch_size * d.world):
-            raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                             f"{args.micro_batch_size} x {d.world} ranks")
+        check_split(args, d.world)
         torch.manual_seed(args.seed)
         args.preemption = preemption
         train_fn(args, d)
@@ -327,11 +326,12 @@ def collective_failed(e: RuntimeError) -> bool:
         "gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "NCCL"))
 
 
-def check_shared(out: Path, d: Distributed):
+def check_shared(out: Path, d: Distributed, flag: str = "--out"):
     """--out must be one directory on every rank: each rank writes its shard of the state there
     and rank 0 the rest, so a path that is each node's local disk would leave a state no node
-    can resume. Rank 0 writes a random token; after a barrier every rank reads it back; one
-    all-reduce tells every rank which ranks did not, and all of them stop, before any work."""
+    can resume (train_sft.py's --data-cache likewise: rank 0 renders into it, every rank maps
+    it). Rank 0 writes a random token; after a barrier every rank reads it back; one all-reduce
+    tells every rank which ranks did not, and all of them stop, before any work."""
     token = torch.tensor(int.from_bytes(os.urandom(7), "big") if d.main else 0, dtype=torch.int64, device=d.device)
     dist.broadcast(token, 0)
     if d.main:
@@ -348,8 +348,26 @@ def check_shared(out: Path, d: Distributed):
         (out / SHARED).unlink()
     if missing.any():
         ranks = ", ".join(str(r) for r in missing.nonzero().flatten().tolist())
-        raise SystemExit(f"--out {out} is not the same directory on every rank: rank(s) {ranks} do not see what rank "
+        raise SystemExit(f"{flag} {out} is not the same directory on every rank: rank(s) {ranks} do not see what rank "
                          f"0 wrote there. Give a path on a filesystem every node shares")
+
+
+def on_rank_0(work, d: Distributed, what: str):
+    """work() on rank 0 alone while the other ranks wait; one broadcast then tells every rank
+    whether it failed, so that all of them stop at once (rank 0 with its own error, the others
+    with one line) rather than the others waiting out --dist-timeout."""
+    failure = None
+    if d.main:
+        try:
+            work()
+        except BaseException as e:  # a bad data line (SystemExit), a full disk, a stop signal
+            failure = e
+    failed = torch.tensor(int(failure is not None), device=d.device)
+    dist.broadcast(failed, 0)
+    if failure is not None:
+        raise failure
+    if int(failed):
+        raise SystemExit(f"rank 0 could not {what} (its error says why)")
 
 
 def init_distributed(timeout_s: float = DIST_TIMEOUT_S) -> Distributed:
@@ -387,6 +405,18 @@ def device_mesh(device_type: str, world: int, shard_ranks: int | None = None):
     if shard_ranks in (None, world):
         return init_device_mesh(device_type, (world,))
     return init_device_mesh(device_type, (world // shard_ranks, shard_ranks), mesh_dim_names=("replicate", "shard"))
+
+
+def check_split(args, world: int):
+    """The global batch must split evenly into micro-batches x ranks, and PPO's rollout into
+    global batches; the dry run refuses what the run would (plan.py calls this with
+    --world-size)."""
+    rollout = getattr(args, "rollout_size", None)
+    if rollout is not None and rollout % args.batch_size:
+        raise SystemExit(f"--rollout-size {rollout} must be a multiple of --batch-size {args.batch_size}")
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} ranks")
 
 
 def check_shard_ranks(world: int, shard_ranks: int | None):

@@ -21,7 +21,7 @@ from data.readers import READERS, add_input_args, read
 from pathlib import Path
 
 from data.schema import RecordError, Report, to_huatuo, write_jsonl
-from safety import refuse_to_replace, run_main
+from safety import COUNT, FRACTION, POSITIVE, refuse_to_replace, run_main
 from data.template import MAX_LEN, render
 
 
@@ -68,7 +68,7 @@ def cmd_stats(args):
 
 
 def cmd_convert(args):
-    replacing(args.out, args)
+    replacing(args.out, args, [args.input])
     report = Report()
     n = write_jsonl(args.out, read(args.input, args.format, skip_bad=args.skip_bad, report=report,
                                    encoding=args.encoding, **({"split": args.split} if args.split else {})))
@@ -77,9 +77,10 @@ def cmd_convert(args):
         print(report.summary())
 
 
-def replacing(out: str, args):
-    """An existing --out is replaced only with --overwrite (the project's one rule)."""
-    refuse_to_replace(Path(out).parent, [Path(out).name], overwrite=args.overwrite)
+def replacing(out: str, args, inputs: list):
+    """An existing --out is replaced only with --overwrite (the project's one rule), and never
+    when it is one of the inputs."""
+    refuse_to_replace(Path(out).parent, [Path(out).name], overwrite=args.overwrite, inputs=inputs)
 
 
 def parse_source(spec: str) -> tuple[str, float, int | None]:
@@ -88,17 +89,20 @@ def parse_source(spec: str) -> tuple[str, float, int | None]:
     weight, cap = 1.0, None
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key == "weight":
-            weight = float(value)
-        elif key == "cap":
-            cap = int(value)
-        else:
+        kind = {"weight": POSITIVE, "cap": COUNT}.get(key)
+        if kind is None:
             raise ValueError(f"--source {spec}: unknown option {opt!r} (use weight=W or cap=N)")
+        try:
+            parsed = kind(value)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--source {spec}: {key}: {e}") from None
+        weight, cap = (parsed, cap) if key == "weight" else (weight, parsed)
     return path, weight, cap
 
 
 def cmd_mix(args):
-    refuse_to_replace(Path(args.out_dir), ["train.jsonl", "val.jsonl"], overwrite=args.overwrite)
+    refuse_to_replace(Path(args.out_dir), ["train.jsonl", "val.jsonl"], overwrite=args.overwrite,
+                      inputs=[parse_source(spec)[0] for spec in args.source])
     sources, report = [], Report()
     for spec in args.source:
         path, weight, cap = parse_source(spec)
@@ -116,6 +120,8 @@ def cmd_mix(args):
             stats = length_stats(token_lengths(kept, args.tokenizer, args.max_len)[0])
             row.update(tokens=stats["total"], p50=stats["p50"], p90=stats["p90"], p99=stats["p99"], max=stats["max"])
     print_table(rows)
+    if not train:
+        raise ValueError(f"--source {' '.join(args.source)}: no training record left to write; nothing written")
     write_jsonl(f"{args.out_dir}/train.jsonl", train)
     write_jsonl(f"{args.out_dir}/val.jsonl", val)
     print(f"wrote {len(train)} training and {len(val)} validation records to {args.out_dir}")
@@ -127,7 +133,7 @@ def cmd_export(args):
     """The HuatuoGPT layout holds question/answer pairs: a prompt-only record (a question and
     no answer) has nothing to write and is skipped, a last unanswered question is dropped;
     both are counted. What is written reads back with the huatuo-sft reader."""
-    replacing(args.out, args)
+    replacing(args.out, args, [args.input])
     report = Report()
 
     def exportable():
@@ -139,7 +145,7 @@ def cmd_export(args):
                 report.note("last unanswered question dropped", f"{args.input}: {r['id']}")
             yield to_huatuo(r)
 
-    n = write_jsonl(args.out, exportable())
+    n = write_jsonl(args.out, exportable(), if_empty=f"{args.input}: no conversation to export; nothing written")
     print(f"wrote {n} lines in the HuatuoGPT SFT layout to {args.out}")
     if report:
         print(report.summary())
@@ -160,7 +166,7 @@ def main(argv=None):
     s = sub.add_parser("stats", help="counts and length percentiles")
     s.add_argument("files", nargs="+")
     s.add_argument("--tokenizer")
-    s.add_argument("--max-len", type=int, default=MAX_LEN)
+    s.add_argument("--max-len", type=COUNT, default=MAX_LEN)
     common(s)
     c = sub.add_parser("convert", help="a public format -> our schema")
     c.add_argument("input")
@@ -171,10 +177,10 @@ def main(argv=None):
     m = sub.add_parser("mix", help="sources -> train.jsonl and val.jsonl")
     m.add_argument("--source", nargs="+", required=True)
     m.add_argument("--out-dir", required=True)
-    m.add_argument("--val-fraction", type=float, default=0.05)
+    m.add_argument("--val-fraction", type=FRACTION, default=0.05)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--tokenizer")
-    m.add_argument("--max-len", type=int, default=MAX_LEN)
+    m.add_argument("--max-len", type=COUNT, default=MAX_LEN)
     common(m)
     overwrite(m)
     e = sub.add_parser("export-huatuo", help="our schema -> the HuatuoGPT SFT data layout")

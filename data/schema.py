@@ -111,20 +111,33 @@ def check_pair(record, where: str) -> dict:
     return record
 
 
-def text_lines(path: str | os.PathLike, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """(line number, line) of a text file; a BOM is dropped, a wrong encoding named."""
+def text_lines(path: str | os.PathLike, encoding: str = "utf-8",
+               on_bad_line: Callable[[RecordError], None] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file; a BOM is dropped. A line that is not valid in
+    `encoding` is named, with the byte of that line where it goes wrong: an error, or given to
+    on_bad_line (a reader's --skip-bad) and passed over. Lines are split and decoded one by one
+    (a decoder fed blocks would name the block's byte and a line before the bad one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-    n = 0
-    with open(path, encoding=codec, newline="") as f:
-        try:
-            for n, line in enumerate(f, start=1):
-                yield n, line.rstrip("\r\n")
-        except UnicodeDecodeError as e:
-            hint = " (Chinese data sets are sometimes GBK: try --encoding gbk)" if codec == "utf-8-sig" else ""
-            raise RecordError(f"{path}:{n + 1}: not valid {encoding}: {e.reason} at byte {e.start}{hint}") from None
+    utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+    hint = " (Chinese data sets are sometimes GBK: try --encoding gbk)" if utf8 else ""
+    if "\n".encode("utf-8" if utf8 else encoding) != b"\n":  # UTF-16 and the like: no line split on b"\n"
+        with open(path, encoding=encoding, newline="") as f:
+            yield from ((n, line.rstrip("\r\n")) for n, line in enumerate(f, start=1))
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if utf8 and n == 1 else "utf-8" if utf8 else encoding)
+            except UnicodeDecodeError as e:
+                error = RecordError(f"{path}:{n}: not valid {encoding}: {e.reason} at byte {e.start + 1} of the "
+                                    f"line{hint}")
+                if on_bad_line is None:
+                    raise error from None
+                on_bad_line(error)
+                continue
+            yield n, line.rstrip("\r\n")
 
 
 def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
@@ -134,7 +147,12 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
 def read_jsonl(path, check: Callable = check_conversation, *, skip_bad: bool = False,
                report: Report | None = None, encoding: str = "utf-8") -> Iterator[dict]:
     """Yield the checked records of a JSONL file; blank lines are allowed."""
-    for n, line in text_lines(path, encoding):
+    def bad_line(e: RecordError):
+        if not skip_bad:
+            raise e
+        (report if report is not None else Report()).skip(str(e).split(": ", 1)[1], str(e).split(": ", 1)[0])
+
+    for n, line in text_lines(path, encoding, bad_line):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -150,8 +168,10 @@ def read_jsonl(path, check: Callable = check_conversation, *, skip_bad: bool = F
             (report if report is not None else Report()).skip(str(e).split(": ", 1)[1], where)
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write records atomically (a temporary file renamed into place); returns the count."""
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict], if_empty: str | None = None) -> int:
+    """Write records atomically (a temporary file renamed into place); returns the count. With
+    `if_empty`, no record is a RecordError with that message, and an existing file stays. An
+    error writing names `path`, the file the user asked for, not the temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -163,7 +183,13 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
                 n += 1
             f.flush()
             os.fsync(f.fileno())
+        if n == 0 and if_empty:
+            raise RecordError(if_empty)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == str(tmp):
+            raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return n

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 SYSTEM = ("一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的"
@@ -84,14 +83,7 @@ class Rendered:
     ids: list[int]
     labels: list[int]
     rounds_dropped: int = 0
-
-    def packed(self) -> "Rendered":
-        """The same conversation with its ids and labels in int32 arrays: 8 bytes a token where
-        lists of Python ints hold ~41 (measured with tracemalloc on data/sft/), what a trainer
-        keeps of a corpus (issue 34: 226,042 conversations on every rank). collate, pad_batch
-        and len() take either."""
-        return Rendered(np.asarray(self.ids, dtype=np.int32), np.asarray(self.labels, dtype=np.int32),
-                        self.rounds_dropped)
+    labelled: int | None = None  # labelled positions after the first, when known (data.corpus)
 
 
 def patient_turn(tok, question: str) -> list[int]:

@@ -1,6 +1,7 @@
 """data/: the schema, the chat template and its loss mask, readers, mixing and batching."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -498,6 +499,7 @@ def test_gbk_files_are_read_wherever_data_is_read(tmp_path, capsys):
     import evaluate
     import train_rm
     import train_sft
+    from data.corpus import read_sources
 
     rows = [{"id": f"g{i}", "source": "gbk", "messages": [{"role": "user", "content": f"我头痛{i}天了，怎么办？"},
                                                           {"role": "assistant", "content": "建议您多休息。"}]}
@@ -508,7 +510,7 @@ def test_gbk_files_are_read_wherever_data_is_read(tmp_path, capsys):
     assert "try --encoding gbk" in capsys.readouterr().err
     assert data_main(["convert", str(gbk), "--out", str(tmp_path / "a.jsonl"), "--encoding", "gbk"]) == 0
     assert [r["messages"] for r in read_schema(tmp_path / "a.jsonl")] == [r["messages"] for r in rows]
-    sources = train_sft.read_sources([gbk], Report(), None, "gbk")
+    sources = read_sources([gbk], Report(), None, "gbk")
     assert [r["messages"] for r in sources[0].records] == [r["messages"] for r in rows]
     # Every command that reads data files takes --encoding (and --format where the format varies).
     for main, argv, flags in ((train_sft.main, [], ("--encoding", "--format")), (train_rm.main, [], ("--encoding",)),
@@ -674,3 +676,98 @@ def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert "holds an earlier output (val.jsonl)" in capsys.readouterr().err
     assert run_main(data_cli, ["export-huatuo", str(out), "--out", str(out)]) == 2
     assert out.read_text().count("\n") == 1
+
+
+def test_no_command_writes_over_its_own_input_and_a_link_loop_is_an_earlier_output(tmp_path, capsys):
+    """Issue 35 item 2: mix --out-dir holding its --source, export-huatuo and convert with --out
+    = the input, all with --overwrite, replaced what they were reading; a symlink loop as --out
+    was replaced without --overwrite (Path.exists() is False for a loop). Each is refused now,
+    by any name of the input (itself, a link, a hard link), and the input is unchanged."""
+    import convert
+    import distill
+    from safety import run_main
+
+    rows = [{"id": f"r{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天"},
+                                                        {"role": "assistant", "content": "多休息。"}]} for i in range(5)]
+    d = tmp_path / "d"
+    d.mkdir()
+    x = d / "train.jsonl"
+    x.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    before = x.read_bytes()
+    (d / "link.jsonl").symlink_to(x)
+    os.link(x, d / "hard.jsonl")
+    for argv in (["mix", "--source", str(x), "--out-dir", str(d), "--overwrite"],
+                 ["export-huatuo", str(x), "--out", str(x), "--overwrite"],
+                 ["convert", str(x), "--out", str(x), "--overwrite"],
+                 ["convert", str(x), "--out", str(d / "link.jsonl"), "--overwrite"],
+                 ["convert", str(d / "link.jsonl"), "--out", str(d / "hard.jsonl"), "--overwrite"]):
+        assert run_main(data_cli, argv) == 2, argv
+        assert "an input of this command" in capsys.readouterr().err
+    assert x.read_bytes() == before
+    with pytest.raises(SystemExit, match="an input of this command"):
+        distill.main(["polish-qa", "--input", str(x), "--out", str(d / "link.jsonl"), "--model", "m"])
+    with pytest.raises(SystemExit, match="a directory holding an input"):
+        convert.main(["--src", str(d), "--out", str(tmp_path), "--overwrite"])
+    assert x.read_bytes() == before
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert run_main(data_cli, ["convert", str(x), "--out", str(tmp_path / "loop1")]) == 2
+    assert "holds an earlier output (loop1)" in capsys.readouterr().err
+    assert os.readlink(tmp_path / "loop1") == str(tmp_path / "loop2")
+
+
+def test_messages_name_the_line_the_flag_and_the_path_the_user_gave(tmp_path, capsys, monkeypatch):
+    """Issue 35 item 4, each a row that pointed the wrong way: a GBK line after a UTF-8 one was
+    blamed on line 1 "at byte 688" (a byte offset into the file) and refused under --skip-bad;
+    weight=abc said only "could not convert string to float"; weight=-1 and an empty
+    export-huatuo input wrote 0 records with exit 0; --out /proc/x.jsonl named the temporary
+    file; Ctrl-C in convert.py ended in a KeyboardInterrupt traceback."""
+    import convert
+    import model
+    from conftest import micro_model
+    from safety import run_main
+
+    def record(i, text):
+        return json.dumps({"id": f"r{i}", "source": "t", "messages": [
+            {"role": "user", "content": text}, {"role": "assistant", "content": "多休息。"}]}, ensure_ascii=False)
+
+    mixed = tmp_path / "mixed.jsonl"
+    line1 = record(1, "头痛三天了").encode()
+    mixed.write_bytes(line1 + b"\n" + record(2, "发烧了").encode("gbk") + b"\n" + record(3, "咳嗽").encode() + b"\n")
+    bad = len(b'{"id": "r2", "source": "t", "messages": [{"role": "user", "content": "') + 1  # 1-based
+    assert run_main(data_cli, ["stats", str(mixed)]) == 2
+    assert f"mixed.jsonl:2: not valid utf-8: invalid start byte at byte {bad} of the line" in capsys.readouterr().err
+    assert run_main(data_cli, ["stats", str(mixed), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "mixed.jsonl: 2 records" in out and "skipped 1 record(s): not valid utf-8" in out and "mixed.jsonl:2)" in out
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(record(1, "头痛") + "\n" + record(2, "发烧") + "\n", encoding="utf-8")
+    for option, says in (("weight=abc", "weight: 'abc' is not a number > 0"),
+                         ("weight=-1", "weight: -1 is out of range: it must be a number > 0"),
+                         ("weight=nan", "weight: nan is not a number > 0"), ("cap=0", "cap: 0 is out of range")):
+        assert run_main(data_cli, ["mix", "--source", f"{good}:{option}", "--out-dir", str(tmp_path / "m")]) == 2
+        assert f"error: --source {good}:{option}: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "earlier.jsonl").write_text("kept\n", encoding="utf-8")
+    assert run_main(data_cli, ["export-huatuo", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "earlier.jsonl"),
+                               "--overwrite"]) == 2
+    assert "empty.jsonl: no conversation to export; nothing written" in capsys.readouterr().err
+    assert (tmp_path / "earlier.jsonl").read_text(encoding="utf-8") == "kept\n"  # what the user had stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.jsonl", "empty.jsonl", "good.jsonl", "mixed.jsonl"]
+
+    if Path("/proc/self").is_dir():  # a directory no file can be made in
+        assert run_main(data_cli, ["convert", str(good), "--out", "/proc/x.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert "'/proc/x.jsonl'" in err and ".tmp-" not in err
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    src = micro_model()
+    monkeypatch.setattr(model, "_save_shard", interrupted)  # Ctrl-C while the first shard is written
+    assert run_main(convert.main, ["--src", str(src), "--out", str(tmp_path / "c")]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    assert not (tmp_path / "c").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())

@@ -109,7 +109,8 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
     scores as train_rm.py does; one transformers wrote (as the official HuatuoGPT reward model
     is) loads in ours and scores as transformers does. Right-padded batches of replies that end
     with eos: transformers reads the last token that is not pad_token_id, ours the mask's last."""
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, LlamaConfig,
+                              LlamaForSequenceClassification)
 
     tok = Tokenizer(tokenizer_file)
     msgs = [{"role": "user", "content": "头痛三天了"}]
@@ -132,6 +133,17 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
         expected = theirs(input_ids=tokens, attention_mask=mask).logits[:, 0]
         torch.testing.assert_close(ours_of_theirs(tokens, mask), expected, rtol=0, atol=1e-9)
         assert expected.abs().min() > 1e-3  # not a comparison of zeros
+    # Issue 35 item 4: a two-label classifier transformers wrote is refused for its labels, not
+    # for score.weight's shape: as transformers 5 writes it (neither id2label nor num_labels: its
+    # default, 2) and as 4.x wrote it (id2label of two entries, no num_labels).
+    two = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
+    LlamaForSequenceClassification(LlamaConfig(**two, num_labels=2)).save_pretrained(tmp_path / "two")
+    hf = json.loads((tmp_path / "two" / "config.json").read_text())
+    for written in (hf, {**hf, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}}):
+        assert "num_labels" not in written and AutoConfig.for_model(**written).num_labels == 2
+        (tmp_path / "two" / "config.json").write_text(json.dumps(written))
+        with pytest.raises(CheckpointError, match=r"config.json: 2 labels .*; a reward model needs one label"):
+            RewardModel.from_pretrained(tmp_path / "two")
 
 
 def run_rm(out, *extra, nproc=1, model=None):

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,8 +294,8 @@ def test_memory_estimate_by_hand():
 
 
 def test_unanswered_last_questions_are_counted_not_silently_dropped(tmp_path):
+    from data.corpus import read_sources
     from data.schema import Report
-    from train_sft import read_sources
 
     q, a = {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}
     rows = [{"id": "whole", "source": "t", "messages": [q, a]}, {"id": "open-end", "source": "t", "messages": [q, a, q]},
@@ -466,44 +467,95 @@ def test_a_shard_file_rank_0_cannot_read_stops_every_rank_at_once(tmp_path):
     assert "train_sft.py\", line" not in proc.stderr  # no worker's traceback
 
 
-def test_the_corpus_kept_in_int32_arrays_gives_the_same_batches_in_less_memory(tokenizer_file):
-    """Issue 34 item 1, its first step: render_all keeps each conversation's ids and labels in
-    int32 arrays (Rendered.packed). The batches are those of the lists, to the bit: the same
-    order (the sampler reads the same lengths), tokens, labels, mask and labelled-token counts;
-    and tracemalloc counts under 10 bytes a token, against 22.9 for the lists with this test's
-    small tokenizer (40.8 with the embedded one, whose ids above 256 are each an int object)."""
+def test_the_rendered_corpus_on_disk_gives_the_same_batches_in_a_fraction_of_the_memory(tokenizer_file, tmp_path):
+    """Issue 34 item 1: train_sft.py renders its data once into a cache entry (data.corpus) and
+    every rank maps it. Its batches are those of the conversations rendered in memory, to the
+    bit: the same order (the sampler reads the same lengths), tokens, labels, mask and labelled-
+    token counts, over two epochs. Opening it costs a few bytes a conversation, none a token
+    (tracemalloc: the lists rendered in memory hold ~23 bytes a token with this tokenizer)."""
     import tracemalloc
 
-    from data.mixing import LengthGroupedBatches
+    from data import corpus
+    from data.mixing import LengthGroupedBatches, mix
     from data.schema import Report
-    from train_sft import n_labels, read_sources, render_all
+    from train_sft import n_labels
 
     tok = Tokenizer(tokenizer_file)
-    records = [r for s in read_sources(SFT, Report()) for r in s.records]
+    train, val, _ = mix(corpus.read_sources(SFT, Report()), seed=5, val_fraction=0.1)
+    in_memory = {name: [x for r in records if (x := render(tok, r["messages"], max_len=512)) is not None]
+                 for name, records in (("train", train), ("val", val))}
+    meta = corpus.build_entry(tmp_path / "entry", {"k": 1}, lambda: corpus.sft_data(
+        SFT, None, tok, max_len=512, seed=5, val_fraction=0.1))
     tracemalloc.start()
     try:
-        base = tracemalloc.get_traced_memory()[0]
-        lists = [x for r in records if (x := render(tok, r["messages"], max_len=512)) is not None]
-        list_bytes = tracemalloc.get_traced_memory()[0] - base
-        base = tracemalloc.get_traced_memory()[0]
-        packed = render_all(records, tok, 512, Report())
-        packed_bytes = tracemalloc.get_traced_memory()[0] - base
+        opened = {name: corpus.Corpus(tmp_path / "entry" / name) for name in ("train", "val")}
+        lengths = opened["train"].lengths
+        held = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    tokens = sum(len(x.ids) for x in lists)
-    assert len(packed) == len(lists) > 50 and all(x.ids.dtype == np.int32 for x in packed)
-    # int32 ids and labels are 8 bytes a token, and each array's header is shared by ~300 tokens
-    assert packed_bytes / tokens < 10 and packed_bytes < list_bytes / 2, (list_bytes / tokens, packed_bytes / tokens)
-    def epochs(items):  # the sampler runs on (a run's steps cross epochs): its first two
-        sampler = LengthGroupedBatches([len(x.ids) for x in items], 8, seed=3, drop_last=True)
+    tokens = sum(len(x.ids) for x in in_memory["train"])
+    assert meta["train"] == {"conversations": len(in_memory["train"]), "tokens": tokens} and len(in_memory["val"]) > 5
+    assert held < 200 * len(lengths) < tokens, (held, tokens)
+
+    def epochs(lengths):  # the sampler runs on (a run's steps cross epochs): its first two
+        sampler = LengthGroupedBatches(lengths, 8, seed=3, drop_last=True)
         return [list(b) for b in itertools.islice(iter(sampler), 2 * len(sampler))]
 
-    order = epochs(lists)
-    assert order == epochs(packed)
-    for batch in order:
-        a, b = collate([lists[i] for i in batch], 0), collate([packed[i] for i in batch], 0)
-        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-        assert [n_labels(lists[i]) for i in batch] == [n_labels(packed[i]) for i in batch]
+    order = epochs([len(x.ids) for x in in_memory["train"]])
+    assert order == epochs(lengths)
+    for name, batches in (("train", order), ("val", [range(len(in_memory["val"]))])):
+        mine, theirs = in_memory[name], opened[name]
+        for batch in batches:
+            a, b = collate([mine[i] for i in batch], 0), collate([theirs[i] for i in batch], 0)
+            assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+            assert [n_labels(mine[i]) for i in batch] == [n_labels(theirs[i]) for i in batch]
+    assert [len(x.ids) for x in opened["val"][1::2]] == [len(x.ids) for x in in_memory["val"][1::2]]
+
+
+def test_a_rerun_maps_the_rendered_data_without_reading_it_and_takes_no_partial_entry(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """The cache of train_sft.rendered_data: a second run with the same data, tokenizer and
+    settings finds its entry and neither reads nor renders the data (the reader would fail
+    here); another --max-len, or other data, is another entry; a damaged entry (an array cut
+    short, as a full disk leaves it) or a build's leftover is never taken but rendered anew."""
+    import argparse
+
+    import train_sft
+    from data import corpus
+    from training import init_distributed, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(tmp_path / "tokenizer.model")
+    args = argparse.Namespace(data=SFT[:2], val_data=None, format=None, encoding="utf-8", seed=0, max_len=512,
+                              data_cache=None, out=tmp_path / "run")
+    digests = train_sft.data_digests(args)
+    d = init_distributed()
+    try:
+        def lengths():
+            train, val, summary = train_sft.rendered_data(args, digests, tok, d)
+            return train.lengths, val.lengths, summary
+
+        first = lengths()
+        assert "rendering the data" in capsys.readouterr().out
+        entries = sorted((tmp_path / "run" / "data-cache").iterdir())
+        assert len(entries) == 1 and len(first[0]) > 40
+        real = corpus.sft_data
+        monkeypatch.setattr(corpus, "sft_data", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+        assert lengths() == first and "from the cache" in capsys.readouterr().out
+        ids = entries[0] / "train" / "ids.int32"
+        os.truncate(ids, ids.stat().st_size - 4)  # cut short: not whole, so rendered again
+        with pytest.raises(AssertionError, match="read"):  # it tried to render again
+            lengths()
+        monkeypatch.setattr(corpus, "sft_data", real)
+        assert lengths() == first and "rendering the data" in capsys.readouterr().out
+        args.max_len = 256
+        assert lengths() != first
+        assert len(list((tmp_path / "run" / "data-cache").iterdir())) == 2  # no temporary left behind either
+        args.max_len = 512
+        shutil.rmtree(entries[0])
+        (tmp_path / "run" / "data-cache" / f".{entries[0].name}.tmp-x" / "train").mkdir(parents=True)  # a kill's
+        assert lengths() == first and "rendering the data" in capsys.readouterr().out
+    finally:
+        d.close()
 
 
 def test_a_one_process_group_leaves_no_temporary_files():

@@ -1,0 +1,188 @@
+"""The SFT corpus rendered once, on disk, memory-mapped by every rank and every rerun.
+
+A corpus of n rendered conversations is four flat arrays in a directory, in native byte order:
+
+    ids.int32       every conversation's token ids, one after another
+    labels.int32    their labels (IGNORE_INDEX where no loss is taken)
+    offsets.int64   n + 1 offsets: conversation i is ids[offsets[i]:offsets[i + 1]]
+    labelled.int32  n counts of labelled positions after the first (what a step divides by)
+
+At the paper's size (226,042 conversations of about 1,024 tokens, Table 3) that is ~1.8 GB on
+disk. train_sft.py renders its data into a cache directory, one entry per key, the key being
+everything the rendering depends on: the data (by content), the tokenizer (by content), the
+settings that select and cut conversations, and the code in data/ and tokenizer.py. Rank 0
+renders a missing entry alone, writing the arrays as it goes, and renames the finished
+directory into place, so a half-written entry is never taken. Every rank then maps the same
+files: its memory holds the pages of the conversations it draws (its share of each batch),
+and the page cache of a node holds one copy for all its ranks. A rerun finds the entry and
+starts without reading or rendering the data again (nanoGPT's prepare-once design).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from data.mixing import mix
+from data.readers import read
+from data.schema import Report
+from data.template import IGNORE_INDEX, Rendered, render
+
+ARRAYS = {"ids": np.int32, "labels": np.int32, "offsets": np.int64, "labelled": np.int32}
+META = "corpus.json"  # written last: an entry without it is not finished
+CODE = [*sorted((Path(__file__).parent).glob("*.py")), Path(__file__).parents[1] / "tokenizer.py"]
+
+
+class Corpus:
+    """A rendered corpus (the layout above), memory-mapped: corpus[i] is conversation i as a
+    Rendered whose ids and labels are views of the files, read when they are used."""
+
+    def __init__(self, directory: Path):
+        arrays = {name: _array(directory, name, dtype) for name, dtype in ARRAYS.items()}
+        self.ids, self.labels, self.offsets, self.labelled = (arrays[k] for k in ARRAYS)
+        n = len(self.offsets) - 1
+        if n < 0 or len(self.labelled) != n or len(self.labels) != len(self.ids) or \
+                int(self.offsets[-1]) != len(self.ids):
+            raise ValueError(f"{directory}: the arrays of a rendered corpus do not agree in size")
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Rendered(self.ids[start:end], self.labels[start:end], labelled=int(self.labelled[i]))
+
+    @property
+    def lengths(self) -> list[int]:
+        """Every conversation's length in tokens (from the offsets: no token is read)."""
+        return np.diff(self.offsets).tolist()
+
+
+def _array(directory: Path, name: str, dtype) -> np.ndarray:
+    path = directory / f"{name}.{np.dtype(dtype).name}"
+    if path.stat().st_size == 0:  # an empty file cannot be mapped
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def write_corpus(directory: Path, items) -> dict:
+    """Rendered conversations (any iterable) -> the four arrays in `directory`, written as they
+    come: the writer holds one conversation at a time. Returns the counts."""
+    directory.mkdir(parents=True, exist_ok=True)
+    offsets, labelled = [0], []
+    with open(directory / "ids.int32", "wb") as ids, open(directory / "labels.int32", "wb") as labels:
+        for x in items:
+            ids.write(np.asarray(x.ids, dtype=np.int32).tobytes())
+            y = np.asarray(x.labels, dtype=np.int32)
+            labels.write(y.tobytes())
+            offsets.append(offsets[-1] + len(y))
+            labelled.append(int(np.count_nonzero(y[1:] != IGNORE_INDEX)))
+        for f in (ids, labels):
+            f.flush()
+            os.fsync(f.fileno())
+    for name, values in (("offsets", offsets), ("labelled", labelled)):
+        path = directory / f"{name}.{np.dtype(ARRAYS[name]).name}"
+        with open(path, "wb") as f:
+            f.write(np.asarray(values, dtype=ARRAYS[name]).tobytes())
+            os.fsync(f.fileno())
+    return {"conversations": len(labelled), "tokens": offsets[-1]}
+
+
+def entry_name(key: dict) -> str:
+    """The cache entry of a key: its digest with that of the code that renders (data/*.py and
+    tokenizer.py), so that a change to the template, the readers or the mixing renders anew."""
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+    for f in CODE:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def complete(entry: Path) -> dict | None:
+    """The meta record of a finished, whole entry; None when it is missing or damaged."""
+    try:
+        meta = json.loads((entry / META).read_text(encoding="utf-8"))
+        for part in ("train", "val"):
+            if len(Corpus(entry / part)) != meta[part]["conversations"]:
+                return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_entry(entry: Path, key: dict, build) -> dict:
+    """Write the entry that `build() -> (train items, val items, report)` makes (the items
+    iterables, written as they come; the report complete once they are used up), into a
+    temporary directory beside it, renamed into place when whole: one a killed build left is
+    never taken, and a damaged entry is replaced. Returns its meta record."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        train, val, report = build()
+        meta = {"key": key, "train": write_corpus(tmp / "train", train), "val": write_corpus(tmp / "val", val)}
+        meta["summary"] = report.summary() if report else ""
+        (tmp / META).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.rename(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def read_sources(files, report, fmt: str | None = None, encoding: str = "utf-8") -> list:
+    """Conversations from files in any format data/ reads, as mixing Sources. One that ends with
+    the patient's turn has nothing to learn at its end: its last turn is dropped (the answered
+    rounds before it stay) and counted, and one with no answered round at all is skipped and
+    counted."""
+    from data.mixing import Source
+
+    sources = []
+    for f in files:
+        records = []
+        for r in read(f, fmt, report=report, encoding=encoding):
+            if r["messages"][-1]["role"] == "user":
+                if len(r["messages"]) == 1:
+                    report.skip("no answer to train on (a question alone)", r["id"])
+                    continue
+                report.note("an unanswered last question dropped", r["id"])
+                r = dict(r, messages=r["messages"][:-1])
+            records.append(r)
+        sources.append(Source(str(f), records))
+    return sources
+
+
+def rendered(records, tok, max_len: int, report):
+    """Each record rendered for training, in order; one whose first round does not fit is
+    skipped and counted, one that lost later rounds to the limit counted."""
+    for r in records:
+        x = render(tok, r["messages"], max_len=max_len)
+        if x is None:
+            report.skip(f"first round longer than {max_len} tokens", r["id"])
+            continue
+        if x.rounds_dropped:
+            report.note("later rounds dropped to fit the context", r["id"])
+        yield x
+
+
+def sft_data(files, val_files, tok, *, max_len: int, seed: int, val_fraction: float, fmt=None, encoding="utf-8"):
+    """What train_sft.py trains and validates on: (train items, val items, report), the items
+    rendered as they are drawn (the report is complete once both are used up). `files` are read
+    in the order given (the caller's, by content), deduplicated and split by data.mixing.mix
+    with `seed`; --val-data files, when given, are the validation set whole."""
+    report = Report()
+    train, val, rows = mix(read_sources(files, report, fmt, encoding), seed=seed,
+                           val_fraction=0 if val_files else val_fraction)
+    for row in rows:  # nothing is dropped without a word: the same conversation under another id
+        for _ in range(row["duplicates"]):
+            report.skip("the same conversation as another (normalised text; data.mixing.dedup_key)", row["source"])
+    if val_files:
+        val = [r for s in read_sources(val_files, report, fmt, encoding) for r in s.records]
+    return rendered(train, tok, max_len, report), rendered(val, tok, max_len, report), report
