@@ -154,6 +154,17 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
             model.reshard()  # see the module docstring
 
 
+def sample_row(logits: torch.Tensor, *, temperature: float, top_p: float | None,
+               generator: torch.Generator | None, vocab_limit: int | None = None) -> int:
+    """One row's next token from its raw logits (V,) with settings of its own, drawn as
+    decode_steps draws a row that has a generator of its own (serve.py's rows: each request's
+    temperature, top_p and seed)."""
+    scores = process_logits(logits[None], None, temperature=temperature, top_p=top_p, vocab_limit=vocab_limit)
+    if temperature <= 0:
+        return int(scores[0].argmax())
+    return int(torch.multinomial(scores.softmax(-1)[0][None], 1, generator=generator)[0])
+
+
 # The static cache of a compiled decoding step has a multiple of this many columns.
 STATIC_BUCKET = 256
 

@@ -276,6 +276,9 @@ class KVCache:
     `start` an int: write columns start.. and return the keys and values up to the last one
     written. `start` a tensor (the static cache of a compiled step): write the one column it
     holds and return all max_len columns; the attention mask hides those not written yet.
+    `start` a (B, 1) tensor, a column per row (serve.py's slots, each row at its own length):
+    rows 0..B-1 of the cache each write their column, and the first `width` columns (the
+    mask's) come back.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
@@ -284,7 +287,26 @@ class KVCache:
         self.v = [None] * config.num_hidden_layers
         self.max_len = max_len
 
-    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def allocate(self, dtype: torch.dtype, device) -> "KVCache":
+        """Every layer's buffers now (a cache that rows are copied into before any write)."""
+        for layer in range(len(self.k)):
+            self.k[layer] = torch.zeros(self.shape, dtype=dtype, device=device)
+            self.v[layer] = torch.zeros(self.shape, dtype=dtype, device=device)
+        return self
+
+    def copy_row(self, row: int, source: "KVCache", source_row: int, columns: int):
+        """Row `row`'s first `columns` columns := those of `source`'s row `source_row`, every layer."""
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :columns] = source.k[layer][source_row, :, :columns]
+            self.v[layer][row, :, :columns] = source.v[layer][source_row, :, :columns]
+
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               width: int | None = None):
+        if isinstance(start, torch.Tensor) and start.dim() == 2:  # (B, 1): a column per row
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer][rows, :, start[:, 0]] = k[:, :, 0]
+            self.v[layer][rows, :, start[:, 0]] = v[:, :, 0]
+            return self.k[layer][:k.shape[0], :, :width], self.v[layer][:k.shape[0], :, :width]
         if isinstance(start, torch.Tensor):
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
@@ -318,7 +340,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, ctx.start, k, v)
+            k, v = cache.update(self.layer_idx, ctx.start, k, v, None if ctx.mask is None else ctx.mask.shape[-1])
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
         # SDPA's softmax accumulates in fp32 whatever the input dtype.
         y = F.scaled_dot_product_attention(

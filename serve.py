@@ -13,17 +13,18 @@ Endpoints: POST /v1/chat/completions (with and without `"stream": true`), GET /v
 browser, streamed from this API; no build step, nothing loaded from elsewhere). Honoured:
 messages (an optional system message, then user and assistant turns alternating, ending with
 the user's), temperature, top_p, max_tokens (or max_completion_tokens), stop (up to 4
-strings), n, seed, stream_options.include_usage. Parameters this server cannot honour (tools,
-logprobs, penalties other than 0, ...) are refused with a 400 rather than ignored.
+strings), n, seed, stream_options.include_usage, logprobs and top_logprobs (the model's own
+log-probabilities, over its whole vocabulary). Parameters this server cannot honour (tools,
+penalties other than 0, ...) are refused with a 400 rather than ignored.
 
 Messages become token ids through data.template.render, the one template function that training
 uses too; a system message replaces the paper's system text. A conversation longer than the
 context loses its oldest rounds (render's rule); a question that alone does not fit is a 400.
 
-Requests that arrive together are decoded as one batch (generate.decode_steps, left-padded):
-one worker thread owns the model and takes every waiting request whose sampling settings match
-the first one's, up to --max-batch sequences. Each request ends on its own (eos, a stop string,
-its max_tokens) while the batch runs on for the others.
+One worker thread owns the model and schedules at every step (Engine): a request that arrives
+while others decode joins them at the next step, in one of --max-batch rows of a preallocated
+KV cache, with its own temperature, top_p, seed, stop strings and max_tokens; a long prompt is
+prefilled a chunk a step; a reply that ends frees its row at once. docs/serving.md explains it.
 
 Limits: the server listens on 127.0.0.1 unless --host says otherwise; a bearer key is required
 when the environment variable SERVE_API_KEY is set; a body larger than --max-body is refused
@@ -39,6 +40,7 @@ import argparse
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import queue
@@ -48,6 +50,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,25 +60,27 @@ import torch
 from safety import COUNT, number, run_main
 from data.template import render
 from chat_api import _loopback
-from generate import ReplyText, add_device_args, decode_steps, device_and_dtype, load
-from model import Transformer
+from generate import ReplyText, add_device_args, device_and_dtype, load, sample_row
+from model import KVCache, Transformer, at_least_fp32
 from tokenizer import Tokenizer
 
 MAX_TOKENS = 512  # the default reply length (the official demo's max_new_tokens); a request may ask for more
 MAX_STOP = 4  # as OpenAI's API: at most 4 stop sequences ...
 MAX_STOP_CHARS = 2048  # ... of at most this many characters each: the order of a reply's length at most
 MAX_N = 8
+CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 MIN_TEMPERATURE = 1e-4  # above 0 and below this, logits / temperature overflows float32: 0 is greedy
 # Accepted only at these values: anything else asks for behaviour this server does not have.
-ONLY = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logprobs": (False, None),
-        "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+ONLY = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
         "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
         "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
         "web_search_options": (None,)}
 # Fields read (or harmless: who the caller is, what to store of the exchange); any other is refused,
 # naming it, rather than ignored ("max_token" for "max_tokens" would otherwise run to the default).
 FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
-          "stream", "stream_options", "response_format", "user", "metadata", "store", *ONLY}
+          "stream", "stream_options", "response_format", "user", "metadata", "store", "logprobs", "top_logprobs",
+          *ONLY}
 
 
 class BadRequest(Exception):
@@ -103,11 +108,8 @@ class Request:
     stream: bool = False
     include_usage: bool = False
     rounds_dropped: int = 0
-
-    def sampling_key(self) -> tuple:
-        """Requests decode in one batch only with equal settings (decode_steps takes one set; the
-        seed is each row's own)."""
-        return self.temperature, self.top_p
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def _number(body, name, lo, hi, default, kind=float):
@@ -192,6 +194,12 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or (options and not stream):
         raise BadRequest("'stream_options' is an object, and only for stream: true", "stream_options")
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise BadRequest("'logprobs' must be true or false", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0, int)
+    if top_logprobs and not logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, 1, context, None, int)
 
@@ -205,29 +213,91 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
     if max_tokens is None:
         max_tokens = min(default_max_tokens, context - len(rendered.ids))
     return Request(rendered.ids, max_tokens, n, stop, temperature, top_p, seed, stream,
-                   bool(options.get("include_usage")), rendered.rounds_dropped)
+                   bool(options.get("include_usage")), rendered.rounds_dropped, logprobs, top_logprobs)
 
 
-# -- the engine: one thread owns the model and decodes waiting requests together ------------------------
+# -- the engine: one thread owns the model and schedules at every step -------------------------------
+
+def token_bytes(tok: Tokenizer, i: int) -> bytes:
+    """The bytes a token stands for: a byte-fallback piece (<0xE5>) its byte, a piece's ▁ a
+    space, a control token (bos, eos) none."""
+    piece = tok.sp.id_to_piece(i)
+    if tok.sp.is_byte(i):
+        return bytes([int(piece[3:-1], 16)])
+    if tok.sp.is_control(i):
+        return b""
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+PREFILL_CHUNK = 256  # prompt tokens prefilled a step at most: rows already decoding keep getting tokens
 
 
 class Job:
     def __init__(self, request: Request):
         self.request = request
-        self.events: queue.Queue = queue.Queue()  # ("delta", index, text) ("finish", index, reason) ("done", usage) ("error", message)
+        # ("delta", index, text, logprobs) ("finish", index, reason, logprobs) ("done", usage) ("error", message),
+        # logprobs: the entries of the tokens sampled since the last event (None unless asked for)
+        self.events: queue.Queue = queue.Queue()
         self.cancelled = False
         self.usage: dict | None = None
+        self.rows_left, self.completion = request.n, 0  # the engine's count of its rows still decoding
+
+
+@dataclass
+class Row:
+    """One choice of one request, decoding in a row of the engine's KV cache."""
+
+    job: Job
+    choice: int
+    reply: ReplyText
+    generator: torch.Generator  # its own: a seeded reply is the same whatever else decodes beside it
+    length: int  # the cache columns it has filled: its prompt, then each token it sampled but the last
+    token: int = -1  # the last token it sampled, which the next step writes at column `length`
+    logprobs: list = field(default_factory=list)  # entries of tokens whose text has not been sent yet
+
+
+@dataclass
+class Prefill:
+    """An admitted request whose prompt enters a cache of its own, a chunk a step."""
+
+    job: Job
+    cache: KVCache
+    done: int = 0  # prompt tokens in the cache so far
 
 
 class Engine:
-    def __init__(self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0):
-        self.model, self.tok, self.max_batch = model, tok, max_batch
+    """Iteration-level scheduling (Orca's; vLLM's and nano-vllm's): one thread owns the model
+    and a KV cache of --max-batch rows, preallocated for the whole context, and each step
+
+      1. admits waiting requests, first come first served, while they fit in the free rows (a
+         request takes a row for each of its n choices);
+      2. prefills the next chunk (PREFILL_CHUNK tokens at most) of the oldest admitted prompt,
+         in a cache of its own; a whole prompt's keys and values are copied into a free row for
+         each choice, each of which samples its first token from the prompt's last logits;
+      3. decodes one token for every row at once: each row writes its column at its own length
+         (model.KVCache's column per row) and attends to its own columns only (the mask), and
+         samples with its own request's temperature, top_p and generator (generate.sample_row);
+      4. streams each row's new text (ReplyText: stop strings, max_tokens) and frees the rows
+         of a reply that ended or whose client left, at once, moving the last rows down so that
+         the rows decoding are always the cache's first ones.
+
+    A request that arrives while others decode joins them at the next step; a long prompt
+    delays the rows decoding by one chunk a step, never by its whole prefill."""
+
+    def __init__(self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.model, self.tok, self.max_batch, self.prefill_chunk = model, tok, max_batch, prefill_chunk
         self.context = model.config.max_position_embeddings
-        self.device = next(model.parameters()).device
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.cache = KVCache(model.config, max_batch, self.context).allocate(weight.dtype, self.device)
         self.generator = torch.Generator(self.device).manual_seed(seed)  # for requests without a seed
-        self.waiting: list[Job] = []
+        self.waiting: deque[Job] = deque()
+        self.prefilling: deque[Prefill] = deque()
+        self.rows: list[Row] = []  # decoding, in the cache's rows 0 .. len - 1
         self.cond = threading.Condition()
-        self.batches: list[int] = []  # sequences per batch decoded, for tests and logs
+        self.steps = 0  # decoding steps run
+        self.widths: deque[int] = deque(maxlen=4096)  # rows decoded at each recent step, for tests and logs
         self.cancelled = 0  # requests whose client left before the reply was done
         threading.Thread(target=self._loop, name="engine", daemon=True).start()
 
@@ -243,70 +313,129 @@ class Engine:
             return int(torch.randint(0, 2**62, (1,), generator=self.generator))
         return seed % 2**63 if choice == 0 else (seed * 1_000_003 + choice) % 2**63
 
-    def _take(self) -> list[Job]:
-        """The first waiting job and every later one that can share its batch."""
+    def _admit(self):
+        """Step 1; waits while there is nothing at all to do."""
         with self.cond:
-            while not self.waiting:
+            while not (self.waiting or self.prefilling or self.rows):
                 self.cond.wait()
-            first = self.waiting.pop(0)
-            batch, rows = [first], first.request.n
-            longest, most = len(first.request.ids), first.request.max_tokens
-            for job in list(self.waiting):
-                r = job.request
-                fits = max(longest, len(r.ids)) + max(most, r.max_tokens) <= self.context
-                if r.sampling_key() == first.request.sampling_key() and rows + r.n <= self.max_batch and fits:
-                    self.waiting.remove(job)
-                    batch.append(job)
-                    rows += r.n
-                    longest, most = max(longest, len(r.ids)), max(most, r.max_tokens)
-            return batch
+            free = self.max_batch - len(self.rows) - sum(p.job.request.n for p in self.prefilling)
+            while self.waiting and self.waiting[0].request.n <= free:
+                job = self.waiting.popleft()
+                free -= job.request.n
+                self.prefilling.append(Prefill(job, KVCache(self.model.config, 1, len(job.request.ids))))
 
     def _loop(self):
         while True:
-            batch = self._take()
+            self._admit()
             try:
-                self._decode(batch)
-            except Exception as e:  # the model failed: every request of the batch hears it, the server lives on
-                for job in batch:
+                self._step()
+            except Exception as e:  # the model failed: every request in flight hears it, the server lives on
+                jobs = {id(j): j for j in [r.job for r in self.rows] + [p.job for p in self.prefilling]}
+                for job in jobs.values():
                     job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+                self.rows.clear()
+                self.prefilling.clear()
 
     @torch.no_grad()
-    def _decode(self, batch: list[Job]):
-        rows = [(job, i, ReplyText(self.tok, job.request.stop, job.request.max_tokens))
-                for job in batch for i in range(job.request.n)]
-        first = batch[0].request
-        # Each row samples from a generator of its own, seeded from its request's seed and its
-        # choice's index: a seeded reply is the same alone, batched with others, or as choice 0
-        # of n. Rows without a seed take theirs from the server's generator.
-        generators = [torch.Generator(self.device).manual_seed(self.row_seed(job.request.seed, i)) for job, i, _ in rows]
-        self.batches.append(len(rows))
-        steps = decode_steps(self.model, [job.request.ids for job, _, _ in rows],
-                             max_new_tokens=max(job.request.max_tokens for job in batch), eos_id=self.tok.eos_id,
-                             pad_id=self.tok.pad_id, temperature=first.temperature, top_p=first.top_p,
-                             vocab_limit=len(self.tok), generator=generators)
-        try:
-            for tokens, _, _ in steps:
-                for k, (job, index, reply) in enumerate(rows):
-                    if reply.finish is not None:
-                        continue
-                    if job.cancelled:
-                        reply.finish = "cancelled"
-                        continue
-                    piece = reply.push(int(tokens[k]), self.tok.eos_id)
-                    if piece:
-                        job.events.put(("delta", index, piece))
-                    if reply.finish is not None:
-                        job.events.put(("finish", index, reply.finish))
-                if all(reply.finish is not None for _, _, reply in rows):
-                    break
-        finally:
-            steps.close()
-        for job in batch:
-            if job.cancelled:
-                self.cancelled += 1
-            completion = sum(reply.tokens for j, _, reply in rows if j is job)
-            job.events.put(("done", {"prompt_tokens": len(job.request.ids), "completion_tokens": completion,
-                                     "total_tokens": len(job.request.ids) + completion}))
+    def _step(self):
+        if self.prefilling:
+            self._prefill(self.prefilling[0])
+        self._retire()
+        if self.rows:
+            self._decode()
+            self._retire()
+
+    def _prefill(self, p: Prefill):
+        """Step 2."""
+        request, job = p.job.request, p.job
+        if job.cancelled:  # its client left before its reply began
+            self.prefilling.popleft()
+            job.rows_left = 0
+            self._done(job)
+            return
+        end = min(p.done + self.prefill_chunk, len(request.ids))
+        chunk = torch.tensor([request.ids[p.done:end]], device=self.device)
+        logits = self.model(chunk, cache=p.cache, start=p.done, positions=slice(-1, None))[0, -1]
+        p.done = end
+        if end < len(request.ids):
+            return
+        self.prefilling.popleft()
+        for choice in range(request.n):
+            generator = torch.Generator(self.device).manual_seed(self.row_seed(request.seed, choice))
+            row = Row(job, choice, ReplyText(self.tok, request.stop, request.max_tokens), generator, len(request.ids))
+            self.cache.copy_row(len(self.rows), p.cache, 0, row.length)
+            self.rows.append(row)
+            self._sample(row, logits)
+
+    def _decode(self):
+        """Step 3."""
+        rows = self.rows
+        tokens = torch.tensor([[row.token] for row in rows], device=self.device)
+        start = torch.tensor([[row.length] for row in rows], device=self.device)  # (B, 1): a column each
+        mask = torch.arange(max(row.length for row in rows) + 1, device=self.device)[None] <= start
+        logits = self.model(tokens, mask, cache=self.cache, start=start)[:, -1]
+        self.steps += 1
+        self.widths.append(len(rows))
+        for row, row_logits in zip(rows, logits):
+            row.length += 1
+            self._sample(row, row_logits)
+
+    def _sample(self, row: Row, logits: torch.Tensor):
+        """Step 4, for one row: its next token, and what text it makes final."""
+        request = row.job.request
+        row.token = sample_row(logits, temperature=request.temperature, top_p=request.top_p,
+                               generator=row.generator, vocab_limit=len(self.tok))
+        if request.logprobs and row.token != self.tok.eos_id:
+            row.logprobs.append(self._logprob_entry(logits, row.token, request.top_logprobs))
+        piece = row.reply.push(row.token, self.tok.eos_id)
+        if piece:
+            row.job.events.put(("delta", row.choice, piece, self._take_logprobs(row)))
+        if row.reply.finish is not None:
+            row.job.events.put(("finish", row.choice, row.reply.finish, self._take_logprobs(row)))
+
+    def _logprob_entry(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        """A token as OpenAI's logprobs.content lists it: the model's own log-probability of it
+        (model.token_logprobs: the whole vocabulary, no sampling filter), and the `top` most
+        likely tokens the tokenizer can decode, with theirs."""
+        logprobs = at_least_fp32(logits).log_softmax(-1)
+
+        def entry(i: int) -> dict:
+            data = token_bytes(self.tok, i)
+            return {"token": data.decode("utf-8", "backslashreplace"), "logprob": float(logprobs[i]),
+                    "bytes": list(data)}
+
+        best = logprobs[:len(self.tok)].topk(top).indices.tolist() if top else []
+        return dict(entry(token), top_logprobs=[entry(i) for i in best])
+
+    def _take_logprobs(self, row: Row) -> list | None:
+        if not row.job.request.logprobs:
+            return None
+        taken, row.logprobs = row.logprobs, []
+        return taken
+
+    def _retire(self):
+        """Step 4: rows that ended or whose client left free their rows; the rest move down."""
+        kept = []
+        for index, row in enumerate(self.rows):
+            if row.reply.finish is None and row.job.cancelled:
+                row.reply.finish = "cancelled"
+            if row.reply.finish is None:
+                if index != len(kept):
+                    self.cache.copy_row(len(kept), self.cache, index, row.length)
+                kept.append(row)
+                continue
+            row.job.rows_left -= 1
+            row.job.completion += row.reply.tokens
+            if row.job.rows_left == 0:
+                self._done(row.job)
+        self.rows = kept
+
+    def _done(self, job: Job):
+        if job.cancelled:
+            self.cancelled += 1
+        prompt = len(job.request.ids)
+        job.events.put(("done", {"prompt_tokens": prompt, "completion_tokens": job.completion,
+                                 "total_tokens": prompt + job.completion}))
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -336,10 +465,19 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may take to send its request
     server: "ChatServer"
 
+    disable_nagle_algorithm = True  # TCP_NODELAY: a response's last write is not held for the client's ACK
+
     def handle_one_request(self):
         """One request, and one access-log line for it (when the server keeps one): the client,
-        method, path, status, completion tokens and seconds; never what was asked or answered."""
-        self._began, self._status, self._tokens = time.monotonic(), None, None
+        method, path, status, completion tokens and seconds from the request's first byte (not
+        from when a kept-alive connection began to wait); never what was asked or answered."""
+        self._status, self._tokens = None, None
+        try:
+            self.rfile.peek(1)  # wait for the request's first byte (b"" when the client closed)
+        except TimeoutError:  # a kept-alive connection left idle: closed, as http.server does
+            self.close_connection = True
+            return
+        self._began = time.monotonic()
         super().handle_one_request()
         if self._status is not None:
             self.server.log(f'{self.client_address[0]} "{self.command} {self.path.split("?")[0]}" {self._status} '
@@ -350,6 +488,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # http.server's complaints (a bad request line): one line
         self.server.log(f"{self.client_address[0]} {fmt % args}")
+
+    def _own_host(self) -> bool:
+        """A Host header that names this server, or refused (403, connection closed). A web page
+        whose name was rebound to this machine's address (DNS rebinding) sends its own name: it
+        must not read this server's replies. Accepted: no Host (HTTP/1.0), an IP address (a
+        page at an address is that address's own origin), localhost, --host and --allow-host."""
+        host = self.headers.get("Host")
+        if host is None or self.server.serves_host(host):
+            return True
+        self.close_connection = True
+        self._error(BadRequest(f"Host {host!r} is not this server's name; an operator who serves it under that "
+                               "name starts serve.py with --allow-host NAME", status=403, code="host_not_allowed",
+                               kind="permission_error"))
+        return False
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None):
         data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
@@ -381,14 +533,18 @@ class Handler(BaseHTTPRequestHandler):
         key = self.server.api_key
         if not key:
             return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        # The scheme's name is case-insensitive (RFC 9110 section 11.1); the key is compared whole.
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
             return True
-        self._error(BadRequest("a valid bearer key is required (Authorization: Bearer ...)", status=401,
+        self._error(BadRequest("the API key was refused" if scheme else
+                               "a valid bearer key is required (Authorization: Bearer ...)", status=401,
                                code="invalid_api_key", kind="authentication_error"))
         return False
 
     def do_GET(self):
+        if not self._own_host():
+            return
         path = self.path.split("?")[0].rstrip("/")
         if path == "":  # the chat page: static, no data of anyone's, so no key; what it asks the API needs one
             self._send_page()
@@ -407,6 +563,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(BadRequest(f"no such endpoint: GET {path}", status=404, code="not_found"))
 
     def do_POST(self):
+        if not self._own_host():
+            return
         path = self.path.split("?")[0].rstrip("/")
         if path != "/v1/chat/completions":
             length = self._body_length(quiet=True)
@@ -422,6 +580,11 @@ class Handler(BaseHTTPRequestHandler):
         if length is None:
             return
         body = self.rfile.read(length)
+        media = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media != "application/json":  # a form or text/plain: what another web page may send without asking
+            self._error(BadRequest(f"the body must be JSON sent as Content-Type: application/json, not "
+                                   f"{media or 'none'}", status=415, code="unsupported_media_type"))
+            return
         if not self._authorised():
             return
         if not self.server.slots.acquire(blocking=False):
@@ -497,6 +660,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, job: Job, head: dict):
         texts, finish = [""] * job.request.n, [None] * job.request.n
+        logprobs = [[] for _ in range(job.request.n)]
         while True:
             try:
                 event = job.events.get(timeout=0.2)
@@ -506,17 +670,20 @@ class Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 continue
-            if event[0] == "delta":
-                texts[event[1]] += event[2]
-            elif event[0] == "finish":
-                finish[event[1]] = event[2]
+            if event[0] in ("delta", "finish"):
+                if event[0] == "delta":
+                    texts[event[1]] += event[2]
+                else:
+                    finish[event[1]] = event[2]
+                logprobs[event[1]] += event[3] or []
             elif event[0] == "error":
                 self._error(BadRequest(event[1], status=500, kind="server_error"))
                 return
             else:
                 job.usage = event[1]
                 choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
-                            "logprobs": None} for i, (t, f) in enumerate(zip(texts, finish))]
+                            "logprobs": {"content": lp, "refusal": None} if job.request.logprobs else None}
+                           for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))]
                 self._send_json(200, dict(head, object="chat.completion", choices=choices, usage=event[1]))
                 return
 
@@ -532,18 +699,26 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
-        def chunk(index, delta, finish=None):
-            return dict(head, object="chat.completion.chunk",
-                        choices=[{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}])
+        def chunk(index, delta, finish=None, logprobs=None):
+            return dict(head, object="chat.completion.chunk", choices=[{
+                "index": index, "delta": delta, "finish_reason": finish,
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}])
 
         for i in range(job.request.n):
             send(chunk(i, {"role": "assistant", "content": ""}))
         while True:
-            event = job.events.get()
+            try:
+                event = job.events.get(timeout=0.2)
+            except queue.Empty:  # no text for a while (held back, or a long prefill): is anyone there?
+                if self._client_gone():
+                    job.cancelled = True
+                    self.close_connection = True
+                    return
+                continue
             if event[0] == "delta":
-                send(chunk(event[1], {"content": event[2]}))
+                send(chunk(event[1], {"content": event[2]}, logprobs=event[3]))
             elif event[0] == "finish":
-                send(chunk(event[1], {}, event[2]))
+                send(chunk(event[1], {}, event[2], event[3]))
             elif event[0] == "error":  # the status line is gone: an error object in the stream, as OpenAI does
                 send(BadRequest(event[1], status=500, kind="server_error").body())
                 break
@@ -562,8 +737,9 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, engine: Engine, name: str, host: str = "127.0.0.1", port: int = 8000, *,
                  api_key: str | None = None, max_body: int = 1 << 20, max_concurrent: int = 16,
-                 max_tokens: int = MAX_TOKENS, access_log: bool = False):
+                 max_tokens: int = MAX_TOKENS, access_log: bool = False, allow_hosts: tuple[str, ...] = ()):
         self.engine, self.name, self.api_key, self.access_log = engine, name, api_key or None, access_log
+        self.hosts = {h.lower().strip("[]") for h in ("localhost", host, *allow_hosts)}
         self.max_body, self.max_concurrent, self.max_tokens = max_body, max_concurrent, max_tokens
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.created = int(time.time())
@@ -573,9 +749,26 @@ class ChatServer(ThreadingHTTPServer):
         except OSError as e:  # a port in use, a host that is not this machine's: one line, not a trace
             raise SystemExit(f"cannot serve on {host} port {port}: {e.strerror or e}") from None
 
+    def serves_host(self, header: str) -> bool:
+        """Whether a Host header ("name", "name:port", "[v6]:port") is one this server answers to."""
+        name = header.strip().lower()
+        if name.startswith("["):  # [v6] or [v6]:port
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:  # name:port (a bare v6 address has more colons)
+            name = name.partition(":")[0]
+        if "*" in self.hosts or name in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
     def log(self, line: str):
+        """A line of the access log, its control characters escaped (a path may carry ESC
+        sequences that would rewrite the operator's terminal), as http.server's own log does."""
         if self.access_log:
-            print(line, file=sys.stderr, flush=True)
+            print(line.translate(CONTROL_CHARACTERS), file=sys.stderr, flush=True)
 
     def handle_error(self, request, client_address):
         """A connection that broke (a client that left, a timeout) is one log line, not a
@@ -592,11 +785,11 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
-def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, compile: bool = False, port: int = 0,
+def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, port: int = 0,
           **kw) -> ChatServer:
     """Load a model and serve it on a background thread (the main job and the tests use this);
     server.base_url is where to point a client, server.shutdown() stops it."""
-    model, tok = load(model_dir, device=device, dtype=dtype, compile=compile)
+    model, tok = load(model_dir, device=device, dtype=dtype)
     engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0))
     server = ChatServer(engine, name or Path(model_dir).name, port=port, **kw)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
@@ -608,6 +801,9 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
     p.add_argument("--name", help="the model's id in the API (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every interface: set SERVE_API_KEY then")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name clients reach this server by, besides --host, localhost and IP addresses "
+                        "(repeatable; * for any: behind a proxy that checks it)")
     p.add_argument("--port", type=number(int, least=0, most=65535), default=8000)
     p.add_argument("--max-batch", type=COUNT, default=8, help="sequences decoded together at most")
     p.add_argument("--max-concurrent", type=COUNT, default=16, help="requests in flight at most; more get 429")
@@ -615,16 +811,17 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=COUNT, default=MAX_TOKENS, help="reply length when a request gives none")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling for requests that give no seed")
     p.add_argument("--quiet", action="store_true", help="no access log (one line a request on stderr)")
-    add_device_args(p)
+    add_device_args(p, compile=False)  # the engine steps eagerly: its rows change every step
     args = p.parse_args(argv)
     key = os.environ.get("SERVE_API_KEY")
     if not _loopback(args.host) and not key:
         print(f"warning: serving on {args.host} without a key: anyone who can reach it can use the model "
               "(set SERVE_API_KEY)", file=sys.stderr)
     device, dtype = device_and_dtype(args)
-    server = start(args.model, args.name, device=device, dtype=dtype, compile=args.compile, port=args.port, api_key=key,
+    server = start(args.model, args.name, device=device, dtype=dtype, port=args.port, api_key=key,
                    max_body=args.max_body, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
-                   max_batch=args.max_batch, seed=args.seed, access_log=not args.quiet, host=args.host)
+                   max_batch=args.max_batch, seed=args.seed, access_log=not args.quiet, host=args.host,
+                   allow_hosts=tuple(args.allow_host))
     print(f"serving {server.name!r} at {server.base_url} ({args.model}; a request names it as its \"model\"; "
           "Ctrl-C stops)", flush=True)
     try:

@@ -55,13 +55,14 @@ def mix(sources: list[Source], *, seed: int = 0, val_fraction: float = 0.05):
     seen: set[str] = set()
     train, val, rows = [], [], []
     for position, src in enumerate(sources):
-        unique = []
+        keyed = []  # (key, record): each key computed once (NFKC of the whole text: most of mix's time)
         for r in src.records:
             k = dedup_key(r)
             if k not in seen:
                 seen.add(k)
-                unique.append(r)
-        unique.sort(key=dedup_key)  # the shuffle below then depends on the records, not on their order in the file
+                keyed.append((k, r))
+        # By content: the shuffle below then depends on the records, not on their order in the file.
+        unique = [r for _, r in sorted(keyed, key=lambda kr: kr[0])]
         rng = random.Random(f"{seed}:{position}")
         rng.shuffle(unique)
         capped = unique[: src.cap] if src.cap is not None else unique

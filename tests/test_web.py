@@ -191,10 +191,15 @@ def test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key(browser, r
         b.get(page_url(keyed))
         WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "key-row").is_displayed())
         assert b.find_element(By.ID, "status").text == "this server needs an API key"
-        type_into(b, "key", "s3cret")
         type_into(b, "temperature", "0")
         type_into(b, "max-tokens", str(MAX_TOKENS))
         type_into(b, "question", "头痛")
+        type_into(b, "key", "wrong")  # issue 35 item 3.5: the page said "needs an API key" again
+        b.find_element(By.ID, "send").click()
+        WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "status").text ==
+                                   "the API key was refused: enter it and send again")
+        assert b.find_element(By.ID, "question").get_attribute("value") == "头痛"  # kept, to send again
+        type_into(b, "key", "s3cret")
         b.find_element(By.ID, "send").click()
         assert wait_for_reply(b, 1) == api_reply(keyed, [{"role": "user", "content": "头痛"}], key="s3cret")
         assert b.find_element(By.ID, "model").text == "huatuo-tiny"
