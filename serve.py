@@ -229,7 +229,10 @@ def token_bytes(tok: Tokenizer, i: int) -> bytes:
     return piece.replace("\u2581", " ").encode("utf-8")
 
 
-PREFILL_CHUNK = 256  # prompt tokens prefilled a step at most: rows already decoding keep getting tokens
+# Prompt tokens prefilled a step at most while rows decode, which wait for each chunk: on a GPU a
+# chunk of 256 costs about one decoding step (both read every weight once); a CPU computes a
+# chunk's every token, so there a smaller one keeps the rows' pace (bench/bench_serve.py).
+PREFILL_CHUNK = {"cuda": 256, "cpu": 32}
 
 
 class Job:
@@ -271,9 +274,10 @@ class Engine:
 
       1. admits waiting requests, first come first served, while they fit in the free rows (a
          request takes a row for each of its n choices);
-      2. prefills the next chunk (PREFILL_CHUNK tokens at most) of the oldest admitted prompt,
-         in a cache of its own; a whole prompt's keys and values are copied into a free row for
-         each choice, each of which samples its first token from the prompt's last logits;
+      2. prefills the next chunk (--prefill-chunk tokens at most) of the oldest admitted prompt
+         in a cache of its own, or all of it when no row is decoding; a whole prompt's keys and
+         values are copied into a free row for each choice, each of which samples its first
+         token from the prompt's last logits;
       3. decodes one token for every row at once: each row writes its column at its own length
          (model.KVCache's column per row) and attends to its own columns only (the mask), and
          samples with its own request's temperature, top_p and generator (generate.sample_row);
@@ -285,11 +289,12 @@ class Engine:
     delays the rows decoding by one chunk a step, never by its whole prefill."""
 
     def __init__(self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0,
-                 prefill_chunk: int = PREFILL_CHUNK):
-        self.model, self.tok, self.max_batch, self.prefill_chunk = model, tok, max_batch, prefill_chunk
+                 prefill_chunk: int | None = None):
+        self.model, self.tok, self.max_batch = model, tok, max_batch
         self.context = model.config.max_position_embeddings
         weight = next(model.parameters())
         self.device = weight.device
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cuda"])
         self.cache = KVCache(model.config, max_batch, self.context).allocate(weight.dtype, self.device)
         self.generator = torch.Generator(self.device).manual_seed(seed)  # for requests without a seed
         self.waiting: deque[Job] = deque()
@@ -353,7 +358,8 @@ class Engine:
             job.rows_left = 0
             self._done(job)
             return
-        end = min(p.done + self.prefill_chunk, len(request.ids))
+        # In chunks while rows decode (they wait for each); whole when none does.
+        end = min(p.done + self.prefill_chunk, len(request.ids)) if self.rows else len(request.ids)
         chunk = torch.tensor([request.ids[p.done:end]], device=self.device)
         logits = self.model(chunk, cache=p.cache, start=p.done, positions=slice(-1, None))[0, -1]
         p.done = end
@@ -790,7 +796,8 @@ def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float
     """Load a model and serve it on a background thread (the main job and the tests use this);
     server.base_url is where to point a client, server.shutdown() stops it."""
     model, tok = load(model_dir, device=device, dtype=dtype)
-    engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0))
+    engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0),
+                    prefill_chunk=kw.pop("prefill_chunk", None))
     server = ChatServer(engine, name or Path(model_dir).name, port=port, **kw)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
@@ -805,7 +812,10 @@ def main(argv=None):
                    help="a name clients reach this server by, besides --host, localhost and IP addresses "
                         "(repeatable; * for any: behind a proxy that checks it)")
     p.add_argument("--port", type=number(int, least=0, most=65535), default=8000)
-    p.add_argument("--max-batch", type=COUNT, default=8, help="sequences decoded together at most")
+    p.add_argument("--max-batch", type=COUNT, default=8, help="sequences decoded together at most (rows of the cache)")
+    p.add_argument("--prefill-chunk", type=COUNT, help="prompt tokens prefilled a step while others decode "
+                                                        f"(default: {PREFILL_CHUNK['cuda']} on a GPU, "
+                                                        f"{PREFILL_CHUNK['cpu']} on a CPU)")
     p.add_argument("--max-concurrent", type=COUNT, default=16, help="requests in flight at most; more get 429")
     p.add_argument("--max-body", type=COUNT, default=1 << 20, help="bytes per request body at most")
     p.add_argument("--max-tokens", type=COUNT, default=MAX_TOKENS, help="reply length when a request gives none")
@@ -820,8 +830,8 @@ def main(argv=None):
     device, dtype = device_and_dtype(args)
     server = start(args.model, args.name, device=device, dtype=dtype, port=args.port, api_key=key,
                    max_body=args.max_body, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
-                   max_batch=args.max_batch, seed=args.seed, access_log=not args.quiet, host=args.host,
-                   allow_hosts=tuple(args.allow_host))
+                   max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, seed=args.seed,
+                   access_log=not args.quiet, host=args.host, allow_hosts=tuple(args.allow_host))
     print(f"serving {server.name!r} at {server.base_url} ({args.model}; a request names it as its \"model\"; "
           "Ctrl-C stops)", flush=True)
     try:

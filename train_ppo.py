@@ -56,6 +56,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
+from data.corpus import Corpus
 from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import pad_batch, render
@@ -72,7 +74,8 @@ from plan import add_plan_args, ppo_dry_run
 from safety import COUNT, FINITE, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
                       exit_trainer, frozen_in_bf16, gathered, grad_norm_and_clip, load_model, load_sharded,
-                      make_optimizer, micro_batches, mixed_precision, run_distributed, save_dtype, save_hf, shard)
+                      make_optimizer, micro_batches, mixed_precision, rendered_once, run_distributed, save_dtype,
+                      save_hf, shard)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -289,10 +292,11 @@ def response_outputs(model, exps, pad_id, device, *, ref=None):
 # -- prompts -----------------------------------------------------------------------------------------------
 
 
-def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8") -> list[list[int]]:
-    """The RL prompts (§3.2): every patient turn of the SFT data with the conversation before it
-    (single- and multi-turn), de-duplicated, minus the prompts the reward model's pairs were
-    built from (--exclude), rendered with the one template and ordered by content."""
+def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8"):
+    """The RL prompts (§3.2), yielded as token ids: every patient turn of the SFT data with the
+    conversation before it (single- and multi-turn), de-duplicated, minus the prompts the reward
+    model's pairs were built from (--exclude), rendered with the one template, in the order of
+    their content. train_ppo.py writes them once into its data cache (data.corpus)."""
     excluded = {json.dumps(r["messages"], ensure_ascii=False) for f in exclude or []
                 for r in read(f, "pairs", report=report, encoding=encoding)}
     seen = {}
@@ -305,13 +309,11 @@ def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, enc
                     report.skip("a prompt of the reward model's pairs", r["id"])
                 elif key not in seen:
                     seen[key] = messages
-    prompts = []
     for key in sorted(seen):
         try:
-            prompts.append(render(tok, seen[key], max_len=budget).ids)
+            yield render(tok, seen[key], max_len=budget).ids
         except ValueError:
             report.skip(f"question longer than the context less --max-new-tokens ({budget} tokens)", key[:40])
-    return prompts
 
 
 class PromptStream:
@@ -355,22 +357,26 @@ def all_gather_list(items: list, d) -> list:
 def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], dict]:
     """Generate this rank's share of the round's prompts, chunk by chunk, and score it; every
     rank ends with the whole round, in the order of `prompts`. The policy stays gathered for
-    the whole generation unless --reshard-in-rollout. Returns (experiences, seconds spent
-    {"generate_s", "score_s"})."""
+    the whole generation unless --reshard-in-rollout. Returns (experiences, {"generate_s",
+    "score_s": seconds spent, "idle_rows": the share of this rank's row-steps spent on rows
+    whose response had ended while the longest of their chunk went on})."""
     mine = prompts[d.rank::d.world]
     gen = torch.Generator(d.device).manual_seed(hash((args.seed, round_no, d.rank)) % 2**63)
     model.eval()
-    t0, exps = time.perf_counter(), []
+    t0, exps, row_steps, used = time.perf_counter(), [], 0, 0
     with contextlib.nullcontext() if args.reshard_in_rollout else gathered(model):
         for c in range(0, len(mine), args.chunk_size):
             chunk = mine[c:c + args.chunk_size]
             out = generate(model, chunk, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                            temperature=1.0, vocab_limit=len(tok), generator=gen)
             exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
+            row_steps += len(chunk) * max(map(len, out.tokens))  # every row steps until the chunk's longest ends
+            used += sum(map(len, out.tokens))
     t1 = time.perf_counter()
     model.train()
     score_round(rm, exps, tok, args)
-    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
+    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1,
+               "idle_rows": 1 - used / row_steps if row_steps else 0.0}
     ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
     return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 
@@ -591,9 +597,14 @@ def _train(args, d):
     if budget <= 0:
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
                          f"{config.max_position_embeddings} (the reward model's: {reward_config.max_position_embeddings})")
+    digests = data_digests(args)  # each file read once: the cache's key, the fingerprint and the model card
+    key = {"prompts_of": sorted(digests[f] for f in args.data), "exclude": sorted(map(file_digest, args.exclude)),
+           "format": args.format, "encoding": args.encoding, "budget": budget, "tokenizer": file_digest(tok.path)}
     report = Report()
-    prompts = read_prompts(args.data, args.exclude, tok, budget, report, args.format, args.encoding)
-    if not prompts:
+    entry, meta = rendered_once(args.data_cache, out, key, lambda: ({"prompts": read_prompts(
+        args.data, args.exclude, tok, budget, report, args.format, args.encoding)}, report), d, labels=False)
+    prompts = Corpus(entry / "prompts")  # memory-mapped: a rank holds the pages of the prompts it draws
+    if not len(prompts):
         raise SystemExit(f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} "
                          "tokens)")
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
@@ -603,8 +614,8 @@ def _train(args, d):
         print(f"{len(prompts)} prompts of at most {budget} tokens; {rounds} rounds of {args.rollout_size} experiences, "
               f"{steps_per_round} optimizer steps each" + (f" (the last {last})" if last < steps_per_round else "") +
               f"; {d.world} rank(s) on {d.device}")
-        if report:
-            print(report.summary())
+        if meta["summary"]:
+            print(meta["summary"])
 
     bf16 = mixed_precision(d, args)
     compute = torch.bfloat16 if bf16 else torch.float32
@@ -618,7 +629,6 @@ def _train(args, d):
     kl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
-    digests = data_digests(args)  # each file read once: fingerprint and model card
     fingerprint = ppo_fingerprint(args, digests)
     card = card_writer("ppo", args, d, base=args.policy, digests=digests, total=args.max_steps, unit="experiences",
                        command="train_ppo.py")  # the README.md of final/
@@ -655,7 +665,7 @@ def _train(args, d):
             # Where the round's time went: sampling, the reward model, the frozen trunk and the
             # forwards of the policy, value head and π0 over the experience, the PPO updates.
             "generate_s": seconds["generate_s"], "score_s": seconds["score_s"], "experience_s": experience_s,
-            "train_s": training_s}
+            "train_s": training_s, "idle_rows": seconds["idle_rows"]}
         metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
         round_no, step = round_no + 1, step + stats["steps"]
         bar.update(1)
@@ -697,6 +707,8 @@ def main(argv=None):
     p.add_argument("--reward", help="the reward model (train_rm.py's best/ or final/)")
     p.add_argument("--data", nargs="+", help="the SFT data the prompts come from")
     p.add_argument("--exclude", nargs="*", default=[], help="preference pairs whose prompts are left out (§3.2)")
+    p.add_argument("--data-cache", type=Path, help="where the rendered prompts are kept (data/corpus.py), one entry per "
+                   "data, tokenizer and budget; runs on the same data may share one. Default: OUT/data-cache")
     add_input_args(p)
     add_run_args(p, unit="experiences", lr=LR, batch_size=BATCH_SIZE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
                  max_steps=MAX_STEPS, max_steps_help="optimizer steps (minibatch updates) in all",

@@ -39,8 +39,8 @@ from model import add_lora, at_least_fp32, check_lora, lora_init
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
-                      check_shared, cosine_lr, device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model,
-                      lora_fingerprint, make_optimizer, micro_batches, mixed_precision, on_rank_0, peak_memory_gb,
+                      cosine_lr, device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model,
+                      lora_fingerprint, make_optimizer, micro_batches, mixed_precision, peak_memory_gb, rendered_once,
                       run_distributed, save_dtype, save_hf, set_lr, shard_and_load)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
@@ -103,34 +103,16 @@ def validation_loss(model, items, d, micro: int, pad_id: int) -> float:
 
 def rendered_data(args, digests: dict[str, str], tok, d):
     """(train, val, report summary): the rendered corpus of this run's data, from the cache
-    (--data-cache, default OUT/data-cache; data.corpus), memory-mapped by every rank. Rank 0
-    renders a missing entry alone, the other ranks waiting in one broadcast that also tells
-    them whether it failed (data/ checks every line first: a bad one stops every rank)."""
-    cache = args.data_cache or args.out / "data-cache"
+    (--data-cache, default OUT/data-cache; data.corpus, training.rendered_once), memory-mapped
+    by every rank."""
     key = {"data": sorted(digests[f] for f in args.data), "val_data": [digests[f] for f in args.val_data or []],
            "format": args.format, "encoding": args.encoding, "seed": args.seed, "max_len": args.max_len,
            "val_fraction": 0 if args.val_data else VAL_FRACTION, "tokenizer": file_digest(tok.path)}
-    entry = cache / corpus.entry_name(key)
-
-    def prepare():
-        cache.mkdir(parents=True, exist_ok=True)
-        if corpus.complete(entry) is None:
-            print(f"rendering the data into {entry} (once: a rerun maps it)", flush=True)
-            # The files in an order of their own (by content), so that the split, the batches
-            # and a resumed run do not depend on the order of --data.
-            corpus.build_entry(entry, key, lambda: corpus.sft_data(
-                sorted(args.data, key=digests.get), args.val_data, tok, max_len=args.max_len, seed=args.seed,
-                val_fraction=VAL_FRACTION, fmt=args.format, encoding=args.encoding))
-        else:
-            print(f"the rendered data from the cache: {entry}", flush=True)
-
-    on_rank_0(prepare, d, "render the data")
-    if args.data_cache:  # a directory of its own: one every rank must see, as --out
-        check_shared(cache, d, "--data-cache")
-    meta = corpus.complete(entry)
-    if meta is None:
-        raise SystemExit(f"rank {d.rank}: {entry} is not there or not whole: --data-cache must be a directory that "
-                         f"every rank shares")
+    # The files in an order of their own (by content), so that the split, the batches and a
+    # resumed run do not depend on the order of --data.
+    entry, meta = rendered_once(args.data_cache, args.out, key, lambda: corpus.sft_data(
+        sorted(args.data, key=digests.get), args.val_data, tok, max_len=args.max_len, seed=args.seed,
+        val_fraction=VAL_FRACTION, fmt=args.format, encoding=args.encoding), d)
     return corpus.Corpus(entry / "train"), corpus.Corpus(entry / "val"), meta["summary"]
 
 

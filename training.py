@@ -51,6 +51,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from data import corpus
 from safety import (CHANGEABLE, COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, check_dcp_metadata, check_fingerprint,
                     check_out, check_state_files, clear_leftovers, file_digest, json_digest, load_dcp_state, lock_out,
                     number, replace_dir, run_main, writing)
@@ -368,6 +369,33 @@ def on_rank_0(work, d: Distributed, what: str):
         raise failure
     if int(failed):
         raise SystemExit(f"rank 0 could not {what} (its error says why)")
+
+
+def rendered_once(data_cache: Path | None, out: Path, key: dict, build, d: Distributed, labels: bool = True):
+    """(entry, meta): the data.corpus cache entry of `key` in --data-cache (default
+    OUT/data-cache), made once. Rank 0 renders a missing one alone (build, see
+    data.corpus.build_entry), the other ranks waiting in one broadcast that also tells them
+    whether it failed (data/ checks every line first: a bad one stops every rank); then every
+    rank maps the same files. A rerun finds the entry and reads no data."""
+    cache = data_cache or out / "data-cache"
+    entry = cache / corpus.entry_name(key)
+
+    def prepare():
+        cache.mkdir(parents=True, exist_ok=True)
+        if corpus.complete(entry) is None:
+            print(f"rendering the data into {entry} (once: a rerun maps it)", flush=True)
+            corpus.build_entry(entry, key, build, labels)
+        else:
+            print(f"the rendered data from the cache: {entry}", flush=True)
+
+    on_rank_0(prepare, d, "render the data")
+    if data_cache:  # a directory of its own: one every rank must see, as --out
+        check_shared(cache, d, "--data-cache")
+    meta = corpus.complete(entry)
+    if meta is None:
+        raise SystemExit(f"rank {d.rank}: {entry} is not there or not whole: --data-cache must be a directory that "
+                         "every rank shares")
+    return entry, meta
 
 
 def init_distributed(timeout_s: float = DIST_TIMEOUT_S) -> Distributed:

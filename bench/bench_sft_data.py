@@ -11,7 +11,13 @@ seconds until the first step's metrics line, the seconds in all, and the largest
 any of its processes (wait4's ru_maxrss). --repo runs another checkout's train_sft.py on the
 same corpus (before and after, in one session).
 
+--prompts measures PPO's prompts from the same corpus instead (train_ppo.read_prompts: every
+patient turn with its history), each in a process of its own: held as lists in memory (before:
+what every rank did at every start), rendered into the data cache (data.corpus, rank 0 once),
+and mapped from it (every rank, every rerun): seconds, peak RSS, and the prompts' tokens.
+
     python bench/bench_sft_data.py [--conversations 226042] [--nproc 1] [--keep DIR] [--repo DIR]
+    python bench/bench_sft_data.py --prompts [--keep DIR]
 """
 
 from __future__ import annotations
@@ -91,6 +97,46 @@ def run(cmd: list[str], root: Path, metrics: Path) -> tuple[float, float, float]
     return first, time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
+def prompts_child(how: str, corpus: Path, cache: Path):
+    """One of --prompts' measurements, in this process: prints seconds and the prompts' count."""
+    from data.corpus import Corpus
+    from data.schema import Report
+    from tokenizer import Tokenizer
+    from train_ppo import read_prompts
+    from training import init_distributed, rendered_once
+
+    tok, start = Tokenizer(corpus.parent / "tokenizer.model"), time.perf_counter()
+    if how == "lists":
+        prompts = list(read_prompts([corpus], [], tok, 2048 - 512, Report()))
+    else:
+        d = init_distributed()
+        report = Report()
+        entry, _ = rendered_once(cache, cache, {"bench": str(corpus)}, lambda: (
+            {"prompts": read_prompts([corpus], [], tok, 2048 - 512, report)}, report), d, labels=False)
+        prompts = Corpus(entry / "prompts")
+        d.close()
+    tokens = sum(len(prompts[i]) for i in range(0, len(prompts), 97))  # a sample of them read, as a round does
+    print(json.dumps({"seconds": time.perf_counter() - start, "prompts": len(prompts), "sampled_tokens": tokens}))
+
+
+def bench_prompts(corpus: Path, work: Path):
+    cache = work / "prompt-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    print(f"PPO's prompts from {corpus.name}: each line a process of its own")
+    print(f"{'':<34} {'s':>7} {'prompts':>9} {'peak RSS MiB':>13}")
+    for name, how in (("before: lists on every rank", "lists"), ("after: rendered into the cache", "cache"),
+                      ("after: a rerun maps the cache", "cache")):
+        out = work / "prompts-child.json"
+        with open(out, "w") as f:
+            pid = subprocess.Popen([sys.executable, __file__, "--child", how, "--keep", str(work), "--corpus", str(corpus)],
+                                   cwd=ROOT, stdout=f).pid
+            _, status, usage = os.wait4(pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"the {how} child exited with {os.waitstatus_to_exitcode(status)}")
+        line = json.loads(out.read_text().splitlines()[-1])
+        print(f"{name:<34} {line['seconds']:7.1f} {line['prompts']:9,} {usage.ru_maxrss / 1024:13,.0f}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--conversations", type=int, default=226_042)
@@ -98,7 +144,12 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--keep", type=Path, help="write (or reuse) the corpus and the runs here")
     p.add_argument("--repo", type=Path, default=ROOT, help="the checkout whose train_sft.py runs (an older one: before)")
+    p.add_argument("--prompts", action="store_true", help="PPO's prompts instead (see above)")
+    p.add_argument("--child", choices=["lists", "cache"], help=argparse.SUPPRESS)
+    p.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        return prompts_child(args.child, args.corpus, args.keep / "prompt-cache")
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_sft_data-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus, val = work / f"synthetic-{args.conversations}-{args.tokens}.jsonl", work / f"val-{args.tokens}.jsonl"
@@ -113,6 +164,8 @@ def main(argv=None):
         write_corpus(val, 64, chars, seed=2)  # validation from a file of its own, as the paper's run
         print(f"wrote {corpus} ({corpus.stat().st_size / 2**20:,.0f} MiB, {chars} characters a conversation) "
               f"in {time.perf_counter() - t:.0f} s")
+    if args.prompts:
+        return bench_prompts(corpus, work)
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
               if args.nproc > 1 else [sys.executable])
     out = work / f"run-{args.nproc}"

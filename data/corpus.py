@@ -7,6 +7,8 @@ A corpus of n rendered conversations is four flat arrays in a directory, in nati
     offsets.int64   n + 1 offsets: conversation i is ids[offsets[i]:offsets[i + 1]]
     labelled.int32  n counts of labelled positions after the first (what a step divides by)
 
+A corpus of prompts (PPO's: token ids to generate from, no labels) has ids and offsets only.
+
 At the paper's size (226,042 conversations of about 1,024 tokens, Table 3) that is ~1.8 GB on
 disk. train_sft.py renders its data into a cache directory, one entry per key, the key being
 everything the rendering depends on: the data (by content), the tokenizer (by content), the
@@ -41,23 +43,32 @@ CODE = [*sorted((Path(__file__).parent).glob("*.py")), Path(__file__).parents[1]
 
 class Corpus:
     """A rendered corpus (the layout above), memory-mapped: corpus[i] is conversation i as a
-    Rendered whose ids and labels are views of the files, read when they are used."""
+    Rendered whose ids and labels are views of the files, read when they are used; in a corpus
+    of prompts, prompt i's ids as a list."""
 
     def __init__(self, directory: Path):
-        arrays = {name: _array(directory, name, dtype) for name, dtype in ARRAYS.items()}
-        self.ids, self.labels, self.offsets, self.labelled = (arrays[k] for k in ARRAYS)
+        labelled = (directory / "labels.int32").exists()
+        arrays = {name: _array(directory, name, dtype) for name, dtype in ARRAYS.items()
+                  if labelled or name in ("ids", "offsets")}
+        self.ids, self.offsets = arrays["ids"], arrays["offsets"]
+        self.labels, self.labelled = arrays.get("labels"), arrays.get("labelled")
         n = len(self.offsets) - 1
-        if n < 0 or len(self.labelled) != n or len(self.labels) != len(self.ids) or \
-                int(self.offsets[-1]) != len(self.ids):
+        if n < 0 or int(self.offsets[-1]) != len(self.ids) or \
+                (labelled and (len(self.labelled) != n or len(self.labels) != len(self.ids))):
             raise ValueError(f"{directory}: the arrays of a rendered corpus do not agree in size")
 
     def __len__(self) -> int:
-        return len(self.labelled)
+        return len(self.offsets) - 1
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} of a corpus of {len(self)}")
+        i %= len(self)
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self.labels is None:
+            return self.ids[start:end].tolist()
         return Rendered(self.ids[start:end], self.labels[start:end], labelled=int(self.labelled[i]))
 
     @property
@@ -73,27 +84,34 @@ def _array(directory: Path, name: str, dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def write_corpus(directory: Path, items) -> dict:
-    """Rendered conversations (any iterable) -> the four arrays in `directory`, written as they
-    come: the writer holds one conversation at a time. Returns the counts."""
+def write_corpus(directory: Path, items, labels: bool = True) -> dict:
+    """Rendered conversations (labels: ids, labels and the labelled counts), or prompts (lists
+    of ids: ids only), from any iterable -> the arrays in `directory`, written as they come:
+    the writer holds one item at a time. Returns the counts."""
     directory.mkdir(parents=True, exist_ok=True)
+    names = ["ids", "labels"] if labels else ["ids"]
+    files = {name: open(directory / f"{name}.int32", "wb") for name in names}
     offsets, labelled = [0], []
-    with open(directory / "ids.int32", "wb") as ids, open(directory / "labels.int32", "wb") as labels:
+    try:
         for x in items:
-            ids.write(np.asarray(x.ids, dtype=np.int32).tobytes())
-            y = np.asarray(x.labels, dtype=np.int32)
-            labels.write(y.tobytes())
-            offsets.append(offsets[-1] + len(y))
-            labelled.append(int(np.count_nonzero(y[1:] != IGNORE_INDEX)))
-        for f in (ids, labels):
+            ids = np.asarray(x.ids if labels else x, dtype=np.int32)
+            files["ids"].write(ids.tobytes())
+            offsets.append(offsets[-1] + len(ids))
+            if labels:
+                y = np.asarray(x.labels, dtype=np.int32)
+                files["labels"].write(y.tobytes())
+                labelled.append(int(np.count_nonzero(y[1:] != IGNORE_INDEX)))
+        for f in files.values():
             f.flush()
             os.fsync(f.fileno())
-    for name, values in (("offsets", offsets), ("labelled", labelled)):
-        path = directory / f"{name}.{np.dtype(ARRAYS[name]).name}"
-        with open(path, "wb") as f:
+    finally:
+        for f in files.values():
+            f.close()
+    for name, values in [("offsets", offsets)] + ([("labelled", labelled)] if labels else []):
+        with open(directory / f"{name}.{np.dtype(ARRAYS[name]).name}", "wb") as f:
             f.write(np.asarray(values, dtype=ARRAYS[name]).tobytes())
             os.fsync(f.fileno())
-    return {"conversations": len(labelled), "tokens": offsets[-1]}
+    return {"items": len(offsets) - 1, "tokens": offsets[-1]}
 
 
 def entry_name(key: dict) -> str:
@@ -109,24 +127,27 @@ def complete(entry: Path) -> dict | None:
     """The meta record of a finished, whole entry; None when it is missing or damaged."""
     try:
         meta = json.loads((entry / META).read_text(encoding="utf-8"))
-        for part in ("train", "val"):
-            if len(Corpus(entry / part)) != meta[part]["conversations"]:
+        for part in meta["parts"]:
+            if len(Corpus(entry / part)) != meta[part]["items"]:
                 return None
         return meta
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
 
-def build_entry(entry: Path, key: dict, build) -> dict:
-    """Write the entry that `build() -> (train items, val items, report)` makes (the items
-    iterables, written as they come; the report complete once they are used up), into a
-    temporary directory beside it, renamed into place when whole: one a killed build left is
-    never taken, and a damaged entry is replaced. Returns its meta record."""
+def build_entry(entry: Path, key: dict, build, labels: bool = True) -> dict:
+    """Write the entry that `build() -> ({part: items}, report)` makes (each part's items an
+    iterable, written as it comes, conversations or, without labels, prompts; the report
+    complete once they are used up), into a temporary directory beside it, renamed into place
+    when whole: one a killed build left is never taken, and a damaged entry is replaced.
+    Returns its meta record."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
-        train, val, report = build()
-        meta = {"key": key, "train": write_corpus(tmp / "train", train), "val": write_corpus(tmp / "val", val)}
+        parts, report = build()
+        meta = {"key": key, "parts": list(parts)}
+        for part, items in parts.items():
+            meta[part] = write_corpus(tmp / part, items, labels)
         meta["summary"] = report.summary() if report else ""
         (tmp / META).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
         if entry.exists():
@@ -173,8 +194,8 @@ def rendered(records, tok, max_len: int, report):
 
 
 def sft_data(files, val_files, tok, *, max_len: int, seed: int, val_fraction: float, fmt=None, encoding="utf-8"):
-    """What train_sft.py trains and validates on: (train items, val items, report), the items
-    rendered as they are drawn (the report is complete once both are used up). `files` are read
+    """What train_sft.py trains and validates on: ({"train": items, "val": items}, report), the
+    items rendered as they are drawn (the report is complete once both are used up). `files` are read
     in the order given (the caller's, by content), deduplicated and split by data.mixing.mix
     with `seed`; --val-data files, when given, are the validation set whole."""
     report = Report()
@@ -185,4 +206,4 @@ def sft_data(files, val_files, tok, *, max_len: int, seed: int, val_fraction: fl
             report.skip("the same conversation as another (normalised text; data.mixing.dedup_key)", row["source"])
     if val_files:
         val = [r for s in read_sources(val_files, report, fmt, encoding) for r in s.records]
-    return rendered(train, tok, max_len, report), rendered(val, tok, max_len, report), report
+    return {"train": rendered(train, tok, max_len, report), "val": rendered(val, tok, max_len, report)}, report

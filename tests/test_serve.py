@@ -540,8 +540,9 @@ def reference_text(tok, tokens: list[int], max_tokens: int) -> str:
 
 def test_a_reply_is_the_same_alone_joining_a_running_batch_or_joined_mid_flight(model_dir):
     """Issue 36 item 3, on the engine itself (fp64): a greedy reply equals generate() alone,
-    whether it ran alone, joined rows already decoding, or was joined by others mid-flight,
-    with a prompt prefilled in chunks (7 tokens a step here); a seeded sampled reply at another
+    whether it ran alone (its prompt prefilled whole), joined rows already decoding (its prompt
+    prefilled in chunks between their steps: 7 tokens a step here), or was joined by others
+    mid-flight; a seeded sampled reply at another
     temperature decodes beside it and is the same as alone; a cancelled request frees its rows
     at once for the next."""
     model = Transformer.from_pretrained(model_dir, dtype=torch.float64).eval()
@@ -553,7 +554,7 @@ def test_a_reply_is_the_same_alone_joining_a_running_batch_or_joined_mid_flight(
         return serve.parse_request(body, tok, engine.context)
 
     long, short = request(QUESTIONS[0], temperature=0, max_tokens=60), request(QUESTIONS[1], temperature=0, max_tokens=12)
-    assert len(long.ids) > 7 * 3  # its prefill takes several steps
+    assert len(short.ids) > 7 * 3  # joining rows that decode, its prefill takes several steps
     with torch.no_grad():
         expected = [reference_text(tok, generate.generate(model, [r.ids], max_new_tokens=r.max_tokens,
                                                           eos_id=tok.eos_id, temperature=0,

@@ -146,7 +146,11 @@ def test_adaptive_kl_controller():
 def experiences(ppo, n=8, seed=0, kl_coef=0.1, args=None):
     """A round's experiences, made: (experiences, args, the round's minibatches)."""
     args = args or args_for()
-    exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
+    exps, info = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
+    # Issue 36 item 5: the share of row-steps whose row had ended while its chunk's longest went on.
+    lengths = [len(e.response) for e in exps]
+    chunks = [lengths[c:c + args.chunk_size] for c in range(0, n, args.chunk_size)]
+    assert info["idle_rows"] == pytest.approx(1 - sum(lengths) / sum(len(c) * max(c) for c in chunks), abs=1e-12)
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, seed)
     train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, Tok(), args, ppo.d, kl_coef=kl_coef)
     return exps, args, batches
@@ -478,5 +482,22 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
     want = [[{"role": "user", "content": "头痛"}],
             [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
              {"role": "user", "content": "三天"}]]
+    got = list(got)
     assert sorted(got) == sorted(render(tok, m).ids for m in want)
     assert "a prompt of the reward model's pairs" in report.summary()
+    # Issue 34 item 1: train_ppo.py writes them once into its data cache and every rank maps
+    # them (452,141 prompts at the paper's size held 10 GB a rank as lists): the same prompts,
+    # in the same order, as lists of ids, and the same report.
+    from data.corpus import Corpus
+    from training import init_distributed, rendered_once
+
+    d, cached = init_distributed(), Report()
+    try:
+        entry, meta = rendered_once(None, tmp_path / "run", {"k": 1}, lambda: (
+            {"prompts": train_ppo.read_prompts([sft], [pairs], tok, 1000, cached)}, cached), d, labels=False)
+    finally:
+        d.close()
+    prompts = Corpus(entry / "prompts")
+    assert [prompts[i] for i in range(len(prompts))] == got and prompts[-1] == got[-1]
+    assert all(type(t) is int for t in prompts[0]) and meta["summary"] == report.summary()
+    assert sorted(p.name for p in (entry / "prompts").iterdir()) == ["ids.int32", "offsets.int64"]  # no labels

@@ -494,7 +494,7 @@ def test_the_rendered_corpus_on_disk_gives_the_same_batches_in_a_fraction_of_the
     finally:
         tracemalloc.stop()
     tokens = sum(len(x.ids) for x in in_memory["train"])
-    assert meta["train"] == {"conversations": len(in_memory["train"]), "tokens": tokens} and len(in_memory["val"]) > 5
+    assert meta["train"] == {"items": len(in_memory["train"]), "tokens": tokens} and len(in_memory["val"]) > 5
     assert held < 200 * len(lengths) < tokens, (held, tokens)
 
     def epochs(lengths):  # the sampler runs on (a run's steps cross epochs): its first two
