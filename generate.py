@@ -121,14 +121,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
         for step in range(max_new_tokens):
             scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, vocab_limit=vocab_limit)
-            if temperature <= 0:
-                nxt = scores.argmax(-1)
-            else:
-                probs = scores.softmax(-1)
-                if isinstance(generator, list):
-                    nxt = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
-                else:
-                    nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            nxt = draw(scores, temperature, generator)
             logprob = token_logprobs(logits, nxt)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
             pos = P + step
@@ -154,15 +147,16 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
             model.reshard()  # see the module docstring
 
 
-def sample_row(logits: torch.Tensor, *, temperature: float, top_p: float | None,
-               generator: torch.Generator | None, vocab_limit: int | None = None) -> int:
-    """One row's next token from its raw logits (V,) with settings of its own, drawn as
-    decode_steps draws a row that has a generator of its own (serve.py's rows: each request's
-    temperature, top_p and seed)."""
-    scores = process_logits(logits[None], None, temperature=temperature, top_p=top_p, vocab_limit=vocab_limit)
+def draw(scores: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """The next tokens (B,) from processed logits (B, V) (process_logits): the argmax at
+    temperature 0, else one draw a row, each from its own generator when given a list of them
+    (a seeded row then draws the same tokens whatever else is in the batch)."""
     if temperature <= 0:
-        return int(scores[0].argmax())
-    return int(torch.multinomial(scores.softmax(-1)[0][None], 1, generator=generator)[0])
+        return scores.argmax(-1)
+    probs = scores.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # The static cache of a compiled decoding step has a multiple of this many columns.

@@ -60,7 +60,7 @@ import torch
 from safety import COUNT, number, run_main
 from data.template import render
 from chat_api import _loopback
-from generate import ReplyText, add_device_args, device_and_dtype, load, sample_row
+from generate import ReplyText, add_device_args, device_and_dtype, draw, load, process_logits
 from model import KVCache, Transformer, at_least_fp32
 from tokenizer import Tokenizer
 
@@ -280,7 +280,8 @@ class Engine:
          token from the prompt's last logits;
       3. decodes one token for every row at once: each row writes its column at its own length
          (model.KVCache's column per row) and attends to its own columns only (the mask), and
-         samples with its own request's temperature, top_p and generator (generate.sample_row);
+         samples with its own request's temperature, top_p and generator (generate.process_logits
+         for the rows that share settings, generate.draw a row from its own generator);
       4. streams each row's new text (ReplyText: stop strings, max_tokens) and frees the rows
          of a reply that ended or whose client left, at once, moving the last rows down so that
          the rows decoding are always the cache's first ones.
@@ -371,7 +372,7 @@ class Engine:
             row = Row(job, choice, ReplyText(self.tok, request.stop, request.max_tokens), generator, len(request.ids))
             self.cache.copy_row(len(self.rows), p.cache, 0, row.length)
             self.rows.append(row)
-            self._sample(row, logits)
+            self._sample([row], logits[None])
 
     def _decode(self):
         """Step 3."""
@@ -382,15 +383,29 @@ class Engine:
         logits = self.model(tokens, mask, cache=self.cache, start=start)[:, -1]
         self.steps += 1
         self.widths.append(len(rows))
-        for row, row_logits in zip(rows, logits):
+        for row in rows:
             row.length += 1
-            self._sample(row, row_logits)
+        self._sample(rows, logits)
 
-    def _sample(self, row: Row, logits: torch.Tensor):
-        """Step 4, for one row: its next token, and what text it makes final."""
+    def _sample(self, rows: list[Row], logits: torch.Tensor):
+        """Each row's next token from its logits (B, V), with its own request's settings: the
+        rows that share them processed together (generate.process_logits), each drawing from
+        its own generator (generate.draw); then step 4 for each."""
+        groups: dict[tuple, list[int]] = {}
+        for b, row in enumerate(rows):
+            groups.setdefault((row.job.request.temperature, row.job.request.top_p), []).append(b)
+        for (temperature, top_p), members in groups.items():
+            scores = process_logits(logits[members], None, temperature=temperature, top_p=top_p,
+                                    vocab_limit=len(self.tok))
+            tokens = draw(scores, temperature, [rows[b].generator for b in members]).tolist()
+            for b, token in zip(members, tokens):
+                rows[b].token = token
+        for row, row_logits in zip(rows, logits):
+            self._emit(row, row_logits)
+
+    def _emit(self, row: Row, logits: torch.Tensor):
+        """Step 4, for one row: the text its new token makes final (and its log-probabilities)."""
         request = row.job.request
-        row.token = sample_row(logits, temperature=request.temperature, top_p=request.top_p,
-                               generator=row.generator, vocab_limit=len(self.tok))
         if request.logprobs and row.token != self.tok.eos_id:
             row.logprobs.append(self._logprob_entry(logits, row.token, request.top_logprobs))
         piece = row.reply.push(row.token, self.tok.eos_id)

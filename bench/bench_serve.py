@@ -7,11 +7,13 @@ same flags; the clients run here. Figures:
   short behind long   a request for 8 tokens sent 1 s after a 1,800-token reply began: the
                       time to its last token ÷ the same request alone (issue 36: ~190 with a
                       batch that ran to its end before the next began; goal <= 1.5)
-  32 clients          32 streaming requests at once, mixed temperature, top_p and max_tokens
-                      (16 to 256): completion tokens a second, p50 and p99 time to first token
+  32 clients          32 streaming requests at once, mixed temperature, top_p, max_tokens (16
+                      to 256) and prompt length: completion tokens a second (all of them ÷
+                      the time until the last ends), p50 and p99 time to the first token
   long prompt         a 1,500-token reply streaming while a request with a 2,000-token prompt
-                      arrives: the reply's longest gap between tokens from then until that
-                      request's first token ÷ its median gap before (goal <= 2)
+                      arrives: the reply's median and longest gap between tokens from then
+                      until that request's last token, each ÷ its median gap before (goal
+                      <= 2), and that request's time to its first token
   kept alive          issue 35 item 3.3: the median of --requests GET /v1/models on one kept-
                       alive connection ÷ the same on fresh connections (headers and body in two
                       writes without TCP_NODELAY waited ~40 ms for the client's delayed ACK)
@@ -105,8 +107,10 @@ def short_behind_long(server: Server) -> float:
 
 def many_clients(server: Server, n: int = 32) -> tuple[float, float, float]:
     """(completion tokens a second, p50 and p99 seconds to the first token)."""
-    settings = [dict(temperature=[0, 0.7, 1.0][i % 3], top_p=[None, 0.9][i % 2], max_tokens=[16, 64, 256][i % 3 - 1],
-                     content=QUESTION * (1 + i % 4), seed=i) for i in range(n)]
+    # Settings and lengths that vary independently (3 temperatures x 2 top_p; lengths by i % 4
+    # and i % 5), so that requests sharing settings still differ in length.
+    settings = [dict(temperature=[0, 0.7, 1.0][i % 3], top_p=[None, 0.9][i % 2], max_tokens=[16, 64, 256, 128][i % 4],
+                     content=QUESTION * (1 + i % 5), seed=i) for i in range(n)]
     start = time.perf_counter()
     threads = [in_thread(stream, server, **s) for s in settings]
     for thread, _ in threads:
@@ -130,17 +134,17 @@ def question_of(tok_path: Path, tokens: int) -> str:
     return text
 
 
-def long_prompt(server: Server, question: str) -> float:
+def long_prompt(server: Server, question: str) -> tuple[float, float, float]:
+    """(median gap ÷ steady, longest gap ÷ steady, the long prompt's seconds to its first token)."""
     thread, out = in_thread(stream, server, QUESTION, 1500, temperature=0)
     time.sleep(2.0)
-    arrival = time.perf_counter()
-    _, long_times, _ = stream(server, question, 8, temperature=0)
+    arrival, (_, long_times, _) = time.perf_counter(), stream(server, question, 8, temperature=0)
     thread.join()
     _, times, _ = out["result"]
     gaps = [(b - a, b) for a, b in zip(times, times[1:])]
     steady = statistics.median(g for g, t in gaps if t < arrival)
-    during = max((g for g, t in gaps if arrival <= t <= long_times[0] + 0.5), default=float("nan"))
-    return during / steady
+    during = [g for g, t in gaps if arrival <= t <= long_times[-1]] or [float("nan")]
+    return statistics.median(during) / steady, max(during) / steady, long_times[0] - arrival
 
 
 def kept_alive(server: Server, n: int = 50) -> float:
@@ -167,26 +171,29 @@ def main(argv=None):
     p.add_argument("--repo", type=Path, help="another checkout whose serve.py runs first (today's engine: before)")
     p.add_argument("--model", default="tiny", choices=["tiny", "bench-50m"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--flags", default="", help="more serve.py flags for this checkout's server")
+    p.add_argument("--flags", action="append", default=[], help="serve.py flags for another run of this checkout's "
+                   "server (repeatable: one server each)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tiny_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=min(CONFIGS[args.model].vocab_size, 2048))
         Transformer.from_config(CONFIGS[args.model], seed=0).save_pretrained(Path(tmp) / "m", tokenizer=tok)
         print(f"serve.py, {args.model} (random weights, fp32), {torch.get_num_threads()} threads; "
               f"medians of {args.repeats}")
-        print(f"{'checkout':<28} {'short behind long':>18} {'32 clients tok/s':>17} {'TTFT p50 s':>11} "
-              f"{'TTFT p99 s':>11} {'long prompt gap':>16} {'kept alive':>11}")
+        print(f"{'checkout (flags)':<34} {'short behind long':>18} {'32 clients tok/s':>17} {'TTFT p50 s':>11} "
+              f"{'TTFT p99 s':>11} {'gap median':>11} {'gap max':>8} {'its TTFT s':>11} {'kept alive':>11}")
         question = question_of(Path(tmp) / "tokenizer.model", 2000)
-        for repo, flags in ([(args.repo, [])] if args.repo else []) + [(ROOT, args.flags.split())]:
+        runs = [(ROOT, flags.split()) for flags in args.flags or [""]]
+        for repo, flags in ([(args.repo, [])] if args.repo else []) + runs:
             server = Server(repo, Path(tmp) / "m", *flags)
             try:
-                rows = [(short_behind_long(server), *many_clients(server), long_prompt(server, question), kept_alive(server))
-                        for _ in range(args.repeats)]
+                rows = [(short_behind_long(server), *many_clients(server), *long_prompt(server, question),
+                         kept_alive(server)) for _ in range(args.repeats)]
             finally:
                 server.close()
             med = [statistics.median(col) for col in zip(*rows)]
-            print(f"{str(repo)[-28:]:<28} {med[0]:18.2f} {med[1]:17.1f} {med[2]:11.2f} {med[3]:11.2f} "
-                  f"{med[4]:16.2f} {med[5]:11.2f}", flush=True)
+            label = f"{str(repo)[-20:]} {' '.join(flags)}"
+            print(f"{label:<34} {med[0]:18.2f} {med[1]:17.1f} {med[2]:11.2f} {med[3]:11.2f} {med[4]:11.2f} "
+                  f"{med[5]:8.2f} {med[6]:11.2f} {med[7]:11.2f}", flush=True)
 
 
 if __name__ == "__main__":
