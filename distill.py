@@ -127,7 +127,7 @@ def ask(client, content: str, **kw) -> str:
 
 
 def instructions_generate(args, client):
-    seeds = [json.loads(l) for l in Path(args.input or SEEDS).read_text(encoding="utf-8").splitlines() if l.strip()]
+    seeds = [json.loads(line) for line in Path(args.input or SEEDS).read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def render(k: int) -> str:
         rng = random.Random(f"{args.seed}:{k}")

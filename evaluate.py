@@ -196,7 +196,7 @@ def cmd_consult(args):
 
 def parse_verdict(text: str) -> str | None:
     """'better' / 'worse' / 'equal' for Assistant 1, read from the last line that states one."""
-    for line in reversed([l for l in text.splitlines() if l.strip()]):
+    for line in reversed([entry for entry in text.splitlines() if entry.strip()]):
         m = VERDICT.search(line)
         if m:
             return m.group(1).lower().split()[0]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from safety import COUNT, POSITIVE, SHARE, number
+from safety import COUNT, POSITIVE, SHARE
 
 GIB = 2**30
 

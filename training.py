@@ -640,12 +640,6 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 
 
-# What a torch.distributed.checkpoint .metadata file is made of. It is a pickle, and a pickle
-# can name any function to call: loading a crafted state directory with pickle.load would run
-# its code. Only these classes and functions may be named.
-_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                     ("collections", "OrderedDict")}
 
 
 
@@ -851,7 +845,7 @@ class MetricsLog:
     def truncate_after(self, step: int):
         """On resume: drop records of steps after the checkpoint; they will be made again."""
         if self.enabled and self.path.is_file():
-            lines = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
+            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = []
             for n, line in enumerate(lines, start=1):
                 try:
@@ -860,9 +854,9 @@ class MetricsLog:
                     if n < len(lines):  # only the last line can be cut short by a kill
                         raise SystemExit(f"{self.path}:{n}: not valid JSON, and not the last line; "
                                          "this file was not written by an interrupted run alone") from None
-            kept = [l for l, r in records if r.get("step", 0) <= step]
+            kept = [line for line, r in records if r.get("step", 0) <= step]
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, self.path)
 
     def write(self, **record):

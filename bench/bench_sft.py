@@ -38,7 +38,7 @@ def run(nproc: int, ac: bool, args, grad_sync: str = "every", micro_batch: int |
     if ac:
         cmd.append("--activation-checkpointing")
     subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "tokens_per_s" in r][1:]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
             "peak_mem_gb": max(r["peak_mem_gb"] for r in steps)}

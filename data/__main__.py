@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 
 from data.mixing import Source, length_stats, mix
-from data.readers import READERS, add_input_args, read
+from data.readers import add_input_args, read
 from pathlib import Path
 
 from data.schema import RecordError, Report, to_huatuo, write_jsonl

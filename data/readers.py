@@ -283,7 +283,7 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             raise RecordError(f"{path}:{start}: expected a line 'id=N' to start a consultation")
         ident = lines[0].split("=", 1)[1].strip()
         where = f"{path}:{start} (id={ident})"  # the reason after it names a kind, so skips group by kind
-        url = next((l.strip() for l in lines[1:4] if l.strip().startswith("http")), "")
+        url = next((line.strip() for line in lines[1:4] if line.strip().startswith("http")), "")
         sections: list[tuple[str, list[str]]] = []  # in order; a section may come back
         for line in lines[1:]:
             if line.strip() in _SECTIONS:
@@ -305,7 +305,7 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             if name == "Description":
                 fields = _fields(body)
                 descriptions.append(fields)
-                text = "\n".join(f"{k}：{v}" for k, v in fields.items() if v) or " ".join(l.strip() for l in body)
+                text = "\n".join(f"{k}：{v}" for k, v in fields.items() if v) or " ".join(line.strip() for line in body)
                 turns.append(["病人", [text]])
             elif name == "Dialogue":
                 for line in body:
@@ -315,7 +315,7 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
                     elif line.strip() and turns:
                         turns[-1][1].append(line.strip())
             elif name == "Diagnosis and suggestions":
-                diagnosis.append(" ".join(l.strip() for l in body if l.strip()))
+                diagnosis.append(" ".join(line.strip() for line in body if line.strip()))
         merged: list[tuple[str, str]] = []
         for speaker, text in turns:
             text = "".join(t.strip() for t in text)
@@ -342,8 +342,8 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             raise RecordError(f"{where}: no patient turn answered by a doctor")
         if names.count("Dialogue") > 1:
             _note("several Description/Dialogue sections kept as rounds of one conversation", where)
-        meta = {"url": url, "department": " ".join(l.strip() for name, body in sections if name == "Doctor faculty"
-                                                   for l in body if l.strip())}
+        meta = {"url": url, "department": " ".join(line.strip() for name, body in sections if name == "Doctor faculty"
+                                                   for line in body if line.strip())}
         meta["description"] = descriptions[0] if descriptions else {}
         if diagnosis:
             meta["diagnosis"] = "\n".join(d for d in diagnosis if d)
@@ -410,7 +410,7 @@ def read_pairs(path, *, skip_bad=False, report=None, encoding="utf-8"):
 
 def _json_items(path, encoding, keys: tuple[str, ...]):
     """A JSON list of objects or JSON lines of objects (dumps of one data set come both ways)."""
-    head = next((l for _, l in text_lines(path, encoding) if l.strip()), "")
+    head = next((line for _, line in text_lines(path, encoding) if line.strip()), "")
     if head.lstrip().startswith("["):
         yield from _json_list(path, encoding, keys)
         return
@@ -508,7 +508,7 @@ def guess_format(path, encoding: str = "utf-8") -> str:
         if (p / "question.csv").is_file():
             return "cmedqa2"
         raise RecordError(f"{p}: a directory, but not cMedQA2 (no question.csv); name the format with --format")
-    first = next((l for _, l in text_lines(p, encoding) if l.strip()), "")
+    first = next((line for _, line in text_lines(p, encoding) if line.strip()), "")
     try:
         obj = json.loads(first)
     except json.JSONDecodeError:

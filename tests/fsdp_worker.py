@@ -96,7 +96,8 @@ def check_generation(d):
     kw = dict(max_new_tokens=10, eos_id=-1, temperature=0, return_logprobs=True)
     got, want = generate(model, prompts, **kw), generate(ref, prompts, **kw)
     assert got.tokens == want.tokens, (got.tokens, want.tokens)
-    as64 = lambda lps: torch.tensor(lps, dtype=torch.float64)
+    def as64(lps):
+        return torch.tensor(lps, dtype=torch.float64)
     torch.testing.assert_close(as64(got.logprobs), as64(want.logprobs), **TOL)
     # Sampling leaves the model resharded: its parameters are the sharded ones an optimizer holds.
     assert all(isinstance(p, DTensor) for p in model.parameters())
@@ -258,8 +259,9 @@ def check_ppo_update(d):
     opt = make_optimizer(plain, 1e-2, 0.0)
     out = response_outputs(plain, hand, 0, "cpu")
     width = out["logp"].shape[1]
-    pad = lambda name: torch.stack([torch.nn.functional.pad(getattr(e, name), (0, width - len(e.response)))
-                                    for e in hand])
+    def pad(name):
+        return torch.stack([torch.nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in hand])
+
     loss, _ = ppo_loss_sum(out["logp"], pad("logp"), out["values"], pad("values"), pad("advantages"),
                            pad("returns"), out["mask"])
     (loss / sum(len(e.response) for e in hand)).backward()

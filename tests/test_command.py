@@ -14,7 +14,7 @@ INSTALL = "apt-get install -y -qq chromium chromium-driver"
 def readme_test_command():
     """The README's test command: the one line of its test block that runs pytest."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    (line,) = [l for l in readme.splitlines() if "python -m pytest" in l and INSTALL in l]
+    (line,) = [entry for entry in readme.splitlines() if "python -m pytest" in entry and INSTALL in entry]
     return line
 
 

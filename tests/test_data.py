@@ -340,7 +340,8 @@ def test_mix_is_deterministic_and_deduplicates():
     a = [conv(i, f"问题{i}") for i in range(40)] + [conv(99, "问题3")]  # a duplicate within the source
     b = [conv(100 + i, f"其他{i}") for i in range(20)] + [conv(200, "问题 ３！")]  # full-width twin of 问题3
     assert normalise("问题 ３！") == normalise("问题3")
-    run = lambda seed: mix([Source("a", a, cap=30), Source("b", b, weight=2.5)], seed=seed, val_fraction=0.1)
+    def run(seed):
+        return mix([Source("a", a, cap=30), Source("b", b, weight=2.5)], seed=seed, val_fraction=0.1)
     train, val, rows = run(0)
     assert run(0) == (train, val, rows) and run(1)[0] != train
     assert rows[0] == {"source": "a", "read": 41, "duplicates": 1, "capped": 10, "val": 3, "train": 27}

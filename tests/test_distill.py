@@ -54,7 +54,8 @@ def respond(messages):
             return "I cannot decide."
         if "偏心" in a + b:  # a judge that always prefers the first position
             return "Rating A: 9; Rating B: 3"
-        score = lambda t: int(re.search(r"质量(\d+)", t).group(1))
+        def score(t):
+            return int(re.search(r"质量(\d+)", t).group(1))
         return f"The first is fine. Rating A: {score(a)}; Rating B: {score(b)}"
     return "?"
 
@@ -72,7 +73,7 @@ def run_cli(api, *args):
 
 
 def lines(path):
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def test_polish_qa(api, tmp_path):
     assert len(records) == 3 and all(r["source"] == "real_instruction" for r in records)
     assert all(r["messages"][1]["content"] == "您好，根据您的描述，建议多喝水，注意观察。" for r in records)
     assert all(r["meta"]["original_answer"] for r in records)
-    items = [json.loads(l) for l in (EVAL / "qa_test.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    items = [json.loads(line) for line in (EVAL / "qa_test.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
     expected = {fill(prompt("a3_polish_qa"), Patient_Question=x["questions"], Doctor_Response=x["answers"]) for x in items}
     assert {e["messages"][0]["content"] for e in api.log} == expected  # the paper's A.3 prompt, filled
 

@@ -117,7 +117,7 @@ def test_a_flag_out_of_range_or_a_split_the_run_would_refuse_is_one_line_and_exi
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and says in err, err
-    assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 1
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
     assert time.monotonic() - start < 30
 
 
@@ -137,7 +137,7 @@ def test_lora_flags_that_do_not_fit_the_model_stop_a_real_run_before_its_data_is
     monkeypatch.setattr(train_rm, "read", lambda *a, **k: pytest.fail("the data was read"))
     sft = [str(p) for p in sorted((ROOT / "data" / "sft").glob("*.jsonl"))]
     pairs = [str(p) for p in sorted((ROOT / "data" / "preference").glob("*.jsonl"))]
-    for main, data, out in ((train_sft.main, sft, "sft"), (train_rm.main, pairs, "rm")):
-        code = run_main(main, ["--model", "tiny", "--data", *data, "--out", str(tmp_path / out), *flags])
+    for main, files, out in ((train_sft.main, sft, "sft"), (train_rm.main, pairs, "rm")):
+        code = run_main(main, ["--model", "tiny", "--data", *files, "--out", str(tmp_path / out), *flags])
         err = capsys.readouterr().err
         assert code == 2 and says in err and "Traceback" not in err, err

@@ -188,7 +188,8 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight.mul_(-1)
     exact.append(run(False, *runs[0]))
-    flat = lambda g: torch.tensor(sum(g.logprobs, []), dtype=torch.float64)
+    def flat(g):
+        return torch.tensor(sum(g.logprobs, []), dtype=torch.float64)
     for a, b, x in zip(eager, compiled, exact):
         assert a.tokens == b.tokens == x.tokens
         rounding = (flat(a) - flat(x)).abs().max().item()

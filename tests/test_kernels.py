@@ -17,7 +17,6 @@ every threaded reduction). ATEN_CPU_CAPABILITY is left alone: below AVX-512 on a
 machine it breaks torch's own bf16 linears, and `default` triples the time.
 """
 
-import hashlib
 import os
 import re
 import subprocess

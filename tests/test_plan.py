@@ -37,7 +37,7 @@ def test_hsdp_trains_as_fsdp_and_its_simulation_is_real(tmp_path):
 
 
 def assert_simulation_is_real(proc, *, world: int, shard: int | None):
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("measured ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("measured ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     real = json.loads(lines[0].removeprefix("measured "))
     fake = {"sft": plan.simulate_training(lambda: fsdp_worker.Transformer(fsdp_worker.PLAN_CONFIG),
@@ -147,14 +147,14 @@ def test_the_dry_runs_simulate_from_the_command_line(capsys):
     train_sft.main(["--model", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "1"])
     out = capsys.readouterr().out
     assert "simulated: train_sft.train_step and AdamW" in out
-    row = next(l for l in out.splitlines() if l.split()[:2] == ["1", "off"])
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["1", "off"])
     assert row.split()[-1] == "yes" and "time: 3 epoch(s) of 226,042 conversations" in out
     train_ppo.main(["--policy", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "2",
                     "--rollout-size", "8", "--chunk-size", "4", "--batch-size", "4", "--max-new-tokens", "8",
                     "--plan-prompt-tokens", "32"])
     out = capsys.readouterr().out
     for part in ("rollout", "scoring", "experience", "update"):
-        assert any(l.split()[:1] == [part] for l in out.splitlines()), part
+        assert any(line.split()[:1] == [part] for line in out.splitlines()), part
     assert "micro-batch 2: the round's peak" in out and "--max-steps 16,000 = 2,000 rounds" in out
 
 

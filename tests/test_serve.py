@@ -415,7 +415,7 @@ def test_the_command_line_says_in_one_line_what_it_cannot_do_and_logs_a_line_a_r
     reader.join(10)
     log = "".join(log)
     assert "Traceback" not in log
-    lines = [l for l in log.splitlines() if '"POST /v1/chat/completions"' in l]
+    lines = [line for line in log.splitlines() if '"POST /v1/chat/completions"' in line]
     assert len(lines) == 3, log  # one a request, the one whose client left too
     status, tokens, seconds = lines[0].split()[3:6]
     assert status == "200" and tokens.isdigit() and int(tokens) <= 3 and seconds.endswith("s"), lines[0]
@@ -468,7 +468,7 @@ def test_the_access_log_escapes_control_characters_and_counts_from_the_first_byt
     log = capfd.readouterr().err
     assert "\x1b" not in log and "\x07" not in log and "\x9b" not in log
     assert '"GET /\\x1b[2J\\x07\\x9b" 404' in log, log  # escaped as http.server escapes its own lines
-    seconds = [float(l.split()[-1].rstrip("s")) for l in log.splitlines() if '"GET /v1/models"' in l]
+    seconds = [float(line.split()[-1].rstrip("s")) for line in log.splitlines() if '"GET /v1/models"' in line]
     assert len(seconds) == 2 and max(seconds) < 0.5, log  # not the idle second before the request
 
 

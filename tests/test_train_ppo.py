@@ -91,7 +91,8 @@ def test_gae_and_returns_by_hand():
 
 @pytest.mark.numerics
 def test_rewards_are_the_kl_penalty_plus_the_score_at_the_end():
-    f64 = lambda *x: torch.tensor(x, dtype=torch.float64)
+    def f64(*x):
+        return torch.tensor(x, dtype=torch.float64)
     r = per_token_rewards(f64(-1.0, -2.0, -0.5), f64(-1.5, -2.0, -1.0), score=3.0, kl_coef=0.1)
     assert r.tolist() == pytest.approx([-0.05, 0.0, -0.05 + 3.0], rel=1e-12, abs=1e-15)
 
@@ -295,7 +296,8 @@ def learn(ppo, kl_coef, rounds=16):
 
 
 def test_a_scripted_reward_is_learnt_and_a_large_kl_coefficient_holds_the_policy_near_pi0(ppo):
-    mean = lambda xs: sum(xs) / len(xs)
+    def mean(xs):
+        return sum(xs) / len(xs)
     free = learn(ppo, kl_coef=0.05)
     first, last = mean([s for s, _ in free[:4]]), mean([s for s, _ in free[-4:]])
     assert last > max(2 * first, 0.12), free  # the share of the rewarded token rises (0.06 -> 0.28 here)
@@ -343,7 +345,7 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     from transformers import LlamaForCausalLM
 
     subprocess.run(cli(checkpoints, tmp_path / "whole"), check=True, capture_output=True, env=ENV, cwd=ROOT)
-    rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows] == [2, 4, 6, 8]
     for key in ("score", "kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy",
                 "response_len", "unfinished", "rollout_tokens_per_s", "train_tokens_per_s", "generate_s", "score_s",
@@ -380,8 +382,9 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert "lr: 0.001 -> 0.002" in refused.value.stderr
     subprocess.run(cli(checkpoints, out, "--resume"), check=True, capture_output=True, env=ENV, cwd=ROOT)
     assert (out / "metrics.jsonl").read_text().count("\n") == 4
-    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}  # timings differ
-    assert [strip(json.loads(l)) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
+    def strip(r):  # timings differ
+        return {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}
+    assert [strip(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
     a, b = load_file(final / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     va, vb = load_file(final / "value_head.safetensors"), load_file(out / "final" / "value_head.safetensors")
@@ -404,7 +407,7 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert (out / "metrics.jsonl").read_text().count("\n") == saved and "stopped by SIGUSR1" in stdout
     again = subprocess.run(cli(checkpoints, out), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert again.returncode == 0 and f"stopped after round {saved}: resuming it" in again.stdout, again.stderr[-2000:]
-    assert [strip(json.loads(l)) for l in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
+    assert [strip(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
     b = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -422,8 +425,9 @@ def test_two_nodes_run_ppo_as_one_node_of_two_ranks(checkpoints, tmp_path):
     node = cli(checkpoints, tmp_path / "two-nodes", "--max-steps", "2")[2:]
     for proc in two_nodes("train_ppo.py", node, node):
         assert proc.returncode == 0, proc.stderr[-3000:]
-    strip = lambda r: {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}  # timings differ
-    rows = [[strip(json.loads(l)) for l in (tmp_path / o / "metrics.jsonl").read_text().splitlines()]
+    def strip(r):  # timings differ
+        return {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}
+    rows = [[strip(json.loads(line)) for line in (tmp_path / o / "metrics.jsonl").read_text().splitlines()]
             for o in ("one-node", "two-nodes")]
     assert rows[0] == rows[1] and len(rows[0]) == 1, rows
     a, b = (load_file(tmp_path / o / "final" / "model.safetensors") for o in ("one-node", "two-nodes"))
@@ -454,7 +458,7 @@ def test_a_prompt_at_the_edge_of_the_context_and_max_steps_inside_a_round(checkp
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"question longer than the context less --max-new-tokens ({edge - 1} tokens)" in proc.stdout
-    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == [2, 3]  # 2 steps a round, and the second round stops at 3
     assert json.loads((tmp_path / "run" / "state" / "trainer.json").read_text())["step"] == 3
 

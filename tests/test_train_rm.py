@@ -24,7 +24,8 @@ ENV = trainer_env()
 
 @pytest.mark.numerics
 def test_pairwise_loss_by_hand():
-    r = lambda *x: torch.tensor(x, dtype=torch.float64)  # fp64: the hand-worked values to 1e-12
+    def r(*x):  # fp64: the hand-worked values to 1e-12
+        return torch.tensor(x, dtype=torch.float64)
     equal = pairwise_loss(r(1.5, -2.0), r(1.5, -2.0))
     torch.testing.assert_close(equal, torch.full((2,), math.log(2), dtype=torch.float64), rtol=1e-12, atol=0)
     # -log σ(2) = log(1 + e^-2); with margin 1: -log σ(1).
@@ -153,7 +154,7 @@ def run_rm(out, *extra, nproc=1, model=None):
                       "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(nproc), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_one_rank_equals_two_ranks(tmp_path):
@@ -256,7 +257,7 @@ def test_sample_and_score_skip_and_count_what_they_cannot_use(tiny_sft, reward_m
     cmd = [sys.executable, str(ROOT / "train_rm.py"), "score", "--model", str(tmp_path / "rm"), "--data", str(data)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [json.loads(l)["id"] for l in proc.stdout.splitlines()] == ["ok"]
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == ["ok"]
     assert "no reply to score" in proc.stderr and "longer than the model's context" in proc.stderr
 
 

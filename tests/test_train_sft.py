@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, micro_model, trainer_env, two_nodes
@@ -43,7 +42,7 @@ def run(out, *extra, nproc=1, check=True):
 
 
 def records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(out):

@@ -210,12 +210,14 @@ def test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key(browser, r
 # -- where there is no browser ------------------------------------------------------------------------
 
 def test_without_a_browser_ci_fails_and_elsewhere_the_tests_skip_saying_how_to_enable_them(tmp_path):
-    nothing = lambda name: None
+    def nothing(name):
+        return None
     with pytest.raises(pytest.fail.Exception, match="CI=true and the chat page's browser tests need"):
         find_browser({"CI": "true"}, nothing)
     with pytest.raises(pytest.skip.Exception, match="the chat page's browser tests need Chromium"):
         find_browser({}, nothing)
-    only_chromium = lambda name: f"/usr/bin/{name}" if name == "chromium" else None
+    def only_chromium(name):
+        return f"/usr/bin/{name}" if name == "chromium" else None
     with pytest.raises(pytest.skip.Exception):  # a browser without its driver is no browser here
         find_browser({}, only_chromium)
     assert find_browser({"CI": "true"}, lambda name: f"/x/{name}") == ("/x/chromium", "/x/chromedriver")
