@@ -73,8 +73,17 @@ def main(argv=None):
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)
-    doctor = Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
-                    args.seed, device=device, dtype=dtype, compile=args.compile)
+    doctor = Doctor(
+        args.model,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.repetition_penalty,
+        args.seed,
+        device=device,
+        dtype=dtype,
+        compile=args.compile,
+    )
 
     def write(text):
         sys.stdout.write(text)

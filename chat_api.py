@@ -110,19 +110,33 @@ class Stats:
 
 
 class ChatClient:
-    def __init__(self, base_url: str = OPENAI_BASE_URL, model: str = "gpt-3.5-turbo", *, timeout: float = 120.0,
-                 max_attempts: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, **sampling):
+    def __init__(
+        self,
+        base_url: str = OPENAI_BASE_URL,
+        model: str = "gpt-3.5-turbo",
+        *,
+        timeout: float = 120.0,
+        max_attempts: int = 6,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        **sampling,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.sampling = model, timeout, sampling
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
         self._key = os.environ.get("OPENAI_API_KEY", "")
         if not self._key and base_url.rstrip("/") == OPENAI_BASE_URL:
-            raise FatalAPIError("OPENAI_API_KEY is not set (it is needed for the OpenAI API; a local "
-                                "OpenAI-compatible server given by --base-url may not need one)")
+            raise FatalAPIError(
+                "OPENAI_API_KEY is not set (it is needed for the OpenAI API; a local "
+                "OpenAI-compatible server given by --base-url may not need one)"
+            )
         url = urllib.parse.urlsplit(self.url)
         if self._key and url.scheme == "http" and not _loopback(url.hostname or ""):
-            print(f"warning: OPENAI_API_KEY will be sent unencrypted (plain http) to {url.hostname}; "
-                  "use https, or unset the key if that server needs none", file=sys.stderr)
+            print(
+                f"warning: OPENAI_API_KEY will be sent unencrypted (plain http) to {url.hostname}; "
+                "use https, or unset the key if that server needs none",
+                file=sys.stderr,
+            )
         self.stats = Stats()
         self._local = threading.local()  # one requests.Session per worker thread
 
@@ -154,8 +168,10 @@ class ChatClient:
                         data = json.loads(data)
                         content = data["choices"][0]["message"]["content"]
                         usage = data.get("usage") or {}
-                        self.stats.add(prompt_tokens=usage.get("prompt_tokens", 0),
-                                       completion_tokens=usage.get("completion_tokens", 0))
+                        self.stats.add(
+                            prompt_tokens=usage.get("prompt_tokens", 0),
+                            completion_tokens=usage.get("completion_tokens", 0),
+                        )
                         return Reply(content or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                     except (ValueError, KeyError, IndexError, TypeError):
                         last = f"a malformed or truncated response body ({len(data)} bytes)"
@@ -269,16 +285,20 @@ class Summary:
 
     def lines(self, label: str, noun: str = "records") -> list[str]:
         """What a command prints about one run of jobs."""
-        out = [f"{label}: {self.done} done ({self.written} {noun} written, {self.rejected} rejected), "
-               f"{self.skipped} already finished"]
+        out = [
+            f"{label}: {self.done} done ({self.written} {noun} written, {self.rejected} rejected), "
+            f"{self.skipped} already finished"
+        ]
         out += [f"  rejected {n} x {reason}" for reason, n in self.reasons.items()]
         out += [f"  failed {n} x {reason}" for reason, n in self.failures.items()]
         if self.stopped:
             out.append(f"  stopped early: {self.stopped}")
         if self.left:
-            out.append(f"  {self.left} item(s) left to do" + (" (the API failed them; nothing was recorded for them)"
-                                                           if self.failed else "") +
-                       ": run the same command again to do them")
+            out.append(
+                f"  {self.left} item(s) left to do"
+                + (" (the API failed them; nothing was recorded for them)" if self.failed else "")
+                + ": run the same command again to do them"
+            )
         return out
 
     @property
@@ -288,8 +308,17 @@ class Summary:
         return 2 if self.fatal else 1 if self.failed or self.stopped else 0
 
 
-def run_jobs(jobs: Iterable[tuple[str, object]], work: Callable, out: Path, rejects: Path, *, workers: int = 4,
-             limit: int | None = None, desc: str = "jobs", max_failures_in_a_row: int = 10) -> Summary:
+def run_jobs(
+    jobs: Iterable[tuple[str, object]],
+    work: Callable,
+    out: Path,
+    rejects: Path,
+    *,
+    workers: int = 4,
+    limit: int | None = None,
+    desc: str = "jobs",
+    max_failures_in_a_row: int = 10,
+) -> Summary:
     """Run work(payload) -> list of records for every (id, payload) not finished yet; each
     record has the job's id as "id" or, when a job makes several records, as "job". Records
     are appended to `out`; a Reject is appended to `rejects` as {"id", "reason"} (final: the
@@ -323,8 +352,12 @@ def run_jobs(jobs: Iterable[tuple[str, object]], work: Callable, out: Path, reje
             return "failed", str(e)
 
     in_a_row = 0
-    with open(out, "a", encoding="utf-8") as fo, open(rejects, "a", encoding="utf-8") as fr, \
-            ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(todo), desc=desc) as bar:
+    with (
+        open(out, "a", encoding="utf-8") as fo,
+        open(rejects, "a", encoding="utf-8") as fr,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(todo), desc=desc) as bar,
+    ):
         pending, queue = {}, iter(todo)
         try:
             while True:
@@ -358,8 +391,11 @@ def run_jobs(jobs: Iterable[tuple[str, object]], work: Callable, out: Path, reje
                         in_a_row += 1
                         if not summary.stopped and (kind == "fatal" or in_a_row >= max_failures_in_a_row):
                             summary.fatal = kind == "fatal"
-                            summary.stopped = result if kind == "fatal" else \
-                                f"{in_a_row} requests in a row failed; the last: {result}"
+                            summary.stopped = (
+                                result
+                                if kind == "fatal"
+                                else f"{in_a_row} requests in a row failed; the last: {result}"
+                            )
                             for f in pending:  # the running ones finish and are kept
                                 f.cancel()
                         bar.update(1)

@@ -25,8 +25,15 @@ from pathlib import Path
 import torch
 
 from safety import POSITIVE, refuse_to_replace, run_main
-from model import (CheckpointError, ModelConfig, check_tensors, expected_shapes, model_card, read_safetensors,
-                   write_checkpoint)
+from model import (
+    CheckpointError,
+    ModelConfig,
+    check_tensors,
+    expected_shapes,
+    model_card,
+    read_safetensors,
+    write_checkpoint,
+)
 from tokenizer import Tokenizer
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
@@ -40,8 +47,10 @@ class CheckpointFiles:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: not a directory")
-        for index_name, single in (("pytorch_model.bin.index.json", "pytorch_model.bin"),
-                                   ("model.safetensors.index.json", "model.safetensors")):
+        for index_name, single in (
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+            ("model.safetensors.index.json", "model.safetensors"),
+        ):
             index = self.path / index_name
             if index.is_file():
                 try:
@@ -112,11 +121,14 @@ def checked(hf: dict, where: Path, groups):
     for group in groups:
         for name, t in group.items():
             if name not in expected:
-                raise CheckpointError(f"{where}: unexpected tensor {name!r} (not in the {config.num_hidden_layers}-layer "
-                                      "LLaMA its config.json describes)")
+                raise CheckpointError(
+                    f"{where}: unexpected tensor {name!r} (not in the {config.num_hidden_layers}-layer "
+                    "LLaMA its config.json describes)"
+                )
             if tuple(t.shape) != expected[name]:
-                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, but config.json implies "
-                                      f"{expected[name]}")
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} has shape {tuple(t.shape)}, but config.json implies {expected[name]}"
+                )
             seen[name] = tuple(t.shape)
         yield group
     check_tensors(config, seen, where)
@@ -140,13 +152,21 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
             tensors = files.load(file)
             yield {n: (t if dtype is None else t.to(dtype)) for n, t in tensors.items() if not is_buffer(n)}
 
-    write_checkpoint(out, hf, checked(hf, src, groups()), tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
-                     extra_files={"README.md": model_card("base", base=src.name, data=[], command="convert.py",
-                                                          figures=[f"converted from {src}"]).encode()})
+    write_checkpoint(
+        out,
+        hf,
+        checked(hf, src, groups()),
+        tokenizer=tokenizer,
+        max_shard_bytes=max_shard_bytes,
+        extra_files={
+            "README.md": model_card(
+                "base", base=src.name, data=[], command="convert.py", figures=[f"converted from {src}"]
+            ).encode()
+        },
+    )
 
 
-def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = None,
-                max_shard_bytes: int = 5 * 2**30):
+def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30):
     """out = base + delta for every tensor, except DELTA_REPLACES, which come from the delta."""
     b, d = CheckpointFiles(base), CheckpointFiles(delta)
     hf, _ = read_config(delta, base)  # the delta's config carries Ziya's vocabulary size
@@ -169,14 +189,28 @@ def apply_delta(base: Path, delta: Path, out: Path, dtype: torch.dtype | None = 
                     continue
                 bt = b.get(name)
                 if bt.shape != dt.shape:
-                    raise CheckpointError(f"{name}: base {base} has shape {tuple(bt.shape)}, delta {delta} has {tuple(dt.shape)}")
+                    raise CheckpointError(
+                        f"{name}: base {base} has shape {tuple(bt.shape)}, delta {delta} has {tuple(dt.shape)}"
+                    )
                 merged[name] = (bt.float() + dt.float()).to(target)  # add in fp32, then round once
             yield merged
 
-    write_checkpoint(out, hf, checked(hf, delta, groups()), tokenizer=checked_tokenizer(_tokenizer(delta, base), hf),
-                     max_shard_bytes=max_shard_bytes, extra_files={"README.md": model_card(
-                         "base", base=f"{base.name} + {delta.name}", data=[], command="convert.py --base --delta",
-                         figures=[f"the delta {delta} added to {base}"]).encode()})
+    write_checkpoint(
+        out,
+        hf,
+        checked(hf, delta, groups()),
+        tokenizer=checked_tokenizer(_tokenizer(delta, base), hf),
+        max_shard_bytes=max_shard_bytes,
+        extra_files={
+            "README.md": model_card(
+                "base",
+                base=f"{base.name} + {delta.name}",
+                data=[],
+                command="convert.py --base --delta",
+                figures=[f"the delta {delta} added to {base}"],
+            ).encode()
+        },
+    )
 
 
 def _tokenizer(*dirs: Path) -> Path | None:
@@ -196,8 +230,13 @@ def main(argv=None):
     p.add_argument("--max-shard-gb", type=POSITIVE, default=5.0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    refuse_to_replace(args.out.parent, [args.out.name], overwrite=args.overwrite, what="model",
-                      inputs=[args.src, args.base, args.delta])
+    refuse_to_replace(
+        args.out.parent,
+        [args.out.name],
+        overwrite=args.overwrite,
+        what="model",
+        inputs=[args.src, args.base, args.delta],
+    )
     dtype = getattr(torch, args.dtype) if args.dtype else None
     shard = int(args.max_shard_gb * 2**30)
     if args.src and not (args.base or args.delta):

@@ -23,8 +23,20 @@ import re
 import sys
 from pathlib import Path
 
-from chat_api import (GOODBYE, OPENAI_BASE_URL, PRICE_INPUT, PRICE_OUTPUT, PROMPTS, APIError, ChatClient, Reject,
-                      dialogue_text, fill, prompt, run_jobs)
+from chat_api import (
+    GOODBYE,
+    OPENAI_BASE_URL,
+    PRICE_INPUT,
+    PRICE_OUTPUT,
+    PROMPTS,
+    APIError,
+    ChatClient,
+    Reject,
+    dialogue_text,
+    fill,
+    prompt,
+    run_jobs,
+)
 from data.readers import add_input_args, read
 from data.schema import Report, check_prompt, load_jsonl
 from safety import COUNT, NONNEGATIVE, POSITIVE, SHARE, TEMPERATURE, claim_output, file_digest, run_main
@@ -62,8 +74,9 @@ def parse_dialogue(text: str) -> list[dict]:
     for line in text.splitlines():
         m = _TURN.match(line)
         if m:
-            turns.append({"role": "user" if m.group(1) in _PATIENT_LABELS else "assistant",
-                          "content": m.group(2).strip()})
+            turns.append(
+                {"role": "user" if m.group(1) in _PATIENT_LABELS else "assistant", "content": m.group(2).strip()}
+            )
         elif line.strip() and turns:
             turns[-1]["content"] = (turns[-1]["content"] + "\n" + line.strip()).strip()
     return turns
@@ -90,7 +103,7 @@ def parse_triples(text: str) -> list[dict]:
         for line in lines:
             m = _LABEL.match(line)
             if m:
-                fields[{"角色": "role", "指令": "instruction", "输入": "input"}[m.group(1)]] = line[m.end():].strip()
+                fields[{"角色": "role", "指令": "instruction", "输入": "input"}[m.group(1)]] = line[m.end() :].strip()
             else:
                 positional.append(line)
         if not fields:
@@ -103,8 +116,10 @@ def parse_triples(text: str) -> list[dict]:
     return triples
 
 
-_RATING = re.compile(r"Rating\s*A\s*[:：]\s*\[?\s*(\d+(?:\.\d+)?)\s*\]?\s*[;；,，]?\s*Rating\s*B\s*[:：]\s*\[?\s*(\d+(?:\.\d+)?)",
-                     re.IGNORECASE | re.DOTALL)
+_RATING = re.compile(
+    r"Rating\s*A\s*[:：]\s*\[?\s*(\d+(?:\.\d+)?)\s*\]?\s*[;；,，]?\s*Rating\s*B\s*[:：]\s*\[?\s*(\d+(?:\.\d+)?)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def parse_ratings(text: str) -> tuple[float, float]:
@@ -127,13 +142,17 @@ def ask(client, content: str, **kw) -> str:
 
 
 def instructions_generate(args, client):
-    seeds = [json.loads(line) for line in Path(args.input or SEEDS).read_text(encoding="utf-8").splitlines() if line.strip()]
+    seeds = [
+        json.loads(line) for line in Path(args.input or SEEDS).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
     def render(k: int) -> str:
         rng = random.Random(f"{args.seed}:{k}")
         shown = rng.sample(seeds, min(SEEDS_PER_CALL, len(seeds)))
-        examples = "\n".join(f"{i}. 角色：{s['role']}\n指令：{s['instruction']}\n输入：{s['input'] or '无'}"
-                             for i, s in enumerate(shown, start=1))
+        examples = "\n".join(
+            f"{i}. 角色：{s['role']}\n指令：{s['instruction']}\n输入：{s['input'] or '无'}"
+            for i, s in enumerate(shown, start=1)
+        )
         return prompt("a1_self_instruct") + "\n" + examples + f"\n{len(shown) + 1}."
 
     def work(k: int):
@@ -170,8 +189,14 @@ def instructions_answer(args, client, triples):
         reply = ask(client, render(t)).strip()
         if not reply:
             raise Reject("empty reply")
-        return [{"id": t["id"], "source": "distilled_instruction", "meta": {"role": t["role"]},
-                 "messages": [{"role": "user", "content": question(t)}, {"role": "assistant", "content": reply}]}]
+        return [
+            {
+                "id": t["id"],
+                "source": "distilled_instruction",
+                "meta": {"role": t["role"]},
+                "messages": [{"role": "user", "content": question(t)}, {"role": "assistant", "content": reply}],
+            }
+        ]
 
     return [(t["id"], t) for t in triples], work, render
 
@@ -210,24 +235,39 @@ def conversations(args, client, records):
             if GOODBYE in said:  # the doctor has answered the goodbye; the consultation is over
                 ended = "goodbye"
                 break
-        return [{"id": r["id"], "source": "distilled_conversation", "messages": messages,
-                 "meta": {"medical_case": case, "doctor_diagnosis": diagnosis, "ended": ended}}]
+        return [
+            {
+                "id": r["id"],
+                "source": "distilled_conversation",
+                "messages": messages,
+                "meta": {"medical_case": case, "doctor_diagnosis": diagnosis, "ended": ended},
+            }
+        ]
 
     return [(r["id"], r) for r in records], work, render
 
 
 def polish_qa(args, client, records):
     def render(r):
-        return fill(prompt("a3_polish_qa"), Patient_Question=r["messages"][0]["content"],
-                    Doctor_Response=r["messages"][1]["content"])
+        return fill(
+            prompt("a3_polish_qa"),
+            Patient_Question=r["messages"][0]["content"],
+            Doctor_Response=r["messages"][1]["content"],
+        )
 
     def work(r):
         reply = ask(client, render(r)).strip()
         reply = re.sub(r"^\s*<?HuatuoGPT回复>?\s*[:：]\s*", "", reply)
         if not reply:
             raise Reject("empty reply")
-        return [{"id": r["id"], "source": "real_instruction", "meta": {"original_answer": r["messages"][1]["content"]},
-                 "messages": [r["messages"][0], {"role": "assistant", "content": reply}]}]
+        return [
+            {
+                "id": r["id"],
+                "source": "real_instruction",
+                "meta": {"original_answer": r["messages"][1]["content"]},
+                "messages": [r["messages"][0], {"role": "assistant", "content": reply}],
+            }
+        ]
 
     return [(r["id"], r) for r in records if len(r["messages"]) >= 2], work, render
 
@@ -242,10 +282,11 @@ def polish_dialogue(args, client, records):
         want = [m["role"] for m in r["messages"]]
         got = [m["role"] for m in turns]
         if got != want or any(not t["content"] for t in turns):
-            raise Reject(f"changed shape: {len(want)} turns became {len(got)} "
-                         f"({''.join('P' if x == 'user' else 'D' for x in got) or 'none'})")
-        return [{"id": r["id"], "source": "real_conversation", "messages": turns,
-                 "meta": {"original": r["messages"]}}]
+            raise Reject(
+                f"changed shape: {len(want)} turns became {len(got)} "
+                f"({''.join('P' if x == 'user' else 'D' for x in got) or 'none'})"
+            )
+        return [{"id": r["id"], "source": "real_conversation", "messages": turns, "meta": {"original": r["messages"]}}]
 
     return [(r["id"], r) for r in records], work, render
 
@@ -267,8 +308,11 @@ def read_samples(path) -> list[dict]:
         if not isinstance(r.get("responses"), list) or len(r["responses"]) < 2:
             raise SystemExit(f"{where}: field 'responses' must list at least two responses")
         finished = r.setdefault("finished", [True] * len(r["responses"]))
-        if not (isinstance(finished, list) and len(finished) == len(r["responses"])
-                and all(isinstance(x, bool) for x in finished)):
+        if not (
+            isinstance(finished, list)
+            and len(finished) == len(r["responses"])
+            and all(isinstance(x, bool) for x in finished)
+        ):
             raise SystemExit(f"{where}: field 'finished' must list one true/false per response")
         out.append(r)
     return out
@@ -278,8 +322,14 @@ def score(args, client, samples):
     def render(job, swap=False):
         r, i, j = job
         a, b = (r["responses"][j], r["responses"][i]) if swap else (r["responses"][i], r["responses"][j])
-        return fill(prompt("b_mixed_feedback"), History=dialogue_text(r["messages"][:-1]) or "无",
-                    Query=r["messages"][-1]["content"], Doctor_response=r["reference"], Response_A=a, Response_B=b)
+        return fill(
+            prompt("b_mixed_feedback"),
+            History=dialogue_text(r["messages"][:-1]) or "无",
+            Query=r["messages"][-1]["content"],
+            Doctor_response=r["reference"],
+            Response_A=a,
+            Response_B=b,
+        )
 
     def work(job):
         r, i, j = job
@@ -292,9 +342,16 @@ def score(args, client, samples):
         if first is None or first != second:
             raise Reject(f"inconsistent: ratings {a1}/{b1}, then {a2}/{b2} with positions swapped")
         loser = j if first == i else i
-        return [{"id": f"{r['id']}:{i}-{j}", "source": "mixed_feedback", "messages": r["messages"],
-                 "chosen": r["responses"][first], "rejected": r["responses"][loser],
-                 "meta": {"ratings": [[a1, b1], [a2, b2]], "reference": r["reference"]}}]
+        return [
+            {
+                "id": f"{r['id']}:{i}-{j}",
+                "source": "mixed_feedback",
+                "messages": r["messages"],
+                "chosen": r["responses"][first],
+                "rejected": r["responses"][loser],
+                "meta": {"ratings": [[a1, b1], [a2, b2]], "reference": r["reference"]},
+            }
+        ]
 
     # A response cut off at the sampler's max_new_tokens is not rated (train_rm.py sample marks
     # it): judged against a doctor's whole answer, it would teach the reward model little but
@@ -302,8 +359,11 @@ def score(args, client, samples):
     pairs = [(r, i, j) for r in samples for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))]
     jobs = [(f"{r['id']}:{i}-{j}", (r, i, j)) for r, i, j in pairs if r["finished"][i] and r["finished"][j]]
     if len(jobs) < len(pairs):
-        print(f"{len(pairs) - len(jobs)} of {len(pairs)} pairs not rated: a response in them was cut off "
-              "before eos (train_rm.py sample --max-new-tokens)", file=sys.stderr)
+        print(
+            f"{len(pairs) - len(jobs)} of {len(pairs)} pairs not rated: a response in them was cut off "
+            "before eos (train_rm.py sample --max-new-tokens)",
+            file=sys.stderr,
+        )
     return jobs, work, render
 
 
@@ -315,15 +375,26 @@ def read_records(path, report, fmt=None, encoding="utf-8"):
 
 
 # The prompt files each command sends (data/prompts/).
-PROMPTS_USED = {"instructions": ["a1_self_instruct", "a1_role_answer"], "conversations": ["a2_patient", "a2_doctor"],
-                "polish-qa": ["a3_polish_qa"], "polish-dialogue": ["a4_polish_dialogue"], "score": ["b_mixed_feedback"]}
+PROMPTS_USED = {
+    "instructions": ["a1_self_instruct", "a1_role_answer"],
+    "conversations": ["a2_patient", "a2_doctor"],
+    "polish-qa": ["a3_polish_qa"],
+    "polish-dialogue": ["a4_polish_dialogue"],
+    "score": ["b_mixed_feedback"],
+}
 
 
 def distill_setup(args, sampling: dict) -> tuple[dict, dict]:
     """What makes this command's records what they are (safety.claim_output)."""
     source = Path(args.input) if args.input else SEEDS
-    setup = {"command": args.command, "input": file_digest(source), "model": args.model, **sampling,
-             "seed": args.seed, "max_rounds": args.max_rounds if args.command == "conversations" else None}
+    setup = {
+        "command": args.command,
+        "input": file_digest(source),
+        "model": args.model,
+        **sampling,
+        "seed": args.seed,
+        "max_rounds": args.max_rounds if args.command == "conversations" else None,
+    }
     setup.update({f"prompt {name}": file_digest(PROMPTS / f"{name}.txt") for name in PROMPTS_USED[args.command]})
     return setup, {"input": str(source), "base_url": args.base_url}
 
@@ -355,14 +426,33 @@ def main(argv=None):
     rejects = args.rejects or args.out.with_name(args.out.stem + ".rejects.jsonl")
     if args.command != "instructions" and not args.input:
         p.error(f"{args.command} needs --input")
-    sampling = {k: v for k, v in (("temperature", args.temperature if args.temperature is not None else
-                                   (0.0 if args.command == "score" else 1.0)),
-                                  ("top_p", args.top_p), ("max_tokens", args.max_tokens)) if v is not None}
+    sampling = {
+        k: v
+        for k, v in (
+            (
+                "temperature",
+                args.temperature if args.temperature is not None else (0.0 if args.command == "score" else 1.0),
+            ),
+            ("top_p", args.top_p),
+            ("max_tokens", args.max_tokens),
+        )
+        if v is not None
+    }
     if not args.dry_run:
         claim_output(args.out, *distill_setup(args, sampling), inputs=[args.input])
     try:
-        client = None if args.dry_run else ChatClient(args.base_url, args.model, timeout=args.timeout,
-                                                      max_attempts=args.max_attempts, backoff=args.backoff, **sampling)
+        client = (
+            None
+            if args.dry_run
+            else ChatClient(
+                args.base_url,
+                args.model,
+                timeout=args.timeout,
+                max_attempts=args.max_attempts,
+                backoff=args.backoff,
+                **sampling,
+            )
+        )
         report = Report()
         runs = []  # (label, summary)
         if args.command == "instructions":
@@ -371,26 +461,46 @@ def main(argv=None):
             if args.dry_run:
                 print(render(jobs[0][1]))
                 return 0
-            runs.append(("generate", run_jobs(jobs, work, triples_path, rejects, workers=args.workers,
-                                              limit=args.limit, desc="generate")))
+            runs.append(
+                (
+                    "generate",
+                    run_jobs(
+                        jobs, work, triples_path, rejects, workers=args.workers, limit=args.limit, desc="generate"
+                    ),
+                )
+            )
             triples = load_jsonl(triples_path) if triples_path.is_file() else []
             kept, dropped = keep_novel(triples, seeds)
-            print(f"{len(triples)} triples generated, {dropped} dropped as near-duplicates (ROUGE-L >= {DEDUP_ROUGE_L})")
+            print(
+                f"{len(triples)} triples generated, {dropped} dropped as near-duplicates (ROUGE-L >= {DEDUP_ROUGE_L})"
+            )
             jobs, work, render = instructions_answer(args, client, kept)
             if runs[-1][1].stopped:  # the API refuses us: answering would only fail too
                 jobs = []
         else:
-            data = read_samples(args.input) if args.command == "score" else read_records(args.input, report, args.format, args.encoding)
-            builder = {"conversations": conversations, "polish-qa": polish_qa,
-                       "polish-dialogue": polish_dialogue, "score": score}[args.command]
+            data = (
+                read_samples(args.input)
+                if args.command == "score"
+                else read_records(args.input, report, args.format, args.encoding)
+            )
+            builder = {
+                "conversations": conversations,
+                "polish-qa": polish_qa,
+                "polish-dialogue": polish_dialogue,
+                "score": score,
+            }[args.command]
             jobs, work, render = builder(args, client, data)
             if report:
                 print(report.summary())
         if args.dry_run:
             print(render(jobs[0][1]) if jobs else "nothing to do")
             return 0
-        runs.append((args.command, run_jobs(jobs, work, args.out, rejects, workers=args.workers,
-                                            limit=args.limit, desc=args.command)))
+        runs.append(
+            (
+                args.command,
+                run_jobs(jobs, work, args.out, rejects, workers=args.workers, limit=args.limit, desc=args.command),
+            )
+        )
     except APIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -400,9 +510,11 @@ def main(argv=None):
     s = client.stats
     for label, summary in runs:
         print("\n".join(summary.lines(label)))
-    print(f"requests {s.requests}, retries {s.retries}, failed {s.failures}; tokens {s.prompt_tokens} in + "
-          f"{s.completion_tokens} out; estimated cost ${client.cost(args.price_input, args.price_output):.4f} "
-          f"(at ${args.price_input}/${args.price_output} per 1M tokens)")
+    print(
+        f"requests {s.requests}, retries {s.retries}, failed {s.failures}; tokens {s.prompt_tokens} in + "
+        f"{s.completion_tokens} out; estimated cost ${client.cost(args.price_input, args.price_output):.4f} "
+        f"(at ${args.price_input}/${args.price_output} per 1M tokens)"
+    )
     print(f"output: {args.out}; rejects: {rejects}")
     return max(summary.exit_code for _, summary in runs)
 

@@ -29,12 +29,33 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from chat_api import (GOODBYE, OPENAI_BASE_URL, PROMPTS, APIError, ChatClient, Reject, dialogue_text, fill, prompt,
-                      run_jobs)
+from chat_api import (
+    GOODBYE,
+    OPENAI_BASE_URL,
+    PROMPTS,
+    APIError,
+    ChatClient,
+    Reject,
+    dialogue_text,
+    fill,
+    prompt,
+    run_jobs,
+)
 from data.readers import add_input_args, read
 from data.schema import finished_ids, load_jsonl
-from safety import (COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, TEMPERATURE, claim_output, file_digest,
-                    model_digest, refuse_to_replace, run_main, setup_record)
+from safety import (
+    COUNT,
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE,
+    TEMPERATURE,
+    claim_output,
+    file_digest,
+    model_digest,
+    refuse_to_replace,
+    run_main,
+    setup_record,
+)
 from data.template import render
 from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
 from metrics import compute_metrics
@@ -52,8 +73,18 @@ BATCH_SIZE = 8  # questions answered together (38.5 GiB on one GPU at 13B with t
 class Doctor:
     """A model answering with the HuatuoGPT template and the KV cache."""
 
-    def __init__(self, path, max_new_tokens=256, temperature=0.0, top_p=None, repetition_penalty=1.0, seed=0,
-                 device="cpu", dtype=torch.float32, compile=False):
+    def __init__(
+        self,
+        path,
+        max_new_tokens=256,
+        temperature=0.0,
+        top_p=None,
+        repetition_penalty=1.0,
+        seed=0,
+        device="cpu",
+        dtype=torch.float32,
+        compile=False,
+    ):
         self.path = path
         self.model, self.tok = load(path, device=device, dtype=dtype, compile=compile)
         self.max_new = max_new_tokens
@@ -78,8 +109,16 @@ class Doctor:
         fitting = [p for p in prompts if p is not None]
         if not fitting:
             return [None] * len(prompts)
-        out = generate(self.model, fitting, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
-                       pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling)
+        out = generate(
+            self.model,
+            fitting,
+            max_new_tokens=self.max_new,
+            eos_id=self.tok.eos_id,
+            pad_id=self.tok.pad_id,
+            vocab_limit=len(self.tok),
+            generator=self.gen,
+            **self.sampling,
+        )
         answers = iter(self.tok.decode(t).strip() for t in out.tokens)
         return [None if p is None else next(answers) for p in prompts]
 
@@ -87,8 +126,16 @@ class Doctor:
         """The reply to a prompt (self.prompt(...).ids), piece by piece as it is sampled
         (chat.py): the pieces add up to what reply() returns for that conversation."""
         text = ReplyText(self.tok, [], self.max_new)
-        for token in stream(self.model, ids, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
-                            pad_id=self.tok.pad_id, vocab_limit=len(self.tok), generator=self.gen, **self.sampling):
+        for token in stream(
+            self.model,
+            ids,
+            max_new_tokens=self.max_new,
+            eos_id=self.tok.eos_id,
+            pad_id=self.tok.pad_id,
+            vocab_limit=len(self.tok),
+            generator=self.gen,
+            **self.sampling,
+        ):
             piece = text.push(token, self.tok.eos_id)
             if piece:
                 yield piece
@@ -104,14 +151,17 @@ def answer_all(doctor: Doctor, records: list[dict], out: Path, batch_size: int, 
     too_long = 0
     with open(out, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), batch_size), desc="answering"):
-            batch = todo[i:i + batch_size]
+            batch = todo[i : i + batch_size]
             prompts = [r["messages"][:1] for r in batch]  # zero-shot: the question alone
             for r, question, answer in zip(batch, prompts, doctor.reply(prompts)):
                 if answer is None:
                     too_long += 1
                     continue
-                rec = {"id": r["id"], "messages": question + [{"role": "assistant", "content": answer}],
-                       "meta": r.get("meta", {})}
+                rec = {
+                    "id": r["id"],
+                    "messages": question + [{"role": "assistant", "content": answer}],
+                    "meta": r.get("meta", {}),
+                }
                 if keep_reference:
                     rec["reference"] = r["messages"][1]["content"]
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -123,10 +173,18 @@ def answer_all(doctor: Doctor, records: list[dict], out: Path, batch_size: int, 
 def answer_setup(args, *prompts: str) -> tuple[dict, dict]:
     """What makes a model's answers what they are (claim_output): the weights, the data, the
     decoding, and for consult the simulated patient."""
-    setup = {"command": args.cmd, "model": model_digest(args.model), "data": file_digest(args.data),
-             "format": args.format, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-             "dtype": str(device_and_dtype(args)[1])}
+    setup = {
+        "command": args.cmd,
+        "model": model_digest(args.model),
+        "data": file_digest(args.data),
+        "format": args.format,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "dtype": str(device_and_dtype(args)[1]),
+    }
     setup.update({f"prompt {name}": file_digest(PROMPTS / f"{name}.txt") for name in prompts})
     return setup, {"model": str(args.model), "data": str(args.data)}
 
@@ -185,8 +243,14 @@ def cmd_consult(args):
     claim_output(args.out, setup, dict(info, base_url=args.base_url), inputs=[args.data])
     doctor = make_doctor(args)
     client = api_client(args)
-    summary = run_jobs([(c["id"], c) for c in cases], lambda c: [consult(doctor, client, c, args.max_rounds)],
-                       Path(args.out), rejects_path(args.out), workers=1, desc="consult")
+    summary = run_jobs(
+        [(c["id"], c) for c in cases],
+        lambda c: [consult(doctor, client, c, args.max_rounds)],
+        Path(args.out),
+        rejects_path(args.out),
+        workers=1,
+        desc="consult",
+    )
     print("\n".join(summary.lines("consult", "consultations")))
     return summary.exit_code
 
@@ -209,8 +273,11 @@ def judge_order(seed: int, item_id: str) -> str:
 
 
 def ask_verdict(client, first: dict, second: dict, retries: int) -> tuple[str | None, str]:
-    text = fill(prompt("d_auto_evaluation"), Response_A=dialogue_text(first["messages"]),
-                Response_B=dialogue_text(second["messages"]))
+    text = fill(
+        prompt("d_auto_evaluation"),
+        Response_A=dialogue_text(first["messages"]),
+        Response_B=dialogue_text(second["messages"]),
+    )
     reply = ""
     for _ in range(1 + retries):  # an unparseable verdict is asked again, then recorded as such
         reply = client.chat([{"role": "user", "content": text}]).content
@@ -220,8 +287,14 @@ def ask_verdict(client, first: dict, second: dict, retries: int) -> tuple[str | 
     return None, reply
 
 
-OUTCOME_FOR_A = {("ab", "better"): "win", ("ab", "worse"): "loss", ("ba", "better"): "loss",
-                 ("ba", "worse"): "win", ("ab", "equal"): "tie", ("ba", "equal"): "tie"}
+OUTCOME_FOR_A = {
+    ("ab", "better"): "win",
+    ("ab", "worse"): "loss",
+    ("ba", "better"): "loss",
+    ("ba", "worse"): "win",
+    ("ab", "equal"): "tie",
+    ("ba", "equal"): "tie",
+}
 
 
 def judge_item(client, a: dict, b: dict, *, seed: int, both_orders: bool, retries: int) -> dict:
@@ -239,8 +312,12 @@ def judge_item(client, a: dict, b: dict, *, seed: int, both_orders: bool, retrie
     else:
         outcome = "tie"  # the two orders disagree: counted as a tie
     meta = a.get("meta", {})
-    return {"id": a["id"], "group": meta.get("label") or meta.get("department") or "all",
-            "outcome": outcome, "judgments": raw}
+    return {
+        "id": a["id"],
+        "group": meta.get("label") or meta.get("department") or "all",
+        "outcome": outcome,
+        "judgments": raw,
+    }
 
 
 def cmd_judge(args):
@@ -249,6 +326,7 @@ def cmd_judge(args):
     common = [i for i in a if i in b][: args.limit]  # --limit: the first N items
     if not common:
         raise SystemExit(f"{args.a} and {args.b} share no ids")
+
     # The answers judged are fingerprinted by what produced them (their own setup record) when
     # they have one, else by their bytes.
     def produced(path):
@@ -257,15 +335,30 @@ def cmd_judge(args):
 
     client = api_client(args)
     out = Path(args.out)
-    claim_output(out, {"a": produced(args.a), "b": produced(args.b), "judge_model": args.judge_model,
-                       "api_temperature": args.api_temperature, "seed": args.seed, "both_orders": args.both_orders,
-                       "prompt d_auto_evaluation": file_digest(PROMPTS / "d_auto_evaluation.txt")},
-                 {"a": args.name_a, "b": args.name_b, "files": [args.a, args.b], "base_url": args.base_url},
-                 inputs=[args.a, args.b])
-    summary = run_jobs([(i, i) for i in common],
-                       lambda i: [judge_item(client, a[i], b[i], seed=args.seed, both_orders=args.both_orders,
-                                             retries=args.judge_retries)],
-                       out, rejects_path(out), workers=args.workers, desc="judge")
+    claim_output(
+        out,
+        {
+            "a": produced(args.a),
+            "b": produced(args.b),
+            "judge_model": args.judge_model,
+            "api_temperature": args.api_temperature,
+            "seed": args.seed,
+            "both_orders": args.both_orders,
+            "prompt d_auto_evaluation": file_digest(PROMPTS / "d_auto_evaluation.txt"),
+        },
+        {"a": args.name_a, "b": args.name_b, "files": [args.a, args.b], "base_url": args.base_url},
+        inputs=[args.a, args.b],
+    )
+    summary = run_jobs(
+        [(i, i) for i in common],
+        lambda i: [
+            judge_item(client, a[i], b[i], seed=args.seed, both_orders=args.both_orders, retries=args.judge_retries)
+        ],
+        out,
+        rejects_path(out),
+        workers=args.workers,
+        desc="judge",
+    )
     print("\n".join(summary.lines("judge", "judgments")))
     if out.is_file():
         print(table(load_jsonl(out), args.name_a, args.name_b))
@@ -301,8 +394,12 @@ def cmd_report(args):
         made_by = setup_record(path)
         meta = json.loads(made_by.read_text(encoding="utf-8"))["info"] if made_by.is_file() else {"a": "A", "b": "B"}
         judgments = load_jsonl(path)
-        lines += [f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)", "",
-                  table(judgments, meta["a"], meta["b"]), ""]
+        lines += [
+            f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)",
+            "",
+            table(judgments, meta["a"], meta["b"]),
+            "",
+        ]
         bars.append((f"{meta['a']} vs. {meta['b']}", tally(judgments)["Total"]))
     (out / "win_tie_loss.svg").unlink(missing_ok=True)
     if judged(bars):
@@ -319,14 +416,25 @@ def cmd_report(args):
 
 def make_doctor(args) -> Doctor:
     device, dtype = device_and_dtype(args)
-    return Doctor(args.model, args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed,
-                  device=device, dtype=dtype, compile=args.compile)
+    return Doctor(
+        args.model,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.repetition_penalty,
+        args.seed,
+        device=device,
+        dtype=dtype,
+        compile=args.compile,
+    )
 
 
 def api_client(args) -> ChatClient:
     """The judge's client, or the simulated patient's for consult."""
     model = args.patient_model if args.cmd == "consult" else args.judge_model
-    return ChatClient(args.base_url, model, timeout=args.timeout, backoff=args.backoff, temperature=args.api_temperature)
+    return ChatClient(
+        args.base_url, model, timeout=args.timeout, backoff=args.backoff, temperature=args.api_temperature
+    )
 
 
 def rejects_path(out) -> Path:
@@ -385,8 +493,13 @@ def main(argv=None):
     r.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     args = p.parse_args(argv)
     try:
-        code = {"bench": cmd_bench, "answer": cmd_answer, "consult": cmd_consult, "judge": cmd_judge,
-                "report": cmd_report}[args.cmd](args)
+        code = {
+            "bench": cmd_bench,
+            "answer": cmd_answer,
+            "consult": cmd_consult,
+            "judge": cmd_judge,
+            "report": cmd_report,
+        }[args.cmd](args)
     except APIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

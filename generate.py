@@ -44,9 +44,16 @@ class Generation:
     finished: list[bool]  # True where the sequence ended with eos rather than at max_new_tokens
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature: float = 1.0,
-                   top_k: int | None = None, top_p: float | None = None,
-                   repetition_penalty: float = 1.0, vocab_limit: int | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
     """Raw logits (B, V) -> the logits actually sampled from (a new tensor), in transformers'
     order: ids past vocab_limit removed, repetition penalty, temperature, top-k, top-p."""
     logits = logits.float().clone()
@@ -75,11 +82,20 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, temperatu
     return logits
 
 
-def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,
-                 pad_id: int = 0, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, repetition_penalty: float = 1.0,
-                 vocab_limit: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def decode_steps(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    vocab_limit: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield, per step, (tokens (B,), logprobs (B,), alive (B,) bool) for the batch.
 
     `alive` is False for sequences that had already finished before this step; their token is
@@ -98,8 +114,10 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     if P + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's context of {config.max_position_embeddings}")
+        raise ValueError(
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {config.max_position_embeddings}"
+        )
     total = P + max_new_tokens
     compiled = getattr(model, "compile_decoding", False)  # PPO samples from its policy-with-value wrapper
     if compiled:  # a static cache, whole buckets of columns: one compilation serves many lengths
@@ -117,10 +135,19 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
 
     alive = torch.ones(B, dtype=torch.bool, device=device)
     try:
-        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0, positions=slice(-1, None))[:, -1]
+        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0, positions=slice(-1, None))[
+            :, -1
+        ]
         for step in range(max_new_tokens):
-            scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    repetition_penalty=repetition_penalty, vocab_limit=vocab_limit)
+            scores = process_logits(
+                logits,
+                seen,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                vocab_limit=vocab_limit,
+            )
             nxt = draw(scores, temperature, generator)
             logprob = token_logprobs(logits, nxt)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
@@ -137,11 +164,13 @@ def decode_steps(model: Transformer, prompts: list[list[int]], *, max_new_tokens
                 if not any_alive(alive, sharded):
                     break
             if compiled:
-                logits = compiled_step(model)(nxt[:, None], mask, cache=cache,
-                                              start=torch.tensor([pos], device=device))[:, -1]
+                logits = compiled_step(model)(
+                    nxt[:, None], mask, cache=cache, start=torch.tensor([pos], device=device)
+                )[:, -1]
             else:
-                logits = model(tokens[:, pos:pos + 1], mask[:, :pos + 1] if padded else None,
-                               cache=cache, start=pos)[:, -1]
+                logits = model(
+                    tokens[:, pos : pos + 1], mask[:, : pos + 1] if padded else None, cache=cache, start=pos
+                )[:, -1]
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring
@@ -188,14 +217,22 @@ def any_alive(alive: torch.Tensor, across_ranks: bool) -> bool:
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
-             return_logprobs: bool = False, **sampling) -> Generation:
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    return_logprobs: bool = False,
+    **sampling,
+) -> Generation:
     """Sample continuations of a batch of prompts; see decode_steps for the options."""
     out = [[] for _ in prompts]
     lps = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    for tokens, logprobs, alive in decode_steps(model, prompts, max_new_tokens=max_new_tokens,
-                                                eos_id=eos_id, **sampling):
+    for tokens, logprobs, alive in decode_steps(
+        model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **sampling
+    ):
         for i in alive.nonzero().flatten().tolist():
             out[i].append(int(tokens[i]))
             lps[i].append(float(logprobs[i]))
@@ -204,8 +241,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
 
 @torch.no_grad()
-def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id: int,
-           **sampling) -> Iterator[int]:
+def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id: int, **sampling) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are sampled (for chat); stops after eos."""
     for tokens, _, _ in decode_steps(model, [prompt], max_new_tokens=max_new_tokens, eos_id=eos_id, **sampling):
         yield int(tokens[0])
@@ -225,7 +261,7 @@ def held_back(text: str, stop: str) -> int:
         k += stop[i] == stop[k]
         fail[i] = k
     k = 0
-    for c in text[-(len(stop) - 1):]:
+    for c in text[-(len(stop) - 1) :]:
         while k and c != stop[k]:
             k = fail[k - 1]
         k += c == stop[k]
@@ -257,7 +293,7 @@ class ReplyText:
             self.text += self.decoder.flush()
         hits = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             return self._end("stop")
         if token == eos or self.tokens >= self.max_tokens:
             return self._end("stop" if token == eos else "length")
@@ -292,24 +328,42 @@ def add_device_args(p: argparse.ArgumentParser, compile: bool = True):
     """--device and --dtype for every command that loads a model to run it; --compile for
     those that generate."""
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if there is one, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="weights and compute (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weights and compute (default: bfloat16 on a GPU, float32 on the CPU)"
+    )
     if compile:
-        p.add_argument("--compile", action="store_true",
-                       help="compile the decoding step (torch.compile, static cache): each new batch size and "
-                            f"length bucket of {STATIC_BUCKET} compiles once first; see README, Benchmarks")
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            help="compile the decoding step (torch.compile, static cache): each new batch size and "
+            f"length bucket of {STATIC_BUCKET} compiles once first; see README, Benchmarks",
+        )
 
 
-def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
-                      top_p: float | None, repetition_penalty: float, why: str = ""):
+def add_sampling_args(
+    p: argparse.ArgumentParser,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    repetition_penalty: float,
+    why: str = "",
+):
     """--max-new-tokens, --temperature, --top-p, --repetition-penalty and --seed, with the
     command's defaults (`why` says where they come from, in --help)."""
-    p.add_argument("--max-new-tokens", type=COUNT, default=max_new_tokens, help=f"per reply (default: {max_new_tokens})")
-    p.add_argument("--temperature", type=NONNEGATIVE, default=temperature,
-                   help=f"0: greedy (default: {temperature}{why})")
+    p.add_argument(
+        "--max-new-tokens", type=COUNT, default=max_new_tokens, help=f"per reply (default: {max_new_tokens})"
+    )
+    p.add_argument(
+        "--temperature", type=NONNEGATIVE, default=temperature, help=f"0: greedy (default: {temperature}{why})"
+    )
     p.add_argument("--top-p", type=SHARE, default=top_p, help=f"nucleus sampling (default: {top_p})")
-    p.add_argument("--repetition-penalty", type=POSITIVE, default=repetition_penalty,
-                   help=f"CTRL's penalty, 1: none (default: {repetition_penalty})")
+    p.add_argument(
+        "--repetition-penalty",
+        type=POSITIVE,
+        default=repetition_penalty,
+        help=f"CTRL's penalty, 1: none (default: {repetition_penalty})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default: 0)")
 
 
@@ -345,10 +399,19 @@ def main(argv=None):
     device, dtype = device_and_dtype(args)
     model, tok = load(args.model, device=device, dtype=dtype, compile=args.compile)
     decoder = StreamDecoder(tok)
-    for t in stream(model, tok.encode(args.prompt, bos=True), max_new_tokens=args.max_new_tokens,
-                    eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, vocab_limit=len(tok),
-                    generator=torch.Generator(device).manual_seed(args.seed)):
+    for t in stream(
+        model,
+        tok.encode(args.prompt, bos=True),
+        max_new_tokens=args.max_new_tokens,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        vocab_limit=len(tok),
+        generator=torch.Generator(device).manual_seed(args.seed),
+    ):
         print(decoder.push(t), end="", flush=True)
     print()
 

@@ -35,7 +35,7 @@ def tokens(text: str) -> list[str]:
 
 
 def ngrams(seq, n: int) -> list[tuple]:
-    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
 def corpus_bleu(refs: list[list[str]], hyps: list[list[str]], weights) -> float:
@@ -143,8 +143,21 @@ def compute_metrics(predictions: list[str], references: list[str]) -> dict:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
-        return dict.fromkeys(["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L",
-                              "Distinct-1", "Distinct-2"], 0.0)
+        return dict.fromkeys(
+            [
+                "BLEU-1",
+                "BLEU-2",
+                "BLEU-3",
+                "BLEU-4",
+                "GLEU",
+                "ROUGE-1",
+                "ROUGE-2",
+                "ROUGE-L",
+                "Distinct-1",
+                "Distinct-2",
+            ],
+            0.0,
+        )
     hyps = [tokens(p) for p in predictions]
     refs = [tokens(r) for r in references]
     out = {f"BLEU-{n}": 100 * corpus_bleu(refs, hyps, BLEU_WEIGHTS[n]) for n in (1, 2, 3, 4)}

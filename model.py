@@ -53,9 +53,16 @@ class CheckpointError(ValueError):
 
 # Bounds a config's sizes must keep (ModelConfig checks them first): far beyond any LLaMA, small
 # enough that a typo cannot make a loader build a model without end.
-LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 1024,
-          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
-          "max_position_embeddings": 1 << 21}
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 21,
+}
 
 
 @dataclass
@@ -96,13 +103,16 @@ class ModelConfig:
             raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value < self.vocab_size):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
                 raise ValueError(f"{name} must be a token id below vocab_size {self.vocab_size}, got {value!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                                 f"({self.num_attention_heads}), or head_dim given")
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}), or head_dim given"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -183,14 +193,24 @@ class ModelConfig:
 # laptop CPU in minutes, with an embedding table larger than its tokenizer, as Ziya's is.
 CONFIGS = {
     "tiny": ModelConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
         # LLaMA's context (paper App. E: 2048): the judge's prompt (App. D) alone is ~1,500 tiny tokens.
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
     ),
     # ~50M parameters: the size the benchmarks in bench/ compare against transformers.
     "bench-50m": ModelConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=12,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
     ),
     # Ziya-LLaMA-13B (the dataclass defaults), the base model of the paper (App. E).
     "ziya-13b": ModelConfig(),
@@ -212,8 +232,9 @@ def not_a_model(path: Path, *, builtin: bool = False) -> str:
     (a trainer's OUT holds best/ and final/), or, for a path that is no directory, the built-in
     names and the closest one."""
     if path.is_dir():
-        below = sorted((c.parent for c in path.glob("*/config.json")),
-                       key=lambda d: (d.name not in ("best", "final"), d.name))
+        below = sorted(
+            (c.parent for c in path.glob("*/config.json")), key=lambda d: (d.name not in ("best", "final"), d.name)
+        )
         hint = f"; did you mean {' or '.join(str(d) for d in below[:3])}?" if below else ""
         return f"{path}: no config.json (expected an HF-format model directory){hint}"
     if not builtin:
@@ -221,8 +242,9 @@ def not_a_model(path: Path, *, builtin: bool = False) -> str:
     import difflib
 
     close = difflib.get_close_matches(str(path), list(CONFIGS), n=1, cutoff=0.6)
-    return (f"{path}: neither a model directory nor a built-in config ({', '.join(CONFIGS)})" +
-            (f"; did you mean {close[0]}?" if close else ""))
+    return f"{path}: neither a model directory nor a built-in config ({', '.join(CONFIGS)})" + (
+        f"; did you mean {close[0]}?" if close else ""
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,13 +322,12 @@ class KVCache:
             self.k[layer][row, :, :columns] = source.k[layer][source_row, :, :columns]
             self.v[layer][row, :, :columns] = source.v[layer][source_row, :, :columns]
 
-    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               width: int | None = None):
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: int | None = None):
         if isinstance(start, torch.Tensor) and start.dim() == 2:  # (B, 1): a column per row
             rows = torch.arange(k.shape[0], device=k.device)
             self.k[layer][rows, :, start[:, 0]] = k[:, :, 0]
             self.v[layer][rows, :, start[:, 0]] = v[:, :, 0]
-            return self.k[layer][:k.shape[0], :, :width], self.v[layer][:k.shape[0], :, :width]
+            return self.k[layer][: k.shape[0], :, :width], self.v[layer][: k.shape[0], :, :width]
         if isinstance(start, torch.Tensor):
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
@@ -326,7 +347,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
@@ -344,7 +368,11 @@ class Attention(nn.Module):
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
         # SDPA's softmax accumulates in fp32 whatever the input dtype.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and T > 1,
+            q,
+            k,
+            v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.mask is None and T > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -399,16 +427,21 @@ def check_lora(model: nn.Module, rank: int, targets: list[str]):
     every target is a linear layer of the blocks, and the rank is at most min(in, out) of each
     (an update B·A of a larger rank has no more freedom than the weight itself, only more
     memory)."""
-    linears = {name.rsplit(".", 1)[-1]: mod for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and ".layers." in f".{name}"}
+    linears = {
+        name.rsplit(".", 1)[-1]: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and ".layers." in f".{name}"
+    }
     unknown = [t for t in targets if t not in linears]
     if unknown:
-        raise SettingError(f"--lora-targets {' '.join(unknown)}: no such linear layer in the blocks (they have "
-                           f"{', '.join(linears)})")
+        raise SettingError(
+            f"--lora-targets {' '.join(unknown)}: no such linear layer in the blocks (they have {', '.join(linears)})"
+        )
     most = min(min(linears[t].in_features, linears[t].out_features) for t in targets)
     if not 1 <= rank <= most:
-        raise SettingError(f"--lora-rank {rank}: must be between 1 and {most}, the smaller side of the smallest of "
-                           f"{' '.join(targets)}")
+        raise SettingError(
+            f"--lora-rank {rank}: must be between 1 and {most}, the smaller side of the smallest of {' '.join(targets)}"
+        )
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[str]:
@@ -417,13 +450,17 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> l
     everything but the LoRA matrices. Works on the meta device, before sharding. Returns the
     names of the new trainable parameters (to be initialised by lora_init)."""
     check_lora(model, rank, targets)
-    found = [(name, mod) for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] in targets
-             and isinstance(mod, nn.Linear) and ".layers." in f".{name}"]
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and isinstance(mod, nn.Linear) and ".layers." in f".{name}"
+    ]
     model.requires_grad_(False)
     for name, linear in found:
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        lora = LoRALinear(linear.in_features, linear.out_features, rank, alpha, device=linear.weight.device,
-                          dtype=linear.weight.dtype)
+        lora = LoRALinear(
+            linear.in_features, linear.out_features, rank, alpha, device=linear.weight.device, dtype=linear.weight.dtype
+        )
         lora.weight = linear.weight
         lora.weight.requires_grad_(False)
         setattr(parent, name.rsplit(".", 1)[-1], lora)
@@ -522,8 +559,15 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
         return self
 
-    def context(self, batch_size: int, seq_len: int, attention_mask=None, start: int | torch.Tensor = 0,
-                device=None, dtype=torch.float32) -> AttentionContext:
+    def context(
+        self,
+        batch_size: int,
+        seq_len: int,
+        attention_mask=None,
+        start: int | torch.Tensor = 0,
+        device=None,
+        dtype=torch.float32,
+    ) -> AttentionContext:
         """Positions and mask for `seq_len` new tokens written at cache position `start`.
 
         attention_mask: (B, start + seq_len), 1 for real tokens and 0 for padding (left or
@@ -550,7 +594,8 @@ class Transformer(nn.Module):
             am = attention_mask.bool()
             if am.shape != (batch_size, start + seq_len):
                 raise ValueError(
-                    f"attention_mask has shape {tuple(am.shape)}, expected {(batch_size, start + seq_len)}")
+                    f"attention_mask has shape {tuple(am.shape)}, expected {(batch_size, start + seq_len)}"
+                )
             device = am.device
             positions = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             mask = causal_mask(seq_len, start + seq_len, start, device)[None] & am[:, None, :]
@@ -562,8 +607,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
         return AttentionContext(cos, sin, mask, start)
 
-    def run_layers(self, h, ctx: AttentionContext, first: int = 0, last: int | None = None,
-                   cache: KVCache | None = None):
+    def run_layers(
+        self, h, ctx: AttentionContext, first: int = 0, last: int | None = None, cache: KVCache | None = None
+    ):
         for layer in self.layers[first:last]:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cache, use_reentrant=False)
@@ -571,10 +617,19 @@ class Transformer(nn.Module):
                 h = layer(h, ctx, cache)
         return h
 
-    def forward(self, tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start: int | torch.Tensor = 0, hidden: torch.Tensor | None = None,
-                first_layer: int = 0, last_layer: int | None = None, output: str = "logits",
-                positions: slice | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        hidden: torch.Tensor | None = None,
+        first_layer: int = 0,
+        last_layer: int | None = None,
+        output: str = "logits",
+        positions: slice | None = None,
+    ):
         """Run blocks first_layer .. last_layer-1 (all by default) on embedded `tokens` (B, T),
         or on `hidden` (B, T, hidden_size): the residual stream entering block first_layer, as
         an earlier call with output="residual" returned it. What comes out:
@@ -654,7 +709,9 @@ class Transformer(nn.Module):
             shapes = dict(tensor_shapes(shard))
             if names is not None and set(names) - set(shapes):
                 absent = sorted(set(names) - set(shapes))
-                raise CheckpointError(f"{shard}: the index assigns {absent[:3]} to this file, but it does not hold them")
+                raise CheckpointError(
+                    f"{shard}: the index assigns {absent[:3]} to this file, but it does not hold them"
+                )
             found.update(shapes)
         check_tensors(config, found, path)
         loaded = set()
@@ -666,11 +723,14 @@ class Transformer(nn.Module):
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # a tied head is the embedding; some checkpoints store both
                 if name not in expected:
-                    raise CheckpointError(f"{shard}: unexpected tensor {name!r} (not in a {config.num_hidden_layers}-layer LLaMA)")
+                    raise CheckpointError(
+                        f"{shard}: unexpected tensor {name!r} (not in a {config.num_hidden_layers}-layer LLaMA)"
+                    )
                 if tuple(tensor.shape) != tuple(expected[name]):
                     raise CheckpointError(
                         f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"but config.json implies {tuple(expected[name])}")
+                        f"but config.json implies {tuple(expected[name])}"
+                    )
                 check_weight(shard, name, tensor)
                 tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
                 loaded.add(name)
@@ -683,9 +743,16 @@ class Transformer(nn.Module):
             yield tensors
             del tensors
 
-    def save_pretrained(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                        state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30,
-                        extra_files: dict[str, bytes] | None = None, dtype: torch.dtype | None = None):
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        tokenizer: str | os.PathLike | None = None,
+        state_dict: dict | None = None,
+        max_shard_bytes: int = 5 * 2**30,
+        extra_files: dict[str, bytes] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
 
         `state_dict` lets a distributed trainer pass a gathered full state dict; `extra_files`
@@ -696,8 +763,14 @@ class Transformer(nn.Module):
         tensors = {hf_name(n): t for n, t in sd.items()}
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-        write_checkpoint(path, self.config.to_hf(), [tensors], tokenizer=tokenizer,
-                         max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+        write_checkpoint(
+            path,
+            self.config.to_hf(),
+            [tensors],
+            tokenizer=tokenizer,
+            max_shard_bytes=max_shard_bytes,
+            extra_files=extra_files,
+        )
 
 
 def allocate(module: nn.Module, *, device, dtype) -> nn.Module:
@@ -790,14 +863,27 @@ class RewardModel(nn.Module):
         transformers scores at the last token that is not pad_token_id, which is the reply's eos
         when a batch is right-padded, as ours reads it from the mask."""
         sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
-        tensors = {hf_name(k.removeprefix("trunk.")): v for k, v in sd.items()
-                   if k.startswith("trunk.") and k != "trunk.lm_head.weight"}
+        tensors = {
+            hf_name(k.removeprefix("trunk.")): v
+            for k, v in sd.items()
+            if k.startswith("trunk.") and k != "trunk.lm_head.weight"
+        }
         tensors["score.weight"] = sd["score_head.weight"]
-        hf = dict(self.config.to_hf(), architectures=["LlamaForSequenceClassification"], num_labels=1,
-                  id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        hf = dict(
+            self.config.to_hf(),
+            architectures=["LlamaForSequenceClassification"],
+            num_labels=1,
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        )
         meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
-        write_checkpoint(path, hf, [tensors], tokenizer=tokenizer, extra_files={
-            **(extra_files or {}), "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()})
+        write_checkpoint(
+            path,
+            hf,
+            [tensors],
+            tokenizer=tokenizer,
+            extra_files={**(extra_files or {}), "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()},
+        )
 
     def scorer(self) -> "RewardModel":
         """This model without its LM head, which a score never reads (kept in a checkpoint for
@@ -806,8 +892,9 @@ class RewardModel(nn.Module):
             self.trunk.lm_head = None
         return self
 
-    def score_ids(self, prompts: list[list[int]], responses: list[list[int]], *, eos_id: int,
-                  pad_id: int) -> torch.Tensor:
+    def score_ids(
+        self, prompts: list[list[int]], responses: list[list[int]], *, eos_id: int, pad_id: int
+    ) -> torch.Tensor:
         """Rewards (B,) of responses given as token ids after their prompts' ids, exactly as the
         policy produced them. A response is scored at its eos, the token the head was trained
         to read. One without eos (cut off at max_new_tokens) gets one appended: it is scored as
@@ -817,8 +904,10 @@ class RewardModel(nn.Module):
         seqs = [p + r + ([] if r and r[-1] == eos_id else [eos_id]) for p, r in zip(prompts, responses)]
         limit = self.config.max_position_embeddings
         if max(map(len, seqs)) > limit:
-            raise ValueError(f"a prompt + response + eos of {max(map(len, seqs))} tokens exceeds the reward "
-                             f"model's context of {limit}")
+            raise ValueError(
+                f"a prompt + response + eos of {max(map(len, seqs))} tokens exceeds the reward "
+                f"model's context of {limit}"
+            )
         tokens, mask = pad_batch(seqs, pad_id)
         return self(tokens.to(device), mask.to(device))
 
@@ -855,13 +944,19 @@ class RewardModel(nn.Module):
         config = ModelConfig.from_json(path / "config.json")
         labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
         if labels != 1:
-            raise CheckpointError(f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
-                                  "model needs one label, a single score")
+            raise CheckpointError(
+                f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
+                "model needs one label, a single score"
+            )
         expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
         expected["score.weight"] = (1, config.hidden_size)
         shards = checkpoint_shards(path)
-        found = {name: shape for shard in shards for name, shape in tensor_shapes(shard)
-                 if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq")}
+        found = {
+            name: shape
+            for shard in shards
+            for name, shape in tensor_shapes(shard)
+            if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq")
+        }
         if "score.weight" not in found:
             raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
         check_tensors(config, found, path, expected=expected)
@@ -891,7 +986,9 @@ class RewardModel(nn.Module):
         rm.trunk.lm_head.requires_grad_(False)
         weight = load_safetensors(head_file.read_bytes())["weight"].to(dtype)
         if weight.shape != (1, trunk.config.hidden_size):
-            raise ValueError(f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})")
+            raise ValueError(
+                f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})"
+            )
         rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype, device=device)
         rm.score_head.weight.data.copy_(weight)
         return rm
@@ -936,8 +1033,17 @@ class PolicyWithValue(nn.Module):
         """(logits, values) per position of `hidden` (of `positions` only, when given)."""
         return self(hidden=hidden, attention_mask=attention_mask, positions=positions, part="top")
 
-    def forward(self, tokens=None, attention_mask=None, *, hidden=None, cache=None, start=0, positions=None,
-                part: str = "policy"):
+    def forward(
+        self,
+        tokens=None,
+        attention_mask=None,
+        *,
+        hidden=None,
+        cache=None,
+        start=0,
+        positions=None,
+        part: str = "policy",
+    ):
         """The policy's logits; bottom() and top() come through here too, so that every part
         runs under nn.Module.__call__, where FSDP gathers the root's weights and where torch's
         FSDPMemTracker (plan.py) sees it. (FSDP2's register_fsdp_forward_method would spare the
@@ -946,8 +1052,13 @@ class PolicyWithValue(nn.Module):
         if part == "bottom":
             return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
         if part == "top":
-            h = self.policy(hidden=hidden, attention_mask=attention_mask, first_layer=self.split, output="hidden",
-                            positions=positions)
+            h = self.policy(
+                hidden=hidden,
+                attention_mask=attention_mask,
+                first_layer=self.split,
+                output="hidden",
+                positions=positions,
+            )
             return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
         return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
 
@@ -955,8 +1066,12 @@ class PolicyWithValue(nn.Module):
         sd = self.state_dict() if state_dict is None else state_dict
         policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
         head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})
-        self.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=policy,
-                                    extra_files={**(extra_files or {}), "value_head.safetensors": head})
+        self.policy.save_pretrained(
+            path,
+            tokenizer=tokenizer,
+            state_dict=policy,
+            extra_files={**(extra_files or {}), "value_head.safetensors": head},
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -977,7 +1092,9 @@ def checkpoint_shards(path: Path) -> dict[Path, list[str] | None]:
             shards.setdefault(path / file, []).append(name)
         for shard, names in shards.items():
             if not shard.is_file():
-                raise FileNotFoundError(f"{index}: shard {shard.name} is missing (it holds {names[0]!r} and {len(names) - 1} more tensors)")
+                raise FileNotFoundError(
+                    f"{index}: shard {shard.name} is missing (it holds {names[0]!r} and {len(names) - 1} more tensors)"
+                )
         return shards
     if single.is_file():
         return {single: None}
@@ -1010,15 +1127,22 @@ def check_tensors(config: ModelConfig, found: dict[str, tuple], where: Path, exp
     config implies (expected_shapes, or `expected`): a config.json of 1,000 layers over a
     checkpoint of 40, a shape of another model."""
     expected = expected_shapes(config) if expected is None else expected
-    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")
-             and not (config.tie_word_embeddings and k == "lm_head.weight")}
+    found = {
+        k: v
+        for k, v in found.items()
+        if not k.endswith("rotary_emb.inv_freq") and not (config.tie_word_embeddings and k == "lm_head.weight")
+    }
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} (not in the {config.num_hidden_layers}-"
-                              f"layer LLaMA its config.json describes){f'; {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
+        raise CheckpointError(
+            f"{where}: unexpected tensor {unexpected[0]!r} (not in the {config.num_hidden_layers}-"
+            f"layer LLaMA its config.json describes){f'; {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}"
+        )
     for name, shape in found.items():
         if shape != expected[name]:
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {shape}, but config.json implies {expected[name]}")
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {shape}, but config.json implies {expected[name]}"
+            )
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -1048,8 +1172,15 @@ def read_safetensors(file: Path, names: list[str] | None = None):
         raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
 
 
-def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, max_shard_bytes=5 * 2**30,
-                     extra_files: dict[str, bytes] | None = None):
+def write_checkpoint(
+    path,
+    hf_config: dict,
+    tensor_groups,
+    *,
+    tokenizer=None,
+    max_shard_bytes=5 * 2**30,
+    extra_files: dict[str, bytes] | None = None,
+):
     """Atomically write an HF-format directory.
 
     tensor_groups: an iterable of {name: tensor} dicts, consumed one at a time so a converter
@@ -1100,10 +1231,16 @@ def write_checkpoint(path, hf_config: dict, tensor_groups, *, tokenizer=None, ma
         else:
             how = "this checkpoint carries no tokenizer"
         if "README.md" in (extra_files or {}):  # the card says how this checkpoint's tokenizer.json stands
-            extra_files = dict(extra_files, **{"README.md": extra_files["README.md"].replace(
-                TOKEN_IDS.encode(), how.encode())})
-        generation = dict(do_sample=True, **CHAT_SAMPLING, bos_token_id=hf_config.get("bos_token_id", 1),
-                          eos_token_id=hf_config.get("eos_token_id", 2), pad_token_id=hf_config.get("pad_token_id", 0))
+            extra_files = dict(
+                extra_files, **{"README.md": extra_files["README.md"].replace(TOKEN_IDS.encode(), how.encode())}
+            )
+        generation = dict(
+            do_sample=True,
+            **CHAT_SAMPLING,
+            bos_token_id=hf_config.get("bos_token_id", 1),
+            eos_token_id=hf_config.get("eos_token_id", 2),
+            pad_token_id=hf_config.get("pad_token_id", 0),
+        )
         _write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))  # chat.py's settings
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
@@ -1157,7 +1294,7 @@ def _apply_umask(directory: Path):
 
 STAGES = {  # what each checkpoint is, in the paper's words
     "base": "the base model converted to the Hugging Face safetensors layout by convert.py, not fine-tuned: "
-            "where SFT starts (paper App. E: Ziya-LLaMA-13B)",
+    "where SFT starts (paper App. E: Ziya-LLaMA-13B)",
     "sft": "supervised fine-tuning on distilled and real-world medical data (paper §3.1)",
     "rm": "the reward model of RLMF, trained on mixed-feedback preference pairs (paper §3.2)",
     "ppo": "the policy after reinforcement learning with mixed feedback, PPO with a KL penalty (paper §3.2)",
@@ -1173,28 +1310,32 @@ def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: l
     used for."""
     files = "\n".join(f"- `{Path(f).name}` (sha256 {digest}…)" for f, digest in data) or "- (none)"
     shown = "\n".join(f"- {line}" for line in figures) or "- (none recorded)"
-    loading = ("```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n\n"
-               "from transformers import AutoModelForSequenceClassification  # the same score, at the last non-pad token\n"
-               "rm = AutoModelForSequenceClassification.from_pretrained(PATH)\n```"
-               if stage == "rm" else
-               "```bash\npython chat.py --model PATH                   # this repository, streamed, multi-turn\n"
-               "python serve.py --model PATH                  # OpenAI-compatible, http://127.0.0.1:8000/v1\n"
-               "vllm serve PATH                               # vLLM: prompts with the chat template below\n```\n\n"
-               "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-               "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n"
-               "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"头痛三天了怎么办？\"}],\n"
-               "                              add_generation_prompt=True, return_tensors=\"pt\")\n```\n\n"
-               "The chat template (`tokenizer_config.json`) is the official HuatuoGPT demo's prompt; encoded whole, "
-               "it differs at each role tag from the segment-wise ids this model was trained on "
-               "(`data/template.py`), which `chat.py` and `serve.py` use. `generation_config.json` holds "
-               "`chat.py`'s sampling settings.")
-    loading += ("\n\n**Token ids.** `tokenizer.model` (sentencepiece, as `tokenizer.py` reads it) gives the ids this "
-                "model was trained on. `tokenizer.json` is the same vocabulary as a merge list for Hugging Face's "
-                "fast tokenizers (transformers, vLLM, TGI). Here: " + TOKEN_IDS + ". Where pieces share a score "
-                "(a merged vocabulary such as Ziya's: new pieces appended with score 0) sentencepiece joins the "
-                "leftmost of two overlapping pieces, which no merge list expresses: for exact ids encode with "
-                "sentencepiece (or transformers 4.x's slow `LlamaTokenizer.from_pretrained(PATH)`) and pass the "
-                "ids (vLLM: `prompt_token_ids`).")
+    loading = (
+        "```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n\n"
+        "from transformers import AutoModelForSequenceClassification  # the same score, at the last non-pad token\n"
+        "rm = AutoModelForSequenceClassification.from_pretrained(PATH)\n```"
+        if stage == "rm"
+        else "```bash\npython chat.py --model PATH                   # this repository, streamed, multi-turn\n"
+        "python serve.py --model PATH                  # OpenAI-compatible, http://127.0.0.1:8000/v1\n"
+        "vllm serve PATH                               # vLLM: prompts with the chat template below\n```\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n"
+        'ids = tok.apply_chat_template([{"role": "user", "content": "头痛三天了怎么办？"}],\n'
+        '                              add_generation_prompt=True, return_tensors="pt")\n```\n\n'
+        "The chat template (`tokenizer_config.json`) is the official HuatuoGPT demo's prompt; encoded whole, "
+        "it differs at each role tag from the segment-wise ids this model was trained on "
+        "(`data/template.py`), which `chat.py` and `serve.py` use. `generation_config.json` holds "
+        "`chat.py`'s sampling settings."
+    )
+    loading += (
+        "\n\n**Token ids.** `tokenizer.model` (sentencepiece, as `tokenizer.py` reads it) gives the ids this "
+        "model was trained on. `tokenizer.json` is the same vocabulary as a merge list for Hugging Face's "
+        "fast tokenizers (transformers, vLLM, TGI). Here: " + TOKEN_IDS + ". Where pieces share a score "
+        "(a merged vocabulary such as Ziya's: new pieces appended with score 0) sentencepiece joins the "
+        "leftmost of two overlapping pieces, which no merge list expresses: for exact ids encode with "
+        "sentencepiece (or transformers 4.x's slow `LlamaTokenizer.from_pretrained(PATH)`) and pass the "
+        "ids (vLLM: `prompt_token_ids`)."
+    )
     return f"""---
 language: [zh]
 base_model: {base}
@@ -1237,11 +1378,29 @@ place of a doctor, and seek professional care for any health concern or emergenc
 """
 
 
-
-__all__ = ["ModelConfig", "CONFIGS", "CheckpointError", "load_config", "Transformer", "RewardModel", "PolicyWithValue",
-           "TRAINABLE_BLOCKS", "allocate", "KVCache", "AttentionContext", "hf_name", "token_logprobs", "write_checkpoint",
-           "read_safetensors", "checkpoint_shards", "model_card", "LoRALinear", "add_lora", "lora_init",
-           "merge_lora"]
+__all__ = [
+    "ModelConfig",
+    "CONFIGS",
+    "CheckpointError",
+    "load_config",
+    "Transformer",
+    "RewardModel",
+    "PolicyWithValue",
+    "TRAINABLE_BLOCKS",
+    "allocate",
+    "KVCache",
+    "AttentionContext",
+    "hf_name",
+    "token_logprobs",
+    "write_checkpoint",
+    "read_safetensors",
+    "checkpoint_shards",
+    "model_card",
+    "LoRALinear",
+    "add_lora",
+    "lora_init",
+    "merge_lora",
+]
 
 if __name__ == "__main__":  # print the named configs' sizes
     for name, cfg in CONFIGS.items():

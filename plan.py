@@ -78,10 +78,19 @@ def fake_ranks(world: int, shard: int | None = None):
 
 # FSDPMemTracker's categories -> ours; "Buffer" holds the weights of modules outside the FSDP
 # root (PPO's replicated reward model and π0's top, see tracking).
-CATEGORIES = {"Sharded Param": "weights", "Unsharded Param": "gathered", "Sharded Grad": "grads",
-              "Unsharded Grad": "gathered grads", "OptState": "optimizer", "Buffer": "replicated",
-              "Activation": "activations", "Temp": "temporaries", "All Gather": "all-gather",
-              "Reduce Scatter": "reduce-scatter", "Inputs": "inputs"}
+CATEGORIES = {
+    "Sharded Param": "weights",
+    "Unsharded Param": "gathered",
+    "Sharded Grad": "grads",
+    "Unsharded Grad": "gathered grads",
+    "OptState": "optimizer",
+    "Buffer": "replicated",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "All Gather": "all-gather",
+    "Reduce Scatter": "reduce-scatter",
+    "Inputs": "inputs",
+}
 
 
 @dataclass
@@ -130,6 +139,7 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
     result = Measurement({})
     units = [(name, m) for name, m in root.named_modules() if isinstance(m, FSDPModule) and m is not root]
     with tracker:
+
         def forget_root(*_):
             tracker.memory_tracking.pop(root, None)
             for name, unit in units:
@@ -157,9 +167,20 @@ def simulate_training(make_model, train_step, *, world: int, shard: int | None =
         return measure_training(d, mesh, make_model, train_step, **kwargs)
 
 
-def measure_training(d, mesh, make_model, train_step, *, micro_batch: int, units_per_step: int = 2, bf16: bool = True,
-                     grad_sync: str = "every", lr: float = 1e-5, weight_decay: float = 0.1,
-                     grad_clip: float = 1.0) -> Measurement:
+def measure_training(
+    d,
+    mesh,
+    make_model,
+    train_step,
+    *,
+    micro_batch: int,
+    units_per_step: int = 2,
+    bf16: bool = True,
+    grad_sync: str = "every",
+    lr: float = 1e-5,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+) -> Measurement:
     """The peak of a training step on this rank (`d`): the model make_model() builds (with
     .layers) sharded as the trainers shard it, then optimizer steps of a global batch that
     gives every rank `units_per_step` micro-batches of `micro_batch` items (the second
@@ -186,7 +207,7 @@ def measure_training(d, mesh, make_model, train_step, *, micro_batch: int, units
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(batch[:d.world * micro_batch])  # one micro-batch does all the first step is for
+    step(batch[: d.world * micro_batch])  # one micro-batch does all the first step is for
     with tracking(model, opt) as peak:
         step(batch)
     return peak
@@ -216,10 +237,24 @@ def simulate_ppo(config, *, world: int, shard: int | None = None, **kwargs) -> d
         return measure_ppo(d, mesh, config, **kwargs)
 
 
-def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, chunk_size: int, batch_size: int,
-                micro_batches: list[int], prompt_len: int, new_tokens: int, gathered_rollout: bool = True,
-                reward_sharded: bool = True, frozen_bf16: bool = False, bf16: bool = True,
-                rollout_steps: int | None = ROLLOUT_STEPS) -> dict:
+def measure_ppo(
+    d,
+    mesh,
+    config,
+    *,
+    trainable_blocks: int,
+    rollout_size: int,
+    chunk_size: int,
+    batch_size: int,
+    micro_batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    gathered_rollout: bool = True,
+    reward_sharded: bool = True,
+    frozen_bf16: bool = False,
+    bf16: bool = True,
+    rollout_steps: int | None = ROLLOUT_STEPS,
+) -> dict:
     """The peak of each part of a PPO round on this rank (`d`), placed as train_ppo.py places it:
     the policy + value head sharded (train_ppo.build_empty), π0's top replicated and the reward
     model sharded (or replicated: reward_sharded False) in the compute dtype
@@ -250,14 +285,23 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
     from training import gathered, make_optimizer
 
     compute = torch.bfloat16 if bf16 else torch.float32
-    args = SimpleNamespace(batch_size=batch_size, micro_batch_size=micro_batches[0], seed=0, chunk_size=chunk_size,
-                           clip_ratio=train_ppo.CLIP_RATIO, clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
-                           grad_clip=train_ppo.GRAD_CLIP, grad_sync="every")
+    args = SimpleNamespace(
+        batch_size=batch_size,
+        micro_batch_size=micro_batches[0],
+        seed=0,
+        chunk_size=chunk_size,
+        clip_ratio=train_ppo.CLIP_RATIO,
+        clip_value=train_ppo.CLIP_VALUE,
+        vf_coef=train_ppo.VF_COEF,
+        grad_clip=train_ppo.GRAD_CLIP,
+        grad_sync="every",
+    )
     tok = SimpleNamespace(pad_id=0, eos_id=2)
     prompt, response = [1] + [3] * (prompt_len - 1), [3] * new_tokens
     out = {}
-    model, ref = train_ppo.build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16,
-                                       mesh=mesh)
+    model, ref = train_ppo.build_empty(
+        config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16, mesh=mesh
+    )
     rm = train_ppo.reward_empty(config, d, compute, sharded=reward_sharded, mesh=mesh)  # as train_ppo loads it
     fill_(model, ref, rm)
     opt = make_optimizer(model, 1e-6, 0.0)
@@ -274,8 +318,9 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
         train_ppo.update_step(model, opt, exps, batches[0], tok, args, d, {})
 
     def kept():
-        return [t for e in exps for t in (e.trunk, e.logp, e.ref_logp, e.values, e.advantages, e.returns)
-                if t is not None]
+        return [
+            t for e in exps for t in (e.trunk, e.logp, e.ref_logp, e.values, e.advantages, e.returns) if t is not None
+        ]
 
     for micro in micro_batches:
         args.micro_batch_size = micro
@@ -309,8 +354,9 @@ def measure_ppo(d, mesh, config, *, trainable_blocks: int, rollout_size: int, ch
 # -- sampling on one GPU ------------------------------------------------------------------------------------
 
 
-def simulate_sampling(config, *, sequences: int, prompt_len: int, new_tokens: int, steps: int = 2,
-                      dtype=torch.bfloat16) -> Measurement:
+def simulate_sampling(
+    config, *, sequences: int, prompt_len: int, new_tokens: int, steps: int = 2, dtype=torch.bfloat16
+) -> Measurement:
     """The peak of generate.decode_steps on one device, as `train_ppo.py sample` and
     `evaluate.py` run it (the whole model in `dtype`, no FSDP): `sequences` prompts of
     prompt_len tokens decoded for `steps` of new_tokens. Two steps show all a run of any length
@@ -340,8 +386,11 @@ def simulate_sampling(config, *, sequences: int, prompt_len: int, new_tokens: in
         hook = torch.nn.modules.module.register_module_forward_pre_hook(forget)  # before MemTracker's own
         try:
             with tracker, torch.no_grad():
-                for i, _ in enumerate(decode_steps(model, [[1] * prompt_len] * sequences, max_new_tokens=new_tokens,
-                                                   eos_id=None, pad_id=0)):
+                for i, _ in enumerate(
+                    decode_steps(
+                        model, [[1] * prompt_len] * sequences, max_new_tokens=new_tokens, eos_id=None, pad_id=0
+                    )
+                ):
                     if i + 1 == steps:
                         break
         finally:
@@ -349,7 +398,8 @@ def simulate_sampling(config, *, sequences: int, prompt_len: int, new_tokens: in
     parts = {}
     for kind, nbytes in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items():
         name = {"Parameter": "weights", "Activation": "activations", "Temp": "temporaries"}.get(
-            getattr(kind, "value", kind), None if kind == "Total" else "other")
+            getattr(kind, "value", kind), None if kind == "Total" else "other"
+        )
         if name and nbytes:
             parts[name] = parts.get(name, 0) + nbytes
     return Measurement(parts)
@@ -378,9 +428,18 @@ def gradient_bytes(n_params: int, *, world: int, grad_sync: str) -> float:
     return 4 * n_params / world if grad_sync == "every" else 4 * n_params
 
 
-def training_memory(config, *, world: int, micro_batch: int, seq_len: int, bf16: bool,
-                    activation_checkpointing: bool, grad_sync: str = "every", logits: bool = True,
-                    shard: int | None = None) -> dict:
+def training_memory(
+    config,
+    *,
+    world: int,
+    micro_batch: int,
+    seq_len: int,
+    bf16: bool,
+    activation_checkpointing: bool,
+    grad_sync: str = "every",
+    logits: bool = True,
+    shard: int | None = None,
+) -> dict:
     """Per-rank training memory in GiB under FSDP2 (ZeRO-3-like) with AdamW, by arithmetic.
 
     states     fp32 master weights and two fp32 Adam moments: 12 bytes a parameter, divided
@@ -411,13 +470,29 @@ def training_memory(config, *, world: int, micro_batch: int, seq_len: int, bf16:
     states = 12 * n / (shard or world)
     grads = gradient_bytes(n, world=shard or world, grad_sync=grad_sync)
     in_flight = (root + 2 * block) * act_bytes + 4 * block
-    return {"states": states / GIB, "grads": grads / GIB, "in_flight": in_flight / GIB, "activations": acts / GIB,
-            "total": (states + grads + in_flight + acts) / GIB}
+    return {
+        "states": states / GIB,
+        "grads": grads / GIB,
+        "in_flight": in_flight / GIB,
+        "activations": acts / GIB,
+        "total": (states + grads + in_flight + acts) / GIB,
+    }
 
 
-def ppo_memory(config, *, world: int, chunk: int, prompt_len: int, new_tokens: int, micro_batch: int,
-               trainable_blocks: int, gathered_rollout: bool = True, reward_sharded: bool = True,
-               frozen_bf16: bool = False, shard: int | None = None) -> dict:
+def ppo_memory(
+    config,
+    *,
+    world: int,
+    chunk: int,
+    prompt_len: int,
+    new_tokens: int,
+    micro_batch: int,
+    trainable_blocks: int,
+    gathered_rollout: bool = True,
+    reward_sharded: bool = True,
+    frozen_bf16: bool = False,
+    shard: int | None = None,
+) -> dict:
     """Per-rank GiB of PPO's layout on GPUs (bf16 compute, fp32 shards), by arithmetic; "ranks"
     are those a model is sharded over (`shard` under HSDP, else `world`):
 
@@ -490,8 +565,17 @@ def train_flops(config, tokens: int, seq_len: int, activation_checkpointing: boo
     return 3 * fwd + recompute
 
 
-def decode_step(config, batch: int, context: int, *, weight_bytes: float, peak_tflops: float = PEAK_TFLOPS,
-                mfu: float = MFU, hbm_tbps: float = HBM_TBPS, mbu: float = MBU) -> dict:
+def decode_step(
+    config,
+    batch: int,
+    context: int,
+    *,
+    weight_bytes: float,
+    peak_tflops: float = PEAK_TFLOPS,
+    mfu: float = MFU,
+    hbm_tbps: float = HBM_TBPS,
+    mbu: float = MBU,
+) -> dict:
     """One decoding step of `batch` sequences at `context` cached positions: its FLOPs (2 per
     weight and sequence, and attention over the cache), the bytes it must read (every weight
     once, `weight_bytes`, and the KV cache of every sequence, bf16), and its time: the larger of
@@ -501,8 +585,12 @@ def decode_step(config, batch: int, context: int, *, weight_bytes: float, peak_t
     kv = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * batch
     compute_s = flops / (peak_tflops * 1e12 * mfu)
     memory_s = (weight_bytes + kv) / (hbm_tbps * 1e12 * mbu)
-    return {"flops": flops, "bytes": weight_bytes + kv, "seconds": max(compute_s, memory_s),
-            "memory_bound": memory_s > compute_s}
+    return {
+        "flops": flops,
+        "bytes": weight_bytes + kv,
+        "seconds": max(compute_s, memory_s),
+        "memory_bound": memory_s > compute_s,
+    }
 
 
 # What the time model assumes FSDP's collectives reach: NCCL's bus bandwidth for a ring
@@ -543,9 +631,21 @@ class Network:
         return self.gather(nbytes) + 2 * self._ring(nbytes / ranks, copies, self.world > GPUS_PER_NODE)
 
 
-def training_step_seconds(config, *, world: int, batch: int, micro_batch: int, seq_len: int, bf16: bool = True,
-                          activation_checkpointing: bool = False, grad_sync: str = "every", head: bool = True,
-                          net: Network | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU) -> dict:
+def training_step_seconds(
+    config,
+    *,
+    world: int,
+    batch: int,
+    micro_batch: int,
+    seq_len: int,
+    bf16: bool = True,
+    activation_checkpointing: bool = False,
+    grad_sync: str = "every",
+    head: bool = True,
+    net: Network | None = None,
+    peak_tflops: float = PEAK_TFLOPS,
+    mfu: float = MFU,
+) -> dict:
     """Seconds of one optimizer step of `batch` sequences of seq_len (head False: a reward
     model's, whose items are pairs: pass 2 x pairs): the compute (train_flops at mfu of the peak,
     the ranks splitting it), FSDP's collectives, and the step: the slower of the two, FSDP2
@@ -558,16 +658,32 @@ def training_step_seconds(config, *, world: int, batch: int, micro_batch: int, s
     n = config.num_params() - (0 if head or config.tie_word_embeddings else config.vocab_size * config.hidden_size)
     micros = batch // (world * micro_batch)
     compute = train_flops(config, batch * seq_len, seq_len, activation_checkpointing, head=head) / (
-        world * peak_tflops * 1e12 * mfu)
+        world * peak_tflops * 1e12 * mfu
+    )
     comm = micros * 2 * net.gather((2 if bf16 else 4) * n) + (micros if grad_sync == "every" else 1) * net.reduce(4 * n)
     return {"compute": compute, "collectives": comm, "seconds": max(compute, comm)}
 
 
-def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int, batch_size: int, ppo_epochs: int,
-                      prompt_len: int, new_tokens: int, trainable_blocks: int, micro_batch: int = 1,
-                      gathered_rollout: bool = True, reward_sharded: bool = True, net: Network | None = None,
-                      peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU, hbm_tbps: float = HBM_TBPS,
-                      mbu: float = MBU) -> dict:
+def ppo_round_seconds(
+    config,
+    *,
+    world: int,
+    rollout_size: int,
+    chunk_size: int,
+    batch_size: int,
+    ppo_epochs: int,
+    prompt_len: int,
+    new_tokens: int,
+    trainable_blocks: int,
+    micro_batch: int = 1,
+    gathered_rollout: bool = True,
+    reward_sharded: bool = True,
+    net: Network | None = None,
+    peak_tflops: float = PEAK_TFLOPS,
+    mfu: float = MFU,
+    hbm_tbps: float = HBM_TBPS,
+    mbu: float = MBU,
+) -> dict:
     """Seconds of each part of a PPO round on `world` GPUs, every rank doing its share at once
     (--rollout-size / world prompts), prompts of prompt_len tokens and responses of new_tokens,
     each part the slower of its compute and its collectives (see training_step_seconds; all
@@ -593,8 +709,11 @@ def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int,
     weight_bytes = 2 * matmul_params(config)
     n = config.num_params()
     head = config.vocab_size * config.hidden_size
-    top_params = (n - head * (1 if config.tie_word_embeddings else 2)) // config.num_hidden_layers * trainable_blocks \
-        + head + config.hidden_size
+    top_params = (
+        (n - head * (1 if config.tie_word_embeddings else 2)) // config.num_hidden_layers * trainable_blocks
+        + head
+        + config.hidden_size
+    )
     gather_policy = net.gather(2 * n)
     rollout = 0.0
     chunks = 0
@@ -603,20 +722,33 @@ def ppo_round_seconds(config, *, world: int, rollout_size: int, chunk_size: int,
         chunks += 1
         rollout += forward_flops(config, batch * prompt_len, (prompt_len + 1) / 2) / rate + gather_policy
         for k in range(new_tokens):
-            step = decode_step(config, batch, prompt_len + k, weight_bytes=weight_bytes, peak_tflops=peak_tflops,
-                               mfu=mfu, hbm_tbps=hbm_tbps, mbu=mbu)["seconds"]
+            step = decode_step(
+                config,
+                batch,
+                prompt_len + k,
+                weight_bytes=weight_bytes,
+                peak_tflops=peak_tflops,
+                mfu=mfu,
+                hbm_tbps=hbm_tbps,
+                mbu=mbu,
+            )["seconds"]
             rollout += step if gathered_rollout else max(step, gather_policy)
     causal = (seq + 1) / 2
     top = forward_flops(config, tokens, causal, blocks=trainable_blocks)
     bottom = forward_flops(config, tokens, causal, blocks=config.num_hidden_layers - trainable_blocks, head=False)
     micros = -(-per_rank // micro_batch)
     updates_micros = ppo_epochs * (rollout_size // batch_size) * -(-batch_size // (world * micro_batch))
-    parts = {"rollout": rollout,
-             "scoring": max(forward_flops(config, tokens, causal, head=False) / rate,
-                            chunks * net.gather(2 * (n - head)) if reward_sharded else 0.0),
-             "experience": max((bottom + 2 * top) / rate, micros * gather_policy),
-             "update": max(ppo_epochs * 3 * top / rate,
-                           updates_micros * (2 * net.gather(2 * top_params) + net.reduce(4 * top_params)))}
+    parts = {
+        "rollout": rollout,
+        "scoring": max(
+            forward_flops(config, tokens, causal, head=False) / rate,
+            chunks * net.gather(2 * (n - head)) if reward_sharded else 0.0,
+        ),
+        "experience": max((bottom + 2 * top) / rate, micros * gather_policy),
+        "update": max(
+            ppo_epochs * 3 * top / rate, updates_micros * (2 * net.gather(2 * top_params) + net.reduce(4 * top_params))
+        ),
+    }
     parts["total"] = sum(parts.values())
     parts["steps"] = ppo_epochs * rollout_size // batch_size
     return parts
@@ -649,9 +781,16 @@ class Candidate:
     modelled: float
     simulated: float | None = None
 
-    DEFAULTS = {"--micro-batch-size": 1, "--activation-checkpointing": False, "--grad-sync": "every",
-                "--shard-ranks": None, "--chunk-size": 8, "--reshard-in-rollout": False,
-                "--reward-placement": "sharded", "--frozen-bf16": False}  # the trainers' own defaults
+    DEFAULTS = {
+        "--micro-batch-size": 1,
+        "--activation-checkpointing": False,
+        "--grad-sync": "every",
+        "--shard-ranks": None,
+        "--chunk-size": 8,
+        "--reshard-in-rollout": False,
+        "--reward-placement": "sharded",
+        "--frozen-bf16": False,
+    }  # the trainers' own defaults
 
     def changed(self) -> dict:
         return {k: v for k, v in self.flags.items() if v != self.DEFAULTS[k]}
@@ -672,7 +811,7 @@ def choose(candidates: list[Candidate], usable: float, simulate, *, slack: float
             continue
         c.simulated = simulate(c)
         if c.simulated <= usable:
-            return ranked[:i + 1]
+            return ranked[: i + 1]
     return ranked
 
 
@@ -682,8 +821,10 @@ def torchrun(world: int, script: str) -> str:
         return f"python {script}"
     if world <= GPUS_PER_NODE:
         return f"torchrun --nproc-per-node {world} {script}"
-    return (f"torchrun --nnodes {world // GPUS_PER_NODE} --nproc-per-node {GPUS_PER_NODE} --rdzv-backend c10d "
-            f"--rdzv-endpoint HOST:29500 {script}")
+    return (
+        f"torchrun --nnodes {world // GPUS_PER_NODE} --nproc-per-node {GPUS_PER_NODE} --rdzv-backend c10d "
+        f"--rdzv-endpoint HOST:29500 {script}"
+    )
 
 
 def print_choice(ranked: list[Candidate], *, gpu_gb: float, world: int, command: str, log=print):
@@ -694,17 +835,22 @@ def print_choice(ranked: list[Candidate], *, gpu_gb: float, world: int, command:
         log(f"no layout: --batch-size is not a multiple of --micro-batch-size x {world} ranks for any micro-batch")
         return None
     chosen = ranked[-1] if ranked and ranked[-1].simulated is not None and ranked[-1].simulated <= usable else None
-    log(f"the fastest layout that fits {gpu_gb:g} GiB ({size(usable)} usable, {HEADROOM:.0%} headroom) on {world} "
-        f"GPU(s), by the time model's hours, the memory model pruning and the simulation deciding:")
+    log(
+        f"the fastest layout that fits {gpu_gb:g} GiB ({size(usable)} usable, {HEADROOM:.0%} headroom) on {world} "
+        f"GPU(s), by the time model's hours, the memory model pruning and the simulation deciding:"
+    )
     for c in ranked if chosen is None else ranked[:-1]:
-        why = (f"simulated {size(c.simulated)}" if c.simulated is not None
-               else f"the memory model says {size(c.modelled)}")
+        why = (
+            f"simulated {size(c.simulated)}" if c.simulated is not None else f"the memory model says {size(c.modelled)}"
+        )
         log(f"  not {c.command_flags() or '(the defaults)'}: {hours(c.seconds)}, {why}")
     if chosen is None:
         log(f"  nothing fits {gpu_gb:g} GiB on {world} GPU(s)")
         return None
-    log(f"  chosen: {chosen.command_flags() or '(the defaults)'}: {hours(chosen.seconds)}, simulated "
-        f"{size(chosen.simulated)} (the memory model {size(chosen.modelled)})")
+    log(
+        f"  chosen: {chosen.command_flags() or '(the defaults)'}: {hours(chosen.seconds)}, simulated "
+        f"{size(chosen.simulated)} (the memory model {size(chosen.modelled)})"
+    )
     log(f"  {torchrun(world, command)} {chosen.command_flags()}".rstrip())
     return chosen
 
@@ -714,9 +860,23 @@ def shard_choices(world: int) -> list[int | None]:
     return [None] + ([GPUS_PER_NODE] if world > GPUS_PER_NODE and world % GPUS_PER_NODE == 0 else [])
 
 
-def choose_lm(config, kind: str, *, world: int, gpu_gb: float, batch: int, seq: int, steps: int, mean_tokens: int,
-              bf16: bool = True, net_args: dict | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU,
-              micros=(1, 2, 4, 8, 16), shards: list | None = None) -> list[Candidate]:
+def choose_lm(
+    config,
+    kind: str,
+    *,
+    world: int,
+    gpu_gb: float,
+    batch: int,
+    seq: int,
+    steps: int,
+    mean_tokens: int,
+    bf16: bool = True,
+    net_args: dict | None = None,
+    peak_tflops: float = PEAK_TFLOPS,
+    mfu: float = MFU,
+    micros=(1, 2, 4, 8, 16),
+    shards: list | None = None,
+) -> list[Candidate]:
     """choose() for SFT (kind "sft") or the reward model ("rm", items are pairs): a run of
     `steps` steps of `batch` items on `world` GPUs, memory at the longest sequence (`seq`
     tokens), time at `mean_tokens` an item (--plan-tokens-per-item), over micro-batch size,
@@ -728,29 +888,77 @@ def choose_lm(config, kind: str, *, world: int, gpu_gb: float, batch: int, seq: 
             for sync in ("every", "last"):
                 for shard in shard_choices(world) if shards is None else shards:
                     net = Network(world, shard, **(net_args or {}))
-                    t = training_step_seconds(config, world=world, batch=batch * per_item, micro_batch=micro * per_item,
-                                              seq_len=mean_tokens, bf16=bf16, activation_checkpointing=ac, grad_sync=sync,
-                                              head=kind == "sft", net=net, peak_tflops=peak_tflops, mfu=mfu)
-                    m = training_memory(config, world=world, micro_batch=micro * per_item, seq_len=seq, bf16=bf16,
-                                        activation_checkpointing=ac, grad_sync=sync, logits=kind == "sft",
-                                        shard=shard)
-                    candidates.append(Candidate({"--micro-batch-size": micro, "--activation-checkpointing": ac,
-                                                 "--grad-sync": sync, "--shard-ranks": shard},
-                                                steps * t["seconds"], m["total"] * GIB))
+                    t = training_step_seconds(
+                        config,
+                        world=world,
+                        batch=batch * per_item,
+                        micro_batch=micro * per_item,
+                        seq_len=mean_tokens,
+                        bf16=bf16,
+                        activation_checkpointing=ac,
+                        grad_sync=sync,
+                        head=kind == "sft",
+                        net=net,
+                        peak_tflops=peak_tflops,
+                        mfu=mfu,
+                    )
+                    m = training_memory(
+                        config,
+                        world=world,
+                        micro_batch=micro * per_item,
+                        seq_len=seq,
+                        bf16=bf16,
+                        activation_checkpointing=ac,
+                        grad_sync=sync,
+                        logits=kind == "sft",
+                        shard=shard,
+                    )
+                    candidates.append(
+                        Candidate(
+                            {
+                                "--micro-batch-size": micro,
+                                "--activation-checkpointing": ac,
+                                "--grad-sync": sync,
+                                "--shard-ranks": shard,
+                            },
+                            steps * t["seconds"],
+                            m["total"] * GIB,
+                        )
+                    )
 
     def simulate(c):
         f = c.flags
-        return simulate_training(lambda: _lm(config, kind, f["--activation-checkpointing"]), lm_step(kind, seq),
-                                 world=world, shard=f["--shard-ranks"], micro_batch=f["--micro-batch-size"], bf16=bf16,
-                                 grad_sync=f["--grad-sync"]).total
+        return simulate_training(
+            lambda: _lm(config, kind, f["--activation-checkpointing"]),
+            lm_step(kind, seq),
+            world=world,
+            shard=f["--shard-ranks"],
+            micro_batch=f["--micro-batch-size"],
+            bf16=bf16,
+            grad_sync=f["--grad-sync"],
+        ).total
 
     return choose(candidates, usable_bytes(gpu_gb), simulate)
 
 
-def choose_ppo(config, *, world: int, gpu_gb: float, rounds: int, rollout_size: int, batch_size: int,
-               ppo_epochs: int, prompt_len: int, new_tokens: int, trainable_blocks: int,
-               net_args: dict | None = None, peak_tflops: float = PEAK_TFLOPS, mfu: float = MFU,
-               hbm_tbps: float = HBM_TBPS, chunks=(8, 4, 2, 1)) -> list[Candidate]:
+def choose_ppo(
+    config,
+    *,
+    world: int,
+    gpu_gb: float,
+    rounds: int,
+    rollout_size: int,
+    batch_size: int,
+    ppo_epochs: int,
+    prompt_len: int,
+    new_tokens: int,
+    trainable_blocks: int,
+    net_args: dict | None = None,
+    peak_tflops: float = PEAK_TFLOPS,
+    mfu: float = MFU,
+    hbm_tbps: float = HBM_TBPS,
+    chunks=(8, 4, 2, 1),
+) -> list[Candidate]:
     """choose() for PPO: `rounds` rounds on `world` GPUs, over the micro-batch size, the chunk
     size, --reshard-in-rollout, --reward-placement, --frozen-bf16 and (more than a node)
     --shard-ranks. The chunk sizes tried are the default (8) and smaller: a smaller chunk holds
@@ -764,29 +972,64 @@ def choose_ppo(config, *, world: int, gpu_gb: float, rounds: int, rollout_size: 
                     for frozen_bf16 in (False, True):
                         for shard in shard_choices(world):
                             net = Network(world, shard, **(net_args or {}))
-                            t = ppo_round_seconds(config, world=world, rollout_size=rollout_size, chunk_size=chunk,
-                                                  batch_size=batch_size, ppo_epochs=ppo_epochs, prompt_len=prompt_len,
-                                                  new_tokens=new_tokens, trainable_blocks=trainable_blocks,
-                                                  micro_batch=micro, gathered_rollout=not reshard,
-                                                  reward_sharded=reward_sharded, net=net, peak_tflops=peak_tflops,
-                                                  mfu=mfu, hbm_tbps=hbm_tbps)
-                            m = ppo_memory(config, world=world, chunk=chunk, prompt_len=prompt_len,
-                                           new_tokens=new_tokens, micro_batch=micro, trainable_blocks=trainable_blocks,
-                                           gathered_rollout=not reshard, reward_sharded=reward_sharded,
-                                           frozen_bf16=frozen_bf16, shard=shard)
-                            flags = {"--micro-batch-size": micro, "--chunk-size": chunk,
-                                     "--reshard-in-rollout": reshard,
-                                     "--reward-placement": "sharded" if reward_sharded else "replicated",
-                                     "--frozen-bf16": frozen_bf16, "--shard-ranks": shard}
+                            t = ppo_round_seconds(
+                                config,
+                                world=world,
+                                rollout_size=rollout_size,
+                                chunk_size=chunk,
+                                batch_size=batch_size,
+                                ppo_epochs=ppo_epochs,
+                                prompt_len=prompt_len,
+                                new_tokens=new_tokens,
+                                trainable_blocks=trainable_blocks,
+                                micro_batch=micro,
+                                gathered_rollout=not reshard,
+                                reward_sharded=reward_sharded,
+                                net=net,
+                                peak_tflops=peak_tflops,
+                                mfu=mfu,
+                                hbm_tbps=hbm_tbps,
+                            )
+                            m = ppo_memory(
+                                config,
+                                world=world,
+                                chunk=chunk,
+                                prompt_len=prompt_len,
+                                new_tokens=new_tokens,
+                                micro_batch=micro,
+                                trainable_blocks=trainable_blocks,
+                                gathered_rollout=not reshard,
+                                reward_sharded=reward_sharded,
+                                frozen_bf16=frozen_bf16,
+                                shard=shard,
+                            )
+                            flags = {
+                                "--micro-batch-size": micro,
+                                "--chunk-size": chunk,
+                                "--reshard-in-rollout": reshard,
+                                "--reward-placement": "sharded" if reward_sharded else "replicated",
+                                "--frozen-bf16": frozen_bf16,
+                                "--shard-ranks": shard,
+                            }
                             candidates.append(Candidate(flags, rounds * t["total"], m["total"] * GIB))
 
     def simulate(c):
         f = c.flags
-        sim = simulate_ppo(config, world=world, shard=f["--shard-ranks"], trainable_blocks=trainable_blocks,
-                           rollout_size=rollout_size, chunk_size=f["--chunk-size"], batch_size=batch_size,
-                           micro_batches=[f["--micro-batch-size"]], prompt_len=prompt_len, new_tokens=new_tokens,
-                           gathered_rollout=not f["--reshard-in-rollout"],
-                           reward_sharded=f["--reward-placement"] == "sharded", frozen_bf16=f["--frozen-bf16"])
+        sim = simulate_ppo(
+            config,
+            world=world,
+            shard=f["--shard-ranks"],
+            trainable_blocks=trainable_blocks,
+            rollout_size=rollout_size,
+            chunk_size=f["--chunk-size"],
+            batch_size=batch_size,
+            micro_batches=[f["--micro-batch-size"]],
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            gathered_rollout=not f["--reshard-in-rollout"],
+            reward_sharded=f["--reward-placement"] == "sharded",
+            frozen_bf16=f["--frozen-bf16"],
+        )
         return max(m.total for m in sim.values())
 
     return choose(candidates, usable_bytes(gpu_gb), simulate)
@@ -800,8 +1043,19 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
 
-SHOWN = ("weights", "optimizer", "grads", "gathered", "gathered grads", "replicated", "activations", "temporaries",
-         "all-gather", "reduce-scatter", "inputs")
+SHOWN = (
+    "weights",
+    "optimizer",
+    "grads",
+    "gathered",
+    "gathered grads",
+    "replicated",
+    "activations",
+    "temporaries",
+    "all-gather",
+    "reduce-scatter",
+    "inputs",
+)
 
 
 def measured_table(rows: list[tuple[list, Measurement, list]], header: list[str], after: list[str]) -> str:
@@ -809,8 +1063,10 @@ def measured_table(rows: list[tuple[list, Measurement, list]], header: list[str]
     the total, in GiB (MiB when every total is under 1 GiB)."""
     shown = [c for c in SHOWN if any(m.parts.get(c) for _, m, _ in rows)]
     unit, scale = ("GiB", GIB) if max(m.total for _, m, _ in rows) >= GIB else ("MiB", 2**20)
-    body = [[*lead, *(f"{m.parts.get(c, 0) / scale:.1f}" for c in shown), f"{m.total / scale:.1f}", *tail]
-            for lead, m, tail in rows]
+    body = [
+        [*lead, *(f"{m.parts.get(c, 0) / scale:.1f}" for c in shown), f"{m.total / scale:.1f}", *tail]
+        for lead, m, tail in rows
+    ]
     return f"per-rank {unit}\n" + _table(body, [*header, *shown, "total", *after])
 
 
@@ -845,51 +1101,99 @@ def lm_dry_run(args, kind: str):
     peak = args.peak_tflops or PEAK_TFLOPS
     net = network(args)
     if args.simulate:  # the answer first, the tables it comes from after
-        ranked = choose_lm(config, kind, world=args.world_size, gpu_gb=args.gpu_memory_gb, batch=args.batch_size,
-                           seq=seq, steps=steps, mean_tokens=args.plan_tokens_per_item, bf16=bf16,
-                           net_args=net_args(args), peak_tflops=peak, mfu=args.mfu)
-        print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=args.world_size,
-                     command=f"{'train_sft' if kind == 'sft' else 'train_rm'}.py --model {args.model}")
+        ranked = choose_lm(
+            config,
+            kind,
+            world=args.world_size,
+            gpu_gb=args.gpu_memory_gb,
+            batch=args.batch_size,
+            seq=seq,
+            steps=steps,
+            mean_tokens=args.plan_tokens_per_item,
+            bf16=bf16,
+            net_args=net_args(args),
+            peak_tflops=peak,
+            mfu=args.mfu,
+        )
+        print_choice(
+            ranked,
+            gpu_gb=args.gpu_memory_gb,
+            world=args.world_size,
+            command=f"{'train_sft' if kind == 'sft' else 'train_rm'}.py --model {args.model}",
+        )
         print()
-    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, sequences of {seq} "
-          f"tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, "
-          f"{f'HSDP (sharded over {args.shard_ranks})' if args.shard_ranks else 'FSDP'}" +
-          (" (a reward model: chosen and rejected in one forward)" if kind == "rm" else ""))
-    print(f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
-          f" (--grad-sync {args.grad_sync})")
-    print("the memory model, per-rank GiB (states: fp32 weights and Adam moments; grads: the gradient a rank holds "
-          "between micro-batches; in-flight: the gathered blocks):")
-    print(f"per-rank GiB    states  grads  in-flight   activations AC off | on     total AC off | on   "
-          f"fits in {args.gpu_memory_gb:g} GiB")
+    print(
+        f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, {args.world_size} ranks, sequences of {seq} "
+        f"tokens, {'bf16' if bf16 else 'fp32'} compute, AdamW, "
+        f"{f'HSDP (sharded over {args.shard_ranks})' if args.shard_ranks else 'FSDP'}"
+        + (" (a reward model: chosen and rejected in one forward)" if kind == "rm" else "")
+    )
+    print(
+        f"gradients reduce-scattered after {'every micro-batch' if args.grad_sync == 'every' else 'the last micro-batch'}"
+        f" (--grad-sync {args.grad_sync})"
+    )
+    print(
+        "the memory model, per-rank GiB (states: fp32 weights and Adam moments; grads: the gradient a rank holds "
+        "between micro-batches; in-flight: the gathered blocks):"
+    )
+    print(
+        f"per-rank GiB    states  grads  in-flight   activations AC off | on     total AC off | on   "
+        f"fits in {args.gpu_memory_gb:g} GiB"
+    )
     micros = (1, 2, 4, 8, 16)
     models = {}
     for micro in micros:
-        off, on = models[micro] = [training_memory(config, world=args.world_size, micro_batch=micro * per_item,
-                                                   seq_len=seq, bf16=bf16, activation_checkpointing=ac,
-                                                   grad_sync=args.grad_sync, logits=kind == "sft",
-                                                   shard=args.shard_ranks)
-                                   for ac in (False, True)]
+        off, on = models[micro] = [
+            training_memory(
+                config,
+                world=args.world_size,
+                micro_batch=micro * per_item,
+                seq_len=seq,
+                bf16=bf16,
+                activation_checkpointing=ac,
+                grad_sync=args.grad_sync,
+                logits=kind == "sft",
+                shard=args.shard_ranks,
+            )
+            for ac in (False, True)
+        ]
         fits = " | ".join("yes" if m["total"] <= args.gpu_memory_gb else "no" for m in (off, on))
-        print(f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['grads']:5.1f}  {off['in_flight']:9.1f}  "
-              f"{off['activations']:12.1f} | {on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}")
+        print(
+            f"micro-batch {micro:2d}  {off['states']:7.1f}  {off['grads']:5.1f}  {off['in_flight']:9.1f}  "
+            f"{off['activations']:12.1f} | {on['activations']:5.1f}  {off['total']:12.1f} | {on['total']:5.1f}   {fits}"
+        )
     acc = args.batch_size // args.world_size
-    print(f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
-          f"e.g. micro-batch 4 -> {acc // 4} accumulation steps")
+    print(
+        f"global batch {args.batch_size} = micro-batch x {args.world_size} ranks x accumulation; "
+        f"e.g. micro-batch 4 -> {acc // 4} accumulation steps"
+    )
     if args.simulate:
-        print(f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
-              f"{args.world_size} fake ranks; FSDPMemTracker's "
-              f"peak on a rank, GiB:")
+        print(
+            f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
+            f"{args.world_size} fake ranks; FSDPMemTracker's "
+            f"peak on a rank, GiB:"
+        )
         rows = []
         for micro in args.simulate_micro_batches or micros:
             for ac in (False, True):
-                m = simulate_training(lambda: _lm(config, kind, ac), lm_step(kind, seq), world=args.world_size,
-                                      shard=args.shard_ranks, micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
+                m = simulate_training(
+                    lambda: _lm(config, kind, ac),
+                    lm_step(kind, seq),
+                    world=args.world_size,
+                    shard=args.shard_ranks,
+                    micro_batch=micro,
+                    bf16=bf16,
+                    grad_sync=args.grad_sync,
+                )
                 modelled = models.get(micro, [None, None])[ac]
                 vs = f"{100 * (modelled['total'] * GIB / m.total - 1):+.0f}%" if modelled else "-"
-                rows.append(([micro, "on" if ac else "off"], m,
-                             [vs, "yes" if m.total / GIB <= args.gpu_memory_gb else "no"]))
-                print(f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
-                      flush=True)
+                rows.append(
+                    ([micro, "on" if ac else "off"], m, [vs, "yes" if m.total / GIB <= args.gpu_memory_gb else "no"])
+                )
+                print(
+                    f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
+                    flush=True,
+                )
         print(measured_table(rows, ["micro-batch", "AC"], ["model vs. this", f"fits {args.gpu_memory_gb:g} GiB"]))
         # What inference on one GPU holds (the whole model, bf16, no FSDP), at each command's
         # defaults and the longest prompts their budget allows (the context less the new tokens).
@@ -898,30 +1202,61 @@ def lm_dry_run(args, kind: str):
 
         context = config.max_position_embeddings
         k = train_rm.SAMPLES_PER_PROMPT
-        uses = [("train_rm.py sample", train_rm.SAMPLE_BATCH_SIZE * k, train_rm.MAX_NEW_TOKENS,
-                 f"--batch-size {train_rm.SAMPLE_BATCH_SIZE} prompts x -k {k}"),
-                ("evaluate.py bench|answer", evaluate.BATCH_SIZE, 256, f"--batch-size {evaluate.BATCH_SIZE}")]
-        rows = [([command, what, f"{context - new:,} + {new}"],
-                 simulate_sampling(config, sequences=n, prompt_len=context - new, new_tokens=new), [])
-                for command, n, new, what in uses]
+        uses = [
+            (
+                "train_rm.py sample",
+                train_rm.SAMPLE_BATCH_SIZE * k,
+                train_rm.MAX_NEW_TOKENS,
+                f"--batch-size {train_rm.SAMPLE_BATCH_SIZE} prompts x -k {k}",
+            ),
+            ("evaluate.py bench|answer", evaluate.BATCH_SIZE, 256, f"--batch-size {evaluate.BATCH_SIZE}"),
+        ]
+        rows = [
+            (
+                [command, what, f"{context - new:,} + {new}"],
+                simulate_sampling(config, sequences=n, prompt_len=context - new, new_tokens=new),
+                [],
+            )
+            for command, n, new, what in uses
+        ]
         print("\nsimulated: sampling on one GPU (generate.decode_steps on the whole bf16 model, torch's MemTracker):")
         print(measured_table(rows, ["command", "sequences", "tokens"], []))
     # The time of the run.
     tokens_per_item = args.plan_tokens_per_item * per_item
-    flops = train_flops(config, args.batch_size * tokens_per_item, args.plan_tokens_per_item,
-                        args.activation_checkpointing, head=kind == "sft") * steps
-    t = training_step_seconds(config, world=args.world_size, batch=args.batch_size * per_item,
-                              micro_batch=args.micro_batch_size * per_item, seq_len=args.plan_tokens_per_item, bf16=bf16,
-                              activation_checkpointing=args.activation_checkpointing, grad_sync=args.grad_sync,
-                              head=kind == "sft", net=net, peak_tflops=peak, mfu=args.mfu)
+    flops = (
+        train_flops(
+            config,
+            args.batch_size * tokens_per_item,
+            args.plan_tokens_per_item,
+            args.activation_checkpointing,
+            head=kind == "sft",
+        )
+        * steps
+    )
+    t = training_step_seconds(
+        config,
+        world=args.world_size,
+        batch=args.batch_size * per_item,
+        micro_batch=args.micro_batch_size * per_item,
+        seq_len=args.plan_tokens_per_item,
+        bf16=bf16,
+        activation_checkpointing=args.activation_checkpointing,
+        grad_sync=args.grad_sync,
+        head=kind == "sft",
+        net=net,
+        peak_tflops=peak,
+        mfu=args.mfu,
+    )
     seconds = steps * t["seconds"]
-    print(f"\ntime: {args.epochs} epoch(s) of {items:,} {unit} of ~{args.plan_tokens_per_item:,} tokens each "
-          f"(--plan-items, --plan-tokens-per-item), {steps:,} steps of {args.batch_size}: {flops:.3g} FLOPs "
-          f"({flops / steps:.3g} a step{', activation checkpointing recomputing the blocks' if args.activation_checkpointing else ''}); "
-          f"at {args.mfu:.0%} of {peak:g} TFLOP/s on {args.world_size} GPUs: {hours(seconds)} "
-          f"({seconds * args.world_size / 3600:,.0f} GPU-hours); a step computes {t['compute']:.2f} s and FSDP's "
-          f"collectives take {t['collectives']:.2f} s at --micro-batch-size {args.micro_batch_size} "
-          f"({net.intra_gbps:g} GB/s in a node, {net.inter_gbps:g} across nodes; overlapped, the slower counts)")
+    print(
+        f"\ntime: {args.epochs} epoch(s) of {items:,} {unit} of ~{args.plan_tokens_per_item:,} tokens each "
+        f"(--plan-items, --plan-tokens-per-item), {steps:,} steps of {args.batch_size}: {flops:.3g} FLOPs "
+        f"({flops / steps:.3g} a step{', activation checkpointing recomputing the blocks' if args.activation_checkpointing else ''}); "
+        f"at {args.mfu:.0%} of {peak:g} TFLOP/s on {args.world_size} GPUs: {hours(seconds)} "
+        f"({seconds * args.world_size / 3600:,.0f} GPU-hours); a step computes {t['compute']:.2f} s and FSDP's "
+        f"collectives take {t['collectives']:.2f} s at --micro-batch-size {args.micro_batch_size} "
+        f"({net.intra_gbps:g} GB/s in a node, {net.inter_gbps:g} across nodes; overlapped, the slower counts)"
+    )
 
 
 def net_args(args) -> dict:
@@ -958,20 +1293,32 @@ def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple):
     rank, alpha, targets = lora
     with torch.device("meta"):
         trainable = sum(p.numel() for p in _lm(config, kind, False, lora).parameters() if p.requires_grad)
-    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, LoRA rank {rank} (alpha {alpha:g}) on "
-          f"{' '.join(targets)}: {trainable / 1e6:.2f}M trainable; {args.world_size} rank(s), sequences of {seq} "
-          f"tokens, {'bf16' if bf16 else 'fp32'} compute, the frozen weights stored in {'bf16' if bf16 else 'fp32'} and "
-          "sharded by FSDP")
-    print(f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
-          f"{args.world_size} fake rank(s); FSDPMemTracker's peak on a rank, GiB:")
+    print(
+        f"{args.model}: {config.num_params() / 1e9:.2f}B parameters, LoRA rank {rank} (alpha {alpha:g}) on "
+        f"{' '.join(targets)}: {trainable / 1e6:.2f}M trainable; {args.world_size} rank(s), sequences of {seq} "
+        f"tokens, {'bf16' if bf16 else 'fp32'} compute, the frozen weights stored in {'bf16' if bf16 else 'fp32'} and "
+        "sharded by FSDP"
+    )
+    print(
+        f"\nsimulated: {'train_sft' if kind == 'sft' else 'train_rm'}.train_step and AdamW on fake tensors over "
+        f"{args.world_size} fake rank(s); FSDPMemTracker's peak on a rank, GiB:"
+    )
     rows = []
     for micro in args.simulate_micro_batches or (1, 2, 4):
         for ac in (False, True):
-            m = simulate_training(lambda: _lm(config, kind, ac, lora, bf16), lm_step(kind, seq), world=args.world_size,
-                                  micro_batch=micro, bf16=bf16, grad_sync=args.grad_sync)
+            m = simulate_training(
+                lambda: _lm(config, kind, ac, lora, bf16),
+                lm_step(kind, seq),
+                world=args.world_size,
+                micro_batch=micro,
+                bf16=bf16,
+                grad_sync=args.grad_sync,
+            )
             rows.append(([micro, "on" if ac else "off"], m, ["yes" if m.total / GIB <= args.gpu_memory_gb else "no"]))
-            print(f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
-                  flush=True)
+            print(
+                f"  micro-batch {micro}, activation checkpointing {'on' if ac else 'off'}: {m.total / GIB:.2f} GiB",
+                flush=True,
+            )
     print(measured_table(rows, ["micro-batch", "AC"], [f"fits {args.gpu_memory_gb:g} GiB"]))
 
 
@@ -987,30 +1334,52 @@ def lm_step(kind: str, seq: int):
             return train_step(model, d, [Rendered([3] * (seq + 1), [3] * (seq + 1))] * n, pad_id=0, **kw)
         from train_rm import train_step
 
-        return train_step(model, d, [{"chosen_ids": [3] * seq, "rejected_ids": [4] * seq}] * n, pad_id=0,
-                          margin=0.0, **kw)
+        return train_step(
+            model, d, [{"chosen_ids": [3] * seq, "rejected_ids": [4] * seq}] * n, pad_id=0, margin=0.0, **kw
+        )
+
     return step
 
 
-def add_plan_args(p, *, items_help: str | None = None, length_flag: str = "--plan-tokens-per-item",
-                  length_help: str = "mean tokens of one (assumed; `python -m data stats --tokenizer` measures them)"):
+def add_plan_args(
+    p,
+    *,
+    items_help: str | None = None,
+    length_flag: str = "--plan-tokens-per-item",
+    length_help: str = "mean tokens of one (assumed; `python -m data stats --tokenizer` measures them)",
+):
     """The dry run's flags, for every trainer."""
     p.add_argument("--dry-run", action="store_true", help="print per-rank memory and the run's time; train nothing")
-    p.add_argument("--simulate", action="store_true",
-                   help="with --dry-run: measure memory by running this code's steps on fake tensors (seconds per "
-                        "row at 13B)")
-    p.add_argument("--simulate-micro-batches", type=COUNT, nargs="+", help="with --simulate: only these micro-batch sizes")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="with --dry-run: measure memory by running this code's steps on fake tensors (seconds per row at 13B)",
+    )
+    p.add_argument(
+        "--simulate-micro-batches", type=COUNT, nargs="+", help="with --simulate: only these micro-batch sizes"
+    )
     p.add_argument("--world-size", type=COUNT, default=8, help="with --dry-run: ranks to plan for")
     p.add_argument("--gpu-memory-gb", type=POSITIVE, default=80.0, help="with --dry-run: memory per GPU")
-    p.add_argument("--peak-tflops", type=POSITIVE,
-                   help=f"the accelerator's peak dense bf16 TFLOP/s: a run reports MFU against it; the dry run's time "
-                        f"uses it (default there: {PEAK_TFLOPS:g}, the A100's)")
+    p.add_argument(
+        "--peak-tflops",
+        type=POSITIVE,
+        help=f"the accelerator's peak dense bf16 TFLOP/s: a run reports MFU against it; the dry run's time "
+        f"uses it (default there: {PEAK_TFLOPS:g}, the A100's)",
+    )
     p.add_argument("--mfu", type=SHARE, default=MFU, help="with --dry-run: the share of that peak a step reaches")
     p.add_argument("--hbm-tbps", type=POSITIVE, default=HBM_TBPS, help="with --dry-run: memory bandwidth, TB/s")
-    p.add_argument("--intra-node-gbps", type=POSITIVE, default=INTRA_NODE_GBPS,
-                   help=f"with --dry-run: FSDP's all-gather bandwidth inside a node of {GPUS_PER_NODE} GPUs, GB/s a GPU")
-    p.add_argument("--inter-node-gbps", type=POSITIVE, default=INTER_NODE_GBPS,
-                   help="with --dry-run: the same across nodes, GB/s a GPU")
+    p.add_argument(
+        "--intra-node-gbps",
+        type=POSITIVE,
+        default=INTRA_NODE_GBPS,
+        help=f"with --dry-run: FSDP's all-gather bandwidth inside a node of {GPUS_PER_NODE} GPUs, GB/s a GPU",
+    )
+    p.add_argument(
+        "--inter-node-gbps",
+        type=POSITIVE,
+        default=INTER_NODE_GBPS,
+        help="with --dry-run: the same across nodes, GB/s a GPU",
+    )
     if items_help:
         p.add_argument("--plan-items", type=COUNT, help=f"with --dry-run: {items_help}")
     p.add_argument(length_flag, type=COUNT, default=1024, help=f"with --dry-run: {length_help}")
@@ -1031,16 +1400,29 @@ def ppo_dry_run(args):
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)
     if args.simulate:  # the answer first, the tables it comes from after
-        ranked = choose_ppo(config, world=world, gpu_gb=args.gpu_memory_gb, rounds=rounds,
-                            rollout_size=args.rollout_size, batch_size=args.batch_size, ppo_epochs=args.ppo_epochs,
-                            prompt_len=prompt_len, new_tokens=args.max_new_tokens,
-                            trainable_blocks=args.trainable_blocks, net_args=net_args(args),
-                            peak_tflops=peak_tflops, mfu=args.mfu, hbm_tbps=args.hbm_tbps)
+        ranked = choose_ppo(
+            config,
+            world=world,
+            gpu_gb=args.gpu_memory_gb,
+            rounds=rounds,
+            rollout_size=args.rollout_size,
+            batch_size=args.batch_size,
+            ppo_epochs=args.ppo_epochs,
+            prompt_len=prompt_len,
+            new_tokens=args.max_new_tokens,
+            trainable_blocks=args.trainable_blocks,
+            net_args=net_args(args),
+            peak_tflops=peak_tflops,
+            mfu=args.mfu,
+            hbm_tbps=args.hbm_tbps,
+        )
         print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=world, command=f"train_ppo.py --policy {args.policy}")
         print()
-    print(f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
-          f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
-          f"{world} ranks, bf16 compute; prompts of {prompt_len:,} tokens + {args.max_new_tokens} new")
+    print(
+        f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "
+        f"{args.trainable_blocks} blocks trained), π0's top and a reward model of the same size; "
+        f"{world} ranks, bf16 compute; prompts of {prompt_len:,} tokens + {args.max_new_tokens} new"
+    )
     cols = ("frozen", "trainable", "reference", "reward", "in_flight", "kv_cache", "activations", "total")
     print("the memory model:")
     print("per-rank GiB   " + "  ".join(f"{c:>11}" for c in cols) + f"   fits in {args.gpu_memory_gb:g} GiB")
@@ -1048,47 +1430,93 @@ def ppo_dry_run(args):
     micros = [m for m in (1, 2, 4, 8, 16) if m <= max(1, args.batch_size // world)]
     models = {}
     for micro in micros:
-        m = models[micro] = ppo_memory(config, world=world, chunk=args.chunk_size, prompt_len=prompt_len,
-                                       new_tokens=args.max_new_tokens, micro_batch=micro,
-                                       trainable_blocks=args.trainable_blocks,
-                                       gathered_rollout=not args.reshard_in_rollout,
-                                       reward_sharded=args.reward_placement == "sharded",
-                                       frozen_bf16=args.frozen_bf16, shard=args.shard_ranks)
-        print(f"micro-batch {micro}  " + "  ".join(f"{m[c]:11.1f}" for c in cols) +
-              f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}")
-    in_flight = ("two blocks and the root (--reshard-in-rollout)" if args.reshard_in_rollout
-                 else "the whole policy, kept gathered through the rollout (--reshard-in-rollout: two blocks and the root)")
-    print(f"(chunks of {args.chunk_size} sequences generated together; in_flight: {in_flight}; the reward model "
-          f"{args.reward_placement}, --reward-placement)")
+        m = models[micro] = ppo_memory(
+            config,
+            world=world,
+            chunk=args.chunk_size,
+            prompt_len=prompt_len,
+            new_tokens=args.max_new_tokens,
+            micro_batch=micro,
+            trainable_blocks=args.trainable_blocks,
+            gathered_rollout=not args.reshard_in_rollout,
+            reward_sharded=args.reward_placement == "sharded",
+            frozen_bf16=args.frozen_bf16,
+            shard=args.shard_ranks,
+        )
+        print(
+            f"micro-batch {micro}  "
+            + "  ".join(f"{m[c]:11.1f}" for c in cols)
+            + f"   {'yes' if m['total'] <= args.gpu_memory_gb else 'no'}"
+        )
+    in_flight = (
+        "two blocks and the root (--reshard-in-rollout)"
+        if args.reshard_in_rollout
+        else "the whole policy, kept gathered through the rollout (--reshard-in-rollout: two blocks and the root)"
+    )
+    print(
+        f"(chunks of {args.chunk_size} sequences generated together; in_flight: {in_flight}; the reward model "
+        f"{args.reward_placement}, --reward-placement)"
+    )
     if args.simulate:
-        print(f"\nsimulated: a round of train_ppo.py on fake tensors over {world} fake ranks (every response "
-              f"{args.max_new_tokens} tokens); FSDPMemTracker's peak on a rank in each part:", flush=True)
+        print(
+            f"\nsimulated: a round of train_ppo.py on fake tensors over {world} fake ranks (every response "
+            f"{args.max_new_tokens} tokens); FSDPMemTracker's peak on a rank in each part:",
+            flush=True,
+        )
         chosen = args.simulate_micro_batches or list(micros)
-        sim = simulate_ppo(config, world=world, trainable_blocks=args.trainable_blocks, rollout_size=args.rollout_size,
-                           chunk_size=args.chunk_size, batch_size=args.batch_size, micro_batches=chosen,
-                           prompt_len=prompt_len, new_tokens=args.max_new_tokens,
-                           gathered_rollout=not args.reshard_in_rollout,
-                           reward_sharded=args.reward_placement == "sharded", frozen_bf16=args.frozen_bf16,
-                           shard=args.shard_ranks)
+        sim = simulate_ppo(
+            config,
+            world=world,
+            trainable_blocks=args.trainable_blocks,
+            rollout_size=args.rollout_size,
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            micro_batches=chosen,
+            prompt_len=prompt_len,
+            new_tokens=args.max_new_tokens,
+            gathered_rollout=not args.reshard_in_rollout,
+            reward_sharded=args.reward_placement == "sharded",
+            frozen_bf16=args.frozen_bf16,
+            shard=args.shard_ranks,
+        )
         rows = [([name, "-"], sim[name], []) for name in ("rollout", "scoring")]
         rows += [([name, micro], sim[name, micro], []) for micro in chosen for name in ("experience", "update")]
         print(measured_table(rows, ["part", "micro-batch"], []))
         for micro in chosen:
             peak = max(m.total for k, m in sim.items() if not isinstance(k, tuple) or k[1] == micro)
             modelled = models.get(micro)
-            vs = f"; the memory model says {size(modelled['total'] * GIB)} ({100 * (modelled['total'] * GIB / peak - 1):+.0f}%)" \
-                if modelled else ""
-            print(f"micro-batch {micro}: the round's peak {size(peak)} "
-                  f"({'fits' if peak <= args.gpu_memory_gb * GIB else 'does not fit'} {args.gpu_memory_gb:g} GiB){vs}")
-    t = ppo_round_seconds(config, world=world, rollout_size=args.rollout_size, chunk_size=args.chunk_size,
-                          batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, prompt_len=prompt_len,
-                          new_tokens=args.max_new_tokens, trainable_blocks=args.trainable_blocks,
-                          micro_batch=args.micro_batch_size, gathered_rollout=not args.reshard_in_rollout,
-                          reward_sharded=args.reward_placement == "sharded", net=network(args),
-                          peak_tflops=peak_tflops, mfu=args.mfu, hbm_tbps=args.hbm_tbps)
+            vs = (
+                f"; the memory model says {size(modelled['total'] * GIB)} ({100 * (modelled['total'] * GIB / peak - 1):+.0f}%)"
+                if modelled
+                else ""
+            )
+            print(
+                f"micro-batch {micro}: the round's peak {size(peak)} "
+                f"({'fits' if peak <= args.gpu_memory_gb * GIB else 'does not fit'} {args.gpu_memory_gb:g} GiB){vs}"
+            )
+    t = ppo_round_seconds(
+        config,
+        world=world,
+        rollout_size=args.rollout_size,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        ppo_epochs=args.ppo_epochs,
+        prompt_len=prompt_len,
+        new_tokens=args.max_new_tokens,
+        trainable_blocks=args.trainable_blocks,
+        micro_batch=args.micro_batch_size,
+        gathered_rollout=not args.reshard_in_rollout,
+        reward_sharded=args.reward_placement == "sharded",
+        net=network(args),
+        peak_tflops=peak_tflops,
+        mfu=args.mfu,
+        hbm_tbps=args.hbm_tbps,
+    )
     parts = ", ".join(f"{k} {t[k]:.1f} s" for k in ("rollout", "scoring", "experience", "update"))
-    print(f"\ntime of a round ({args.rollout_size} experiences, {t['steps']} optimizer steps; decoding memory-bound at "
-          f"{MBU:.0%} of {args.hbm_tbps:g} TB/s, the rest at {args.mfu:.0%} of {peak_tflops:g} TFLOP/s, FSDP's "
-          f"collectives at {args.intra_node_gbps:g} GB/s in a node and {args.inter_node_gbps:g} across): "
-          f"{t['total']:.1f} s ({parts}); --max-steps {args.max_steps:,} = {rounds:,} rounds = "
-          f"{hours(rounds * t['total'])} on {world} GPUs ({rounds * t['total'] * world / 3600:,.0f} GPU-hours)")
+    print(
+        f"\ntime of a round ({args.rollout_size} experiences, {t['steps']} optimizer steps; decoding memory-bound at "
+        f"{MBU:.0%} of {args.hbm_tbps:g} TB/s, the rest at {args.mfu:.0%} of {peak_tflops:g} TFLOP/s, FSDP's "
+        f"collectives at {args.intra_node_gbps:g} GB/s in a node and {args.inter_node_gbps:g} across): "
+        f"{t['total']:.1f} s ({parts}); --max-steps {args.max_steps:,} = {rounds:,} rounds = "
+        f"{hours(rounds * t['total'])} on {world} GPUs ({rounds * t['total'] * world / 3600:,.0f} GPU-hours)"
+    )

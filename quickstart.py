@@ -69,39 +69,123 @@ def main(argv=None):
     args = p.parse_args(argv)
     out, timings = args.out, {}
     # An earlier run is replaced only when --overwrite says so, as the trainers do.
-    refuse_to_replace(out, ["sft", "samples.jsonl", "rm", "ppo", "eval", "report.md"], overwrite=args.overwrite,
-                      what="run of the main job")
+    refuse_to_replace(
+        out,
+        ["sft", "samples.jsonl", "rm", "ppo", "eval", "report.md"],
+        overwrite=args.overwrite,
+        what="run of the main job",
+    )
     out.mkdir(parents=True, exist_ok=True)
     sft, rm, ppo, ev = out / "sft", out / "rm", out / "ppo", out / "eval"
     again = ["--overwrite"] if args.overwrite else []
 
     t = time.monotonic()
     stage(1, "supervised fine-tuning of the tiny model on data/sft/ (§3.1)")
-    train_sft.main(["--model", "tiny", "--data", *SFT_DATA, "--out", str(sft), *again, "--batch-size", "8",
-                    "--lr", "2e-3", "--epochs", str(args.epochs), "--eval-every", "10", "--save-every", "1000",
-                    "--log-every", "5"])
+    train_sft.main(
+        [
+            "--model",
+            "tiny",
+            "--data",
+            *SFT_DATA,
+            "--out",
+            str(sft),
+            *again,
+            "--batch-size",
+            "8",
+            "--lr",
+            "2e-3",
+            "--epochs",
+            str(args.epochs),
+            "--eval-every",
+            "10",
+            "--save-every",
+            "1000",
+            "--log-every",
+            "5",
+        ]
+    )
     timings["SFT"], t = time.monotonic() - t, time.monotonic()
 
     stage(2, "sampling 2 responses for each of 8 real-doctor prompts from the SFT model (§3.2)")
     for stale in ("samples.jsonl", "samples.setup.json"):  # `sample` resumes, and refuses another model's file
         (out / stale).unlink(missing_ok=True)
-    train_rm.main(["sample", "--model", str(sft / "best"), "--data", str(DATA / "sft" / "doctor_qa.jsonl"),
-                   "--out", str(out / "samples.jsonl"), "-k", "2", "--limit", "8", "--max-new-tokens", "48"])
-    print("      (with an API key, `python distill.py score --input samples.jsonl` has them rated; here the\n"
-          "       shipped preference pairs stand in for those ratings)")
+    train_rm.main(
+        [
+            "sample",
+            "--model",
+            str(sft / "best"),
+            "--data",
+            str(DATA / "sft" / "doctor_qa.jsonl"),
+            "--out",
+            str(out / "samples.jsonl"),
+            "-k",
+            "2",
+            "--limit",
+            "8",
+            "--max-new-tokens",
+            "48",
+        ]
+    )
+    print(
+        "      (with an API key, `python distill.py score --input samples.jsonl` has them rated; here the\n"
+        "       shipped preference pairs stand in for those ratings)"
+    )
     timings["sampling"], t = time.monotonic() - t, time.monotonic()
 
     stage(3, "the reward model from the SFT model on data/preference/ (§3.2)")
-    train_rm.main(["--model", str(sft / "best"), "--data", str(DATA / "preference" / "preference_pairs.jsonl"),
-                   "--out", str(rm), *again, "--batch-size", "4", "--lr", "1e-3", "--epochs", "3",
-                   "--eval-every", "8", "--save-every", "1000"])
+    train_rm.main(
+        [
+            "--model",
+            str(sft / "best"),
+            "--data",
+            str(DATA / "preference" / "preference_pairs.jsonl"),
+            "--out",
+            str(rm),
+            *again,
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--epochs",
+            "3",
+            "--eval-every",
+            "8",
+            "--save-every",
+            "1000",
+        ]
+    )
     timings["reward model"], t = time.monotonic() - t, time.monotonic()
 
     stage(4, "PPO from the SFT model against the reward model, KL penalty to the SFT policy (§3.2)")
-    train_ppo.main(["--policy", str(sft / "best"), "--reward", str(rm / "best"), "--data", *SFT_DATA,
-                    "--exclude", str(DATA / "preference" / "preference_pairs.jsonl"), "--out", str(ppo), *again,
-                    "--max-steps", str(args.ppo_steps), "--rollout-size", "16", "--chunk-size", "8", "--batch-size", "8",
-                    "--max-new-tokens", "48", "--lr", "1e-4", "--save-every", "1000"])
+    train_ppo.main(
+        [
+            "--policy",
+            str(sft / "best"),
+            "--reward",
+            str(rm / "best"),
+            "--data",
+            *SFT_DATA,
+            "--exclude",
+            str(DATA / "preference" / "preference_pairs.jsonl"),
+            "--out",
+            str(ppo),
+            *again,
+            "--max-steps",
+            str(args.ppo_steps),
+            "--rollout-size",
+            "16",
+            "--chunk-size",
+            "8",
+            "--batch-size",
+            "8",
+            "--max-new-tokens",
+            "48",
+            "--lr",
+            "1e-4",
+            "--save-every",
+            "1000",
+        ]
+    )
     timings["PPO"], t = time.monotonic() - t, time.monotonic()
 
     stage(5, "evaluation of the SFT and the PPO model (§4), the judge and the patient served locally")
@@ -122,8 +206,22 @@ def evaluation(ev: Path, models: dict[str, Path], limit: int):
     decoding = ["--temperature", "0.7", "--top-p", "0.9", "--repetition-penalty", "1.1"]
     for name, path in models.items():
         print(f"      Table 2 metrics of the {name} model on data/eval/qa_test.jsonl")
-        evaluate.main(["bench", "--model", str(path), "--data", str(DATA / "eval" / "qa_test.jsonl"), "--name", name,
-                       "--out", str(ev / f"bench_{name}"), "--max-new-tokens", "64", *decoding])
+        evaluate.main(
+            [
+                "bench",
+                "--model",
+                str(path),
+                "--data",
+                str(DATA / "eval" / "qa_test.jsonl"),
+                "--name",
+                name,
+                "--out",
+                str(ev / f"bench_{name}"),
+                "--max-new-tokens",
+                "64",
+                *decoding,
+            ]
+        )
     # The judge and the patient: replies of at most 48 tokens keep a judged consultation within
     # the tiny model's 2,048-token context.
     server = serve.start(models["SFT"], JUDGE_NAME, max_tokens=48)
@@ -131,17 +229,66 @@ def evaluation(ev: Path, models: dict[str, Path], limit: int):
     try:
         api = ["--base-url", server.base_url, "--backoff", "0.1"]
         for name, path in models.items():
-            evaluate.main(["answer", "--model", str(path), "--data", str(DATA / "eval" / "kuake_qic_small.json"),
-                           "--out", str(ev / f"answers_{name}.jsonl"), "--limit", str(limit), "--max-new-tokens", "64",
-                           *decoding])
-            failed |= evaluate.main(["consult", "--model", str(path), "--data",
-                                     str(DATA / "eval" / "med_dialog_small.json"), "--out", str(ev / f"consult_{name}.jsonl"),
-                                     "--limit", str(limit // 2), "--max-rounds", "2", "--max-new-tokens", "32",
-                                     "--patient-model", JUDGE_NAME, *decoding, *api])
+            evaluate.main(
+                [
+                    "answer",
+                    "--model",
+                    str(path),
+                    "--data",
+                    str(DATA / "eval" / "kuake_qic_small.json"),
+                    "--out",
+                    str(ev / f"answers_{name}.jsonl"),
+                    "--limit",
+                    str(limit),
+                    "--max-new-tokens",
+                    "64",
+                    *decoding,
+                ]
+            )
+            failed |= evaluate.main(
+                [
+                    "consult",
+                    "--model",
+                    str(path),
+                    "--data",
+                    str(DATA / "eval" / "med_dialog_small.json"),
+                    "--out",
+                    str(ev / f"consult_{name}.jsonl"),
+                    "--limit",
+                    str(limit // 2),
+                    "--max-rounds",
+                    "2",
+                    "--max-new-tokens",
+                    "32",
+                    "--patient-model",
+                    JUDGE_NAME,
+                    *decoding,
+                    *api,
+                ]
+            )
         for kind in ("answers", "consult"):
-            failed |= evaluate.main(["judge", "--a", str(ev / f"{kind}_PPO.jsonl"), "--b", str(ev / f"{kind}_SFT.jsonl"),
-                           "--name-a", "PPO", "--name-b", "SFT", "--out", str(ev / f"judge_{kind}.jsonl"),
-                           "--judge-model", JUDGE_NAME, "--judge-retries", "0", "--workers", "4", *api])
+            failed |= evaluate.main(
+                [
+                    "judge",
+                    "--a",
+                    str(ev / f"{kind}_PPO.jsonl"),
+                    "--b",
+                    str(ev / f"{kind}_SFT.jsonl"),
+                    "--name-a",
+                    "PPO",
+                    "--name-b",
+                    "SFT",
+                    "--out",
+                    str(ev / f"judge_{kind}.jsonl"),
+                    "--judge-model",
+                    JUDGE_NAME,
+                    "--judge-retries",
+                    "0",
+                    "--workers",
+                    "4",
+                    *api,
+                ]
+            )
     finally:
         server.shutdown()
     if failed:  # the items the server failed are named above; the report counts what was judged
@@ -168,61 +315,121 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
     """OUT/report.md and its SVG plots, from the files the stages wrote."""
     sft, rm, ppo = (metrics(out / d / "metrics.jsonl") for d in ("sft", "rm", "ppo"))
     ev = out / "eval"
-    lines = ["# HuatuoGPT on the embedded default: the whole recipe, one run", "",
-             "Every figure below is read from this run's files (named in each section). The model is the "
-             "`tiny` LLaMA and the data the small corpus shipped in `data/`: the numbers show that each stage "
-             "of the paper runs and does what it should, not how good a doctor a model of a few million parameters can be.", "",
-             "| stage | " + " | ".join(timings) + " | total |", "|---" * (len(timings) + 2) + "|",
-             "| wall time (s) | " + " | ".join(f"{v:.0f}" for v in timings.values()) + f" | {sum(timings.values()):.0f} |",
-             ""]
+    lines = [
+        "# HuatuoGPT on the embedded default: the whole recipe, one run",
+        "",
+        "Every figure below is read from this run's files (named in each section). The model is the "
+        "`tiny` LLaMA and the data the small corpus shipped in `data/`: the numbers show that each stage "
+        "of the paper runs and does what it should, not how good a doctor a model of a few million parameters can be.",
+        "",
+        "| stage | " + " | ".join(timings) + " | total |",
+        "|---" * (len(timings) + 2) + "|",
+        "| wall time (s) | " + " | ".join(f"{v:.0f}" for v in timings.values()) + f" | {sum(timings.values()):.0f} |",
+        "",
+    ]
 
     # SFT
     val = [r for r in sft if "val_loss" in r]
     best = min(val, key=lambda r: r["val_loss"], default=None)
-    (out / "sft_loss.svg").write_text(svg_panels("Supervised fine-tuning (§3.1)", [
-        ("loss (nats/token)", {"training": points(sft, "loss"), "validation": points(sft, "val_loss")})],
-        "optimizer step"), encoding="utf-8")
-    lines += ["## 1. Supervised fine-tuning", "",
-              f"`sft/metrics.jsonl`: {sum('loss' in r for r in sft)} steps; validation loss "
-              f"{fmt(val[0]['val_loss'] if val else None)} before training, best {fmt(best and best['val_loss'])} "
-              f"at step {best and best['step']} (kept as `sft/best`).", "", "![SFT loss](sft_loss.svg)", ""]
+    (out / "sft_loss.svg").write_text(
+        svg_panels(
+            "Supervised fine-tuning (§3.1)",
+            [("loss (nats/token)", {"training": points(sft, "loss"), "validation": points(sft, "val_loss")})],
+            "optimizer step",
+        ),
+        encoding="utf-8",
+    )
+    lines += [
+        "## 1. Supervised fine-tuning",
+        "",
+        f"`sft/metrics.jsonl`: {sum('loss' in r for r in sft)} steps; validation loss "
+        f"{fmt(val[0]['val_loss'] if val else None)} before training, best {fmt(best and best['val_loss'])} "
+        f"at step {best and best['step']} (kept as `sft/best`).",
+        "",
+        "![SFT loss](sft_loss.svg)",
+        "",
+    ]
 
     # Sampling
     samples = load_jsonl(out / "samples.jsonl") if (out / "samples.jsonl").is_file() else []
     responses = sum(len(s["responses"]) for s in samples)
     finished = sum(sum(s["finished"]) for s in samples)
-    lines += ["## 2. Sampling for the reward model", "",
-              f"`samples.jsonl`: {responses} responses to {len(samples)} real-doctor prompts; {finished} ended with "
-              f"eos, {responses - finished} were cut at 48 tokens (those `distill.py score` does not rate).", ""]
+    lines += [
+        "## 2. Sampling for the reward model",
+        "",
+        f"`samples.jsonl`: {responses} responses to {len(samples)} real-doctor prompts; {finished} ended with "
+        f"eos, {responses - finished} were cut at 48 tokens (those `distill.py score` does not rate).",
+        "",
+    ]
 
     # Reward model
     rv = [r for r in rm if "val_accuracy" in r]
     rbest = max(rv, key=lambda r: (r["val_accuracy"], r["val_margin"]), default=None)
-    (out / "rm.svg").write_text(svg_panels("Reward model from mixed feedback (§3.2)", [
-        ("pairwise loss", {"training": points(rm, "loss")}),
-        ("held-out accuracy", {"validation": points(rm, "val_accuracy"), "chance": [(r["step"], 0.5) for r in rv]}),
-        ("held-out margin", {"validation": points(rm, "val_margin")})], "optimizer step"), encoding="utf-8")
-    lines += ["## 3. Reward model", "",
-              f"`rm/metrics.jsonl`: held-out pairwise accuracy {fmt(rv[0]['val_accuracy'] if rv else None)} before "
-              f"training, best {fmt(rbest and rbest['val_accuracy'])} at step {rbest and rbest['step']} with a mean "
-              f"margin r(chosen) − r(rejected) of {fmt(rbest and rbest['val_margin'])}.", "", "![reward model](rm.svg)", ""]
+    (out / "rm.svg").write_text(
+        svg_panels(
+            "Reward model from mixed feedback (§3.2)",
+            [
+                ("pairwise loss", {"training": points(rm, "loss")}),
+                (
+                    "held-out accuracy",
+                    {"validation": points(rm, "val_accuracy"), "chance": [(r["step"], 0.5) for r in rv]},
+                ),
+                ("held-out margin", {"validation": points(rm, "val_margin")}),
+            ],
+            "optimizer step",
+        ),
+        encoding="utf-8",
+    )
+    lines += [
+        "## 3. Reward model",
+        "",
+        f"`rm/metrics.jsonl`: held-out pairwise accuracy {fmt(rv[0]['val_accuracy'] if rv else None)} before "
+        f"training, best {fmt(rbest and rbest['val_accuracy'])} at step {rbest and rbest['step']} with a mean "
+        f"margin r(chosen) − r(rejected) of {fmt(rbest and rbest['val_margin'])}.",
+        "",
+        "![reward model](rm.svg)",
+        "",
+    ]
 
     # PPO
-    (out / "ppo.svg").write_text(svg_panels("RLMF: PPO with a KL penalty (§3.2)", [
-        ("mean reward-model score", {"score": points(ppo, "score", "round")}),
-        ("KL to the SFT policy (nats)", {"KL": points(ppo, "kl", "round")}),
-        ("KL coefficient λ", {"λ_KL": points(ppo, "kl_coef", "round")})], "round"), encoding="utf-8")
-    lines += ["## 4. PPO", "", "`ppo/metrics.jsonl`: one row per round of rollouts.", "",
-              "| round | step | mean score | KL (nats) | λ_KL | policy loss | value loss | clip fraction | "
-              "response length | unfinished |", "|---" * 10 + "|"]
-    lines += [f"| {r['round']} | {r['step']} | {fmt(r['score'])} | {fmt(r['kl'])} | {fmt(r['kl_coef'], 6)} | "
-              f"{fmt(r['policy_loss'])} | {fmt(r['value_loss'])} | {fmt(r['clip_fraction'])} | "
-              f"{fmt(r['response_len'], 1)} | {fmt(r['unfinished'], 2)} |" for r in ppo]
+    (out / "ppo.svg").write_text(
+        svg_panels(
+            "RLMF: PPO with a KL penalty (§3.2)",
+            [
+                ("mean reward-model score", {"score": points(ppo, "score", "round")}),
+                ("KL to the SFT policy (nats)", {"KL": points(ppo, "kl", "round")}),
+                ("KL coefficient λ", {"λ_KL": points(ppo, "kl_coef", "round")}),
+            ],
+            "round",
+        ),
+        encoding="utf-8",
+    )
+    lines += [
+        "## 4. PPO",
+        "",
+        "`ppo/metrics.jsonl`: one row per round of rollouts.",
+        "",
+        "| round | step | mean score | KL (nats) | λ_KL | policy loss | value loss | clip fraction | "
+        "response length | unfinished |",
+        "|---" * 10 + "|",
+    ]
+    lines += [
+        f"| {r['round']} | {r['step']} | {fmt(r['score'])} | {fmt(r['kl'])} | {fmt(r['kl_coef'], 6)} | "
+        f"{fmt(r['policy_loss'])} | {fmt(r['value_loss'])} | {fmt(r['clip_fraction'])} | "
+        f"{fmt(r['response_len'], 1)} | {fmt(r['unfinished'], 2)} |"
+        for r in ppo
+    ]
     lines += ["", "![PPO](ppo.svg)", ""]
 
     # Evaluation
-    lines += ["## 5. Evaluation", "", "### Table 2: generation metrics on `data/eval/qa_test.jsonl`", "",
-              "| model | items | " + " | ".join(evaluate.TABLE2) + " |", "|---" * (len(evaluate.TABLE2) + 2) + "|"]
+    lines += [
+        "## 5. Evaluation",
+        "",
+        "### Table 2: generation metrics on `data/eval/qa_test.jsonl`",
+        "",
+        "| model | items | " + " | ".join(evaluate.TABLE2) + " |",
+        "|---" * (len(evaluate.TABLE2) + 2) + "|",
+    ]
     table2 = {}
     for name in ("SFT", "PPO"):
         bench = ev / f"bench_{name}"
@@ -232,29 +439,45 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
             n = len(load_jsonl(bench / "predictions.jsonl"))
             lines.append(f"| {name} | {n} | " + " | ".join(f"{v:.2f}" for v in table2[name]) + " |")
     if table2:
-        (out / "table2.svg").write_text(svg_grouped_bars(
-            "Table 2 metrics (BLEU, GLEU, ROUGE in %; Distinct as a fraction)", evaluate.TABLE2, table2),
-                                        encoding="utf-8")
+        (out / "table2.svg").write_text(
+            svg_grouped_bars(
+                "Table 2 metrics (BLEU, GLEU, ROUGE in %; Distinct as a fraction)", evaluate.TABLE2, table2
+            ),
+            encoding="utf-8",
+        )
         lines += ["", "![Table 2](table2.svg)", ""]
     bars = []
-    for kind, title in (("answers", "single-turn answers (KUAKE-QIC style, Table 4)"),
-                        ("consult", "consultations with a simulated patient (MedDialog style, Table 5)")):
+    for kind, title in (
+        ("answers", "single-turn answers (KUAKE-QIC style, Table 4)"),
+        ("consult", "consultations with a simulated patient (MedDialog style, Table 5)"),
+    ):
         path = ev / f"judge_{kind}.jsonl"
         verdicts = load_jsonl(path) if path.is_file() else []
         if not verdicts:
             continue
         total = evaluate.tally(verdicts)["Total"]
         bars.append((f"PPO vs. SFT, {kind}", total))
-        lines += [f"### PPO vs. SFT: {title}", "", f"`eval/judge_{kind}.jsonl`, judged by `{JUDGE_NAME}` through "
-                  f"serve.py with the App. D prompt; {total['unparsed']} of {len(verdicts)} verdicts could not be "
-                  "parsed (counted, not guessed).", "", evaluate.table(verdicts, "PPO", "SFT"), ""]
+        lines += [
+            f"### PPO vs. SFT: {title}",
+            "",
+            f"`eval/judge_{kind}.jsonl`, judged by `{JUDGE_NAME}` through "
+            f"serve.py with the App. D prompt; {total['unparsed']} of {len(verdicts)} verdicts could not be "
+            "parsed (counted, not guessed).",
+            "",
+            evaluate.table(verdicts, "PPO", "SFT"),
+            "",
+        ]
     (out / "win_tie_loss.svg").unlink(missing_ok=True)
     if judged(bars):
         (out / "win_tie_loss.svg").write_text(svg_win_tie_loss("PPO vs. SFT, judged", bars), encoding="utf-8")
         lines += ["![win, tie, loss](win_tie_loss.svg)", ""]
     elif bars:
-        lines += ["No verdict of the judge could be parsed, so there is no win/tie/loss chart: "
-                  + "; ".join(f"{label}: {c['unparsed']} unparsed" for label, c in bars) + ".", ""]
+        lines += [
+            "No verdict of the judge could be parsed, so there is no win/tie/loss chart: "
+            + "; ".join(f"{label}: {c['unparsed']} unparsed" for label, c in bars)
+            + ".",
+            "",
+        ]
     lines += answer_examples(ev)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -264,8 +487,11 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
 def answer_examples(ev: Path, most: int = 3) -> list[str]:
     """Report lines: questions both models answered, the ones where they differ first (up to
     `most`); when they answered every question alike, one of them and a sentence saying so."""
-    answers = {name: {r["id"]: r for r in load_jsonl(ev / f"answers_{name}.jsonl")}
-               for name in ("SFT", "PPO") if (ev / f"answers_{name}.jsonl").is_file()}
+    answers = {
+        name: {r["id"]: r for r in load_jsonl(ev / f"answers_{name}.jsonl")}
+        for name in ("SFT", "PPO")
+        if (ev / f"answers_{name}.jsonl").is_file()
+    }
     if len(answers) < 2:
         return []
     reply = lambda name, i: answers[name][i]["messages"][1]["content"]  # noqa: E731
@@ -278,8 +504,11 @@ def answer_examples(ev: Path, most: int = 3) -> list[str]:
     if not differ:
         lines += [f"The two models gave the same answer to each of the {len(both)} questions; one of them:", ""]
     elif len(differ) < len(both):
-        lines += [f"The models' answers differ on {len(differ)} of {len(both)} questions; "
-                  f"{'the first ' + str(len(shown)) if len(shown) < len(differ) else 'those'}:", ""]
+        lines += [
+            f"The models' answers differ on {len(differ)} of {len(both)} questions; "
+            f"{'the first ' + str(len(shown)) if len(shown) < len(differ) else 'those'}:",
+            "",
+        ]
     for i in shown:
         lines += [f"> **病人**：{md(answers['SFT'][i]['messages'][0]['content'])}", ">"]
         for name in ("SFT", "PPO"):
@@ -293,28 +522,40 @@ def summary(out: Path, report: Path) -> str:
     sft, rm, ppo = (metrics(out / d / "metrics.jsonl") for d in ("sft", "rm", "ppo"))
     val = [r["val_loss"] for r in sft if "val_loss" in r]
     acc = [r["val_accuracy"] for r in rm if "val_accuracy" in r]
-    lines = ["", "=" * 72, "HuatuoGPT's recipe ran end to end on the embedded default.",
-             f"  SFT          validation loss {val[0]:.3f} -> best {min(val):.3f}" if val else "  SFT          -",
-             f"  reward model held-out accuracy {acc[0]:.3f} -> best {max(acc):.3f} (chance 0.5)" if acc else
-             "  reward model -",
-             "  PPO          mean score " + " -> ".join(f"{r['score']:.3f}" for r in ppo),
-             "               KL to the SFT policy " + " -> ".join(f"{r['kl']:.3f}" for r in ppo) + " nats"]
+    lines = [
+        "",
+        "=" * 72,
+        "HuatuoGPT's recipe ran end to end on the embedded default.",
+        f"  SFT          validation loss {val[0]:.3f} -> best {min(val):.3f}" if val else "  SFT          -",
+        f"  reward model held-out accuracy {acc[0]:.3f} -> best {max(acc):.3f} (chance 0.5)"
+        if acc
+        else "  reward model -",
+        "  PPO          mean score " + " -> ".join(f"{r['score']:.3f}" for r in ppo),
+        "               KL to the SFT policy " + " -> ".join(f"{r['kl']:.3f}" for r in ppo) + " nats",
+    ]
     for name in ("SFT", "PPO"):
         m = out / "eval" / f"bench_{name}" / "metrics.json"
         if m.is_file():
             m = json.loads(m.read_text(encoding="utf-8"))
-            lines.append(f"  Table 2 {name}  BLEU-1 {m['BLEU-1']:.2f}  ROUGE-L {m['ROUGE-L']:.2f}  "
-                         f"Distinct-2 {m['Distinct-2']:.2f}")
+            lines.append(
+                f"  Table 2 {name}  BLEU-1 {m['BLEU-1']:.2f}  ROUGE-L {m['ROUGE-L']:.2f}  "
+                f"Distinct-2 {m['Distinct-2']:.2f}"
+            )
     for kind in ("answers", "consult"):
         path = out / "eval" / f"judge_{kind}.jsonl"
         if path.is_file():
             c = evaluate.tally(load_jsonl(path))["Total"]
-            lines.append(f"  judged PPO vs. SFT ({kind}): {c['win']} win, {c['tie']} tie, {c['loss']} loss, "
-                         f"{c['unparsed']} unparsed")
-    lines += [f"report: {report} (open it in any Markdown viewer; the plots are the .svg files beside it)",
-              f"models: {out / 'sft' / 'best'}, {out / 'rm' / 'best'}, {out / 'ppo' / 'final'} (Hugging Face layout)",
-              f"talk to one: python chat.py --model {out / 'ppo' / 'final'}",
-              f"serve one:   python serve.py --model {out / 'ppo' / 'final'}", "=" * 72]
+            lines.append(
+                f"  judged PPO vs. SFT ({kind}): {c['win']} win, {c['tie']} tie, {c['loss']} loss, "
+                f"{c['unparsed']} unparsed"
+            )
+    lines += [
+        f"report: {report} (open it in any Markdown viewer; the plots are the .svg files beside it)",
+        f"models: {out / 'sft' / 'best'}, {out / 'rm' / 'best'}, {out / 'ppo' / 'final'} (Hugging Face layout)",
+        f"talk to one: python chat.py --model {out / 'ppo' / 'final'}",
+        f"serve one:   python serve.py --model {out / 'ppo' / 'final'}",
+        "=" * 72,
+    ]
     return "\n".join(lines)
 
 

@@ -63,8 +63,10 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
             raise
-        message = (f"{e.filename or 'writing'}: {errno.errorcode[e.errno]}, {e.strerror}; nothing written before "
-                   "was removed: free space or give a writable path, then rerun (trainers: add --resume)")
+        message = (
+            f"{e.filename or 'writing'}: {errno.errorcode[e.errno]}, {e.strerror}; nothing written before "
+            "was removed: free space or give a writable path, then rerun (trainers: add --resume)"
+        )
     except KeyboardInterrupt:  # what it was writing is cleaned up by then (its finally blocks)
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -75,13 +77,23 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
 # -- outputs a command replaces ------------------------------------------------------------------
 
 
-def number(kind: type = float, *, least: float | None = None, above: float | None = None,
-           most: float | None = None, below: float | None = None) -> Callable[[str], float]:
+def number(
+    kind: type = float,
+    *,
+    least: float | None = None,
+    above: float | None = None,
+    most: float | None = None,
+    below: float | None = None,
+) -> Callable[[str], float]:
     """An argparse type: a flag's text as a finite `kind` within the bounds given (least and
     most inclusive, above and below exclusive). Anything else is argparse's one-line error and
     exit 2 at parse time, naming the flag, before a model or a data file is touched."""
-    bounds = [f">= {least:g}" if least is not None else "", f"> {above:g}" if above is not None else "",
-              f"<= {most:g}" if most is not None else "", f"< {below:g}" if below is not None else ""]
+    bounds = [
+        f">= {least:g}" if least is not None else "",
+        f"> {above:g}" if above is not None else "",
+        f"<= {most:g}" if most is not None else "",
+        f"< {below:g}" if below is not None else "",
+    ]
     wanted = f"{'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
 
     def parse(text: str):
@@ -91,8 +103,12 @@ def number(kind: type = float, *, least: float | None = None, above: float | Non
             raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
-        if (least is not None and value < least) or (above is not None and value <= above) \
-                or (most is not None and value > most) or (below is not None and value >= below):
+        if (
+            (least is not None and value < least)
+            or (above is not None and value <= above)
+            or (most is not None and value > most)
+            or (below is not None and value >= below)
+        ):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {wanted}")
         return value
 
@@ -111,8 +127,9 @@ TEMPERATURE = number(least=0, most=2)  # 0: greedy; the OpenAI API's range
 FINITE = number()  # any real number: a margin, a penalty
 
 
-def refuse_to_replace(where: Path, names: list[str], *, overwrite: bool, what: str = "output",
-                      resume: bool = False, inputs=()) -> list[str]:
+def refuse_to_replace(
+    where: Path, names: list[str], *, overwrite: bool, what: str = "output", resume: bool = False, inputs=()
+) -> list[str]:
     """The one rule for outputs a command would replace, the trainers', the converters' and the
     main job's alike: when any of `names` exists in `where` (a link too, one to nowhere or a
     loop included), refuse, naming them, unless --overwrite; with it, say what is replaced. An
@@ -122,8 +139,11 @@ def refuse_to_replace(where: Path, names: list[str], *, overwrite: bool, what: s
     check_not_an_input([Path(where) / n for n in names], inputs)
     earlier = [n for n in names if os.path.lexists(Path(where) / n)]
     if earlier and not overwrite:
-        how = "add --resume to continue it, or --overwrite to start over there" if resume else \
-            "add --overwrite to replace it"
+        how = (
+            "add --resume to continue it, or --overwrite to start over there"
+            if resume
+            else "add --overwrite to replace it"
+        )
         raise SystemExit(f"{where} holds an earlier {what} ({', '.join(earlier)}): {how}, or choose another --out")
     if earlier:
         print(f"--overwrite: replacing {', '.join(earlier)} in {where}", flush=True)
@@ -138,10 +158,14 @@ def check_not_an_input(outputs, inputs):
         real_out = Path(os.path.realpath(out))
         for given in (i for i in inputs if i is not None):
             real_in = Path(os.path.realpath(given))
-            same = real_in == real_out or (real_in.exists() and real_out.exists() and os.path.samefile(real_in, real_out))
+            same = real_in == real_out or (
+                real_in.exists() and real_out.exists() and os.path.samefile(real_in, real_out)
+            )
             if same or real_out in real_in.parents:
-                raise SystemExit(f"{out} is {'' if same else 'a directory holding '}an input of this command "
-                                 f"({given}): an output never replaces what the command reads; choose another path")
+                raise SystemExit(
+                    f"{out} is {'' if same else 'a directory holding '}an input of this command "
+                    f"({given}): an output never replaces what the command reads; choose another path"
+                )
 
 
 def lock_out(out: Path):
@@ -152,8 +176,10 @@ def lock_out(out: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise SystemExit(f"{out}: another run is using this directory (it holds {out / '.lock'}); "
-                         "wait for it, or choose another --out") from None
+        raise SystemExit(
+            f"{out}: another run is using this directory (it holds {out / '.lock'}); "
+            "wait for it, or choose another --out"
+        ) from None
     return f
 
 
@@ -161,8 +187,9 @@ def check_out(out: Path, *, resume: bool, overwrite: bool):
     """Refuse to train into an earlier run's directory unless told how (data.schema's one rule);
     with --overwrite its metrics and resumable state go (best/ and final/ are replaced as the new
     run writes them)."""
-    if resume or not refuse_to_replace(out, ["metrics.jsonl", "state", "best", "final"], overwrite=overwrite,
-                                       what="run", resume=True):
+    if resume or not refuse_to_replace(
+        out, ["metrics.jsonl", "state", "best", "final"], overwrite=overwrite, what="run", resume=True
+    ):
         return
     (out / "metrics.jsonl").unlink(missing_ok=True)
     for name in ("state", "state.tmp", "state.old"):
@@ -235,10 +262,15 @@ def check_fingerprint(saved: dict, now: dict, allowed: list[str], where: Path):
     if refused:
         changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
         may = [a for a, k in CHANGEABLE.items() if k in refused]
-        raise SystemExit(f"--resume: {where} was saved by a run with other settings or data ({changes}). Resume "
-                         f"with the same ones, or start over with --overwrite" +
-                         (f"; --allow-change {' '.join(may)} lets {'that' if len(may) == 1 else 'those'} change"
-                          if may and len(may) == len(refused) else ""))
+        raise SystemExit(
+            f"--resume: {where} was saved by a run with other settings or data ({changes}). Resume "
+            f"with the same ones, or start over with --overwrite"
+            + (
+                f"; --allow-change {' '.join(may)} lets {'that' if len(may) == 1 else 'those'} change"
+                if may and len(may) == len(refused)
+                else ""
+            )
+        )
 
 
 def model_fingerprint(spec: str) -> str:
@@ -265,22 +297,32 @@ def claim_output(out: str | os.PathLike, setup: dict, info: dict | None = None, 
     setup = json.loads(json.dumps(setup))  # as it will read back
     beside = [out, *out.parent.glob(f"{glob.escape(out.stem)}.*.jsonl")]  # its rejects, a first stage's records
     # A link to nowhere (or a loop) holds something unknown: refused below, as any unlabelled file.
-    holds = any(os.path.lexists(p) and (not p.exists() or (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0))
-                for p in beside)
+    holds = any(
+        os.path.lexists(p) and (not p.exists() or (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0))
+        for p in beside
+    )
     if holds and record.is_file():
         before = json.loads(record.read_text(encoding="utf-8"))["setup"]
-        diff = [f"{k}: {before.get(k)!r} -> {setup.get(k)!r}" for k in sorted(set(before) | set(setup))
-                if before.get(k) != setup.get(k)]
+        diff = [
+            f"{k}: {before.get(k)!r} -> {setup.get(k)!r}"
+            for k in sorted(set(before) | set(setup))
+            if before.get(k) != setup.get(k)
+        ]
         if diff:
-            raise RecordError(f"{out} holds the output of another setup ({'; '.join(diff)}): write to another "
-                              f"--out, or delete {out} and the files beside it named {out.stem}.* to start over")
+            raise RecordError(
+                f"{out} holds the output of another setup ({'; '.join(diff)}): write to another "
+                f"--out, or delete {out} and the files beside it named {out.stem}.* to start over"
+            )
     elif holds:
-        raise RecordError(f"{out} exists but says nothing of what produced it (no {record.name}): write to "
-                          f"another --out, or delete it to start over")
+        raise RecordError(
+            f"{out} exists but says nothing of what produced it (no {record.name}): write to "
+            f"another --out, or delete it to start over"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps({"setup": setup, "info": info or {}}, ensure_ascii=False, indent=1) + "\n",
-                   encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"setup": setup, "info": info or {}}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, record)
     return record
 
@@ -353,15 +395,19 @@ class StepGuard:
 
     def check(self, step: int, loss: float, grad_norm: float):
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise SystemExit(f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
-                             f"before the update. The last good state: {self.last_state()}. Lower --lr or check "
-                             "the data.")
+            raise SystemExit(
+                f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
+                f"before the update. The last good state: {self.last_state()}. Lower --lr or check "
+                "the data."
+            )
         self.flat = self.flat + 1 if grad_norm == 0.0 else 0
         if self.flat >= FLAT_STEPS:
-            raise SystemExit(f"steps {step + 1 - self.flat}-{step}: the gradient is exactly zero (loss flat at "
-                             f"{loss:.6g}): the model has stopped learning, most likely blown up by too high an "
-                             f"--lr. Stopping; best/ holds no validation from those steps. "
-                             f"The last state: {self.last_state()}.")
+            raise SystemExit(
+                f"steps {step + 1 - self.flat}-{step}: the gradient is exactly zero (loss flat at "
+                f"{loss:.6g}): the model has stopped learning, most likely blown up by too high an "
+                f"--lr. Stopping; best/ holds no validation from those steps. "
+                f"The last state: {self.last_state()}."
+            )
 
     def sound(self, metrics: dict) -> bool:
         """Whether a validation may be kept as best: never one of a model that stopped learning."""
@@ -381,9 +427,14 @@ def clear_leftovers(out: Path):
 # What a torch.distributed.checkpoint .metadata file is made of. It is a pickle, and a pickle
 # can name any function to call: loading a crafted state directory with pickle.load would run
 # its code. Only these classes and functions may be named.
-_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                     ("collections", "OrderedDict")}
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
 
 
 def check_dcp_metadata(directory: Path):
@@ -393,8 +444,10 @@ def check_dcp_metadata(directory: Path):
     try:
         reader(str(directory)).read_metadata()
     except pickle.UnpicklingError as e:
-        raise SystemExit(f"{directory}: refusing to load this state: {e}. Nothing was loaded or run; "
-                         "it is not a state this project wrote.") from None
+        raise SystemExit(
+            f"{directory}: refusing to load this state: {e}. Nothing was loaded or run; "
+            "it is not a state this project wrote."
+        ) from None
 
 
 def check_state_files(directory: Path, saved: dict[str, str], now: dict[str, str]):
@@ -403,10 +456,12 @@ def check_state_files(directory: Path, saved: dict[str, str], now: dict[str, str
     on_disk = {f.name for f in directory.iterdir() if f.name != "trainer.json"}
     wrong = sorted(set(saved) - on_disk) + sorted(n for n in now if now[n] != saved[n])
     if wrong:
-        raise SystemExit(f"{directory / wrong[0]}: not the file that was saved ("
-                         f"{'missing' if wrong[0] not in on_disk else 'its digest differs'}"
-                         f"{f'; {len(wrong) - 1} more' if len(wrong) > 1 else ''}): the state was changed "
-                         "or damaged since; nothing was loaded: start over with --overwrite, or restore it")
+        raise SystemExit(
+            f"{directory / wrong[0]}: not the file that was saved ("
+            f"{'missing' if wrong[0] not in on_disk else 'its digest differs'}"
+            f"{f'; {len(wrong) - 1} more' if len(wrong) > 1 else ''}): the state was changed "
+            "or damaged since; nothing was loaded: start over with --overwrite, or restore it"
+        )
 
 
 def load_dcp_state(state: dict, directory: Path):

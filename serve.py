@@ -72,20 +72,54 @@ CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0
 MIN_TEMPERATURE = 1e-4  # above 0 and below this, logits / temperature overflows float32: 0 is greedy
 # Accepted only at these values: anything else asks for behaviour this server does not have.
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-ONLY = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-        "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
-        "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
-        "web_search_options": (None,)}
+ONLY = {
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
 # Fields read (or harmless: who the caller is, what to store of the exchange); any other is refused,
 # naming it, rather than ignored ("max_token" for "max_tokens" would otherwise run to the default).
-FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
-          "stream", "stream_options", "response_format", "user", "metadata", "store", "logprobs", "top_logprobs",
-          *ONLY}
+FIELDS = {
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "n",
+    "seed",
+    "stream",
+    "stream_options",
+    "response_format",
+    "user",
+    "metadata",
+    "store",
+    "logprobs",
+    "top_logprobs",
+    *ONLY,
+}
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.param, self.status, self.code, self.kind = param, status, code, kind
 
@@ -125,16 +159,18 @@ def _number(body, name, lo, hi, default, kind=float):
 
 def _text(content, where: str) -> str:
     """A message's content: a string, or a list of text parts (newer clients send those)."""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise BadRequest(f"{where}.content must be a string or a list of text parts", where + ".content")
     try:
         content.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
     except UnicodeEncodeError as e:
-        raise BadRequest(f"{where}.content is not valid Unicode text (a lone surrogate at character {e.start})",
-                         where + ".content") from None
+        raise BadRequest(
+            f"{where}.content is not valid Unicode text (a lone surrogate at character {e.start})", where + ".content"
+        ) from None
     return content
 
 
@@ -167,8 +203,11 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise BadRequest(f"{where}.role is {role!r}; the conversation must alternate user and assistant "
-                             f"turns starting with the user's, so {expected!r} was expected", where + ".role")
+            raise BadRequest(
+                f"{where}.role is {role!r}; the conversation must alternate user and assistant "
+                f"turns starting with the user's, so {expected!r} was expected",
+                where + ".role",
+            )
         turns.append({"role": role, "content": _text(m.get("content"), where)})
     if not turns or turns[-1]["role"] != "user":
         raise BadRequest("the last message must be the user's: the model answers it", "messages")
@@ -176,18 +215,25 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
     n = _number(body, "n", 1, MAX_N, 1, int)
     temperature = _number(body, "temperature", 0, 2, 1.0)
     if 0 < temperature < MIN_TEMPERATURE:
-        raise BadRequest(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}",
-                         "temperature")
+        raise BadRequest(
+            f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}", "temperature"
+        )
     top_p = _number(body, "top_p", 0, 1, None)
     if top_p is not None and float(torch.tensor(top_p, dtype=torch.float32)) == 0:  # as sampling sees it
         raise BadRequest(f"'top_p' must be greater than 0 in float32, got {top_p!r}", "top_p")
-    seed = _number(body, "seed", -2**63, 2**63 - 1, None, int)
+    seed = _number(body, "seed", -(2**63), 2**63 - 1, None, int)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or \
-            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
-        raise BadRequest(f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at "
-                         f"most {MAX_STOP} of them", "stop")
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise BadRequest(
+            f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at "
+            f"most {MAX_STOP} of them",
+            "stop",
+        )
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", "stream")
@@ -208,15 +254,31 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
         # With no max_tokens the reply gets what the prompt leaves, up to the default.
         rendered = render(tok, turns, max_len=context - (max_tokens or 1), generation_prompt=True, **kw)
     except ValueError as e:
-        raise BadRequest(f"the prompt does not fit the model's context of {context} tokens with max_tokens "
-                         f"{max_tokens or 1}: {e}", "messages", code="context_length_exceeded") from None
+        raise BadRequest(
+            f"the prompt does not fit the model's context of {context} tokens with max_tokens {max_tokens or 1}: {e}",
+            "messages",
+            code="context_length_exceeded",
+        ) from None
     if max_tokens is None:
         max_tokens = min(default_max_tokens, context - len(rendered.ids))
-    return Request(rendered.ids, max_tokens, n, stop, temperature, top_p, seed, stream,
-                   bool(options.get("include_usage")), rendered.rounds_dropped, logprobs, top_logprobs)
+    return Request(
+        rendered.ids,
+        max_tokens,
+        n,
+        stop,
+        temperature,
+        top_p,
+        seed,
+        stream,
+        bool(options.get("include_usage")),
+        rendered.rounds_dropped,
+        logprobs,
+        top_logprobs,
+    )
 
 
 # -- the engine: one thread owns the model and schedules at every step -------------------------------
+
 
 def token_bytes(tok: Tokenizer, i: int) -> bytes:
     """The bytes a token stands for: a byte-fallback piece (<0xE5>) its byte, a piece's ▁ a
@@ -289,8 +351,9 @@ class Engine:
     A request that arrives while others decode joins them at the next step; a long prompt
     delays the rows decoding by one chunk a step, never by its whole prefill."""
 
-    def __init__(self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0,
-                 prefill_chunk: int | None = None):
+    def __init__(
+        self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0, prefill_chunk: int | None = None
+    ):
         self.model, self.tok, self.max_batch = model, tok, max_batch
         self.context = model.config.max_position_embeddings
         weight = next(model.parameters())
@@ -361,7 +424,7 @@ class Engine:
             return
         # In chunks while rows decode (they wait for each); whole when none does.
         end = min(p.done + self.prefill_chunk, len(request.ids)) if self.rows else len(request.ids)
-        chunk = torch.tensor([request.ids[p.done:end]], device=self.device)
+        chunk = torch.tensor([request.ids[p.done : end]], device=self.device)
         logits = self.model(chunk, cache=p.cache, start=p.done, positions=slice(-1, None))[0, -1]
         p.done = end
         if end < len(request.ids):
@@ -395,8 +458,9 @@ class Engine:
         for b, row in enumerate(rows):
             groups.setdefault((row.job.request.temperature, row.job.request.top_p), []).append(b)
         for (temperature, top_p), members in groups.items():
-            scores = process_logits(logits[members], None, temperature=temperature, top_p=top_p,
-                                    vocab_limit=len(self.tok))
+            scores = process_logits(
+                logits[members], None, temperature=temperature, top_p=top_p, vocab_limit=len(self.tok)
+            )
             tokens = draw(scores, temperature, [rows[b].generator for b in members]).tolist()
             for b, token in zip(members, tokens):
                 rows[b].token = token
@@ -422,10 +486,13 @@ class Engine:
 
         def entry(i: int) -> dict:
             data = token_bytes(self.tok, i)
-            return {"token": data.decode("utf-8", "backslashreplace"), "logprob": float(logprobs[i]),
-                    "bytes": list(data)}
+            return {
+                "token": data.decode("utf-8", "backslashreplace"),
+                "logprob": float(logprobs[i]),
+                "bytes": list(data),
+            }
 
-        best = logprobs[:len(self.tok)].topk(top).indices.tolist() if top else []
+        best = logprobs[: len(self.tok)].topk(top).indices.tolist() if top else []
         return dict(entry(token), top_logprobs=[entry(i) for i in best])
 
     def _take_logprobs(self, row: Row) -> list | None:
@@ -455,8 +522,12 @@ class Engine:
         if job.cancelled:
             self.cancelled += 1
         prompt = len(job.request.ids)
-        job.events.put(("done", {"prompt_tokens": prompt, "completion_tokens": job.completion,
-                                 "total_tokens": prompt + job.completion}))
+        job.events.put(
+            (
+                "done",
+                {"prompt_tokens": prompt, "completion_tokens": job.completion, "total_tokens": prompt + job.completion},
+            )
+        )
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -473,9 +544,11 @@ class Page:
         for tag in ("script", "style"):
             body = text.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
             digests[tag] = base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode()
-        self.policy = (f"default-src 'none'; script-src 'sha256-{digests['script']}'; "
-                       f"style-src 'sha256-{digests['style']}'; connect-src 'self'; img-src 'self'; "
-                       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        self.policy = (
+            f"default-src 'none'; script-src 'sha256-{digests['script']}'; "
+            f"style-src 'sha256-{digests['style']}'; connect-src 'self'; img-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
 
 
 PAGE = Page(Path(__file__).with_name("serve.html"))
@@ -501,8 +574,10 @@ class Handler(BaseHTTPRequestHandler):
         self._began = time.monotonic()
         super().handle_one_request()
         if self._status is not None:
-            self.server.log(f'{self.client_address[0]} "{self.command} {self.path.split("?")[0]}" {self._status} '
-                            f"{self._tokens if self._tokens is not None else '-'} {time.monotonic() - self._began:.2f}s")
+            self.server.log(
+                f'{self.client_address[0]} "{self.command} {self.path.split("?")[0]}" {self._status} '
+                f"{self._tokens if self._tokens is not None else '-'} {time.monotonic() - self._began:.2f}s"
+            )
 
     def log_request(self, code="-", size="-"):  # send_response's own line: kept for the access log above
         self._status = code
@@ -519,9 +594,15 @@ class Handler(BaseHTTPRequestHandler):
         if host is None or self.server.serves_host(host):
             return True
         self.close_connection = True
-        self._error(BadRequest(f"Host {host!r} is not this server's name; an operator who serves it under that "
-                               "name starts serve.py with --allow-host NAME", status=403, code="host_not_allowed",
-                               kind="permission_error"))
+        self._error(
+            BadRequest(
+                f"Host {host!r} is not this server's name; an operator who serves it under that "
+                "name starts serve.py with --allow-host NAME",
+                status=403,
+                code="host_not_allowed",
+                kind="permission_error",
+            )
+        )
         return False
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None):
@@ -558,9 +639,14 @@ class Handler(BaseHTTPRequestHandler):
         # The scheme's name is case-insensitive (RFC 9110 section 11.1); the key is compared whole.
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
             return True
-        self._error(BadRequest("the API key was refused" if scheme else
-                               "a valid bearer key is required (Authorization: Bearer ...)", status=401,
-                               code="invalid_api_key", kind="authentication_error"))
+        self._error(
+            BadRequest(
+                "the API key was refused" if scheme else "a valid bearer key is required (Authorization: Bearer ...)",
+                status=401,
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
+        )
         return False
 
     def do_GET(self):
@@ -578,8 +664,14 @@ class Handler(BaseHTTPRequestHandler):
         elif path == f"/v1/models/{self.server.name}":
             self._send_json(200, card)
         elif path.startswith("/v1/models/"):
-            self._error(BadRequest(f"no model {path[len('/v1/models/'):]!r}; this server serves "
-                                   f"{self.server.name!r}", "model", 404, "model_not_found"))
+            self._error(
+                BadRequest(
+                    f"no model {path[len('/v1/models/') :]!r}; this server serves {self.server.name!r}",
+                    "model",
+                    404,
+                    "model_not_found",
+                )
+            )
         else:
             self._error(BadRequest(f"no such endpoint: GET {path}", status=404, code="not_found"))
 
@@ -591,8 +683,9 @@ class Handler(BaseHTTPRequestHandler):
             length = self._body_length(quiet=True)
             if length is None:  # a body not read: what follows it cannot be told from a next request
                 self.close_connection = True
-                self._send_json(404, BadRequest(f"no such endpoint: POST {path}", code="not_found").body(),
-                                {"Connection": "close"})
+                self._send_json(
+                    404, BadRequest(f"no such endpoint: POST {path}", code="not_found").body(), {"Connection": "close"}
+                )
                 return
             self.rfile.read(length)
             self._error(BadRequest(f"no such endpoint: POST {path}", status=404, code="not_found"))
@@ -603,15 +696,26 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         media = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if media != "application/json":  # a form or text/plain: what another web page may send without asking
-            self._error(BadRequest(f"the body must be JSON sent as Content-Type: application/json, not "
-                                   f"{media or 'none'}", status=415, code="unsupported_media_type"))
+            self._error(
+                BadRequest(
+                    f"the body must be JSON sent as Content-Type: application/json, not {media or 'none'}",
+                    status=415,
+                    code="unsupported_media_type",
+                )
+            )
             return
         if not self._authorised():
             return
         if not self.server.slots.acquire(blocking=False):
-            self._error(BadRequest(f"the server is busy ({self.server.max_concurrent} requests at once); "
-                                   "try again shortly", status=429, code="server_busy", kind="rate_limit_error"),
-                        {"Retry-After": "1"})
+            self._error(
+                BadRequest(
+                    f"the server is busy ({self.server.max_concurrent} requests at once); try again shortly",
+                    status=429,
+                    code="server_busy",
+                    kind="rate_limit_error",
+                ),
+                {"Retry-After": "1"},
+            )
             return
         try:
             self._chat(body)
@@ -625,8 +729,13 @@ class Handler(BaseHTTPRequestHandler):
         lengths = self.headers.get_all("Content-Length") or []
         if len(lengths) > 1 or (lengths and self.headers.get("Transfer-Encoding") is not None):
             if not quiet:
-                self._error(BadRequest("the body's length is given more than once (Content-Length, "
-                                       "Transfer-Encoding): send one Content-Length", status=400))
+                self._error(
+                    BadRequest(
+                        "the body's length is given more than once (Content-Length, "
+                        "Transfer-Encoding): send one Content-Length",
+                        status=400,
+                    )
+                )
                 self.close_connection = True
             return None
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers.get("Content-Length") is None:
@@ -639,8 +748,13 @@ class Handler(BaseHTTPRequestHandler):
             length = -1
         if not 0 <= length <= self.server.max_body:
             if not quiet:
-                self._error(BadRequest(f"the body must be at most {self.server.max_body} bytes; "
-                                       f"Content-Length is {self.headers['Content-Length']}", status=413))
+                self._error(
+                    BadRequest(
+                        f"the body must be at most {self.server.max_body} bytes; "
+                        f"Content-Length is {self.headers['Content-Length']}",
+                        status=413,
+                    )
+                )
             return None
         return length
 
@@ -655,8 +769,12 @@ class Handler(BaseHTTPRequestHandler):
             if isinstance(body, dict) and "model" not in body:
                 raise BadRequest(f"'model' is required: this server serves {self.server.name!r}", "model")
             if isinstance(body, dict) and body["model"] != self.server.name:
-                raise BadRequest(f"no model {body['model']!r}; this server serves {self.server.name!r}",
-                                 "model", 404, "model_not_found")
+                raise BadRequest(
+                    f"no model {body['model']!r}; this server serves {self.server.name!r}",
+                    "model",
+                    404,
+                    "model_not_found",
+                )
             request = parse_request(body, self.server.engine.tok, self.server.engine.context, self.server.max_tokens)
         except BadRequest as e:
             self._error(e)
@@ -702,9 +820,15 @@ class Handler(BaseHTTPRequestHandler):
                 return
             else:
                 job.usage = event[1]
-                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
-                            "logprobs": {"content": lp, "refusal": None} if job.request.logprobs else None}
-                           for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))]
+                choices = [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": t},
+                        "finish_reason": f,
+                        "logprobs": {"content": lp, "refusal": None} if job.request.logprobs else None,
+                    }
+                    for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))
+                ]
                 self._send_json(200, dict(head, object="chat.completion", choices=choices, usage=event[1]))
                 return
 
@@ -716,14 +840,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
         def send(obj):
-            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
+            data = (
+                b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
+            )
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
         def chunk(index, delta, finish=None, logprobs=None):
-            return dict(head, object="chat.completion.chunk", choices=[{
-                "index": index, "delta": delta, "finish_reason": finish,
-                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}])
+            return dict(
+                head,
+                object="chat.completion.chunk",
+                choices=[
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "finish_reason": finish,
+                        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+                    }
+                ],
+            )
 
         for i in range(job.request.n):
             send(chunk(i, {"role": "assistant", "content": ""}))
@@ -756,9 +891,20 @@ class Handler(BaseHTTPRequestHandler):
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, engine: Engine, name: str, host: str = "127.0.0.1", port: int = 8000, *,
-                 api_key: str | None = None, max_body: int = 1 << 20, max_concurrent: int = 16,
-                 max_tokens: int = MAX_TOKENS, access_log: bool = False, allow_hosts: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        api_key: str | None = None,
+        max_body: int = 1 << 20,
+        max_concurrent: int = 16,
+        max_tokens: int = MAX_TOKENS,
+        access_log: bool = False,
+        allow_hosts: tuple[str, ...] = (),
+    ):
         self.engine, self.name, self.api_key, self.access_log = engine, name, api_key or None, access_log
         self.hosts = {h.lower().strip("[]") for h in ("localhost", host, *allow_hosts)}
         self.max_body, self.max_concurrent, self.max_tokens = max_body, max_concurrent, max_tokens
@@ -806,13 +952,17 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
-def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, port: int = 0,
-          **kw) -> ChatServer:
+def start(model_dir, name: str | None = None, *, device="cpu", dtype=torch.float32, port: int = 0, **kw) -> ChatServer:
     """Load a model and serve it on a background thread (the main job and the tests use this);
     server.base_url is where to point a client, server.shutdown() stops it."""
     model, tok = load(model_dir, device=device, dtype=dtype)
-    engine = Engine(model, tok, max_batch=kw.pop("max_batch", 8), seed=kw.pop("seed", 0),
-                    prefill_chunk=kw.pop("prefill_chunk", None))
+    engine = Engine(
+        model,
+        tok,
+        max_batch=kw.pop("max_batch", 8),
+        seed=kw.pop("seed", 0),
+        prefill_chunk=kw.pop("prefill_chunk", None),
+    )
     server = ChatServer(engine, name or Path(model_dir).name, port=port, **kw)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
@@ -823,14 +973,23 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
     p.add_argument("--name", help="the model's id in the API (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every interface: set SERVE_API_KEY then")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="a name clients reach this server by, besides --host, localhost and IP addresses "
-                        "(repeatable; * for any: behind a proxy that checks it)")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name clients reach this server by, besides --host, localhost and IP addresses "
+        "(repeatable; * for any: behind a proxy that checks it)",
+    )
     p.add_argument("--port", type=number(int, least=0, most=65535), default=8000)
     p.add_argument("--max-batch", type=COUNT, default=8, help="sequences decoded together at most (rows of the cache)")
-    p.add_argument("--prefill-chunk", type=COUNT, help="prompt tokens prefilled a step while others decode "
-                                                        f"(default: {PREFILL_CHUNK['cuda']} on a GPU, "
-                                                        f"{PREFILL_CHUNK['cpu']} on a CPU)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=COUNT,
+        help="prompt tokens prefilled a step while others decode "
+        f"(default: {PREFILL_CHUNK['cuda']} on a GPU, "
+        f"{PREFILL_CHUNK['cpu']} on a CPU)",
+    )
     p.add_argument("--max-concurrent", type=COUNT, default=16, help="requests in flight at most; more get 429")
     p.add_argument("--max-body", type=COUNT, default=1 << 20, help="bytes per request body at most")
     p.add_argument("--max-tokens", type=COUNT, default=MAX_TOKENS, help="reply length when a request gives none")
@@ -840,15 +999,33 @@ def main(argv=None):
     args = p.parse_args(argv)
     key = os.environ.get("SERVE_API_KEY")
     if not _loopback(args.host) and not key:
-        print(f"warning: serving on {args.host} without a key: anyone who can reach it can use the model "
-              "(set SERVE_API_KEY)", file=sys.stderr)
+        print(
+            f"warning: serving on {args.host} without a key: anyone who can reach it can use the model "
+            "(set SERVE_API_KEY)",
+            file=sys.stderr,
+        )
     device, dtype = device_and_dtype(args)
-    server = start(args.model, args.name, device=device, dtype=dtype, port=args.port, api_key=key,
-                   max_body=args.max_body, max_concurrent=args.max_concurrent, max_tokens=args.max_tokens,
-                   max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, seed=args.seed,
-                   access_log=not args.quiet, host=args.host, allow_hosts=tuple(args.allow_host))
-    print(f"serving {server.name!r} at {server.base_url} ({args.model}; a request names it as its \"model\"; "
-          "Ctrl-C stops)", flush=True)
+    server = start(
+        args.model,
+        args.name,
+        device=device,
+        dtype=dtype,
+        port=args.port,
+        api_key=key,
+        max_body=args.max_body,
+        max_concurrent=args.max_concurrent,
+        max_tokens=args.max_tokens,
+        max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
+        seed=args.seed,
+        access_log=not args.quiet,
+        host=args.host,
+        allow_hosts=tuple(args.allow_host),
+    )
+    print(
+        f'serving {server.name!r} at {server.base_url} ({args.model}; a request names it as its "model"; Ctrl-C stops)',
+        flush=True,
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -70,7 +70,8 @@ class Tokenizer:
         if vocab_size < len(self):
             raise TokenizerError(
                 f"{self.path}: tokenizer has {len(self)} pieces but the {where} embeds only "
-                f"{vocab_size} ids: they do not belong together")
+                f"{vocab_size} ids: they do not belong together"
+            )
 
 
 class StreamDecoder:
@@ -88,13 +89,13 @@ class StreamDecoder:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
             return ""
-        new, self.emitted = text[len(self.emitted):], text
+        new, self.emitted = text[len(self.emitted) :], text
         return new
 
     def flush(self) -> str:
         """What push held back, at the end: a sequence that stops mid-character decodes lossily."""
         text = self.tok.decode(self.ids)
-        new, self.emitted = text[len(self.emitted):], text
+        new, self.emitted = text[len(self.emitted) :], text
         return new
 
 
@@ -116,7 +117,10 @@ def train_tokenizer(sentences: Iterable[str], out: str | os.PathLike, vocab_size
         split_digits=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         num_threads=1,  # deterministic: the same corpus gives the same model
         minloglevel=2,
     )
@@ -158,8 +162,9 @@ def _strings(obj) -> Iterator[str]:
             yield from _strings(value)
 
 
-def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory: Path, hf_config: dict,
-                             chat_template: str | None = None) -> str:
+def write_hf_tokenizer_files(
+    tokenizer: str | os.PathLike | Tokenizer, directory: Path, hf_config: dict, chat_template: str | None = None
+) -> str:
     """Copy tokenizer.model, write tokenizer.json (sentencepiece's BPE as a merge list: see
     hf_tokenizer_json) and the small JSON files transformers' LlamaTokenizer reads, with the chat
     template when given (data.template.CHAT_TEMPLATE). Returns how tokenizer.json stands, for
@@ -173,9 +178,14 @@ def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     # With tokenizer.json, transformers (4.x and 5.x) is to read it as written: its LlamaTokenizer of
     # 5.x keeps only the vocabulary and merges and puts back a Metaspace that drops a leading space.
-    config = dict(special, tokenizer_class="PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
-                  add_bos_token=True, add_eos_token=False,
-                  model_max_length=hf_config.get("max_position_embeddings", 2048), legacy=True)
+    config = dict(
+        special,
+        tokenizer_class="PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=hf_config.get("max_position_embeddings", 2048),
+        legacy=True,
+    )
     if chat_template:
         config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -204,6 +214,7 @@ def write_hf_tokenizer_files(tokenizer: str | os.PathLike | Tokenizer, directory
 # tokenizer.model itself gives 427 (4.46.3) and 451 (5.24.0). Exact ids from any vocabulary:
 # sentencepiece (tokenizer.py), or transformers 4.x's LlamaTokenizer (the slow class, which runs it).
 
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer_json_text(path: str, size: int, mtime_ns: int) -> tuple[str | None, str]:
     """hf_tokenizer_json of the file at `path` (as it is at that size and time), serialised."""
@@ -216,13 +227,17 @@ def hf_tokenizer_json(tok: Tokenizer) -> tuple[dict | None, str]:
     for a model whose normalisation it cannot express (LLaMA's: none, a space prefixed)."""
     sp = tok.sp
     if sp.normalize("a  b\tＡ①") != "▁a▁▁b\tＡ①":
-        return None, ("no tokenizer.json: this tokenizer.model normalises text (not LLaMA's identity "
-                      "rule with a prefixed space), which the export does not reproduce")
+        return None, (
+            "no tokenizer.json: this tokenizer.model normalises text (not LLaMA's identity "
+            "rule with a prefixed space), which the export does not reproduce"
+        )
     ids = range(len(tok))
     vocab = {sp.id_to_piece(i): i for i in ids}
     normal = [i for i in ids if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
-    splits = {i: [(p[:k], p[k:]) for p in [sp.id_to_piece(i)] for k in range(1, len(p))
-                  if p[:k] in vocab and p[k:] in vocab] for i in normal}
+    splits = {
+        i: [(p[:k], p[k:]) for p in [sp.id_to_piece(i)] for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+        for i in normal
+    }
     by_score: dict[float, list[int]] = {}
     for i in normal:
         if splits[i]:
@@ -235,31 +250,70 @@ def hf_tokenizer_json(tok: Tokenizer) -> tuple[dict | None, str]:
     special = [i for i in ids if sp.is_control(i) or sp.is_unknown(i)]
     bos = sp.id_to_piece(tok.bos_id)
     fast = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True} for i in special],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": sp.id_to_piece(i),
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i in special
+        ],
         # sentencepiece's own rule: one ▁ before the text, every space a ▁ (a Metaspace pre-tokenizer
         # prefixes none to a text that begins with a space), and the text one word, unsplit
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        },
         "pre_tokenizer": None,
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()),
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-                  "byte_fallback": any(sp.is_byte(i) for i in ids), "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": sp.id_to_piece(sp.unk_id()),
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": any(sp.is_byte(i) for i in ids),
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
     }
     if not tied:
         return fast, "tokenizer.json gives sentencepiece's ids (no two pieces share a score)"
-    return fast, (f"tokenizer.json gives sentencepiece's ids except where pieces of equal score overlap "
-                  f"({tied} pieces share a score with another); exact: tokenizer.model with sentencepiece")
+    return fast, (
+        f"tokenizer.json gives sentencepiece's ids except where pieces of equal score overlap "
+        f"({tied} pieces share a score with another); exact: tokenizer.model with sentencepiece"
+    )
 
 
 def _leftmost_first(group: list[int], splits: dict) -> list[int]:

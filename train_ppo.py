@@ -72,10 +72,29 @@ from generate import generate
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import add_plan_args, ppo_dry_run
 from safety import COUNT, FINITE, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
-from training import (HelpFormatter, MetricsLog, Timer, TrainState, add_run_args, card_writer, device_mesh,
-                      exit_trainer, frozen_in_bf16, gathered, grad_norm_and_clip, load_model, load_sharded,
-                      make_optimizer, micro_batches, mixed_precision, rendered_once, run_distributed, save_dtype,
-                      save_hf, shard)
+from training import (
+    HelpFormatter,
+    MetricsLog,
+    Timer,
+    TrainState,
+    add_run_args,
+    card_writer,
+    device_mesh,
+    exit_trainer,
+    frozen_in_bf16,
+    gathered,
+    grad_norm_and_clip,
+    load_model,
+    load_sharded,
+    make_optimizer,
+    micro_batches,
+    mixed_precision,
+    rendered_once,
+    run_distributed,
+    save_dtype,
+    save_hf,
+    shard,
+)
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
@@ -113,8 +132,6 @@ UNFINISHED_PENALTY = 0.0  # added to the score of a response cut at --max-new-to
 
 
 # -- the model: policy + value head, and the reference top --------------------------------------------
-
-
 
 
 def sft_name(name: str, split: int) -> str:
@@ -184,8 +201,19 @@ def whiten(x: torch.Tensor, eps: float = 1e-8, sums: torch.Tensor | None = None)
     return (x - mean) * torch.rsqrt((squares - n * mean * mean) / (n - 1).clamp(min=1) + eps)
 
 
-def ppo_loss_sum(logp, old_logp, values, old_values, adv, returns, mask, *, clip: float = CLIP_RATIO,
-                 clip_value: float = CLIP_VALUE, vf_coef: float = VF_COEF):
+def ppo_loss_sum(
+    logp,
+    old_logp,
+    values,
+    old_values,
+    adv,
+    returns,
+    mask,
+    *,
+    clip: float = CLIP_RATIO,
+    clip_value: float = CLIP_VALUE,
+    vf_coef: float = VF_COEF,
+):
     """Summed over the response tokens (mask) of a micro-batch: the clipped surrogate
     max(−A·ρ, −A·clip(ρ, 1 ± ε)) and vf_coef · ½ max((V − R)², (clip(V, V_old ± ε_v) − R)²).
     Returns (loss sum, {statistic: sum}) — the caller divides by the minibatch's token count."""
@@ -197,9 +225,12 @@ def ppo_loss_sum(logp, old_logp, values, old_values, adv, returns, mask, *, clip
     vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     pg_sum, vf_sum = (pg * mask).sum(), (vf * mask).sum()
     with torch.no_grad():  # tensors: read once a round (float()), not synchronised every micro-batch
-        stats = {"policy_loss": pg_sum.detach(), "value_loss": vf_sum.detach(),
-                 "clip_fraction": (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum(),
-                 "approx_kl": (((ratio - 1) - log_ratio) * mask).sum()}
+        stats = {
+            "policy_loss": pg_sum.detach(),
+            "value_loss": vf_sum.detach(),
+            "clip_fraction": (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum(),
+            "approx_kl": (((ratio - 1) - log_ratio) * mask).sum(),
+        }
     return pg_sum + vf_coef * vf_sum, stats
 
 
@@ -256,7 +287,7 @@ def keep_trunk(model, exps: list[Experience], pad_id: int, device):
     tokens, mask, P, _ = batch_tensors(exps, pad_id, device)
     hidden = model.bottom(tokens, mask)
     for row, e in enumerate(exps):
-        e.trunk = hidden[row, P - len(e.prompt):P + len(e.response)].clone()
+        e.trunk = hidden[row, P - len(e.prompt) : P + len(e.response)].clone()
 
 
 def response_outputs(model, exps, pad_id, device, *, ref=None):
@@ -271,15 +302,15 @@ def response_outputs(model, exps, pad_id, device, *, ref=None):
         # (masked: no real position sees them).
         hidden = exps[0].trunk.new_zeros(len(exps), P + R, exps[0].trunk.shape[-1])
         for row, e in enumerate(exps):
-            hidden[row, P - len(e.prompt):P + len(e.response)] = e.trunk
+            hidden[row, P - len(e.prompt) : P + len(e.response)] = e.trunk
     else:
         with torch.no_grad():
             hidden = model.bottom(tokens, mask)
     # Only the positions that predict a response token reach the final norm and the heads.
     span = slice(P - 1, P + R - 1)
     logits, values = model.top(hidden, mask, positions=span)
-    targets = tokens[:, P:P + R]
-    out = {"logp": token_logprobs(logits, targets), "values": values.float(), "mask": mask[:, P:P + R]}
+    targets = tokens[:, P : P + R]
+    out = {"logp": token_logprobs(logits, targets), "values": values.float(), "mask": mask[:, P : P + R]}
     if ref is not None:
         with torch.no_grad():
             ref_logits = ref(hidden=hidden.to(next(ref.parameters()).dtype), attention_mask=mask, positions=span)
@@ -297,8 +328,11 @@ def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, enc
     conversation before it (single- and multi-turn), de-duplicated, minus the prompts the reward
     model's pairs were built from (--exclude), rendered with the one template, in the order of
     their content. train_ppo.py writes them once into its data cache (data.corpus)."""
-    excluded = {json.dumps(r["messages"], ensure_ascii=False) for f in exclude or []
-                for r in read(f, "pairs", report=report, encoding=encoding)}
+    excluded = {
+        json.dumps(r["messages"], ensure_ascii=False)
+        for f in exclude or []
+        for r in read(f, "pairs", report=report, encoding=encoding)
+    }
     seen = {}
     for f in files:
         for r in read(f, fmt, report=report, encoding=encoding):
@@ -360,23 +394,34 @@ def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Exper
     the whole generation unless --reshard-in-rollout. Returns (experiences, {"generate_s",
     "score_s": seconds spent, "idle_rows": the share of this rank's row-steps spent on rows
     whose response had ended while the longest of their chunk went on})."""
-    mine = prompts[d.rank::d.world]
+    mine = prompts[d.rank :: d.world]
     gen = torch.Generator(d.device).manual_seed(hash((args.seed, round_no, d.rank)) % 2**63)
     model.eval()
     t0, exps, row_steps, used = time.perf_counter(), [], 0, 0
     with contextlib.nullcontext() if args.reshard_in_rollout else gathered(model):
         for c in range(0, len(mine), args.chunk_size):
-            chunk = mine[c:c + args.chunk_size]
-            out = generate(model, chunk, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                           temperature=1.0, vocab_limit=len(tok), generator=gen)
+            chunk = mine[c : c + args.chunk_size]
+            out = generate(
+                model,
+                chunk,
+                max_new_tokens=args.max_new_tokens,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=1.0,
+                vocab_limit=len(tok),
+                generator=gen,
+            )
             exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
             row_steps += len(chunk) * max(map(len, out.tokens))  # every row steps until the chunk's longest ends
             used += sum(map(len, out.tokens))
     t1 = time.perf_counter()
     model.train()
     score_round(rm, exps, tok, args)
-    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1,
-               "idle_rows": 1 - used / row_steps if row_steps else 0.0}
+    seconds = {
+        "generate_s": t1 - t0,
+        "score_s": time.perf_counter() - t1,
+        "idle_rows": 1 - used / row_steps if row_steps else 0.0,
+    }
     ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
     return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 
@@ -389,9 +434,10 @@ def score_round(rm, exps: list[Experience], tok, args):
     response and scores its text as it is, with no eos). --unfinished-penalty (0 by default) is
     added to it, and how many were cut is reported."""
     for c in range(0, len(exps), args.chunk_size):
-        chunk = exps[c:c + args.chunk_size]
-        scores = rm.score_ids([e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id,
-                              pad_id=tok.pad_id)
+        chunk = exps[c : c + args.chunk_size]
+        scores = rm.score_ids(
+            [e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id, pad_id=tok.pad_id
+        )
         for e, s in zip(chunk, scores.tolist()):
             e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) + (0.0 if e.finished else args.unfinished_penalty)
     if isinstance(rm, FSDPModule):
@@ -403,11 +449,20 @@ def minibatches(n: int, batch_size: int, seed: int, round_no: int) -> list[list[
     --batch-size. Each takes --ppo-epochs optimizer steps in a row (update)."""
     order = list(range(n))
     random.Random(f"{seed}:{round_no}").shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def make_experience(model, ref, exps: list[Experience], batches: list[list[int]], tok, args, d,
-                    kl_coef: float, recompute_trunk: bool = False) -> dict:
+def make_experience(
+    model,
+    ref,
+    exps: list[Experience],
+    batches: list[list[int]],
+    tok,
+    args,
+    d,
+    kl_coef: float,
+    recompute_trunk: bool = False,
+) -> dict:
     """This rank's experiences of the round, the ones in its micro-batches of `batches` (it
     updates on those, and only those, in every epoch: a minibatch keeps its micro-batches):
     the frozen trunk once (keep_trunk, in batches of --chunk-size), then old log-probs, values,
@@ -422,7 +477,7 @@ def make_experience(model, ref, exps: list[Experience], batches: list[list[int]]
     mine = [i for chunk in chunks for i in chunk]
     if not recompute_trunk:
         for c in range(0, len(mine), args.chunk_size):
-            keep_trunk(model, [exps[i] for i in mine[c:c + args.chunk_size]], tok.pad_id, d.device)
+            keep_trunk(model, [exps[i] for i in mine[c : c + args.chunk_size]], tok.pad_id, d.device)
     sums = torch.zeros(5, dtype=torch.float64, device=d.device)  # kl, entropy, tokens, advantages, their squares
     with torch.no_grad():
         for chunk in chunks:
@@ -432,9 +487,15 @@ def make_experience(model, ref, exps: list[Experience], batches: list[list[int]]
                 e.logp, e.ref_logp, e.values = out["logp"][row, :n], out["ref_logp"][row, :n], out["values"][row, :n]
                 rewards = per_token_rewards(e.logp.double(), e.ref_logp.double(), e.score, kl_coef)
                 e.advantages, e.returns = gae(rewards, e.values.double())
-                sums += torch.stack([(e.logp - e.ref_logp).sum().double(), out["entropy"][row, :n].sum().double(),
-                                     torch.tensor(float(n), device=d.device, dtype=torch.float64),
-                                     e.advantages.sum(), (e.advantages ** 2).sum()])
+                sums += torch.stack(
+                    [
+                        (e.logp - e.ref_logp).sum().double(),
+                        out["entropy"][row, :n].sum().double(),
+                        torch.tensor(float(n), device=d.device, dtype=torch.float64),
+                        e.advantages.sum(),
+                        (e.advantages**2).sum(),
+                    ]
+                )
     model.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
     model.train()
     dist.all_reduce(sums)  # tensors, as every collective here: nothing of the round is pickled
@@ -445,8 +506,18 @@ def make_experience(model, ref, exps: list[Experience], batches: list[list[int]]
     return {"kl": sums[0], "entropy": sums[1], "tokens": sums[2]}  # read once a round, by the caller
 
 
-def update(model, opt, kl: "AdaptiveKL", exps: list[Experience], batches: list[list[int]], tok, args, d,
-           mean_kl: float, steps: int) -> dict:
+def update(
+    model,
+    opt,
+    kl: "AdaptiveKL",
+    exps: list[Experience],
+    batches: list[list[int]],
+    tok,
+    args,
+    d,
+    mean_kl: float,
+    steps: int,
+) -> dict:
     """At most `steps` optimizer steps over the round, in trlx's order (AccelerateRLTrainer.learn
     and AcceleratePPOTrainer.post_backward_callback at trlx 355c974): each minibatch takes
     --ppo-epochs steps in a row, then the KL controller moves λ by the round's mean KL with
@@ -483,11 +554,22 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
         mine = [exps[i] for i in chunk]
         out = response_outputs(model, mine, tok.pad_id, d.device)  # the top on the kept trunk, with gradients
         width = out["logp"].shape[1]
-        old = {name: torch.stack([nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in mine])
-               for name in ("logp", "values", "advantages", "returns")}  # the experience pass's, padded alike
-        loss_sum, stats = ppo_loss_sum(out["logp"], old["logp"], out["values"], old["values"], old["advantages"],
-                                       old["returns"], out["mask"], clip=args.clip_ratio, clip_value=args.clip_value,
-                                       vf_coef=args.vf_coef)
+        old = {
+            name: torch.stack([nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in mine])
+            for name in ("logp", "values", "advantages", "returns")
+        }  # the experience pass's, padded alike
+        loss_sum, stats = ppo_loss_sum(
+            out["logp"],
+            old["logp"],
+            out["values"],
+            old["values"],
+            old["advantages"],
+            old["returns"],
+            out["mask"],
+            clip=args.clip_ratio,
+            clip_value=args.clip_value,
+            vf_coef=args.vf_coef,
+        )
         # FSDP averages gradients over ranks; scaling by the world size makes that a sum, so the
         # gradient is that of (summed token losses) / (response tokens of the whole minibatch):
         # 1 rank and N ranks take the same step.
@@ -503,15 +585,24 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def build(config, weights, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False,
-          frozen_bf16: bool = False, mesh=None):
+def build(
+    config,
+    weights,
+    d,
+    *,
+    trainable_blocks: int = TRAINABLE_BLOCKS,
+    bf16: bool = False,
+    frozen_bf16: bool = False,
+    mesh=None,
+):
     """(the sharded policy + value head, π0's replicated top) from rank 0's SFT weights (a state
     dict, or its groups file by file as training.load_model reads them; None on the other
     ranks). Each rank receives its shards of the policy and π0's top, nothing else
     (load_reference, training.load_sharded); rank 0 keeps the top's tensors as the files pass,
     and nothing else of them. The value head starts at zero: V = 0 everywhere."""
-    model, ref = build_empty(config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16,
-                             mesh=mesh)
+    model, ref = build_empty(
+        config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16, mesh=mesh
+    )
     top_names = {sft_name(name, model.split) for name, _ in ref.named_parameters()}
     top = {}
 
@@ -526,8 +617,9 @@ def build(config, weights, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16:
     return model.train(), ref
 
 
-def build_empty(config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False,
-                frozen_bf16: bool = False, mesh=None):
+def build_empty(
+    config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False, frozen_bf16: bool = False, mesh=None
+):
     """The policy + value head sharded with FSDP (training.shard, over `mesh`) and π0's top,
     allocated and not filled. The policy is stored in the default dtype, as it is built in it
     (fp32); π0's top too, or bf16 under mixed precision, the dtype it computes in.
@@ -577,8 +669,10 @@ def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
     """The longest prompt a round can take: the policy generates up to max_new_tokens after it
     within its context, and the reward model reads prompt + response + the eos put after a
     response cut at max_new_tokens (score_ids) within its own."""
-    return min(policy_config.max_position_embeddings - max_new_tokens,
-               reward_config.max_position_embeddings - max_new_tokens - 1)
+    return min(
+        policy_config.max_position_embeddings - max_new_tokens,
+        reward_config.max_position_embeddings - max_new_tokens - 1,
+    )
 
 
 def _train(args, d):
@@ -589,39 +683,69 @@ def _train(args, d):
     config = meta_policy.config
     reward_config = load_config(args.reward, builtin=False)  # config.json alone: the weights come later
     if reward_config.vocab_size != config.vocab_size:
-        raise SystemExit(f"--reward {args.reward} has a vocabulary of {reward_config.vocab_size}, the policy "
-                         f"{config.vocab_size}: they must share the tokenizer")
+        raise SystemExit(
+            f"--reward {args.reward} has a vocabulary of {reward_config.vocab_size}, the policy "
+            f"{config.vocab_size}: they must share the tokenizer"
+        )
     if not 1 <= args.trainable_blocks <= config.num_hidden_layers:
         raise SystemExit(f"--trainable-blocks {args.trainable_blocks}: the model has {config.num_hidden_layers} blocks")
     budget = prompt_budget(config, reward_config, args.max_new_tokens)
     if budget <= 0:
-        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
-                         f"{config.max_position_embeddings} (the reward model's: {reward_config.max_position_embeddings})")
+        raise SystemExit(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+            f"{config.max_position_embeddings} (the reward model's: {reward_config.max_position_embeddings})"
+        )
     digests = data_digests(args)  # each file read once: the cache's key, the fingerprint and the model card
-    key = {"prompts_of": sorted(digests[f] for f in args.data), "exclude": sorted(map(file_digest, args.exclude)),
-           "format": args.format, "encoding": args.encoding, "budget": budget, "tokenizer": file_digest(tok.path)}
+    key = {
+        "prompts_of": sorted(digests[f] for f in args.data),
+        "exclude": sorted(map(file_digest, args.exclude)),
+        "format": args.format,
+        "encoding": args.encoding,
+        "budget": budget,
+        "tokenizer": file_digest(tok.path),
+    }
     report = Report()
-    entry, meta = rendered_once(args.data_cache, out, key, lambda: ({"prompts": read_prompts(
-        args.data, args.exclude, tok, budget, report, args.format, args.encoding)}, report), d, labels=False)
+    entry, meta = rendered_once(
+        args.data_cache,
+        out,
+        key,
+        lambda: (
+            {"prompts": read_prompts(args.data, args.exclude, tok, budget, report, args.format, args.encoding)},
+            report,
+        ),
+        d,
+        labels=False,
+    )
     prompts = Corpus(entry / "prompts")  # memory-mapped: a rank holds the pages of the prompts it draws
     if not len(prompts):
-        raise SystemExit(f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} "
-                         "tokens)")
+        raise SystemExit(
+            f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} tokens)"
+        )
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)
     if d.main:
         last = args.max_steps - (rounds - 1) * steps_per_round
-        print(f"{len(prompts)} prompts of at most {budget} tokens; {rounds} rounds of {args.rollout_size} experiences, "
-              f"{steps_per_round} optimizer steps each" + (f" (the last {last})" if last < steps_per_round else "") +
-              f"; {d.world} rank(s) on {d.device}")
+        print(
+            f"{len(prompts)} prompts of at most {budget} tokens; {rounds} rounds of {args.rollout_size} experiences, "
+            f"{steps_per_round} optimizer steps each"
+            + (f" (the last {last})" if last < steps_per_round else "")
+            + f"; {d.world} rank(s) on {d.device}"
+        )
         if meta["summary"]:
             print(meta["summary"])
 
     bf16 = mixed_precision(d, args)
     compute = torch.bfloat16 if bf16 else torch.float32
     mesh = device_mesh(d.device.type, d.world, args.shard_ranks)
-    model, ref = build(config, read_weights(), d, trainable_blocks=args.trainable_blocks, bf16=bf16,
-                       frozen_bf16=args.frozen_bf16, mesh=mesh)
+    model, ref = build(
+        config,
+        read_weights(),
+        d,
+        trainable_blocks=args.trainable_blocks,
+        bf16=bf16,
+        frozen_bf16=args.frozen_bf16,
+        mesh=mesh,
+    )
     rm = load_reward(args.reward, reward_config, d, compute, sharded=args.reward_placement == "sharded", mesh=mesh)
     model.train()
 
@@ -630,8 +754,16 @@ def _train(args, d):
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
     fingerprint = ppo_fingerprint(args, digests)
-    card = card_writer("ppo", args, d, base=args.policy, digests=digests, total=args.max_steps, unit="experiences",
-                       command="train_ppo.py")  # the README.md of final/
+    card = card_writer(
+        "ppo",
+        args,
+        d,
+        base=args.policy,
+        digests=digests,
+        total=args.max_steps,
+        unit="experiences",
+        command="train_ppo.py",
+    )  # the README.md of final/
     export = save_dtype(args.save_dtype, args.policy)  # best/, final/: the base model's dtype
     round_no = step = 0
     trainer = state.resume(args, fingerprint, model, opt)
@@ -654,18 +786,28 @@ def _train(args, d):
         stats = update(model, opt, kl, exps, batches, tok, args, d, mean_kl, args.max_steps - step)
         training_s = timer.lap()
         record = {
-            "round": round_no + 1, "step": step + stats["steps"],
-            "score": sum(e.score for e in exps) / len(exps), "kl": mean_kl, "kl_coef": kl_coef,
-            "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
-            "clip_fraction": stats["clip_fraction"], "approx_kl": stats["approx_kl"],
-            "entropy": sums["entropy"] / sums["tokens"], "response_len": sums["tokens"] / len(exps),
+            "round": round_no + 1,
+            "step": step + stats["steps"],
+            "score": sum(e.score for e in exps) / len(exps),
+            "kl": mean_kl,
+            "kl_coef": kl_coef,
+            "policy_loss": stats["policy_loss"],
+            "value_loss": stats["value_loss"],
+            "clip_fraction": stats["clip_fraction"],
+            "approx_kl": stats["approx_kl"],
+            "entropy": sums["entropy"] / sums["tokens"],
+            "response_len": sums["tokens"] / len(exps),
             "unfinished": sum(not e.finished for e in exps) / len(exps),
             "rollout_tokens_per_s": sums["tokens"] / max(seconds["generate_s"], 1e-9),
             "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
             # Where the round's time went: sampling, the reward model, the frozen trunk and the
             # forwards of the policy, value head and π0 over the experience, the PPO updates.
-            "generate_s": seconds["generate_s"], "score_s": seconds["score_s"], "experience_s": experience_s,
-            "train_s": training_s, "idle_rows": seconds["idle_rows"]}
+            "generate_s": seconds["generate_s"],
+            "score_s": seconds["score_s"],
+            "experience_s": experience_s,
+            "train_s": training_s,
+            "idle_rows": seconds["idle_rows"],
+        }
         metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
         round_no, step = round_no + 1, step + stats["steps"]
         bar.update(1)
@@ -676,17 +818,41 @@ def _train(args, d):
         # docs/scale.md), so a cluster's warning (--signal=USR1@120) covers it.
         stop = args.preemption.requested(d) and round_no < rounds and step < args.max_steps
         if round_no % args.save_every == 0 or round_no == rounds or stop:
-            state.save(model, opt, {"round": round_no, "step": step, "kl_coef": kl.value,
-                                    "prompts": stream.state_dict(), "setup": fingerprint})
+            state.save(
+                model,
+                opt,
+                {
+                    "round": round_no,
+                    "step": step,
+                    "kl_coef": kl.value,
+                    "prompts": stream.state_dict(),
+                    "setup": fingerprint,
+                },
+            )
         if stop:
             bar.close()
             args.preemption.stop(d, out, f"round {round_no}")
     bar.close()
-    last = [f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
-            f"λ_KL {kl.value:.4f}"] if record else []
-    save_hf(model, out / "final", tok.path, d, card(f"{round_no} rounds, {step} optimizer steps", *last,
-                                                   f"reward model: {args.reward} ({fingerprint['reward']})"),
-            dtype=export)
+    last = (
+        [
+            f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
+            f"λ_KL {kl.value:.4f}"
+        ]
+        if record
+        else []
+    )
+    save_hf(
+        model,
+        out / "final",
+        tok.path,
+        d,
+        card(
+            f"{round_no} rounds, {step} optimizer steps",
+            *last,
+            f"reward model: {args.reward} ({fingerprint['reward']})",
+        ),
+        dtype=export,
+    )
     if d.main:
         print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
 
@@ -694,11 +860,34 @@ def _train(args, d):
 def ppo_fingerprint(args, digests: dict[str, str]) -> dict:
     """What defines a PPO run (safety.check_fingerprint refuses a resume with another); `digests`
     of its --data (safety.data_digests)."""
-    keys = ("max_steps", "rollout_size", "chunk_size", "batch_size", "ppo_epochs", "lr", "weight_decay",
-            "init_kl_coef", "kl_target", "kl_horizon", "clip_ratio", "clip_value", "vf_coef", "grad_clip",
-            "max_new_tokens", "trainable_blocks", "unfinished_penalty", "seed")
-    return run_fingerprint(args, digests, keys, policy=model_fingerprint(args.policy),
-                           reward=model_fingerprint(args.reward), exclude=sorted(file_digest(f) for f in args.exclude))
+    keys = (
+        "max_steps",
+        "rollout_size",
+        "chunk_size",
+        "batch_size",
+        "ppo_epochs",
+        "lr",
+        "weight_decay",
+        "init_kl_coef",
+        "kl_target",
+        "kl_horizon",
+        "clip_ratio",
+        "clip_value",
+        "vf_coef",
+        "grad_clip",
+        "max_new_tokens",
+        "trainable_blocks",
+        "unfinished_penalty",
+        "seed",
+    )
+    return run_fingerprint(
+        args,
+        digests,
+        keys,
+        policy=model_fingerprint(args.policy),
+        reward=model_fingerprint(args.reward),
+        exclude=sorted(file_digest(f) for f in args.exclude),
+    )
 
 
 def main(argv=None):
@@ -707,36 +896,67 @@ def main(argv=None):
     p.add_argument("--reward", help="the reward model (train_rm.py's best/ or final/)")
     p.add_argument("--data", nargs="+", help="the SFT data the prompts come from")
     p.add_argument("--exclude", nargs="*", default=[], help="preference pairs whose prompts are left out (§3.2)")
-    p.add_argument("--data-cache", type=Path, help="where the rendered prompts are kept (data/corpus.py), one entry per "
-                   "data, tokenizer and budget; runs on the same data may share one. Default: OUT/data-cache")
+    p.add_argument(
+        "--data-cache",
+        type=Path,
+        help="where the rendered prompts are kept (data/corpus.py), one entry per "
+        "data, tokenizer and budget; runs on the same data may share one. Default: OUT/data-cache",
+    )
     add_input_args(p)
-    add_run_args(p, unit="experiences", lr=LR, batch_size=BATCH_SIZE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
-                 max_steps=MAX_STEPS, max_steps_help="optimizer steps (minibatch updates) in all",
-                 save_every=10, save_every_help="rounds between resumable states")
+    add_run_args(
+        p,
+        unit="experiences",
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        weight_decay=WEIGHT_DECAY,
+        grad_clip=GRAD_CLIP,
+        max_steps=MAX_STEPS,
+        max_steps_help="optimizer steps (minibatch updates) in all",
+        save_every=10,
+        save_every_help="rounds between resumable states",
+    )
     p.add_argument("--rollout-size", type=COUNT, default=ROLLOUT_SIZE)
     p.add_argument("--chunk-size", type=COUNT, default=CHUNK_SIZE)
-    p.add_argument("--reshard-in-rollout", action="store_true",
-                   help="gather each block at every decoding step of the rollout instead of keeping the policy "
-                        "gathered through it (training.gathered): saves the unsharded policy's memory, slower")
-    p.add_argument("--reward-placement", choices=["sharded", "replicated"], default="sharded",
-                   help="the reward model sharded over the ranks with FSDP, each block gathered while it scores "
-                        "(the default: a rank holds its share), or whole on every rank (scoring needs no "
-                        "collectives; 24 GiB a rank at 13B)")
-    p.add_argument("--frozen-bf16", action="store_true",
-                   help="under bf16 mixed precision (GPU), store the frozen embedding and bottom blocks in bf16, not "
-                        "fp32: every number the same, half their memory, exported rounded to bf16 (default: fp32, "
-                        "the exported bottom the SFT model's to the bit)")
+    p.add_argument(
+        "--reshard-in-rollout",
+        action="store_true",
+        help="gather each block at every decoding step of the rollout instead of keeping the policy "
+        "gathered through it (training.gathered): saves the unsharded policy's memory, slower",
+    )
+    p.add_argument(
+        "--reward-placement",
+        choices=["sharded", "replicated"],
+        default="sharded",
+        help="the reward model sharded over the ranks with FSDP, each block gathered while it scores "
+        "(the default: a rank holds its share), or whole on every rank (scoring needs no "
+        "collectives; 24 GiB a rank at 13B)",
+    )
+    p.add_argument(
+        "--frozen-bf16",
+        action="store_true",
+        help="under bf16 mixed precision (GPU), store the frozen embedding and bottom blocks in bf16, not "
+        "fp32: every number the same, half their memory, exported rounded to bf16 (default: fp32, "
+        "the exported bottom the SFT model's to the bit)",
+    )
     p.add_argument("--ppo-epochs", type=COUNT, default=PPO_EPOCHS)
     p.add_argument("--init-kl-coef", type=NONNEGATIVE, default=INIT_KL_COEF)
-    p.add_argument("--kl-target", type=lambda x: None if x == "none" else float(x), default=KL_TARGET,
-                   help="the adaptive controller's target KL; 'none' keeps --init-kl-coef fixed")
+    p.add_argument(
+        "--kl-target",
+        type=lambda x: None if x == "none" else float(x),
+        default=KL_TARGET,
+        help="the adaptive controller's target KL; 'none' keeps --init-kl-coef fixed",
+    )
     p.add_argument("--kl-horizon", type=COUNT, default=KL_HORIZON)
     p.add_argument("--clip-ratio", type=POSITIVE, default=CLIP_RATIO)
     p.add_argument("--clip-value", type=POSITIVE, default=CLIP_VALUE)
     p.add_argument("--vf-coef", type=NONNEGATIVE, default=VF_COEF)
     p.add_argument("--max-new-tokens", type=COUNT, default=MAX_NEW_TOKENS)
-    p.add_argument("--unfinished-penalty", type=FINITE, default=UNFINISHED_PENALTY,
-                   help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)")
+    p.add_argument(
+        "--unfinished-penalty",
+        type=FINITE,
+        default=UNFINISHED_PENALTY,
+        help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)",
+    )
     p.add_argument("--trainable-blocks", type=COUNT, default=TRAINABLE_BLOCKS)
     add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")
     args = p.parse_args(argv)

@@ -46,13 +46,46 @@ from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
 from model import RewardModel, add_lora, check_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import (COUNT, FINITE, NONNEGATIVE, SHARE, StepGuard, claim_output, data_digests, file_digest, model_digest,
-                    model_fingerprint, number, run_fingerprint)
+from safety import (
+    COUNT,
+    FINITE,
+    NONNEGATIVE,
+    SHARE,
+    StepGuard,
+    claim_output,
+    data_digests,
+    file_digest,
+    model_digest,
+    model_fingerprint,
+    number,
+    run_fingerprint,
+)
 from tokenizer import Tokenizer
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer, cosine_lr,
-                      device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model, lora_fingerprint,
-                      make_optimizer, micro_batches, mixed_precision, peak_memory_gb, run_distributed, save_dtype,
-                      save_hf, set_lr, shard_and_load)
+from training import (
+    HelpFormatter,
+    MetricsLog,
+    Progress,
+    Timer,
+    TrainState,
+    add_trainer_args,
+    card_writer,
+    cosine_lr,
+    device_mesh,
+    eval_chunks,
+    exit_trainer,
+    grad_norm_and_clip,
+    load_model,
+    lora_fingerprint,
+    make_optimizer,
+    micro_batches,
+    mixed_precision,
+    peak_memory_gb,
+    run_distributed,
+    save_dtype,
+    save_hf,
+    set_lr,
+    shard_and_load,
+)
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -80,13 +113,9 @@ SAMPLE_BATCH_SIZE = 4
 DISTILLED_SOURCES = ("distilled_instruction", "distilled_conversation")
 
 
-
-
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
     """-log σ(r_chosen − r_rejected − margin), per pair; log 2 when the two rewards are equal."""
     return -F.logsigmoid(chosen - rejected - margin)
-
-
 
 
 def pair_rewards(model, pairs: list[dict], pad_id: int, device):
@@ -94,7 +123,7 @@ def pair_rewards(model, pairs: list[dict], pad_id: int, device):
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
     tokens, mask = pad_batch(seqs, pad_id)
     r = model(tokens.to(device), mask.to(device))
-    return r[: len(pairs)], r[len(pairs):]
+    return r[: len(pairs)], r[len(pairs) :]
 
 
 def pairs_loss(model, pairs: list[dict], pad_id: int, device, margin: float = MARGIN) -> torch.Tensor:
@@ -170,13 +199,19 @@ def _train(args, d):
         val_records = [r for f in args.val_data for r in read(f, "pairs", report=report, encoding=args.encoding)]
     train_pairs = encode_pairs(train_records, tok, max_len, report)
     val_pairs = encode_pairs(val_records, tok, max_len, report)
-    sampler = LengthGroupedBatches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
-                                   args.batch_size, seed=args.seed, drop_last=True)
+    sampler = LengthGroupedBatches(
+        [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
+        args.batch_size,
+        seed=args.seed,
+        drop_last=True,
+    )
     if len(sampler) == 0:
         raise SystemExit(f"{len(train_pairs)} training pairs make no full batch of {args.batch_size}")
     if d.main:
-        print(f"{len(train_pairs)} training / {len(val_pairs)} validation pairs (split by prompt); "
-              f"{len(sampler)} steps an epoch; {d.world} rank(s)")
+        print(
+            f"{len(train_pairs)} training / {len(val_pairs)} validation pairs (split by prompt); "
+            f"{len(sampler)} steps an epoch; {d.world} rank(s)"
+        )
         if report:
             print(report.summary())
 
@@ -190,11 +225,19 @@ def _train(args, d):
         model.score_head.requires_grad_(True)
     weights = None  # rank 0: the SFT model's tensors file by file, as the trunk's, then the head's
     if d.main:
-        head = {"score_head.weight": torch.zeros(1, trunk.config.hidden_size),
-                **(lora_init(model, args.seed) if args.lora_rank else {})}
+        head = {
+            "score_head.weight": torch.zeros(1, trunk.config.hidden_size),
+            **(lora_init(model, args.seed) if args.lora_rank else {}),
+        }
         weights = itertools.chain(({f"trunk.{k}": v for k, v in group.items()} for group in read_weights()), [head])
-    model = shard_and_load(model, weights, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
-                           mesh=device_mesh(d.device.type, d.world, args.shard_ranks))
+    model = shard_and_load(
+        model,
+        weights,
+        d,
+        bf16=mixed_precision(d, args),
+        frozen_bf16=bool(args.lora_rank),
+        mesh=device_mesh(d.device.type, d.world, args.shard_ranks),
+    )
     del weights
     model.train()
 
@@ -206,10 +249,12 @@ def _train(args, d):
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
     digests = data_digests(args)  # each file read once: fingerprint and model card
-    fingerprint = run_fingerprint(args, digests, model=model_fingerprint(args.model), margin=args.margin,
-                                  lora=lora_fingerprint(args))
-    card = card_writer("rm", args, d, base=args.model, digests=digests, total=total, unit="pairs",
-                       command="train_rm.py")  # the README.md of each checkpoint
+    fingerprint = run_fingerprint(
+        args, digests, model=model_fingerprint(args.model), margin=args.margin, lora=lora_fingerprint(args)
+    )
+    card = card_writer(
+        "rm", args, d, base=args.model, digests=digests, total=total, unit="pairs", command="train_rm.py"
+    )  # the README.md of each checkpoint
     export = save_dtype(args.save_dtype, args.model)  # best/, final/: the base model's dtype
 
     start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
@@ -228,8 +273,19 @@ def _train(args, d):
         # 1. The global batch of pairs: the same whatever the number of ranks.
         batch = [train_pairs[i] for i in next(batches)]
         # 2. Forward (chosen and rejected together), loss and backward by micro-batch; the clip.
-        loss, grad_norm = map(float, train_step(model, d, batch, micro_batch=args.micro_batch_size, pad_id=tok.pad_id,
-                                                margin=args.margin, grad_clip=args.grad_clip, grad_sync=args.grad_sync))
+        loss, grad_norm = map(
+            float,
+            train_step(
+                model,
+                d,
+                batch,
+                micro_batch=args.micro_batch_size,
+                pad_id=tok.pad_id,
+                margin=args.margin,
+                grad_clip=args.grad_clip,
+                grad_sync=args.grad_sync,
+            ),
+        )
         guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
         # 3. The update, at the step's learning rate.
         lr = cosine_lr(step, total, args.lr, warmup)
@@ -238,21 +294,27 @@ def _train(args, d):
         opt.zero_grad(set_to_none=True)
         # 4. One line of metrics.
         dt, seen = timer.lap(), sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
-        metrics.write(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
-                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
-                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        metrics.write(
+            step=step,
+            epoch=round(step / steps_per_epoch, 3),
+            loss=round(loss, 6),
+            lr=lr,
+            grad_norm=round(grad_norm, 6),
+            tokens_per_s=round(seen / dt, 1),
+            peak_mem_gb=round(peak_memory_gb(d.device), 3),
+        )
         progress.step(step, loss, lr)
         # 5. Validation; best/ keeps the highest held-out accuracy, ties broken by the margin.
         if val_pairs and (step % eval_every == 0 or step == total):
             v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
-            improved = guard.sound(v) and (best is None or (v["val_accuracy"], v["val_margin"]) >
-                                           (best["val_accuracy"], best["val_margin"]))
+            improved = guard.sound(v) and (
+                best is None or (v["val_accuracy"], v["val_margin"]) > (best["val_accuracy"], best["val_margin"])
+            )
             metrics.write(step=step, **{k: round(x, 6) for k, x in v.items()}, best=improved)
             progress.say(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
             if improved:
                 best = v
-                save_hf(model, out / "best", tok.path, d, card(f"step {step}: {describe(v)} (best/)"),
-                        dtype=export)
+                save_hf(model, out / "best", tok.path, d, card(f"step {step}: {describe(v)} (best/)"), dtype=export)
         # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
         # rank agreeing through one all-reduce, its state saved (training.Preemption).
         stop = args.preemption.requested(d) and step < total
@@ -264,16 +326,30 @@ def _train(args, d):
             args.preemption.stop(d, out, f"step {step}")
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
-    save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights",
-                                                   *([f"best {describe(best)} (kept in best/)"] if best else [])),
-            dtype=export)
+    save_hf(
+        model,
+        out / "final",
+        tok.path,
+        d,
+        card(f"step {total}: the final weights", *([f"best {describe(best)} (kept in best/)"] if best else [])),
+        dtype=export,
+    )
     if d.main:
         kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
         print(f"done: {total} steps; {kept}final weights in {out / 'final'}")
 
 
-def train_step(model, d, batch: list[dict], *, micro_batch: int, pad_id: int, margin: float, grad_clip: float,
-               grad_sync: str = "every") -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model,
+    d,
+    batch: list[dict],
+    *,
+    micro_batch: int,
+    pad_id: int,
+    margin: float,
+    grad_clip: float,
+    grad_sync: str = "every",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of one global batch of pairs -> (its mean loss, the gradient norm before
     clipping), 0-d tensors the caller reads (as train_sft.train_step, which says why). No update."""
     chunks = micro_batches(batch, d, micro_batch)
@@ -321,8 +397,10 @@ def sample(args):
     report = Report()
     budget = model.config.max_position_embeddings - args.max_new_tokens
     if budget <= 0:
-        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {model.config.max_position_embeddings}")
+        raise SystemExit(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {model.config.max_position_embeddings}"
+        )
     seen, prompts = set(), []
     for f in args.data:
         for r in read(f, args.format, report=report, encoding=args.encoding):
@@ -343,31 +421,63 @@ def sample(args):
             prompts.append((r["id"], messages, reference, ids))
     prompts = prompts[: args.limit] if args.limit else prompts
     out = Path(args.out)
-    claim_output(out, {"model": model_digest(args.model), "data": [file_digest(f) for f in args.data], "k": args.k,
-                       "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                       "seed": args.seed, "dtype": str(dtype)},
-                 {"model": str(args.model), "data": [str(f) for f in args.data]}, inputs=args.data)
+    claim_output(
+        out,
+        {
+            "model": model_digest(args.model),
+            "data": [file_digest(f) for f in args.data],
+            "k": args.k,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "dtype": str(dtype),
+        },
+        {"model": str(args.model), "data": [str(f) for f in args.data]},
+        inputs=args.data,
+    )
     done = finished_ids(out)
     todo = [p for p in prompts if p[0] not in done]
     gen = torch.Generator(device).manual_seed(args.seed)
     unfinished = 0
     with open(out, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), args.batch_size), desc="sample"):
-            batch = todo[i:i + args.batch_size]
-            res = generate(model, [ids for *_, ids in batch for _ in range(args.k)], max_new_tokens=args.max_new_tokens,
-                           eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_p=args.top_p,
-                           vocab_limit=len(tok), generator=gen)
+            batch = todo[i : i + args.batch_size]
+            res = generate(
+                model,
+                [ids for *_, ids in batch for _ in range(args.k)],
+                max_new_tokens=args.max_new_tokens,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                vocab_limit=len(tok),
+                generator=gen,
+            )
             for j, (rid, messages, reference, _) in enumerate(batch):
                 mine = slice(j * args.k, (j + 1) * args.k)
                 unfinished += res.finished[mine].count(False)
-                f.write(json.dumps({"id": rid, "messages": messages, "reference": reference,
-                                    "responses": [tok.decode(t).strip() for t in res.tokens[mine]],
-                                    "finished": res.finished[mine]}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": rid,
+                            "messages": messages,
+                            "reference": reference,
+                            "responses": [tok.decode(t).strip() for t in res.tokens[mine]],
+                            "finished": res.finished[mine],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
             f.flush()
     print(f"{len(todo)} prompts sampled ({len(prompts) - len(todo)} already done), {args.k} responses each: {out}")
     if unfinished:
-        print(f"{unfinished} of {len(todo) * args.k} responses reached --max-new-tokens {args.max_new_tokens} "
-              "without eos: marked unfinished, distill.py score does not rate them", file=sys.stderr)
+        print(
+            f"{unfinished} of {len(todo) * args.k} responses reached --max-new-tokens {args.max_new_tokens} "
+            "without eos: marked unfinished, distill.py score does not rate them",
+            file=sys.stderr,
+        )
     if report:
         print(report.summary(), file=sys.stderr)
 
@@ -387,8 +497,9 @@ def score(args):
                 report.skip("no reply to score (ends with the patient)", r["id"])
                 continue
             try:
-                ids, _ = render_reply(tok, r["messages"][:-1], r["messages"][-1]["content"],
-                                      max_len=rm.config.max_position_embeddings)
+                ids, _ = render_reply(
+                    tok, r["messages"][:-1], r["messages"][-1]["content"], max_len=rm.config.max_position_embeddings
+                )
             except ValueError:
                 report.skip("question + reply longer than the model's context", r["id"])
                 continue
@@ -422,8 +533,17 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
     p.add_argument("--data", nargs="+", help="preference pairs (distill.py score output)")
     add_input_args(p, formats=False)
-    add_trainer_args(p, unit="pairs", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
-                     warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
+    add_trainer_args(
+        p,
+        unit="pairs",
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        epochs=EPOCHS,
+        weight_decay=WEIGHT_DECAY,
+        warmup_ratio=WARMUP_RATIO,
+        grad_clip=GRAD_CLIP,
+        max_len=MAX_LEN,
+    )
     p.add_argument("--margin", type=FINITE, default=MARGIN)
     add_plan_args(p, items_help="pairs an epoch (default: 100 batches)")
     args = p.parse_args(argv)

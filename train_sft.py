@@ -38,10 +38,32 @@ from data.template import IGNORE_INDEX, collate
 from model import add_lora, at_least_fp32, check_lora, lora_init
 from plan import add_plan_args, lm_dry_run
 from safety import StepGuard, data_digests, file_digest, model_fingerprint, run_fingerprint
-from training import (HelpFormatter, MetricsLog, Progress, Timer, TrainState, add_trainer_args, card_writer,
-                      cosine_lr, device_mesh, eval_chunks, exit_trainer, grad_norm_and_clip, load_model,
-                      lora_fingerprint, make_optimizer, micro_batches, mixed_precision, peak_memory_gb, rendered_once,
-                      run_distributed, save_dtype, save_hf, set_lr, shard_and_load)
+from training import (
+    HelpFormatter,
+    MetricsLog,
+    Progress,
+    Timer,
+    TrainState,
+    add_trainer_args,
+    card_writer,
+    cosine_lr,
+    device_mesh,
+    eval_chunks,
+    exit_trainer,
+    grad_norm_and_clip,
+    load_model,
+    lora_fingerprint,
+    make_optimizer,
+    micro_batches,
+    mixed_precision,
+    peak_memory_gb,
+    rendered_once,
+    run_distributed,
+    save_dtype,
+    save_hf,
+    set_lr,
+    shard_and_load,
+)
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -69,8 +91,9 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     padding after it, and padded positions carry the label -100.
     """
     logits = at_least_fp32(model(batch["tokens"][:, :-1]))
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def batch_loss(model, items, pad_id: int, device) -> torch.Tensor:
@@ -105,14 +128,34 @@ def rendered_data(args, digests: dict[str, str], tok, d):
     """(train, val, report summary): the rendered corpus of this run's data, from the cache
     (--data-cache, default OUT/data-cache; data.corpus, training.rendered_once), memory-mapped
     by every rank."""
-    key = {"data": sorted(digests[f] for f in args.data), "val_data": [digests[f] for f in args.val_data or []],
-           "format": args.format, "encoding": args.encoding, "seed": args.seed, "max_len": args.max_len,
-           "val_fraction": 0 if args.val_data else VAL_FRACTION, "tokenizer": file_digest(tok.path)}
+    key = {
+        "data": sorted(digests[f] for f in args.data),
+        "val_data": [digests[f] for f in args.val_data or []],
+        "format": args.format,
+        "encoding": args.encoding,
+        "seed": args.seed,
+        "max_len": args.max_len,
+        "val_fraction": 0 if args.val_data else VAL_FRACTION,
+        "tokenizer": file_digest(tok.path),
+    }
     # The files in an order of their own (by content), so that the split, the batches and a
     # resumed run do not depend on the order of --data.
-    entry, meta = rendered_once(args.data_cache, args.out, key, lambda: corpus.sft_data(
-        sorted(args.data, key=digests.get), args.val_data, tok, max_len=args.max_len, seed=args.seed,
-        val_fraction=VAL_FRACTION, fmt=args.format, encoding=args.encoding), d)
+    entry, meta = rendered_once(
+        args.data_cache,
+        args.out,
+        key,
+        lambda: corpus.sft_data(
+            sorted(args.data, key=digests.get),
+            args.val_data,
+            tok,
+            max_len=args.max_len,
+            seed=args.seed,
+            val_fraction=VAL_FRACTION,
+            fmt=args.format,
+            encoding=args.encoding,
+        ),
+        d,
+    )
     return corpus.Corpus(entry / "train"), corpus.Corpus(entry / "val"), meta["summary"]
 
 
@@ -121,10 +164,23 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
     p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
     add_input_args(p)
-    p.add_argument("--data-cache", type=Path, help="where the rendered data is kept, one entry per data, tokenizer and "
-                   "settings (data/corpus.py); several runs on the same data may share one. Default: OUT/data-cache")
-    add_trainer_args(p, unit="conversations", lr=LR, batch_size=BATCH_SIZE, epochs=EPOCHS, weight_decay=WEIGHT_DECAY,
-                     warmup_ratio=WARMUP_RATIO, grad_clip=GRAD_CLIP, max_len=MAX_LEN)
+    p.add_argument(
+        "--data-cache",
+        type=Path,
+        help="where the rendered data is kept, one entry per data, tokenizer and "
+        "settings (data/corpus.py); several runs on the same data may share one. Default: OUT/data-cache",
+    )
+    add_trainer_args(
+        p,
+        unit="conversations",
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        epochs=EPOCHS,
+        weight_decay=WEIGHT_DECAY,
+        warmup_ratio=WARMUP_RATIO,
+        grad_clip=GRAD_CLIP,
+        max_len=MAX_LEN,
+    )
     add_plan_args(p, items_help="conversations an epoch (default: the 226,042 of Table 3's medical parts)")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -140,8 +196,10 @@ def _train(args, d):
     if args.max_len is None:
         args.max_len = min(MAX_LEN, model.config.max_position_embeddings)
     if args.max_len > model.config.max_position_embeddings:
-        raise SystemExit(f"--max-len {args.max_len} exceeds the model's context of "
-                         f"{model.config.max_position_embeddings} ({args.model})")
+        raise SystemExit(
+            f"--max-len {args.max_len} exceeds the model's context of "
+            f"{model.config.max_position_embeddings} ({args.model})"
+        )
     if args.lora_rank:
         check_lora(model, args.lora_rank, args.lora_targets)  # before the data is read
 
@@ -152,8 +210,10 @@ def _train(args, d):
     if len(sampler) == 0:
         raise SystemExit(f"{len(train_items)} training conversations make no full batch of {args.batch_size}")
     if d.main:
-        print(f"{len(train_items)} training / {len(val_items)} validation conversations; {len(sampler)} "
-              f"steps an epoch; {d.world} rank(s) on {d.device}")
+        print(
+            f"{len(train_items)} training / {len(val_items)} validation conversations; {len(sampler)} "
+            f"steps an epoch; {d.world} rank(s) on {d.device}"
+        )
         if summary:
             print(summary)
 
@@ -163,8 +223,14 @@ def _train(args, d):
     weights = read_weights()  # rank 0: the base's tensors, file by file, read as they are scattered
     if args.lora_rank and d.main:
         weights = itertools.chain(weights, [lora_init(model, args.seed)])
-    model = shard_and_load(model, weights, d, bf16=mixed_precision(d, args), frozen_bf16=bool(args.lora_rank),
-                           mesh=device_mesh(d.device.type, d.world, args.shard_ranks))
+    model = shard_and_load(
+        model,
+        weights,
+        d,
+        bf16=mixed_precision(d, args),
+        frozen_bf16=bool(args.lora_rank),
+        mesh=device_mesh(d.device.type, d.world, args.shard_ranks),
+    )
     del weights
     model.train()
 
@@ -176,8 +242,9 @@ def _train(args, d):
     opt = make_optimizer(model, args.lr, args.weight_decay)
     state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
     fingerprint = run_fingerprint(args, digests, model=model_fingerprint(args.model), lora=lora_fingerprint(args))
-    card = card_writer("sft", args, d, base=args.model, digests=digests, total=total, unit="conversations",
-                       command="train_sft.py")  # the README.md of each checkpoint
+    card = card_writer(
+        "sft", args, d, base=args.model, digests=digests, total=total, unit="conversations", command="train_sft.py"
+    )  # the README.md of each checkpoint
     export = save_dtype(args.save_dtype, args.model)  # best/, final/: the base model's dtype
 
     start, best = 0, None  # best: the lowest validation loss so far
@@ -187,8 +254,11 @@ def _train(args, d):
         sampler.load_state_dict(resumed["sampler"])
         metrics.truncate_after(start)
     elif val_items:  # where validation starts from
-        metrics.write(step=0, val_loss=round(validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id), 6),
-                      best=False)
+        metrics.write(
+            step=0,
+            val_loss=round(validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id), 6),
+            best=False,
+        )
     # Training FLOPs per token, for MFU: 6 per weight of every matrix product (forward 2,
     # backward 4); the embedding is a lookup, not a product (a tied table is also the head).
     # Attention scores add ~12·layers·hidden·T more, left out: the MFU is slightly conservative.
@@ -201,8 +271,18 @@ def _train(args, d):
         # 1. The global batch: the same conversations whatever the number of ranks.
         batch = [train_items[i] for i in next(batches)]
         # 2. Forward, loss and backward, micro-batch by micro-batch; the gradient clipped.
-        loss, grad_norm = map(float, train_step(model, d, batch, micro_batch=args.micro_batch_size, pad_id=tok.pad_id,
-                                                grad_clip=args.grad_clip, grad_sync=args.grad_sync))
+        loss, grad_norm = map(
+            float,
+            train_step(
+                model,
+                d,
+                batch,
+                micro_batch=args.micro_batch_size,
+                pad_id=tok.pad_id,
+                grad_clip=args.grad_clip,
+                grad_sync=args.grad_sync,
+            ),
+        )
         guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
         # 3. The update, at the step's learning rate.
         lr = cosine_lr(step, total, args.lr, warmup)
@@ -211,9 +291,15 @@ def _train(args, d):
         opt.zero_grad(set_to_none=True)
         # 4. One line of metrics.
         dt, seen = timer.lap(), sum(len(x.ids) for x in batch)
-        record = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=round(loss, 6), lr=lr,
-                      grad_norm=round(grad_norm, 6), tokens_per_s=round(seen / dt, 1),
-                      peak_mem_gb=round(peak_memory_gb(d.device), 3))
+        record = dict(
+            step=step,
+            epoch=round(step / steps_per_epoch, 3),
+            loss=round(loss, 6),
+            lr=lr,
+            grad_norm=round(grad_norm, 6),
+            tokens_per_s=round(seen / dt, 1),
+            peak_mem_gb=round(peak_memory_gb(d.device), 3),
+        )
         if args.peak_tflops and d.device.type == "cuda":
             record["mfu"] = round(seen / dt * flops_per_token / (args.peak_tflops * 1e12 * d.world), 4)
         metrics.write(**record)
@@ -226,8 +312,14 @@ def _train(args, d):
             progress.say(f"step {step}: validation loss {val_loss:.4f}" + (" (best: saving best/)" if improved else ""))
             if improved:
                 best = {"val_loss": val_loss}
-                save_hf(model, out / "best", tok.path, d,
-                        card(f"validation loss {val_loss:.4f} at step {step} (best/)"), dtype=export)
+                save_hf(
+                    model,
+                    out / "best",
+                    tok.path,
+                    d,
+                    card(f"validation loss {val_loss:.4f} at step {step} (best/)"),
+                    dtype=export,
+                )
         # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
         # rank agreeing through one all-reduce, its state saved (training.Preemption).
         stop = args.preemption.requested(d) and step < total
@@ -239,15 +331,25 @@ def _train(args, d):
             args.preemption.stop(d, out, f"step {step}")
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
-    save_hf(model, out / "final", tok.path, d, card(f"step {total}: the final weights", *(
-        [f"best validation loss {best['val_loss']:.4f} (kept in best/)"] if best else [])), dtype=export)
+    save_hf(
+        model,
+        out / "final",
+        tok.path,
+        d,
+        card(
+            f"step {total}: the final weights",
+            *([f"best validation loss {best['val_loss']:.4f} (kept in best/)"] if best else []),
+        ),
+        dtype=export,
+    )
     if d.main:
         kept = f"best validation loss {best['val_loss']:.4f} in {out / 'best'}; " if best else ""
         print(f"done: {total} steps; {kept}final weights in {out / 'final'}")
 
 
-def train_step(model, d, batch: list, *, micro_batch: int, pad_id: int, grad_clip: float,
-               grad_sync: str = "every") -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model, d, batch: list, *, micro_batch: int, pad_id: int, grad_clip: float, grad_sync: str = "every"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of one global batch of rendered conversations -> (its loss, the gradient
     norm before clipping), 0-d tensors read once a step by the caller: nothing here waits for
     the device (a .item() per micro-batch would stall a GPU's queue, and plan.py runs this very
@@ -271,6 +373,7 @@ def train_step(model, d, batch: list, *, micro_batch: int, pad_id: int, grad_cli
         total += loss_sum.detach()
     dist.all_reduce(total)
     return total / n_units, grad_norm_and_clip(model, grad_clip)
+
 
 if __name__ == "__main__":
     exit_trainer(main)

@@ -45,16 +45,37 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import corpus
-from safety import (CHANGEABLE, COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, check_dcp_metadata, check_fingerprint,
-                    check_out, check_state_files, clear_leftovers, file_digest, json_digest, load_dcp_state, lock_out,
-                    number, replace_dir, run_main, writing)
+from safety import (
+    CHANGEABLE,
+    COUNT,
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE,
+    check_dcp_metadata,
+    check_fingerprint,
+    check_out,
+    check_state_files,
+    clear_leftovers,
+    file_digest,
+    json_digest,
+    load_dcp_state,
+    lock_out,
+    number,
+    replace_dir,
+    run_main,
+    writing,
+)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -114,28 +135,59 @@ LORA_ALPHA = 8.0
 LORA_TARGETS = ["q_proj", "v_proj"]
 
 
-def add_trainer_args(p, *, unit: str, lr: float, batch_size: int, epochs: int, weight_decay: float,
-                     warmup_ratio: float, grad_clip: float, max_len: int):
+def add_trainer_args(
+    p,
+    *,
+    unit: str,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    weight_decay: float,
+    warmup_ratio: float,
+    grad_clip: float,
+    max_len: int,
+):
     """The flags of the trainers that learn from a data set (SFT, reward model), with that
     trainer's defaults (each script cites where its defaults come from). `unit` names what a
     batch counts: conversations, pairs."""
     p.add_argument("--val-data", nargs="+", help="validation files; default: a split of --data")
     p.add_argument("--epochs", type=COUNT, default=epochs)
     p.add_argument("--warmup-ratio", type=number(least=0, most=1), default=warmup_ratio)
-    p.add_argument("--max-len", type=COUNT, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)")
+    p.add_argument(
+        "--max-len", type=COUNT, help=f"tokens per sequence (default: {max_len}, or the model's context if shorter)"
+    )
     p.add_argument("--eval-every", type=NONNEGATIVE_INT, default=0, help="steps between validations (0: once an epoch)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--lora-rank", type=NONNEGATIVE_INT, default=0,
-                   help="train LoRA adapters of this rank in place of every weight (0: off, the paper's way); "
-                        "merged into plain weights in every checkpoint")
+    p.add_argument(
+        "--lora-rank",
+        type=NONNEGATIVE_INT,
+        default=0,
+        help="train LoRA adapters of this rank in place of every weight (0: off, the paper's way); "
+        "merged into plain weights in every checkpoint",
+    )
     p.add_argument("--lora-alpha", type=POSITIVE, default=LORA_ALPHA, help="LoRA's scale is alpha / rank")
-    p.add_argument("--lora-targets", nargs="+", default=LORA_TARGETS, help="the blocks' linear layers that get adapters")
-    p.add_argument("--log-every", type=NONNEGATIVE_INT, default=10,
-                   help="steps between progress lines when stderr is no terminal (a log, a pipe), which shows no "
-                        "progress bar (0: none)")
-    add_run_args(p, unit=unit, lr=lr, batch_size=batch_size, weight_decay=weight_decay, grad_clip=grad_clip,
-                 max_steps=0, max_steps_help="stop after this many optimizer steps (0: epochs decide)",
-                 save_every=100, save_every_help="steps between resumable states")
+    p.add_argument(
+        "--lora-targets", nargs="+", default=LORA_TARGETS, help="the blocks' linear layers that get adapters"
+    )
+    p.add_argument(
+        "--log-every",
+        type=NONNEGATIVE_INT,
+        default=10,
+        help="steps between progress lines when stderr is no terminal (a log, a pipe), which shows no "
+        "progress bar (0: none)",
+    )
+    add_run_args(
+        p,
+        unit=unit,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        max_steps=0,
+        max_steps_help="stop after this many optimizer steps (0: epochs decide)",
+        save_every=100,
+        save_every_help="steps between resumable states",
+    )
 
 
 def lora_fingerprint(args) -> list | None:
@@ -143,23 +195,42 @@ def lora_fingerprint(args) -> list | None:
     return [args.lora_rank, args.lora_alpha, sorted(args.lora_targets)] if args.lora_rank else None
 
 
-def card_writer(stage: str, args, d: Distributed, *, base: str, digests: dict[str, str], total: int, unit: str,
-                command: str):
+def card_writer(
+    stage: str, args, d: Distributed, *, base: str, digests: dict[str, str], total: int, unit: str, command: str
+):
     """card(*figures) -> the README.md of one of this run's checkpoints (model.model_card): the
     figures of that checkpoint, then what holds for the whole run (LoRA, ranks, batch, lr, steps)."""
     from model import model_card
 
-    run = [f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged into "
-           "the weights here"] if getattr(args, "lora_rank", 0) else []
+    run = (
+        [
+            f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, on {' '.join(args.lora_targets)}; merged into "
+            "the weights here"
+        ]
+        if getattr(args, "lora_rank", 0)
+        else []
+    )
     run.append(f"{d.world} rank(s), global batch {args.batch_size} {unit}, lr {args.lr}, {total} steps planned")
 
     def card(*figures: str) -> str:
         return model_card(stage, base=base, data=list(digests.items()), figures=[*figures, *run], command=command)
+
     return card
 
 
-def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: float, grad_clip: float,
-                 max_steps: int, max_steps_help: str, save_every: int, save_every_help: str):
+def add_run_args(
+    p,
+    *,
+    unit: str,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    grad_clip: float,
+    max_steps: int,
+    max_steps_help: str,
+    save_every: int,
+    save_every_help: str,
+):
     """The flags every trainer shares, PPO's included: where the run goes and how it resumes,
     the optimizer step and how it is split among ranks and micro-batches."""
     p.add_argument("--out", type=Path, help="output directory")
@@ -172,28 +243,54 @@ def add_run_args(p, *, unit: str, lr: float, batch_size: int, weight_decay: floa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=COUNT, default=save_every, help=save_every_help)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state (with the same settings and data)")
-    p.add_argument("--stop-signals", nargs="*", default=list(STOP_SIGNALS), choices=sorted(SIGNALS),
-                   help=f"signals that stop the run at the next step (every rank agreeing), with its state saved and "
-                        f"exit status {PREEMPTED_EXIT}; the same command then resumes it (see Preemption)")
-    p.add_argument("--allow-change", nargs="+", choices=sorted(CHANGEABLE), default=[],
-                   help="with --resume: let these settings differ from the saved run's (the schedule follows "
-                        "the new values from the step resumed)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds an earlier run (its metrics and state are discarded)")
+    p.add_argument(
+        "--stop-signals",
+        nargs="*",
+        default=list(STOP_SIGNALS),
+        choices=sorted(SIGNALS),
+        help=f"signals that stop the run at the next step (every rank agreeing), with its state saved and "
+        f"exit status {PREEMPTED_EXIT}; the same command then resumes it (see Preemption)",
+    )
+    p.add_argument(
+        "--allow-change",
+        nargs="+",
+        choices=sorted(CHANGEABLE),
+        default=[],
+        help="with --resume: let these settings differ from the saved run's (the schedule follows "
+        "the new values from the step resumed)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds an earlier run (its metrics and state are discarded)",
+    )
     p.add_argument("--fp32", action="store_true", help="no bf16 mixed precision on GPU")
-    p.add_argument("--shard-ranks", type=COUNT,
-                   help="shard the model over groups of this many ranks (one node's GPUs) and replicate it across "
-                        "the groups (HSDP); default: over all ranks (FSDP). See training.device_mesh")
-    p.add_argument("--grad-sync", choices=["every", "last"], default="every",
-                   help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
-                        "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
-                        "gradient on every rank); see train_sft.train_step")
-    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES),
-                   help="the dtype of best/ and final/ (the state stays fp32); default: the base model's "
-                        "torch_dtype, or bfloat16")
-    p.add_argument("--dist-timeout", type=POSITIVE, default=DIST_TIMEOUT_S,
-                   help="seconds a rank waits in a collective for the others (a rank that died or hangs) before the "
-                        "run ends with one line saying so; rank 0's solo work at 13B (docs/scale.md) fits the default")
+    p.add_argument(
+        "--shard-ranks",
+        type=COUNT,
+        help="shard the model over groups of this many ranks (one node's GPUs) and replicate it across "
+        "the groups (HSDP); default: over all ranks (FSDP). See training.device_mesh",
+    )
+    p.add_argument(
+        "--grad-sync",
+        choices=["every", "last"],
+        default="every",
+        help="reduce-scatter gradients after every micro-batch (ZeRO's way: each rank holds only "
+        "its shard) or only after the last (fewer collectives, but a whole unsharded fp32 "
+        "gradient on every rank); see train_sft.train_step",
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=sorted(SAVE_DTYPES),
+        help="the dtype of best/ and final/ (the state stays fp32); default: the base model's torch_dtype, or bfloat16",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=POSITIVE,
+        default=DIST_TIMEOUT_S,
+        help="seconds a rank waits in a collective for the others (a rank that died or hangs) before the "
+        "run ends with one line saying so; rank 0's solo work at 13B (docs/scale.md) fits the default",
+    )
 
 
 # -- preemption ----------------------------------------------------------------------------------
@@ -241,8 +338,10 @@ class Preemption:
             (out / f"{PREEMPTED}.tmp").write_text(where + "\n", encoding="utf-8")
             os.replace(out / f"{PREEMPTED}.tmp", out / PREEMPTED)
             why = signal.Signals(self.signal).name if self.signal else "another rank's signal"
-            print(f"stopped by {why} after {where}: the state is in {out / 'state'}; the same command resumes it",
-                  flush=True)
+            print(
+                f"stopped by {why} after {where}: the state is in {out / 'state'}; the same command resumes it",
+                flush=True,
+            )
         d.barrier()
         raise SystemExit(PREEMPTED_EXIT)
 
@@ -263,8 +362,9 @@ def run_distributed(train_fn, args):
         if d.main:
             args.out.mkdir(parents=True, exist_ok=True)
             lock = lock_out(args.out)
-        resumes = torch.tensor([int(d.main and (args.out / PREEMPTED).is_file() and not args.overwrite)],
-                               device=d.device)
+        resumes = torch.tensor(
+            [int(d.main and (args.out / PREEMPTED).is_file() and not args.overwrite)], device=d.device
+        )
         dist.broadcast(resumes, 0)  # rank 0 read the disk; every rank takes its answer
         if int(resumes) and not args.resume:  # a rerun of a preempted run: it resumes
             args.resume = True
@@ -289,10 +389,6 @@ def run_distributed(train_fn, args):
             lock.close()
 
 
-
-
-
-
 def exit_trainer(main) -> None:
     """A trainer's command line: safety.run_main(main), then the process ends with its status
     through os._exit, without the interpreter's teardown. FSDP's DTensor caches keep the gloo
@@ -309,9 +405,11 @@ def exit_trainer(main) -> None:
     except BaseException as e:  # a bug: its traceback, as Python gives it; a dead or stuck peer: one line
         if isinstance(e, RuntimeError) and collective_failed(e):
             rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
-            print(f"error: rank {rank}: a collective failed, {str(e).splitlines()[0].strip()}: another rank died, or "
-                  f"stopped for longer than --dist-timeout; rerun with --resume (the state is the last one saved)",
-                  file=sys.stderr)
+            print(
+                f"error: rank {rank}: a collective failed, {str(e).splitlines()[0].strip()}: another rank died, or "
+                f"stopped for longer than --dist-timeout; rerun with --resume (the state is the last one saved)",
+                file=sys.stderr,
+            )
         else:
             traceback.print_exc()
         code = 1
@@ -323,8 +421,16 @@ def exit_trainer(main) -> None:
 def collective_failed(e: RuntimeError) -> bool:
     """An error that a peer's death or hang gives a collective (gloo's transport, a timeout,
     NCCL's), not a bug in the caller."""
-    return isinstance(e, dist.DistError) or any(s in str(e) for s in (
-        "gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "NCCL"))
+    return isinstance(e, dist.DistError) or any(
+        s in str(e)
+        for s in (
+            "gloo/transport",
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out waiting",
+            "NCCL",
+        )
+    )
 
 
 def check_shared(out: Path, d: Distributed, flag: str = "--out"):
@@ -349,8 +455,10 @@ def check_shared(out: Path, d: Distributed, flag: str = "--out"):
         (out / SHARED).unlink()
     if missing.any():
         ranks = ", ".join(str(r) for r in missing.nonzero().flatten().tolist())
-        raise SystemExit(f"{flag} {out} is not the same directory on every rank: rank(s) {ranks} do not see what rank "
-                         f"0 wrote there. Give a path on a filesystem every node shares")
+        raise SystemExit(
+            f"{flag} {out} is not the same directory on every rank: rank(s) {ranks} do not see what rank "
+            f"0 wrote there. Give a path on a filesystem every node shares"
+        )
 
 
 def on_rank_0(work, d: Distributed, what: str):
@@ -393,8 +501,9 @@ def rendered_once(data_cache: Path | None, out: Path, key: dict, build, d: Distr
         check_shared(cache, d, "--data-cache")
     meta = corpus.complete(entry)
     if meta is None:
-        raise SystemExit(f"rank {d.rank}: {entry} is not there or not whole: --data-cache must be a directory that "
-                         "every rank shares")
+        raise SystemExit(
+            f"rank {d.rank}: {entry} is not there or not whole: --data-cache must be a directory that every rank shares"
+        )
     return entry, meta
 
 
@@ -443,8 +552,10 @@ def check_split(args, world: int):
     if rollout is not None and rollout % args.batch_size:
         raise SystemExit(f"--rollout-size {rollout} must be a multiple of --batch-size {args.batch_size}")
     if args.batch_size % (args.micro_batch_size * world):
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} ranks")
+        raise SystemExit(
+            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x {world} ranks"
+        )
 
 
 def check_shard_ranks(world: int, shard_ranks: int | None):
@@ -511,6 +622,7 @@ def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
 
         def read_weights():
             return Transformer.read_pretrained(spec) if d.main else None
+
     tok.check_model_vocab(config.vocab_size, where=f"model {spec}")
     with torch.device("meta"):
         model = Transformer(config)
@@ -576,8 +688,10 @@ def load_sharded(model, weights, d: Distributed):
     count = torch.tensor(len(missing), device=d.device)
     dist.broadcast(count, 0)
     if int(count):
-        raise SystemExit(f"the weights given lack {int(count)} of the model's tensors" +
-                         (f": {', '.join(missing[:5])}" if missing else " (rank 0 names them)"))
+        raise SystemExit(
+            f"the weights given lack {int(count)} of the model's tensors"
+            + (f": {', '.join(missing[:5])}" if missing else " (rank 0 names them)")
+        )
     return model
 
 
@@ -585,9 +699,9 @@ def eval_chunks(items: list, d: Distributed, micro: int):
     """This rank's share of `items` in micro-batches, as (chunk, real). Every rank yields the same
     number of chunks, because FSDP gathers weights collectively in each forward pass: a rank
     with nothing left gets a stand-in chunk (the first item) with real=False, to be ignored."""
-    mine = items[d.rank::d.world]
+    mine = items[d.rank :: d.world]
     for b in range(math.ceil(math.ceil(len(items) / d.world) / micro)):
-        chunk = mine[b * micro:(b + 1) * micro]
+        chunk = mine[b * micro : (b + 1) * micro]
         yield (chunk, True) if chunk else (items[:1], False)
 
 
@@ -611,9 +725,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False, foreach=True)  # foreach: the CPU too (GPUs default to it)
-
-
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, fused=False, foreach=True
+    )  # foreach: the CPU too (GPUs default to it)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
@@ -623,8 +737,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
 
 def micro_batches(global_batch: list, d: Distributed, micro_batch: int) -> list[list]:
     """This rank's share of a global batch (every world-th item), cut into micro-batches."""
-    mine = global_batch[d.rank::d.world]
-    return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    mine = global_batch[d.rank :: d.world]
+    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -633,19 +747,7 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 class TrainState:
@@ -695,16 +797,19 @@ class TrainState:
         if self.d.main:
             content = dict(trainer, rng=rngs, files=files)
             with writing(self.tmp):
-                (self.tmp / "trainer.json").write_text(json.dumps(dict(content, digest=json_digest(content))),
-                                                       encoding="utf-8")
+                (self.tmp / "trainer.json").write_text(
+                    json.dumps(dict(content, digest=json_digest(content))), encoding="utf-8"
+                )
             replace_dir(self.tmp, self.dir, aside=self.old)
         self.d.barrier()
 
     def _digests(self, directory: Path, only: set[str] | None = None) -> dict[str, str]:
         """sha256 digests of the state's files, each rank hashing its share (every world-th file):
         a 13B state is 146 GiB, and 8 ranks read it 8 times faster than one."""
-        names = sorted(f.name for f in directory.iterdir() if f.name != "trainer.json" and (only is None or f.name in only))
-        mine = {name: file_digest(directory / name) for name in names[self.d.rank::self.d.world]}
+        names = sorted(
+            f.name for f in directory.iterdir() if f.name != "trainer.json" and (only is None or f.name in only)
+        )
+        mine = {name: file_digest(directory / name) for name in names[self.d.rank :: self.d.world]}
         everyone = [None] * self.d.world
         dist.all_gather_object(everyone, mine)  # names and digests: a few bytes a file
         return {k: v for part in everyone for k, v in part.items()}
@@ -717,12 +822,16 @@ class TrainState:
             content = json.loads(path.read_text(encoding="utf-8"))
             digest = content.pop("digest", None)
         except (ValueError, UnicodeDecodeError, AttributeError) as e:
-            raise SystemExit(f"{path}: not a state this project wrote, or a damaged one ({e}); nothing was "
-                             "loaded: start over with --overwrite, or restore the file") from None
+            raise SystemExit(
+                f"{path}: not a state this project wrote, or a damaged one ({e}); nothing was "
+                "loaded: start over with --overwrite, or restore the file"
+            ) from None
         if digest is not None and digest != json_digest(content):
-            raise SystemExit(f"{path}: its contents are not what was saved (they do not match the digest written "
-                             "with them): changed or damaged since; nothing was loaded: start over with --overwrite, "
-                             "or restore the file")
+            raise SystemExit(
+                f"{path}: its contents are not what was saved (they do not match the digest written "
+                "with them): changed or damaged since; nothing was loaded: start over with --overwrite, "
+                "or restore the file"
+            )
         return content
 
     def resume(self, args, fingerprint: dict, model, optimizer) -> dict | None:
@@ -761,8 +870,6 @@ class TrainState:
         if len(rngs) == self.d.world:  # same number of ranks: each takes up its own RNG streams
             _set_rng_state(rngs[self.d.rank])
         return trainer
-
-
 
 
 def _rng_state() -> dict:
@@ -806,8 +913,12 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
     in fp32 before it casts."""
     from model import LoRALinear
 
-    keep = {f"{name}.{part}" for name, mod in model.named_modules() if isinstance(mod, LoRALinear)
-            for part in ("weight", "lora_a", "lora_b")}
+    keep = {
+        f"{name}.{part}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, LoRALinear)
+        for part in ("weight", "lora_a", "lora_b")
+    }
     main = not dist.is_initialized() or dist.get_rank() == 0
     out = {}
     for name, t in model.state_dict().items():
@@ -818,19 +929,20 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
     return out
 
 
-def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None, *,
-            dtype: torch.dtype | None = None):
+def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None, *, dtype: torch.dtype | None = None):
     """Write the model with its save_pretrained (rank 0), atomically, in `dtype` (save_dtype;
     None: the weights' own), with `card` as its README.md (model.model_card); all ranks take part."""
     sd = full_state_dict(model, dtype)
     if d.main:
         with writing(path):
-            model.save_pretrained(path, tokenizer=tokenizer, state_dict=sd, dtype=dtype,
-                                  extra_files={"README.md": card.encode()} if card else None)
+            model.save_pretrained(
+                path,
+                tokenizer=tokenizer,
+                state_dict=sd,
+                dtype=dtype,
+                extra_files={"README.md": card.encode()} if card else None,
+            )
     d.barrier()
-
-
-
 
 
 # -- observability -------------------------------------------------------------------------------
@@ -852,8 +964,10 @@ class MetricsLog:
                     records.append((line, json.loads(line)))
                 except json.JSONDecodeError:
                     if n < len(lines):  # only the last line can be cut short by a kill
-                        raise SystemExit(f"{self.path}:{n}: not valid JSON, and not the last line; "
-                                         "this file was not written by an interrupted run alone") from None
+                        raise SystemExit(
+                            f"{self.path}:{n}: not valid JSON, and not the last line; "
+                            "this file was not written by an interrupted run alone"
+                        ) from None
             kept = [line for line, r in records if r.get("step", 0) <= step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -880,8 +994,11 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if self.log_every and step % self.log_every == 0:
             spent = time.monotonic() - self.started
-            tqdm.write(f"step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {spent:.0f} s so far, about "
-                       f"{spent / (step - self.start) * (self.total - step):.0f} s to go", file=sys.stdout)
+            tqdm.write(
+                f"step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {spent:.0f} s so far, about "
+                f"{spent / (step - self.start) * (self.total - step):.0f} s to go",
+                file=sys.stdout,
+            )
 
     def say(self, text: str):
         if self.main:

@@ -44,8 +44,9 @@ def floor_fn(model, batch):
 
 def step_fn(model, batch, prompt_len, new_tokens):
     """Seconds per decoding step of decode_steps (greedy), the prefill excluded."""
-    prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len),
-                            generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = torch.randint(
+        3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)
+    ).tolist()
 
     @torch.no_grad()
     def run():
@@ -65,8 +66,14 @@ def hf_step_fn(model, batch, prompt_len, new_tokens):
     @torch.no_grad()
     def run():
         t = time.perf_counter()
-        model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
+        model.generate(
+            prompts,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return (time.perf_counter() - t) / new_tokens
 
     return run
@@ -84,7 +91,9 @@ def main():
     torch.set_num_threads(args.threads)
     config = CONFIGS["bench-50m"]
     model = Transformer.from_config(config, seed=0).eval()
-    print(f"bench-50m: {config.num_params() / 1e6:.1f}M parameters, fp32, {args.threads} threads, torch {torch.__version__}")
+    print(
+        f"bench-50m: {config.num_params() / 1e6:.1f}M parameters, fp32, {args.threads} threads, torch {torch.__version__}"
+    )
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     for batch in (1, 8):
         floor, n_mats = floor_fn(model, batch)
@@ -104,21 +113,28 @@ def main():
 
         times = alternate(model, modes, args.repeats, floor_s, step)
         f = times["reference"]
-        print(f"batch {batch}: floor ({n_mats} products) {f * 1e3:6.2f} ms   " + "   ".join(
-            f"{mode} step {times[mode] * 1e3:6.2f} ms = {times[mode] / f:4.2f}x floor" for mode in modes))
+        print(
+            f"batch {batch}: floor ({n_mats} products) {f * 1e3:6.2f} ms   "
+            + "   ".join(f"{mode} step {times[mode] * 1e3:6.2f} ms = {times[mode] / f:4.2f}x floor" for mode in modes)
+        )
         if batch == 8 and not args.no_transformers:
             from transformers import LlamaConfig, LlamaForCausalLM
 
             hf = LlamaForCausalLM(LlamaConfig(**config.to_hf(), attn_implementation="sdpa")).eval()
-            hf.load_state_dict({("" if k.startswith("lm_head") else "model.") + k: v
-                                for k, v in model.state_dict().items()})
+            hf.load_state_dict(
+                {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()}
+            )
             theirs = hf_step_fn(hf, batch, args.prompt_len, args.new_tokens)
             ours = hf_like_fn(model, batch, args.prompt_len, args.new_tokens)
             theirs()
             times = alternate(model, modes, args.repeats, theirs, ours)
             h = times["reference"]
-            print(f"batch {batch}: generate per token, transformers {h * 1e3:6.2f} ms   " + "   ".join(
-                f"model.py {mode} {times[mode] * 1e3:6.2f} ms = {h / times[mode]:4.2f}x as fast" for mode in modes))
+            print(
+                f"batch {batch}: generate per token, transformers {h * 1e3:6.2f} ms   "
+                + "   ".join(
+                    f"model.py {mode} {times[mode] * 1e3:6.2f} ms = {h / times[mode]:4.2f}x as fast" for mode in modes
+                )
+            )
 
 
 def alternate(model, modes, repeats, reference, ours):
@@ -147,8 +163,9 @@ def hf_like_fn(model, batch, prompt_len, new_tokens):
     """Our generate timed as hf_step_fn times transformers' (prefill included)."""
     from generate import generate
 
-    prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len),
-                            generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = torch.randint(
+        3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)
+    ).tolist()
 
     def run():
         t = time.perf_counter()

@@ -83,29 +83,47 @@ def main():
     from training import train_tiny_tokenizer
 
     layers = max(1, round((args.params * 1e6 - 2 * 32000 * 1024) / (12.6 * 1024 * 1024)))
-    config = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+    config = ModelConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.model"
         train_tiny_tokenizer(tok)
         with torch.device("meta"):
             model = Transformer(config)
         sd = {k: torch.randn(v.shape) * 0.02 for k, v in model.state_dict().items()}
-        model.save_pretrained(Path(tmp) / "ckpt", tokenizer=tok, state_dict=sd, max_shard_bytes=int(args.shard_mb * 2**20))
+        model.save_pretrained(
+            Path(tmp) / "ckpt", tokenizer=tok, state_dict=sd, max_shard_bytes=int(args.shard_mb * 2**20)
+        )
         del sd
         files = sorted((Path(tmp) / "ckpt").glob("*.safetensors"))
         largest = max(f.stat().st_size for f in files) / 2**20
         rows = {}
         for name, flag in (("by file", []), ("whole", ["--whole"])):
-            out = subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / "ckpt"), *flag],
-                                 capture_output=True, text=True, check=True, cwd=ROOT).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(Path(tmp) / "ckpt"), *flag],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            ).stdout
             rows[name] = json.loads(out.strip().splitlines()[-1])
     model_mb = rows["by file"]["model_mb"]
-    print(f"{config.num_params() / 1e6:.0f}M parameters, {len(files)} files, the largest {largest:.0f} MiB; "
-          f"the sharded model on one rank {model_mb:.0f} MiB")
+    print(
+        f"{config.num_params() / 1e6:.0f}M parameters, {len(files)} files, the largest {largest:.0f} MiB; "
+        f"the sharded model on one rank {model_mb:.0f} MiB"
+    )
     for name, r in rows.items():
-        print(f"  {name:8s} peak RSS added by the load: {r['added_mb']:.0f} MiB "
-              f"(the model + {r['added_mb'] - model_mb:.0f} MiB)")
+        print(
+            f"  {name:8s} peak RSS added by the load: {r['added_mb']:.0f} MiB "
+            f"(the model + {r['added_mb'] - model_mb:.0f} MiB)"
+        )
     extra = [rows[n]["added_mb"] - model_mb for n in rows]
     print(f"  rank 0's memory beyond the model, by file / whole: {extra[0] / max(extra[1], 1):.2f}")
 

@@ -58,15 +58,24 @@ def ceiling_fn(config, batch, seq):
     """(run, flops): the step's matrix products alone, and their floating-point operations."""
     n, d, hd = batch * seq, config.hidden_size, config.head_dim
     heads, kv = config.num_attention_heads, config.num_key_value_heads
-    linears = [(heads * hd, d), (kv * hd, d), (kv * hd, d), (d, heads * hd),  # q k v o
-               (config.intermediate_size, d), (config.intermediate_size, d), (d, config.intermediate_size)]
+    linears = [
+        (heads * hd, d),
+        (kv * hd, d),
+        (kv * hd, d),
+        (d, heads * hd),  # q k v o
+        (config.intermediate_size, d),
+        (config.intermediate_size, d),
+        (d, config.intermediate_size),
+    ]
     linears = linears * config.num_hidden_layers + [(config.vocab_size, d)]
     g = torch.Generator().manual_seed(0)
     ws = {shape: torch.randn(shape, generator=g) for shape in set(linears)}
     xs = {i: torch.randn(n, i, generator=g) for i in {s[1] for s in linears} | {s[0] for s in linears}}
     q, k = torch.randn(batch * heads, seq, hd, generator=g), torch.randn(batch * heads, seq, hd, generator=g)
     p = torch.randn(batch * heads, seq, seq, generator=g)
-    flops = sum(3 * 2 * n * o * i for o, i in linears) + config.num_hidden_layers * 6 * 2 * batch * heads * seq * seq * hd
+    flops = (
+        sum(3 * 2 * n * o * i for o, i in linears) + config.num_hidden_layers * 6 * 2 * batch * heads * seq * seq * hd
+    )
 
     def run():
         for o, i in linears:
@@ -89,8 +98,14 @@ def decode_fn(model, is_hf, batch, prompt_len, new_tokens):
     @torch.no_grad()
     def run():
         if is_hf:
-            out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+            out = model.generate(
+                prompts,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
             assert out.shape[1] == prompt_len + new_tokens
         else:
             out = generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_id=-1, temperature=0)
@@ -127,12 +142,19 @@ def main():
     torch.set_num_threads(args.threads)
     config = CONFIGS["bench-50m"]
     ours, hf = reference_pair(config)
-    print(f"config bench-50m: {config.num_params() / 1e6:.1f}M parameters, fp32, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"config bench-50m: {config.num_params() / 1e6:.1f}M parameters, fp32, {args.threads} threads, "
+        f"torch {torch.__version__}"
+    )
     ours.train(), hf.train()
-    ratios = {"train": compare(f"train step (B={args.batch}, T={args.seq})",
-                               train_step_fn(ours, False, args.batch, args.seq),
-                               train_step_fn(hf, True, args.batch, args.seq), args.repeats)}
+    ratios = {
+        "train": compare(
+            f"train step (B={args.batch}, T={args.seq})",
+            train_step_fn(ours, False, args.batch, args.seq),
+            train_step_fn(hf, True, args.batch, args.seq),
+            args.repeats,
+        )
+    }
     ceiling, flops = ceiling_fn(config, args.batch, args.seq)
     step = train_step_fn(ours, False, args.batch, args.seq)
     steps, ceilings = [], []
@@ -141,15 +163,23 @@ def main():
         steps.append(1 / timed(step) * args.batch * args.seq)
         ceilings.append(1 / timed(ceiling) * flops)
     s, c = statistics.median(steps), statistics.median(ceilings)
-    print(f"{'train step vs. its matmuls':28s} step {s:6.2f} s   matrix products alone {c:6.2f} s "
-          f"({flops / 1e9:.0f} GFLOP, {flops / c / 1e9:.0f} GFLOP/s)   step / ceiling {s / c:4.2f}x")
+    print(
+        f"{'train step vs. its matmuls':28s} step {s:6.2f} s   matrix products alone {c:6.2f} s "
+        f"({flops / 1e9:.0f} GFLOP, {flops / c / 1e9:.0f} GFLOP/s)   step / ceiling {s / c:4.2f}x"
+    )
     ratios["train/ceiling"] = s / c
     ours.eval(), hf.eval()
     for b in (1, 8):
-        ratios[f"decode{b}"] = compare(f"decode (B={b}, 128 new)", decode_fn(ours, False, b, 32, 128),
-                                       decode_fn(hf, True, b, 32, 128), args.repeats)
-    print("ratios (model.py / transformers, and the step / its ceiling): "
-          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        ratios[f"decode{b}"] = compare(
+            f"decode (B={b}, 128 new)",
+            decode_fn(ours, False, b, 32, 128),
+            decode_fn(hf, True, b, 32, 128),
+            args.repeats,
+        )
+    print(
+        "ratios (model.py / transformers, and the step / its ceiling): "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+    )
 
 
 if __name__ == "__main__":

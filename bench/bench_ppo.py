@@ -88,11 +88,15 @@ def main():
     head = sft.lm_head.weight.numel()
     expected = (2 * block + head) / (L * block + head)  # the weights each forward multiplies by
     print(f"bench-50m ({L} blocks), batch {args.batch} x {args.seq_len} tokens")
-    print(f"pi0 log-probs, shared trunk / whole frozen copy: {shared / whole:.3f}  (2 of {L} blocks and the head, "
-          f"by their weights: {expected:.3f}; the target, that +10%: {1.1 * expected:.3f})")
+    print(
+        f"pi0 log-probs, shared trunk / whole frozen copy: {shared / whole:.3f}  (2 of {L} blocks and the head, "
+        f"by their weights: {expected:.3f}; the target, that +10%: {1.1 * expected:.3f})"
+    )
 
-    prompts = [[1] + torch.randint(3, 2000, (24,), generator=torch.Generator().manual_seed(i)).tolist()
-               for i in range(args.batch)]
+    prompts = [
+        [1] + torch.randint(3, 2000, (24,), generator=torch.Generator().manual_seed(i)).tolist()
+        for i in range(args.batch)
+    ]
 
     class Tok:
         eos_id, pad_id = -1, 0  # no eos: every sequence runs to the full length
@@ -108,12 +112,26 @@ def main():
         eos_id = 2  # the reward model reads its score at an eos (rarely sampled by random weights)
 
     def rollout(reshard):
-        run_args = SimpleNamespace(seed=0, chunk_size=args.batch, max_new_tokens=args.new_tokens,
-                                   unfinished_penalty=0.0, reshard_in_rollout=reshard)
+        run_args = SimpleNamespace(
+            seed=0,
+            chunk_size=args.batch,
+            max_new_tokens=args.new_tokens,
+            unfinished_penalty=0.0,
+            reshard_in_rollout=reshard,
+        )
         return lambda: train_ppo.rollout(model, NoReward(), prompts, Tok(), run_args, d, 0)
 
-    plain = lambda: generate(sft, prompts, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0,  # noqa: E731
-                             temperature=1.0, generator=torch.Generator().manual_seed(0))
+    def plain():
+        return generate(
+            sft,
+            prompts,
+            max_new_tokens=args.new_tokens,
+            eos_id=-1,
+            pad_id=0,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+
     times = {"gathered": [], "resharded": [], "plain": []}
     for fn in (rollout(False), rollout(True), plain):
         fn()  # warm-up
@@ -123,19 +141,31 @@ def main():
             fn()
             times[name].append(time.perf_counter() - t)
     plain_s = statistics.median(times["plain"])
-    print(f"rollout tokens/s / plain generate tokens/s ({args.batch} x {args.new_tokens} new tokens): "
-          f"policy kept gathered (the default) {plain_s / statistics.median(times['gathered']):.3f}, "
-          f"--reshard-in-rollout {plain_s / statistics.median(times['resharded']):.3f}")
+    print(
+        f"rollout tokens/s / plain generate tokens/s ({args.batch} x {args.new_tokens} new tokens): "
+        f"policy kept gathered (the default) {plain_s / statistics.median(times['gathered']):.3f}, "
+        f"--reshard-in-rollout {plain_s / statistics.median(times['resharded']):.3f}"
+    )
 
     from model import ModelConfig
     from model import RewardModel
 
     def round_args(experiences):
-        return SimpleNamespace(seed=0, chunk_size=train_ppo.CHUNK_SIZE, max_new_tokens=args.new_tokens,
-                               unfinished_penalty=0.0, batch_size=experiences // 4, micro_batch_size=experiences // 4,
-                               ppo_epochs=train_ppo.PPO_EPOCHS, clip_ratio=train_ppo.CLIP_RATIO,
-                               clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF,
-                               grad_clip=train_ppo.GRAD_CLIP, grad_sync="every", reshard_in_rollout=False)
+        return SimpleNamespace(
+            seed=0,
+            chunk_size=train_ppo.CHUNK_SIZE,
+            max_new_tokens=args.new_tokens,
+            unfinished_penalty=0.0,
+            batch_size=experiences // 4,
+            micro_batch_size=experiences // 4,
+            ppo_epochs=train_ppo.PPO_EPOCHS,
+            clip_ratio=train_ppo.CLIP_RATIO,
+            clip_value=train_ppo.CLIP_VALUE,
+            vf_coef=train_ppo.VF_COEF,
+            grad_clip=train_ppo.GRAD_CLIP,
+            grad_sync="every",
+            reshard_in_rollout=False,
+        )
 
     # 3. One update step, the trunk kept or recomputed: the same experiences, steps alternated.
     prompt_len = args.seq_len - args.new_tokens
@@ -143,8 +173,10 @@ def main():
         cfg = ModelConfig(**{**config.__dict__, "num_hidden_layers": blocks})
         policy, pi0 = train_ppo.build(cfg, Transformer.from_config(cfg, seed=0).state_dict(), d)
         step_args = round_args(16)
-        exps = [train_ppo.Experience([1] + [5 + i] * (prompt_len - 1), [7 + i] * args.new_tokens, True, score=0.1 * i)
-                for i in range(16)]
+        exps = [
+            train_ppo.Experience([1] + [5 + i] * (prompt_len - 1), [7 + i] * args.new_tokens, True, score=0.1 * i)
+            for i in range(16)
+        ]
         batches = train_ppo.minibatches(len(exps), step_args.batch_size, 0, 0)
         train_ppo.make_experience(policy, pi0, exps, batches, RoundTok(), step_args, d, 0.1)
         recomputing = [train_ppo.Experience(**{**e.__dict__, "trunk": None}) for e in exps]
@@ -156,9 +188,11 @@ def main():
                 train_ppo.update_step(policy, step_opt, batch_exps, batches[0], RoundTok(), step_args, d, {})
                 times[name].append(time.perf_counter() - t)
         kept, recomputed = (statistics.median(v[1:]) for v in times.values())
-        print(f"update step ({blocks} blocks, {cfg.num_hidden_layers - 2} frozen; {step_args.batch_size} x "
-              f"{args.seq_len} tokens): trunk kept {kept:.3f} s, recomputed {recomputed:.3f} s: "
-              f"{recomputed / kept:.2f}x faster kept")
+        print(
+            f"update step ({blocks} blocks, {cfg.num_hidden_layers - 2} frozen; {step_args.batch_size} x "
+            f"{args.seq_len} tokens): trunk kept {kept:.3f} s, recomputed {recomputed:.3f} s: "
+            f"{recomputed / kept:.2f}x faster kept"
+        )
         del policy, pi0, step_opt
 
     # 4. A whole round, before (the trunk recomputed in every update) and after, alternated.
@@ -174,22 +208,31 @@ def main():
             t = time.perf_counter()
             train_ppo.make_experience(model, ref, exps, batches, RoundTok(), run, d, 0.1, recompute_trunk=recompute)
             experience = time.perf_counter() - t
-            train_ppo.update(model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, RoundTok(), run, d, 0.0,
-                             10**9)
+            train_ppo.update(
+                model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, RoundTok(), run, d, 0.0, 10**9
+            )
             if r:  # the first pair warms up
-                for name, v in (("generation", seconds["generate_s"]), ("reward scoring", seconds["score_s"]),
-                                ("experience pass", experience), ("updates", time.perf_counter() - t - experience)):
+                for name, v in (
+                    ("generation", seconds["generate_s"]),
+                    ("reward scoring", seconds["score_s"]),
+                    ("experience pass", experience),
+                    ("updates", time.perf_counter() - t - experience),
+                ):
                     parts[recompute].setdefault(name, []).append(v)
     for recompute in (True, False):
         parts[recompute] = {k: statistics.median(v) for k, v in parts[recompute].items()}
     before, after = (sum(parts[k].values()) for k in (True, False))
-    print(f"one round of {args.round_size} experiences ({args.new_tokens} new tokens each, chunks of {run.chunk_size}, "
-          f"{run.ppo_epochs} epochs of minibatches of {run.batch_size}): {before:.2f} s recomputing the trunk, "
-          f"{after:.2f} s keeping it: {before / after:.2f}x faster")
+    print(
+        f"one round of {args.round_size} experiences ({args.new_tokens} new tokens each, chunks of {run.chunk_size}, "
+        f"{run.ppo_epochs} epochs of minibatches of {run.batch_size}): {before:.2f} s recomputing the trunk, "
+        f"{after:.2f} s keeping it: {before / after:.2f}x faster"
+    )
     for recompute in (True, False):
         total = sum(parts[recompute].values())
-        print(f"  {'recomputed' if recompute else 'kept'}: " +
-              ", ".join(f"{k} {v / total:.0%}" for k, v in parts[recompute].items()))
+        print(
+            f"  {'recomputed' if recompute else 'kept'}: "
+            + ", ".join(f"{k} {v / total:.0%}" for k, v in parts[recompute].items())
+        )
     d.close()
 
 
@@ -209,9 +252,14 @@ def reward_placement(config, d, args):
     replicated.load_state_dict(state)
     gen = torch.Generator().manual_seed(d.rank)
     prompt_len = args.seq_len - args.new_tokens
-    exps = [train_ppo.Experience([1] + torch.randint(3, 2000, (prompt_len - 1,), generator=gen).tolist(),
-                                 torch.randint(3, 2000, (args.new_tokens,), generator=gen).tolist(), True)
-            for _ in range(args.batch)]
+    exps = [
+        train_ppo.Experience(
+            [1] + torch.randint(3, 2000, (prompt_len - 1,), generator=gen).tolist(),
+            torch.randint(3, 2000, (args.new_tokens,), generator=gen).tolist(),
+            True,
+        )
+        for _ in range(args.batch)
+    ]
     tok = SimpleNamespace(eos_id=2, pad_id=0)
     run = SimpleNamespace(chunk_size=args.batch, unfinished_penalty=0.0)
     times = {"sharded": [], "replicated": []}
@@ -223,24 +271,37 @@ def reward_placement(config, d, args):
                 times[name].append(time.perf_counter() - t)
     shard_s, whole_s = (statistics.median(v) for v in times.values())
     if d.main:
-        print(f"reward scoring ({args.batch} x {args.seq_len} tokens a rank, {d.world} rank(s)): sharded / replicated "
-              f"{shard_s / whole_s:.2f} ({shard_s:.3f} s, {whole_s:.3f} s)")
+        print(
+            f"reward scoring ({args.batch} x {args.seq_len} tokens a rank, {d.world} rank(s)): sharded / replicated "
+            f"{shard_s / whole_s:.2f} ({shard_s:.3f} s, {whole_s:.3f} s)"
+        )
 
 
 def frozen_bf16(config, d, args):
     """6. The experience pass and an update step under bf16, the frozen bottom stored in bf16 ÷
     fp32, alternated."""
     state = Transformer.from_config(config, seed=0).state_dict()
-    run = SimpleNamespace(batch_size=8, micro_batch_size=4, seed=0, ppo_epochs=1, clip_ratio=train_ppo.CLIP_RATIO,
-                          clip_value=train_ppo.CLIP_VALUE, vf_coef=train_ppo.VF_COEF, grad_clip=train_ppo.GRAD_CLIP,
-                          grad_sync="every", chunk_size=8)
+    run = SimpleNamespace(
+        batch_size=8,
+        micro_batch_size=4,
+        seed=0,
+        ppo_epochs=1,
+        clip_ratio=train_ppo.CLIP_RATIO,
+        clip_value=train_ppo.CLIP_VALUE,
+        vf_coef=train_ppo.VF_COEF,
+        grad_clip=train_ppo.GRAD_CLIP,
+        grad_sync="every",
+        chunk_size=8,
+    )
     tok = SimpleNamespace(eos_id=2, pad_id=0)
     prompt_len = args.seq_len - args.new_tokens
     setups = {}
     for stored in (True, False):
         model, ref = train_ppo.build(config, dict(state) if d.main else None, d, bf16=True, frozen_bf16=stored)
-        exps = [train_ppo.Experience([1] + [5 + i] * (prompt_len - 1), [7 + i] * args.new_tokens, True, score=0.1 * i)
-                for i in range(run.batch_size)]
+        exps = [
+            train_ppo.Experience([1] + [5 + i] * (prompt_len - 1), [7 + i] * args.new_tokens, True, score=0.1 * i)
+            for i in range(run.batch_size)
+        ]
         setups[stored] = model, ref, exps, train_ppo.make_optimizer(model, 0.0, 0.0)
     batches = train_ppo.minibatches(run.batch_size, run.batch_size, 0, 0)
     times = {True: [], False: []}
@@ -255,8 +316,10 @@ def frozen_bf16(config, d, args):
                 times[stored].append(time.perf_counter() - t)
     bf16_s, fp32_s = (statistics.median(times[k]) for k in (True, False))
     if d.main:
-        print(f"experience pass + update step under bf16 ({run.batch_size} x {args.seq_len} tokens, {d.world} "
-              f"rank(s)): --frozen-bf16 / the bottom in fp32 {bf16_s / fp32_s:.2f} ({bf16_s:.3f} s, {fp32_s:.3f} s)")
+        print(
+            f"experience pass + update step under bf16 ({run.batch_size} x {args.seq_len} tokens, {d.world} "
+            f"rank(s)): --frozen-bf16 / the bottom in fp32 {bf16_s / fp32_s:.2f} ({bf16_s:.3f} s, {fp32_s:.3f} s)"
+        )
 
 
 if __name__ == "__main__":

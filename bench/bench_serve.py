@@ -51,9 +51,24 @@ class Server:
     """serve.py of a checkout, in a process of its own, until closed."""
 
     def __init__(self, repo: Path, model: Path, *flags: str):
-        self.proc = subprocess.Popen([sys.executable, str(repo / "serve.py"), "--model", str(model), "--port", "0",
-                                      "--quiet", "--max-concurrent", "64", *flags],
-                                     cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(repo / "serve.py"),
+                "--model",
+                str(model),
+                "--port",
+                "0",
+                "--quiet",
+                "--max-concurrent",
+                "64",
+                *flags,
+            ],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if " at " not in line:
             raise SystemExit(f"{repo}/serve.py did not start: {line!r}")
@@ -65,12 +80,20 @@ class Server:
         self.proc.wait(30)
 
 
-def stream(server: Server, content: str, max_tokens: int, temperature: float = 1.0, top_p: float | None = None,
-           seed: int = 0) -> tuple[float, list[float], int]:
+def stream(
+    server: Server, content: str, max_tokens: int, temperature: float = 1.0, top_p: float | None = None, seed: int = 0
+) -> tuple[float, list[float], int]:
     """One streaming request: (the time it was sent, the times of its content chunks, its
     completion tokens)."""
-    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": temperature, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if top_p is not None:
         body["top_p"] = top_p
     sent, times, tokens = time.perf_counter(), [], 0
@@ -109,8 +132,16 @@ def many_clients(server: Server, n: int = 32) -> tuple[float, float, float]:
     """(completion tokens a second, p50 and p99 seconds to the first token)."""
     # Settings and lengths that vary independently (3 temperatures x 2 top_p; lengths by i % 4
     # and i % 5), so that requests sharing settings still differ in length.
-    settings = [dict(temperature=[0, 0.7, 1.0][i % 3], top_p=[None, 0.9][i % 2], max_tokens=[16, 64, 256, 128][i % 4],
-                     content=QUESTION * (1 + i % 5), seed=i) for i in range(n)]
+    settings = [
+        dict(
+            temperature=[0, 0.7, 1.0][i % 3],
+            top_p=[None, 0.9][i % 2],
+            max_tokens=[16, 64, 256, 128][i % 4],
+            content=QUESTION * (1 + i % 5),
+            seed=i,
+        )
+        for i in range(n)
+    ]
     start = time.perf_counter()
     threads = [in_thread(stream, server, **s) for s in settings]
     for thread, _ in threads:
@@ -118,8 +149,11 @@ def many_clients(server: Server, n: int = 32) -> tuple[float, float, float]:
     wall = time.perf_counter() - start
     results = [out["result"] for _, out in threads]
     first = sorted(times[0] - sent for sent, times, _ in results if times)
-    return (sum(tokens for _, _, tokens in results) / wall, first[len(first) // 2],
-            first[min(len(first) - 1, round(0.99 * len(first)))])
+    return (
+        sum(tokens for _, _, tokens in results) / wall,
+        first[len(first) // 2],
+        first[min(len(first) - 1, round(0.99 * len(first)))],
+    )
 
 
 def question_of(tok_path: Path, tokens: int) -> str:
@@ -128,8 +162,10 @@ def question_of(tok_path: Path, tokens: int) -> str:
     from tokenizer import Tokenizer
 
     tok, text = Tokenizer(tok_path), ""
-    while len(render(tok, [{"role": "user", "content": text + QUESTION}], max_len=10**6,
-                     generation_prompt=True).ids) <= tokens:
+    while (
+        len(render(tok, [{"role": "user", "content": text + QUESTION}], max_len=10**6, generation_prompt=True).ids)
+        <= tokens
+    ):
         text += QUESTION
     return text
 
@@ -171,29 +207,47 @@ def main(argv=None):
     p.add_argument("--repo", type=Path, help="another checkout whose serve.py runs first (today's engine: before)")
     p.add_argument("--model", default="tiny", choices=["tiny", "bench-50m"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--flags", action="append", default=[], help="serve.py flags for another run of this checkout's "
-                   "server (repeatable: one server each)")
+    p.add_argument(
+        "--flags",
+        action="append",
+        default=[],
+        help="serve.py flags for another run of this checkout's server (repeatable: one server each)",
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tiny_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=min(CONFIGS[args.model].vocab_size, 2048))
         Transformer.from_config(CONFIGS[args.model], seed=0).save_pretrained(Path(tmp) / "m", tokenizer=tok)
-        print(f"serve.py, {args.model} (random weights, fp32), {torch.get_num_threads()} threads; "
-              f"medians of {args.repeats}")
-        print(f"{'checkout (flags)':<34} {'short behind long':>18} {'32 clients tok/s':>17} {'TTFT p50 s':>11} "
-              f"{'TTFT p99 s':>11} {'gap median':>11} {'gap max':>8} {'its TTFT s':>11} {'kept alive':>11}")
+        print(
+            f"serve.py, {args.model} (random weights, fp32), {torch.get_num_threads()} threads; "
+            f"medians of {args.repeats}"
+        )
+        print(
+            f"{'checkout (flags)':<34} {'short behind long':>18} {'32 clients tok/s':>17} {'TTFT p50 s':>11} "
+            f"{'TTFT p99 s':>11} {'gap median':>11} {'gap max':>8} {'its TTFT s':>11} {'kept alive':>11}"
+        )
         question = question_of(Path(tmp) / "tokenizer.model", 2000)
         runs = [(ROOT, flags.split()) for flags in args.flags or [""]]
         for repo, flags in ([(args.repo, [])] if args.repo else []) + runs:
             server = Server(repo, Path(tmp) / "m", *flags)
             try:
-                rows = [(short_behind_long(server), *many_clients(server), *long_prompt(server, question),
-                         kept_alive(server)) for _ in range(args.repeats)]
+                rows = [
+                    (
+                        short_behind_long(server),
+                        *many_clients(server),
+                        *long_prompt(server, question),
+                        kept_alive(server),
+                    )
+                    for _ in range(args.repeats)
+                ]
             finally:
                 server.close()
             med = [statistics.median(col) for col in zip(*rows)]
             label = f"{str(repo)[-20:]} {' '.join(flags)}"
-            print(f"{label:<34} {med[0]:18.2f} {med[1]:17.1f} {med[2]:11.2f} {med[3]:11.2f} {med[4]:11.2f} "
-                  f"{med[5]:8.2f} {med[6]:11.2f} {med[7]:11.2f}", flush=True)
+            print(
+                f"{label:<34} {med[0]:18.2f} {med[1]:17.1f} {med[2]:11.2f} {med[3]:11.2f} {med[4]:11.2f} "
+                f"{med[5]:8.2f} {med[6]:11.2f} {med[7]:11.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ def write_corpus(path: Path, n: int, chars: int, seed: int = 0):
                     while len(text) < want:
                         text += rng.choice(pool)
                     messages.append({"role": role, "content": text})
-            f.write(json.dumps({"id": f"syn-{i}", "source": "synthetic", "messages": messages}, ensure_ascii=False)
-                    + "\n")
+            f.write(
+                json.dumps({"id": f"syn-{i}", "source": "synthetic", "messages": messages}, ensure_ascii=False) + "\n"
+            )
 
 
 def chars_for(tokens: int, tok_path: Path) -> int:
@@ -111,8 +112,14 @@ def prompts_child(how: str, corpus: Path, cache: Path):
     else:
         d = init_distributed()
         report = Report()
-        entry, _ = rendered_once(cache, cache, {"bench": str(corpus)}, lambda: (
-            {"prompts": read_prompts([corpus], [], tok, 2048 - 512, report)}, report), d, labels=False)
+        entry, _ = rendered_once(
+            cache,
+            cache,
+            {"bench": str(corpus)},
+            lambda: ({"prompts": read_prompts([corpus], [], tok, 2048 - 512, report)}, report),
+            d,
+            labels=False,
+        )
         prompts = Corpus(entry / "prompts")
         d.close()
     tokens = sum(len(prompts[i]) for i in range(0, len(prompts), 97))  # a sample of them read, as a round does
@@ -124,12 +131,18 @@ def bench_prompts(corpus: Path, work: Path):
     shutil.rmtree(cache, ignore_errors=True)
     print(f"PPO's prompts from {corpus.name}: each line a process of its own")
     print(f"{'':<34} {'s':>7} {'prompts':>9} {'peak RSS MiB':>13}")
-    for name, how in (("before: lists on every rank", "lists"), ("after: rendered into the cache", "cache"),
-                      ("after: a rerun maps the cache", "cache")):
+    for name, how in (
+        ("before: lists on every rank", "lists"),
+        ("after: rendered into the cache", "cache"),
+        ("after: a rerun maps the cache", "cache"),
+    ):
         out = work / "prompts-child.json"
         with open(out, "w") as f:
-            pid = subprocess.Popen([sys.executable, __file__, "--child", how, "--keep", str(work), "--corpus", str(corpus)],
-                                   cwd=ROOT, stdout=f).pid
+            pid = subprocess.Popen(
+                [sys.executable, __file__, "--child", how, "--keep", str(work), "--corpus", str(corpus)],
+                cwd=ROOT,
+                stdout=f,
+            ).pid
             _, status, usage = os.wait4(pid, 0)
         if os.waitstatus_to_exitcode(status):
             raise SystemExit(f"the {how} child exited with {os.waitstatus_to_exitcode(status)}")
@@ -143,7 +156,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=1024, help="tokens a conversation, about")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--keep", type=Path, help="write (or reuse) the corpus and the runs here")
-    p.add_argument("--repo", type=Path, default=ROOT, help="the checkout whose train_sft.py runs (an older one: before)")
+    p.add_argument(
+        "--repo", type=Path, default=ROOT, help="the checkout whose train_sft.py runs (an older one: before)"
+    )
     p.add_argument("--prompts", action="store_true", help="PPO's prompts instead (see above)")
     p.add_argument("--child", choices=["lists", "cache"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
@@ -162,18 +177,42 @@ def main(argv=None):
         write_corpus(corpus.with_suffix(".tmp"), args.conversations, chars)
         corpus.with_suffix(".tmp").rename(corpus)
         write_corpus(val, 64, chars, seed=2)  # validation from a file of its own, as the paper's run
-        print(f"wrote {corpus} ({corpus.stat().st_size / 2**20:,.0f} MiB, {chars} characters a conversation) "
-              f"in {time.perf_counter() - t:.0f} s")
+        print(
+            f"wrote {corpus} ({corpus.stat().st_size / 2**20:,.0f} MiB, {chars} characters a conversation) "
+            f"in {time.perf_counter() - t:.0f} s"
+        )
     if args.prompts:
         return bench_prompts(corpus, work)
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
-              if args.nproc > 1 else [sys.executable])
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
+        if args.nproc > 1
+        else [sys.executable]
+    )
     out = work / f"run-{args.nproc}"
-    cmd = [*launch, "train_sft.py", "--model", "tiny", "--data", str(corpus), "--val-data", str(val), "--out",
-           str(out), "--max-steps", "1", "--batch-size", str(8 * args.nproc), "--max-len", "2048", "--overwrite"]
+    cmd = [
+        *launch,
+        "train_sft.py",
+        "--model",
+        "tiny",
+        "--data",
+        str(corpus),
+        "--val-data",
+        str(val),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        str(8 * args.nproc),
+        "--max-len",
+        "2048",
+        "--overwrite",
+    ]
     shutil.rmtree(out, ignore_errors=True)
-    print(f"{args.repo}/train_sft.py --model tiny --max-steps 1 on {args.conversations:,} conversations, "
-          f"{args.nproc} rank(s), {os.cpu_count()} CPUs")
+    print(
+        f"{args.repo}/train_sft.py --model tiny --max-steps 1 on {args.conversations:,} conversations, "
+        f"{args.nproc} rank(s), {os.cpu_count()} CPUs"
+    )
     print(f"{'run':<8} {'s to step 1':>12} {'s in all':>9} {'peak RSS MiB (largest process)':>32}")
     for name in ("first", "rerun"):
         first, seconds, peak = run(cmd, args.repo, out / "metrics.jsonl")

@@ -40,18 +40,38 @@ from model import CONFIGS, ModelConfig  # noqa: E402
 
 GIB = 2**30
 # The sizes of each part: (on a GPU, with --dry-run on the CPU, what it is).
-SIZES = {"seq": (2048, 64, "SFT sequence length"), "micro_batch": (1, 1, "SFT micro-batch"),
-         "repeats": (5, 2, "timed SFT steps (the median is kept)"), "ppo_prompt": (512, 16, "PPO prompt tokens"),
-         "ppo_new_tokens": (512, 8, "PPO response tokens"), "decode_batch": (8, 2, "decoding batch"),
-         "decode_prompt": (512, 16, "decoding prompt tokens"), "decode_tokens": (64, 8, "timed decoding steps")}
+SIZES = {
+    "seq": (2048, 64, "SFT sequence length"),
+    "micro_batch": (1, 1, "SFT micro-batch"),
+    "repeats": (5, 2, "timed SFT steps (the median is kept)"),
+    "ppo_prompt": (512, 16, "PPO prompt tokens"),
+    "ppo_new_tokens": (512, 8, "PPO response tokens"),
+    "decode_batch": (8, 2, "decoding batch"),
+    "decode_prompt": (512, 16, "decoding prompt tokens"),
+    "decode_tokens": (64, 8, "timed decoding steps"),
+}
 
 
 def config_for(args) -> ModelConfig:
     if args.dry_run:  # the tiny config's layout at a tenth of its width: the plumbing, in seconds
-        return replace(CONFIGS["tiny"], vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2)
-    return ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=args.layers,
-                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+        return replace(
+            CONFIGS["tiny"],
+            vocab_size=2048,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    return ModelConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+    )
 
 
 def sft_step(args, config, d, mesh):
@@ -101,8 +121,16 @@ def ppo_kwargs(args):
     minibatches of 4 (4 in 2s on the CPU). The paper's, 64 in chunks of 8 on 8 ranks, is what
     `train_ppo.py --dry-run --simulate` simulates; this checks the simulation, not that round."""
     size = 2 if args.dry_run else 4
-    return dict(trainable_blocks=2, rollout_size=2 * size, chunk_size=size, batch_size=size, micro_batches=[1],
-                prompt_len=args.ppo_prompt, new_tokens=args.ppo_new_tokens, bf16=not args.dry_run)
+    return dict(
+        trainable_blocks=2,
+        rollout_size=2 * size,
+        chunk_size=size,
+        batch_size=size,
+        micro_batches=[1],
+        prompt_len=args.ppo_prompt,
+        new_tokens=args.ppo_new_tokens,
+        bf16=not args.dry_run,
+    )
 
 
 def decode(args, config, device):
@@ -130,9 +158,16 @@ def decode(args, config, device):
         timings[new] = time.perf_counter() - start
     step = (timings[1 + args.decode_tokens] - timings[1]) / args.decode_tokens
     weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-    floor = plan.decode_step(config, args.decode_batch, args.decode_prompt + args.decode_tokens // 2,
-                             weight_bytes=weight_bytes, hbm_tbps=args.hbm_tbps, mbu=1.0, mfu=1.0,
-                             peak_tflops=args.peak_tflops)["seconds"]
+    floor = plan.decode_step(
+        config,
+        args.decode_batch,
+        args.decode_prompt + args.decode_tokens // 2,
+        weight_bytes=weight_bytes,
+        hbm_tbps=args.hbm_tbps,
+        mbu=1.0,
+        mfu=1.0,
+        peak_tflops=args.peak_tflops,
+    )["seconds"]
     return step, floor
 
 
@@ -158,13 +193,20 @@ def main(argv=None):
     config = config_for(args)
     context = config.max_position_embeddings
     if max(args.seq, args.ppo_prompt + args.ppo_new_tokens, args.decode_prompt + args.decode_tokens) > context:
-        raise SystemExit(f"--seq, --ppo-prompt + --ppo-new-tokens and --decode-prompt + --decode-tokens must fit the "
-                         f"model's context of {context}")
+        raise SystemExit(
+            f"--seq, --ppo-prompt + --ppo-new-tokens and --decode-prompt + --decode-tokens must fit the "
+            f"model's context of {context}"
+        )
     bf16 = not args.dry_run
 
     # 1. The simulations first: they make a fake process group, and the real run a real one.
-    sim_sft = plan.simulate_training(lambda: plan._lm(config, "sft", args.activation_checkpointing),
-                                     plan.lm_step("sft", args.seq), world=1, micro_batch=args.micro_batch, bf16=bf16)
+    sim_sft = plan.simulate_training(
+        lambda: plan._lm(config, "sft", args.activation_checkpointing),
+        plan.lm_step("sft", args.seq),
+        world=1,
+        micro_batch=args.micro_batch,
+        bf16=bf16,
+    )
     sim_ppo = plan.simulate_ppo(config, world=1, **ppo_kwargs(args))
 
     # 2. The same on real tensors, one rank.
@@ -178,8 +220,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         real_ppo = plan.measure_ppo(d, mesh, config, **ppo_kwargs(args))
-        ppo_peak = torch.cuda.max_memory_allocated() if d.device.type == "cuda" else \
-            max(m.total for m in real_ppo.values())
+        ppo_peak = (
+            torch.cuda.max_memory_allocated() if d.device.type == "cuda" else max(m.total for m in real_ppo.values())
+        )
         step_s, floor_s = decode(args, config, d.device)
     finally:
         d.close()
@@ -187,8 +230,10 @@ def main(argv=None):
     sim_ppo_peak = max(m.total for m in sim_ppo.values())
     mfu = sft_flops / sft_s / (args.peak_tflops * 1e12)
     where = "CPU, tracked on real tensors" if args.dry_run else torch.cuda.get_device_name()
-    print(f"{config.num_params() / 1e9:.2f}B parameters ({'a tiny config, --dry-run' if args.dry_run else 'bf16 mixed'}), "
-          f"one rank on {where}")
+    print(
+        f"{config.num_params() / 1e9:.2f}B parameters ({'a tiny config, --dry-run' if args.dry_run else 'bf16 mixed'}), "
+        f"one rank on {where}"
+    )
     rows = [
         ("SFT step peak, GiB", sft_peak / GIB, sim_sft.total / GIB, sft_peak / sim_sft.total),
         ("PPO round peak, GiB", ppo_peak / GIB, sim_ppo_peak / GIB, ppo_peak / sim_ppo_peak),
@@ -201,8 +246,10 @@ def main(argv=None):
         if not all(math.isfinite(x) for x in (real, model, ratio)):
             raise SystemExit(f"{name}: not a finite figure ({real}, {model})")
         print(f"| {name} | {real:.4g} | {model:.4g} | {ratio:.3f} |")
-    print(f"(SFT: micro-batch {args.micro_batch} x 2 of {args.seq} tokens, {sft_s:.3f} s a step at {args.peak_tflops:g} "
-          f"TFLOPS peak; decode: batch {args.decode_batch}, {args.decode_prompt}-token prompts, at {args.hbm_tbps:g} TB/s)")
+    print(
+        f"(SFT: micro-batch {args.micro_batch} x 2 of {args.seq} tokens, {sft_s:.3f} s a step at {args.peak_tflops:g} "
+        f"TFLOPS peak; decode: batch {args.decode_batch}, {args.decode_prompt}-token prompts, at {args.hbm_tbps:g} TB/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ def cell(ranked, gpu_gb, world, command) -> tuple[str, object]:
         c = min(ranked, key=lambda c: c.simulated or c.modelled)
         held = f"{plan.size(c.simulated)} simulated" if c.simulated else f"{plan.size(c.modelled)} by the memory model"
         return f"nothing fits (the least: {held}; {simulated} simulated)", None
-    return (f"`{chosen.command_flags() or '(defaults)'}`: {plan.size(chosen.simulated)}, {plan.hours(chosen.seconds)} "
-            f"({simulated} simulated)"), chosen
+    return (
+        f"`{chosen.command_flags() or '(defaults)'}`: {plan.size(chosen.simulated)}, {plan.hours(chosen.seconds)} "
+        f"({simulated} simulated)"
+    ), chosen
 
 
 def main(kinds):
@@ -43,23 +45,43 @@ def main(kinds):
             for gb in MEMORY:
                 start = time.time()
                 if kind == "ppo":
-                    rounds = -(-train_ppo.MAX_STEPS // (train_ppo.PPO_EPOCHS * train_ppo.ROLLOUT_SIZE //
-                                                        train_ppo.BATCH_SIZE))
-                    ranked = plan.choose_ppo(config, world=world, gpu_gb=gb, rounds=rounds,
-                                             rollout_size=train_ppo.ROLLOUT_SIZE, batch_size=train_ppo.BATCH_SIZE,
-                                             ppo_epochs=train_ppo.PPO_EPOCHS, prompt_len=1024,  # --plan-prompt-tokens
-                                             new_tokens=train_ppo.MAX_NEW_TOKENS, trainable_blocks=TRAINABLE_BLOCKS)
+                    rounds = -(
+                        -train_ppo.MAX_STEPS // (train_ppo.PPO_EPOCHS * train_ppo.ROLLOUT_SIZE // train_ppo.BATCH_SIZE)
+                    )
+                    ranked = plan.choose_ppo(
+                        config,
+                        world=world,
+                        gpu_gb=gb,
+                        rounds=rounds,
+                        rollout_size=train_ppo.ROLLOUT_SIZE,
+                        batch_size=train_ppo.BATCH_SIZE,
+                        ppo_epochs=train_ppo.PPO_EPOCHS,
+                        prompt_len=1024,  # --plan-prompt-tokens
+                        new_tokens=train_ppo.MAX_NEW_TOKENS,
+                        trainable_blocks=TRAINABLE_BLOCKS,
+                    )
                     if not ranked:
-                        print(f"| ppo | {world} | {gb} | the paper's minibatch of {train_ppo.BATCH_SIZE} does not "
-                              f"split over {world} ranks |", flush=True)
+                        print(
+                            f"| ppo | {world} | {gb} | the paper's minibatch of {train_ppo.BATCH_SIZE} does not "
+                            f"split over {world} ranks |",
+                            flush=True,
+                        )
                         continue
                     text, chosen = cell(ranked, gb, world, "train_ppo.py")
                 else:
                     batch = train_sft.BATCH_SIZE if kind == "sft" else train_rm.BATCH_SIZE
                     items = plan.TABLE3_CONVERSATIONS if kind == "sft" else batch * 100
                     epochs = train_sft.EPOCHS if kind == "sft" else train_rm.EPOCHS
-                    ranked = plan.choose_lm(config, kind, world=world, gpu_gb=gb, batch=batch,
-                                            seq=train_sft.MAX_LEN if kind == "sft" else train_rm.MAX_LEN, steps=epochs * items // batch, mean_tokens=1024)
+                    ranked = plan.choose_lm(
+                        config,
+                        kind,
+                        world=world,
+                        gpu_gb=gb,
+                        batch=batch,
+                        seq=train_sft.MAX_LEN if kind == "sft" else train_rm.MAX_LEN,
+                        steps=epochs * items // batch,
+                        mean_tokens=1024,
+                    )
                     text, chosen = cell(ranked, gb, world, f"train_{kind}.py")
                 print(f"| {kind} | {world} | {gb} | {text} | {time.time() - start:.0f} s |", flush=True)
 
@@ -75,9 +97,17 @@ def fsdp_or_hsdp(kinds, world: int = 64):
         for gb in MEMORY:
             texts = []
             for shards in ([None], [plan.GPUS_PER_NODE]):
-                ranked = plan.choose_lm(config, kind, world=world, gpu_gb=gb, batch=batch,
-                                        seq=train_sft.MAX_LEN if kind == "sft" else train_rm.MAX_LEN,
-                                        steps=epochs * items // batch, mean_tokens=1024, shards=shards)
+                ranked = plan.choose_lm(
+                    config,
+                    kind,
+                    world=world,
+                    gpu_gb=gb,
+                    batch=batch,
+                    seq=train_sft.MAX_LEN if kind == "sft" else train_rm.MAX_LEN,
+                    steps=epochs * items // batch,
+                    mean_tokens=1024,
+                    shards=shards,
+                )
                 texts.append(cell(ranked, gb, world, f"train_{kind}.py")[0])
             print(f"| {kind} | {gb} | {' | '.join(texts)} |", flush=True)
 

@@ -61,8 +61,10 @@ def cmd_stats(args):
         print(f"  characters  {length_stats(chars)}")
         if args.tokenizer:
             lengths, dropped, cut = token_lengths(records, args.tokenizer, args.max_len)
-            print(f"  tokens      {length_stats(lengths)}  (template included; {dropped} too long for one "
-                  f"round of {args.max_len}, {cut} lose later rounds)")
+            print(
+                f"  tokens      {length_stats(lengths)}  (template included; {dropped} too long for one "
+                f"round of {args.max_len}, {cut} lose later rounds)"
+            )
         if report:
             print("  " + report.summary().replace("\n", "\n  "))
 
@@ -70,8 +72,17 @@ def cmd_stats(args):
 def cmd_convert(args):
     replacing(args.out, args, [args.input])
     report = Report()
-    n = write_jsonl(args.out, read(args.input, args.format, skip_bad=args.skip_bad, report=report,
-                                   encoding=args.encoding, **({"split": args.split} if args.split else {})))
+    n = write_jsonl(
+        args.out,
+        read(
+            args.input,
+            args.format,
+            skip_bad=args.skip_bad,
+            report=report,
+            encoding=args.encoding,
+            **({"split": args.split} if args.split else {}),
+        ),
+    )
     print(f"wrote {n} records to {args.out}")
     if report:
         print(report.summary())
@@ -101,16 +112,22 @@ def parse_source(spec: str) -> tuple[str, float, int | None]:
 
 
 def cmd_mix(args):
-    refuse_to_replace(Path(args.out_dir), ["train.jsonl", "val.jsonl"], overwrite=args.overwrite,
-                      inputs=[parse_source(spec)[0] for spec in args.source])
+    refuse_to_replace(
+        Path(args.out_dir),
+        ["train.jsonl", "val.jsonl"],
+        overwrite=args.overwrite,
+        inputs=[parse_source(spec)[0] for spec in args.source],
+    )
     sources, report = [], Report()
     for spec in args.source:
         path, weight, cap = parse_source(spec)
         records = list(read(path, args.format, skip_bad=args.skip_bad, report=report, encoding=args.encoding))
         for r in records:
             if r["messages"][-1]["role"] == "user":
-                report.note("record ends with a question: a trainer drops that turn, or the record if it has no answer",
-                            f"{path}: {r['id']}")
+                report.note(
+                    "record ends with a question: a trainer drops that turn, or the record if it has no answer",
+                    f"{path}: {r['id']}",
+                )
         sources.append(Source(path, records, weight, cap))
     train, val, rows = mix(sources, seed=args.seed, val_fraction=args.val_fraction)
     if args.tokenizer:  # over what is written (after dedup, cap and weight), not what was read
@@ -152,8 +169,9 @@ def cmd_export(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp):

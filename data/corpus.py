@@ -48,13 +48,19 @@ class Corpus:
 
     def __init__(self, directory: Path):
         labelled = (directory / "labels.int32").exists()
-        arrays = {name: _array(directory, name, dtype) for name, dtype in ARRAYS.items()
-                  if labelled or name in ("ids", "offsets")}
+        arrays = {
+            name: _array(directory, name, dtype)
+            for name, dtype in ARRAYS.items()
+            if labelled or name in ("ids", "offsets")
+        }
         self.ids, self.offsets = arrays["ids"], arrays["offsets"]
         self.labels, self.labelled = arrays.get("labels"), arrays.get("labelled")
         n = len(self.offsets) - 1
-        if n < 0 or int(self.offsets[-1]) != len(self.ids) or \
-                (labelled and (len(self.labelled) != n or len(self.labels) != len(self.ids))):
+        if (
+            n < 0
+            or int(self.offsets[-1]) != len(self.ids)
+            or (labelled and (len(self.labelled) != n or len(self.labels) != len(self.ids)))
+        ):
             raise ValueError(f"{directory}: the arrays of a rendered corpus do not agree in size")
 
     def __len__(self) -> int:
@@ -199,8 +205,9 @@ def sft_data(files, val_files, tok, *, max_len: int, seed: int, val_fraction: fl
     in the order given (the caller's, by content), deduplicated and split by data.mixing.mix
     with `seed`; --val-data files, when given, are the validation set whole."""
     report = Report()
-    train, val, rows = mix(read_sources(files, report, fmt, encoding), seed=seed,
-                           val_fraction=0 if val_files else val_fraction)
+    train, val, rows = mix(
+        read_sources(files, report, fmt, encoding), seed=seed, val_fraction=0 if val_files else val_fraction
+    )
     for row in rows:  # nothing is dropped without a word: the same conversation under another id
         for _ in range(row["duplicates"]):
             report.skip("the same conversation as another (normalised text; data.mixing.dedup_key)", row["source"])

@@ -72,8 +72,16 @@ def mix(sources: list[Source], *, seed: int = 0, val_fraction: float = 0.05):
         weighted = src_train * int(whole) + src_train[: round(len(src_train) * part)]
         train += weighted
         val += src_val
-        rows.append({"source": src.name, "read": len(src.records), "duplicates": len(src.records) - len(unique),
-                     "capped": len(unique) - len(capped), "val": len(src_val), "train": len(weighted)})
+        rows.append(
+            {
+                "source": src.name,
+                "read": len(src.records),
+                "duplicates": len(src.records) - len(unique),
+                "capped": len(unique) - len(capped),
+                "val": len(src_val),
+                "train": len(weighted),
+            }
+        )
     random.Random(f"{seed}:mix").shuffle(train)
     return train, val, rows
 
@@ -99,8 +107,9 @@ class LengthGroupedBatches:
     of an epoch may be short; drop_last leaves it out.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, *, seed: int = 0, group_batches: int = 32,
-                 drop_last: bool = False):
+    def __init__(
+        self, lengths: list[int], batch_size: int, *, seed: int = 0, group_batches: int = 32, drop_last: bool = False
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
@@ -114,8 +123,8 @@ class LengthGroupedBatches:
         group = self.batch_size * self.group_batches
         batches = []
         for g in range(0, len(order), group):
-            chunk = sorted(order[g:g + group], key=lambda i: self.lengths[i])
-            batches += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(order[g : g + group], key=lambda i: self.lengths[i])
+            batches += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         rng.shuffle(batches)
@@ -135,13 +144,20 @@ class LengthGroupedBatches:
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "n": len(self.lengths)}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "n": len(self.lengths),
+        }
 
     def load_state_dict(self, state: dict):
         for key in ("seed", "batch_size", "n"):
             mine = {"seed": self.seed, "batch_size": self.batch_size, "n": len(self.lengths)}[key]
             if state[key] != mine:
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this run has {mine}: "
-                                 "the data or the batch size changed since the checkpoint")
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]}, this run has {mine}: "
+                    "the data or the batch size changed since the checkpoint"
+                )
         self.epoch, self.position = state["epoch"], state["position"]

@@ -26,11 +26,30 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data.schema import (Report, RecordError, check_conversation, check_pair, check_prompt, from_huatuo, read_jsonl,
-                         text_lines)
+from data.schema import (
+    Report,
+    RecordError,
+    check_conversation,
+    check_pair,
+    check_prompt,
+    from_huatuo,
+    read_jsonl,
+    text_lines,
+)
 
-KUAKE_QIC_LABELS = ("病情诊断", "病因分析", "治疗方案", "就医建议", "指标解读", "疾病表述", "后果表述",
-                    "注意事项", "功效作用", "医疗费用", "其他")
+KUAKE_QIC_LABELS = (
+    "病情诊断",
+    "病因分析",
+    "治疗方案",
+    "就医建议",
+    "指标解读",
+    "疾病表述",
+    "后果表述",
+    "注意事项",
+    "功效作用",
+    "医疗费用",
+    "其他",
+)
 
 
 def _guard(records: Iterator, skip_bad: bool, report: Report | None):
@@ -51,9 +70,18 @@ def _qa(id: str, source: str, question, answer, where: str, meta: dict | None = 
     for field, value in (("question", question), ("answer", answer)):
         if not isinstance(value, str) or not value.strip():
             raise RecordError(f"{where}: {field} must be a non-empty string, found {value!r:.40}")
-    return check_conversation({"id": id, "source": source, "messages": [
-        {"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer.strip()}],
-        "meta": meta or {}}, where)
+    return check_conversation(
+        {
+            "id": id,
+            "source": source,
+            "messages": [
+                {"role": "user", "content": question.strip()},
+                {"role": "assistant", "content": answer.strip()},
+            ],
+            "meta": meta or {},
+        },
+        where,
+    )
 
 
 def _json_lines(path, encoding):
@@ -93,14 +121,18 @@ def _raise_or(value):
 def read_huatuo_sft(path, *, skip_bad=False, report=None, encoding="utf-8"):
     def records():
         for i, (where, obj) in enumerate(_json_lines(path, encoding)):
-            yield where, lambda w=where, o=obj, i=i: from_huatuo(_raise_or(o), w, id=f"{Path(path).stem}-{i}",
-                                                                   report=report)
+            yield (
+                where,
+                lambda w=where, o=obj, i=i: from_huatuo(_raise_or(o), w, id=f"{Path(path).stem}-{i}", report=report),
+            )
+
     return _guard(records(), skip_bad, report)
 
 
 def read_huatuo26m(path, *, skip_bad=False, report=None, encoding="utf-8"):
     """Huatuo-26M: `questions` and `answers` are strings in the test set, lists in some
     training parts (then the first of each is taken)."""
+
     def make(where, obj, i):
         obj = _raise_or(obj)
         if not isinstance(obj, dict):
@@ -114,6 +146,7 @@ def read_huatuo26m(path, *, skip_bad=False, report=None, encoding="utf-8"):
     def records():
         for i, (where, obj) in enumerate(_json_lines(path, encoding)):
             yield where, lambda w=where, o=obj, i=i: make(w, o, i)
+
     return _guard(records(), skip_bad, report)
 
 
@@ -149,7 +182,7 @@ def _csv_rows(path: Path, encoding: str, columns: tuple[str, ...], delimiter=","
             yield where, RecordError(f"{where}: expected {len(header)} fields ({', '.join(header)}), found {len(row)}")
             continue
         if len(row) > len(header):
-            row = row[:len(header) - 1] + [delimiter.join(row[len(header) - 1:])]
+            row = row[: len(header) - 1] + [delimiter.join(row[len(header) - 1 :])]
         yield where, dict(zip(header, row))
 
 
@@ -198,8 +231,7 @@ def read_cmedqa2(path, *, split="test", skip_bad=False, report=None, encoding="u
             raise RecordError(f"{where}: question_id {qid} has no gold answer (label 1)")
         if ans_ids[0] not in answers:
             raise RecordError(f"{where}: ans_id {ans_ids[0]} is not in answer.csv")
-        return _qa(f"cmedqa2-{qid}", "cmedqa2", questions[qid], answers[ans_ids[0]], where,
-                   {"gold_ans_ids": ans_ids})
+        return _qa(f"cmedqa2-{qid}", "cmedqa2", questions[qid], answers[ans_ids[0]], where, {"gold_ans_ids": ans_ids})
 
     items = [(w, lambda e=e: _raise_or(e)) for w, e in errors]
     items += [(first_line[q], lambda q=q, a=a: make(q, a)) for q, a in gold.items()]
@@ -219,20 +251,34 @@ def read_webmedqa(path, *, skip_bad=False, report=None, encoding="utf-8"):
             where = f"{path}:{n}"
             fields = line.split("\t", 4)  # a tab inside the answer, the last column, stays in it
             if len(fields) != 5:
-                yield where, lambda w=where, k=len(fields): _raise_or(RecordError(
-                    f"{w}: expected 5 tab-separated fields (department, label, qid, question, answer), found {k}"))
+                yield (
+                    where,
+                    lambda w=where, k=len(fields): _raise_or(
+                        RecordError(
+                            f"{w}: expected 5 tab-separated fields (department, label, qid, question, answer), found {k}"
+                        )
+                    ),
+                )
                 continue
             dept, label, qid, question, answer = fields
             pending.setdefault(qid, where)
             if label.strip() == "1" and qid not in seen_gold:
                 seen_gold.add(qid)
-                yield where, lambda w=where, d=dept, q=qid, qu=question, a=answer: _qa(
-                    f"webmedqa-{q}", "webmedqa", qu, a, w, {"department": d})
+                yield (
+                    where,
+                    lambda w=where, d=dept, q=qid, qu=question, a=answer: _qa(
+                        f"webmedqa-{q}", "webmedqa", qu, a, w, {"department": d}
+                    ),
+                )
             elif label.strip() not in ("0", "1"):
-                yield where, lambda w=where, lab=label: _raise_or(RecordError(f"{w}: label must be 0 or 1, found {lab!r}"))
+                yield (
+                    where,
+                    lambda w=where, lab=label: _raise_or(RecordError(f"{w}: label must be 0 or 1, found {lab!r}")),
+                )
         for qid, where in pending.items():
             if qid not in seen_gold and report is not None:
                 report.note("question without a gold answer (label 1) left out", where)
+
     return _guard(records(), skip_bad, report)
 
 
@@ -342,14 +388,19 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             raise RecordError(f"{where}: no patient turn answered by a doctor")
         if names.count("Dialogue") > 1:
             _note("several Description/Dialogue sections kept as rounds of one conversation", where)
-        meta = {"url": url, "department": " ".join(line.strip() for name, body in sections if name == "Doctor faculty"
-                                                   for line in body if line.strip())}
+        meta = {
+            "url": url,
+            "department": " ".join(
+                line.strip() for name, body in sections if name == "Doctor faculty" for line in body if line.strip()
+            ),
+        }
         meta["description"] = descriptions[0] if descriptions else {}
         if diagnosis:
             meta["diagnosis"] = "\n".join(d for d in diagnosis if d)
         messages = [{"role": "user" if s == "病人" else "assistant", "content": t} for s, t in merged]
-        return check_conversation({"id": f"meddialog-{stem}-{ident}", "source": "meddialog", "messages": messages,
-                                   "meta": meta}, where)
+        return check_conversation(
+            {"id": f"meddialog-{stem}-{ident}", "source": "meddialog", "messages": messages, "meta": meta}, where
+        )
 
     def _note(what, where):
         if report is not None:
@@ -374,34 +425,53 @@ def _fields(lines: list[str]) -> dict[str, str]:
 
 def read_kuake_qic(path, *, skip_bad=False, report=None, encoding="utf-8"):
     """KUAKE-QIC (and HuatuoGPT's KUAKE-QIC_100.json): [{id, query, label}] -> prompts."""
+
     def make(where, item):
         item = _raise_or(item)
         if item["label"] not in KUAKE_QIC_LABELS:
             raise RecordError(f"{where}: label {item['label']!r} is not one of the 11 KUAKE-QIC intents")
-        return check_prompt({"id": str(item["id"]), "source": "kuake-qic",
-                             "messages": [{"role": "user", "content": item["query"]}],
-                             "meta": {"label": item["label"]}}, where)
-    return _guard(((w, lambda w=w, i=i: make(w, i)) for w, i in _json_list(path, encoding, ("id", "query", "label"))),
-                  skip_bad, report)
+        return check_prompt(
+            {
+                "id": str(item["id"]),
+                "source": "kuake-qic",
+                "messages": [{"role": "user", "content": item["query"]}],
+                "meta": {"label": item["label"]},
+            },
+            where,
+        )
+
+    return _guard(
+        ((w, lambda w=w, i=i: make(w, i)) for w, i in _json_list(path, encoding, ("id", "query", "label"))),
+        skip_bad,
+        report,
+    )
 
 
 def read_med_dialog_100(path, *, skip_bad=False, report=None, encoding="utf-8"):
     """HuatuoGPT's Med-dialog_100.json: cases for the simulated-patient evaluation. The prompt
     is the medical case; the doctor's diagnosis and the department go to meta."""
+
     def make(where, item):
         item = _raise_or(item)
-        return check_prompt({"id": str(item["id"]), "source": "med-dialog-100",
-                             "messages": [{"role": "user", "content": item["medical_case"]}],
-                             "meta": {"doctor_diagnosis": item["doctor_diagnosis"],
-                                      "department": item["Department"]}}, where)
+        return check_prompt(
+            {
+                "id": str(item["id"]),
+                "source": "med-dialog-100",
+                "messages": [{"role": "user", "content": item["medical_case"]}],
+                "meta": {"doctor_diagnosis": item["doctor_diagnosis"], "department": item["Department"]},
+            },
+            where,
+        )
+
     keys = ("id", "medical_case", "doctor_diagnosis", "Department")
     return _guard(((w, lambda w=w, i=i: make(w, i)) for w, i in _json_list(path, encoding, keys)), skip_bad, report)
 
 
 def read_schema(path, *, skip_bad=False, report=None, encoding="utf-8"):
     """Our JSONL: conversations ending with an answer or prompts ending with a question."""
-    return read_jsonl(path, lambda r, w: check_conversation(r, w, ending="any"), skip_bad=skip_bad,
-                      report=report, encoding=encoding)
+    return read_jsonl(
+        path, lambda r, w: check_conversation(r, w, ending="any"), skip_bad=skip_bad, report=report, encoding=encoding
+    )
 
 
 def read_pairs(path, *, skip_bad=False, report=None, encoding="utf-8"):
@@ -426,13 +496,18 @@ def read_alpaca(path, *, skip_bad=False, report=None, encoding="utf-8"):
     """Alpaca-style instructions, the general-domain instruction data of paper App. E (Chinese
     Alpaca, Peng et al. 2023): {"instruction", "input", "output"} objects. The question is the
     instruction, then the input on a line of its own when there is one."""
+
     def make(where, item, i):
         item = _raise_or(item)
         for field in ("instruction", "input", "output"):
             if item.get(field) is not None and not isinstance(item[field], str):
                 raise RecordError(f"{where}: field {field!r} must be a string")
-        question = item["instruction"].strip() + ("\n" + item["input"].strip() if (item.get("input") or "").strip() else "")
-        return _qa(str(item.get("id", f"{Path(path).stem}-{i}")), "general_instruction", question, item["output"], where)
+        question = item["instruction"].strip() + (
+            "\n" + item["input"].strip() if (item.get("input") or "").strip() else ""
+        )
+        return _qa(
+            str(item.get("id", f"{Path(path).stem}-{i}")), "general_instruction", question, item["output"], where
+        )
 
     items = _json_items(path, encoding, ("instruction", "output"))
     return _guard(((w, lambda w=w, it=it, i=i: make(w, it, i)) for i, (w, it) in enumerate(items)), skip_bad, report)
@@ -447,6 +522,7 @@ def read_sharegpt(path, *, skip_bad=False, report=None, encoding="utf-8"):
     speaker in a row are joined; system and empty turns, assistant turns before the first
     question and a last unanswered question are dropped; each is counted. The raw dumps
     (philschmid/sharegpt-raw) keep the web page's HTML in `value`: it is read as it is."""
+
     def note(what, where):
         if report is not None:
             report.note(what, where)
@@ -479,8 +555,15 @@ def read_sharegpt(path, *, skip_bad=False, report=None, encoding="utf-8"):
             note("final unanswered question dropped", where)
         if not messages:
             raise RecordError(f"{where}: no question with an answer")
-        return check_conversation({"id": str(item.get("id", f"{Path(path).stem}-{i}")), "source": "general_conversation",
-                                   "messages": messages, "meta": {}}, where)
+        return check_conversation(
+            {
+                "id": str(item.get("id", f"{Path(path).stem}-{i}")),
+                "source": "general_conversation",
+                "messages": messages,
+                "meta": {},
+            },
+            where,
+        )
 
     items = _json_items(path, encoding, ("conversations",))
     return _guard(((w, lambda w=w, it=it, i=i: make(w, it, i)) for i, (w, it) in enumerate(items)), skip_bad, report)
@@ -549,8 +632,9 @@ def add_input_args(p, *, formats: bool = True):
     """--format and --encoding, for every command that reads data files."""
     if formats:
         p.add_argument("--format", choices=sorted(READERS), help="the input files' format (default: guessed per file)")
-    p.add_argument("--encoding", default="utf-8", help="the input files' text encoding (Chinese data sets are "
-                                                        "sometimes gbk)")
+    p.add_argument(
+        "--encoding", default="utf-8", help="the input files' text encoding (Chinese data sets are sometimes gbk)"
+    )
 
 
 def read(path, fmt: str | None = None, **kw) -> Iterator[dict]:

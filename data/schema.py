@@ -32,10 +32,6 @@ ROLES = ("user", "assistant")
 SFT_SOURCES = ("distilled_instruction", "real_instruction", "distilled_conversation", "real_conversation")
 
 
-
-
-
-
 class Report:
     """What readers skipped or changed, with reasons, for the summary a user reads."""
 
@@ -70,14 +66,17 @@ def check_messages(messages, where: str, ending: str = "assistant") -> list[dict
             raise RecordError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
         expected = ROLES[i % 2]
         if m["role"] != expected:
-            raise RecordError(f"{where}: messages[{i}].role is {m['role']!r}, expected {expected!r} (turns alternate, user first)")
+            raise RecordError(
+                f"{where}: messages[{i}].role is {m['role']!r}, expected {expected!r} (turns alternate, user first)"
+            )
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise RecordError(f"{where}: messages[{i}].content must be a non-empty string")
         try:
             m["content"].encode("utf-8")  # a JSON "\ud800" is a lone surrogate, which no tokenizer takes
         except UnicodeEncodeError as e:
-            raise RecordError(f"{where}: messages[{i}].content is not valid Unicode text (a lone surrogate at "
-                              f"character {e.start})") from None
+            raise RecordError(
+                f"{where}: messages[{i}].content is not valid Unicode text (a lone surrogate at character {e.start})"
+            ) from None
     last = messages[-1]["role"]
     if ending != "any" and last != ending:
         raise RecordError(f"{where}: the last message is from the {last}, expected the {ending}")
@@ -111,8 +110,9 @@ def check_pair(record, where: str) -> dict:
     return record
 
 
-def text_lines(path: str | os.PathLike, encoding: str = "utf-8",
-               on_bad_line: Callable[[RecordError], None] | None = None) -> Iterator[tuple[int, str]]:
+def text_lines(
+    path: str | os.PathLike, encoding: str = "utf-8", on_bad_line: Callable[[RecordError], None] | None = None
+) -> Iterator[tuple[int, str]]:
     """(line number, line) of a text file; a BOM is dropped. A line that is not valid in
     `encoding` is named, with the byte of that line where it goes wrong: an error, or given to
     on_bad_line (a reader's --skip-bad) and passed over. Lines are split and decoded one by one
@@ -131,8 +131,9 @@ def text_lines(path: str | os.PathLike, encoding: str = "utf-8",
             try:
                 line = raw.decode("utf-8-sig" if utf8 and n == 1 else "utf-8" if utf8 else encoding)
             except UnicodeDecodeError as e:
-                error = RecordError(f"{path}:{n}: not valid {encoding}: {e.reason} at byte {e.start + 1} of the "
-                                    f"line{hint}")
+                error = RecordError(
+                    f"{path}:{n}: not valid {encoding}: {e.reason} at byte {e.start + 1} of the line{hint}"
+                )
                 if on_bad_line is None:
                     raise error from None
                 on_bad_line(error)
@@ -144,9 +145,16 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
     return "\n".join(line for _, line in text_lines(path, encoding))
 
 
-def read_jsonl(path, check: Callable = check_conversation, *, skip_bad: bool = False,
-               report: Report | None = None, encoding: str = "utf-8") -> Iterator[dict]:
+def read_jsonl(
+    path,
+    check: Callable = check_conversation,
+    *,
+    skip_bad: bool = False,
+    report: Report | None = None,
+    encoding: str = "utf-8",
+) -> Iterator[dict]:
     """Yield the checked records of a JSONL file; blank lines are allowed."""
+
     def bad_line(e: RecordError):
         if not skip_bad:
             raise e

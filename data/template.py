@@ -50,8 +50,10 @@ from dataclasses import dataclass
 
 import torch
 
-SYSTEM = ("一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的"
-          "指导建议。对于用户的指令问题，HuatuoGPT给出有益的、详细的、有礼貌的回答。")
+SYSTEM = (
+    "一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的"
+    "指导建议。对于用户的指令问题，HuatuoGPT给出有益的、详细的、有礼貌的回答。"
+)
 PATIENT_TAG = "<病人>："
 DOCTOR_TAG = "<HuatuoGPT>："
 TURN_END = " "  # the official UTTER_END_SIGNAL; a doctor's turn ends with ROUND_END_SIGNAL, " </s>"
@@ -69,7 +71,8 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ '" + DOCTOR_TAG + "' + message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('HuatuoGPT has no ' + message['role'] + ' role: user and assistant only') }}"
     "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + DOCTOR_TAG + "' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '" + DOCTOR_TAG + "' }}{% endif %}"
+)
 # How chat.py samples, written as generation_config.json into every exported checkpoint: at most
 # 512 new tokens as the official demo (huatuo_cli_demo_stream.py, --max-new-tokens); temperature,
 # top-p and repetition penalty are ours (the paper gives none; the demo's are 0.5 and 1.2).
@@ -94,8 +97,9 @@ def doctor_turn(tok, answer: str) -> list[int]:
     return tok.encode(DOCTOR_TAG + answer + TURN_END) + [tok.eos_id]
 
 
-def render(tok, messages: list[dict], *, max_len: int = MAX_LEN, generation_prompt: bool | None = None,
-           system: str = SYSTEM):
+def render(
+    tok, messages: list[dict], *, max_len: int = MAX_LEN, generation_prompt: bool | None = None, system: str = SYSTEM
+):
     """messages -> Rendered(ids, labels), or None if not even one training round fits.
 
     generation_prompt defaults to "the last message is the user's": then the ids end with the
@@ -164,7 +168,7 @@ def render_reply(tok, messages: list[dict], reply: str, *, max_len: int = MAX_LE
     the reply's first token, just after the doctor's tag)."""
     turn, tag = doctor_turn(tok, reply), tok.encode(DOCTOR_TAG)
     prompt = render(tok, messages, max_len=max_len - len(turn) + len(tag), generation_prompt=True)
-    ids = prompt.ids[:len(prompt.ids) - len(tag)] + turn
+    ids = prompt.ids[: len(prompt.ids) - len(tag)] + turn
     # The reply starts after the tag's pieces (with a vocabulary that joined "：" to the reply's
     # first character, after the pieces the two share).
     shared = next((i for i, (a, b) in enumerate(zip(tag, turn)) if a != b), len(tag))

@@ -36,19 +36,34 @@ SEED = 0  # every test's global RNGs (torch, random, numpy) start here
 
 def pytest_configure(config):
     global INDUCTOR_CACHE
-    config.addinivalue_line("markers", "numerics: a numerical test that tests/test_kernels.py runs again under "
-                                       "other CPU kernel sets (its tolerances must hold on any CPU)")
+    config.addinivalue_line(
+        "markers",
+        "numerics: a numerical test that tests/test_kernels.py runs again under "
+        "other CPU kernel sets (its tolerances must hold on any CPU)",
+    )
     INDUCTOR_CACHE = tempfile.mkdtemp(prefix="huatuo-tests-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE
     # Variables that change what the code under test does, when a developer's shell has them
     # set: torchrun's (init_distributed would join a process group that is not there) and the
     # API keys (a server that asks for a key, a client that sends a real one).
     for name in [n for n in os.environ if n.startswith(("TORCHELASTIC_", "OPENAI_"))] + [
-            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "SERVE_API_KEY"]:
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SERVE_API_KEY",
+    ]:
         os.environ.pop(name, None)
-    BASELINE.update(recursion_limit=sys.getrecursionlimit(), threads=torch.get_num_threads(),
-                    dtype=torch.get_default_dtype(), cwd=os.getcwd(), environ=dict(os.environ))
+    BASELINE.update(
+        recursion_limit=sys.getrecursionlimit(),
+        threads=torch.get_num_threads(),
+        dtype=torch.get_default_dtype(),
+        cwd=os.getcwd(),
+        environ=dict(os.environ),
+    )
 
 
 NUMERICS = 0  # how many tests of the whole suite are marked `numerics` (tests/test_kernels.py)
@@ -63,8 +78,11 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter):
     """Why tests were skipped, a line a reason (`-q` would only count them): how to enable the
     browser tests where there is no browser, for one."""
-    reasons = [r.longrepr[2].removeprefix("Skipped: ") for r in terminalreporter.stats.get("skipped", [])
-               if isinstance(r.longrepr, tuple)]
+    reasons = [
+        r.longrepr[2].removeprefix("Skipped: ")
+        for r in terminalreporter.stats.get("skipped", [])
+        if isinstance(r.longrepr, tuple)
+    ]
     for reason in dict.fromkeys(reasons):
         terminalreporter.write_line(f"skipped ({reasons.count(reason)}): {reason}")
 
@@ -92,8 +110,15 @@ def micro_model() -> Path:
         out = Path(tempfile.mkdtemp(prefix="huatuo-tests-micro-")) / "micro"
         out.mkdir()
         train_tiny_tokenizer(out.parent / "tokenizer.model")
-        config = ModelConfig(vocab_size=2304, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+        config = ModelConfig(
+            vocab_size=2304,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        )
         Transformer.from_config(config, seed=0).save_pretrained(out, tokenizer=out.parent / "tokenizer.model")
         MICRO = out
     return MICRO
@@ -134,10 +159,21 @@ def trainer_env(nproc: int = 1) -> dict:
 def hf_config(**overrides):
     from transformers import LlamaConfig
 
-    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-              rope_theta=500.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rope_theta=500.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     return LlamaConfig(**kw)
 
@@ -172,7 +208,8 @@ def make_pair(dtype=torch.float32, **overrides):
     hf = sharpen_(LlamaForCausalLM(cfg)).eval()
     ours = Transformer(ModelConfig.from_hf(cfg.to_dict()))
     missing, unexpected = ours.load_state_dict(
-        {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
+        {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False
+    )
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     return ours.to(dtype).eval(), hf.to(dtype)
 
@@ -185,9 +222,16 @@ def pair():
 @pytest.fixture
 def small_model():
     """One of ours alone, sharp, for tests that need no reference."""
-    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=500.0)
+    cfg = ModelConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=500.0,
+    )
     return sharpen_(Transformer(cfg)).eval()
 
 
@@ -203,13 +247,31 @@ def two_rank_checks(tmp_path_factory, request):
     plan = any(item.path.name == "test_plan.py" for item in request.session.items)
 
     def run():
-        checks = ["sliced_forward", "generation", "gradient_memory", "bf16_mixed_precision", "ppo_update",
-                  "rollout_gathered", "ppo_setup_share", "frozen_bf16", "reward_sharded"] + ["simulation_is_real"] * plan
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tests" / "fsdp_worker.py"), *checks]
+        checks = [
+            "sliced_forward",
+            "generation",
+            "gradient_memory",
+            "bf16_mixed_precision",
+            "ppo_update",
+            "rollout_gathered",
+            "ppo_setup_share",
+            "frozen_bf16",
+            "reward_sharded",
+        ] + ["simulation_is_real"] * plan
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "fsdp_worker.py"),
+            *checks,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         return {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
     return SimpleNamespace(**once_a_run(tmp_path_factory, "two_rank_checks", run))
 
 
@@ -224,10 +286,32 @@ def two_nodes(script: str, *per_node: list[str], timeout: float = 300):
     with socket.socket() as s:  # a port free now; the first node to start hosts the rendezvous there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
-    procs = [subprocess.Popen(launcher + [str(ROOT / script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=trainer_env(2), cwd=ROOT) for args in per_node]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "two-nodes",
+    ]
+    procs = [
+        subprocess.Popen(
+            launcher + [str(ROOT / script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=trainer_env(2),
+            cwd=ROOT,
+        )
+        for args in per_node
+    ]
     outputs = [p.communicate(timeout=timeout) for p in procs]
     return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outputs)]
 

@@ -30,8 +30,14 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     fault = server.faults.pop(0) if server.faults else server.always
-                    server.log.append({"messages": body["messages"], "model": body.get("model"), "fault": fault,
-                                       "authorization": self.headers.get("Authorization", "")})
+                    server.log.append(
+                        {
+                            "messages": body["messages"],
+                            "model": body.get("model"),
+                            "fault": fault,
+                            "authorization": self.headers.get("Authorization", ""),
+                        }
+                    )
                 if fault == "429":
                     return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
                 if fault == "429-soon":
@@ -50,9 +56,16 @@ class FakeOpenAI:
                 if server.delay:
                     time.sleep(server.delay)
                 content = server.respond(body["messages"])
-                data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}).encode()
+                data = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+                    }
+                ).encode()
                 if fault == "truncated":
                     data = data[: len(data) // 2]
                 self._send(200, data, trickle=fault == "trickle")
@@ -67,7 +80,7 @@ class FakeOpenAI:
                 try:
                     if trickle:
                         for i in range(len(data)):
-                            self.wfile.write(data[i:i + 1])
+                            self.wfile.write(data[i : i + 1])
                             self.wfile.flush()
                             time.sleep(0.2)
                     else:

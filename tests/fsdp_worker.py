@@ -24,8 +24,16 @@ from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E40
 from plan import gradient_bytes  # noqa: E402
 from training import exit_trainer, init_distributed, shard  # noqa: E402
 
-CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0)
+CONFIG = ModelConfig(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_theta=500.0,
+)
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
@@ -96,8 +104,10 @@ def check_generation(d):
     kw = dict(max_new_tokens=10, eos_id=-1, temperature=0, return_logprobs=True)
     got, want = generate(model, prompts, **kw), generate(ref, prompts, **kw)
     assert got.tokens == want.tokens, (got.tokens, want.tokens)
+
     def as64(lps):
         return torch.tensor(lps, dtype=torch.float64)
+
     torch.testing.assert_close(as64(got.logprobs), as64(want.logprobs), **TOL)
     # Sampling leaves the model resharded: its parameters are the sharded ones an optimizer holds.
     assert all(isinstance(p, DTensor) for p in model.parameters())
@@ -125,14 +135,24 @@ def check_generation(d):
     # whatever filters chose the tokens (vocab_limit, top-p, temperature). (As many prompts on
     # each rank: every forward of a sharded model must run on all ranks.)
     prompts = [[1, 90, 3], [1, 12, 77, 3]] if d.rank == 0 else [[1, 30, 21], [1, 8, 8, 40]]
-    out = generate(model, prompts, max_new_tokens=8, eos_id=-1, temperature=0.9, top_p=0.8, vocab_limit=50,
-                   return_logprobs=True, generator=torch.Generator().manual_seed(d.rank))
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens=8,
+        eos_id=-1,
+        temperature=0.9,
+        top_p=0.8,
+        vocab_limit=50,
+        return_logprobs=True,
+        generator=torch.Generator().manual_seed(d.rank),
+    )
     for prompt, tokens, lps in zip(prompts, out.tokens, out.logprobs):
         assert max(tokens) < 50
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
-        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64),
-                                   token_logprobs(logits, torch.tensor(tokens)).double(), **TOL)
+            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+        torch.testing.assert_close(
+            torch.tensor(lps, dtype=torch.float64), token_logprobs(logits, torch.tensor(tokens)).double(), **TOL
+        )
     ok(d, "generation_logprobs")
 
 
@@ -172,8 +192,15 @@ def check_gradient_memory(d):
 
         train_sft.batch_loss, real = loss_sum, train_sft.batch_loss
         try:
-            train_sft.train_step(model, d, [Rendered([i], [-100, 1]) for i in range(8)], micro_batch=2, pad_id=0,
-                                 grad_clip=1e9, grad_sync=grad_sync)
+            train_sft.train_step(
+                model,
+                d,
+                [Rendered([i], [-100, 1]) for i in range(8)],
+                micro_batch=2,
+                pad_id=0,
+                grad_clip=1e9,
+                grad_sync=grad_sync,
+            )
         finally:
             train_sft.batch_loss = real
         # The model's figure is for fp32 gradients (4 bytes a parameter); fp64 ones take twice.
@@ -183,8 +210,11 @@ def check_gradient_memory(d):
         # within a percent of the model's figure, and the ranks' sum is exact.
         total = torch.tensor([held[0]], dtype=torch.float64)
         dist.all_reduce(total)
-        assert total.item() == expected * d.world and abs(held[0] - expected) < 0.01 * expected, \
-            (grad_sync, held[0], expected)
+        assert total.item() == expected * d.world and abs(held[0] - expected) < 0.01 * expected, (
+            grad_sync,
+            held[0],
+            expected,
+        )
         results[grad_sync] = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
     for k, g in results["every"].items():  # the same gradient either way
         torch.testing.assert_close(results["last"][k], g, **TOL)
@@ -224,12 +254,28 @@ def check_ppo_update(d):
     state = {k: v.clone() for k, v in sft.state_dict().items()}
     model, ref = train_ppo.build(CONFIG, state if d.main else None, d)
     gen = torch.Generator().manual_seed(1)  # the same buffer on every rank
-    exps = [Experience([1] + torch.randint(3, 101, (2 + i % 4,), generator=gen).tolist(),
-                       torch.randint(3, 101, (1 + (3 * i) % 5,), generator=gen).tolist(), True, score=0.5 * i - 2)
-            for i in range(8)]
+    exps = [
+        Experience(
+            [1] + torch.randint(3, 101, (2 + i % 4,), generator=gen).tolist(),
+            torch.randint(3, 101, (1 + (3 * i) % 5,), generator=gen).tolist(),
+            True,
+            score=0.5 * i - 2,
+        )
+        for i in range(8)
+    ]
     tok = SimpleNamespace(pad_id=0, eos_id=2)
-    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=0, ppo_epochs=1, clip_ratio=0.2, clip_value=0.2,
-                           vf_coef=1.0, grad_clip=0.5, grad_sync="every", chunk_size=4)
+    args = SimpleNamespace(
+        batch_size=8,
+        micro_batch_size=2,
+        seed=0,
+        ppo_epochs=1,
+        clip_ratio=0.2,
+        clip_value=0.2,
+        vf_coef=1.0,
+        grad_clip=0.5,
+        grad_sync="every",
+        chunk_size=4,
+    )
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
     train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
     # Each rank holds what it made, its own experiences (its micro-batches); the hand computation
@@ -244,26 +290,31 @@ def check_ppo_update(d):
         for f, v in zip(fields, values):
             setattr(hand[i], f, v)
     plain = PolicyWithValue(Transformer(CONFIG))
-    plain.load_state_dict({**{f"policy.{k}": v for k, v in state.items()},
-                           "value_head.weight": torch.zeros(1, CONFIG.hidden_size)})
+    plain.load_state_dict(
+        {**{f"policy.{k}": v for k, v in state.items()}, "value_head.weight": torch.zeros(1, CONFIG.hidden_size)}
+    )
     # Push the policy off π0 first so that ratios and clipping take part: the same nudge to both.
     with torch.no_grad():
         for name, p in plain.named_parameters():
             if name.startswith("policy.layers.3."):
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
-    train_ppo.update(model, make_optimizer(model, 1e-2, 0.0), train_ppo.AdaptiveKL(0.1, None, 1), exps, batches,
-                     tok, args, d, 0.0, 1)
+    train_ppo.update(
+        model, make_optimizer(model, 1e-2, 0.0), train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, tok, args, d, 0.0, 1
+    )
 
     opt = make_optimizer(plain, 1e-2, 0.0)
     out = response_outputs(plain, hand, 0, "cpu")
     width = out["logp"].shape[1]
+
     def pad(name):
         return torch.stack([torch.nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in hand])
 
-    loss, _ = ppo_loss_sum(out["logp"], pad("logp"), out["values"], pad("values"), pad("advantages"),
-                           pad("returns"), out["mask"])
+    loss, _ = ppo_loss_sum(
+        out["logp"], pad("logp"), out["values"], pad("values"), pad("advantages"), pad("returns"), out["mask"]
+    )
     (loss / sum(len(e.response) for e in hand)).backward()
     torch.nn.utils.clip_grad_norm_([p for p in plain.parameters() if p.grad is not None], 0.5)
     opt.step()
@@ -317,8 +368,9 @@ def check_rollout_gathered(d):
     try:
         for reshard in (True, False):
             gathers.clear()
-            args = SimpleNamespace(seed=0, chunk_size=3, max_new_tokens=8, unfinished_penalty=0.0,
-                                   reshard_in_rollout=reshard)
+            args = SimpleNamespace(
+                seed=0, chunk_size=3, max_new_tokens=8, unfinished_penalty=0.0, reshard_in_rollout=reshard
+            )
             exps, _ = train_ppo.rollout(model, NoReward(), prompts, Tok(), args, d, round_no=0)
             runs[reshard] = ([e.response for e in exps], len(gathers))
     finally:
@@ -346,14 +398,17 @@ def check_ppo_setup_share(d):
     import train_ppo
 
     sent = []
-    real = {name: getattr(dist, name) for name in ("broadcast_object_list", "all_gather_object", "gather_object",
-                                                 "scatter_object_list")}
+    real = {
+        name: getattr(dist, name)
+        for name in ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list")
+    }
 
     def counting(name):
         def call(*args, **kwargs):
             out = real[name](*args, **kwargs)
             sent.append(len(pickle.dumps(args[0])))  # the objects that went through, as this rank has them now
             return out
+
         return call
 
     torch.manual_seed(0)
@@ -397,18 +452,36 @@ def check_frozen_bf16(d):
     torch.manual_seed(0)
     state = sharpen_(Transformer(CONFIG)).state_dict()
     tok = SimpleNamespace(pad_id=0, eos_id=2)
-    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=0, ppo_epochs=1, clip_ratio=0.2, clip_value=0.2,
-                           vf_coef=1.0, grad_clip=0.5, grad_sync="every", chunk_size=4)
+    args = SimpleNamespace(
+        batch_size=8,
+        micro_batch_size=2,
+        seed=0,
+        ppo_epochs=1,
+        clip_ratio=0.2,
+        clip_value=0.2,
+        vf_coef=1.0,
+        grad_clip=0.5,
+        grad_sync="every",
+        chunk_size=4,
+    )
     seen = {}
     for frozen_bf16 in (False, True):
         model, ref = train_ppo.build(CONFIG, state if d.main else None, d, bf16=True, frozen_bf16=frozen_bf16)
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trained and all((dtypes[n] == torch.float32) == (n in trained or not frozen_bf16) for n in dtypes), dtypes
+        assert trained and all((dtypes[n] == torch.float32) == (n in trained or not frozen_bf16) for n in dtypes), (
+            dtypes
+        )
         gen = torch.Generator().manual_seed(1)
-        exps = [Experience([1] + torch.randint(3, 101, (2 + i % 4,), generator=gen).tolist(),
-                           torch.randint(3, 101, (1 + (3 * i) % 5,), generator=gen).tolist(), True, score=0.5 * i - 2)
-                for i in range(8)]
+        exps = [
+            Experience(
+                [1] + torch.randint(3, 101, (2 + i % 4,), generator=gen).tolist(),
+                torch.randint(3, 101, (1 + (3 * i) % 5,), generator=gen).tolist(),
+                True,
+                score=0.5 * i - 2,
+            )
+            for i in range(8)
+        ]
         batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
         train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
         made = [(e.logp, e.values, e.advantages) for e in exps if e.logp is not None]
@@ -421,8 +494,9 @@ def check_frozen_bf16(d):
         for x, y in zip(a, b):
             assert torch.equal(x, y), (x, y)
     assert top32.keys() == top16.keys() and all(torch.equal(top32[n], top16[n]) for n in top32)
-    assert not torch.equal(top32["policy.layers.3.mlp.up_proj.weight"],
-                           state["layers.3.mlp.up_proj.weight"].chunk(d.world)[d.rank])  # it trained
+    assert not torch.equal(
+        top32["policy.layers.3.mlp.up_proj.weight"], state["layers.3.mlp.up_proj.weight"].chunk(d.world)[d.rank]
+    )  # it trained
     ok(d, "frozen_bf16")
 
 
@@ -449,8 +523,9 @@ def check_reward_sharded(d):
     dist.barrier()
     sharded = train_ppo.load_reward(where[0], CONFIG, d, torch.float64)
     replicated = train_ppo.load_reward(where[0], CONFIG, d, torch.float64, sharded=False)
-    assert all(isinstance(p, DTensor) and p.to_local().shape[0] <= -(-p.shape[0] // d.world)
-               for p in sharded.parameters())
+    assert all(
+        isinstance(p, DTensor) and p.to_local().shape[0] <= -(-p.shape[0] // d.world) for p in sharded.parameters()
+    )
     assert not any(isinstance(p, DTensor) for p in replicated.parameters())
     gen = torch.Generator().manual_seed(10 + d.rank)
     prompts = [[1] + torch.randint(3, 101, (n,), generator=gen).tolist() for n in (5, 11, 3)]
@@ -461,8 +536,9 @@ def check_reward_sharded(d):
     torch.testing.assert_close(got, want, **TOL)
     assert want.abs().min() > 1e-3  # not a comparison of zeros
     exps = [train_ppo.Experience(p, r, True) for p, r in zip(prompts, replies)]
-    train_ppo.score_round(sharded, exps, SimpleNamespace(eos_id=2, pad_id=0),
-                          SimpleNamespace(chunk_size=2, unfinished_penalty=0.0))
+    train_ppo.score_round(
+        sharded, exps, SimpleNamespace(eos_id=2, pad_id=0), SimpleNamespace(chunk_size=2, unfinished_penalty=0.0)
+    )
     scores = torch.tensor([e.score for e in exps], dtype=torch.float64)
     torch.testing.assert_close(scores, want.clamp(-train_ppo.SCORE_CLIP, train_ppo.SCORE_CLIP), **TOL)
     assert all(isinstance(p, DTensor) for p in sharded.parameters())  # resharded, the root too
@@ -472,11 +548,27 @@ def check_reward_sharded(d):
     ok(d, "reward_sharded")
 
 
-PLAN_CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500.0)
+PLAN_CONFIG = ModelConfig(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=500.0,
+)
 PLAN_SFT = dict(micro_batch=4, bf16=True)
-PLAN_PPO = dict(trainable_blocks=2, rollout_size=8, chunk_size=4, batch_size=8, micro_batches=[4], prompt_len=200,
-                new_tokens=24, bf16=True)
+PLAN_PPO = dict(
+    trainable_blocks=2,
+    rollout_size=8,
+    chunk_size=4,
+    batch_size=8,
+    micro_batches=[4],
+    prompt_len=200,
+    new_tokens=24,
+    bf16=True,
+)
 
 
 def plan_sft_step(model, d, n, **kw):
@@ -499,8 +591,16 @@ def check_simulation_is_real(d, shard: int | None = None):
     sft = plan.measure_training(d, mesh, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
     ppo = plan.measure_ppo(d, mesh, PLAN_CONFIG, **PLAN_PPO)
     if d.main:
-        print("measured " + json.dumps({"sft": sft.parts, **{"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts
-                                                              for k, m in ppo.items()}}), flush=True)
+        print(
+            "measured "
+            + json.dumps(
+                {
+                    "sft": sft.parts,
+                    **{"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts for k, m in ppo.items()},
+                }
+            ),
+            flush=True,
+        )
     ok(d, "simulation_is_real")
 
 

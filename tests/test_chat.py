@@ -23,7 +23,9 @@ def model_dir(tmp_path_factory, tokenizer_file):
 
 
 def expected_replies(model_dir):
-    doctor = Doctor(model_dir, max_new_tokens=10, temperature=0, top_p=0.9, repetition_penalty=1.1)  # chat.py's defaults
+    doctor = Doctor(
+        model_dir, max_new_tokens=10, temperature=0, top_p=0.9, repetition_penalty=1.1
+    )  # chat.py's defaults
     first = [{"role": "user", "content": "头痛"}]
     r1 = doctor.reply([first])[0]
     r2 = doctor.reply([first + [{"role": "assistant", "content": r1}, {"role": "user", "content": "还有发烧"}]])[0]
@@ -36,23 +38,38 @@ COMMAND = ["--temperature", "0", "--max-new-tokens", "10"]
 def test_a_piped_session_keeps_history_until_cleared(model_dir):
     r1, r2 = expected_replies(model_dir)
     assert r1 != r2
-    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
-                          input="头痛\n还有发烧\n\nclear\n头痛\nquit\n忽略\n", capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+        input="头痛\n还有发烧\n\nclear\n头痛\nquit\n忽略\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     replies = [line.split("<HuatuoGPT>：", 1)[1] for line in proc.stdout.split("\n") if "<HuatuoGPT>：" in line]
     assert replies == [r1, r2, r1]  # after `clear` the first question gets the first answer again
     assert "(a new consultation)" in proc.stdout
     # End of input leaves as `quit` does.
-    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
-                          input="头痛\n", capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+        input="头痛\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.count("<HuatuoGPT>：") == 1
 
 
 def test_a_terminal_session(model_dir):
     r1, _ = expected_replies(model_dir)
     main, child = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
-                            stdin=child, stdout=child, stderr=child, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        close_fds=True,
+    )
     os.close(child)
     seen = b""
 
@@ -80,17 +97,27 @@ def test_a_terminal_session(model_dir):
 def test_bytes_that_are_not_utf8_and_a_reader_that_leaves_end_nothing(model_dir):
     """Issue 24: non-UTF-8 bytes on stdin crashed the chat and lost the conversation, and
     `chat.py | head` ended in a BrokenPipe traceback."""
-    proc = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
-                          input="头痛\n".encode() + b"\xff\xfe\n" + "还有发烧\n".encode(), capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), *COMMAND],
+        input="头痛\n".encode() + b"\xff\xfe\n" + "还有发烧\n".encode(),
+        capture_output=True,
+        timeout=120,
+    )
     out = proc.stdout.decode()
     assert proc.returncode == 0 and "Traceback" not in proc.stderr.decode(), proc.stderr.decode()
     assert "(part of that line was not UTF-8 text" in out
     assert out.count("<HuatuoGPT>：") == 3  # the conversation went on after the bad line
-    pipeline = subprocess.run(f"{sys.executable} {ROOT / 'chat.py'} --model {model_dir} {' '.join(COMMAND)} | head -c 20",
-                              shell=True, input="头痛\n头痛\n头痛\n", capture_output=True, text=True, timeout=120)
-    assert pipeline.returncode == 0 and "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr, \
+    pipeline = subprocess.run(
+        f"{sys.executable} {ROOT / 'chat.py'} --model {model_dir} {' '.join(COMMAND)} | head -c 20",
+        shell=True,
+        input="头痛\n头痛\n头痛\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert pipeline.returncode == 0 and "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr, (
         pipeline.stderr
+    )
 
 
 def test_ctrl_d_typed_during_a_reply_ends_the_session_after_it(model_dir):
@@ -99,8 +126,22 @@ def test_ctrl_d_typed_during_a_reply_ends_the_session_after_it(model_dir):
     for the next prompt, never makes; the session waited for a second Ctrl-D. A long reply (200
     greedy tokens of a random model, no eos) leaves the Ctrl-D time to arrive during it."""
     main, child = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model", str(model_dir), "--temperature", "0",
-                             "--max-new-tokens", "200"], stdin=child, stdout=child, stderr=child, close_fds=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "chat.py"),
+            "--model",
+            str(model_dir),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "200",
+        ],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        close_fds=True,
+    )
     os.close(child)
     seen = b""
     try:
@@ -120,8 +161,9 @@ def test_ctrl_d_typed_during_a_reply_ends_the_session_after_it(model_dir):
         assert proc.wait(5) == 0, seen.decode(errors="replace")[-500:]
         assert seen.count("<病人>：".encode()) <= 2  # at most the next prompt, shown once
     except subprocess.TimeoutExpired:
-        raise AssertionError("the session did not end after the reply: the Ctrl-D was lost\n" +
-                             seen.decode(errors="replace")[-300:]) from None
+        raise AssertionError(
+            "the session did not end after the reply: the Ctrl-D was lost\n" + seen.decode(errors="replace")[-300:]
+        ) from None
     finally:
         proc.kill()
         os.close(main)

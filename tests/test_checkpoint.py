@@ -147,7 +147,10 @@ def test_error_shape_disagrees_with_config(pair, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.\w+_proj.weight.* has shape \((96, 64|64, 96)\), but config.json implies \((128, 64|64, 128)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.mlp.\w+_proj.weight.* has shape \((96, 64|64, 96)\), but config.json implies \((128, 64|64, 128)\)",
+    ):
         Transformer.from_pretrained(tmp_path / "m")
 
 
@@ -193,11 +196,14 @@ def test_checkpoints_respect_the_umask(pair, tmp_path):
     assert mode(tmp_path / "private") == 0o700 and mode(tmp_path / "private" / "model.safetensors") == 0o600
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "holds NaN or infinite values"),
-    (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), "holds NaN or infinite values"),
-    (lambda t: t.long(), "is torch.int64, expected floating-point weights"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "holds NaN or infinite values"),
+        (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), "holds NaN or infinite values"),
+        (lambda t: t.long(), "is torch.int64, expected floating-point weights"),
+    ],
+)
 def test_error_weights_the_model_cannot_use(pair, tmp_path, damage, message):
     ours, _ = pair
     ours.save_pretrained(tmp_path / "m")
@@ -216,15 +222,21 @@ def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
     from safety import run_main
     from model import load_config
 
-    with pytest.raises(FileNotFoundError, match=r"^ziya-13: neither a model directory nor a built-in config "
-                                                r"\(tiny, bench-50m, ziya-13b\); did you mean ziya-13b\?$"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^ziya-13: neither a model directory nor a built-in config "
+        r"\(tiny, bench-50m, ziya-13b\); did you mean ziya-13b\?$",
+    ):
         load_config("ziya-13")
     run = tmp_path / "runs" / "sft"
     for name in ("final", "best", "step-10"):
         (run / name).mkdir(parents=True)
         (run / name / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=rf"did you mean {run / 'best'} or {run / 'final'} or "
-                                                rf"{run / 'step-10'}\?$"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"did you mean {run / 'best'} or {run / 'final'} or "
+        rf"{run / 'step-10'}\?$",
+    ):
         load_config(run)
     with pytest.raises(FileNotFoundError, match=r"no such model directory"):
         load_config(tmp_path / "nowhere", builtin=False)
@@ -235,8 +247,9 @@ def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
         Transformer.from_pretrained(run)  # every loader, not only the trainers'
 
 
-def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(pair, tmp_path, tokenizer_file,
-                                                                                 monkeypatch, capsys):
+def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
+    pair, tmp_path, tokenizer_file, monkeypatch, capsys
+):
     """Issue 24: num_hidden_layers 1e9 made every loader build layers without end; zero heads,
     negative sizes, wrong types ended in bare ZeroDivisionError/TypeError; convert.py copied such
     a config and a garbage tokenizer.model with exit 0; hostile safetensors headers and a full
@@ -254,12 +267,14 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
     d = tmp_path / "m"
     ours.save_pretrained(d, tokenizer=tokenizer_file)
     good = json.loads((d / "config.json").read_text())
-    for field, value, says in (("num_hidden_layers", 10**9, "num_hidden_layers must be an integer from 1 to 1,024"),
-                               ("num_attention_heads", 0, "num_attention_heads must be an integer from 1"),
-                               ("hidden_size", -64, "hidden_size must be an integer from 1"),
-                               ("intermediate_size", "96", "intermediate_size must be an integer"),
-                               ("rms_norm_eps", "tiny", "rms_norm_eps must be a positive number"),
-                               ("num_hidden_layers", 4, "checkpoint lacks tensors ['model.layers.2.")):
+    for field, value, says in (
+        ("num_hidden_layers", 10**9, "num_hidden_layers must be an integer from 1 to 1,024"),
+        ("num_attention_heads", 0, "num_attention_heads must be an integer from 1"),
+        ("hidden_size", -64, "hidden_size must be an integer from 1"),
+        ("intermediate_size", "96", "intermediate_size must be an integer"),
+        ("rms_norm_eps", "tiny", "rms_norm_eps must be a positive number"),
+        ("num_hidden_layers", 4, "checkpoint lacks tensors ['model.layers.2."),
+    ):
         (d / "config.json").write_text(json.dumps(dict(good, **{field: value})))
         assert run_main(generate.main, ["--model", str(d), "--prompt", "头痛", "--max-new-tokens", "1"]) == 2
         err = capsys.readouterr().err.strip()
@@ -269,23 +284,30 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
     src = tmp_path / "src"
     ours.save_pretrained(src, tokenizer=tokenizer_file)
     (src / "tokenizer.model").write_bytes(b"not a sentencepiece model")
-    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--src", str(src), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), "--src", str(src), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "not a sentencepiece model" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
     (src / "tokenizer.model").unlink()  # (this test model's 101 ids are fewer than the tokenizer's pieces)
     (src / "config.json").write_text(json.dumps(dict(good, intermediate_size=128)))
-    with pytest.raises(ValueError, match=r"has shape \((96, 64|64, 96)\), but config.json implies \((128, 64|64, 128)\)"):
+    with pytest.raises(
+        ValueError, match=r"has shape \((96, 64|64, 96)\), but config.json implies \((128, 64|64, 128)\)"
+    ):
         convert.convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # A safetensors header that claims 2^63 bytes: one line, exit 2.
     (d / "model.safetensors").write_bytes((2**63 - 1).to_bytes(8, "little") + b"{}")
     assert run_main(generate.main, ["--model", str(d), "--prompt", "头痛"]) == 2
     assert "cannot read safetensors file" in capsys.readouterr().err
+
     # A disk that fills during an export: one line naming where, no half-written directory left.
     def full(*a, **k):
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No "
-                              "space left on device\" })")
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(model_module, "save_file", full)
     assert run_main(lambda argv: ours.save_pretrained(tmp_path / "export"), []) == 2

@@ -23,12 +23,15 @@ def test_ci_runs_the_readmes_test_command_verbatim():
     assert ci[-1] == readme_test_command()
 
 
-@pytest.mark.parametrize("machine, installs", [
-    (dict(uid=0, apt=True, driver=False), True),   # CI's: root on Debian, no browser yet
-    (dict(uid=0, apt=True, driver=True), False),   # the browser already there
-    (dict(uid=1000, apt=True, driver=False), False),  # Debian without root
-    (dict(uid=0, apt=False, driver=False), False),  # no apt (macOS, other distributions)
-])
+@pytest.mark.parametrize(
+    "machine, installs",
+    [
+        (dict(uid=0, apt=True, driver=False), True),  # CI's: root on Debian, no browser yet
+        (dict(uid=0, apt=True, driver=True), False),  # the browser already there
+        (dict(uid=1000, apt=True, driver=False), False),  # Debian without root
+        (dict(uid=0, apt=False, driver=False), False),  # no apt (macOS, other distributions)
+    ],
+)
 def test_the_install_step_runs_only_as_root_with_apt_and_never_stops_the_command(tmp_path, machine, installs):
     # The command's first step, up to the venv, run by bash on a PATH of stand-ins: `id` says
     # the uid, `apt-get` writes down what it was asked, `chromedriver` is there or not.

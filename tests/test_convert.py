@@ -62,8 +62,20 @@ def test_delta_merge(base_and_delta):
 
 def test_convert_bin_to_safetensors_via_cli(base_and_delta):
     tmp, base, _ = base_and_delta
-    subprocess.run([sys.executable, str(ROOT / "convert.py"), "--src", str(tmp / "base"),
-                    "--out", str(tmp / "st"), "--dtype", "float32"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "convert.py"),
+            "--src",
+            str(tmp / "base"),
+            "--out",
+            str(tmp / "st"),
+            "--dtype",
+            "float32",
+        ],
+        check=True,
+        capture_output=True,
+    )
     got = {hf_name(k): v for k, v in Transformer.from_pretrained(tmp / "st").state_dict().items()}
     assert got.keys() == base.keys()
     assert all(torch.equal(got[k], base[k].float()) for k in base)
@@ -71,10 +83,23 @@ def test_convert_bin_to_safetensors_via_cli(base_and_delta):
     assert "tags: [medical, huatuogpt, llama, base]" in card and f"converted from {tmp / 'base'}" in card
     assert "Here: this checkpoint carries no tokenizer." in card  # as its source
     # Converting again into the same --out is refused unless --overwrite (issue 21: one rule).
-    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--src", str(tmp / "base"), "--out",
-                           str(tmp / "st"), "--dtype", "bfloat16"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "convert.py"),
+            "--src",
+            str(tmp / "base"),
+            "--out",
+            str(tmp / "st"),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"error: {tmp} holds an earlier model (st): add --overwrite to replace it, or choose another --out")
+        f"error: {tmp} holds an earlier model (st): add --overwrite to replace it, or choose another --out"
+    )
     assert json.loads((tmp / "st" / "config.json").read_text())["torch_dtype"] == "float32"  # not replaced
 
 

@@ -8,16 +8,30 @@ import pytest
 
 from data.__main__ import main as data_cli
 from data.mixing import LengthGroupedBatches, Source, mix, normalise
-from data.readers import (KUAKE_QIC_LABELS, read, read_cmedqa2, read_huatuo26m, read_huatuo_sft,
-                          read_kuake_qic, read_med_dialog_100, read_meddialog, read_pairs, read_schema,
-                          read_webmedqa)
+from data.readers import (
+    KUAKE_QIC_LABELS,
+    read,
+    read_cmedqa2,
+    read_huatuo26m,
+    read_huatuo_sft,
+    read_kuake_qic,
+    read_med_dialog_100,
+    read_meddialog,
+    read_pairs,
+    read_schema,
+    read_webmedqa,
+)
 from data.schema import RecordError, Report, from_huatuo, to_huatuo
 from data.template import DOCTOR_TAG, IGNORE_INDEX, PATIENT_TAG, SYSTEM, collate, doctor_turn, render
 from tokenizer import Tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-TWO_ROUNDS = [{"role": "user", "content": "我头痛三天了。"}, {"role": "assistant", "content": "有没有发烧？"},
-              {"role": "user", "content": "没有发烧。"}, {"role": "assistant", "content": "先休息，多喝水。"}]
+TWO_ROUNDS = [
+    {"role": "user", "content": "我头痛三天了。"},
+    {"role": "assistant", "content": "有没有发烧？"},
+    {"role": "user", "content": "没有发烧。"},
+    {"role": "assistant", "content": "先休息，多喝水。"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +46,42 @@ def tok(tokenizer_file):
 # (conftest.CORPUS, 400 pieces, byte fallback): what scripts/finetune.py's preprocess gives,
 # system text aside (encoded with bos, as there). Each segment starts with sentencepiece's
 # dummy "▁" and ends with the "▁" of its closing space; the doctor's tag is trained on.
-PATIENT_1 = ["▁", "<0x3C>", "病", "<0xE4>", "<0xBA>", "<0xBA>", "<0x3E>", "<0xEF>", "<0xBC>", "<0x9A>",  # ▁<病人>：
-             "头痛", "三", "天", "<0xE4>", "<0xBA>", "<0x86>", "▁"]  # 头痛三天了, then the space
-DOCTOR_TAG_PIECES = ["▁", "<0x3C>", "H", "<0x75>", "<0x61>", "<0x74>", "<0x75>", "<0x6F>", "<0x47>", "<0x50>",
-                     "<0x54>", "<0x3E>", "<0xEF>", "<0xBC>", "<0x9A>"]  # ▁<HuatuoGPT>：
+PATIENT_1 = [
+    "▁",
+    "<0x3C>",
+    "病",
+    "<0xE4>",
+    "<0xBA>",
+    "<0xBA>",
+    "<0x3E>",
+    "<0xEF>",
+    "<0xBC>",
+    "<0x9A>",  # ▁<病人>：
+    "头痛",
+    "三",
+    "天",
+    "<0xE4>",
+    "<0xBA>",
+    "<0x86>",
+    "▁",
+]  # 头痛三天了, then the space
+DOCTOR_TAG_PIECES = [
+    "▁",
+    "<0x3C>",
+    "H",
+    "<0x75>",
+    "<0x61>",
+    "<0x74>",
+    "<0x75>",
+    "<0x6F>",
+    "<0x47>",
+    "<0x50>",
+    "<0x54>",
+    "<0x3E>",
+    "<0xEF>",
+    "<0xBC>",
+    "<0x9A>",
+]  # ▁<HuatuoGPT>：
 ANSWER_1 = ["有", "<0xE6>", "<0xB2>", "<0xA1>", "有", "发", "烧", "？"]  # 有没有发烧？ with no "▁" of its own
 ONE_ROUND = [{"role": "user", "content": "头痛三天了"}, {"role": "assistant", "content": "有没有发烧？"}]
 
@@ -48,14 +94,14 @@ def test_official_token_sequence_by_hand(tok):
     out = render(tok, ONE_ROUND)
     head = [1] + tok.encode(SYSTEM)
     doctor = DOCTOR_TAG_PIECES + ANSWER_1 + ["▁", "</s>"]
-    assert out.ids[:len(head)] == head
-    assert pieces(tok, out.ids[len(head):]) == PATIENT_1 + doctor
+    assert out.ids[: len(head)] == head
+    assert pieces(tok, out.ids[len(head) :]) == PATIENT_1 + doctor
     trained = [p for p, lab in zip(pieces(tok, out.ids), out.labels) if lab != IGNORE_INDEX]
     assert trained == doctor  # the tag, the answer, the space and eos; never the patient or the system
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(out.ids, out.labels))
     # The generation prompt is the training ids up to the answer's first piece.
     prompt = render(tok, ONE_ROUND[:1])
-    assert prompt.ids == out.ids[:len(head) + len(PATIENT_1) + len(DOCTOR_TAG_PIECES)]
+    assert prompt.ids == out.ids[: len(head) + len(PATIENT_1) + len(DOCTOR_TAG_PIECES)]
     assert set(prompt.labels) == {IGNORE_INDEX}
 
 
@@ -70,7 +116,9 @@ def test_two_rounds_are_the_official_segments(tok):
     assert out.labels == ignore * (len(head) + len(p1)) + a1 + ignore * len(p2) + a2
     assert (PATIENT_TAG, DOCTOR_TAG) == ("<病人>：", "<HuatuoGPT>：") and a1 == doctor_turn(tok, "有没有发烧？")
     # The text is the official prompt, up to the spaces the segments add.
-    official = SYSTEM + "<病人>：我头痛三天了。 <HuatuoGPT>：有没有发烧？ <病人>：没有发烧。 <HuatuoGPT>：先休息，多喝水。 "
+    official = (
+        SYSTEM + "<病人>：我头痛三天了。 <HuatuoGPT>：有没有发烧？ <病人>：没有发烧。 <HuatuoGPT>：先休息，多喝水。 "
+    )
     assert tok.decode(out.ids).replace(" ", "") == official.replace(" ", "")
 
 
@@ -78,11 +126,14 @@ def test_generation_prompt_for_each_round_is_the_training_prefix(tok):
     full = render(tok, TWO_ROUNDS)
     answers = [i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX]
     tag = len(tok.encode(DOCTOR_TAG))
-    starts = [answers[0] + tag, next(i for i in answers if i > answers[0] + len(doctor_turn(tok, "有没有发烧？"))) + tag]
+    starts = [
+        answers[0] + tag,
+        next(i for i in answers if i > answers[0] + len(doctor_turn(tok, "有没有发烧？"))) + tag,
+    ]
     for k, start in enumerate(starts):
-        prompt = render(tok, TWO_ROUNDS[:2 * k + 1])
+        prompt = render(tok, TWO_ROUNDS[: 2 * k + 1])
         assert prompt.ids == full.ids[:start] and set(prompt.labels) == {IGNORE_INDEX}
-    assert pieces(tok, full.ids[starts[0]:starts[0] + len(ANSWER_1)]) == ANSWER_1
+    assert pieces(tok, full.ids[starts[0] : starts[0] + len(ANSWER_1)]) == ANSWER_1
 
 
 def test_truncation_keeps_whole_rounds_only(tok):
@@ -121,9 +172,13 @@ def write(path: Path, text: str, encoding="utf-8") -> Path:
 
 
 def test_huatuo_sft_both_ways(tmp_path):
-    f = write(tmp_path / "huatuo.jsonl", json.dumps({"data": ["问：头痛怎么办？", "答：多休息。", "问:还要吃药吗？", "答:不用。"]},
-                                                    ensure_ascii=False) + "\n" +
-              json.dumps({"data": ["问：咳嗽", "答：多喝水", "问：谢谢"]}, ensure_ascii=False) + "\n")
+    f = write(
+        tmp_path / "huatuo.jsonl",
+        json.dumps({"data": ["问：头痛怎么办？", "答：多休息。", "问:还要吃药吗？", "答:不用。"]}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"data": ["问：咳嗽", "答：多喝水", "问：谢谢"]}, ensure_ascii=False)
+        + "\n",
+    )
     report = Report()
     records = list(read_huatuo_sft(f, report=report))
     assert [m["content"] for m in records[0]["messages"]] == ["头痛怎么办？", "多休息。", "还要吃药吗？", "不用。"]
@@ -136,10 +191,12 @@ def test_huatuo_sft_both_ways(tmp_path):
 
 
 def test_huatuo26m_strings_and_lists(tmp_path):
-    f = write(tmp_path / "test_datasets.jsonl",
-              '{"questions": "胃痛怎么办", "answers": "少食多餐"}\n'
-              '{"questions": ["孩子发烧", "别的问法"], "answers": ["物理降温", "别的回答"]}\n'
-              '{"questions": "缺答案"}\n')
+    f = write(
+        tmp_path / "test_datasets.jsonl",
+        '{"questions": "胃痛怎么办", "answers": "少食多餐"}\n'
+        '{"questions": ["孩子发烧", "别的问法"], "answers": ["物理降温", "别的回答"]}\n'
+        '{"questions": "缺答案"}\n',
+    )
     with pytest.raises(RecordError, match=r"test_datasets.jsonl:3: missing field 'answers'"):
         list(read_huatuo26m(f))
     report = Report()
@@ -158,23 +215,30 @@ def cmedqa2_qa(d, questions: str, answers: str, candidates: str) -> list[tuple[s
 
 def test_cmedqa2(tmp_path):
     d = tmp_path / "cMedQA2"
-    assert cmedqa2_qa(d, "1,头痛怎么办\n2,咳嗽吃什么药\n", "10,1,多休息\n11,1,吃止痛药\n12,2,\"止咳糖浆, 多喝水\"\n",
-                      "1,11,0,0\n1,10,1,1\n2,12,0,1\n2,10,1,0\n") == [
-        ("头痛怎么办", "多休息"), ("咳嗽吃什么药", "止咳糖浆, 多喝水")]
+    assert cmedqa2_qa(
+        d,
+        "1,头痛怎么办\n2,咳嗽吃什么药\n",
+        '10,1,多休息\n11,1,吃止痛药\n12,2,"止咳糖浆, 多喝水"\n',
+        "1,11,0,0\n1,10,1,1\n2,12,0,1\n2,10,1,0\n",
+    ) == [("头痛怎么办", "多休息"), ("咳嗽吃什么药", "止咳糖浆, 多喝水")]
     write(d / "dev_candidates.txt", "question_id,ans_id,cnt,label\n3,10,0,1\n")
     with pytest.raises(RecordError, match=r"dev_candidates.txt:2: question_id 3 is not in question.csv"):
         list(read_cmedqa2(d, split="dev"))
 
 
 def test_webmedqa(tmp_path):
-    f = write(tmp_path / "medQA.test.txt",
-              "内科\t0\tq1\t头晕怎么回事\t不知道\n内科\t1\tq1\t头晕怎么回事\t测一下血压\n"
-              "儿科\t1\tq2\t宝宝湿疹\t注意保湿\n儿科\t1\tq2\t宝宝湿疹\t第二个金标准答案\n外科\t1\tq3\t只有四列\n")
+    f = write(
+        tmp_path / "medQA.test.txt",
+        "内科\t0\tq1\t头晕怎么回事\t不知道\n内科\t1\tq1\t头晕怎么回事\t测一下血压\n"
+        "儿科\t1\tq2\t宝宝湿疹\t注意保湿\n儿科\t1\tq2\t宝宝湿疹\t第二个金标准答案\n外科\t1\tq3\t只有四列\n",
+    )
     with pytest.raises(RecordError, match=r"medQA.test.txt:5: expected 5 tab-separated fields"):
         list(read_webmedqa(f))
     records = list(read_webmedqa(f, skip_bad=True, report=Report()))
     assert [(r["id"], r["messages"][1]["content"], r["meta"]["department"]) for r in records] == [
-        ("webmedqa-q1", "测一下血压", "内科"), ("webmedqa-q2", "注意保湿", "儿科")]
+        ("webmedqa-q1", "测一下血压", "内科"),
+        ("webmedqa-q2", "注意保湿", "儿科"),
+    ]
 
 
 MEDDIALOG = """id=1
@@ -229,7 +293,11 @@ def test_meddialog_both_colons_and_turn_merging(tmp_path):
     first, second = read_meddialog(f, skip_bad=True, report=report)
     description = "疾病：胃痛\n病情描述：饭后胃痛两周，有反酸。\n希望获得的帮助：需要做胃镜吗"
     assert [m["content"] for m in first["messages"]] == [
-        description + " 饭后胃痛两周，有反酸。 吃了奥美拉唑好一点。", "建议做胃镜，查幽门螺杆菌。", "谢谢医生", "不客气。"]
+        description + " 饭后胃痛两周，有反酸。 吃了奥美拉唑好一点。",
+        "建议做胃镜，查幽门螺杆菌。",
+        "谢谢医生",
+        "不客气。",
+    ]
     assert first["meta"]["department"] == "消化内科"
     assert first["meta"]["description"]["病情描述"] == "饭后胃痛两周，有反酸。"
     # The Description opens the conversation, so the doctor who spoke first answers it.
@@ -279,7 +347,11 @@ def test_meddialog_follow_ups_diagnosis_ids_and_grouped_skips(tmp_path):
     report = Report()
     (consult,) = read_meddialog(f, skip_bad=True, report=report)
     assert [m["content"] for m in consult["messages"]] == [
-        "病情描述：手上起疹子", "多久了？", "一周 病情描述：复诊，疹子消了一半 还要继续用药吗", "再用一周。"]
+        "病情描述：手上起疹子",
+        "多久了？",
+        "一周 病情描述：复诊，疹子消了一半 还要继续用药吗",
+        "再用一周。",
+    ]
     assert consult["meta"]["diagnosis"] == "湿疹，外用激素药膏两周。"
     # A Description with no Dialogue (published so): one reason, counted, not a line per id.
     assert report.skipped == {"a consultation with no dialogue (as published)": 2}
@@ -290,15 +362,26 @@ def test_meddialog_follow_ups_diagnosis_ids_and_grouped_skips(tmp_path):
 
 
 def test_kuake_and_med_dialog_100(tmp_path):
-    f = write(tmp_path / "KUAKE-QIC_100.json", json.dumps(
-        [{"id": "s1", "query": "头痛挂什么科", "label": "就医建议"}, {"id": "s2", "query": "x", "label": "闲聊"}],
-        ensure_ascii=False))
+    f = write(
+        tmp_path / "KUAKE-QIC_100.json",
+        json.dumps(
+            [{"id": "s1", "query": "头痛挂什么科", "label": "就医建议"}, {"id": "s2", "query": "x", "label": "闲聊"}],
+            ensure_ascii=False,
+        ),
+    )
     with pytest.raises(RecordError, match=r"KUAKE-QIC_100.json\[1\]: label '闲聊' is not one of the 11"):
         list(read_kuake_qic(f))
     assert [r["meta"]["label"] for r in read_kuake_qic(f, skip_bad=True, report=Report())] == ["就医建议"]
-    g = write(tmp_path / "Med-dialog_100.json", json.dumps(
-        [{"id": 7, "medical_case": "男，50岁，胸痛", "doctor_diagnosis": "心绞痛", "Department": "心内科"},
-         {"id": 8, "medical_case": "女，20岁", "Department": "内科"}], ensure_ascii=False))
+    g = write(
+        tmp_path / "Med-dialog_100.json",
+        json.dumps(
+            [
+                {"id": 7, "medical_case": "男，50岁，胸痛", "doctor_diagnosis": "心绞痛", "Department": "心内科"},
+                {"id": 8, "medical_case": "女，20岁", "Department": "内科"},
+            ],
+            ensure_ascii=False,
+        ),
+    )
     with pytest.raises(RecordError, match=r"Med-dialog_100.json\[1\]: missing field 'doctor_diagnosis'"):
         list(read(g))
     rec = next(iter(read_med_dialog_100(g)))
@@ -307,9 +390,15 @@ def test_kuake_and_med_dialog_100(tmp_path):
 
 
 def test_malformed_lines_name_file_line_and_field(tmp_path):
-    good = {"id": "a", "source": "s", "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
+    good = {
+        "id": "a",
+        "source": "s",
+        "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}],
+    }
     bad_role = dict(good, messages=[{"role": "assistant", "content": "答"}])
-    f = write(tmp_path / "x.jsonl", "\n".join([json.dumps(good), "{oops", json.dumps(bad_role), json.dumps(good)]) + "\n")
+    f = write(
+        tmp_path / "x.jsonl", "\n".join([json.dumps(good), "{oops", json.dumps(bad_role), json.dumps(good)]) + "\n"
+    )
     with pytest.raises(RecordError, match=r"x.jsonl:2: not valid JSON"):
         list(read_schema(f))
     report = Report()
@@ -319,7 +408,11 @@ def test_malformed_lines_name_file_line_and_field(tmp_path):
 
 
 def test_encodings(tmp_path):
-    rec = {"id": "a", "source": "s", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "休息"}]}
+    rec = {
+        "id": "a",
+        "source": "s",
+        "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "休息"}],
+    }
     line = json.dumps(rec, ensure_ascii=False) + "\n"
     bom = write(tmp_path / "bom.jsonl", "\ufeff" + line)
     assert next(iter(read_schema(bom)))["messages"][0]["content"] == "头痛"
@@ -333,15 +426,21 @@ def test_encodings(tmp_path):
 
 
 def conv(i, text):
-    return {"id": f"r{i}", "source": "s", "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "答"}]}
+    return {
+        "id": f"r{i}",
+        "source": "s",
+        "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "答"}],
+    }
 
 
 def test_mix_is_deterministic_and_deduplicates():
     a = [conv(i, f"问题{i}") for i in range(40)] + [conv(99, "问题3")]  # a duplicate within the source
     b = [conv(100 + i, f"其他{i}") for i in range(20)] + [conv(200, "问题 ３！")]  # full-width twin of 问题3
     assert normalise("问题 ３！") == normalise("问题3")
+
     def run(seed):
         return mix([Source("a", a, cap=30), Source("b", b, weight=2.5)], seed=seed, val_fraction=0.1)
+
     train, val, rows = run(0)
     assert run(0) == (train, val, rows) and run(1)[0] != train
     assert rows[0] == {"source": "a", "read": 41, "duplicates": 1, "capped": 10, "val": 3, "train": 27}
@@ -358,10 +457,11 @@ def test_batches_cover_each_epoch_and_group_lengths():
     epoch = sampler.epoch_batches(0)
     assert sorted(i for b in epoch for i in b) == list(range(200))
     assert epoch != sampler.epoch_batches(1)
+
     def spread(batches):
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
 
-    unsorted = [list(range(200))[k:k + 8] for k in range(0, 200, 8)]  # lengths in arbitrary order
+    unsorted = [list(range(200))[k : k + 8] for k in range(0, 200, 8)]  # lengths in arbitrary order
     assert spread(epoch) < 0.4 * spread(unsorted)
 
 
@@ -385,7 +485,11 @@ def test_sampler_state_round_trip():
 def test_shipped_corpus_reads_and_is_complete():
     sft = {f.stem: list(read(f)) for f in sorted((DATA / "sft").glob("*.jsonl"))}
     assert {r["source"] for rs in sft.values() for r in rs} == {
-        "distilled_instruction", "real_instruction", "distilled_conversation", "real_conversation"}
+        "distilled_instruction",
+        "real_instruction",
+        "distilled_conversation",
+        "real_conversation",
+    }
     pairs = list(read_pairs(DATA / "preference" / "preference_pairs.jsonl"))
     qic = list(read(DATA / "eval" / "kuake_qic_small.json"))
     cases = list(read(DATA / "eval" / "med_dialog_small.json"))
@@ -411,8 +515,9 @@ def test_cli_convert_and_stats(tmp_path, capsys, tokenizer_file):
     assert "1 records" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("src, name", [("kuake_qic_small.json", "kuake_qic_100.jsonl"),
-                                       ("med_dialog_small.json", "med_dialog_100.jsonl")])
+@pytest.mark.parametrize(
+    "src, name", [("kuake_qic_small.json", "kuake_qic_100.jsonl"), ("med_dialog_small.json", "med_dialog_100.jsonl")]
+)
 def test_converted_files_read_back_whatever_their_name(tmp_path, src, name, capsys):
     out = tmp_path / name  # the names the README's convert commands write
     assert data_cli(["convert", str(DATA / "eval" / src), "--out", str(out)]) in (0, None)
@@ -423,24 +528,52 @@ def test_converted_files_read_back_whatever_their_name(tmp_path, src, name, caps
 
 def test_alpaca_and_sharegpt_as_published(tmp_path):
     # Chinese Alpaca (App. E): a JSON list of instruction / input / output.
-    alpaca = write(tmp_path / "alpaca_gpt4_data_zh.json", json.dumps([
-        {"instruction": "把下面的句子翻译成英文。", "input": "我头痛。", "output": "I have a headache."},
-        {"instruction": "给出三条保持健康的建议。", "input": "", "output": "1. 均衡饮食……"},
-        {"instruction": "空回答", "input": "", "output": ""}], ensure_ascii=False, indent=2))
+    alpaca = write(
+        tmp_path / "alpaca_gpt4_data_zh.json",
+        json.dumps(
+            [
+                {"instruction": "把下面的句子翻译成英文。", "input": "我头痛。", "output": "I have a headache."},
+                {"instruction": "给出三条保持健康的建议。", "input": "", "output": "1. 均衡饮食……"},
+                {"instruction": "空回答", "input": "", "output": ""},
+            ],
+            ensure_ascii=False,
+            indent=2,
+        ),
+    )
     report = Report()
     first, second = read(alpaca, skip_bad=True, report=report)
-    assert first["messages"][0]["content"] == "把下面的句子翻译成英文。\n我头痛。" and second["messages"][0]["content"] == "给出三条保持健康的建议。"
+    assert (
+        first["messages"][0]["content"] == "把下面的句子翻译成英文。\n我头痛。"
+        and second["messages"][0]["content"] == "给出三条保持健康的建议。"
+    )
     assert first["messages"][1]["content"] == "I have a headache." and first["source"] == "general_instruction"
     assert sum(report.skipped.values()) == 1
     # ShareGPT (philschmid/sharegpt-raw): conversations of human / gpt turns, list or lines.
-    rows = [{"id": "a1", "conversations": [{"from": "gpt", "value": "Hi!"}, {"from": "human", "value": "发烧怎么办"},
-                                           {"from": "human", "value": "38.5度"}, {"from": "gpt", "value": "多喝水"},
-                                           {"from": "human", "value": "谢谢"}]},
-            {"id": "a2", "conversations": [{"from": "system", "value": "你是助手"}, {"from": "human", "value": "你好"},
-                                           {"from": "gpt", "value": "你好！"}]},
-            {"id": "a3", "conversations": [{"from": "bot", "value": "?"}]}]
-    for name, text in (("sharegpt.json", json.dumps(rows, ensure_ascii=False, indent=1)),
-                       ("sharegpt.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))):
+    rows = [
+        {
+            "id": "a1",
+            "conversations": [
+                {"from": "gpt", "value": "Hi!"},
+                {"from": "human", "value": "发烧怎么办"},
+                {"from": "human", "value": "38.5度"},
+                {"from": "gpt", "value": "多喝水"},
+                {"from": "human", "value": "谢谢"},
+            ],
+        },
+        {
+            "id": "a2",
+            "conversations": [
+                {"from": "system", "value": "你是助手"},
+                {"from": "human", "value": "你好"},
+                {"from": "gpt", "value": "你好！"},
+            ],
+        },
+        {"id": "a3", "conversations": [{"from": "bot", "value": "?"}]},
+    ]
+    for name, text in (
+        ("sharegpt.json", json.dumps(rows, ensure_ascii=False, indent=1)),
+        ("sharegpt.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)),
+    ):
         report = Report()
         a1, a2 = read(write(tmp_path / name, text), skip_bad=True, report=report)
         assert [m["content"] for m in a1["messages"]] == ["发烧怎么办\n38.5度", "多喝水"]
@@ -452,12 +585,18 @@ def test_alpaca_and_sharegpt_as_published(tmp_path):
 def test_cmedqa2_and_webmedqa_fields_as_published(tmp_path):
     d = tmp_path / "cMedQA2"
     # An unquoted comma inside the free-text content; a quoted content over three lines.
-    assert cmedqa2_qa(d, "1,头痛，发热,还咳嗽怎么办\n2,\"孩子咳嗽\n晚上更重\n怎么办\"\n3,胃痛\n",
-                      "10,1,多休息,多喝水\n12,2,\"止咳糖浆, 多喝水\"\n13,3,少食多餐\n",
-                      "1,10,0,1\n2,12,0,1\n3,13,0,1\n") == [
-        ("头痛，发热,还咳嗽怎么办", "多休息,多喝水"), ("孩子咳嗽\n晚上更重\n怎么办", "止咳糖浆, 多喝水"), ("胃痛", "少食多餐")]
+    assert cmedqa2_qa(
+        d,
+        '1,头痛，发热,还咳嗽怎么办\n2,"孩子咳嗽\n晚上更重\n怎么办"\n3,胃痛\n',
+        '10,1,多休息,多喝水\n12,2,"止咳糖浆, 多喝水"\n13,3,少食多餐\n',
+        "1,10,0,1\n2,12,0,1\n3,13,0,1\n",
+    ) == [
+        ("头痛，发热,还咳嗽怎么办", "多休息,多喝水"),
+        ("孩子咳嗽\n晚上更重\n怎么办", "止咳糖浆, 多喝水"),
+        ("胃痛", "少食多餐"),
+    ]
     # Errors still name the line a row starts on, after a multi-line row too.
-    write(d / "question.csv", "question_id,content\n2,\"孩子咳嗽\n晚上更重\"\n3\n")
+    write(d / "question.csv", 'question_id,content\n2,"孩子咳嗽\n晚上更重"\n3\n')
     with pytest.raises(RecordError, match=r"question.csv:4: expected 2 fields"):
         list(read_cmedqa2(d, split="test"))
     f = write(tmp_path / "medQA.test.txt", "内科\t1\tq1\t头晕怎么回事\t测一下血压\t再看一次\n")
@@ -466,8 +605,11 @@ def test_cmedqa2_and_webmedqa_fields_as_published(tmp_path):
 
 def test_export_and_mix_count_prompt_only_records(tmp_path, capsys):
     q, a = {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}
-    rows = [{"id": "qa", "source": "t", "messages": [q, a]}, {"id": "open", "source": "t", "messages": [q, a, q]},
-            {"id": "prompt", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]}]
+    rows = [
+        {"id": "qa", "source": "t", "messages": [q, a]},
+        {"id": "open", "source": "t", "messages": [q, a, q]},
+        {"id": "prompt", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]},
+    ]
     f = write(tmp_path / "in.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     assert data_cli(["export-huatuo", str(f), "--out", str(tmp_path / "huatuo.jsonl")]) == 0
     printed = capsys.readouterr().out
@@ -485,8 +627,22 @@ def test_mix_token_columns_count_what_is_written(tmp_path, tokenizer_file, capsy
     from data.template import render
 
     one = len(render(Tokenizer(tokenizer_file), rows[0]["messages"]).ids)
-    assert data_cli(["mix", "--source", f"{f}:cap=2:weight=2", "--out-dir", str(tmp_path / "m"), "--val-fraction", "0",
-                     "--tokenizer", str(tokenizer_file)]) == 0
+    assert (
+        data_cli(
+            [
+                "mix",
+                "--source",
+                f"{f}:cap=2:weight=2",
+                "--out-dir",
+                str(tmp_path / "m"),
+                "--val-fraction",
+                "0",
+                "--tokenizer",
+                str(tokenizer_file),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out.splitlines()
     row = dict(zip(table[0].split(), table[1].split()))
     assert (row["read"], row["train"]) == ("5", "4")  # 2 kept, each twice
@@ -502,9 +658,17 @@ def test_gbk_files_are_read_wherever_data_is_read(tmp_path, capsys):
     import train_sft
     from data.corpus import read_sources
 
-    rows = [{"id": f"g{i}", "source": "gbk", "messages": [{"role": "user", "content": f"我头痛{i}天了，怎么办？"},
-                                                          {"role": "assistant", "content": "建议您多休息。"}]}
-            for i in range(3)]
+    rows = [
+        {
+            "id": f"g{i}",
+            "source": "gbk",
+            "messages": [
+                {"role": "user", "content": f"我头痛{i}天了，怎么办？"},
+                {"role": "assistant", "content": "建议您多休息。"},
+            ],
+        }
+        for i in range(3)
+    ]
     gbk = tmp_path / "gbk.jsonl"
     gbk.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="gbk")
     assert data_main(["convert", str(gbk), "--out", str(tmp_path / "a.jsonl")]) == 2
@@ -514,10 +678,13 @@ def test_gbk_files_are_read_wherever_data_is_read(tmp_path, capsys):
     sources = read_sources([gbk], Report(), None, "gbk")
     assert [r["messages"] for r in sources[0].records] == [r["messages"] for r in rows]
     # Every command that reads data files takes --encoding (and --format where the format varies).
-    for main, argv, flags in ((train_sft.main, [], ("--encoding", "--format")), (train_rm.main, [], ("--encoding",)),
-                              (train_rm.main, ["sample"], ("--encoding", "--format")),
-                              (evaluate.main, ["bench"], ("--encoding", "--format")),
-                              (evaluate.main, ["consult"], ("--encoding", "--format"))):
+    for main, argv, flags in (
+        (train_sft.main, [], ("--encoding", "--format")),
+        (train_rm.main, [], ("--encoding",)),
+        (train_rm.main, ["sample"], ("--encoding", "--format")),
+        (evaluate.main, ["bench"], ("--encoding", "--format")),
+        (evaluate.main, ["consult"], ("--encoding", "--format")),
+    ):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--help"])
         printed = capsys.readouterr().out
@@ -580,8 +747,9 @@ def test_consultations_no_doctor_answered_are_left_out_and_counted(tmp_path, cap
     printed = capsys.readouterr().out
     assert "wrote 1 records" in printed and "skipped 1 record(s): a consultation no doctor answered" in printed
     # What is malformed still stops the conversion, with the file and line.
-    g = write(tmp_path / "2020.txt", COVID_DIALOGUE + "id=55\nhttps://www.haodf.com/wenda/a_55.htm\n\n"
-                                                      "病情描述：头痛\n")  # no section at all
+    g = write(
+        tmp_path / "2020.txt", COVID_DIALOGUE + "id=55\nhttps://www.haodf.com/wenda/a_55.htm\n\n病情描述：头痛\n"
+    )  # no section at all
     assert run_main(data_cli, ["convert", str(g), "--out", str(tmp_path / "b.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "2020.txt:" in err and "(id=55): neither a 'Description' nor a 'Dialogue' section" in err, err
@@ -645,8 +813,10 @@ def test_a_consultation_with_no_dialogue_is_left_out_and_counted(tmp_path, capsy
     f = write(tmp_path / "COVID-Dialogue-Dataset-Chinese.txt", NO_DIALOGUE)
     report = Report()
     got = list(read_meddialog(f, report=report))  # not skip_bad: nothing here is malformed
-    assert [r["id"] for r in got] == ["meddialog-COVID-Dialogue-Dataset-Chinese-121",
-                                      "meddialog-COVID-Dialogue-Dataset-Chinese-123"]
+    assert [r["id"] for r in got] == [
+        "meddialog-COVID-Dialogue-Dataset-Chinese-121",
+        "meddialog-COVID-Dialogue-Dataset-Chinese-123",
+    ]
     assert got[0]["messages"][-1] == {"role": "assistant", "content": "咳嗽五天伴夜间加重，先查血常规。"}
     assert report.skipped == {"a consultation with no dialogue (as published)": 1}
     assert f"{f}:20 (id=122)" in report.summary()  # the file and line of its id=
@@ -665,8 +835,9 @@ def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
     f = write(tmp_path / "medQA.valid.txt", "内科\t1\tq1\t头晕怎么回事\t测一下血压\n")
     out = write(tmp_path / "o.jsonl", "mine\n")
     assert run_main(data_cli, ["convert", str(f), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {tmp_path} holds an earlier output (o.jsonl): add --overwrite "
-                                               "to replace it, or choose another --out")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path} holds an earlier output (o.jsonl): add --overwrite to replace it, or choose another --out"
+    )
     assert out.read_text() == "mine\n"
     assert run_main(data_cli, ["convert", str(f), "--out", str(out), "--overwrite"]) == 0
     assert f"--overwrite: replacing o.jsonl in {tmp_path}" in capsys.readouterr().out
@@ -688,8 +859,14 @@ def test_no_command_writes_over_its_own_input_and_a_link_loop_is_an_earlier_outp
     import distill
     from safety import run_main
 
-    rows = [{"id": f"r{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天"},
-                                                        {"role": "assistant", "content": "多休息。"}]} for i in range(5)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "source": "t",
+            "messages": [{"role": "user", "content": f"头痛{i}天"}, {"role": "assistant", "content": "多休息。"}],
+        }
+        for i in range(5)
+    ]
     d = tmp_path / "d"
     d.mkdir()
     x = d / "train.jsonl"
@@ -697,11 +874,13 @@ def test_no_command_writes_over_its_own_input_and_a_link_loop_is_an_earlier_outp
     before = x.read_bytes()
     (d / "link.jsonl").symlink_to(x)
     os.link(x, d / "hard.jsonl")
-    for argv in (["mix", "--source", str(x), "--out-dir", str(d), "--overwrite"],
-                 ["export-huatuo", str(x), "--out", str(x), "--overwrite"],
-                 ["convert", str(x), "--out", str(x), "--overwrite"],
-                 ["convert", str(x), "--out", str(d / "link.jsonl"), "--overwrite"],
-                 ["convert", str(d / "link.jsonl"), "--out", str(d / "hard.jsonl"), "--overwrite"]):
+    for argv in (
+        ["mix", "--source", str(x), "--out-dir", str(d), "--overwrite"],
+        ["export-huatuo", str(x), "--out", str(x), "--overwrite"],
+        ["convert", str(x), "--out", str(x), "--overwrite"],
+        ["convert", str(x), "--out", str(d / "link.jsonl"), "--overwrite"],
+        ["convert", str(d / "link.jsonl"), "--out", str(d / "hard.jsonl"), "--overwrite"],
+    ):
         assert run_main(data_cli, argv) == 2, argv
         assert "an input of this command" in capsys.readouterr().err
     assert x.read_bytes() == before
@@ -729,8 +908,14 @@ def test_messages_name_the_line_the_flag_and_the_path_the_user_gave(tmp_path, ca
     from safety import run_main
 
     def record(i, text):
-        return json.dumps({"id": f"r{i}", "source": "t", "messages": [
-            {"role": "user", "content": text}, {"role": "assistant", "content": "多休息。"}]}, ensure_ascii=False)
+        return json.dumps(
+            {
+                "id": f"r{i}",
+                "source": "t",
+                "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "多休息。"}],
+            },
+            ensure_ascii=False,
+        )
 
     mixed = tmp_path / "mixed.jsonl"
     line1 = record(1, "头痛三天了").encode()
@@ -744,17 +929,25 @@ def test_messages_name_the_line_the_flag_and_the_path_the_user_gave(tmp_path, ca
 
     good = tmp_path / "good.jsonl"
     good.write_text(record(1, "头痛") + "\n" + record(2, "发烧") + "\n", encoding="utf-8")
-    for option, says in (("weight=abc", "weight: 'abc' is not a number > 0"),
-                         ("weight=-1", "weight: -1 is out of range: it must be a number > 0"),
-                         ("weight=nan", "weight: nan is not a number > 0"), ("cap=0", "cap: 0 is out of range")):
+    for option, says in (
+        ("weight=abc", "weight: 'abc' is not a number > 0"),
+        ("weight=-1", "weight: -1 is out of range: it must be a number > 0"),
+        ("weight=nan", "weight: nan is not a number > 0"),
+        ("cap=0", "cap: 0 is out of range"),
+    ):
         assert run_main(data_cli, ["mix", "--source", f"{good}:{option}", "--out-dir", str(tmp_path / "m")]) == 2
         assert f"error: --source {good}:{option}: {says}" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     (tmp_path / "earlier.jsonl").write_text("kept\n", encoding="utf-8")
-    assert run_main(data_cli, ["export-huatuo", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "earlier.jsonl"),
-                               "--overwrite"]) == 2
+    assert (
+        run_main(
+            data_cli,
+            ["export-huatuo", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "earlier.jsonl"), "--overwrite"],
+        )
+        == 2
+    )
     assert "empty.jsonl: no conversation to export; nothing written" in capsys.readouterr().err
     assert (tmp_path / "earlier.jsonl").read_text(encoding="utf-8") == "kept\n"  # what the user had stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.jsonl", "empty.jsonl", "good.jsonl", "mixed.jsonl"]

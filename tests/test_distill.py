@@ -29,10 +29,12 @@ def respond(messages):
     """Replies by which of the paper's prompts is being answered."""
     first = messages[0]["content"]
     if "20个不同的<角色" in first:
-        return ("角色：心内科医生\n指令：请解释下面这份心电图报告的意思。\n输入：窦性心律，ST段压低0.1mV。\n"
-                "5. 角色：药师\n指令：请用通俗的语言向老年患者解释下面这种药物的服用方法和注意事项。\n输入：二甲双胍片\n"
-                "6. 角色：护士\n指令：列出糖尿病足的日常护理要点。\n输入：无\n"
-                "7. 这一条没有标签也没有第二行")
+        return (
+            "角色：心内科医生\n指令：请解释下面这份心电图报告的意思。\n输入：窦性心律，ST段压低0.1mV。\n"
+            "5. 角色：药师\n指令：请用通俗的语言向老年患者解释下面这种药物的服用方法和注意事项。\n输入：二甲双胍片\n"
+            "6. 角色：护士\n指令：列出糖尿病足的日常护理要点。\n输入：无\n"
+            "7. 这一条没有标签也没有第二行"
+        )
     if first.startswith("假设你是一名经验丰富的"):
         return "您好，" + re.search(r"经验丰富的(\S+?),会对患者", first).group(1) + "建议您先休息，必要时就医。"
     if first.startswith("你是一名患者"):
@@ -54,8 +56,10 @@ def respond(messages):
             return "I cannot decide."
         if "偏心" in a + b:  # a judge that always prefers the first position
             return "Rating A: 9; Rating B: 3"
+
         def score(t):
             return int(re.search(r"质量(\d+)", t).group(1))
+
         return f"The first is fine. Rating A: {score(a)}; Rating B: {score(b)}"
     return "?"
 
@@ -122,7 +126,9 @@ def test_instructions(api, tmp_path, capsys):
     records = lines(out)
     # Kept: the ECG one and the foot-care one; dropped: the seed's near-copy and the repeats.
     assert sorted(r["messages"][0]["content"].split("\n")[0] for r in records) == [
-        "列出糖尿病足的日常护理要点。", "请解释下面这份心电图报告的意思。"]
+        "列出糖尿病足的日常护理要点。",
+        "请解释下面这份心电图报告的意思。",
+    ]
     assert {r["meta"]["role"] for r in records} == {"心内科医生", "护士"}
     ecg = next(r for r in records if "心电图" in r["messages"][0]["content"])
     assert ecg["messages"][0]["content"].endswith("窦性心律，ST段压低0.1mV。")
@@ -136,8 +142,10 @@ def test_instructions(api, tmp_path, capsys):
 
 def test_conversations_keep_patient_and_doctor_apart(api, tmp_path):
     out = tmp_path / "conv.jsonl"
-    assert run_cli(api, "conversations", "--input", str(EVAL / "med_dialog_small.json"), "--out", str(out),
-                   "--limit", "2") == 0
+    assert (
+        run_cli(api, "conversations", "--input", str(EVAL / "med_dialog_small.json"), "--out", str(out), "--limit", "2")
+        == 0
+    )
     records = lines(out)
     assert len(records) == 2
     for r in records:
@@ -161,16 +169,27 @@ def test_polish_qa(api, tmp_path):
     assert all(r["messages"][1]["content"] == "您好，根据您的描述，建议多喝水，注意观察。" for r in records)
     assert all(r["meta"]["original_answer"] for r in records)
     items = [json.loads(line) for line in (EVAL / "qa_test.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
-    expected = {fill(prompt("a3_polish_qa"), Patient_Question=x["questions"], Doctor_Response=x["answers"]) for x in items}
+    expected = {
+        fill(prompt("a3_polish_qa"), Patient_Question=x["questions"], Doctor_Response=x["answers"]) for x in items
+    }
     assert {e["messages"][0]["content"] for e in api.log} == expected  # the paper's A.3 prompt, filled
 
 
 def test_polish_dialogue_rejects_a_changed_shape(api, tmp_path, capsys):
     src = tmp_path / "dialogues.jsonl"
-    convs = [{"id": f"d{i}", "source": "meddialog", "messages": [
-        {"role": "user", "content": f"头痛{i}"}, {"role": "assistant", "content": "多久了？"},
-        {"role": "user", "content": "坏" if i == 1 else "三天"}, {"role": "assistant", "content": "量个血压。"}]}
-        for i in range(3)]
+    convs = [
+        {
+            "id": f"d{i}",
+            "source": "meddialog",
+            "messages": [
+                {"role": "user", "content": f"头痛{i}"},
+                {"role": "assistant", "content": "多久了？"},
+                {"role": "user", "content": "坏" if i == 1 else "三天"},
+                {"role": "assistant", "content": "量个血压。"},
+            ],
+        }
+        for i in range(3)
+    ]
     src.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
     out = tmp_path / "polished.jsonl"
     assert run_cli(api, "polish-dialogue", "--input", str(src), "--out", str(out)) == 0
@@ -183,13 +202,30 @@ def test_polish_dialogue_rejects_a_changed_shape(api, tmp_path, capsys):
 
 def test_score_keeps_only_consistent_pairs(api, tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
-    rows = [{"id": "s1", "messages": [{"role": "user", "content": "头痛"}], "reference": "多休息",
-             "responses": ["回答质量3", "回答质量8", "回答质量5"]},
-            {"id": "s2", "messages": [{"role": "user", "content": "咳嗽"}, {"role": "assistant", "content": "多久？"},
-                                      {"role": "user", "content": "一周"}], "reference": "拍胸片",
-             "responses": ["偏心回答质量1", "偏心回答质量2"]},
-            {"id": "s3", "messages": [{"role": "user", "content": "发烧"}], "reference": "退烧",
-             "responses": ["乱码", "回答质量4"]}]
+    rows = [
+        {
+            "id": "s1",
+            "messages": [{"role": "user", "content": "头痛"}],
+            "reference": "多休息",
+            "responses": ["回答质量3", "回答质量8", "回答质量5"],
+        },
+        {
+            "id": "s2",
+            "messages": [
+                {"role": "user", "content": "咳嗽"},
+                {"role": "assistant", "content": "多久？"},
+                {"role": "user", "content": "一周"},
+            ],
+            "reference": "拍胸片",
+            "responses": ["偏心回答质量1", "偏心回答质量2"],
+        },
+        {
+            "id": "s3",
+            "messages": [{"role": "user", "content": "发烧"}],
+            "reference": "退烧",
+            "responses": ["乱码", "回答质量4"],
+        },
+    ]
     samples.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "pairs.jsonl"
     assert run_cli(api, "score", "--input", str(samples), "--out", str(out)) == 0
@@ -207,8 +243,12 @@ def test_score_keeps_only_consistent_pairs(api, tmp_path, capsys):
 
 
 def test_dry_run_prints_the_first_prompt_and_calls_nothing(api, tmp_path, capsys):
-    assert run_cli(api, "polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(tmp_path / "o.jsonl"),
-                   "--dry-run") == 0
+    assert (
+        run_cli(
+            api, "polish-qa", "--input", str(EVAL / "qa_test.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--dry-run"
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("<患者问题>: 感冒了鼻塞流鼻涕")
     assert api.log == [] and not (tmp_path / "o.jsonl").exists()
 
@@ -217,8 +257,19 @@ def test_killed_run_resumes_without_duplicates_or_losses(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = FakeOpenAI(respond, delay=0.15)
     out = tmp_path / "qa.jsonl"
-    cmd = [sys.executable, str(ROOT / "distill.py"), "polish-qa", "--input", str(EVAL / "qa_test.jsonl"),
-           "--out", str(out), "--base-url", server.url, "--workers", "2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "distill.py"),
+        "polish-qa",
+        "--input",
+        str(EVAL / "qa_test.jsonl"),
+        "--out",
+        str(out),
+        "--base-url",
+        server.url,
+        "--workers",
+        "2",
+    ]
     env = dict(os.environ, OPENAI_API_KEY=KEY)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     deadline = time.time() + 60
@@ -245,8 +296,10 @@ def test_parsers_by_hand():
     assert lcs_similarity("abcd", "abxd") == pytest.approx(2 * 3 / 8)  # LCS "abd"
     assert lcs_similarity("", "x") == 0.0
     text = "1. <角色>：护士\n<指令>：写出护理要点\n<输入>：无\n2、医生\n解释检查结果\n血糖7.8\n（3）只有一行"
-    assert parse_triples(text) == [{"role": "护士", "instruction": "写出护理要点", "input": ""},
-                                   {"role": "医生", "instruction": "解释检查结果", "input": "血糖7.8"}]
+    assert parse_triples(text) == [
+        {"role": "护士", "instruction": "写出护理要点", "input": ""},
+        {"role": "医生", "instruction": "解释检查结果", "input": "血糖7.8"},
+    ]
     assert parse_ratings("Rating A: 7; Rating B: 9") == (7.0, 9.0)
     assert parse_ratings("analysis...\n**Rating A: [8.5]；Rating B: [6]**") == (8.5, 6.0)
     with pytest.raises(distill.Reject, match="out of range"):
@@ -254,15 +307,22 @@ def test_parsers_by_hand():
     turns = parse_dialogue("患者：头痛\n第二行\n**医疗大模型**：请问多久了？\nHuatuoGPT: 还有吗")
     assert [t["role"] for t in turns] == ["user", "assistant", "assistant"]
     assert turns[0]["content"] == "头痛\n第二行"
-    kept, dropped = keep_novel([{"instruction": "请解释心电图报告"}, {"instruction": "请解释心电图报告。"},
-                                {"instruction": "列出护理要点"}], seeds=[])
+    kept, dropped = keep_novel(
+        [{"instruction": "请解释心电图报告"}, {"instruction": "请解释心电图报告。"}, {"instruction": "列出护理要点"}],
+        seeds=[],
+    )
     assert [k["instruction"] for k in kept] == ["请解释心电图报告", "列出护理要点"] and dropped == 1
 
 
 def test_score_does_not_rate_responses_cut_off_before_eos(api, tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
-    row = {"id": "s1", "messages": [{"role": "user", "content": "头痛"}], "reference": "多休息",
-           "responses": ["回答质量3", "回答质量8", "回答质量5"], "finished": [True, False, True]}
+    row = {
+        "id": "s1",
+        "messages": [{"role": "user", "content": "头痛"}],
+        "reference": "多休息",
+        "responses": ["回答质量3", "回答质量8", "回答质量5"],
+        "finished": [True, False, True],
+    }
     samples.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     out = tmp_path / "pairs.jsonl"
     assert run_cli(api, "score", "--input", str(samples), "--out", str(out)) == 0
@@ -314,12 +374,19 @@ def test_a_refused_key_stops_the_run_at_once_and_is_not_echoed(api, tmp_path, ca
 
 def test_redact_hides_partial_echoes_of_the_key():
     key = "sk-proj-AbCdEfGhIjKlMnOp1234"
-    for echo in (f"Incorrect API key provided: {key[:8]}****{key[-4:]}.", f"key {key[:10]}...", f"key ...{key[-6:]}",
-                 f"token={key}", f"'{key[:12]}…{key[-4:]}'"):
+    for echo in (
+        f"Incorrect API key provided: {key[:8]}****{key[-4:]}.",
+        f"key {key[:10]}...",
+        f"key ...{key[-6:]}",
+        f"token={key}",
+        f"'{key[:12]}…{key[-4:]}'",
+    ):
         hidden = chat_api.redact(echo, key)
         assert key[:10] not in hidden and key[-4:] not in hidden and "[OPENAI_API_KEY]" in hidden, hidden
-    assert chat_api.redact("HTTP 400: bad request, max_tokens too large", key) == \
-        "HTTP 400: bad request, max_tokens too large"
+    assert (
+        chat_api.redact("HTTP 400: bad request, max_tokens too large", key)
+        == "HTTP 400: bad request, max_tokens too large"
+    )
 
 
 def test_unparseable_retry_after_falls_back_to_the_backoff(api):

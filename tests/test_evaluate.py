@@ -21,7 +21,9 @@ from model import CONFIGS, Transformer
 def test_parse_verdict():
     assert parse_verdict("analysis...\nAssistant 1 is better than Assistant 2") == "better"
     assert parse_verdict("Assistant 1 is worse than Assistant 2.\n\n'assistant 1 is equal to assistant 2'") == "equal"
-    assert parse_verdict("Assistant 1 is better than Assistant 2\nfinal: Assistant 1 is worse than Assistant 2") == "worse"
+    assert (
+        parse_verdict("Assistant 1 is better than Assistant 2\nfinal: Assistant 1 is worse than Assistant 2") == "worse"
+    )
     assert parse_verdict("I cannot decide.") is None
     assert parse_verdict("") is None
 
@@ -34,8 +36,11 @@ def test_order_is_balanced_reproducible_and_recorded():
 
 
 def conversation(id, answer, label):
-    return {"id": id, "messages": [{"role": "user", "content": f"问题{id}"}, {"role": "assistant", "content": answer}],
-            "meta": {"label": label}}
+    return {
+        "id": id,
+        "messages": [{"role": "user", "content": f"问题{id}"}, {"role": "assistant", "content": answer}],
+        "meta": {"label": label},
+    }
 
 
 def judge_reply(messages):
@@ -50,8 +55,9 @@ def judge_reply(messages):
         return "Assistant 1 is better than Assistant 2"
     if ("详细" in one) == ("详细" in two):
         return "Both fine.\nAssistant 1 is equal to Assistant 2"
-    return "Comparing...\n" + ("Assistant 1 is better than Assistant 2" if "详细" in one else
-                               "Assistant 1 is worse than Assistant 2")
+    return "Comparing...\n" + (
+        "Assistant 1 is better than Assistant 2" if "详细" in one else "Assistant 1 is worse than Assistant 2"
+    )
 
 
 @pytest.fixture
@@ -68,13 +74,39 @@ def write_jsonl(path, rows):
 
 
 def test_single_turn_judge_run(judge_api, tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", [conversation(f"q{i}", "详细的回答", "治疗方案") for i in range(6)] +
-                    [conversation("q6", "简短", "病因分析"), conversation("q7", "无法判断", "病因分析")])
-    b = write_jsonl(tmp_path / "b.jsonl", [conversation(f"q{i}", "简短", "治疗方案") for i in range(6)] +
-                    [conversation("q6", "简短", "病因分析"), conversation("q7", "无法判断", "病因分析")])
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [conversation(f"q{i}", "详细的回答", "治疗方案") for i in range(6)]
+        + [conversation("q6", "简短", "病因分析"), conversation("q7", "无法判断", "病因分析")],
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [conversation(f"q{i}", "简短", "治疗方案") for i in range(6)]
+        + [conversation("q6", "简短", "病因分析"), conversation("q7", "无法判断", "病因分析")],
+    )
     out = tmp_path / "judge.jsonl"
-    assert evaluate.main(["judge", "--a", str(a), "--b", str(b), "--name-a", "Huatuo", "--name-b", "Ziya",
-                          "--out", str(out), "--base-url", judge_api.url, "--judge-retries", "1"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "judge",
+                "--a",
+                str(a),
+                "--b",
+                str(b),
+                "--name-a",
+                "Huatuo",
+                "--name-b",
+                "Ziya",
+                "--out",
+                str(out),
+                "--base-url",
+                judge_api.url,
+                "--judge-retries",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = {r["id"]: r for r in evaluate.load_jsonl(out)}
     assert all(rows[f"q{i}"]["outcome"] == "win" for i in range(6))  # whatever order each was shown in
     assert rows["q6"]["outcome"] == "tie" and rows["q7"]["outcome"] == "unparsed"
@@ -93,8 +125,11 @@ def test_single_turn_judge_run(judge_api, tmp_path):
     fills = [r.get("fill") for r in svg.iter("{http://www.w3.org/2000/svg}rect")]
     assert fills.count("#4e9a6a") == 2 and fills.count("#c9c9c9") == 2  # a bar segment each, and the legend
     # A second report into the same --out replaces the first only when told to (issue 21).
-    with pytest.raises(SystemExit, match=r"rep holds an earlier report \(report.md, win_tie_loss.svg\): add "
-                                         r"--overwrite"):
+    with pytest.raises(
+        SystemExit,
+        match=r"rep holds an earlier report \(report.md, win_tie_loss.svg\): add "
+        r"--overwrite",
+    ):
         evaluate.main(["report", "--judgments", str(out), "--out", str(tmp_path / "rep")])
     assert evaluate.main(["report", "--judgments", str(out), "--out", str(tmp_path / "rep"), "--overwrite"]) == 0
 
@@ -103,8 +138,9 @@ def test_both_orders_turn_a_position_bias_into_a_tie(judge_api, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [conversation("q1", "偏心A", "其他")])
     b = write_jsonl(tmp_path / "b.jsonl", [conversation("q1", "偏心B", "其他")])
     out = tmp_path / "j.jsonl"
-    evaluate.main(["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url,
-                   "--both-orders"])
+    evaluate.main(
+        ["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url, "--both-orders"]
+    )
     row = evaluate.load_jsonl(out)[0]
     assert [j["order"] for j in row["judgments"]] == ["ab", "ba"] and row["outcome"] == "tie"
 
@@ -119,8 +155,21 @@ def test_consultation_loop_with_the_tiny_model(monkeypatch, tmp_path, tokenizer_
     Transformer.from_config(CONFIGS["tiny"], seed=0).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
     server = FakeOpenAI(patient_reply)
     out = tmp_path / "dialogues.jsonl"
-    args = ["consult", "--model", str(tmp_path / "m"), "--data", str(ROOT / "data" / "eval" / "med_dialog_small.json"),
-            "--out", str(out), "--limit", "2", "--max-new-tokens", "8", "--base-url", server.url]
+    args = [
+        "consult",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(ROOT / "data" / "eval" / "med_dialog_small.json"),
+        "--out",
+        str(out),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--base-url",
+        server.url,
+    ]
     assert evaluate.main(args) == 0
     rows = evaluate.load_jsonl(out)
     assert len(rows) == 2
@@ -140,8 +189,21 @@ def test_consultation_loop_with_the_tiny_model(monkeypatch, tmp_path, tokenizer_
 
 def test_bench_writes_resumable_predictions_and_table2(tmp_path, tokenizer_file, capsys):
     Transformer.from_config(CONFIGS["tiny"], seed=0).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
-    args = ["bench", "--model", str(tmp_path / "m"), "--data", str(ROOT / "data" / "eval" / "qa_test.jsonl"),
-            "--out", str(tmp_path / "b"), "--limit", "3", "--max-new-tokens", "6", "--batch-size", "2"]
+    args = [
+        "bench",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(ROOT / "data" / "eval" / "qa_test.jsonl"),
+        "--out",
+        str(tmp_path / "b"),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+    ]
     assert evaluate.main(args) == 0
     printed = capsys.readouterr().out
     assert "| model | BLEU-1 |" in printed and "3 items" in printed
@@ -176,8 +238,21 @@ def test_judge_items_the_api_failed_are_judged_on_the_next_run(judge_api, tmp_pa
     a = write_jsonl(tmp_path / "a.jsonl", [conversation(f"q{i}", "详细的回答", "治疗方案") for i in range(4)])
     b = write_jsonl(tmp_path / "b.jsonl", [conversation(f"q{i}", "简短", "治疗方案") for i in range(4)])
     out = tmp_path / "judge.jsonl"
-    cmd = ["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--base-url", judge_api.url, "--backoff", "0.01",
-           "--workers", "1"]
+    cmd = [
+        "judge",
+        "--a",
+        str(a),
+        "--b",
+        str(b),
+        "--out",
+        str(out),
+        "--base-url",
+        judge_api.url,
+        "--backoff",
+        "0.01",
+        "--workers",
+        "1",
+    ]
     judge_api.faults = ["400"]  # the first item's request fails; it is not a verdict
     assert evaluate.main(cmd) == 1
     assert "1 item(s) left" in capsys.readouterr().out and len(evaluate.load_jsonl(out)) == 3
@@ -194,26 +269,51 @@ def test_a_rerun_into_another_models_output_is_refused(tmp_path, tokenizer_file,
     """Issue 12: bench of model B into model A's directory printed A's numbers as B's row."""
     for name, seed in (("a", 0), ("b", 1)):
         Transformer.from_config(CONFIGS["tiny"], seed=seed).save_pretrained(tmp_path / name, tokenizer=tokenizer_file)
-    common = ["--data", str(ROOT / "data" / "eval" / "qa_test.jsonl"), "--out", str(tmp_path / "bench"),
-              "--limit", "2", "--max-new-tokens", "4"]
+    common = [
+        "--data",
+        str(ROOT / "data" / "eval" / "qa_test.jsonl"),
+        "--out",
+        str(tmp_path / "bench"),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
     assert evaluate.main(["bench", "--model", str(tmp_path / "a"), "--name", "A", *common]) == 0
     before = (tmp_path / "bench" / "predictions.jsonl").read_bytes()
     with pytest.raises(RecordError, match=r"holds the output of another setup \(model: '[0-9a-f]+' -> "):
         evaluate.main(["bench", "--model", str(tmp_path / "b"), "--name", "B", *common])
     with pytest.raises(RecordError, match=r"\(max_new_tokens: 4 -> 5; temperature: 0.0 -> 0.7\)"):
-        evaluate.main(["bench", "--model", str(tmp_path / "a"), *common, "--max-new-tokens", "5",
-                       "--temperature", "0.7"])
+        evaluate.main(
+            ["bench", "--model", str(tmp_path / "a"), *common, "--max-new-tokens", "5", "--temperature", "0.7"]
+        )
     assert (tmp_path / "bench" / "predictions.jsonl").read_bytes() == before
     # A copy of A elsewhere is the same model: its rerun continues.
     import shutil
+
     shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
     assert evaluate.main(["bench", "--model", str(tmp_path / "a_copy"), *common, "--limit", "3"]) == 0
     # Through the command line the refusal is one line and exit status 2.
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "answer", "--model", str(tmp_path / "b"),
-                        "--data", str(ROOT / "data" / "eval" / "qa_test.jsonl"), "--out",
-                        str(tmp_path / "bench" / "predictions.jsonl"), "--limit", "1"], capture_output=True, text=True)
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "answer",
+            "--model",
+            str(tmp_path / "b"),
+            "--data",
+            str(ROOT / "data" / "eval" / "qa_test.jsonl"),
+            "--out",
+            str(tmp_path / "bench" / "predictions.jsonl"),
+            "--limit",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "command: 'bench' -> 'answer'" in r.stderr and "model:" in r.stderr
 

@@ -14,9 +14,18 @@ from safety import run_main
 
 # Each command's main, and the argv prefixes that reach each of its parsers.
 COMMANDS = {
-    "train_sft": [[]], "train_rm": [[], ["sample"], ["score"]], "train_ppo": [[]], "distill": [[]],
-    "evaluate": [[]], "generate": [[]], "serve": [[]], "convert": [[]], "quickstart": [[]], "tokenizer": [[]],
-    "chat": [[]], "data.__main__": [[]],
+    "train_sft": [[]],
+    "train_rm": [[], ["sample"], ["score"]],
+    "train_ppo": [[]],
+    "distill": [[]],
+    "evaluate": [[]],
+    "generate": [[]],
+    "serve": [[]],
+    "convert": [[]],
+    "quickstart": [[]],
+    "tokenizer": [[]],
+    "chat": [[]],
+    "data.__main__": [[]],
 }
 ANY_INTEGER = {"--seed"}  # a seed may be any integer, negative ones included
 SFT_DRY = ["train_sft", "--model", "ziya-13b", "--dry-run"]
@@ -78,35 +87,43 @@ def test_every_numeric_flag_of_every_command_has_its_range():
     assert checked > 80
 
 
-@pytest.mark.parametrize("argv, says", [
-    ([*SFT_DRY, "--simulate", "--world-size", "0"], "--world-size: 0 is out of range"),
-    ([*SFT_DRY, "--simulate", "--world-size", "-1"], "--world-size: -1 is out of range"),
-    ([*SFT_DRY, "--mfu", "0"], "--mfu: 0 is out of range"),
-    ([*SFT_DRY, "--epochs", "0"], "--epochs: 0 is out of range"),
-    ([*SFT_DRY, "--batch-size", "0"], "--batch-size: 0 is out of range"),
-    ([*SFT_DRY, "--simulate", "--simulate-micro-batches", "0"], "--simulate-micro-batches: 0 is out of range"),
-    ([*PPO_DRY, "--world-size", "0"], "--world-size: 0 is out of range"),
-    ([*SFT_DRY, "--simulate", "--world-size", "1000000"], "--batch-size 128 is not a multiple of --micro-batch-size 1"),
-    ([*SFT_DRY, "--lora-rank", "100000"], "--lora-rank 100000: must be between 1 and 5120"),
-    ([*SFT_DRY, "--lora-rank", "-1"], "--lora-rank: -1 is out of range"),
-    ([*SFT_DRY, "--lora-rank", "8", "--lora-targets", "nonexistent"], "--lora-targets nonexistent: no such linear"),
-    ([*SFT_DRY, "--lora-alpha", "nan"], "--lora-alpha: nan is not a number > 0"),
-    ([*SFT_DRY, "--gpu-memory-gb", "-5"], "--gpu-memory-gb: -5 is out of range"),
-    ([*SFT_DRY, "--mfu", "2"], "--mfu: 2 is out of range"),
-    ([*SFT_DRY, "--mfu", "nan"], "--mfu: nan is not a number"),
-    ([*SFT_DRY, "--plan-items", "-5"], "--plan-items: -5 is out of range"),
-    ([*SFT_DRY, "--plan-tokens-per-item", "0"], "--plan-tokens-per-item: 0 is out of range"),
-    (["train_rm", "--model", "ziya-13b", "--dry-run", "--world-size", "-4"], "--world-size: -4 is out of range"),
-    ([*SFT_DRY, "--peak-tflops", "0"], "--peak-tflops: 0 is out of range"),
-    ([*SFT_DRY, "--hbm-tbps", "-1"], "--hbm-tbps: -1 is out of range"),
-    ([*SFT_DRY, "--plan-items", "0"], "--plan-items: 0 is out of range"),
-    ([*SFT_DRY, "--max-len", "0"], "--max-len: 0 is out of range"),
-    ([*SFT_DRY, "--simulate-micro-batches", "-2"], "--simulate-micro-batches: -2 is out of range"),
-    ([*SFT_DRY, "--micro-batch-size", "3", "--batch-size", "128", "--world-size", "8"],
-     "--batch-size 128 is not a multiple of --micro-batch-size 3 x 8 ranks"),
-    ([*PPO_DRY, "--world-size", "3"], "is not a multiple of --micro-batch-size 1 x 3 ranks"),
-    ([*PPO_DRY, "--rollout-size", "100"], "--rollout-size 100 must be a multiple of --batch-size"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        ([*SFT_DRY, "--simulate", "--world-size", "0"], "--world-size: 0 is out of range"),
+        ([*SFT_DRY, "--simulate", "--world-size", "-1"], "--world-size: -1 is out of range"),
+        ([*SFT_DRY, "--mfu", "0"], "--mfu: 0 is out of range"),
+        ([*SFT_DRY, "--epochs", "0"], "--epochs: 0 is out of range"),
+        ([*SFT_DRY, "--batch-size", "0"], "--batch-size: 0 is out of range"),
+        ([*SFT_DRY, "--simulate", "--simulate-micro-batches", "0"], "--simulate-micro-batches: 0 is out of range"),
+        ([*PPO_DRY, "--world-size", "0"], "--world-size: 0 is out of range"),
+        (
+            [*SFT_DRY, "--simulate", "--world-size", "1000000"],
+            "--batch-size 128 is not a multiple of --micro-batch-size 1",
+        ),
+        ([*SFT_DRY, "--lora-rank", "100000"], "--lora-rank 100000: must be between 1 and 5120"),
+        ([*SFT_DRY, "--lora-rank", "-1"], "--lora-rank: -1 is out of range"),
+        ([*SFT_DRY, "--lora-rank", "8", "--lora-targets", "nonexistent"], "--lora-targets nonexistent: no such linear"),
+        ([*SFT_DRY, "--lora-alpha", "nan"], "--lora-alpha: nan is not a number > 0"),
+        ([*SFT_DRY, "--gpu-memory-gb", "-5"], "--gpu-memory-gb: -5 is out of range"),
+        ([*SFT_DRY, "--mfu", "2"], "--mfu: 2 is out of range"),
+        ([*SFT_DRY, "--mfu", "nan"], "--mfu: nan is not a number"),
+        ([*SFT_DRY, "--plan-items", "-5"], "--plan-items: -5 is out of range"),
+        ([*SFT_DRY, "--plan-tokens-per-item", "0"], "--plan-tokens-per-item: 0 is out of range"),
+        (["train_rm", "--model", "ziya-13b", "--dry-run", "--world-size", "-4"], "--world-size: -4 is out of range"),
+        ([*SFT_DRY, "--peak-tflops", "0"], "--peak-tflops: 0 is out of range"),
+        ([*SFT_DRY, "--hbm-tbps", "-1"], "--hbm-tbps: -1 is out of range"),
+        ([*SFT_DRY, "--plan-items", "0"], "--plan-items: 0 is out of range"),
+        ([*SFT_DRY, "--max-len", "0"], "--max-len: 0 is out of range"),
+        ([*SFT_DRY, "--simulate-micro-batches", "-2"], "--simulate-micro-batches: -2 is out of range"),
+        (
+            [*SFT_DRY, "--micro-batch-size", "3", "--batch-size", "128", "--world-size", "8"],
+            "--batch-size 128 is not a multiple of --micro-batch-size 3 x 8 ranks",
+        ),
+        ([*PPO_DRY, "--world-size", "3"], "is not a multiple of --micro-batch-size 1 x 3 ranks"),
+        ([*PPO_DRY, "--rollout-size", "100"], "--rollout-size 100 must be a multiple of --batch-size"),
+    ],
+)
 def test_a_flag_out_of_range_or_a_split_the_run_would_refuse_is_one_line_and_exit_2(argv, says, capsys):
     """Each row of issue 35's table, which crashed, hung or planned nonsense."""
     module = importlib.import_module(argv[0])
@@ -121,12 +138,16 @@ def test_a_flag_out_of_range_or_a_split_the_run_would_refuse_is_one_line_and_exi
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--lora-rank", "100000"], "--lora-rank 100000: must be between 1 and"),
-    (["--lora-rank", "4", "--lora-targets", "q_proj", "nonexistent"], "--lora-targets nonexistent: no such"),
-])
-def test_lora_flags_that_do_not_fit_the_model_stop_a_real_run_before_its_data_is_read(tmp_path, capsys, monkeypatch,
-                                                                                       flags, says):
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--lora-rank", "100000"], "--lora-rank 100000: must be between 1 and"),
+        (["--lora-rank", "4", "--lora-targets", "q_proj", "nonexistent"], "--lora-targets nonexistent: no such"),
+    ],
+)
+def test_lora_flags_that_do_not_fit_the_model_stop_a_real_run_before_its_data_is_read(
+    tmp_path, capsys, monkeypatch, flags, says
+):
     """A real run of the embedded model (--lora-rank 100000 grew to 5 GB; -1 failed after the
     data loaded): one line, before any data file is opened (the reader here would fail)."""
     import data.corpus

@@ -10,9 +10,19 @@ import pytest
 
 pytestmark = pytest.mark.numerics  # run again under other kernel sets (tests/test_kernels.py)
 
-CHECKS = ["sliced_forward", "generation", "generation_one_rank_finishes_first", "generation_logprobs",
-          "gradient_memory", "bf16_mixed_precision", "ppo_update", "rollout_gathered", "ppo_setup_share",
-          "frozen_bf16", "reward_sharded"]
+CHECKS = [
+    "sliced_forward",
+    "generation",
+    "generation_one_rank_finishes_first",
+    "generation_logprobs",
+    "gradient_memory",
+    "bf16_mixed_precision",
+    "ppo_update",
+    "rollout_gathered",
+    "ppo_setup_share",
+    "frozen_bf16",
+    "reward_sharded",
+]
 
 
 def test_two_rank_fsdp_checks(two_rank_checks):

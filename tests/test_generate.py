@@ -16,7 +16,7 @@ def greedy_no_cache(model, prompt, n):
     for _ in range(n):
         with torch.no_grad():
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.mark.numerics
@@ -25,9 +25,8 @@ def test_greedy_equals_no_cache_and_transformers(pair):
     got = generate(ours, PROMPTS, max_new_tokens=20, eos_id=-1, temperature=0)  # -1: never stops
     for prompt, tokens in zip(PROMPTS, got.tokens):
         assert tokens == greedy_no_cache(ours, prompt, 20)
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        assert tokens == ref[0, len(prompt):].tolist()
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokens == ref[0, len(prompt) :].tolist()
     assert len({tuple(t) for t in got.tokens}) == 3  # the prompts really lead different ways
 
 
@@ -36,9 +35,15 @@ def test_repetition_penalty_matches_transformers(pair):
     ours, hf = pair
     got = generate(ours, PROMPTS, max_new_tokens=15, eos_id=-1, temperature=0, repetition_penalty=1.5)
     for prompt, tokens in zip(PROMPTS, got.tokens):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False,
-                          repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
-        assert tokens == ref[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=15,
+            do_sample=False,
+            repetition_penalty=1.5,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert tokens == ref[0, len(prompt) :].tolist()
     plain = generate(ours, PROMPTS, max_new_tokens=15, eos_id=-1, temperature=0)
     assert got.tokens != plain.tokens
 
@@ -55,8 +60,12 @@ def test_prompt_decodes_the_same_alone_and_in_a_padded_batch(kv_heads):
     for i, prompt in enumerate(PROMPTS):
         alone = generate(ours, [prompt], max_new_tokens=12, eos_id=-1, temperature=0, return_logprobs=True)
         assert alone.tokens[0] == batch.tokens[i]
-        torch.testing.assert_close(torch.tensor(alone.logprobs[0], dtype=torch.float64),
-                                   torch.tensor(batch.logprobs[i], dtype=torch.float64), rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor(alone.logprobs[0], dtype=torch.float64),
+            torch.tensor(batch.logprobs[i], dtype=torch.float64),
+            rtol=0,
+            atol=1e-9,
+        )
 
 
 @pytest.mark.numerics
@@ -65,12 +74,21 @@ def test_logprobs_are_the_models_log_probabilities(small_model):
     # are model.token_logprobs of a training forward over the same ids: full vocabulary, fp32.
     model = small_model.double()
     gen = torch.Generator().manual_seed(0)
-    out = generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=0.9, top_p=0.8, vocab_limit=60,
-                   return_logprobs=True, generator=gen)
+    out = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=8,
+        eos_id=-1,
+        temperature=0.9,
+        top_p=0.8,
+        vocab_limit=60,
+        return_logprobs=True,
+        generator=gen,
+    )
     for prompt, tokens, lps in zip(PROMPTS, out.tokens, out.logprobs):
         assert max(tokens) < 60
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
         expected = token_logprobs(logits, torch.tensor(tokens))
         torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), expected, rtol=0, atol=1e-9)  # fp64
         # ... which is the log-softmax over all 101 ids, not over the 60 that could be sampled.
@@ -99,7 +117,7 @@ def test_each_sequence_stops_at_its_own_eos(pair):
     eos = free.tokens[1][3]  # make the 4th token of the second prompt the "eos"
     stop = free.tokens[1].index(eos)
     out = generate(ours, PROMPTS, max_new_tokens=12, eos_id=eos, temperature=0)
-    assert out.tokens[1] == free.tokens[1][:stop + 1] and out.finished[1]
+    assert out.tokens[1] == free.tokens[1][: stop + 1] and out.finished[1]
     for i in (0, 2):  # the others go on, unchanged, until their own eos or the limit
         cut = free.tokens[i].index(eos) + 1 if eos in free.tokens[i] else 12
         assert out.tokens[i] == free.tokens[i][:cut]
@@ -116,8 +134,15 @@ def test_sampling_is_seeded_and_streams_the_same_tokens(small_model):
 
 
 def test_vocab_limit_and_context_guard(small_model):
-    out = generate(small_model, PROMPTS, max_new_tokens=30, eos_id=-1, temperature=2.0, vocab_limit=50,
-                   generator=torch.Generator().manual_seed(0))
+    out = generate(
+        small_model,
+        PROMPTS,
+        max_new_tokens=30,
+        eos_id=-1,
+        temperature=2.0,
+        vocab_limit=50,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert max(max(t) for t in out.tokens) < 50
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
         generate(small_model, PROMPTS, max_new_tokens=250, eos_id=-1)
@@ -159,8 +184,15 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
     def run(compiled, prompts, sampling):
         model.compile_decoding = compiled
         try:
-            return generate(model, prompts, max_new_tokens=12, eos_id=-1, return_logprobs=True,
-                            generator=torch.Generator().manual_seed(3), **sampling)
+            return generate(
+                model,
+                prompts,
+                max_new_tokens=12,
+                eos_id=-1,
+                return_logprobs=True,
+                generator=torch.Generator().manual_seed(3),
+                **sampling,
+            )
         finally:
             model.compile_decoding = False
 
@@ -172,6 +204,7 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
         model.layers[1].mlp.up_proj.weight.mul_(-1)
     eager.append(run(False, *runs[0]))
     compiled.append(run(True, *runs[0]))
+
     # The one fp32 step of an fp64 model is RMSNorm (its input cast to fp32, as HF's is, whatever
     # the model's dtype), and the fused kernel evaluates it in another order. So the bound is
     # the effect of that step itself, measured here on this machine's kernels: the log-probs of
@@ -188,8 +221,10 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight.mul_(-1)
     exact.append(run(False, *runs[0]))
+
     def flat(g):
         return torch.tensor(sum(g.logprobs, []), dtype=torch.float64)
+
     for a, b, x in zip(eager, compiled, exact):
         assert a.tokens == b.tokens == x.tokens
         rounding = (flat(a) - flat(x)).abs().max().item()

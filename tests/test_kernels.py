@@ -27,14 +27,13 @@ import pytest
 import torch
 from conftest import ROOT
 
-KERNEL_SETS = {
-    "AVX2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "SSE2": {"MKL_CBWR": "COMPATIBLE"},
-}
+KERNEL_SETS = {"AVX2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, "SSE2": {"MKL_CBWR": "COMPATIBLE"}}
 MKL_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
-MATMUL_DIGEST = ("import hashlib, torch; g = torch.Generator().manual_seed(0); "
-                 "a, b = torch.randn(256, 2048, generator=g), torch.randn(2048, 512, generator=g); "
-                 "print(hashlib.sha256((a @ b).numpy().tobytes()).hexdigest())")
+MATMUL_DIGEST = (
+    "import hashlib, torch; g = torch.Generator().manual_seed(0); "
+    "a, b = torch.randn(256, 2048, generator=g), torch.randn(2048, 512, generator=g); "
+    "print(hashlib.sha256((a @ b).numpy().tobytes()).hexdigest())"
+)
 MKL = "BLAS_INFO=mkl" in torch.__config__.show()
 
 
@@ -46,8 +45,14 @@ def environment(kernels: dict) -> dict:
 
 
 def matmul_digest(kernels: dict) -> str:
-    proc = subprocess.run([sys.executable, "-c", MATMUL_DIGEST], capture_output=True, text=True,
-                          env=environment(kernels), timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", MATMUL_DIGEST],
+        capture_output=True,
+        text=True,
+        env=environment(kernels),
+        timeout=120,
+        check=True,
+    )
     return proc.stdout.strip()
 
 
@@ -57,8 +62,21 @@ def test_the_numerical_tests_hold_under_other_kernels(name, tmp_path):
     kernels = KERNEL_SETS[name]
     if name == "SSE2":
         assert matmul_digest(kernels) != matmul_digest({}), "MKL_CBWR=COMPATIBLE changed no bit of a matmul"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-m", "numerics",
-           "--basetemp", str(tmp_path / "run"), str(ROOT / "tests")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "numerics",
+        "--basetemp",
+        str(tmp_path / "run"),
+        str(ROOT / "tests"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(kernels), cwd=ROOT, timeout=600)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, f"under {kernels}: {summary}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"

@@ -12,8 +12,15 @@ from test_train_sft import in_process, interrupted_at_step, losses, run
 from model import LoRALinear, ModelConfig, Transformer, add_lora, lora_init, merge_lora
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj", "v_proj", "down_proj"]
-CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
+CFG = ModelConfig(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def adapted(seed=0):
@@ -38,8 +45,9 @@ def test_the_adapted_layer_is_the_base_plus_the_scaled_low_rank_update():
     x = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     by_hand = x @ (layer.weight + 1.5 * layer.lora_b @ layer.lora_a).T  # α/r = 3/2
     torch.testing.assert_close(layer(x), by_hand, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.merged_weight(), layer.weight + 1.5 * layer.lora_b @ layer.lora_a,
-                               rtol=0, atol=1e-12)  # fp64, one formula
+    torch.testing.assert_close(
+        layer.merged_weight(), layer.weight + 1.5 * layer.lora_b @ layer.lora_a, rtol=0, atol=1e-12
+    )  # fp64, one formula
     fresh = LoRALinear(6, 5, rank=2, alpha=3.0)
     assert torch.count_nonzero(fresh.lora_b) == 0  # B starts at zero: the adapted model starts as the base
 
@@ -48,8 +56,12 @@ def test_the_adapted_layer_is_the_base_plus_the_scaled_low_rank_update():
 def test_gradients_reach_only_a_and_b():
     model = adapted()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"layers.{i}.{m}.{ab}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
-                         for ab in ("lora_a", "lora_b")}
+    assert trainable == {
+        f"layers.{i}.{m}.{ab}"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "mlp.down_proj")
+        for ab in ("lora_a", "lora_b")
+    }
     model(torch.randint(0, 101, (2, 7))).logsumexp(-1).sum().backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None and p.grad.abs().sum() > 0) == (name in trainable), name
@@ -106,8 +118,21 @@ def test_the_dry_run_simulates_a_lora_run(capsys):
     knows no adapters, so the dry run gives only the simulation)."""
     import train_sft
 
-    train_sft.main(["--model", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--max-len", "64",
-                    "--simulate-micro-batches", "1", *LORA])
+    train_sft.main(
+        [
+            "--model",
+            "tiny",
+            "--dry-run",
+            "--simulate",
+            "--world-size",
+            "2",
+            "--max-len",
+            "64",
+            "--simulate-micro-batches",
+            "1",
+            *LORA,
+        ]
+    )
     out = capsys.readouterr().out
     assert "LoRA rank 4 (alpha 8) on q_proj v_proj down_proj" in out
     assert "simulated: train_sft.train_step and AdamW on fake tensors over 2 fake rank(s)" in out
@@ -122,9 +147,25 @@ def test_a_reward_model_with_lora_trains_its_adapters_and_head_and_exports_plain
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    train_rm.main(["--model", str(micro_model()), "--data", str(ROOT / "data" / "preference" / "preference_pairs.jsonl"), "--out",
-                   str(tmp_path), "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--max-steps", "2",
-                   *LORA])
+    train_rm.main(
+        [
+            "--model",
+            str(micro_model()),
+            "--data",
+            str(ROOT / "data" / "preference" / "preference_pairs.jsonl"),
+            "--out",
+            str(tmp_path),
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--max-steps",
+            "2",
+            *LORA,
+        ]
+    )
     rm = RewardModel.from_pretrained(tmp_path / "final")
     assert not any(isinstance(m, LoRALinear) for m in rm.modules())  # merged: a plain reward model
     assert rm.score_head.weight.abs().sum() > 0  # the head, zero at the start, was trained
@@ -150,13 +191,20 @@ def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_every_step_is_the_same
             model = training.shard_and_load(model, full, d, bf16=bf16, frozen_bf16=frozen_bf16 and kw["frozen_bf16"])
             stored[frozen_bf16] = {n: p.dtype for n, p in model.named_parameters()}
             return model
+
         return shard_and_load
 
     for frozen_bf16 in (True, False):
         monkeypatch.setattr(train_sft, "shard_and_load", keeping(frozen_bf16))
         # exported in bf16 (micro_model's own dtype is fp32) against the fp32 export of fp32 storage
-        in_process(monkeypatch, tmp_path / str(frozen_bf16), "--max-steps", "3", *LORA,
-                   *(["--save-dtype", "bfloat16"] if frozen_bf16 else []))
+        in_process(
+            monkeypatch,
+            tmp_path / str(frozen_bf16),
+            "--max-steps",
+            "3",
+            *LORA,
+            *(["--save-dtype", "bfloat16"] if frozen_bf16 else []),
+        )
     assert losses(tmp_path / "True") == losses(tmp_path / "False")
     assert all((dtype == torch.float32) == ("lora_" in n) for n, dtype in stored[True].items()), stored[True]
     assert set(stored[False].values()) == {torch.float32}
@@ -168,4 +216,4 @@ def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_every_step_is_the_same
             assert torch.equal(a[name], b[name].to(torch.bfloat16)), name  # a frozen weight: rounded once
         else:  # bf16(bf16(W) + (α/r)·B·A): two roundings, each within half a bf16 ulp (2^-8 relative)
             w = base[name.removeprefix("model.")]
-            assert ((a[name].float() - b[name]).abs() <= 2 ** -8 * (w.abs() + b[name].abs())).all(), name
+            assert ((a[name].float() - b[name]).abs() <= 2**-8 * (w.abs() + b[name].abs())).all(), name

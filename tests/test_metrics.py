@@ -22,8 +22,10 @@ def reference_metrics(preds, refs):
     hyps = [tokens(p) for p in preds]
     rs = [[tokens(r)] for r in refs]
     smooth = nltk_bleu.SmoothingFunction().method1
-    out = {f"BLEU-{n}": 100 * nltk_bleu.corpus_bleu(rs, hyps, weights=BLEU_WEIGHTS[n], smoothing_function=smooth)
-           for n in (1, 2, 3, 4)}
+    out = {
+        f"BLEU-{n}": 100 * nltk_bleu.corpus_bleu(rs, hyps, weights=BLEU_WEIGHTS[n], smoothing_function=smooth)
+        for n in (1, 2, 3, 4)
+    }
     out["GLEU"] = 100 * nltk_gleu.corpus_gleu(rs, hyps)
     scorer = rouge.Rouge()
     totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
@@ -34,8 +36,13 @@ def reference_metrics(preds, refs):
             continue  # an empty side: our documented value, 0 (long texts: see the last test)
         for k in totals:
             totals[k] += s[k]["f"]
-    out.update({"ROUGE-1": 100 * totals["rouge-1"] / len(hyps), "ROUGE-2": 100 * totals["rouge-2"] / len(hyps),
-                "ROUGE-L": 100 * totals["rouge-l"] / len(hyps)})
+    out.update(
+        {
+            "ROUGE-1": 100 * totals["rouge-1"] / len(hyps),
+            "ROUGE-2": 100 * totals["rouge-2"] / len(hyps),
+            "ROUGE-L": 100 * totals["rouge-l"] / len(hyps),
+        }
+    )
     return out
 
 
@@ -54,14 +61,17 @@ def test_random_corpora_match_the_libraries(seed):
         assert ours[key] == pytest.approx(value, abs=1e-9, rel=1e-9), key
 
 
-@pytest.mark.parametrize("preds, refs", [
-    (["", ""], ["头痛", "发烧了"]),                # empty predictions
-    (["头"], ["头痛欲裂"]),                         # one character
-    (["....", "a.b"], ["头痛.", "a.b"]),            # only full stops; ASCII full stops split sentences
-    (["头痛头痛头痛"], ["头痛"]),                    # repetition: clipping and set semantics
-    (["完全不同"], ["毫无关系"]),                     # no match at all
-    (["38.5度发烧"], ["体温38.5度"]),
-])
+@pytest.mark.parametrize(
+    "preds, refs",
+    [
+        (["", ""], ["头痛", "发烧了"]),  # empty predictions
+        (["头"], ["头痛欲裂"]),  # one character
+        (["....", "a.b"], ["头痛.", "a.b"]),  # only full stops; ASCII full stops split sentences
+        (["头痛头痛头痛"], ["头痛"]),  # repetition: clipping and set semantics
+        (["完全不同"], ["毫无关系"]),  # no match at all
+        (["38.5度发烧"], ["体温38.5度"]),
+    ],
+)
 def test_edge_cases_match_the_libraries(preds, refs):
     ours, theirs = compute_metrics(preds, refs), reference_metrics(preds, refs)
     for key, value in theirs.items():

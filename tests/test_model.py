@@ -25,16 +25,19 @@ def assert_as_accurate(ours, ref, exact):
     depends on the CPU's kernels: 3e-6 to 1e-5 on one machine under three kernel sets); a
     fixed bound between two fp32 results would test the kernels, this tests our fp32 path."""
     ours_err, ref_err = ((x.double() - exact).abs().max().item() for x in (ours, ref))
-    bound = 2 * ref_err + 2 ** -24 * exact.abs().max().item()
+    bound = 2 * ref_err + 2**-24 * exact.abs().max().item()
     assert ours_err <= bound, f"fp32 error {ours_err:.3g} against the reference's {ref_err:.3g}"
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(),                                                   # multi-head, untied (Ziya's layout)
-    dict(num_key_value_heads=2),                              # grouped-query attention
-    dict(num_key_value_heads=1, tie_word_embeddings=True),    # multi-query, tied head
-    dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2),  # head_dim != hidden/heads
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # multi-head, untied (Ziya's layout)
+        dict(num_key_value_heads=2),  # grouped-query attention
+        dict(num_key_value_heads=1, tie_word_embeddings=True),  # multi-query, tied head
+        dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2),  # head_dim != hidden/heads
+    ],
+)
 def test_logits_match_transformers(overrides):
     ours, hf = make_pair(**overrides)
     tokens = torch.randint(0, 101, (3, 50), generator=torch.Generator().manual_seed(1))
@@ -58,7 +61,7 @@ def test_padding_matches_transformers(pair, side):
         if side == "left":
             mask[row, :n_pad] = 0
         else:
-            mask[row, 40 - n_pad:] = 0
+            mask[row, 40 - n_pad :] = 0
     # Positions count real tokens, as ours do and transformers' generate() passes them: with
     # 0..T-1 the left-padded rows would be rotated by other angles, the same scores in exact
     # arithmetic but not in the fp32 that RoPE's angles are computed in (4e-6 relative).

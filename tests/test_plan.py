@@ -28,8 +28,17 @@ def test_hsdp_trains_as_fsdp_and_its_simulation_is_real(tmp_path):
     import os
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-           str(ROOT / "tests" / "fsdp_worker.py"), "hsdp", "simulation_is_real_hsdp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "4",
+        str(ROOT / "tests" / "fsdp_worker.py"),
+        "hsdp",
+        "simulation_is_real_hsdp",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert "ok hsdp" in proc.stdout, proc.stderr[-3000:]
@@ -40,9 +49,15 @@ def assert_simulation_is_real(proc, *, world: int, shard: int | None):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("measured ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     real = json.loads(lines[0].removeprefix("measured "))
-    fake = {"sft": plan.simulate_training(lambda: fsdp_worker.Transformer(fsdp_worker.PLAN_CONFIG),
-                                          fsdp_worker.plan_sft_step, world=world, shard=shard,
-                                          **fsdp_worker.PLAN_SFT).parts}
+    fake = {
+        "sft": plan.simulate_training(
+            lambda: fsdp_worker.Transformer(fsdp_worker.PLAN_CONFIG),
+            fsdp_worker.plan_sft_step,
+            world=world,
+            shard=shard,
+            **fsdp_worker.PLAN_SFT,
+        ).parts
+    }
     ppo = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=world, shard=shard, **fsdp_worker.PLAN_PPO)
     fake.update({"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts for k, m in ppo.items()})
     assert fake.keys() == real.keys()
@@ -55,8 +70,14 @@ def assert_simulation_is_real(proc, *, world: int, shard: int | None):
 
 
 def test_time_formulas_by_hand():
-    cfg = fsdp_worker.ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1)
+    cfg = fsdp_worker.ModelConfig(
+        vocab_size=10,
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     # A block: q 4x4 (2 heads of 2), k and v 4x2 (1 head), o 4x4, gate/up/down 4x8 each:
     # 16 + 8 + 8 + 16 + 96 = 144; the head 10x4 = 40. The embedding is a lookup, a norm elementwise.
     assert plan.matmul_params(cfg) == 184 and plan.matmul_params(cfg, head=False) == 144
@@ -71,13 +92,28 @@ def test_time_formulas_by_hand():
     # weights (1,000 bytes given) and K and V (bf16) of 1 layer, 1 head of 2, 5 positions, 2
     # sequences: 2 x 2 x 1 x 1 x 2 x 5 x 2 = 80 bytes. At 1,000 FLOP/s and 1,000 B/s: 0.896 s
     # computing, 1.08 s reading: memory-bound.
-    step = plan.decode_step(cfg, batch=2, context=5, weight_bytes=1000, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
+    step = plan.decode_step(
+        cfg, batch=2, context=5, weight_bytes=1000, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0
+    )
     assert (step["flops"], step["bytes"]) == (896, 1080)
     assert step["seconds"] == pytest.approx(1.08) and step["memory_bound"]
     # A PPO round on 1 GPU, 1,000 FLOP/s and B/s: 2 prompts of 3 tokens, 2 new, one chunk, the 1
     # block trained, 2 epochs of minibatches of 1.
-    t = plan.ppo_round_seconds(cfg, world=1, rollout_size=2, chunk_size=2, batch_size=1, ppo_epochs=2, prompt_len=3,
-                               new_tokens=2, trainable_blocks=1, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
+    t = plan.ppo_round_seconds(
+        cfg,
+        world=1,
+        rollout_size=2,
+        chunk_size=2,
+        batch_size=1,
+        ppo_epochs=2,
+        prompt_len=3,
+        new_tokens=2,
+        trainable_blocks=1,
+        peak_tflops=1e-9,
+        mfu=1.0,
+        hbm_tbps=1e-9,
+        mbu=1.0,
+    )
     # Prefill: 6 tokens at mean context 2 = 2,400 FLOPs. Step at context 3: 2 x (368 + 48) = 832
     # FLOPs against 368 weight bytes (bf16) + 48 of cache: compute-bound, 0.832 s; at context 4:
     # 864 FLOPs, 0.864 s.
@@ -90,10 +126,29 @@ def test_time_formulas_by_hand():
     # Two blocks, the second trained: the experience pass runs the frozen block once, 10 x (288 +
     # 48) = 3,360, and two tops of a block and the head, 10 x (2 x 184 + 48) = 4,160 each; each
     # update epoch the top alone, forward and backward: 3 x 4,160 (the bottom is kept).
-    two = fsdp_worker.ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1)
-    t = plan.ppo_round_seconds(two, world=1, rollout_size=2, chunk_size=2, batch_size=1, ppo_epochs=2, prompt_len=3,
-                               new_tokens=2, trainable_blocks=1, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0)
+    two = fsdp_worker.ModelConfig(
+        vocab_size=10,
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    t = plan.ppo_round_seconds(
+        two,
+        world=1,
+        rollout_size=2,
+        chunk_size=2,
+        batch_size=1,
+        ppo_epochs=2,
+        prompt_len=3,
+        new_tokens=2,
+        trainable_blocks=1,
+        peak_tflops=1e-9,
+        mfu=1.0,
+        hbm_tbps=1e-9,
+        mbu=1.0,
+    )
     assert t["experience"] == pytest.approx(3.36 + 2 * 4.16) and t["update"] == pytest.approx(2 * 3 * 4.16)
     assert t["scoring"] == pytest.approx(10 * (2 * 288 + 2 * 48) / 1000)
     # FSDP's collectives, at 1 and 0.5 B/s in and across nodes of 8. A ring over r ranks moves
@@ -111,15 +166,22 @@ def test_time_formulas_by_hand():
     # 3,304 s, far above the compute of 16 sequences of 3 at 1,000 FLOP/s: 16 x 3,600 / 8 /
     # 1,000 = 7.2 s.
     assert cfg.num_params() == 236
-    step = plan.training_step_seconds(cfg, world=8, batch=16, micro_batch=1, seq_len=3, net=plan.Network(8, **bw),
-                                      peak_tflops=1e-9, mfu=1.0)
+    step = plan.training_step_seconds(
+        cfg, world=8, batch=16, micro_batch=1, seq_len=3, net=plan.Network(8, **bw), peak_tflops=1e-9, mfu=1.0
+    )
     assert step["compute"] == pytest.approx(7.2)
     assert step["collectives"] == pytest.approx(3304)
     assert step["seconds"] == step["collectives"]
 
 
-ZIYA_WIDTHS = dict(vocab_size=39424, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                   num_key_value_heads=40, max_position_embeddings=2048)
+ZIYA_WIDTHS = dict(
+    vocab_size=39424,
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_attention_heads=40,
+    num_key_value_heads=40,
+    max_position_embeddings=2048,
+)
 
 
 def test_the_memory_model_agrees_with_the_simulation_at_ziyas_widths():
@@ -131,12 +193,22 @@ def test_the_memory_model_agrees_with_the_simulation_at_ziyas_widths():
     makes a small share.)"""
     cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
     for kind, micro, ac in (("sft", 2, True), ("rm", 1, False)):  # at 13B the model's worst row and a typical one
-        measured = plan.simulate_training(lambda: plan._lm(cfg, kind, ac),
-                                          plan.lm_step(kind, 2048),
-                                          world=8, micro_batch=micro).total / 2**30
+        measured = (
+            plan.simulate_training(
+                lambda: plan._lm(cfg, kind, ac), plan.lm_step(kind, 2048), world=8, micro_batch=micro
+            ).total
+            / 2**30
+        )
         per_item = 2 if kind == "rm" else 1  # a pair: chosen and rejected
-        modelled = plan.training_memory(cfg, world=8, micro_batch=micro * per_item, seq_len=2048, bf16=True,
-                                        activation_checkpointing=ac, logits=kind == "sft")["total"]
+        modelled = plan.training_memory(
+            cfg,
+            world=8,
+            micro_batch=micro * per_item,
+            seq_len=2048,
+            bf16=True,
+            activation_checkpointing=ac,
+            logits=kind == "sft",
+        )["total"]
         assert modelled == pytest.approx(measured, rel=0.10), (kind, micro, ac, modelled, measured)
 
 
@@ -149,9 +221,28 @@ def test_the_dry_runs_simulate_from_the_command_line(capsys):
     assert "simulated: train_sft.train_step and AdamW" in out
     row = next(line for line in out.splitlines() if line.split()[:2] == ["1", "off"])
     assert row.split()[-1] == "yes" and "time: 3 epoch(s) of 226,042 conversations" in out
-    train_ppo.main(["--policy", "tiny", "--dry-run", "--simulate", "--world-size", "2", "--simulate-micro-batches", "2",
-                    "--rollout-size", "8", "--chunk-size", "4", "--batch-size", "4", "--max-new-tokens", "8",
-                    "--plan-prompt-tokens", "32"])
+    train_ppo.main(
+        [
+            "--policy",
+            "tiny",
+            "--dry-run",
+            "--simulate",
+            "--world-size",
+            "2",
+            "--simulate-micro-batches",
+            "2",
+            "--rollout-size",
+            "8",
+            "--chunk-size",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--plan-prompt-tokens",
+            "32",
+        ]
+    )
     out = capsys.readouterr().out
     for part in ("rollout", "scoring", "experience", "update"):
         assert any(line.split()[:1] == [part] for line in out.splitlines()), part
@@ -166,8 +257,10 @@ def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
     simulation decoding with autograd on (generate() decodes under no_grad): the peak grew
     from the 19th step on, by what each step left saved for a backward that never came."""
     kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=False)
-    short, full = (plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, rollout_steps=steps, **kw)["rollout"]
-                   for steps in (plan.ROLLOUT_STEPS, None))
+    short, full = (
+        plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, rollout_steps=steps, **kw)["rollout"]
+        for steps in (plan.ROLLOUT_STEPS, None)
+    )
     assert short.parts == full.parts and short.parts["activations"] > 0, (short.parts, full.parts)
 
 
@@ -187,9 +280,16 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     assert any(c.simulated is not None and c.simulated > usable for c in ranked[:-1]), ranked
     assert all(c.seconds <= chosen.seconds for c in ranked[:-1])
     f = faster.flags
-    held = faster.simulated or plan.simulate_training(
-        lambda: plan._lm(cfg, "sft", f["--activation-checkpointing"]), plan.lm_step("sft", 2048), world=8,
-        micro_batch=f["--micro-batch-size"], grad_sync=f["--grad-sync"]).total
+    held = (
+        faster.simulated
+        or plan.simulate_training(
+            lambda: plan._lm(cfg, "sft", f["--activation-checkpointing"]),
+            plan.lm_step("sft", 2048),
+            world=8,
+            micro_batch=f["--micro-batch-size"],
+            grad_sync=f["--grad-sync"],
+        ).total
+    )
     assert held > usable, (faster, held / 2**30)
     lines = []
     plan.print_choice(ranked, gpu_gb=gpu_gb, world=8, command="train_sft.py --model m", log=lines.append)
@@ -208,7 +308,9 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(capsys):
         sys.path.remove(str(ROOT / "bench"))
     gpu_check.main(["--dry-run"])
     out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")
+    }
     assert {"SFT step peak, GiB", "PPO round peak, GiB", "SFT step MFU", "decode step, ms"} <= set(rows), out
     for name in ("SFT step peak, GiB", "PPO round peak, GiB"):
         assert rows[name][-1].strip(" |") == "1.000", (name, out)

@@ -35,8 +35,11 @@ def test_points_land_where_their_values_say():
 
 def test_bars_are_as_tall_as_their_values():
     root = ET.fromstring(svg_grouped_bars("t", ["m1", "m2"], {"A": [10.0, 5.0], "B": [2.5, 0.0]}))
-    bars = {r.find(SVG + "title").text.split(":")[0]: float(r.get("height")) for r in root.iter(SVG + "rect")
-            if r.find(SVG + "title") is not None}
+    bars = {
+        r.find(SVG + "title").text.split(":")[0]: float(r.get("height"))
+        for r in root.iter(SVG + "rect")
+        if r.find(SVG + "title") is not None
+    }
     assert bars["A m2"] == pytest.approx(bars["A m1"] / 2, abs=0.1)
     assert bars["B m1"] == pytest.approx(bars["A m1"] / 4, abs=0.1) and bars["B m2"] == 0
     ET.fromstring(svg_win_tie_loss("t", [("x", {"win": 1, "tie": 0, "loss": 3, "unparsed": 2})]))
@@ -50,24 +53,55 @@ def write(path, rows):
 @pytest.fixture
 def run(tmp_path):
     """A run's files as the stages write them, with numbers chosen to be recognisable."""
-    write(tmp_path / "sft" / "metrics.jsonl", [{"step": 0, "val_loss": 8.25}, {"step": 1, "loss": 7.5},
-                                               {"step": 2, "loss": 6.5}, {"step": 2, "val_loss": 6.125}])
+    write(
+        tmp_path / "sft" / "metrics.jsonl",
+        [
+            {"step": 0, "val_loss": 8.25},
+            {"step": 1, "loss": 7.5},
+            {"step": 2, "loss": 6.5},
+            {"step": 2, "val_loss": 6.125},
+        ],
+    )
     write(tmp_path / "samples.jsonl", [{"id": "a", "messages": [], "responses": ["x", "y"], "finished": [True, False]}])
-    write(tmp_path / "rm" / "metrics.jsonl", [{"step": 0, "val_accuracy": 0.5, "val_margin": 0.0},
-                                              {"step": 1, "loss": 0.6}, {"step": 1, "val_accuracy": 0.75,
-                                                                         "val_margin": 1.375}])
+    write(
+        tmp_path / "rm" / "metrics.jsonl",
+        [
+            {"step": 0, "val_accuracy": 0.5, "val_margin": 0.0},
+            {"step": 1, "loss": 0.6},
+            {"step": 1, "val_accuracy": 0.75, "val_margin": 1.375},
+        ],
+    )
     round_ = dict(policy_loss=-0.01, value_loss=1.0, clip_fraction=0.0, response_len=40.0, unfinished=0.5)
-    write(tmp_path / "ppo" / "metrics.jsonl", [dict(round_, round=1, step=8, score=-1.25, kl=0.0, kl_coef=0.1),
-                                               dict(round_, round=2, step=16, score=0.625, kl=0.3125, kl_coef=0.099984)])
+    write(
+        tmp_path / "ppo" / "metrics.jsonl",
+        [
+            dict(round_, round=1, step=8, score=-1.25, kl=0.0, kl_coef=0.1),
+            dict(round_, round=2, step=16, score=0.625, kl=0.3125, kl_coef=0.099984),
+        ],
+    )
     for name, bleu in (("SFT", 1.5), ("PPO", 12.25)):
         bench = tmp_path / "eval" / f"bench_{name}"
         bench.mkdir(parents=True)
-        (bench / "metrics.json").write_text(json.dumps({k: bleu if k == "BLEU-1" else 0.5 for k in quickstart.evaluate.TABLE2}))
+        (bench / "metrics.json").write_text(
+            json.dumps({k: bleu if k == "BLEU-1" else 0.5 for k in quickstart.evaluate.TABLE2})
+        )
         write(bench / "predictions.jsonl", [{"id": str(i)} for i in range(3)])
-        write(tmp_path / "eval" / f"answers_{name}.jsonl", [{"id": "q1", "messages": [
-            {"role": "user", "content": "头痛"}, {"role": "assistant", "content": f"<HuatuoGPT>：{name}的回答"}]}])
-    write(tmp_path / "eval" / "judge_answers.jsonl", [{"id": "q1", "group": "g", "outcome": "win"},
-                                                      {"id": "q2", "group": "g", "outcome": "unparsed"}])
+        write(
+            tmp_path / "eval" / f"answers_{name}.jsonl",
+            [
+                {
+                    "id": "q1",
+                    "messages": [
+                        {"role": "user", "content": "头痛"},
+                        {"role": "assistant", "content": f"<HuatuoGPT>：{name}的回答"},
+                    ],
+                }
+            ],
+        )
+    write(
+        tmp_path / "eval" / "judge_answers.jsonl",
+        [{"id": "q1", "group": "g", "outcome": "win"}, {"id": "q2", "group": "g", "outcome": "unparsed"}],
+    )
     return tmp_path
 
 
@@ -75,7 +109,10 @@ def test_the_report_says_what_the_files_hold(run):
     report = quickstart.write_report(run, {"SFT": 10.0, "PPO": 5.0}).read_text(encoding="utf-8")
     assert "validation loss 8.250 before training, best 6.125 at step 2" in report
     assert "2 responses to 1 real-doctor prompts; 1 ended with eos, 1 were cut" in report
-    assert "accuracy 0.500 before training, best 0.750 at step 1 with a mean margin r(chosen) − r(rejected) of 1.375" in report
+    assert (
+        "accuracy 0.500 before training, best 0.750 at step 1 with a mean margin r(chosen) − r(rejected) of 1.375"
+        in report
+    )
     assert "| 2 | 16 | 0.625 | 0.312 | 0.099984 |" in report
     assert "| SFT | 3 | 1.50 |" in report and "| PPO | 3 | 12.25 |" in report
     assert "1 of 2 verdicts could not be parsed" in report and "| Total | 1 | 0 | 0 | 1 |" in report
@@ -83,8 +120,13 @@ def test_the_report_says_what_the_files_hold(run):
     assert "&lt;HuatuoGPT&gt;：PPO的回答" in report  # model output cannot open a tag in Markdown
     for svg in re.findall(r"\]\((\w+\.svg)\)", report):
         ET.parse(run / svg)  # every plot the page shows exists and is well-formed
-    assert set(re.findall(r"\]\((\w+\.svg)\)", report)) == {"sft_loss.svg", "rm.svg", "ppo.svg", "table2.svg",
-                                                             "win_tie_loss.svg"}
+    assert set(re.findall(r"\]\((\w+\.svg)\)", report)) == {
+        "sft_loss.svg",
+        "rm.svg",
+        "ppo.svg",
+        "table2.svg",
+        "win_tie_loss.svg",
+    }
     # The figures are read, not remembered: change a file and the report changes with it.
     write(run / "sft" / "metrics.jsonl", [{"step": 0, "val_loss": 9.5}, {"step": 4, "val_loss": 7.0}])
     assert "best 7.000 at step 4" in quickstart.write_report(run, {}).read_text(encoding="utf-8")
@@ -116,14 +158,28 @@ def test_no_parsed_verdict_is_said_in_words_and_answers_that_differ_are_shown(ru
     bars that were not there; "One question, both models" showed a question both answered alike."""
     write(run / "eval" / "judge_answers.jsonl", [{"id": "q1", "group": "g", "outcome": "unparsed"}] * 3)
     for name in ("SFT", "PPO"):
-        write(run / "eval" / f"answers_{name}.jsonl", [
-            {"id": "same", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}]},
-            {"id": "other", "messages": [{"role": "user", "content": "咳嗽"},
-                                         {"role": "assistant", "content": f"{name}说多喝水"}]}])
+        write(
+            run / "eval" / f"answers_{name}.jsonl",
+            [
+                {
+                    "id": "same",
+                    "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}],
+                },
+                {
+                    "id": "other",
+                    "messages": [
+                        {"role": "user", "content": "咳嗽"},
+                        {"role": "assistant", "content": f"{name}说多喝水"},
+                    ],
+                },
+            ],
+        )
     (run / "win_tie_loss.svg").write_text("<svg/>")  # an earlier run's chart goes
     report = quickstart.write_report(run, {}).read_text(encoding="utf-8")
-    assert "No verdict of the judge could be parsed, so there is no win/tie/loss chart: PPO vs. SFT, answers: " \
-           "3 unparsed." in report
+    assert (
+        "No verdict of the judge could be parsed, so there is no win/tie/loss chart: PPO vs. SFT, answers: "
+        "3 unparsed." in report
+    )
     assert "win_tie_loss.svg" not in report and not (run / "win_tie_loss.svg").exists()
     assert "differ on 1 of 2 questions" in report and "SFT说多喝水" in report and "PPO说多喝水" in report
     assert "**病人**：头痛" not in report  # the question both answered alike is not the example
@@ -132,8 +188,15 @@ def test_no_parsed_verdict_is_said_in_words_and_answers_that_differ_are_shown(ru
     legend = ET.fromstring(svg_win_tie_loss("t", [("x", {"win": 2, "tie": 0, "loss": 1, "unparsed": 0})]))
     assert [t.text for t in legend.iter(SVG + "text") if t.text in ("win", "tie", "loss")] == ["win", "loss"]
     for name in ("SFT", "PPO"):  # answered alike everywhere: one of them, and a sentence saying so
-        write(run / "eval" / f"answers_{name}.jsonl", [
-            {"id": "same", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}]}])
+        write(
+            run / "eval" / f"answers_{name}.jsonl",
+            [
+                {
+                    "id": "same",
+                    "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}],
+                }
+            ],
+        )
     report = quickstart.write_report(run, {}).read_text(encoding="utf-8")
     assert "gave the same answer to each of the 1 questions" in report and "**病人**：头痛" in report
 
@@ -146,5 +209,6 @@ def test_the_main_job_never_replaces_an_earlier_run_silently(tmp_path, capsys):
     assert run_main(quickstart.main, ["--out", str(tmp_path)]) == 2  # before any work
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path} holds an earlier run of the main job (sft, report.md): add --overwrite to replace it, "
-        "or choose another --out")
+        "or choose another --out"
+    )
     assert (tmp_path / "report.md").read_text() == "an earlier report"

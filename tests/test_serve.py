@@ -71,16 +71,22 @@ def test_a_reply_is_the_doctors_reply_and_its_usage_counts_the_template(client, 
         assert out.usage.completion_tokens == 12
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     # A system message replaces the paper's system text: another prompt, counted as such.
-    other = client.chat.completions.create(model="huatuo-tiny", temperature=0, max_tokens=4, messages=[
-        {"role": "system", "content": "你是医生。"}, {"role": "user", "content": QUESTIONS[0]}])
-    assert other.usage.prompt_tokens == len(render(tok, [{"role": "user", "content": QUESTIONS[0]}],
-                                                   system="你是医生。").ids)
+    other = client.chat.completions.create(
+        model="huatuo-tiny",
+        temperature=0,
+        max_tokens=4,
+        messages=[{"role": "system", "content": "你是医生。"}, {"role": "user", "content": QUESTIONS[0]}],
+    )
+    assert other.usage.prompt_tokens == len(
+        render(tok, [{"role": "user", "content": QUESTIONS[0]}], system="你是医生。").ids
+    )
 
 
 def test_the_stream_adds_up_to_the_reply(client):
     whole = ask(client, QUESTIONS[1], temperature=0, max_tokens=20)
-    chunks = list(ask(client, QUESTIONS[1], temperature=0, max_tokens=20, stream=True,
-                      stream_options={"include_usage": True}))
+    chunks = list(
+        ask(client, QUESTIONS[1], temperature=0, max_tokens=20, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -94,11 +100,14 @@ def test_stop_strings_end_the_reply_in_both_modes(client):
     full = ask(client, QUESTIONS[2], temperature=0, max_tokens=30).choices[0].message.content
     assert len(full) > 8
     stop = full[5:8]  # three characters: held back while they might be starting
-    cut = full[:full.find(stop)].strip()
+    cut = full[: full.find(stop)].strip()
     out = ask(client, QUESTIONS[2], temperature=0, max_tokens=30, stop=[stop, "不会出现的字符串"])
     assert out.choices[0].message.content == cut and out.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       ask(client, QUESTIONS[2], temperature=0, max_tokens=30, stop=stop, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in ask(client, QUESTIONS[2], temperature=0, max_tokens=30, stop=stop, stream=True)
+        if c.choices
+    )
     assert streamed == cut
 
 
@@ -108,8 +117,9 @@ def test_n_choices_sampled_with_a_seed_are_reproducible(client):
     assert [c.index for c in one.choices] == [0, 1, 2]
     texts = [c.message.content for c in one.choices]
     assert texts == [c.message.content for c in two.choices] and len(set(texts)) > 1
-    assert one.usage.completion_tokens == sum(10 if c.finish_reason == "length" else 0 for c in one.choices) or \
-        any(c.finish_reason == "stop" for c in one.choices)
+    assert one.usage.completion_tokens == sum(10 if c.finish_reason == "length" else 0 for c in one.choices) or any(
+        c.finish_reason == "stop" for c in one.choices
+    )
     streamed = ["", "", ""]
     for c in ask(client, QUESTIONS[3], temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7, stream=True):
         for ch in c.choices:
@@ -127,7 +137,7 @@ def wait_until_decoding(server, decoded: int):
 
 def widths_since(server, steps: int) -> list[int]:
     """The rows decoded at each step after the engine's first `steps`."""
-    return list(server.engine.widths)[-(server.engine.steps - steps):]
+    return list(server.engine.widths)[-(server.engine.steps - steps) :]
 
 
 def test_requests_that_arrive_while_one_decodes_join_it_at_the_next_step(client, server):
@@ -160,8 +170,11 @@ def test_bad_requests_get_a_json_error_naming_the_field(server):
     assert "not valid JSON" in post("{", 400)
     post(dict(good, model="gpt-4"), 404, "model", "model_not_found")
     post(dict(good, messages=[]), 400, "messages")
-    post(dict(good, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400,
-         "messages[1].role")
+    post(
+        dict(good, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
+        400,
+        "messages[1].role",
+    )
     post(dict(good, messages=[{"role": "user", "content": 3}]), 400, "messages[0].content")
     post(dict(good, temperature=3), 400, "temperature")
     post(dict(good, n=0), 400, "n")
@@ -224,23 +237,67 @@ def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, mo
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     qa = ROOT / "data" / "eval" / "qa_test.jsonl"
     out = tmp_path / "polished.jsonl"
-    code = distill.main(["polish-qa", "--input", str(qa), "--out", str(out), "--base-url", server.base_url,
-                         "--model", "huatuo-tiny", "--limit", "2", "--temperature", "0", "--max-tokens", "8",
-                         "--workers", "2"])
+    code = distill.main(
+        [
+            "polish-qa",
+            "--input",
+            str(qa),
+            "--out",
+            str(out),
+            "--base-url",
+            server.base_url,
+            "--model",
+            "huatuo-tiny",
+            "--limit",
+            "2",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--workers",
+            "2",
+        ]
+    )
     written = load_jsonl(out)
     rejected = load_jsonl(tmp_path / "polished.rejects.jsonl")
     assert code == 0 and len(written) + len(rejected) == 2
-    prompt = distill.fill(distill.prompt("a3_polish_qa"), Patient_Question=written[0]["messages"][0]["content"],
-                          Doctor_Response=written[0]["meta"]["original_answer"])
-    direct = requests.post(server.base_url + "/chat/completions", json={
-        "model": "huatuo-tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-        "max_tokens": 8}).json()["choices"][0]["message"]["content"]
+    prompt = distill.fill(
+        distill.prompt("a3_polish_qa"),
+        Patient_Question=written[0]["messages"][0]["content"],
+        Doctor_Response=written[0]["meta"]["original_answer"],
+    )
+    direct = requests.post(
+        server.base_url + "/chat/completions",
+        json={
+            "model": "huatuo-tiny",
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": 8,
+        },
+    ).json()["choices"][0]["message"]["content"]
     assert written[0]["messages"][1]["content"] == direct.strip()
 
     answers = out  # any two answer files in our schema; here the same one twice
     judged = tmp_path / "judge.jsonl"
-    code = evaluate.main(["judge", "--a", str(answers), "--b", str(answers), "--out", str(judged), "--base-url",
-                          server.base_url, "--judge-model", "huatuo-tiny", "--judge-retries", "0", "--workers", "2"])
+    code = evaluate.main(
+        [
+            "judge",
+            "--a",
+            str(answers),
+            "--b",
+            str(answers),
+            "--out",
+            str(judged),
+            "--base-url",
+            server.base_url,
+            "--judge-model",
+            "huatuo-tiny",
+            "--judge-retries",
+            "0",
+            "--workers",
+            "2",
+        ]
+    )
     assert code == 0
     outcomes = [r["outcome"] for r in load_jsonl(judged)]
     # A random tiny model does not say "Assistant 1 is better than Assistant 2": counted as unparsed.
@@ -249,14 +306,20 @@ def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, mo
 
 
 def test_the_command_line_serves_until_stopped(model_dir):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0",
-                             "--name", "m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--name", "m"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving 'm' at http://127.0.0.1:"), line + proc.stderr.read()
         base = line.split(" at ")[1].split()[0]
-        r = requests.post(base + "/chat/completions", json={"model": "m", "max_tokens": 3,
-                                                           "messages": [{"role": "user", "content": "头痛"}]})
+        r = requests.post(
+            base + "/chat/completions",
+            json={"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "头痛"}]},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
     finally:
         proc.terminate()
@@ -309,8 +372,14 @@ def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(model_dir):
     is free, and it is counted."""
     s = make_server(model_dir, max_concurrent=2)
     try:
-        request = json.dumps({"model": "huatuo-tiny", "max_tokens": 1500, "temperature": 0,
-                              "messages": [{"role": "user", "content": QUESTIONS[0]}]}).encode()
+        request = json.dumps(
+            {
+                "model": "huatuo-tiny",
+                "max_tokens": 1500,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            }
+        ).encode()
         head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         for _ in range(2):
             raw(s, head + b"Content-Length: %d\r\n\r\n" % len(request) + request, timeout=0.3)  # then hangs up
@@ -318,8 +387,10 @@ def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(model_dir):
         while s.engine.cancelled < 2 and time.monotonic() < end:
             time.sleep(0.05)
         assert s.engine.cancelled == 2
-        ok = requests.post(s.base_url + "/chat/completions", json={
-            "model": "huatuo-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "头痛"}]})
+        ok = requests.post(
+            s.base_url + "/chat/completions",
+            json={"model": "huatuo-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "头痛"}]},
+        )
         assert ok.status_code == 200
     finally:
         s.shutdown()
@@ -352,8 +423,11 @@ def test_a_body_is_never_read_as_a_next_request(server):
     reply = raw(server, b"POST /v2/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
     assert reply.count(b"HTTP/1.1 ") == 1 and b" 404 " in reply and b'"object": "list"' not in reply
     body = b'{"model": "huatuo-tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1}'
-    reply = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
-                        b"Content-Length: 3\r\n\r\n" % len(body) + body)
+    reply = raw(
+        server,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
+        b"Content-Length: 3\r\n\r\n" % len(body) + body,
+    )
     assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1 ") == 1 and b"more than once" in reply
 
 
@@ -385,21 +459,34 @@ def test_the_command_line_says_in_one_line_what_it_cannot_do_and_logs_a_line_a_r
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot serve on 127.0.0.1 port {port}: ")
-    has_ipv6 = socket.has_ipv6 and subprocess.run(["python3", "-c", "import socket; socket.socket(socket.AF_INET6)"
-                                                   ".bind(('::1', 0))"]).returncode == 0
+    has_ipv6 = (
+        socket.has_ipv6
+        and subprocess.run(
+            ["python3", "-c", "import socket; socket.socket(socket.AF_INET6).bind(('::1', 0))"]
+        ).returncode
+        == 0
+    )
     host = "::1" if has_ipv6 else "127.0.0.1"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0",
-                             "--host", host], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--host", host],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = []  # its stderr as it comes: a request whose client left may be logged after the next one
     reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
     reader.start()
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving 'm' at http://") and "a request names it as its \"model\"" in line, line
+        assert line.startswith("serving 'm' at http://") and 'a request names it as its "model"' in line, line
         base = line.split(" at ")[1].split()[0]
         body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "头痛"}]}
         assert requests.post(base + "/chat/completions", json=body).status_code == 200
@@ -437,12 +524,24 @@ def test_other_web_pages_can_neither_post_to_the_server_nor_read_it_under_their_
         assert r.status_code == 200
         foreign = {"Host": "attacker.example", "Origin": "http://attacker.example"}
         for method in (requests.get, requests.post):
-            r = method(s.base_url + "/models", headers=foreign) if method is requests.get else \
-                method(url, data=body, headers={**foreign, **JSON})
+            r = (
+                method(s.base_url + "/models", headers=foreign)
+                if method is requests.get
+                else method(url, data=body, headers={**foreign, **JSON})
+            )
             assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
             assert "'attacker.example'" in r.json()["error"]["message"] and r.headers["Connection"] == "close"
-        assert requests.get(s.base_url.removesuffix("/v1") + "/", headers={"Host": "attacker.example"}).status_code == 403
-        for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}", "10.1.2.3", "chat.example"):
+        assert (
+            requests.get(s.base_url.removesuffix("/v1") + "/", headers={"Host": "attacker.example"}).status_code == 403
+        )
+        for host in (
+            f"localhost:{port}",
+            "LOCALHOST",
+            f"127.0.0.1:{port}",
+            f"[::1]:{port}",
+            "10.1.2.3",
+            "chat.example",
+        ):
             assert requests.get(s.base_url + "/models", headers={"Host": host}).status_code == 200, host
         assert requests.get(s.base_url + "/models", headers={"Host": "chat.example.evil"}).status_code == 403
     finally:
@@ -479,8 +578,12 @@ def test_bearer_is_case_insensitive_and_a_wrong_key_is_said_to_be_refused(model_
     try:
         for given in ("Bearer s3cret", "bearer s3cret", "BEARER  s3cret"):
             assert requests.get(s.base_url + "/models", headers={"Authorization": given}).status_code == 200, given
-        for given, says in (("Bearer wrong", "the API key was refused"), ("Basic s3cret", "the API key was refused"),
-                            ("s3cret", "the API key was refused"), (None, "a valid bearer key is required")):
+        for given, says in (
+            ("Bearer wrong", "the API key was refused"),
+            ("Basic s3cret", "the API key was refused"),
+            ("s3cret", "the API key was refused"),
+            (None, "a valid bearer key is required"),
+        ):
             r = requests.get(s.base_url + "/models", headers={"Authorization": given} if given else {})
             assert r.status_code == 401 and r.json()["error"]["message"].startswith(says), given
     finally:
@@ -553,13 +656,22 @@ def test_a_reply_is_the_same_alone_joining_a_running_batch_or_joined_mid_flight(
         body = {"model": "m", "messages": [{"role": "user", "content": question}], **kw}
         return serve.parse_request(body, tok, engine.context)
 
-    long, short = request(QUESTIONS[0], temperature=0, max_tokens=60), request(QUESTIONS[1], temperature=0, max_tokens=12)
+    long, short = (
+        request(QUESTIONS[0], temperature=0, max_tokens=60),
+        request(QUESTIONS[1], temperature=0, max_tokens=12),
+    )
     assert len(short.ids) > 7 * 3  # joining rows that decode, its prefill takes several steps
     with torch.no_grad():
-        expected = [reference_text(tok, generate.generate(model, [r.ids], max_new_tokens=r.max_tokens,
-                                                          eos_id=tok.eos_id, temperature=0,
-                                                          vocab_limit=len(tok)).tokens[0], r.max_tokens)
-                    for r in (long, short)]
+        expected = [
+            reference_text(
+                tok,
+                generate.generate(
+                    model, [r.ids], max_new_tokens=r.max_tokens, eos_id=tok.eos_id, temperature=0, vocab_limit=len(tok)
+                ).tokens[0],
+                r.max_tokens,
+            )
+            for r in (long, short)
+        ]
     assert collect(engine.submit(long))[0] == [expected[0]]  # alone
     sampled = request(QUESTIONS[2], temperature=0.7, top_p=0.9, seed=5, max_tokens=20)
     sampled_alone = collect(engine.submit(sampled))[0]
@@ -593,13 +705,21 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
     messages = [{"role": "user", "content": QUESTIONS[1]}]
     ids = serve.parse_request({"model": "m", "messages": messages}, tok, model.config.max_position_embeddings).ids
     with torch.no_grad():
-        gen = generate.generate(model, [ids], max_new_tokens=10, eos_id=tok.eos_id, temperature=0,
-                                vocab_limit=len(tok), return_logprobs=True)
+        gen = generate.generate(
+            model,
+            [ids],
+            max_new_tokens=10,
+            eos_id=tok.eos_id,
+            temperature=0,
+            vocab_limit=len(tok),
+            return_logprobs=True,
+        )
     tokens, logprobs = gen.tokens[0], gen.logprobs[0]
     if tokens[-1] == tok.eos_id:  # eos ends the reply: not part of its content
         tokens, logprobs = tokens[:-1], logprobs[:-1]
-    r = client.chat.completions.create(model="huatuo-tiny", messages=messages, temperature=0, max_tokens=10,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="huatuo-tiny", messages=messages, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert [bytes(c.bytes) for c in content] == [serve.token_bytes(tok, t) for t in tokens]
     for c, expected in zip(content, logprobs):
@@ -607,8 +727,9 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
         assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob  # greedy: the top one taken
         assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
     streamed = []
-    for chunk in client.chat.completions.create(model="huatuo-tiny", messages=messages, temperature=0, max_tokens=10,
-                                                logprobs=True, top_logprobs=3, stream=True):
+    for chunk in client.chat.completions.create(
+        model="huatuo-tiny", messages=messages, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3, stream=True
+    ):
         for choice in chunk.choices:
             streamed += choice.logprobs.content if choice.logprobs else []
     assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]

@@ -45,8 +45,9 @@ def test_training_is_deterministic(tmp_path, tokenizer_file):
 
 def test_corpus_reader_and_bad_files(tmp_path):
     f = tmp_path / "c.jsonl"
-    f.write_text('{"id": "a", "source": "x", "messages": [{"role": "user", "content": "头痛"}]}\n\n{bad\n',
-                 encoding="utf-8")
+    f.write_text(
+        '{"id": "a", "source": "x", "messages": [{"role": "user", "content": "头痛"}]}\n\n{bad\n', encoding="utf-8"
+    )
     with pytest.raises(ValueError, match=r"c.jsonl:3: not valid JSON"):
         list(corpus_sentences([f]))
     assert next(corpus_sentences([f])) == "头痛"
@@ -57,8 +58,15 @@ def test_corpus_reader_and_bad_files(tmp_path):
         Tokenizer(tmp_path / "bad.model")
 
 
-MIXED = ["头痛发热三天了，需要去医院吗？", "孩子咳嗽 晚上更重", "Aspirin 100mg qd, 监测血压", "  两个空格\n换行\t制表",
-         "血糖 6.8 mmol/L 😷", "ＡＢＣ①全角", ""]
+MIXED = [
+    "头痛发热三天了，需要去医院吗？",
+    "孩子咳嗽 晚上更重",
+    "Aspirin 100mg qd, 监测血压",
+    "  两个空格\n换行\t制表",
+    "血糖 6.8 mmol/L 😷",
+    "ＡＢＣ①全角",
+    "",
+]
 
 
 def medical_texts() -> list[str]:
@@ -102,7 +110,9 @@ def merged_vocabulary(tmp_path: Path) -> Path:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     texts = medical_texts()
-    train_tokenizer(texts[::2] + ["hello world, the patient has a fever."] * 20, tmp_path / "base.model", vocab_size=1600)
+    train_tokenizer(
+        texts[::2] + ["hello world, the patient has a fever."] * 20, tmp_path / "base.model", vocab_size=1600
+    )
     train_tokenizer(texts[1::2], tmp_path / "zh.model", vocab_size=3000)
     base, zh = pb.ModelProto(), pb.ModelProto()
     base.ParseFromString((tmp_path / "base.model").read_bytes())
@@ -170,9 +180,13 @@ def official_demo_prompt(query: str, history: list[tuple[str, str]], eos: str) -
     """generate_prompt of the official demo (FreedomIntelligence/HuatuoGPT at 1412a5d,
     huatuo_cli_demo_stream.py), transcribed: the system text, then per earlier round
     "<病人>：{q} <HuatuoGPT>：{r}" + eos, then "<病人>：{query} <HuatuoGPT>："."""
-    system = ("一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的指导建议。"
-              "对于用户的指令问题，HuatuoGPT给出有益的、详细的、有礼貌的回答。")
-    return system + "".join(f"<病人>：{q} <HuatuoGPT>：{r}" + eos for q, r in history) + f"<病人>：{query} <HuatuoGPT>："
+    system = (
+        "一位用户和智能医疗大模型HuatuoGPT之间的对话。对于用户的医疗问诊，HuatuoGPT给出准确的、详细的、温暖的指导建议。"
+        "对于用户的指令问题，HuatuoGPT给出有益的、详细的、有礼貌的回答。"
+    )
+    return (
+        system + "".join(f"<病人>：{q} <HuatuoGPT>：{r}" + eos for q, r in history) + f"<病人>：{query} <HuatuoGPT>："
+    )
 
 
 def test_a_saved_checkpoint_carries_the_demos_chat_template_and_chat_py_s_sampling(tmp_path, tokenizer_file):
@@ -183,16 +197,27 @@ def test_a_saved_checkpoint_carries_the_demos_chat_template_and_chat_py_s_sampli
     from data.template import CHAT_SAMPLING
     from model import ModelConfig, Transformer
 
-    cfg = ModelConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = ModelConfig(
+        vocab_size=400,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     Transformer(cfg).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
     hf = AutoTokenizer.from_pretrained(tmp_path / "m")
     history = [("头痛三天了", "多休息，注意饮水。"), ("还有发烧", "量一下体温。")]
     for rounds in range(len(history) + 1):
-        messages = [{"role": role, "content": text} for q, r in history[:rounds]
-                    for role, text in (("user", q), ("assistant", r))] + [{"role": "user", "content": "需要吃药吗？"}]
-        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
-            official_demo_prompt("需要吃药吗？", history[:rounds], "</s>")
+        messages = [
+            {"role": role, "content": text}
+            for q, r in history[:rounds]
+            for role, text in (("user", q), ("assistant", r))
+        ] + [{"role": "user", "content": "需要吃药吗？"}]
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == official_demo_prompt(
+            "需要吃药吗？", history[:rounds], "</s>"
+        )
     with pytest.raises(Exception, match="no system role"):
         hf.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
     generation = GenerationConfig.from_pretrained(tmp_path / "m")

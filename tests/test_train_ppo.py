@@ -20,8 +20,16 @@ from model import ModelConfig, Transformer, token_logprobs
 from train_ppo import AdaptiveKL, Experience, gae, per_token_rewards, ppo_loss_sum, whiten
 from training import init_distributed
 
-CONFIG = ModelConfig(vocab_size=24, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
+CONFIG = ModelConfig(
+    vocab_size=24,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=500.0,
+)
 
 
 class Tok:
@@ -32,9 +40,21 @@ class Tok:
 
 
 def args_for(**kw):
-    base = dict(seed=0, chunk_size=4, max_new_tokens=6, batch_size=4, micro_batch_size=2, ppo_epochs=2,
-                unfinished_penalty=0.0, clip_ratio=0.2, clip_value=0.2, vf_coef=1.0, grad_clip=1.0, grad_sync="every",
-                reshard_in_rollout=False)
+    base = dict(
+        seed=0,
+        chunk_size=4,
+        max_new_tokens=6,
+        batch_size=4,
+        micro_batch_size=2,
+        ppo_epochs=2,
+        unfinished_penalty=0.0,
+        clip_ratio=0.2,
+        clip_value=0.2,
+        vf_coef=1.0,
+        grad_clip=1.0,
+        grad_sync="every",
+        reshard_in_rollout=False,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -59,8 +79,10 @@ def ppo(monkeypatch):
 
 def prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, CONFIG.vocab_size, (int(torch.randint(2, 7, (1,), generator=g)),),
-                                generator=g).tolist() for _ in range(n)]
+    return [
+        [1] + torch.randint(3, CONFIG.vocab_size, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 class TokenReward:
@@ -78,12 +100,15 @@ class TokenReward:
 
 @pytest.mark.numerics
 def test_gae_and_returns_by_hand():
-    adv, ret = gae(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    adv, ret = gae(
+        torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)
+    )
     # t=2: δ = 2 + 0 − 0 = 2; t=1: δ = 0 + 0 − 1 = −1, A = −1 + .95·2 = .9; t=0: δ = 1 + 1 − .5 = 1.5, A = 1.5 + .95·.9
     assert adv.tolist() == pytest.approx([2.355, 0.9, 2.0], abs=1e-12)
     assert ret.tolist() == pytest.approx([2.855, 1.9, 2.0], abs=1e-12)
-    adv, _ = gae(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64),
-                 gamma=0.5, lam=1.0)
+    adv, _ = gae(
+        torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64), gamma=0.5, lam=1.0
+    )
     assert adv.tolist() == [0.5, 1.0]  # the reward discounted once (exact in binary)
     w = whiten(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
     assert float(w.mean()) == pytest.approx(0, abs=1e-12) and float(w.var()) == pytest.approx(1, abs=1e-7)
@@ -93,6 +118,7 @@ def test_gae_and_returns_by_hand():
 def test_rewards_are_the_kl_penalty_plus_the_score_at_the_end():
     def f64(*x):
         return torch.tensor(x, dtype=torch.float64)
+
     r = per_token_rewards(f64(-1.0, -2.0, -0.5), f64(-1.5, -2.0, -1.0), score=3.0, kl_coef=0.1)
     assert r.tolist() == pytest.approx([-0.05, 0.0, -0.05 + 3.0], rel=1e-12, abs=1e-15)
 
@@ -120,8 +146,14 @@ def test_clipped_surrogate_and_value_loss_by_hand():
 def test_rollout_memory_by_hand():
     # The policy kept gathered through the rollout holds every weight and the value head in
     # bf16 (2 bytes each) on every rank; --reshard-in-rollout only the root and two blocks.
-    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = ModelConfig(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     n = cfg.num_params()  # 2 * 100 * 8 (embedding, head) + 4 * (4 * 64 + 3 * 128 + 16) + 8 = 4232
     assert n == 4232
     kw = dict(world=2, chunk=1, prompt_len=1, new_tokens=1, micro_batch=1, trainable_blocks=2)
@@ -150,7 +182,7 @@ def experiences(ppo, n=8, seed=0, kl_coef=0.1, args=None):
     exps, info = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
     # Issue 36 item 5: the share of row-steps whose row had ended while its chunk's longest went on.
     lengths = [len(e.response) for e in exps]
-    chunks = [lengths[c:c + args.chunk_size] for c in range(0, n, args.chunk_size)]
+    chunks = [lengths[c : c + args.chunk_size] for c in range(0, n, args.chunk_size)]
     assert info["idle_rows"] == pytest.approx(1 - sum(lengths) / sum(len(c) * max(c) for c in chunks), abs=1e-12)
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, seed)
     train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, Tok(), args, ppo.d, kl_coef=kl_coef)
@@ -168,7 +200,7 @@ def test_shared_trunk_reference_equals_a_whole_frozen_sft_model(ppo):
     out = train_ppo.response_outputs(ppo.model, exps, Tok.pad_id, ppo.d.device, ref=ppo.ref)
     tokens, mask, P, R = train_ppo.batch_tensors(exps, Tok.pad_id, "cpu")
     with torch.no_grad():
-        whole = token_logprobs(ppo.sft(tokens, mask)[:, P - 1:P + R - 1], tokens[:, P:P + R])
+        whole = token_logprobs(ppo.sft(tokens, mask)[:, P - 1 : P + R - 1], tokens[:, P : P + R])
     m = out["mask"].bool()
     assert torch.allclose(out["ref_logp"][m], whole[m], rtol=0, atol=1e-10)  # fp64: rounding-free
     assert torch.allclose(out["logp"][m], whole[m], rtol=0, atol=1e-10)  # π = π0 before any update
@@ -188,7 +220,7 @@ def test_first_round_pi_equals_pi0_and_the_first_ratio_is_exactly_one(ppo):
     out = train_ppo.response_outputs(ppo.model, [exps[i] for i in first], Tok.pad_id, ppo.d.device)
     assert out["logp"].requires_grad
     for row, i in enumerate(first):
-        assert torch.equal(out["logp"][row, :len(exps[i].response)].detach(), exps[i].logp)
+        assert torch.equal(out["logp"][row, : len(exps[i].response)].detach(), exps[i].logp)
 
 
 @pytest.mark.numerics
@@ -204,9 +236,12 @@ def test_updates_touch_only_the_last_two_blocks_and_pi0_stays_the_sft_model(ppo)
     assert len(frozen) == 1 + 2 * 9 and all(torch.equal(before[k], after[k]) for k in frozen)
     assert all(not torch.equal(before[k], after[k]) for k in trained)  # blocks 2, 3, norm, head, value head
     ref = {k: v for k, v in ppo.ref.state_dict().items()}
-    assert all(torch.equal(ref[f"layers.{i - 2}.{rest}"], ppo.state[f"layers.{i}.{rest}"])
-               for k in ppo.state if k.startswith(("layers.2.", "layers.3.")) for i, rest in
-               [(int(k.split(".")[1]), k.split(".", 2)[2])])
+    assert all(
+        torch.equal(ref[f"layers.{i - 2}.{rest}"], ppo.state[f"layers.{i}.{rest}"])
+        for k in ppo.state
+        if k.startswith(("layers.2.", "layers.3."))
+        for i, rest in [(int(k.split(".")[1]), k.split(".", 2)[2])]
+    )
     assert torch.equal(ref["lm_head.weight"], ppo.state["lm_head.weight"])
 
 
@@ -242,6 +277,7 @@ def test_the_kl_controller_moves_as_trlx_moved_it_and_a_run_stops_at_max_steps(p
     minibatch's --ppo-epochs steps, 4 times a round here: after a round at twice the target
     (clipped to +0.2), ours was 0.1 x 1.00032 where trlx's is 0.1 x 1.00032^4. And --max-steps 20
     at 16 steps a round ran 32."""
+
     def trlx_learn(value, kl, n_rollouts, batch_size, ppo_epochs, target, horizon, steps):
         """AccelerateRLTrainer.learn and AcceleratePPOTrainer.post_backward_callback at trlx
         355c974, for one round of the store, transcribed: (λ after it, optimizer steps made)."""
@@ -262,16 +298,24 @@ def test_the_kl_controller_moves_as_trlx_moved_it_and_a_run_stops_at_max_steps(p
         kl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
         stats = train_ppo.update(ppo.model, opt, kl, exps, batches, Tok(), args, ppo.d, mean_kl, steps)
         assert (kl.value, stats["steps"]) == trlx_learn(0.1, mean_kl, 8, 2, 2, 6.0, 10_000, steps)
-    assert trlx_learn(0.1, 12.0, 64, 16, 4, 6.0, 10_000, 10**9)[0] == pytest.approx(0.1 * 1.00032 ** 4)
+    assert trlx_learn(0.1, 12.0, 64, 16, 4, 6.0, 10_000, 10**9)[0] == pytest.approx(0.1 * 1.00032**4)
 
 
 def test_prompts_leave_room_for_the_reward_models_eos():
     """Issue 23: prompts were read up to the policy's context less --max-new-tokens; a response
     cut there got an eos for the reward model, one token over its context (ValueError: 513
     tokens exceeds the reward model's context of 512), and --resume replayed the crash."""
+
     def cfg(context):
-        return ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
+        return ModelConfig(
+            vocab_size=400,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+        )
 
     assert train_ppo.prompt_budget(cfg(512), cfg(512), 8) == 512 - 8 - 1
     assert train_ppo.prompt_budget(cfg(512), cfg(300), 8) == 300 - 8 - 1  # the smaller context rules
@@ -290,14 +334,16 @@ def learn(ppo, kl_coef, rounds=16):
     for round_no in range(rounds):
         exps, _, batches = experiences(run, n=16, seed=round_no, kl_coef=kl_coef, args=args)
         update(model, opt, exps, batches, args, ppo.d)
-        history.append((sum(e.score for e in exps) / len(exps),
-                        sum(float((e.logp - e.ref_logp).sum()) for e in exps) / len(exps)))
+        history.append(
+            (sum(e.score for e in exps) / len(exps), sum(float((e.logp - e.ref_logp).sum()) for e in exps) / len(exps))
+        )
     return history
 
 
 def test_a_scripted_reward_is_learnt_and_a_large_kl_coefficient_holds_the_policy_near_pi0(ppo):
     def mean(xs):
         return sum(xs) / len(xs)
+
     free = learn(ppo, kl_coef=0.05)
     first, last = mean([s for s, _ in free[:4]]), mean([s for s, _ in free[-4:]])
     assert last > max(2 * first, 0.12), free  # the share of the rewarded token rises (0.06 -> 0.28 here)
@@ -317,8 +363,16 @@ def checkpoints(tmp_path_factory, tokenizer_file):
     from model import RewardModel
 
     root = tmp_path_factory.mktemp("ppo_models")
-    config = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=500.0)
+    config = ModelConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=500.0,
+    )
     Transformer(config).init_weights(0).save_pretrained(root / "sft", tokenizer=tokenizer_file)
     rm = RewardModel(config)
     rm.trunk.init_weights(1)
@@ -328,11 +382,37 @@ def checkpoints(tmp_path_factory, tokenizer_file):
 
 
 def cli(checkpoints, out, *extra):
-    return [sys.executable, str(ROOT / "train_ppo.py"), "--policy", str(checkpoints / "sft"), "--reward",
-            str(checkpoints / "rm"), "--data", str(ROOT / "data" / "sft" / "doctor_qa.jsonl"), "--exclude",
-            str(ROOT / "data" / "preference" / "preference_pairs.jsonl"), "--out", str(out), "--max-steps", "8",
-            "--rollout-size", "8", "--chunk-size", "4", "--batch-size", "4", "--ppo-epochs", "1",
-            "--max-new-tokens", "8", "--lr", "1e-3", "--save-every", "1", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train_ppo.py"),
+        "--policy",
+        str(checkpoints / "sft"),
+        "--reward",
+        str(checkpoints / "rm"),
+        "--data",
+        str(ROOT / "data" / "sft" / "doctor_qa.jsonl"),
+        "--exclude",
+        str(ROOT / "data" / "preference" / "preference_pairs.jsonl"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "8",
+        "--rollout-size",
+        "8",
+        "--chunk-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--ppo-epochs",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "1",
+        *extra,
+    ]
 
 
 ENV = trainer_env()
@@ -347,9 +427,24 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     subprocess.run(cli(checkpoints, tmp_path / "whole"), check=True, capture_output=True, env=ENV, cwd=ROOT)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows] == [2, 4, 6, 8]
-    for key in ("score", "kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy",
-                "response_len", "unfinished", "rollout_tokens_per_s", "train_tokens_per_s", "generate_s", "score_s",
-                "experience_s", "train_s"):
+    for key in (
+        "score",
+        "kl",
+        "kl_coef",
+        "policy_loss",
+        "value_loss",
+        "clip_fraction",
+        "approx_kl",
+        "entropy",
+        "response_len",
+        "unfinished",
+        "rollout_tokens_per_s",
+        "train_tokens_per_s",
+        "generate_s",
+        "score_s",
+        "experience_s",
+        "train_s",
+    ):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[0]["kl"] == 0 and rows[0]["kl_coef"] == 0.1  # π = π0 in the first round; the paper's λ
     assert rows[1]["kl_coef"] != 0.1  # the adaptive controller moved it
@@ -362,11 +457,14 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert torch.equal(hf.model.layers[3].mlp.up_proj.weight, ours["model.layers.3.mlp.up_proj.weight"])
     sft = load_file(checkpoints / "sft" / "model.safetensors")
     assert torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
-    assert not torch.equal(ours["model.layers.3.self_attn.q_proj.weight"], sft["model.layers.3.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        ours["model.layers.3.self_attn.q_proj.weight"], sft["model.layers.3.self_attn.q_proj.weight"]
+    )
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(checkpoints, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        cli(checkpoints, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
@@ -377,14 +475,24 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     saved = json.loads((out / "state" / "trainer.json").read_text())
     assert 1 <= saved["round"] < 4
     with pytest.raises(subprocess.CalledProcessError) as refused:
-        subprocess.run(cli(checkpoints, out, "--resume", "--lr", "2e-3"), check=True, capture_output=True, text=True,
-                       env=ENV, cwd=ROOT)
+        subprocess.run(
+            cli(checkpoints, out, "--resume", "--lr", "2e-3"),
+            check=True,
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
     assert "lr: 0.001 -> 0.002" in refused.value.stderr
     subprocess.run(cli(checkpoints, out, "--resume"), check=True, capture_output=True, env=ENV, cwd=ROOT)
     assert (out / "metrics.jsonl").read_text().count("\n") == 4
+
     def strip(r):  # timings differ
         return {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}
-    assert [strip(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
+
+    assert [strip(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        strip(r) for r in rows
+    ]
     a, b = load_file(final / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     va, vb = load_file(final / "value_head.safetensors"), load_file(out / "final" / "value_head.safetensors")
@@ -394,8 +502,9 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     # round it reaches, its state saved, exit status 75; the same command, without --resume,
     # then resumes it, and the run ends as the uninterrupted one did.
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(cli(checkpoints, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        cli(checkpoints, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").is_file():
         time.sleep(0.02)
@@ -407,7 +516,9 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     assert (out / "metrics.jsonl").read_text().count("\n") == saved and "stopped by SIGUSR1" in stdout
     again = subprocess.run(cli(checkpoints, out), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert again.returncode == 0 and f"stopped after round {saved}: resuming it" in again.stdout, again.stderr[-2000:]
-    assert [strip(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()] == [strip(r) for r in rows]
+    assert [strip(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        strip(r) for r in rows
+    ]
     b = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -419,16 +530,26 @@ def test_two_nodes_run_ppo_as_one_node_of_two_ranks(checkpoints, tmp_path):
     from safetensors.torch import load_file
 
     args = cli(checkpoints, tmp_path / "one-node", "--max-steps", "2")[1:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+        capture_output=True,
+        text=True,
+        env=trainer_env(2),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     node = cli(checkpoints, tmp_path / "two-nodes", "--max-steps", "2")[2:]
     for proc in two_nodes("train_ppo.py", node, node):
         assert proc.returncode == 0, proc.stderr[-3000:]
+
     def strip(r):  # timings differ
         return {k: v for k, v in r.items() if not k.endswith(("_s", "per_s"))}
-    rows = [[strip(json.loads(line)) for line in (tmp_path / o / "metrics.jsonl").read_text().splitlines()]
-            for o in ("one-node", "two-nodes")]
+
+    rows = [
+        [strip(json.loads(line)) for line in (tmp_path / o / "metrics.jsonl").read_text().splitlines()]
+        for o in ("one-node", "two-nodes")
+    ]
     assert rows[0] == rows[1] and len(rows[0]) == 1, rows
     a, b = (load_file(tmp_path / o / "final" / "model.safetensors") for o in ("one-node", "two-nodes"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -445,16 +566,49 @@ def test_a_prompt_at_the_edge_of_the_context_and_max_steps_inside_a_round(checkp
     long_question = ("头痛发热咳嗽" * 100)[:360]
     edge = len(render(tok, [{"role": "user", "content": long_question}]).ids)  # 504 with this tokenizer
     new_tokens = 512 - edge  # the old rule let this prompt in; a cut response + eos is 513 tokens
-    rows = [{"id": "long", "source": "t", "messages": [{"role": "user", "content": long_question},
-                                                        {"role": "assistant", "content": "请就医。"}]}]
-    rows += [{"id": f"q{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天了"},
-                                                         {"role": "assistant", "content": "多休息。"}]} for i in range(7)]
+    rows = [
+        {
+            "id": "long",
+            "source": "t",
+            "messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "请就医。"}],
+        }
+    ]
+    rows += [
+        {
+            "id": f"q{i}",
+            "source": "t",
+            "messages": [{"role": "user", "content": f"头痛{i}天了"}, {"role": "assistant", "content": "多休息。"}],
+        }
+        for i in range(7)
+    ]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    cmd = [sys.executable, str(ROOT / "train_ppo.py"), "--policy", str(checkpoints / "sft"), "--reward",
-           str(checkpoints / "rm"), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "3",
-           "--rollout-size", "4", "--chunk-size", "4", "--batch-size", "2", "--ppo-epochs", "1", "--max-new-tokens",
-           str(new_tokens), "--lr", "1e-3"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_ppo.py"),
+        "--policy",
+        str(checkpoints / "sft"),
+        "--reward",
+        str(checkpoints / "rm"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "3",
+        "--rollout-size",
+        "4",
+        "--chunk-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--ppo-epochs",
+        "1",
+        "--max-new-tokens",
+        str(new_tokens),
+        "--lr",
+        "1e-3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"question longer than the context less --max-new-tokens ({edge - 1} tokens)" in proc.stdout
@@ -474,18 +628,39 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
         return {"id": id, "source": "t", "messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]}
 
     sft = tmp_path / "sft.jsonl"
-    rows = [conv("a", "头痛", "多久了？", "三天", "去医院。"), conv("b", "头痛", "别担心。"), conv("c", "咳嗽", "多喝水。")]
+    rows = [
+        conv("a", "头痛", "多久了？", "三天", "去医院。"),
+        conv("b", "头痛", "别担心。"),
+        conv("c", "咳嗽", "多喝水。"),
+    ]
     sft.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(json.dumps({"id": "p", "source": "preference", "messages": [{"role": "user", "content": "咳嗽"}], "chosen": "x",
-                                 "rejected": "y"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    pairs.write_text(
+        json.dumps(
+            {
+                "id": "p",
+                "source": "preference",
+                "messages": [{"role": "user", "content": "咳嗽"}],
+                "chosen": "x",
+                "rejected": "y",
+            },
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     tok, report = Tokenizer(tokenizer_file), Report()
     got = train_ppo.read_prompts([sft], [pairs], tok, 1000, report)
     # a's two patient turns (the second with its history), b's question = a's first: kept once;
     # c's question is a reward-model prompt: left out.
-    want = [[{"role": "user", "content": "头痛"}],
-            [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
-             {"role": "user", "content": "三天"}]]
+    want = [
+        [{"role": "user", "content": "头痛"}],
+        [
+            {"role": "user", "content": "头痛"},
+            {"role": "assistant", "content": "多久了？"},
+            {"role": "user", "content": "三天"},
+        ],
+    ]
     got = list(got)
     assert sorted(got) == sorted(render(tok, m).ids for m in want)
     assert "a prompt of the reward model's pairs" in report.summary()
@@ -497,8 +672,14 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
 
     d, cached = init_distributed(), Report()
     try:
-        entry, meta = rendered_once(None, tmp_path / "run", {"k": 1}, lambda: (
-            {"prompts": train_ppo.read_prompts([sft], [pairs], tok, 1000, cached)}, cached), d, labels=False)
+        entry, meta = rendered_once(
+            None,
+            tmp_path / "run",
+            {"k": 1},
+            lambda: ({"prompts": train_ppo.read_prompts([sft], [pairs], tok, 1000, cached)}, cached),
+            d,
+            labels=False,
+        )
     finally:
         d.close()
     prompts = Corpus(entry / "prompts")

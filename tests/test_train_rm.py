@@ -26,6 +26,7 @@ ENV = trainer_env()
 def test_pairwise_loss_by_hand():
     def r(*x):  # fp64: the hand-worked values to 1e-12
         return torch.tensor(x, dtype=torch.float64)
+
     equal = pairwise_loss(r(1.5, -2.0), r(1.5, -2.0))
     torch.testing.assert_close(equal, torch.full((2,), math.log(2), dtype=torch.float64), rtol=1e-12, atol=0)
     # -log σ(2) = log(1 + e^-2); with margin 1: -log σ(1).
@@ -69,11 +70,14 @@ def test_reward_ignores_padding_side_and_batch_company(reward_model, tokenizer_f
 
 def test_render_reply_keeps_the_reply_whole(tokenizer_file):
     tok = Tokenizer(tokenizer_file)
-    history = [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
-               {"role": "user", "content": "三天了"}]
+    history = [
+        {"role": "user", "content": "头痛"},
+        {"role": "assistant", "content": "多久了？"},
+        {"role": "user", "content": "三天了"},
+    ]
     ids, start = render_reply(tok, history, "先量血压。")
     full = render(tok, history + [{"role": "assistant", "content": "先量血压。"}])
-    reply = doctor_turn(tok, "先量血压。")[len(tok.encode(DOCTOR_TAG)):]  # after the tag, up to eos
+    reply = doctor_turn(tok, "先量血压。")[len(tok.encode(DOCTOR_TAG)) :]  # after the tag, up to eos
     assert ids == full.ids and ids[start:] == reply and ids[:start] == render(tok, history).ids
     short, start = render_reply(tok, history, "先量血压。", max_len=len(ids) - 1)
     assert short[start:] == reply  # the reply survives whole
@@ -110,20 +114,34 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
     scores as train_rm.py does; one transformers wrote (as the official HuatuoGPT reward model
     is) loads in ours and scores as transformers does. Right-padded batches of replies that end
     with eos: transformers reads the last token that is not pad_token_id, ours the mask's last."""
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, LlamaConfig,
-                              LlamaForSequenceClassification)
+    from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     tok = Tokenizer(tokenizer_file)
     msgs = [{"role": "user", "content": "头痛三天了"}]
-    seqs = [render_reply(tok, msgs, reply)[0] for reply in ("有没有发烧？", "请问疼痛在哪个部位？持续多久了？", "多喝水")]
+    seqs = [
+        render_reply(tok, msgs, reply)[0] for reply in ("有没有发烧？", "请问疼痛在哪个部位？持续多久了？", "多喝水")
+    ]
     tokens, mask = pad_batch(seqs, tok.pad_id)
     reward_model.save_pretrained(tmp_path / "ours", tokenizer=tokenizer_file)
     theirs_of_ours = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours", dtype=torch.float64).eval()
     with torch.no_grad():  # fp64 both ways: the same scores, rounding aside
-        torch.testing.assert_close(theirs_of_ours(input_ids=tokens, attention_mask=mask).logits[:, 0],
-                                   reward_model(tokens, mask), rtol=0, atol=1e-9)
-    cfg = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, num_labels=1, pad_token_id=0)
+        torch.testing.assert_close(
+            theirs_of_ours(input_ids=tokens, attention_mask=mask).logits[:, 0],
+            reward_model(tokens, mask),
+            rtol=0,
+            atol=1e-9,
+        )
+    cfg = LlamaConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=0,
+    )
     torch.manual_seed(3)
     theirs = LlamaForSequenceClassification(cfg).double().eval()
     with torch.no_grad():
@@ -148,10 +166,27 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
 
 
 def run_rm(out, *extra, nproc=1, model=None):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc_per_node", str(nproc)]
-    cmd = launcher + [str(ROOT / "train_rm.py"), "--model", str(model or micro_model()), "--data", PAIRS, "--out", str(out),
-                      "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", *extra]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    )
+    cmd = launcher + [
+        str(ROOT / "train_rm.py"),
+        "--model",
+        str(model or micro_model()),
+        "--data",
+        PAIRS,
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "1",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(nproc), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -167,8 +202,24 @@ def test_one_rank_equals_two_ranks(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", str(micro_model()), "--data", *SFT, "--out", str(out),
-           "--batch-size", "8", "--lr", "2e-3", "--max-steps", "10", "--eval-every", "10"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_sft.py"),
+        "--model",
+        str(micro_model()),
+        "--data",
+        *SFT,
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--max-steps",
+        "10",
+        "--eval-every",
+        "10",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
     return out / "best"
 
@@ -180,19 +231,43 @@ def test_held_out_accuracy_rises_above_chance(tiny_sft, tmp_path):
     assert max(accs) >= 0.75, accs  # 8 held-out pairs
     assert (tmp_path / "rm" / "best" / "model.safetensors").is_file()  # the HF reward-model layout (issue 26)
     card = (tmp_path / "rm" / "best" / "README.md").read_text(encoding="utf-8")  # issue 26: the model card
-    assert "# HuatuoGPT, RM checkpoint" in card and "held-out accuracy" in card and "RewardModel.from_pretrained" in card
+    assert (
+        "# HuatuoGPT, RM checkpoint" in card and "held-out accuracy" in card and "RewardModel.from_pretrained" in card
+    )
 
 
 def test_sample_writes_what_distill_score_reads(tiny_sft, tmp_path):
     out = tmp_path / "samples.jsonl"
-    cmd = [sys.executable, str(ROOT / "train_rm.py"), "sample", "--model", str(tiny_sft), "--data", SFT[2],
-           "--out", str(out), "-k", "2", "--limit", "3", "--max-new-tokens", "8"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_rm.py"),
+        "sample",
+        "--model",
+        str(tiny_sft),
+        "--data",
+        SFT[2],
+        "--out",
+        str(out),
+        "-k",
+        "2",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "8",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT, timeout=300)
     samples = read_samples(out)
     assert len(samples) == 3 and all(len(s["responses"]) == 2 and len(s["finished"]) == 2 for s in samples)
     assert all(s["messages"][-1]["role"] == "user" and s["reference"] for s in samples)
-    proc = subprocess.run(cmd[:-4] + ["--limit", "4", "--max-new-tokens", "8"], check=True, capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        cmd[:-4] + ["--limit", "4", "--max-new-tokens", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert "1 prompts sampled (3 already done)" in proc.stdout
     assert len(read_samples(out)) == 4
 
@@ -202,7 +277,7 @@ def test_score_ids_scores_exactly_the_ids_the_policy_produced(reward_model, toke
     tok = Tokenizer(tokenizer_file)
     msgs = [{"role": "user", "content": "头痛三天了"}]
     prompt = render(tok, msgs).ids
-    reply = render_reply(tok, msgs, "有没有发烧？")[0][len(prompt):]  # as the policy would sample it
+    reply = render_reply(tok, msgs, "有没有发烧？")[0][len(prompt) :]  # as the policy would sample it
     assert reply[-1] == tok.eos_id
     reply = reply[:-1]
     with torch.no_grad():
@@ -213,8 +288,11 @@ def test_score_ids_scores_exactly_the_ids_the_policy_produced(reward_model, toke
     torch.testing.assert_close(closed, by_ids, rtol=0, atol=0)  # an eos already there is not doubled
     # Sampled ids need not be what encode(decode(ids)) gives; they are scored as they are.
     gen = torch.Generator().manual_seed(0)
-    sampled = next(ids for ids in (torch.randint(3, 400, (6,), generator=gen).tolist() for _ in range(100))
-                   if tok.encode(tok.decode(ids)) != ids)
+    sampled = next(
+        ids
+        for ids in (torch.randint(3, 400, (6,), generator=gen).tolist() for _ in range(100))
+        if tok.encode(tok.decode(ids)) != ids
+    )
     with torch.no_grad():
         got = reward_model.score_ids([prompt, prompt], [sampled, reply], eos_id=tok.eos_id, pad_id=0)
         direct = reward_model(torch.tensor([prompt + sampled + [tok.eos_id]]), torch.ones(1, len(prompt) + 7))
@@ -241,18 +319,50 @@ def test_pairs_too_long_are_skipped_and_counted(tokenizer_file):
 
 def test_sample_and_score_skip_and_count_what_they_cannot_use(tiny_sft, reward_model, tokenizer_file, tmp_path):
     data = tmp_path / "prompts.jsonl"
-    rows = [{"id": "ok", "source": "t", "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}]},
-            {"id": "open", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]},
-            {"id": "long", "source": "t", "messages": [{"role": "user", "content": "头痛发热咳嗽" * 800},
-                                        {"role": "assistant", "content": "请就医。"}]}]
+    rows = [
+        {
+            "id": "ok",
+            "source": "t",
+            "messages": [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}],
+        },
+        {"id": "open", "source": "t", "messages": [{"role": "user", "content": "咳嗽怎么办"}]},
+        {
+            "id": "long",
+            "source": "t",
+            "messages": [
+                {"role": "user", "content": "头痛发热咳嗽" * 800},
+                {"role": "assistant", "content": "请就医。"},
+            ],
+        },
+    ]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "samples.jsonl"
-    cmd = [sys.executable, str(ROOT / "train_rm.py"), "sample", "--model", str(tiny_sft), "--data", str(data),
-           "--out", str(out), "-k", "2", "--max-new-tokens", "8", "--device", "cpu", "--dtype", "bfloat16"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_rm.py"),
+        "sample",
+        "--model",
+        str(tiny_sft),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "-k",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [s["id"] for s in read_samples(out)] == ["ok"]
-    assert "skipped 1 record(s): no real doctor's answer" in proc.stderr and "skipped 1 record(s): question longer" in proc.stderr
+    assert (
+        "skipped 1 record(s): no real doctor's answer" in proc.stderr
+        and "skipped 1 record(s): question longer" in proc.stderr
+    )
     reward_model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer_file)
     cmd = [sys.executable, str(ROOT / "train_rm.py"), "score", "--model", str(tmp_path / "rm"), "--data", str(data)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
@@ -265,7 +375,13 @@ def test_split_by_prompt_keeps_each_prompt_on_one_side():
     from train_rm import split_by_prompt
 
     def pair(q, c, r):
-        return {"id": f"{q}:{c}", "source": "t", "messages": [{"role": "user", "content": q}], "chosen": c, "rejected": r}
+        return {
+            "id": f"{q}:{c}",
+            "source": "t",
+            "messages": [{"role": "user", "content": q}],
+            "chosen": c,
+            "rejected": r,
+        }
 
     # 10 prompts with 3 pairs each (k = 3 responses: 3 pairs), as distill.py score writes them.
     records = [pair(f"问题{p}", f"回答{a}", f"回答{b}") for p in range(10) for a, b in ((0, 1), (0, 2), (1, 2))]
@@ -283,11 +399,21 @@ def test_sampling_prompts_come_from_real_doctors():
     q = {"role": "user", "content": "头痛三天了"}
     polished = {"role": "assistant", "content": "您好，头痛持续三天……"}
     assert doctor_prompt({"source": "distilled_instruction", "messages": [q, polished]}) is None
-    assert doctor_prompt({"source": "real_instruction", "messages": [q, polished],
-                          "meta": {"original_answer": "量个血压"}}) == ([q], "量个血压")
-    original = [{"role": "user", "content": "头疼"}, {"role": "assistant", "content": "几天了"},
-                {"role": "user", "content": "三天"}, {"role": "assistant", "content": "先量血压"}]
+    assert doctor_prompt(
+        {"source": "real_instruction", "messages": [q, polished], "meta": {"original_answer": "量个血压"}}
+    ) == ([q], "量个血压")
+    original = [
+        {"role": "user", "content": "头疼"},
+        {"role": "assistant", "content": "几天了"},
+        {"role": "user", "content": "三天"},
+        {"role": "assistant", "content": "先量血压"},
+    ]
     rewritten = [q, polished, q, polished]
-    assert doctor_prompt({"source": "real_conversation", "messages": rewritten,
-                          "meta": {"original": original}}) == (original[:3], "先量血压")
-    assert doctor_prompt({"source": "cmedqa2", "messages": [q, {"role": "assistant", "content": "多休息"}]}) == ([q], "多休息")
+    assert doctor_prompt({"source": "real_conversation", "messages": rewritten, "meta": {"original": original}}) == (
+        original[:3],
+        "先量血压",
+    )
+    assert doctor_prompt({"source": "cmedqa2", "messages": [q, {"role": "assistant", "content": "多休息"}]}) == (
+        [q],
+        "多休息",
+    )

@@ -32,8 +32,11 @@ ENV = trainer_env()
 
 
 def run(out, *extra, nproc=1, check=True):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    )
     cmd = launcher + [str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(out), *COMMON, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(nproc), cwd=ROOT, timeout=300)
     if check and proc.returncode:
@@ -85,8 +88,9 @@ def test_one_rank_equals_two_ranks_and_two_nodes(tmp_path):
     from transformers import LlamaForCausalLM
 
     assert LlamaForCausalLM.from_pretrained(tmp_path / "nodes" / "final", dtype="auto").dtype == torch.bfloat16
-    assert [f.stat().st_size for f in sorted((tmp_path / "nodes" / "state").glob("*.distcp"))] == \
-        [f.stat().st_size for f in sorted((tmp_path / "two" / "state").glob("*.distcp"))]  # the state: fp32 both
+    assert [f.stat().st_size for f in sorted((tmp_path / "nodes" / "state").glob("*.distcp"))] == [
+        f.stat().st_size for f in sorted((tmp_path / "two" / "state").glob("*.distcp"))
+    ]  # the state: fp32 both
 
 
 def test_the_base_models_dtype_is_the_default_export_dtype():
@@ -110,13 +114,15 @@ def test_an_out_that_is_each_nodes_own_disk_is_refused_before_any_work(tmp_path)
     stop at start-up with one line naming the ranks that do not see rank 0's directory, and
     nothing is trained or saved on either."""
     disks = [tmp_path / "disk-a" / "run", tmp_path / "disk-b" / "run"]
-    procs = two_nodes("train_sft.py", *[["--data", *SFT, "--out", str(d), *COMMON, "--max-steps", "3"] for d in disks],
-                      timeout=120)
+    procs = two_nodes(
+        "train_sft.py", *[["--data", *SFT, "--out", str(d), *COMMON, "--max-steps", "3"] for d in disks], timeout=120
+    )
     for proc in procs:
         assert proc.returncode != 0
-        assert "is not the same directory on every rank: rank(s) 1 do not see what rank 0 wrote" in proc.stderr, \
+        assert "is not the same directory on every rank: rank(s) 1 do not see what rank 0 wrote" in proc.stderr, (
             proc.stderr[-3000:]
-        assert "train_sft.py\", line" not in proc.stderr  # no worker's traceback (torchrun's own is its own)
+        )
+        assert 'train_sft.py", line' not in proc.stderr  # no worker's traceback (torchrun's own is its own)
     assert not [p for d in disks if d.exists() for p in d.iterdir() if p.name != ".lock"]
 
 
@@ -174,8 +180,21 @@ def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch, ca
 def test_best_checkpoint_reproduces_its_validation_loss(tmp_path):
     val = ROOT / "data" / "sft" / "doctor_qa.jsonl"
     train = [f for f in SFT if "doctor_qa" not in f]
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--data", *train, "--val-data", str(val),
-           "--out", str(tmp_path), *COMMON, "--max-steps", "6", "--eval-every", "2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_sft.py"),
+        "--data",
+        *train,
+        "--val-data",
+        str(val),
+        "--out",
+        str(tmp_path),
+        *COMMON,
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "2",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT)
     best = min(r["val_loss"] for r in records(tmp_path) if "val_loss" in r)
     model = Transformer.from_pretrained(tmp_path / "best").eval()
@@ -204,7 +223,7 @@ def test_masked_and_padded_tokens_do_not_move_the_loss(tokenizer_file):
     with torch.no_grad():
         alone = token_loss_sum(model, collate([short], tok.pad_id))
         padded = collate([short, long], tok.pad_id)
-        padded["tokens"][0, len(short.ids):] = 77  # garbage where padding is: labels are -100
+        padded["tokens"][0, len(short.ids) :] = 77  # garbage where padding is: labels are -100
         in_batch = token_loss_sum(model, {k: v[:1] for k, v in padded.items()})
         # By hand: the mean of -log p over exactly the answer tokens and the eos.
         logits = model(torch.tensor([short.ids]))[0, :-1].log_softmax(-1)
@@ -224,8 +243,16 @@ def test_errors_before_training(tmp_path, tokenizer_file):
     # A model whose embedding is smaller than its tokenizer.
     cfg = CONFIGS["tiny"].__class__(**{**CONFIGS["tiny"].__dict__, "vocab_size": 100})
     Transformer.from_config(cfg).save_pretrained(tmp_path / "small", tokenizer=tokenizer_file)
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", str(tmp_path / "small"), "--data", *SFT,
-           "--out", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_sft.py"),
+        "--model",
+        str(tmp_path / "small"),
+        "--data",
+        *SFT,
+        "--out",
+        str(tmp_path / "o"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode and "tokenizer has" in proc.stderr and "embeds only 100 ids" in proc.stderr
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
@@ -236,16 +263,39 @@ def test_data_is_checked_before_the_weights_are_read(tmp_path, tokenizer_file):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\xff" * 64)  # reading it would fail
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "source": "t", "messages": [{"role": "user", "content": "头痛"}]}\n{not json\n')
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--model", str(tmp_path / "m"), "--data", str(bad),
-           "--out", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_sft.py"),
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert proc.returncode and f"{bad}:2: not valid JSON" in proc.stderr and "safetensors" not in proc.stderr
 
 
 def test_dry_run_plans_the_paper_run():
     def plan(*extra):
-        proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--model", "ziya-13b", "--dry-run",
-                               "--world-size", "8", *extra], capture_output=True, text=True, env=ENV, cwd=ROOT, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train_sft.py"),
+                "--model",
+                "ziya-13b",
+                "--dry-run",
+                "--world-size",
+                "8",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+            check=True,
+        )
         assert "13.09B parameters, 8 ranks, sequences of 2048 tokens" in proc.stdout
         return {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("micro-batch")}
 
@@ -286,8 +336,9 @@ def test_memory_estimate_by_hand():
     assert m["activations"] == pytest.approx((4 * per_layer + logits) / 2**30)
     ac = training_memory(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=True)
     assert ac["activations"] == pytest.approx((4 * 200 * 256 * 4 + per_layer + logits) / 2**30)
-    last = training_memory(cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False,
-                           grad_sync="last")
+    last = training_memory(
+        cfg, world=4, micro_batch=2, seq_len=100, bf16=False, activation_checkpointing=False, grad_sync="last"
+    )
     assert last["grads"] == pytest.approx(4 * n / 2**30)
     assert last["total"] - m["total"] == pytest.approx(3 * n / 2**30)
 
@@ -297,8 +348,11 @@ def test_unanswered_last_questions_are_counted_not_silently_dropped(tmp_path):
     from data.schema import Report
 
     q, a = {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"}
-    rows = [{"id": "whole", "source": "t", "messages": [q, a]}, {"id": "open-end", "source": "t", "messages": [q, a, q]},
-            {"id": "question", "source": "t", "messages": [q]}]
+    rows = [
+        {"id": "whole", "source": "t", "messages": [q, a]},
+        {"id": "open-end", "source": "t", "messages": [q, a, q]},
+        {"id": "question", "source": "t", "messages": [q]},
+    ]
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     report = Report()
@@ -405,8 +459,9 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
 def micro_in_shard_files(out: Path) -> Path:
     """micro_model written again in shard files of at most 100 kB (6 of them): a checkpoint laid
     out as a 13B one is, in miniature."""
-    Transformer.from_pretrained(micro_model()).save_pretrained(out, tokenizer=micro_model() / "tokenizer.model",
-                                                               max_shard_bytes=100_000)
+    Transformer.from_pretrained(micro_model()).save_pretrained(
+        out, tokenizer=micro_model() / "tokenizer.model", max_shard_bytes=100_000
+    )
     return out
 
 
@@ -438,12 +493,25 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     monkeypatch.setattr(model, "read_safetensors", reading)
     monkeypatch.setattr(training, "set_model_state_dict", scattering)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    train_sft.main(["--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *COMMON[2:],
-                    "--max-steps", "1", "--lr", "0"])
+    train_sft.main(
+        [
+            "--data",
+            *SFT,
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            str(sharded),
+            *COMMON[2:],
+            "--max-steps",
+            "1",
+            "--lr",
+            "0",
+        ]
+    )
     held = {f.name: sorted(k.removeprefix("model.") for k, _ in read(f)) for f in files}
     order = [name for what, name in log if what == "read"]
     assert sorted(order) == sorted(held)  # each file read once, in the index's order
-    assert log[:2 * len(files)] == [e for name in order for e in (("read", name), ("scatter", held[name]))], log
+    assert log[: 2 * len(files)] == [e for name in order for e in (("read", name), ("scatter", held[name]))], log
     exported = weights(tmp_path / "run" / "final")
     ours = {k: v for f in files for k, v in read(f)}
     assert exported.keys() == ours.keys() and all(torch.equal(exported[k], ours[k]) for k in ours)
@@ -456,14 +524,29 @@ def test_a_shard_file_rank_0_cannot_read_stops_every_rank_at_once(tmp_path):
     sharded = micro_in_shard_files(tmp_path / "sharded")
     damaged = sorted(sharded.glob("model-*.safetensors"))[1]
     damaged.write_bytes(damaged.read_bytes()[:-1000])  # its header intact, its data cut short
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(tmp_path / "run"), "--model", str(sharded), *COMMON[2:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train_sft.py"),
+        "--data",
+        *SFT,
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        str(sharded),
+        *COMMON[2:],
+    ]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and time.time() - start < 60
-    assert f"error: {damaged}" in proc.stderr and "error: rank 0 could not read the weights" in proc.stderr, \
+    assert f"error: {damaged}" in proc.stderr and "error: rank 0 could not read the weights" in proc.stderr, (
         proc.stderr[-3000:]
-    assert "train_sft.py\", line" not in proc.stderr  # no worker's traceback
+    )
+    assert 'train_sft.py", line' not in proc.stderr  # no worker's traceback
 
 
 def test_the_rendered_corpus_on_disk_gives_the_same_batches_in_a_fraction_of_the_memory(tokenizer_file, tmp_path):
@@ -481,10 +564,13 @@ def test_the_rendered_corpus_on_disk_gives_the_same_batches_in_a_fraction_of_the
 
     tok = Tokenizer(tokenizer_file)
     train, val, _ = mix(corpus.read_sources(SFT, Report()), seed=5, val_fraction=0.1)
-    in_memory = {name: [x for r in records if (x := render(tok, r["messages"], max_len=512)) is not None]
-                 for name, records in (("train", train), ("val", val))}
-    meta = corpus.build_entry(tmp_path / "entry", {"k": 1}, lambda: corpus.sft_data(
-        SFT, None, tok, max_len=512, seed=5, val_fraction=0.1))
+    in_memory = {
+        name: [x for r in records if (x := render(tok, r["messages"], max_len=512)) is not None]
+        for name, records in (("train", train), ("val", val))
+    }
+    meta = corpus.build_entry(
+        tmp_path / "entry", {"k": 1}, lambda: corpus.sft_data(SFT, None, tok, max_len=512, seed=5, val_fraction=0.1)
+    )
     tracemalloc.start()
     try:
         opened = {name: corpus.Corpus(tmp_path / "entry" / name) for name in ("train", "val")}
@@ -511,8 +597,7 @@ def test_the_rendered_corpus_on_disk_gives_the_same_batches_in_a_fraction_of_the
     assert [len(x.ids) for x in opened["val"][1::2]] == [len(x.ids) for x in in_memory["val"][1::2]]
 
 
-def test_a_rerun_maps_the_rendered_data_without_reading_it_and_takes_no_partial_entry(tmp_path, monkeypatch,
-                                                                                      capsys):
+def test_a_rerun_maps_the_rendered_data_without_reading_it_and_takes_no_partial_entry(tmp_path, monkeypatch, capsys):
     """The cache of train_sft.rendered_data: a second run with the same data, tokenizer and
     settings finds its entry and neither reads nor renders the data (the reader would fail
     here); another --max-len, or other data, is another entry; a damaged entry (an array cut
@@ -524,11 +609,20 @@ def test_a_rerun_maps_the_rendered_data_without_reading_it_and_takes_no_partial_
     from training import init_distributed, train_tiny_tokenizer
 
     tok = train_tiny_tokenizer(tmp_path / "tokenizer.model")
-    args = argparse.Namespace(data=SFT[:2], val_data=None, format=None, encoding="utf-8", seed=0, max_len=512,
-                              data_cache=None, out=tmp_path / "run")
+    args = argparse.Namespace(
+        data=SFT[:2],
+        val_data=None,
+        format=None,
+        encoding="utf-8",
+        seed=0,
+        max_len=512,
+        data_cache=None,
+        out=tmp_path / "run",
+    )
     digests = train_sft.data_digests(args)
     d = init_distributed()
     try:
+
         def lengths():
             train, val, summary = train_sft.rendered_data(args, digests, tok, d)
             return train.lengths, val.lengths, summary
@@ -582,15 +676,18 @@ def test_resume_refuses_other_settings_and_data_order_does_not_matter(tmp_path, 
     base = ["--data", *SFT, "--out", str(out), *args, "--resume"]
     with pytest.raises(SystemExit, match=r"other settings or data \(lr: 0.002 -> 0.001\)\. .*--allow-change lr"):
         train_sft.main(base + ["--lr", "1e-3"])
-    with pytest.raises(SystemExit, match=r"\(seed: 0 -> 1\)\. Resume with the same ones, or start over with "
-                                         r"--overwrite$"):
+    with pytest.raises(
+        SystemExit,
+        match=r"\(seed: 0 -> 1\)\. Resume with the same ones, or start over with "
+        r"--overwrite$",
+    ):
         train_sft.main(base + ["--seed", "1"])
     changed = tmp_path / "changed.jsonl"
     changed.write_text(Path(SFT[0]).read_text(encoding="utf-8").replace("头", "脑"), encoding="utf-8")
     with pytest.raises(SystemExit, match=r"\(data: \["):
-        train_sft.main(["--data", str(changed), *SFT[1:], *base[len(SFT) + 1:]])
+        train_sft.main(["--data", str(changed), *SFT[1:], *base[len(SFT) + 1 :]])
     # --data in another order is the same data: the same split and batches, so it resumes exactly.
-    train_sft.main(["--data", *reversed(SFT), *base[len(SFT) + 1:]])
+    train_sft.main(["--data", *reversed(SFT), *base[len(SFT) + 1 :]])
     assert losses(out) == losses(tmp_path / "whole")
     # What --allow-change permits: a longer run from the saved step on.
     train_sft.main(base + ["--max-steps", "5", "--allow-change", "max-steps"])
@@ -612,8 +709,11 @@ def test_a_model_that_stopped_learning_is_named_and_never_kept_as_best(tmp_path,
     monkeypatch.setattr(train_sft, "train_step", flat_from_step_2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    with pytest.raises(SystemExit, match=r"steps 2-4: the gradient is exactly zero \(loss flat at [0-9.]+\): the "
-                                         r"model has stopped learning.*The last state: none, no state was saved yet"):
+    with pytest.raises(
+        SystemExit,
+        match=r"steps 2-4: the gradient is exactly zero \(loss flat at [0-9.]+\): the "
+        r"model has stopped learning.*The last state: none, no state was saved yet",
+    ):
         train_sft.main(["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "8", "--eval-every", "1"])
     kept = [r["step"] for r in records(tmp_path) if r.get("best")]
     assert kept and max(kept) < 2  # validations of steps 2 and 3 were not candidates for best/
@@ -635,14 +735,20 @@ def test_a_full_disk_is_said_as_such(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(safety, "_free_bytes", lambda path: 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    assert run_main(train_sft.main, ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2",
-                                     "--save-every", "1"]) == 2
+    assert (
+        run_main(
+            train_sft.main, ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2", "--save-every", "1"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {tmp_path / 'state.tmp'}: ENOSPC") and "enforce fail" not in err
     monkeypatch.setattr(safety, "_free_bytes", lambda path: 1 << 40)  # not a full disk: a bug, kept as it is
     with pytest.raises(RuntimeError, match="enforce fail"):
-        run_main(train_sft.main, ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2",
-                                  "--save-every", "1", "--overwrite"])
+        run_main(
+            train_sft.main,
+            ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2", "--save-every", "1", "--overwrite"],
+        )
 
 
 def test_a_log_without_a_progress_bar_gets_progress_lines(tmp_path, monkeypatch, capsys):
@@ -688,9 +794,14 @@ def test_duplicates_are_counted_and_a_lone_surrogate_is_named(tmp_path, monkeypa
     import train_sft
     from safety import run_main
 
-    rows = [{"id": f"r{i}", "source": "t", "messages": [{"role": "user", "content": f"头痛{i}天了"},
-                                                        {"role": "assistant", "content": f"多休息{i}。"}]}
-            for i in range(32)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "source": "t",
+            "messages": [{"role": "user", "content": f"头痛{i}天了"}, {"role": "assistant", "content": f"多休息{i}。"}],
+        }
+        for i in range(32)
+    ]
     rows += [dict(r, id=r["id"] + "-again") for r in rows]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -701,8 +812,9 @@ def test_duplicates_are_counted_and_a_lone_surrogate_is_named(tmp_path, monkeypa
     lone = json.dumps(rows[1], ensure_ascii=False).replace("头", "\\ud800")  # as JSON spells a lone surrogate
     bad.write_text(json.dumps(rows[0]) + "\n" + lone + "\n", encoding="utf-8")
     assert run_main(train_sft.main, ["--data", str(bad), "--out", str(tmp_path / "bad"), *COMMON]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {bad}:2: messages[0].content is not valid Unicode text (a lone "
-                                               "surrogate at character 0)")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {bad}:2: messages[0].content is not valid Unicode text (a lone surrogate at character 0)"
+    )
 
 
 def test_every_checkpoint_carries_a_model_card_with_its_runs_figures(tmp_path, monkeypatch):
@@ -716,7 +828,10 @@ def test_every_checkpoint_carries_a_model_card_with_its_runs_figures(tmp_path, m
     best = min(validations, key=lambda r: r["val_loss"])
     for name in ("best", "final"):
         card = (tmp_path / name / "README.md").read_text(encoding="utf-8")
-        assert card.startswith(f"---\nlanguage: [zh]\nbase_model: {micro_model()}\n") and "# HuatuoGPT, SFT checkpoint" in card
+        assert (
+            card.startswith(f"---\nlanguage: [zh]\nbase_model: {micro_model()}\n")
+            and "# HuatuoGPT, SFT checkpoint" in card
+        )
         assert all(f"`{Path(f).name}` (sha256 {file_digest(f)}…)" in card for f in SFT)
         assert f"validation loss {best['val_loss']:.4f}" in card
         assert "does not give medical advice" in card and "本模型不提供医疗建议" in card
@@ -746,11 +861,16 @@ def _start_and_wait(cmd, out, step):
     """torchrun `cmd`, returned once its metrics show `step`'s loss, written by this run (a
     resumed run first cuts an earlier run's lines after the step it resumes)."""
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(2), cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(2), cwd=ROOT
+    )
     metrics = out / "metrics.jsonl"
     while time.time() < start + 120 and proc.poll() is None:
-        if metrics.is_file() and metrics.stat().st_mtime > start and any(
-                r.get("step") == step and "loss" in r for r in records(out)):
+        if (
+            metrics.is_file()
+            and metrics.stat().st_mtime > start
+            and any(r.get("step") == step and "loss" in r for r in records(out))
+        ):
             return proc
         time.sleep(0.02)
     raise AssertionError(f"the run ended or stalled before step {step}: {proc.communicate()[1][-2000:]}")
@@ -778,8 +898,21 @@ def test_a_preempted_killed_or_stuck_rank_ends_the_run_with_its_state_and_the_re
     args = ["--max-steps", "10", "--save-every", "100"]
     run(tmp_path / "whole", *args, nproc=2)
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train_sft.py"), "--data", *SFT, "--out", str(out), *COMMON, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train_sft.py"),
+        "--data",
+        *SFT,
+        "--out",
+        str(out),
+        *COMMON,
+        *args,
+    ]
     saved = 0
     for target in ("rank 1", "torchrun"):
         proc = _start_and_wait(cmd, out, saved + 2)
@@ -807,7 +940,7 @@ def test_a_preempted_killed_or_stuck_rank_ends_the_run_with_its_state_and_the_re
             os.kill(ranks[1], signal.SIGKILL)  # what torchrun does after its 30 s grace
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode != 0 and "error: rank 0: a collective failed" in stderr, (fault.name, stderr[-3000:])
-        assert "train_sft.py\", line" not in stderr  # no worker's traceback (torchrun's own is its own)
+        assert 'train_sft.py", line' not in stderr  # no worker's traceback (torchrun's own is its own)
         assert json.loads((out / "state" / "trainer.json").read_text())["step"] == saved  # the last complete state
     assert ended["SIGKILL"] < 10 and 5 <= ended["SIGSTOP"] < 15, ended  # measured: see the issue 33 note
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=300)

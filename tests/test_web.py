@@ -31,9 +31,11 @@ MAX_TOKENS = 12
 
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # Debian's, Ubuntu's, Google's
-HOW_TO_ENABLE = ("the chat page's browser tests need Chromium and chromedriver on PATH: as root on Debian the "
-                 "README's test command installs them (apt-get install chromium chromium-driver); elsewhere "
-                 "install Chromium or Chrome and its chromedriver")
+HOW_TO_ENABLE = (
+    "the chat page's browser tests need Chromium and chromedriver on PATH: as root on Debian the "
+    "README's test command installs them (apt-get install chromium chromium-driver); elsewhere "
+    "install Chromium or Chrome and its chromedriver"
+)
 
 
 def find_browser(environ, which=shutil.which) -> tuple[str, str]:
@@ -54,9 +56,19 @@ def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     # Headless as root, and none of Chromium's own connections out (this machine has no network).
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1000,800", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1000,800",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     b = webdriver.Chrome(service=Service(driver), options=options)
     yield b
@@ -92,8 +104,12 @@ def page_url(server) -> str:
 
 def api_reply(server, messages, key=None) -> str:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = requests.post(server.base_url + "/chat/completions", headers=headers, timeout=60, json={
-        "model": "huatuo-tiny", "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS})
+    r = requests.post(
+        server.base_url + "/chat/completions",
+        headers=headers,
+        timeout=60,
+        json={"model": "huatuo-tiny", "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -132,8 +148,11 @@ def test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn(
     b.refresh()
     WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "model").text == "huatuo-tiny")
     shown = {k: float(b.find_element(By.ID, k).get_attribute("value")) for k in ("temperature", "top-p", "max-tokens")}
-    assert shown == {"temperature": CHAT_SAMPLING["temperature"], "top-p": CHAT_SAMPLING["top_p"],
-                     "max-tokens": CHAT_SAMPLING["max_new_tokens"]}
+    assert shown == {
+        "temperature": CHAT_SAMPLING["temperature"],
+        "top-p": CHAT_SAMPLING["top_p"],
+        "max-tokens": CHAT_SAMPLING["max_new_tokens"],
+    }
     type_into(b, "temperature", "0")
     type_into(b, "max-tokens", str(MAX_TOKENS))
 
@@ -147,8 +166,11 @@ def test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn(
     type_into(b, "question", second)
     b.find_element(By.ID, "send").click()
     two = wait_for_reply(b, 2)
-    history = [{"role": "user", "content": first}, {"role": "assistant", "content": one},
-               {"role": "user", "content": second}]
+    history = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": one},
+        {"role": "user", "content": second},
+    ]
     assert two == api_reply(server, history)  # the second turn was asked with the first in its history
     assert two != api_reply(server, history[2:])  # ... which changes the reply (else this test shows nothing)
 
@@ -174,9 +196,14 @@ def test_stop_ends_a_reply_and_the_page_goes_on(browser, server):
     type_into(b, "max-tokens", str(MAX_TOKENS))
     type_into(b, "question", "谢谢")
     b.find_element(By.ID, "send").click()
-    assert wait_for_reply(b, 2) == api_reply(server, [
-        {"role": "user", "content": "请详细介绍高血压的治疗"}, {"role": "assistant", "content": stopped},
-        {"role": "user", "content": "谢谢"}])  # the stopped reply stays in the history, as shown
+    assert wait_for_reply(b, 2) == api_reply(
+        server,
+        [
+            {"role": "user", "content": "请详细介绍高血压的治疗"},
+            {"role": "assistant", "content": stopped},
+            {"role": "user", "content": "谢谢"},
+        ],
+    )  # the stopped reply stays in the history, as shown
 
 
 def test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key(browser, readable_model):
@@ -196,8 +223,9 @@ def test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key(browser, r
         type_into(b, "question", "头痛")
         type_into(b, "key", "wrong")  # issue 35 item 3.5: the page said "needs an API key" again
         b.find_element(By.ID, "send").click()
-        WebDriverWait(b, 30).until(lambda b: b.find_element(By.ID, "status").text ==
-                                   "the API key was refused: enter it and send again")
+        WebDriverWait(b, 30).until(
+            lambda b: b.find_element(By.ID, "status").text == "the API key was refused: enter it and send again"
+        )
         assert b.find_element(By.ID, "question").get_attribute("value") == "头痛"  # kept, to send again
         type_into(b, "key", "s3cret")
         b.find_element(By.ID, "send").click()
@@ -209,26 +237,43 @@ def test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key(browser, r
 
 # -- where there is no browser ------------------------------------------------------------------------
 
+
 def test_without_a_browser_ci_fails_and_elsewhere_the_tests_skip_saying_how_to_enable_them(tmp_path):
     def nothing(name):
         return None
+
     with pytest.raises(pytest.fail.Exception, match="CI=true and the chat page's browser tests need"):
         find_browser({"CI": "true"}, nothing)
     with pytest.raises(pytest.skip.Exception, match="the chat page's browser tests need Chromium"):
         find_browser({}, nothing)
+
     def only_chromium(name):
         return f"/usr/bin/{name}" if name == "chromium" else None
+
     with pytest.raises(pytest.skip.Exception):  # a browser without its driver is no browser here
         find_browser({}, only_chromium)
     assert find_browser({"CI": "true"}, lambda name: f"/x/{name}") == ("/x/chromium", "/x/chromedriver")
     # The whole path, as a learner's run meets it: a PATH with neither, CI unset. The browser
     # tests skip (each before any model is built) and the run says in one line how to enable them.
     env = {k: v for k, v in os.environ.items() if k != "CI" and not k.startswith("PYTEST_")}
-    names = [test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn.__name__,
-             test_stop_ends_a_reply_and_the_page_goes_on.__name__,
-             test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key.__name__]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "--basetemp",
-           str(tmp_path / "run"), *(f"{Path(__file__)}::{name}" for name in names)]
+    names = [
+        test_a_consultation_in_the_browser_streams_the_apis_replies_turn_after_turn.__name__,
+        test_stop_ends_a_reply_and_the_page_goes_on.__name__,
+        test_a_keyed_server_serves_the_page_and_the_page_asks_for_the_key.__name__,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        "--basetemp",
+        str(tmp_path / "run"),
+        *(f"{Path(__file__)}::{name}" for name in names),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PATH=str(tmp_path)), cwd=ROOT, timeout=300)
     assert proc.returncode == 0 and "3 skipped" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert [line for line in proc.stdout.splitlines() if HOW_TO_ENABLE in line] == [f"skipped (3): {HOW_TO_ENABLE}"]
