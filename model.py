@@ -86,9 +86,9 @@ class ModelConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        # Checked before anything is allocated: a config with a billion layers once built layers
-        # without end, and zero heads or a string for a size failed deep inside with a bare
-        # ZeroDivisionError or TypeError. The bounds are far beyond any LLaMA.
+        # Checked before anything is allocated, so that a wrong size is one message naming it,
+        # not a model built without end or an error deep inside. The bounds are far beyond any
+        # LLaMA.
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if name == "head_dim" and value is None:
@@ -170,8 +170,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """The config.json that transformers' LlamaForCausalLM reads (both RoPE spellings)."""
-        d = asdict(self)
-        d.update(
+        hf = asdict(self)
+        hf.update(
             architectures=["LlamaForCausalLM"],
             model_type="llama",
             hidden_act="silu",
@@ -180,13 +180,13 @@ class ModelConfig:
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             torch_dtype="float32",
         )
-        return d
+        return hf
 
     def num_params(self) -> int:
-        d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        per_layer = attn + 3 * d * f + 2 * d
-        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + d
+        h, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        per_layer = attn + 3 * h * f + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + h
 
 
 # Named configurations. `tiny` is the embedded default: a few million parameters that train on a
@@ -233,9 +233,10 @@ def not_a_model(path: Path, *, builtin: bool = False) -> str:
     names and the closest one."""
     if path.is_dir():
         below = sorted(
-            (c.parent for c in path.glob("*/config.json")), key=lambda d: (d.name not in ("best", "final"), d.name)
+            (c.parent for c in path.glob("*/config.json")),
+            key=lambda found: (found.name not in ("best", "final"), found.name),
         )
-        hint = f"; did you mean {' or '.join(str(d) for d in below[:3])}?" if below else ""
+        hint = f"; did you mean {' or '.join(str(found) for found in below[:3])}?" if below else ""
         return f"{path}: no config.json (expected an HF-format model directory){hint}"
     if not builtin:
         return f"{path}: no such model directory (expected an HF-format model directory)"
@@ -351,11 +352,11 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, width, bias=False)
 
     def forward(self, x, ctx: "AttentionContext", cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -996,12 +997,13 @@ class RewardModel(nn.Module):
 
 class PolicyWithValue(nn.Module):
     """PPO's policy (a LLaMA) and a value head on its final hidden state, as one module so that
-    FSDP wraps both. The embedding and the blocks below `split` are frozen (paper App. E: only
-    the last TRAINABLE_BLOCKS are updated in RL). Three ways to run it:
+    FSDP wraps both. The embedding and the blocks below `first_trainable` are frozen (paper App.
+    E: only the last TRAINABLE_BLOCKS are updated in RL). Three ways to run it:
 
         forward  the whole policy: logits (generation; tokens, attention_mask, cache, start)
-        bottom   the frozen embedding and blocks [0, split): the residual stream entering split
-        top      blocks [split, L), the norm, the head and the value head on that stream:
+        bottom   the frozen embedding and blocks [0, first_trainable): the residual stream that
+                 enters block first_trainable
+        top      blocks [first_trainable, L), the norm, the head and the value head on that stream:
                  (logits, values) per position (of `positions` only, when given)
 
     bottom and top run through forward (see there), each returning one kind of thing."""
@@ -1009,10 +1011,10 @@ class PolicyWithValue(nn.Module):
     def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
         super().__init__()
         self.policy = policy
-        self.split = policy.config.num_hidden_layers - trainable_blocks
+        self.first_trainable = policy.config.num_hidden_layers - trainable_blocks
         self.value_head = nn.Linear(policy.config.hidden_size, 1, bias=False)
         policy.embed_tokens.requires_grad_(False)
-        for layer in policy.layers[: self.split]:
+        for layer in policy.layers[: self.first_trainable]:
             layer.requires_grad_(False)
         if policy.config.tie_word_embeddings:  # a tied head is the embedding, which stays frozen
             policy.lm_head.requires_grad_(False)
@@ -1026,7 +1028,7 @@ class PolicyWithValue(nn.Module):
         return self.policy.layers
 
     def bottom(self, tokens, attention_mask=None) -> torch.Tensor:
-        """The residual stream entering block `split`, (B, T, hidden), without the value head."""
+        """The residual stream entering block `first_trainable`, (B, T, hidden), without the value head."""
         return self(tokens, attention_mask, part="bottom")
 
     def top(self, hidden, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1045,17 +1047,15 @@ class PolicyWithValue(nn.Module):
         part: str = "policy",
     ):
         """The policy's logits; bottom() and top() come through here too, so that every part
-        runs under nn.Module.__call__, where FSDP gathers the root's weights and where torch's
-        FSDPMemTracker (plan.py) sees it. (FSDP2's register_fsdp_forward_method would spare the
-        switch, but the tracker does not see a method registered that way: a KeyError in its
-        backward hook, tried.)"""
+        runs under nn.Module.__call__, where FSDP gathers the root's weights (and where plan.py's
+        memory tracker sees it)."""
         if part == "bottom":
-            return self.policy(tokens, attention_mask, last_layer=self.split, output="residual")
+            return self.policy(tokens, attention_mask, last_layer=self.first_trainable, output="residual")
         if part == "top":
             h = self.policy(
                 hidden=hidden,
                 attention_mask=attention_mask,
-                first_layer=self.split,
+                first_layer=self.first_trainable,
                 output="hidden",
                 positions=positions,
             )

@@ -114,7 +114,7 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
     """Track what this rank holds while the block runs: FSDPMemTracker over the FSDP module
     `root` (its shards, what it gathers, gradients, `optimizer`'s state, every tensor made
     inside), plus the weights of `replicated` modules outside it and the tensors `inputs` made
-    before it (PPO's kept trunk). Yields a Measurement, filled when the block ends.
+    before it (PPO's kept bottom output). Yields a Measurement, filled when the block ends.
 
     FSDPMemTracker refuses a root module called more than once (it takes that for a second
     iteration): a rollout calls it at every decoding step and PPO's experience pass twice (the
@@ -269,10 +269,10 @@ def measure_ppo(
                       gathered_rollout is False; generate.decode_steps, its KV cache), its
                       first `rollout_steps` tokens (None: all new_tokens; see ROLLOUT_STEPS)
         "scoring"     the reward model on that chunk (RewardModel.score_ids)
-        ("experience", m)  train_ppo.make_experience: the kept trunk, the forwards in
+        ("experience", m)  train_ppo.make_experience: the kept bottom output, the forwards in
                       micro-batches of m, GAE and whitening, over this rank's share of the round
         ("update", m)      train_ppo.update_step on the first minibatch, micro-batches of m,
-                      with the experience pass's kept trunk and per-token tensors held
+                      with the experience pass's kept bottom output and per-token tensors held
 
     For each micro-batch size the experience pass and an update run once untracked first, so
     that Adam's state exists, as from the second round on, and DTensor's caches are warm (see
@@ -311,7 +311,7 @@ def measure_ppo(
 
     def experience():
         for e in exps:
-            e.trunk = None  # each pass keeps its own, as each round does
+            e.bottom_out = None  # each pass keeps its own, as each round does
         train_ppo.make_experience(model, ref, exps, batches, tok, args, d, train_ppo.INIT_KL_COEF)
 
     def update():
@@ -319,7 +319,10 @@ def measure_ppo(
 
     def kept():
         return [
-            t for e in exps for t in (e.trunk, e.logp, e.ref_logp, e.values, e.advantages, e.returns) if t is not None
+            t
+            for e in exps
+            for t in (e.bottom_out, e.logp, e.ref_logp, e.values, e.advantages, e.returns)
+            if t is not None
         ]
 
     for micro in micro_batches:

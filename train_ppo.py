@@ -22,7 +22,7 @@ paper names its settings as trlx does; where we differ, the code says so):
    samples come from π); each rank generates its share; the reward model scores each (it is
    sharded over the ranks like the policy, --reward-placement: a rank holds its share).
 2. experience (make_experience): the round is shuffled once into minibatches of --batch-size;
-   each rank keeps the frozen trunk's output of the experiences in its micro-batches of them
+   each rank keeps the frozen bottom's output of the experiences in its micro-batches of them
    (see "the shared trunk" below), and one forward of the top in those very micro-batches gives
    the old log-probs and values, the reference top π0's log-probs. Per token, r_t = −λ_KL ·
    (log π(y_t) − log π0(y_t)), plus the clipped score at the last token. Advantages by GAE
@@ -134,20 +134,20 @@ UNFINISHED_PENALTY = 0.0  # added to the score of a response cut at --max-new-to
 # -- the model: policy + value head, and the reference top --------------------------------------------
 
 
-def sft_name(name: str, split: int) -> str:
+def sft_name(name: str, first_trainable: int) -> str:
     """A tensor of π0's top -> its name in the SFT model: the top's blocks are the SFT model's
-    blocks from `split` on, renumbered from 0; the final norm and the head keep their names."""
+    blocks from `first_trainable` on, renumbered from 0; the final norm and the head keep their names."""
     if name.startswith("layers."):
         _, i, rest = name.split(".", 2)
-        return f"layers.{int(i) + split}.{rest}"
+        return f"layers.{int(i) + first_trainable}.{rest}"
     return name
 
 
-def reference_top(config, split: int, device, dtype) -> Transformer:
-    """π0's top, empty: a frozen copy of the SFT blocks [split, L), norm and head, as a small
+def reference_top(config, first_trainable: int, device, dtype) -> Transformer:
+    """π0's top, empty: a frozen copy of the SFT blocks [first_trainable, L), norm and head, as a small
     Transformer run on the shared bottom's output (forward(hidden=...)). Replicated on every
     rank: two blocks and a head (1.7 GB in bf16 for Ziya-13B). load_reference fills it."""
-    top_config = replace(config, num_hidden_layers=config.num_hidden_layers - split)
+    top_config = replace(config, num_hidden_layers=config.num_hidden_layers - first_trainable)
     with torch.device("meta"):
         ref = Transformer(top_config)
     if not config.tie_word_embeddings:
@@ -156,14 +156,14 @@ def reference_top(config, split: int, device, dtype) -> Transformer:
 
 
 @torch.no_grad()
-def load_reference(ref: Transformer, full: dict | None, split: int, d):
+def load_reference(ref: Transformer, full: dict | None, first_trainable: int, d):
     """Fill π0's top from rank 0's SFT state dict (`full`; None elsewhere): rank 0 broadcasts
     these tensors alone, in the top's dtype, as tensors. Every rank knows their names and
     shapes from the config, so no other rank ever receives, and no object collective carries,
     any of the rest of the model."""
     for name, tensor in ref.named_parameters():  # a tied head is the embedding: once
         if d.main:
-            tensor.copy_(full[sft_name(name, split)])
+            tensor.copy_(full[sft_name(name, first_trainable)])
         if d.world > 1:
             dist.broadcast(tensor, src=0)
 
@@ -258,7 +258,7 @@ class Experience:
     finished: bool  # ended with eos before --max-new-tokens
     score: float = 0.0  # the reward model's, clipped, penalty included
     # Filled by make_experience on the rank whose micro-batches hold this experience, and only there:
-    trunk: torch.Tensor | None = None  # the frozen bottom's output at its prompt + response positions
+    bottom_out: torch.Tensor | None = None  # the frozen bottom's output at its prompt + response positions
     logp: torch.Tensor | None = None  # old log π(y_t), one per response token
     ref_logp: torch.Tensor | None = None  # log π0(y_t)
     values: torch.Tensor | None = None  # V(s_t) before each response token
@@ -277,9 +277,9 @@ def batch_tensors(exps: list[Experience], pad_id: int, device):
 
 
 @torch.no_grad()
-def keep_trunk(model, exps: list[Experience], pad_id: int, device):
-    """The frozen bottom's output for each experience, kept with it (e.trunk: its prompt +
-    response positions, on the device). The embedding and the blocks below the split never
+def keep_bottom_out(model, exps: list[Experience], pad_id: int, device):
+    """The frozen bottom's output for each experience, kept with it (e.bottom_out: its prompt +
+    response positions, on the device). The embedding and the blocks below first_trainable never
     change within a run, and the bottom runs without dropout or gradients, so this is what every
     update of the round would compute again (74-93% of an update step at Ziya's split): it is
     computed once, here, in batches of any size (their padding changes nothing at the real
@@ -287,22 +287,22 @@ def keep_trunk(model, exps: list[Experience], pad_id: int, device):
     tokens, mask, P, _ = batch_tensors(exps, pad_id, device)
     hidden = model.bottom(tokens, mask)
     for row, e in enumerate(exps):
-        e.trunk = hidden[row, P - len(e.prompt) : P + len(e.response)].clone()
+        e.bottom_out = hidden[row, P - len(e.prompt) : P + len(e.response)].clone()
 
 
 def response_outputs(model, exps, pad_id, device, *, ref=None):
-    """One forward of a micro-batch through the trainable top on the kept trunk (keep_trunk),
+    """One forward of a micro-batch through the trainable top on the kept bottom output (keep_bottom_out),
     or, for experiences without one, through the shared bottom first (no gradient): per response
     position, (log π, values, response mask, [log π0, entropy]). The top runs with gradients when
     they are enabled (training), without in the experience pass: the same operations on the same
     inputs, so the two agree bit for bit."""
     tokens, mask, P, R = batch_tensors(exps, pad_id, device)
-    if all(e.trunk is not None for e in exps):
+    if all(e.bottom_out is not None for e in exps):
         # The kept rows at their positions in this micro-batch's layout; zeros where it pads
         # (masked: no real position sees them).
-        hidden = exps[0].trunk.new_zeros(len(exps), P + R, exps[0].trunk.shape[-1])
+        hidden = exps[0].bottom_out.new_zeros(len(exps), P + R, exps[0].bottom_out.shape[-1])
         for row, e in enumerate(exps):
-            hidden[row, P - len(e.prompt) : P + len(e.response)] = e.trunk
+            hidden[row, P - len(e.prompt) : P + len(e.response)] = e.bottom_out
     else:
         with torch.no_grad():
             hidden = model.bottom(tokens, mask)
@@ -461,28 +461,30 @@ def make_experience(
     args,
     d,
     kl_coef: float,
-    recompute_trunk: bool = False,
+    recompute_bottom: bool = False,
 ) -> dict:
     """This rank's experiences of the round, the ones in its micro-batches of `batches` (it
     updates on those, and only those, in every epoch: a minibatch keeps its micro-batches):
-    the frozen trunk once (keep_trunk, in batches of --chunk-size), then old log-probs, values,
+    the frozen bottom's output once (keep_bottom_out, in batches of --chunk-size), then old log-probs, values,
     π0's log-probs and entropy in the very micro-batches the updates use (so the first step's
     ratio is exactly 1); per-token rewards, GAE, and advantages whitened over the round's
     response tokens on all ranks. -> the round's sums {kl, entropy, tokens} over all ranks (0-d
     tensors; nothing here reads a value back, so plan.py runs it on tensors without values).
-    recompute_trunk: keep no trunk (each forward runs the bottom again), the way before the
-    trunk was kept, for tests and bench/bench_ppo.py."""
+    recompute_bottom: keep no output of the bottom (each forward runs the bottom again), for
+    tests and bench/bench_ppo.py."""
     model.eval()
-    chunks = [chunk for batch in batches for chunk in micro_batches(batch, d, args.micro_batch_size)]
-    mine = [i for chunk in chunks for i in chunk]
-    if not recompute_trunk:
+    micros = [micro for batch in batches for micro in micro_batches(batch, d, args.micro_batch_size)]
+    mine = [i for micro in micros for i in micro]
+    if not recompute_bottom:
         for c in range(0, len(mine), args.chunk_size):
-            keep_trunk(model, [exps[i] for i in mine[c : c + args.chunk_size]], tok.pad_id, d.device)
-    sums = torch.zeros(5, dtype=torch.float64, device=d.device)  # kl, entropy, tokens, advantages, their squares
+            keep_bottom_out(model, [exps[i] for i in mine[c : c + args.chunk_size]], tok.pad_id, d.device)
+    # The round's sums, one tensor so that one all-reduce adds them over the ranks.
+    fields = ("kl", "entropy", "tokens", "advantages", "advantages_squared")
+    sums = torch.zeros(len(fields), dtype=torch.float64, device=d.device)
     with torch.no_grad():
-        for chunk in chunks:
-            out = response_outputs(model, [exps[i] for i in chunk], tok.pad_id, d.device, ref=ref)
-            for row, i in enumerate(chunk):
+        for micro in micros:
+            out = response_outputs(model, [exps[i] for i in micro], tok.pad_id, d.device, ref=ref)
+            for row, i in enumerate(micro):
                 e, n = exps[i], len(exps[i].response)
                 e.logp, e.ref_logp, e.values = out["logp"][row, :n], out["ref_logp"][row, :n], out["values"][row, :n]
                 rewards = per_token_rewards(e.logp.double(), e.ref_logp.double(), e.score, kl_coef)
@@ -499,17 +501,19 @@ def make_experience(
     model.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
     model.train()
     dist.all_reduce(sums)  # tensors, as every collective here: nothing of the round is pickled
+    total = dict(zip(fields, sums))
+    moments = torch.stack([total["advantages"], total["advantages_squared"], total["tokens"]])
     for i in mine:  # whitened over the round's response tokens on all ranks
         e = exps[i]
-        e.advantages = whiten(e.advantages, sums=sums[[3, 4, 2]]).to(e.logp.dtype)
+        e.advantages = whiten(e.advantages, sums=moments).to(e.logp.dtype)
         e.returns = e.returns.to(e.logp.dtype)
-    return {"kl": sums[0], "entropy": sums[1], "tokens": sums[2]}  # read once a round, by the caller
+    return {k: total[k] for k in ("kl", "entropy", "tokens")}  # read once a round, by the caller
 
 
 def update(
     model,
     opt,
-    kl: "AdaptiveKL",
+    kl_ctl: "AdaptiveKL",
     exps: list[Experience],
     batches: list[list[int]],
     tok,
@@ -521,24 +525,23 @@ def update(
     """At most `steps` optimizer steps over the round, in trlx's order (AccelerateRLTrainer.learn
     and AcceleratePPOTrainer.post_backward_callback at trlx 355c974): each minibatch takes
     --ppo-epochs steps in a row, then the KL controller moves λ by the round's mean KL with
-    n_steps = --batch-size. (trlx PR #522, July 2023, later put the epochs outside, each
-    reshuffled, and the controller once an epoch.) A run stops within a round at exactly
-    --max-steps, as trlx stops at its total_steps, before that minibatch's controller update.
-    Returns the statistics, each a mean over the response tokens of the steps made."""
+    n_steps = --batch-size. A run stops within a round at exactly --max-steps, as trlx stops at
+    its total_steps, before that minibatch's controller update. Returns the statistics, each a
+    mean over the response tokens of the steps made."""
     totals, tokens_seen, done = {}, 0, 0
+
+    def stats() -> dict:
+        out = {k: d.all_sum(float(v)) / max(tokens_seen, 1) for k, v in totals.items()}
+        return dict(out, steps=done, tokens=tokens_seen)
+
     for batch in batches:
         for _ in range(args.ppo_epochs):
             if done == steps:
-                break
+                return stats()
             tokens_seen += update_step(model, opt, exps, batch, tok, args, d, totals)
             done += 1
-        else:
-            kl.update(mean_kl, args.batch_size)
-            continue
-        break
-    stats = {k: d.all_sum(float(v)) / max(tokens_seen, 1) for k, v in totals.items()}
-    stats["steps"], stats["tokens"] = done, tokens_seen
-    return stats
+        kl_ctl.update(mean_kl, args.batch_size)
+    return stats()
 
 
 def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args, d, totals: dict) -> int:
@@ -552,7 +555,7 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
         # --grad-sync every: reduce-scatter each micro-batch's gradient at once (train_sft.train_step).
         model.set_requires_gradient_sync(args.grad_sync == "every" or k == len(chunks) - 1)
         mine = [exps[i] for i in chunk]
-        out = response_outputs(model, mine, tok.pad_id, d.device)  # the top on the kept trunk, with gradients
+        out = response_outputs(model, mine, tok.pad_id, d.device)  # the top on the kept bottom output, with gradients
         width = out["logp"].shape[1]
         old = {
             name: torch.stack([nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in mine])
@@ -603,7 +606,7 @@ def build(
     model, ref = build_empty(
         config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16, mesh=mesh
     )
-    top_names = {sft_name(name, model.split) for name, _ in ref.named_parameters()}
+    top_names = {sft_name(name, model.first_trainable) for name, _ in ref.named_parameters()}
     top = {}
 
     def policy_groups():
@@ -613,7 +616,7 @@ def build(
         yield {"value_head.weight": torch.zeros(1, config.hidden_size, dtype=torch.get_default_dtype())}
 
     load_sharded(model, policy_groups() if d.main else None, d)
-    load_reference(ref, top if d.main else None, model.split, d)
+    load_reference(ref, top if d.main else None, model.first_trainable, d)
     return model.train(), ref
 
 
@@ -634,7 +637,7 @@ def build_empty(
         frozen_in_bf16(model)
     shard(model, model.layers, bf16=bf16, mesh=mesh)
     model.to_empty(device=d.device)
-    ref = reference_top(config, model.split, d.device, torch.bfloat16 if bf16 else torch.get_default_dtype())
+    ref = reference_top(config, model.first_trainable, d.device, torch.bfloat16 if bf16 else torch.get_default_dtype())
     return model, ref
 
 
@@ -750,7 +753,7 @@ def _train(args, d):
     model.train()
 
     opt = make_optimizer(model, args.lr, args.weight_decay, betas=BETAS)
-    kl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
+    kl_ctl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
     fingerprint = ppo_fingerprint(args, digests)
@@ -766,10 +769,10 @@ def _train(args, d):
     )  # the README.md of final/
     export = save_dtype(args.save_dtype, args.policy)  # best/, final/: the base model's dtype
     round_no = step = 0
-    trainer = state.resume(args, fingerprint, model, opt)
-    if trainer:
-        round_no, step, kl.value = trainer["round"], trainer["step"], trainer["kl_coef"]
-        stream.load_state_dict(trainer["prompts"])
+    resumed = state.resume(args, fingerprint, model, opt)
+    if resumed:
+        round_no, step, kl_ctl.value = resumed["round"], resumed["step"], resumed["kl_coef"]
+        stream.load_state_dict(resumed["prompts"])
         metrics.truncate_after(step)
 
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
@@ -779,11 +782,11 @@ def _train(args, d):
         exps, seconds = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
         timer.lap()  # the rollout's own parts are in `seconds`
         batches = minibatches(len(exps), args.batch_size, args.seed, round_no)
-        kl_coef = kl.value  # the round's rewards are penalised with the λ it starts with
+        kl_coef = kl_ctl.value  # the round's rewards are penalised with the λ it starts with
         sums = {k: float(v) for k, v in make_experience(model, ref, exps, batches, tok, args, d, kl_coef).items()}
         mean_kl = sums["kl"] / len(exps)  # nats per response: Σ_t log π − log π0, as the penalty counts it
         experience_s = timer.lap()
-        stats = update(model, opt, kl, exps, batches, tok, args, d, mean_kl, args.max_steps - step)
+        stats = update(model, opt, kl_ctl, exps, batches, tok, args, d, mean_kl, args.max_steps - step)
         training_s = timer.lap()
         record = {
             "round": round_no + 1,
@@ -800,7 +803,7 @@ def _train(args, d):
             "unfinished": sum(not e.finished for e in exps) / len(exps),
             "rollout_tokens_per_s": sums["tokens"] / max(seconds["generate_s"], 1e-9),
             "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
-            # Where the round's time went: sampling, the reward model, the frozen trunk and the
+            # Where the round's time went: sampling, the reward model, the frozen bottom and the
             # forwards of the policy, value head and π0 over the experience, the PPO updates.
             "generate_s": seconds["generate_s"],
             "score_s": seconds["score_s"],
@@ -824,7 +827,7 @@ def _train(args, d):
                 {
                     "round": round_no,
                     "step": step,
-                    "kl_coef": kl.value,
+                    "kl_coef": kl_ctl.value,
                     "prompts": stream.state_dict(),
                     "setup": fingerprint,
                 },
@@ -836,7 +839,7 @@ def _train(args, d):
     last = (
         [
             f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
-            f"λ_KL {kl.value:.4f}"
+            f"λ_KL {kl_ctl.value:.4f}"
         ]
         if record
         else []

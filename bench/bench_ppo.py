@@ -11,7 +11,7 @@
    model of its width (Ziya's split: 38 frozen).
 4. One whole round (the paper's: 64 experiences in chunks of 8, 4 PPO epochs; here with
    --round-size experiences), kept ÷ recomputed, and where its time goes: generation,
-   reward-model scoring, the experience pass (the kept trunk, the forwards of policy, value head
+   reward-model scoring, the experience pass (the kept bottom output, the forwards of policy, value head
    and π0), the updates, as shares of the round.
 
 5. Reward scoring (train_ppo.score_round over a rank's chunk) with the reward model sharded
@@ -179,7 +179,7 @@ def main():
         ]
         batches = train_ppo.minibatches(len(exps), step_args.batch_size, 0, 0)
         train_ppo.make_experience(policy, pi0, exps, batches, RoundTok(), step_args, d, 0.1)
-        recomputing = [train_ppo.Experience(**{**e.__dict__, "trunk": None}) for e in exps]
+        recomputing = [train_ppo.Experience(**{**e.__dict__, "bottom_out": None}) for e in exps]
         step_opt = train_ppo.make_optimizer(policy, 0.0, 0.0)  # lr 0: every step does the same work on the same weights
         times = {"kept": [], "recomputed": []}
         for _ in range(args.repeats + 1):
@@ -206,7 +206,7 @@ def main():
             exps, seconds = train_ppo.rollout(model, rm, round_prompts, RoundTok(), run, d, r)
             batches = train_ppo.minibatches(len(exps), run.batch_size, run.seed, r)
             t = time.perf_counter()
-            train_ppo.make_experience(model, ref, exps, batches, RoundTok(), run, d, 0.1, recompute_trunk=recompute)
+            train_ppo.make_experience(model, ref, exps, batches, RoundTok(), run, d, 0.1, recompute_bottom=recompute)
             experience = time.perf_counter() - t
             train_ppo.update(
                 model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, RoundTok(), run, d, 0.0, 10**9
@@ -308,7 +308,7 @@ def frozen_bf16(config, d, args):
     for r in range(args.repeats + 1):
         for stored, (model, ref, exps, opt) in setups.items():
             for e in exps:
-                e.trunk = None
+                e.bottom_out = None
             t = time.perf_counter()
             train_ppo.make_experience(model, ref, exps, batches, tok, run, d, 0.1)
             train_ppo.update_step(model, opt, exps, batches[0], tok, run, d, {})

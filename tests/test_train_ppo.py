@@ -259,7 +259,7 @@ def test_the_kept_trunk_gives_the_updates_of_recomputing_it_and_block_0_never_ru
         for round_no in range(2):
             exps, _ = train_ppo.rollout(model, TokenReward(5), prompts(8, round_no), Tok(), args, ppo.d, round_no)
             batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, round_no)
-            train_ppo.make_experience(model, ref, exps, batches, Tok(), args, ppo.d, 0.1, recompute_trunk=recompute)
+            train_ppo.make_experience(model, ref, exps, batches, Tok(), args, ppo.d, 0.1, recompute_bottom=recompute)
             hook = model.layers[0].register_forward_hook(lambda *_: calls.append(1))
             update(model, opt, exps, batches, args, ppo.d)
             hook.remove()
