@@ -25,15 +25,8 @@ from pathlib import Path
 import torch
 
 from safety import POSITIVE, refuse_to_replace, run_main
-from model import (
-    CheckpointError,
-    ModelConfig,
-    check_tensors,
-    expected_shapes,
-    model_card,
-    read_safetensors,
-    write_checkpoint,
-)
+from checkpoint import CheckpointError, model_card, read_safetensors, write_checkpoint
+from model import ModelConfig, check_tensors, expected_shapes
 from tokenizer import Tokenizer
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.

@@ -54,7 +54,7 @@ def run_main(main: Callable, argv: list[str] | None = None) -> int:
         if not isinstance(e.code, str):
             raise
         message = e.code
-    except ValueError as e:  # RecordError, model.CheckpointError: what the user gave, named
+    except ValueError as e:  # RecordError, checkpoint.CheckpointError: what the user gave, named
         if not getattr(e, "for_the_user", False):
             raise
         message = str(e)

@@ -198,9 +198,9 @@ def lora_fingerprint(args) -> list | None:
 def card_writer(
     stage: str, args, d: Distributed, *, base: str, digests: dict[str, str], total: int, unit: str, command: str
 ):
-    """card(*figures) -> the README.md of one of this run's checkpoints (model.model_card): the
+    """card(*figures) -> the README.md of one of this run's checkpoints (checkpoint.model_card): the
     figures of that checkpoint, then what holds for the whole run (LoRA, ranks, batch, lr, steps)."""
-    from model import model_card
+    from checkpoint import model_card
 
     run = (
         [
@@ -931,7 +931,7 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
 
 def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None, *, dtype: torch.dtype | None = None):
     """Write the model with its save_pretrained (rank 0), atomically, in `dtype` (save_dtype;
-    None: the weights' own), with `card` as its README.md (model.model_card); all ranks take part."""
+    None: the weights' own), with `card` as its README.md (checkpoint.model_card); all ranks take part."""
     sd = full_state_dict(model, dtype)
     if d.main:
         with writing(path):

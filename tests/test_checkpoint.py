@@ -7,7 +7,7 @@ import torch
 from conftest import make_pair
 from safetensors.torch import load_file, save_file
 
-import model as model_module
+import checkpoint
 from model import Transformer
 
 
@@ -73,14 +73,14 @@ def test_save_is_atomic(pair, tmp_path, monkeypatch):
     ours, _ = pair
     ours.save_pretrained(tmp_path / "best")
     before = load_file(tmp_path / "best" / "model.safetensors")
-    real_save = model_module._save_shard
+    real_save = checkpoint._save_shard
 
     def crash_on_second(directory, i, shard):
         if i == 2:
             raise KeyboardInterrupt("simulated crash while writing")
         real_save(directory, i, shard)
 
-    monkeypatch.setattr(model_module, "_save_shard", crash_on_second)
+    monkeypatch.setattr(checkpoint, "_save_shard", crash_on_second)
     with torch.no_grad():
         ours.norm.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
@@ -309,7 +309,7 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
         )
 
-    monkeypatch.setattr(model_module, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     assert run_main(lambda argv: ours.save_pretrained(tmp_path / "export"), []) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'export'}: ENOSPC")
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))

@@ -903,7 +903,7 @@ def test_messages_name_the_line_the_flag_and_the_path_the_user_gave(tmp_path, ca
     export-huatuo input wrote 0 records with exit 0; --out /proc/x.jsonl named the temporary
     file; Ctrl-C in convert.py ended in a KeyboardInterrupt traceback."""
     import convert
-    import model
+    import checkpoint
     from conftest import micro_model
     from safety import run_main
 
@@ -961,7 +961,7 @@ def test_messages_name_the_line_the_flag_and_the_path_the_user_gave(tmp_path, ca
         raise KeyboardInterrupt
 
     src = micro_model()
-    monkeypatch.setattr(model, "_save_shard", interrupted)  # Ctrl-C while the first shard is written
+    monkeypatch.setattr(checkpoint, "_save_shard", interrupted)  # Ctrl-C while the first shard is written
     assert run_main(convert.main, ["--src", str(src), "--out", str(tmp_path / "c")]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
     assert not (tmp_path / "c").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from data.template import DOCTOR_TAG, doctor_turn, pad_batch, render, render_reply
 from distill import read_samples
-from model import CONFIGS, CheckpointError, RewardModel
+from checkpoint import CheckpointError
+from model import CONFIGS, RewardModel
 from tokenizer import Tokenizer
 from train_rm import pairwise_loss
 

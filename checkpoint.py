@@ -1,0 +1,297 @@
+"""Checkpoint files in the Hugging Face layout: safetensors shards, their index, config.json,
+the tokenizer and the model card, read and written without a model class.
+
+Everything here works on `{name: shape}` and `{name: tensor}` dicts, in HF's tensor names:
+model.py maps them onto its modules (hf_name, expected_shapes, check_tensors) and convert.py
+and the trainers write through write_checkpoint. Reading checks each file as it comes
+(checkpoint_shards, tensor_shapes, read_safetensors, check_weight), so that a truncated shard,
+an index that lies or a NaN is one message naming the file, before any model is built;
+writing is atomic (a temporary directory renamed into place), so that a crash leaves the old
+checkpoint or the new one, never half of one. model_card is the README.md each export carries.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from data.template import CHAT_SAMPLING, CHAT_TEMPLATE
+from safety import replace_dir
+
+
+class CheckpointError(ValueError):
+    """A model directory or file that cannot be used, the message naming it and why: a command
+    line prints it as one line and exits 2 (safety.run_main), as for any input of the user's."""
+
+    for_the_user = True
+
+
+def checkpoint_shards(path: Path) -> dict[Path, list[str] | None]:
+    """Map each safetensors file of an HF directory to the tensor names the index assigns it."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        shards: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(path / file, []).append(name)
+        for shard, names in shards.items():
+            if not shard.is_file():
+                raise FileNotFoundError(
+                    f"{index}: shard {shard.name} is missing (it holds {names[0]!r} and {len(names) - 1} more tensors)"
+                )
+        return shards
+    if single.is_file():
+        return {single: None}
+    bins = sorted(path.glob("*.bin"))
+    hint = f"; found {bins[0].name}: convert it first with `python convert.py --src {path} --out DIR`" if bins else ""
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json{hint}")
+
+
+def tensor_shapes(file: Path):
+    """(name, shape) of every tensor in one safetensors file, read from its header alone."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return [(name, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+    except (SafetensorError, OSError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+
+
+def check_weight(shard: Path, name: str, tensor: torch.Tensor):
+    """Refuse a tensor no model can use: integer or quantised data (casting it would be nonsense),
+    or NaN and infinities (one pass over memory already read: cheap beside the read)."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{shard}: tensor {name!r} is {tensor.dtype}, expected floating-point weights")
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{shard}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged")
+
+
+def read_safetensors(file: Path, names: list[str] | None = None):
+    """Yield (name, tensor) from one safetensors file, with errors that name the file."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if names is not None and set(names) - set(keys):
+                absent = sorted(set(names) - set(keys))
+                raise CheckpointError(f"{file}: the index assigns {absent[:3]} to this file, but it does not hold them")
+            for name in keys:
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, OverflowError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+
+
+def write_checkpoint(
+    path,
+    hf_config: dict,
+    tensor_groups,
+    *,
+    tokenizer=None,
+    max_shard_bytes=5 * 2**30,
+    extra_files: dict[str, bytes] | None = None,
+):
+    """Atomically write an HF-format directory.
+
+    tensor_groups: an iterable of {name: tensor} dicts, consumed one at a time so a converter
+    can stream a 13B model through modest memory. Each group is cut into shards of at most
+    max_shard_bytes. Everything goes to a temporary sibling directory that is renamed into
+    place only when complete: a crash never leaves a half-written checkpoint at `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, int]] = []  # per written shard: tensor name -> bytes (no tensors kept)
+        dtypes: set[torch.dtype] = set()
+
+        def flush(shard):
+            shards.append({name: t.numel() * t.element_size() for name, t in shard.items()})
+            dtypes.update(t.dtype for t in shard.values())
+            _save_shard(tmp, len(shards), shard)
+
+        for group in tensor_groups:
+            shard, size = {}, 0
+            for name, t in group.items():
+                nbytes = t.numel() * t.element_size()
+                if shard and size + nbytes > max_shard_bytes:
+                    flush(shard)
+                    shard, size = {}, 0
+                shard[name] = t
+                size += nbytes
+            if shard:
+                flush(shard)
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.rename(tmp / f"shard-{i}", tmp / final)
+            weight_map.update(dict.fromkeys(shard, final))
+        if n > 1:
+            total = sum(sum(s.values()) for s in shards)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2))
+        dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+        hf_config = dict(hf_config, torch_dtype=dtype)
+        _write_text(tmp / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False))
+        if tokenizer is not None:
+            from tokenizer import write_hf_tokenizer_files
+
+            how = write_hf_tokenizer_files(tokenizer, tmp, hf_config, chat_template=CHAT_TEMPLATE)
+        else:
+            how = "this checkpoint carries no tokenizer"
+        if "README.md" in (extra_files or {}):  # the card says how this checkpoint's tokenizer.json stands
+            extra_files = dict(
+                extra_files, **{"README.md": extra_files["README.md"].replace(TOKEN_IDS.encode(), how.encode())}
+            )
+        generation = dict(
+            do_sample=True,
+            **CHAT_SAMPLING,
+            bos_token_id=hf_config.get("bos_token_id", 1),
+            eos_token_id=hf_config.get("eos_token_id", 2),
+            pad_token_id=hf_config.get("pad_token_id", 0),
+        )
+        _write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))  # chat.py's settings
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+            _fsync(tmp / name)
+        _apply_umask(tmp)
+        replace_dir(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # said of the checkpoint asked for, not of its temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_shard(directory: Path, i: int, shard: dict):
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+    try:
+        save_file(tensors, str(directory / f"shard-{i}"), metadata={"format": "pt"})
+    except SafetensorError as e:  # its own words for a full disk ("No space left" inside a Rust error)
+        if shutil.disk_usage(directory).free < 64 << 20 or "No space left" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory)) from None
+        raise
+    _fsync(directory / f"shard-{i}")
+
+
+def _write_text(file: Path, text: str):
+    file.write_text(text + "\n", encoding="utf-8")
+    _fsync(file)
+
+
+def _fsync(file: Path):
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _apply_umask(directory: Path):
+    """mkdtemp makes a directory only its owner may enter, and safetensors writes files only
+    its owner may read: give the checkpoint the permissions the user's umask asks for, as any
+    file they create gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+
+
+# What a checkpoint says of itself: its README.md
+
+
+STAGES = {  # what each checkpoint is, in the paper's words
+    "base": "the base model converted to the Hugging Face safetensors layout by convert.py, not fine-tuned: "
+    "where SFT starts (paper App. E: Ziya-LLaMA-13B)",
+    "sft": "supervised fine-tuning on distilled and real-world medical data (paper §3.1)",
+    "rm": "the reward model of RLMF, trained on mixed-feedback preference pairs (paper §3.2)",
+    "ppo": "the policy after reinforcement learning with mixed feedback, PPO with a KL penalty (paper §3.2)",
+}
+
+
+TOKEN_IDS = "{how tokenizer.json stands}"  # write_checkpoint fills it in: tokenizer.hf_tokenizer_json's sentence
+
+
+def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: list[str], command: str) -> str:
+    """The README.md of an exported checkpoint: what it is, what it was trained from and on
+    (data: (file, digest) pairs), the run's own figures, how to load it, and what it must not be
+    used for."""
+    files = "\n".join(f"- `{Path(f).name}` (sha256 {digest}…)" for f, digest in data) or "- (none)"
+    shown = "\n".join(f"- {line}" for line in figures) or "- (none recorded)"
+    loading = (
+        "```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n\n"
+        "from transformers import AutoModelForSequenceClassification  # the same score, at the last non-pad token\n"
+        "rm = AutoModelForSequenceClassification.from_pretrained(PATH)\n```"
+        if stage == "rm"
+        else "```bash\npython chat.py --model PATH                   # this repository, streamed, multi-turn\n"
+        "python serve.py --model PATH                  # OpenAI-compatible, http://127.0.0.1:8000/v1\n"
+        "vllm serve PATH                               # vLLM: prompts with the chat template below\n```\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n"
+        'ids = tok.apply_chat_template([{"role": "user", "content": "头痛三天了怎么办？"}],\n'
+        '                              add_generation_prompt=True, return_tensors="pt")\n```\n\n'
+        "The chat template (`tokenizer_config.json`) is the official HuatuoGPT demo's prompt; encoded whole, "
+        "it differs at each role tag from the segment-wise ids this model was trained on "
+        "(`data/template.py`), which `chat.py` and `serve.py` use. `generation_config.json` holds "
+        "`chat.py`'s sampling settings."
+    )
+    loading += (
+        "\n\n**Token ids.** `tokenizer.model` (sentencepiece, as `tokenizer.py` reads it) gives the ids this "
+        "model was trained on. `tokenizer.json` is the same vocabulary as a merge list for Hugging Face's "
+        "fast tokenizers (transformers, vLLM, TGI). Here: " + TOKEN_IDS + ". Where pieces share a score "
+        "(a merged vocabulary such as Ziya's: new pieces appended with score 0) sentencepiece joins the "
+        "leftmost of two overlapping pieces, which no merge list expresses: for exact ids encode with "
+        "sentencepiece (or transformers 4.x's slow `LlamaTokenizer.from_pretrained(PATH)`) and pass the "
+        "ids (vLLM: `prompt_token_ids`)."
+    )
+    return f"""---
+language: [zh]
+base_model: {base}
+tags: [medical, huatuogpt, llama, {stage}]
+---
+
+# HuatuoGPT, {stage.upper()} checkpoint
+
+{STAGES[stage][0].upper() + STAGES[stage][1:]}, written by this repository's `{command}`
+(a reimplementation of *HuatuoGPT, Towards Taming Language Models To Be a Doctor*, Zhang et al.,
+2023). A LLaMA in the Hugging Face layout.
+
+## Trained from and on
+
+- base: `{base}`
+{files}
+
+## This run's figures
+
+{shown}
+
+## How to load it
+
+{loading}
+
+## Intended use and limitations
+
+For research on medical dialogue models: reproducing and studying the paper's recipe. Not for
+diagnosis or treatment. A language model can state wrong medical facts fluently, miss what a
+doctor would ask, and reflect the biases of its data; its answers have not been checked by
+clinicians. A checkpoint of the embedded default (a tiny model trained in minutes) shows that
+the recipe runs, not that it gives good answers.
+
+## Disclaimer / 免责声明
+
+This model does not give medical advice. Its output may be wrong or harmful; never use it in
+place of a doctor, and seek professional care for any health concern or emergency.
+
+本模型不提供医疗建议。其输出可能有误或有害，不能代替医生；如有健康问题或紧急情况，请及时就医。
+"""
