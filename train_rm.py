@@ -51,7 +51,6 @@ from safety import (
     FINITE,
     NONNEGATIVE,
     SHARE,
-    StepGuard,
     claim_output,
     data_digests,
     file_digest,
@@ -63,13 +62,12 @@ from safety import (
 from tokenizer import Tokenizer
 from training import (
     HelpFormatter,
-    MetricsLog,
+    Run,
+    Schedule,
     Progress,
     Timer,
-    TrainState,
     add_trainer_args,
     card_writer,
-    cosine_lr,
     device_mesh,
     eval_chunks,
     exit_trainer,
@@ -183,6 +181,32 @@ def validate_pairs(model, pairs, d, micro: int, pad_id: int) -> dict:
     return {"val_accuracy": d.all_sum(correct) / n, "val_margin": d.all_sum(margin) / n}
 
 
+def train_step(
+    model,
+    d,
+    batch: list[dict],
+    *,
+    micro_batch: int,
+    pad_id: int,
+    margin: float,
+    grad_clip: float,
+    grad_sync: str = "every",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of one global batch of pairs -> (its mean loss, the gradient norm before
+    clipping), 0-d tensors the caller reads (as train_sft.train_step, which says why). No update."""
+    chunks = micro_batches(batch, d, micro_batch)
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
+    for k, chunk in enumerate(chunks):
+        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
+        loss_sum = pairs_loss(model, chunk, pad_id, d.device, margin)
+        # FSDP averages over ranks; × world makes it a sum: the gradient of (summed pair losses) /
+        # (pairs in the global batch), the same on 1 rank as on N.
+        (loss_sum * d.world / len(batch)).backward()
+        total += loss_sum.detach()
+    dist.all_reduce(total)
+    return total / len(batch), grad_norm_and_clip(model, grad_clip)
+
+
 def _train(args, d):
     out = args.out
     trunk, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
@@ -241,13 +265,10 @@ def _train(args, d):
     del weights
     model.train()
 
-    # The schedule, the optimizer and what a resume continues from.
-    steps_per_epoch = len(sampler)
-    total = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
-    warmup = round(args.warmup_ratio * total)
-    eval_every = args.eval_every or steps_per_epoch
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
+    # The schedule, the optimizer and what a resume continues from (run.best: the validation of
+    # the highest accuracy so far, then margin).
+    schedule, opt = Schedule.of(args, len(sampler)), make_optimizer(model, args.lr, args.weight_decay)
+    total = schedule.total
     digests = data_digests(args)  # each file read once: fingerprint and model card
     fingerprint = run_fingerprint(
         args, digests, model=model_fingerprint(args.model), margin=args.margin, lora=lora_fingerprint(args)
@@ -256,20 +277,15 @@ def _train(args, d):
         "rm", args, d, base=args.model, digests=digests, total=total, unit="pairs", command="train_rm.py"
     )  # the README.md of each checkpoint
     export = save_dtype(args.save_dtype, args.model)  # best/, final/: the base model's dtype
-
-    start, best = 0, None  # best: the validation of the highest accuracy so far (then margin)
-    resumed = state.resume(args, fingerprint, model, opt)
-    if resumed:
-        start, best, guard.saved = resumed["step"], resumed["best"], resumed["step"]
-        sampler.load_state_dict(resumed["sampler"])
-        metrics.truncate_after(start)
-    elif val_pairs:  # where validation starts from
+    run = Run(args, d, fingerprint, model, opt, sampler)
+    metrics, guard = run.metrics, run.guard
+    if not run.resumed and val_pairs:  # where validation starts from
         v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
         metrics.write(step=0, **{k: round(x, 6) for k, x in v.items()}, best=False)
 
     batches, timer = iter(sampler), Timer()
-    progress = Progress("rm", total, start, d, args.log_every)
-    for step in range(start + 1, total + 1):
+    progress = Progress("rm", total, run.start, d, args.log_every)
+    for step in range(run.start + 1, total + 1):
         # 1. The global batch of pairs: the same whatever the number of ranks.
         batch = [train_pairs[i] for i in next(batches)]
         # 2. Forward (chosen and rejected together), loss and backward by micro-batch; the clip.
@@ -288,7 +304,7 @@ def _train(args, d):
         )
         guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
         # 3. The update, at the step's learning rate.
-        lr = cosine_lr(step, total, args.lr, warmup)
+        lr = schedule.lr(step, args.lr)
         set_lr(opt, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -296,7 +312,7 @@ def _train(args, d):
         dt, seen = timer.lap(), sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
         metrics.write(
             step=step,
-            epoch=round(step / steps_per_epoch, 3),
+            epoch=round(step / schedule.steps_per_epoch, 3),
             loss=round(loss, 6),
             lr=lr,
             grad_norm=round(grad_norm, 6),
@@ -305,64 +321,22 @@ def _train(args, d):
         )
         progress.step(step, loss, lr)
         # 5. Validation; best/ keeps the highest held-out accuracy, ties broken by the margin.
-        if val_pairs and (step % eval_every == 0 or step == total):
+        if val_pairs and schedule.validates(step):
             v = validate_pairs(model, val_pairs, d, args.micro_batch_size, tok.pad_id)
             improved = guard.sound(v) and (
-                best is None or (v["val_accuracy"], v["val_margin"]) > (best["val_accuracy"], best["val_margin"])
+                run.best is None
+                or (v["val_accuracy"], v["val_margin"]) > (run.best["val_accuracy"], run.best["val_margin"])
             )
             metrics.write(step=step, **{k: round(x, 6) for k, x in v.items()}, best=improved)
             progress.say(f"step {step}: {describe(v)}" + (" (best: saving best/)" if improved else ""))
             if improved:
-                best = v
+                run.best = v
                 save_hf(model, out / "best", tok.path, d, card(f"step {step}: {describe(v)} (best/)"), dtype=export)
-        # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
-        # rank agreeing through one all-reduce, its state saved (training.Preemption).
-        stop = args.preemption.requested(d) and step < total
-        if step % args.save_every == 0 or step == total or stop:
-            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
-            guard.saved = step
-        if stop:
-            progress.close()
-            args.preemption.stop(d, out, f"step {step}")
+        # 6. The resumable state; a stop signal (a preemption) ends the run here, its state saved.
+        run.save(step, total, progress)
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
-    save_hf(
-        model,
-        out / "final",
-        tok.path,
-        d,
-        card(f"step {total}: the final weights", *([f"best {describe(best)} (kept in best/)"] if best else [])),
-        dtype=export,
-    )
-    if d.main:
-        kept = f"best {describe(best)} in {out / 'best'}; " if best else ""
-        print(f"done: {total} steps; {kept}final weights in {out / 'final'}")
-
-
-def train_step(
-    model,
-    d,
-    batch: list[dict],
-    *,
-    micro_batch: int,
-    pad_id: int,
-    margin: float,
-    grad_clip: float,
-    grad_sync: str = "every",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient of one global batch of pairs -> (its mean loss, the gradient norm before
-    clipping), 0-d tensors the caller reads (as train_sft.train_step, which says why). No update."""
-    chunks = micro_batches(batch, d, micro_batch)
-    total = torch.zeros((), dtype=torch.float64, device=d.device)
-    for k, chunk in enumerate(chunks):
-        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
-        loss_sum = pairs_loss(model, chunk, pad_id, d.device, margin)
-        # FSDP averages over ranks; × world makes it a sum: the gradient of (summed pair losses) /
-        # (pairs in the global batch), the same on 1 rank as on N.
-        (loss_sum * d.world / len(batch)).backward()
-        total += loss_sum.detach()
-    dist.all_reduce(total)
-    return total / len(batch), grad_norm_and_clip(model, grad_clip)
+    run.finish(tok, card, export, total, run.best and describe(run.best))
 
 
 def describe(v: dict) -> str:

@@ -37,16 +37,15 @@ from data.readers import add_input_args
 from data.template import IGNORE_INDEX, collate
 from model import add_lora, at_least_fp32, check_lora, lora_init
 from plan import add_plan_args, lm_dry_run
-from safety import StepGuard, data_digests, file_digest, model_fingerprint, run_fingerprint
+from safety import data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (
     HelpFormatter,
-    MetricsLog,
     Progress,
+    Run,
+    Schedule,
     Timer,
-    TrainState,
     add_trainer_args,
     card_writer,
-    cosine_lr,
     device_mesh,
     eval_chunks,
     exit_trainer,
@@ -190,6 +189,34 @@ def main(argv=None):
     run_distributed(_train, args)
 
 
+def train_step(
+    model, d, batch: list, *, micro_batch: int, pad_id: int, grad_clip: float, grad_sync: str = "every"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of one global batch of rendered conversations -> (its loss, the gradient
+    norm before clipping), 0-d tensors read once a step by the caller: nothing here waits for
+    the device (a .item() per micro-batch would stall a GPU's queue, and plan.py runs this very
+    function on fake tensors, which have no values). No update.
+
+    This rank takes every world-th conversation and runs them in micro-batches. grad_sync
+    "every" reduce-scatters each micro-batch's gradient as soon as its backward is done, so a
+    rank holds only its shard of the gradient between micro-batches (ZeRO's way, the paper's
+    optimizer, App. E); "last" waits for the last micro-batch, holding the whole unsharded fp32
+    gradient meanwhile (+4 bytes a parameter) for fewer collectives (plan.training_memory)."""
+    n_units = sum(n_labels(x) for x in batch)  # labelled tokens of the whole global batch
+    chunks = micro_batches(batch, d, micro_batch)
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
+    for k, chunk in enumerate(chunks):
+        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
+        loss_sum = batch_loss(model, chunk, pad_id, d.device)
+        # FSDP averages gradients over ranks; scaling by the world size turns that average into
+        # a sum, so the gradient is that of (sum of token losses) / (labelled tokens of the
+        # global batch): 1 rank and N ranks take the same step.
+        (loss_sum * d.world / n_units).backward()
+        total += loss_sum.detach()
+    dist.all_reduce(total)
+    return total / n_units, grad_norm_and_clip(model, grad_clip)
+
+
 def _train(args, d):
     out = args.out
     model, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
@@ -234,26 +261,18 @@ def _train(args, d):
     del weights
     model.train()
 
-    # The schedule, the optimizer and what a resume continues from.
-    steps_per_epoch = len(sampler)
-    total = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
-    warmup = round(args.warmup_ratio * total)
-    eval_every = args.eval_every or steps_per_epoch
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    state, metrics, guard = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main), StepGuard(out / "state")
+    # The schedule, the optimizer and what a resume continues from (run.best: the lowest
+    # validation loss so far).
+    schedule, opt = Schedule.of(args, len(sampler)), make_optimizer(model, args.lr, args.weight_decay)
+    total = schedule.total
     fingerprint = run_fingerprint(args, digests, model=model_fingerprint(args.model), lora=lora_fingerprint(args))
     card = card_writer(
         "sft", args, d, base=args.model, digests=digests, total=total, unit="conversations", command="train_sft.py"
     )  # the README.md of each checkpoint
     export = save_dtype(args.save_dtype, args.model)  # best/, final/: the base model's dtype
-
-    start, best = 0, None  # best: the lowest validation loss so far
-    resumed = state.resume(args, fingerprint, model, opt)
-    if resumed:
-        start, best, guard.saved = resumed["step"], resumed["best"], resumed["step"]
-        sampler.load_state_dict(resumed["sampler"])
-        metrics.truncate_after(start)
-    elif val_items:  # where validation starts from
+    run = Run(args, d, fingerprint, model, opt, sampler)
+    metrics, guard = run.metrics, run.guard
+    if not run.resumed and val_items:  # where validation starts from
         metrics.write(
             step=0,
             val_loss=round(validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id), 6),
@@ -266,8 +285,8 @@ def _train(args, d):
     flops_per_token = 6 * (cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size))
 
     batches, timer = iter(sampler), Timer()
-    progress = Progress("sft", total, start, d, args.log_every)
-    for step in range(start + 1, total + 1):
+    progress = Progress("sft", total, run.start, d, args.log_every)
+    for step in range(run.start + 1, total + 1):
         # 1. The global batch: the same conversations whatever the number of ranks.
         batch = [train_items[i] for i in next(batches)]
         # 2. Forward, loss and backward, micro-batch by micro-batch; the gradient clipped.
@@ -285,7 +304,7 @@ def _train(args, d):
         )
         guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
         # 3. The update, at the step's learning rate.
-        lr = cosine_lr(step, total, args.lr, warmup)
+        lr = schedule.lr(step, args.lr)
         set_lr(opt, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -293,7 +312,7 @@ def _train(args, d):
         dt, seen = timer.lap(), sum(len(x.ids) for x in batch)
         record = dict(
             step=step,
-            epoch=round(step / steps_per_epoch, 3),
+            epoch=round(step / schedule.steps_per_epoch, 3),
             loss=round(loss, 6),
             lr=lr,
             grad_norm=round(grad_norm, 6),
@@ -305,13 +324,13 @@ def _train(args, d):
         metrics.write(**record)
         progress.step(step, loss, lr)
         # 5. Validation; best/ keeps the weights of the lowest loss (paper App. E).
-        if val_items and (step % eval_every == 0 or step == total):
+        if val_items and schedule.validates(step):
             val_loss = validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id)
-            improved = guard.sound({"val_loss": val_loss}) and (best is None or val_loss < best["val_loss"])
+            improved = guard.sound({"val_loss": val_loss}) and (run.best is None or val_loss < run.best["val_loss"])
             metrics.write(step=step, val_loss=round(val_loss, 6), best=improved)
             progress.say(f"step {step}: validation loss {val_loss:.4f}" + (" (best: saving best/)" if improved else ""))
             if improved:
-                best = {"val_loss": val_loss}
+                run.best = {"val_loss": val_loss}
                 save_hf(
                     model,
                     out / "best",
@@ -320,59 +339,11 @@ def _train(args, d):
                     card(f"validation loss {val_loss:.4f} at step {step} (best/)"),
                     dtype=export,
                 )
-        # 6. The resumable state. A stop signal (SIGTERM: a preemption) ends the run here, every
-        # rank agreeing through one all-reduce, its state saved (training.Preemption).
-        stop = args.preemption.requested(d) and step < total
-        if step % args.save_every == 0 or step == total or stop:
-            state.save(model, opt, {"step": step, "best": best, "sampler": sampler.state_dict(), "setup": fingerprint})
-            guard.saved = step
-        if stop:
-            progress.close()
-            args.preemption.stop(d, out, f"step {step}")
+        # 6. The resumable state; a stop signal (a preemption) ends the run here, its state saved.
+        run.save(step, total, progress)
         timer.lap()  # validation and checkpoints do not count against tokens/s
     progress.close()
-    save_hf(
-        model,
-        out / "final",
-        tok.path,
-        d,
-        card(
-            f"step {total}: the final weights",
-            *([f"best validation loss {best['val_loss']:.4f} (kept in best/)"] if best else []),
-        ),
-        dtype=export,
-    )
-    if d.main:
-        kept = f"best validation loss {best['val_loss']:.4f} in {out / 'best'}; " if best else ""
-        print(f"done: {total} steps; {kept}final weights in {out / 'final'}")
-
-
-def train_step(
-    model, d, batch: list, *, micro_batch: int, pad_id: int, grad_clip: float, grad_sync: str = "every"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient of one global batch of rendered conversations -> (its loss, the gradient
-    norm before clipping), 0-d tensors read once a step by the caller: nothing here waits for
-    the device (a .item() per micro-batch would stall a GPU's queue, and plan.py runs this very
-    function on fake tensors, which have no values). No update.
-
-    This rank takes every world-th conversation and runs them in micro-batches. grad_sync
-    "every" reduce-scatters each micro-batch's gradient as soon as its backward is done, so a
-    rank holds only its shard of the gradient between micro-batches (ZeRO's way, the paper's
-    optimizer, App. E); "last" waits for the last micro-batch, holding the whole unsharded fp32
-    gradient meanwhile (+4 bytes a parameter) for fewer collectives (plan.training_memory)."""
-    n_units = sum(n_labels(x) for x in batch)  # labelled tokens of the whole global batch
-    chunks = micro_batches(batch, d, micro_batch)
-    total = torch.zeros((), dtype=torch.float64, device=d.device)
-    for k, chunk in enumerate(chunks):
-        model.set_requires_gradient_sync(grad_sync == "every" or k == len(chunks) - 1)
-        loss_sum = batch_loss(model, chunk, pad_id, d.device)
-        # FSDP averages gradients over ranks; scaling by the world size turns that average into
-        # a sum, so the gradient is that of (sum of token losses) / (labelled tokens of the
-        # global batch): 1 rank and N ranks take the same step.
-        (loss_sum * d.world / n_units).backward()
-        total += loss_sum.detach()
-    dist.all_reduce(total)
-    return total / n_units, grad_norm_and_clip(model, grad_clip)
+    run.finish(tok, card, export, total, run.best and f"validation loss {run.best['val_loss']:.4f}")
 
 
 if __name__ == "__main__":

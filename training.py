@@ -58,6 +58,7 @@ from tqdm import tqdm
 from data import corpus
 from safety import (
     CHANGEABLE,
+    StepGuard,
     COUNT,
     NONNEGATIVE,
     NONNEGATIVE_INT,
@@ -1006,6 +1007,77 @@ class Progress:
 
     def close(self):
         self.bar.close()
+
+
+# -- the supervised trainers' loop, in blocks (train_sft.py and train_rm.py write the loop) ---------
+
+
+@dataclass
+class Schedule:
+    """A supervised run's steps: an epoch is the sampler's batches, the run --epochs of them or
+    --max-steps, the first --warmup-ratio of it warmup, validation every --eval-every steps
+    (default: each epoch) and at the end."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    eval_every: int
+
+    @classmethod
+    def of(cls, args, steps_per_epoch: int) -> "Schedule":
+        total = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
+        return cls(steps_per_epoch, total, round(args.warmup_ratio * total), args.eval_every or steps_per_epoch)
+
+    def lr(self, step: int, peak: float) -> float:
+        return cosine_lr(step, self.total, peak, self.warmup)
+
+    def validates(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total
+
+
+class Run:
+    """What a supervised run keeps across its steps besides the model and the optimizer: the
+    resumable state (TrainState), metrics.jsonl, the step guard (safety.StepGuard), the best
+    validation so far, and where the loop starts. A resumed run continues at its saved step,
+    with its best and its sampler's position, and its metrics cut to that step."""
+
+    def __init__(self, args, d: Distributed, fingerprint: dict, model, opt, sampler):
+        self.args, self.d, self.fingerprint = args, d, fingerprint
+        self.model, self.opt, self.sampler = model, opt, sampler
+        self.state, self.metrics = TrainState(args.out, d), MetricsLog(args.out / "metrics.jsonl", d.main)
+        self.guard = StepGuard(args.out / "state")
+        self.start, self.best = 0, None
+        resumed = self.state.resume(args, fingerprint, model, opt)
+        self.resumed = bool(resumed)
+        if resumed:
+            self.start, self.best, self.guard.saved = resumed["step"], resumed["best"], resumed["step"]
+            sampler.load_state_dict(resumed["sampler"])
+            self.metrics.truncate_after(self.start)
+
+    def save(self, step: int, total: int, progress: "Progress"):
+        """The resumable state every --save-every steps and at the end. A stop signal (SIGTERM:
+        a preemption) ends the run here, its state saved, every rank agreeing through one
+        all-reduce (Preemption)."""
+        stop = self.args.preemption.requested(self.d) and step < total
+        if step % self.args.save_every == 0 or step == total or stop:
+            state = {"step": step, "best": self.best, "sampler": self.sampler.state_dict(), "setup": self.fingerprint}
+            self.state.save(self.model, self.opt, state)
+            self.guard.saved = step
+        if stop:
+            progress.close()
+            self.args.preemption.stop(self.d, self.args.out, f"step {step}")
+
+    def finish(self, tok, card, export, total: int, best: str | None):
+        """final/ (the last weights, with their model card), and the run's last line; `best`
+        describes best/ when there is one."""
+        out = self.args.out
+        kept = [f"best {best} (kept in best/)"] if best else []
+        save_hf(
+            self.model, out / "final", tok.path, self.d, card(f"step {total}: the final weights", *kept), dtype=export
+        )
+        if self.d.main:
+            where = f"best {best} in {out / 'best'}; " if best else ""
+            print(f"done: {total} steps; {where}final weights in {out / 'final'}")
 
 
 def peak_memory_gb(device: torch.device) -> float:
