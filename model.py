@@ -940,12 +940,6 @@ class RewardModel(nn.Module):
             yield rm.state_dict()
             return
         config = ModelConfig.from_json(path / "config.json")
-        labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
-        if labels != 1:
-            raise CheckpointError(
-                f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
-                "model needs one label, a single score"
-            )
         expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
         expected["score.weight"] = (1, config.hidden_size)
         shards = checkpoint_shards(path)
@@ -957,6 +951,12 @@ class RewardModel(nn.Module):
         }
         if "score.weight" not in found:
             raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
+        labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        if labels != 1:  # a classifier's head, read as transformers reads its config
+            raise CheckpointError(
+                f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
+                "model needs one label, a single score"
+            )
         check_tensors(config, found, path, expected=expected)
         with torch.device("meta"):
             trunk = Transformer(config)

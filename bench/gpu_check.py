@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -143,20 +144,21 @@ def decode(args, config, device):
     model = Transformer.from_config(config, seed=0).to(device=device, dtype=dtype).eval()
     prompts = [[1] + [3] * (args.decode_prompt - 1)] * args.decode_batch
 
-    def run(new):
+    def step_seconds() -> float:
+        """Seconds a step after the prefill and the first token, timed from then (never the
+        difference of two runs, which a busy machine can make negative)."""
         with torch.no_grad():
-            for _ in decode_steps(model, prompts, max_new_tokens=new, eos_id=None, temperature=0):
-                pass
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            steps = decode_steps(model, prompts, max_new_tokens=1 + args.decode_tokens, eos_id=None, temperature=0)
+            next(steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, n = time.perf_counter(), sum(1 for _ in steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n
 
-    run(2)  # warm-up
-    timings = {}
-    for new in (1, 1 + args.decode_tokens):  # the prefill and one token, then the same plus the steps
-        start = time.perf_counter()
-        run(new)
-        timings[new] = time.perf_counter() - start
-    step = (timings[1 + args.decode_tokens] - timings[1]) / args.decode_tokens
+    step_seconds()  # warm-up
+    step = statistics.median(step_seconds() for _ in range(3))
     weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     floor = plan.decode_step(
         config,
