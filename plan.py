@@ -1092,6 +1092,7 @@ def lm_dry_run(args, kind: str):
     config = load_config(args.model)
     check_shard_ranks(args.world_size, args.shard_ranks)  # as the real run refuses them
     check_split(args, args.world_size)
+    check_simulated_world(args)
     bf16 = not args.fp32
     seq = args.max_len or min(2048, config.max_position_embeddings)
     per_item = 2 if kind == "rm" else 1  # a reward model's item is a pair: chosen and rejected, one forward
@@ -1344,6 +1345,19 @@ def lm_step(kind: str, seq: int):
     return step
 
 
+# FSDP chunks every parameter once a rank, so a simulation's cost grows with its fake ranks; the
+# memory model without --simulate takes any --world-size.
+SIMULATE_MAX_RANKS = 1024
+
+
+def check_simulated_world(args):
+    if args.simulate and args.world_size > SIMULATE_MAX_RANKS:
+        raise SystemExit(
+            f"--simulate --world-size {args.world_size}: at most {SIMULATE_MAX_RANKS} fake ranks (FSDP chunks every "
+            "parameter once a rank, so the simulation's time grows with them); without --simulate any --world-size"
+        )
+
+
 def add_plan_args(
     p,
     *,
@@ -1399,6 +1413,7 @@ def ppo_dry_run(args):
     world, prompt_len = args.world_size, args.plan_prompt_tokens
     check_shard_ranks(world, args.shard_ranks)  # as the real run refuses them
     check_split(args, world)
+    check_simulated_world(args)
     peak_tflops = args.peak_tflops or PEAK_TFLOPS
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)

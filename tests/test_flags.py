@@ -101,6 +101,14 @@ def test_every_numeric_flag_of_every_command_has_its_range():
             [*SFT_DRY, "--simulate", "--world-size", "1000000"],
             "--batch-size 128 is not a multiple of --micro-batch-size 1",
         ),
+        (  # divisible, yet a simulation of a million fake ranks runs for hours: refused at once
+            [*SFT_DRY, "--simulate", "--world-size", "1000000", "--batch-size", "1000000"],
+            "--simulate --world-size 1000000: at most 1024 fake ranks",
+        ),
+        (
+            [*PPO_DRY, "--simulate", "--world-size", "2048", "--rollout-size", "2048", "--batch-size", "2048"],
+            "--simulate --world-size 2048: at most 1024 fake ranks",
+        ),
         ([*SFT_DRY, "--lora-rank", "100000"], "--lora-rank 100000: must be between 1 and 5120"),
         ([*SFT_DRY, "--lora-rank", "-1"], "--lora-rank: -1 is out of range"),
         ([*SFT_DRY, "--lora-rank", "8", "--lora-targets", "nonexistent"], "--lora-targets nonexistent: no such linear"),
