@@ -100,7 +100,7 @@ def decode_steps(
 
     `alive` is False for sequences that had already finished before this step; their token is
     padding. eos_id None: no token ends a sequence, every one runs max_new_tokens, and nothing
-    here reads a value back from the device (plan.py decodes so on tensors without values).
+    here reads a value back from the device.
     temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode
     from being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
     log-probs are those of the unfiltered model all the same (model.token_logprobs), so they

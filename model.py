@@ -773,8 +773,7 @@ class Transformer(nn.Module):
 
 def allocate(module: nn.Module, *, device, dtype) -> nn.Module:
     """A meta-device module's weights allocated on `device` in `dtype`, uninitialised (to be
-    loaded); a tied head stays tied. (load_state_dict(assign=True) rather than to_empty and
-    .to(dtype): it also works on plan.py's fake tensors, where .to() cannot swap them.)"""
+    loaded); a tied head stays tied."""
     fresh = {}
     for name, t in module.state_dict(keep_vars=True).items():
         fresh[name] = torch.empty(t.shape, dtype=dtype, device=device)
@@ -1044,8 +1043,7 @@ class PolicyWithValue(nn.Module):
         part: str = "policy",
     ):
         """The policy's logits; bottom() and top() come through here too, so that every part
-        runs under nn.Module.__call__, where FSDP gathers the root's weights (and where plan.py's
-        memory tracker sees it)."""
+        runs under nn.Module.__call__, where FSDP gathers the root's weights."""
         if part == "bottom":
             return self.policy(tokens, attention_mask, last_layer=self.first_trainable, output="residual")
         if part == "top":

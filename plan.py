@@ -19,6 +19,15 @@ buffers; cuBLAS's workspace), the caching allocator's fragmentation, and the ker
 scratch space on a GPU (attention here is the CPU's flash kernel, which like the GPU's keeps
 O(sequence) per head, not the T x T scores). Plan 10-15% of headroom for them.
 
+What the simulation needs of the code it runs, said here once: the trainers hand it their own
+functions (train_step; PPO's parts, train_ppo.plan_parts), so that plan.py imports no trainer.
+Those functions read no value back from the device (a fake tensor has none): a step's loss,
+a round's sums and a decoding step with eos_id None stay tensors until their caller reads them.
+Weights are allocated with load_state_dict(assign=True) (model.allocate), which works on fake
+tensors where .to() cannot swap them, and every part of PPO's policy (PolicyWithValue's
+bottom and top) runs through nn.Module.__call__, where FSDPMemTracker sees it (a method
+registered with FSDP2's register_fsdp_forward_method is not seen).
+
 The memory model (the instant table) is arithmetic over the same categories; tests hold it
 within 10% of the measurement (docs/scale.md has both at 13B). Time is arithmetic on purpose:
 FLOPs of each step from the config, at a stated share of the accelerator's peak, and FSDP's
@@ -32,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -231,16 +241,32 @@ def fill_(*modules):
 ROLLOUT_STEPS = 2
 
 
-def simulate_ppo(config, *, world: int, shard: int | None = None, **kwargs) -> dict:
+@dataclass
+class PPOParts:
+    """What a simulated PPO round runs: train_ppo.py's own functions and constants, which
+    train_ppo.py hands over (train_ppo.plan_parts). plan.py imports no trainer: each gives it
+    what it measures, so the arrow points one way, from the trainers to the planner."""
+
+    build_empty: Callable  # (config, d, *, trainable_blocks, bf16, frozen_bf16, mesh) -> (model, ref)
+    reward_empty: Callable  # (config, d, dtype, *, sharded, mesh) -> the reward model
+    experience: type  # Experience(prompt, response, finished)
+    minibatches: Callable
+    make_experience: Callable
+    update_step: Callable
+    settings: dict  # the loss's settings (clip_ratio, clip_value, vf_coef, grad_clip) and init_kl_coef
+
+
+def simulate_ppo(config, parts: PPOParts, *, world: int, shard: int | None = None, **kwargs) -> dict:
     """measure_ppo on rank 0 of `world` fake ranks (sharded over `shard`, see fake_ranks)."""
     with fake_ranks(world, shard) as (d, mesh):
-        return measure_ppo(d, mesh, config, **kwargs)
+        return measure_ppo(d, mesh, config, parts, **kwargs)
 
 
 def measure_ppo(
     d,
     mesh,
     config,
+    parts: PPOParts,
     *,
     trainable_blocks: int,
     rollout_size: int,
@@ -280,42 +306,39 @@ def measure_ppo(
     collective that shares the sampled token ids between ranks."""
     from types import SimpleNamespace
 
-    import train_ppo
     from generate import decode_steps
     from training import gathered, make_optimizer
 
     compute = torch.bfloat16 if bf16 else torch.float32
+    loss = {k: v for k, v in parts.settings.items() if k != "init_kl_coef"}
     args = SimpleNamespace(
         batch_size=batch_size,
         micro_batch_size=micro_batches[0],
         seed=0,
         chunk_size=chunk_size,
-        clip_ratio=train_ppo.CLIP_RATIO,
-        clip_value=train_ppo.CLIP_VALUE,
-        vf_coef=train_ppo.VF_COEF,
-        grad_clip=train_ppo.GRAD_CLIP,
         grad_sync="every",
+        **loss,
     )
     tok = SimpleNamespace(pad_id=0, eos_id=2)
     prompt, response = [1] + [3] * (prompt_len - 1), [3] * new_tokens
     out = {}
-    model, ref = train_ppo.build_empty(
+    model, ref = parts.build_empty(
         config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16, mesh=mesh
     )
-    rm = train_ppo.reward_empty(config, d, compute, sharded=reward_sharded, mesh=mesh)  # as train_ppo loads it
+    rm = parts.reward_empty(config, d, compute, sharded=reward_sharded, mesh=mesh)  # as train_ppo loads it
     fill_(model, ref, rm)
     opt = make_optimizer(model, 1e-6, 0.0)
-    exps = [train_ppo.Experience(prompt, response, True) for _ in range(rollout_size)]
-    batches = train_ppo.minibatches(len(exps), batch_size, 0, 0)
+    exps = [parts.experience(prompt, response, True) for _ in range(rollout_size)]
+    batches = parts.minibatches(len(exps), batch_size, 0, 0)
     replicated = (rm, ref)
 
     def experience():
         for e in exps:
             e.bottom_out = None  # each pass keeps its own, as each round does
-        train_ppo.make_experience(model, ref, exps, batches, tok, args, d, train_ppo.INIT_KL_COEF)
+        parts.make_experience(model, ref, exps, batches, tok, args, d, parts.settings["init_kl_coef"])
 
     def update():
-        train_ppo.update_step(model, opt, exps, batches[0], tok, args, d, {})
+        parts.update_step(model, opt, exps, batches[0], tok, args, d, {})
 
     def kept():
         return [
@@ -866,6 +889,7 @@ def shard_choices(world: int) -> list[int | None]:
 def choose_lm(
     config,
     kind: str,
+    train_step: Callable,
     *,
     world: int,
     gpu_gb: float,
@@ -933,7 +957,7 @@ def choose_lm(
         f = c.flags
         return simulate_training(
             lambda: _lm(config, kind, f["--activation-checkpointing"]),
-            lm_step(kind, seq),
+            lm_step(kind, seq, train_step),
             world=world,
             shard=f["--shard-ranks"],
             micro_batch=f["--micro-batch-size"],
@@ -946,6 +970,7 @@ def choose_lm(
 
 def choose_ppo(
     config,
+    parts: PPOParts,
     *,
     world: int,
     gpu_gb: float,
@@ -1020,6 +1045,7 @@ def choose_ppo(
         f = c.flags
         sim = simulate_ppo(
             config,
+            parts,
             world=world,
             shard=f["--shard-ranks"],
             trainable_blocks=trainable_blocks,
@@ -1081,10 +1107,12 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
 
 
-def lm_dry_run(args, kind: str):
+def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = ()):
     """`train_sft.py --dry-run` (kind "sft") and `train_rm.py --dry-run` ("rm"): the memory model
     for each micro-batch size with and without activation checkpointing; with --simulate the
-    same rows measured; then the time of the run at --mfu of --peak-tflops."""
+    same rows measured (the trainer's `train_step`), and what inference on one GPU holds for
+    evaluate.py and for the trainer's own `inference` rows ((command, sequences, new tokens,
+    flags): train_rm.py sample's); then the time of the run at --mfu of --peak-tflops."""
     from model import load_config
 
     from training import check_shard_ranks, check_split
@@ -1099,7 +1127,7 @@ def lm_dry_run(args, kind: str):
     unit = "pairs" if kind == "rm" else "conversations"
     lora = (args.lora_rank, args.lora_alpha, args.lora_targets) if getattr(args, "lora_rank", 0) else None
     if lora:  # the memory model knows no adapters: only the simulation speaks for a LoRA run
-        return lora_dry_run(args, kind, config, seq, bf16, lora)
+        return lora_dry_run(args, kind, config, seq, bf16, lora, train_step)
     items = args.plan_items or (TABLE3_CONVERSATIONS if kind == "sft" else args.batch_size * 100)
     steps = args.epochs * items // args.batch_size
     peak = args.peak_tflops or PEAK_TFLOPS
@@ -1108,6 +1136,7 @@ def lm_dry_run(args, kind: str):
         ranked = choose_lm(
             config,
             kind,
+            train_step,
             world=args.world_size,
             gpu_gb=args.gpu_memory_gb,
             batch=args.batch_size,
@@ -1182,7 +1211,7 @@ def lm_dry_run(args, kind: str):
             for ac in (False, True):
                 m = simulate_training(
                     lambda: _lm(config, kind, ac),
-                    lm_step(kind, seq),
+                    lm_step(kind, seq, train_step),
                     world=args.world_size,
                     shard=args.shard_ranks,
                     micro_batch=micro,
@@ -1202,17 +1231,10 @@ def lm_dry_run(args, kind: str):
         # What inference on one GPU holds (the whole model, bf16, no FSDP), at each command's
         # defaults and the longest prompts their budget allows (the context less the new tokens).
         import evaluate
-        import train_rm
 
         context = config.max_position_embeddings
-        k = train_rm.SAMPLES_PER_PROMPT
         uses = [
-            (
-                "train_rm.py sample",
-                train_rm.SAMPLE_BATCH_SIZE * k,
-                train_rm.MAX_NEW_TOKENS,
-                f"--batch-size {train_rm.SAMPLE_BATCH_SIZE} prompts x -k {k}",
-            ),
+            *inference,
             ("evaluate.py bench|answer", evaluate.BATCH_SIZE, 256, f"--batch-size {evaluate.BATCH_SIZE}"),
         ]
         rows = [
@@ -1291,7 +1313,7 @@ def _lm(config, kind: str, activation_checkpointing: bool, lora: tuple | None = 
     return model
 
 
-def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple):
+def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple, train_step: Callable):
     """A LoRA run's dry run: its step simulated at each micro-batch size, with and without
     activation checkpointing, on --world-size fake ranks (1: one GPU)."""
     rank, alpha, targets = lora
@@ -1312,7 +1334,7 @@ def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple):
         for ac in (False, True):
             m = simulate_training(
                 lambda: _lm(config, kind, ac, lora, bf16),
-                lm_step(kind, seq),
+                lm_step(kind, seq, train_step),
                 world=args.world_size,
                 micro_batch=micro,
                 bf16=bf16,
@@ -1326,18 +1348,15 @@ def lora_dry_run(args, kind: str, config, seq: int, bf16: bool, lora: tuple):
     print(measured_table(rows, ["micro-batch", "AC"], [f"fits {args.gpu_memory_gb:g} GiB"]))
 
 
-def lm_step(kind: str, seq: int):
-    """The trainer's own step (train_sft.train_step, train_rm.train_step) on n items of `seq`
-    tokens (the worst case: every one full), as measure_training calls it."""
+def lm_step(kind: str, seq: int, train_step: Callable):
+    """The trainer's own step, which it hands over (train_sft.train_step, train_rm.train_step:
+    plan.py imports no trainer), on n items of `seq` tokens (the worst case: every one full),
+    as measure_training calls it."""
     from data.template import Rendered
 
     def step(model, d, n, **kw):
         if kind == "sft":
-            from train_sft import train_step
-
             return train_step(model, d, [Rendered([3] * (seq + 1), [3] * (seq + 1))] * n, pad_id=0, **kw)
-        from train_rm import train_step
-
         return train_step(
             model, d, [{"chosen_ids": [3] * seq, "rejected_ids": [4] * seq}] * n, pad_id=0, margin=0.0, **kw
         )
@@ -1402,9 +1421,10 @@ def add_plan_args(
     p.add_argument(length_flag, type=COUNT, default=1024, help=f"with --dry-run: {length_help}")
 
 
-def ppo_dry_run(args):
+def ppo_dry_run(args, parts: PPOParts):
     """`train_ppo.py --dry-run`: the memory model of PPO's layout for each micro-batch size; with
-    --simulate each part of a round measured; then the time of a round and of the run."""
+    --simulate each part of a round (train_ppo.py's `parts`) measured; then the time of a round
+    and of the run."""
     from model import load_config
 
     from training import check_shard_ranks, check_split
@@ -1420,6 +1440,7 @@ def ppo_dry_run(args):
     if args.simulate:  # the answer first, the tables it comes from after
         ranked = choose_ppo(
             config,
+            parts,
             world=world,
             gpu_gb=args.gpu_memory_gb,
             rounds=rounds,
@@ -1484,6 +1505,7 @@ def ppo_dry_run(args):
         chosen = args.simulate_micro_batches or list(micros)
         sim = simulate_ppo(
             config,
+            parts,
             world=world,
             trainable_blocks=args.trainable_blocks,
             rollout_size=args.rollout_size,

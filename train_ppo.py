@@ -70,7 +70,7 @@ from data.schema import Report
 from data.template import pad_batch, render
 from generate import generate
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
-from plan import add_plan_args, ppo_dry_run
+from plan import PPOParts, add_plan_args, ppo_dry_run
 from safety import COUNT, FINITE, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (
     HelpFormatter,
@@ -469,7 +469,7 @@ def make_experience(
     π0's log-probs and entropy in the very micro-batches the updates use (so the first step's
     ratio is exactly 1); per-token rewards, GAE, and advantages whitened over the round's
     response tokens on all ranks. -> the round's sums {kl, entropy, tokens} over all ranks (0-d
-    tensors; nothing here reads a value back, so plan.py runs it on tensors without values).
+    tensors, read once a round by the caller: nothing here waits for the device).
     recompute_bottom: keep no output of the bottom (each forward runs the bottom again), for
     tests and bench/bench_ppo.py."""
     model.eval()
@@ -643,7 +643,7 @@ def build_empty(
 
 def reward_empty(config, d, dtype, *, sharded: bool = True, mesh=None) -> RewardModel:
     """The reward model for scoring, frozen, in the compute dtype, without its LM head
-    (RewardModel.scorer), allocated and not filled (plan.py measures it). sharded
+    (RewardModel.scorer), allocated and not filled (load_reward fills it). sharded
     (--reward-placement sharded, the default): FSDP over the ranks as the policy is, each block
     gathered just before it scores and freed after, so a rank holds its share (3.0 GiB at 13B on
     8 ranks in bf16) and a scoring chunk all-gathers the model once. Replicated: the whole model
@@ -860,6 +860,20 @@ def _train(args, d):
         print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
 
 
+def plan_parts() -> PPOParts:
+    """This file's round, as the dry run's simulation runs it (plan.PPOParts)."""
+    settings = dict(clip_ratio=CLIP_RATIO, clip_value=CLIP_VALUE, vf_coef=VF_COEF, grad_clip=GRAD_CLIP)
+    return PPOParts(
+        build_empty,
+        reward_empty,
+        Experience,
+        minibatches,
+        make_experience,
+        update_step,
+        dict(settings, init_kl_coef=INIT_KL_COEF),
+    )
+
+
 def ppo_fingerprint(args, digests: dict[str, str]) -> dict:
     """What defines a PPO run (safety.check_fingerprint refuses a resume with another); `digests`
     of its --data (safety.data_digests)."""
@@ -964,7 +978,7 @@ def main(argv=None):
     add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return ppo_dry_run(args)
+        return ppo_dry_run(args, plan_parts())
     if not (args.reward and args.data and args.out):
         p.error("--reward, --data and --out are required (unless --dry-run)")
     run_distributed(_train, args)

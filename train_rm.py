@@ -522,7 +522,14 @@ def main(argv=None):
     add_plan_args(p, items_help="pairs an epoch (default: 100 batches)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return lm_dry_run(args, "rm")
+        k = SAMPLES_PER_PROMPT  # what this file's `sample` holds on one GPU, beside evaluate.py
+        sampling = (
+            "train_rm.py sample",
+            SAMPLE_BATCH_SIZE * k,
+            MAX_NEW_TOKENS,
+            f"--batch-size {SAMPLE_BATCH_SIZE} prompts x -k {k}",
+        )
+        return lm_dry_run(args, "rm", train_step, inference=(sampling,))
     if not (args.data and args.out):
         p.error("--data and --out are required (unless --dry-run)")
     run_distributed(_train, args)

@@ -183,7 +183,7 @@ def main(argv=None):
     add_plan_args(p, items_help="conversations an epoch (default: the 226,042 of Table 3's medical parts)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return lm_dry_run(args, "sft")
+        return lm_dry_run(args, "sft", train_step)
     if not args.data or not args.out:
         p.error("--data and --out are required (unless --dry-run)")
     run_distributed(_train, args)
@@ -194,8 +194,7 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of one global batch of rendered conversations -> (its loss, the gradient
     norm before clipping), 0-d tensors read once a step by the caller: nothing here waits for
-    the device (a .item() per micro-batch would stall a GPU's queue, and plan.py runs this very
-    function on fake tensors, which have no values). No update.
+    the device (a .item() per micro-batch would stall a GPU's queue). No update.
 
     This rank takes every world-th conversation and runs them in micro-batches. grad_sync
     "every" reduce-scatters each micro-batch's gradient as soon as its backward is done, so a

@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plan  # noqa: E402
+import train_ppo  # noqa: E402
+import train_sft  # noqa: E402
 from model import CONFIGS, ModelConfig  # noqa: E402
 
 GIB = 2**30
@@ -87,7 +89,7 @@ def sft_step(args, config, d, mesh):
     plan.fill_(model)
     model.train()
     opt = make_optimizer(model, 1e-5, 0.1)
-    step_fn = plan.lm_step("sft", args.seq)
+    step_fn = plan.lm_step("sft", args.seq, train_sft.train_step)
     n = 2 * args.micro_batch  # two micro-batches a step, as plan.measure_training runs it
 
     def step():
@@ -204,12 +206,12 @@ def main(argv=None):
     # 1. The simulations first: they make a fake process group, and the real run a real one.
     sim_sft = plan.simulate_training(
         lambda: plan._lm(config, "sft", args.activation_checkpointing),
-        plan.lm_step("sft", args.seq),
+        plan.lm_step("sft", args.seq, train_sft.train_step),
         world=1,
         micro_batch=args.micro_batch,
         bf16=bf16,
     )
-    sim_ppo = plan.simulate_ppo(config, world=1, **ppo_kwargs(args))
+    sim_ppo = plan.simulate_ppo(config, train_ppo.plan_parts(), world=1, **ppo_kwargs(args))
 
     # 2. The same on real tensors, one rank.
     from training import device_mesh, init_distributed
@@ -221,7 +223,7 @@ def main(argv=None):
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        real_ppo = plan.measure_ppo(d, mesh, config, **ppo_kwargs(args))
+        real_ppo = plan.measure_ppo(d, mesh, config, train_ppo.plan_parts(), **ppo_kwargs(args))
         ppo_peak = (
             torch.cuda.max_memory_allocated() if d.device.type == "cuda" else max(m.total for m in real_ppo.values())
         )

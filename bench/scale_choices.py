@@ -20,6 +20,7 @@ import train_rm  # noqa: E402
 import train_sft  # noqa: E402
 from model import TRAINABLE_BLOCKS, load_config  # noqa: E402
 
+STEPS = {"sft": train_sft.train_step, "rm": train_rm.train_step}  # what each trainer hands the planner
 GPUS = (1, 8, 64)
 MEMORY = (24, 40, 80, 141)
 
@@ -50,6 +51,7 @@ def main(kinds):
                     )
                     ranked = plan.choose_ppo(
                         config,
+                        train_ppo.plan_parts(),
                         world=world,
                         gpu_gb=gb,
                         rounds=rounds,
@@ -75,6 +77,7 @@ def main(kinds):
                     ranked = plan.choose_lm(
                         config,
                         kind,
+                        STEPS[kind],
                         world=world,
                         gpu_gb=gb,
                         batch=batch,
@@ -100,6 +103,7 @@ def fsdp_or_hsdp(kinds, world: int = 64):
                 ranked = plan.choose_lm(
                     config,
                     kind,
+                    STEPS[kind],
                     world=world,
                     gpu_gb=gb,
                     batch=batch,

@@ -589,7 +589,9 @@ def check_simulation_is_real(d, shard: int | None = None):
 
     mesh = device_mesh("cpu", d.world, shard)
     sft = plan.measure_training(d, mesh, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
-    ppo = plan.measure_ppo(d, mesh, PLAN_CONFIG, **PLAN_PPO)
+    import train_ppo
+
+    ppo = plan.measure_ppo(d, mesh, PLAN_CONFIG, train_ppo.plan_parts(), **PLAN_PPO)
     if d.main:
         print(
             "measured "

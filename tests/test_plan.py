@@ -8,10 +8,15 @@ import sys
 import pytest
 
 import plan
+import train_ppo
+import train_rm
+import train_sft
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
 import fsdp_worker  # noqa: E402
+
+STEPS = {"sft": train_sft.train_step, "rm": train_rm.train_step}  # what each trainer hands the planner
 
 
 def test_the_simulation_is_what_real_ranks_hold(two_rank_checks):
@@ -58,7 +63,9 @@ def assert_simulation_is_real(proc, *, world: int, shard: int | None):
             **fsdp_worker.PLAN_SFT,
         ).parts
     }
-    ppo = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=world, shard=shard, **fsdp_worker.PLAN_PPO)
+    ppo = plan.simulate_ppo(
+        fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=world, shard=shard, **fsdp_worker.PLAN_PPO
+    )
     fake.update({"/".join(map(str, k)) if isinstance(k, tuple) else k: m.parts for k, m in ppo.items()})
     assert fake.keys() == real.keys()
     for part in real:
@@ -195,7 +202,7 @@ def test_the_memory_model_agrees_with_the_simulation_at_ziyas_widths():
     for kind, micro, ac in (("sft", 2, True), ("rm", 1, False)):  # at 13B the model's worst row and a typical one
         measured = (
             plan.simulate_training(
-                lambda: plan._lm(cfg, kind, ac), plan.lm_step(kind, 2048), world=8, micro_batch=micro
+                lambda: plan._lm(cfg, kind, ac), plan.lm_step(kind, 2048, STEPS[kind]), world=8, micro_batch=micro
             ).total
             / 2**30
         )
@@ -258,7 +265,9 @@ def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
     from the 19th step on, by what each step left saved for a backward that never came."""
     kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=False)
     short, full = (
-        plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, world=2, rollout_steps=steps, **kw)["rollout"]
+        plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=2, rollout_steps=steps, **kw)[
+            "rollout"
+        ]
         for steps in (plan.ROLLOUT_STEPS, None)
     )
     assert short.parts == full.parts and short.parts["activations"] > 0, (short.parts, full.parts)
@@ -274,7 +283,9 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
     gpu_gb = 17.6
     usable = plan.usable_bytes(gpu_gb)
-    ranked = plan.choose_lm(cfg, "sft", world=8, gpu_gb=gpu_gb, batch=64, seq=2048, steps=100, mean_tokens=1024)
+    ranked = plan.choose_lm(
+        cfg, "sft", train_sft.train_step, world=8, gpu_gb=gpu_gb, batch=64, seq=2048, steps=100, mean_tokens=1024
+    )
     chosen, faster = ranked[-1], ranked[-2]
     assert chosen.simulated is not None and chosen.simulated <= usable, chosen
     assert any(c.simulated is not None and c.simulated > usable for c in ranked[:-1]), ranked
@@ -284,7 +295,7 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
         faster.simulated
         or plan.simulate_training(
             lambda: plan._lm(cfg, "sft", f["--activation-checkpointing"]),
-            plan.lm_step("sft", 2048),
+            plan.lm_step("sft", 2048, train_sft.train_step),
             world=8,
             micro_batch=f["--micro-batch-size"],
             grad_sync=f["--grad-sync"],
@@ -317,3 +328,26 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(capsys):
     assert float(rows["decode step, ms"][0]) > 0 and float(rows["SFT step MFU"][0]) > 0
     with pytest.raises(SystemExit, match="--decode-batch must be at least 1"):
         gpu_check.main(["--dry-run", "--decode-batch", "0"])
+
+
+def test_the_planner_imports_no_trainer_and_the_trainers_hand_it_their_steps():
+    """Issue 37 item 2: counting the imports inside functions, plan.py and the three trainers
+    were one cycle (plan imported their steps, builders and constants where it measured them).
+    Now the trainers import plan and hand it what it measures; plan imports none of them."""
+    import ast
+
+    trainers = {"train_sft", "train_rm", "train_ppo"}
+
+    def imported(module: str) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        return names
+
+    assert not imported("plan") & trainers
+    assert all("plan" in imported(t) for t in trainers)
+    parts = train_ppo.plan_parts()
+    assert parts.update_step is train_ppo.update_step and parts.settings["init_kl_coef"] == train_ppo.INIT_KL_COEF
