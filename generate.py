@@ -188,6 +188,107 @@ def draw(scores: torch.Tensor, temperature: float, generator=None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@torch.no_grad()
+def generate_queue(
+    model,
+    prompts: list[list[int]],
+    generators: list[torch.Generator],
+    *,
+    rows: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    vocab_limit: int | None = None,
+) -> tuple[Generation, float]:
+    """Every prompt sampled, `rows` at a time, through a queue: a row whose response ended takes
+    the next prompt at the next step, so that no row steps on while another row's response
+    goes on (a batch at a time keeps its ended rows stepping until its longest ends). Each row
+    writes its own cache column (model.KVCache's column per row) and prompt i samples from
+    generators[i], so a prompt's response is the same whichever prompts share its steps.
+    -> (the Generation, in the order of `prompts`; the share of the decoding steps' rows that
+    had no prompt to run, which only the queue's last prompts leave).
+
+    On an FSDP-sharded model every forward gathers weights collectively, so all ranks make the
+    same calls: each step they agree (one all-reduce) on how many prompts any of them admits and
+    whether any has a row left, and a rank with fewer runs a one-token forward of its own
+    instead; the policy is resharded at the end, as decode_steps leaves it."""
+    device = next(model.parameters()).device
+    config = model.config
+    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
+    def agreed(value: int) -> int:  # the largest over the ranks
+        t = torch.tensor(value, device=device)
+        if sharded:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def idle_forward():  # a rank with nothing to run this call takes part in the collectives
+        model(torch.full((1, 1), pad_id, device=device), cache=KVCache(config, 1, 1), start=0)
+
+    def sample(logits: torch.Tensor, indices: list[int]) -> list[int]:
+        scores = process_logits(logits, None, temperature=temperature, vocab_limit=vocab_limit)
+        return draw(scores, temperature, [generators[i] for i in indices]).tolist()
+
+    out, finished = [[] for _ in prompts], [False] * len(prompts)
+    longest = max(map(len, prompts), default=1)
+    cache = KVCache(config, rows, longest + max_new_tokens)
+    queue, active = list(range(len(prompts)))[::-1], []  # active: [prompt, its cache length], a row each
+    row_steps = used = 0
+
+    def take(i: int, token: int) -> bool:
+        """Prompt i's new token; whether its response goes on."""
+        out[i].append(token)
+        finished[i] = token == eos_id
+        return not finished[i] and len(out[i]) < max_new_tokens
+
+    def retire(keep: list[bool]):
+        nonlocal active
+        kept = []
+        for row, (entry, go_on) in enumerate(zip(active, keep)):
+            if go_on:
+                if row != len(kept):
+                    cache.copy_row(len(kept), cache, row, entry[1])
+                kept.append(entry)
+        active = kept
+
+    try:
+        while True:
+            admitted = [queue.pop() for _ in range(min(rows - len(active), len(queue)))]
+            keep = [True] * len(active)
+            for n in range(agreed(len(admitted))):
+                if n >= len(admitted):
+                    idle_forward()
+                    continue
+                i = admitted[n]
+                prefill = KVCache(config, 1, len(prompts[i]))
+                tokens = torch.tensor([prompts[i]], device=device)
+                logits = model(tokens, cache=prefill, start=0, positions=slice(-1, None))[:, -1]
+                cache.copy_row(len(active), prefill, 0, len(prompts[i]))
+                active.append([i, len(prompts[i])])
+                keep.append(take(i, sample(logits, [i])[0]))
+            retire(keep)
+            if not agreed(int(bool(active or queue))):
+                break
+            if not active:
+                idle_forward()
+                continue
+            tokens = torch.tensor([[out[i][-1]] for i, _ in active], device=device)
+            start = torch.tensor([[length] for _, length in active], device=device)  # (B, 1): a column each
+            mask = torch.arange(max(length for _, length in active) + 1, device=device)[None] <= start
+            logits = model(tokens, mask, cache=cache, start=start)[:, -1]
+            row_steps, used = row_steps + rows, used + len(active)
+            keep = []
+            for entry, token in zip(active, sample(logits, [i for i, _ in active])):
+                entry[1] += 1
+                keep.append(take(entry[0], token))
+            retire(keep)
+    finally:
+        if isinstance(model, FSDPModule):
+            model.reshard()  # see the module docstring
+    return Generation(out, None, finished), 1 - used / row_steps if row_steps else 0.0
+
+
 # The static cache of a compiled decoding step has a multiple of this many columns.
 STATIC_BUCKET = 256
 

@@ -315,8 +315,12 @@ class KVCache:
         return self
 
     def copy_row(self, row: int, source: "KVCache", source_row: int, columns: int):
-        """Row `row`'s first `columns` columns := those of `source`'s row `source_row`, every layer."""
+        """Row `row`'s first `columns` columns := those of `source`'s row `source_row`, every layer
+        (a layer not written yet takes the source's dtype and device)."""
         for layer in range(len(self.k)):
+            if self.k[layer] is None:
+                self.k[layer] = source.k[layer].new_zeros(self.shape)
+                self.v[layer] = source.v[layer].new_zeros(self.shape)
             self.k[layer][row, :, :columns] = source.k[layer][source_row, :, :columns]
             self.v[layer][row, :, :columns] = source.v[layer][source_row, :, :columns]
 

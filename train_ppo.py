@@ -68,7 +68,7 @@ from data.corpus import Corpus
 from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import pad_batch, render
-from generate import generate
+from generate import generate_queue
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import PPOParts, add_plan_args, ppo_dry_run
 from safety import COUNT, FINITE, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
@@ -389,39 +389,38 @@ def all_gather_list(items: list, d) -> list:
 
 
 def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], dict]:
-    """Generate this rank's share of the round's prompts, chunk by chunk, and score it; every
-    rank ends with the whole round, in the order of `prompts`. The policy stays gathered for
-    the whole generation unless --reshard-in-rollout. Returns (experiences, {"generate_s",
-    "score_s": seconds spent, "idle_rows": the share of this rank's row-steps spent on rows
-    whose response had ended while the longest of their chunk went on})."""
+    """Generate this rank's share of the round's prompts, --chunk-size rows at a time through a
+    queue (generate.generate_queue: a row whose response ended takes the next prompt), and score
+    it; every rank ends with the whole round, in the order of `prompts`. The policy stays
+    gathered for the whole generation unless --reshard-in-rollout. Returns (experiences,
+    {"generate_s", "score_s": seconds spent, "idle_rows": the share of this rank's decoding
+    rows that had no prompt left to run})."""
     mine = prompts[d.rank :: d.world]
-    gen = torch.Generator(d.device).manual_seed(hash((args.seed, round_no, d.rank)) % 2**63)
+    # A generator per prompt, seeded by the run's seed, the round and the prompt's place in it:
+    # its response is the same on any number of ranks and whatever prompts share its steps.
+    generators = [
+        torch.Generator(d.device).manual_seed(hash((args.seed, round_no, i)) % 2**63)
+        for i in range(d.rank, len(prompts), d.world)
+    ]
     model.eval()
-    t0, exps, row_steps, used = time.perf_counter(), [], 0, 0
+    t0 = time.perf_counter()
     with contextlib.nullcontext() if args.reshard_in_rollout else gathered(model):
-        for c in range(0, len(mine), args.chunk_size):
-            chunk = mine[c : c + args.chunk_size]
-            out = generate(
-                model,
-                chunk,
-                max_new_tokens=args.max_new_tokens,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                temperature=1.0,
-                vocab_limit=len(tok),
-                generator=gen,
-            )
-            exps += [Experience(p, r, f) for p, r, f in zip(chunk, out.tokens, out.finished)]
-            row_steps += len(chunk) * max(map(len, out.tokens))  # every row steps until the chunk's longest ends
-            used += sum(map(len, out.tokens))
+        out, idle = generate_queue(
+            model,
+            mine,
+            generators,
+            rows=args.chunk_size,
+            max_new_tokens=args.max_new_tokens,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            temperature=1.0,
+            vocab_limit=len(tok),
+        )
+    exps = [Experience(p, r, f) for p, r, f in zip(mine, out.tokens, out.finished)]
     t1 = time.perf_counter()
     model.train()
     score_round(rm, exps, tok, args)
-    seconds = {
-        "generate_s": t1 - t0,
-        "score_s": time.perf_counter() - t1,
-        "idle_rows": 1 - used / row_steps if row_steps else 0.0,
-    }
+    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "idle_rows": idle}
     ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
     return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 

@@ -32,6 +32,7 @@ Timings are medians of --repeats runs after a warm-up, made in one process; rati
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -58,6 +59,62 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
+def rollout_queue(args):
+    """7. The round's 64 prompts (the paper's rollout), 8 rows at a time, responses of up to 256
+    tokens whose lengths spread as real ones do: the tiny model's head raised for one token,
+    taken as eos, so that each step ends a response with probability 1/100 (a geometric spread,
+    mean ~100, some cut at 256). Before: chunks of 8 (generate: each chunk steps until its
+    longest ends). After: generate.generate_queue (a row that ended takes the next prompt). The
+    same prompts; each timed --repeats times, alternated; medians, and each one's idle rows."""
+    from generate import generate_queue
+
+    model = Transformer.from_config(CONFIGS["tiny"], seed=0).eval()
+    eos, rows, new, n = 7, 8, 256, 64
+    with torch.no_grad():  # logits near 0 over 4,096 tokens: +log(4096/99) makes eos 1/100
+        model.lm_head.weight[eos] = 0
+        bias = torch.zeros(model.config.vocab_size)
+        bias[eos] = math.log((model.config.vocab_size - 1) / 99)
+    head = model.lm_head
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight)
+        model.lm_head.bias.copy_(bias)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [
+        [1] + torch.randint(10, 4000, (int(torch.randint(20, 120, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(n)
+    ]
+    shares = {}
+
+    def chunked():
+        g, used, steps = torch.Generator().manual_seed(0), 0, 0
+        for c in range(0, n, rows):
+            out = generate(model, prompts[c : c + rows], max_new_tokens=new, eos_id=eos, temperature=1.0, generator=g)
+            used, steps = used + sum(map(len, out.tokens)), steps + rows * max(map(len, out.tokens))
+        shares["chunks"] = 1 - used / steps
+
+    def queued():
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        out, shares["queue"] = generate_queue(model, prompts, gens, rows=rows, max_new_tokens=new, eos_id=eos)
+        shares["lengths"] = sorted(map(len, out.tokens))
+
+    times = {"chunks": [], "queue": []}
+    torch.set_num_threads(2)
+    for _ in range(args.repeats):
+        for name, fn in (("chunks", chunked), ("queue", queued)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    before, after = statistics.median(times["chunks"]), statistics.median(times["queue"])
+    lengths = shares["lengths"]
+    print(
+        f"7. rollout of {n} prompts, {rows} rows, up to {new} new tokens (tiny model; response lengths p10 "
+        f"{lengths[n // 10]}, median {lengths[n // 2]}, p90 {lengths[9 * n // 10]}): chunks of {rows} {before:.2f} s "
+        f"(idle rows {shares['chunks']:.0%}), queue {after:.2f} s (idle rows {shares['queue']:.0%}): "
+        f"queue / chunks {after / before:.2f}"
+    )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
@@ -67,7 +124,10 @@ def main():
     p.add_argument("--round-size", type=int, default=16, help="experiences in the timed round (the paper: 64)")
     p.add_argument("--reward-only", action="store_true", help="only 5., the reward model's placement")
     p.add_argument("--frozen-only", action="store_true", help="only 6., --frozen-bf16")
+    p.add_argument("--queue-only", action="store_true", help="only 7., the rollout through a queue of rows")
     args = p.parse_args()
+    if args.queue_only:
+        return rollout_queue(args)
     d = init_distributed()
     config = CONFIGS["bench-50m"]
     if not args.frozen_only:

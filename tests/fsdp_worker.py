@@ -377,9 +377,10 @@ def check_rollout_gathered(d):
         setattr(dist, name, real)
     assert runs[True][0] == runs[False][0] and all(len(r) == 8 for r in runs[True][0])
     units = sum(isinstance(m, FSDPModule) for m in model.modules())
-    # This rank's 3 prompts are one chunk: a prefill and 7 steps, each gathering every block
-    # (the root, FSDP keeps gathered between forwards anyway), against each unit once in all.
-    assert runs[True][1] == 8 * (units - 1) + 1 and runs[False][1] == units, (runs, units)
+    # This rank's 3 prompts fill its 3 rows: a prefill each and 7 steps, each forward gathering
+    # every block (the root, FSDP keeps gathered between forwards anyway), against each unit
+    # once in all.
+    assert runs[True][1] == (3 + 7) * (units - 1) + 1 and runs[False][1] == units, (runs, units)
     after = local_shapes()
     assert after == before, [k for k in after if after[k] != before[k]]
     ok(d, "rollout_gathered")

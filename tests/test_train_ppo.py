@@ -179,11 +179,7 @@ def test_adaptive_kl_controller():
 def experiences(ppo, n=8, seed=0, kl_coef=0.1, args=None):
     """A round's experiences, made: (experiences, args, the round's minibatches)."""
     args = args or args_for()
-    exps, info = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
-    # Issue 36 item 5: the share of row-steps whose row had ended while its chunk's longest went on.
-    lengths = [len(e.response) for e in exps]
-    chunks = [lengths[c : c + args.chunk_size] for c in range(0, n, args.chunk_size)]
-    assert info["idle_rows"] == pytest.approx(1 - sum(lengths) / sum(len(c) * max(c) for c in chunks), abs=1e-12)
+    exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, seed)
     train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, Tok(), args, ppo.d, kl_coef=kl_coef)
     return exps, args, batches
@@ -347,7 +343,9 @@ def test_a_scripted_reward_is_learnt_and_a_large_kl_coefficient_holds_the_policy
     free = learn(ppo, kl_coef=0.05)
     first, last = mean([s for s, _ in free[:4]]), mean([s for s, _ in free[-4:]])
     assert last > max(2 * first, 0.12), free  # the share of the rewarded token rises (0.06 -> 0.28 here)
-    assert all(abs(kl) < 10 for _, kl in free), free  # while the KL stays bounded
+    # while the KL stays bounded: at λ 0.05 it peaks at 10.5 nats a response here; a policy that
+    # runs away from π0 reaches hundreds
+    assert all(abs(kl) < 20 for _, kl in free), free
     held = learn(ppo, kl_coef=50.0)
     kl_free, kl_held = mean([kl for _, kl in free[-8:]]), mean([kl for _, kl in held[-8:]])
     assert kl_held < kl_free / 3, (free, held)  # 3.0 vs 0.2 nats here
@@ -686,3 +684,26 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
     assert [prompts[i] for i in range(len(prompts))] == got and prompts[-1] == got[-1]
     assert all(type(t) is int for t in prompts[0]) and meta["summary"] == report.summary()
     assert sorted(p.name for p in (entry / "prompts").iterdir()) == ["ids.int32", "offsets.int64"]  # no labels
+
+
+@pytest.mark.numerics
+def test_a_rounds_responses_are_the_same_whatever_the_rows_and_no_row_waits_for_a_chunk(ppo):
+    """Issue 36 item 5: the rollout generated --chunk-size prompts together until the chunk's
+    longest response ended, its ended rows stepping on (44-47% of the row-steps for a realistic
+    spread of lengths). Now a row whose response ended takes the next prompt, and each prompt
+    samples from a generator of its own (the run's seed, the round, its place in it): the
+    round's responses are the same, token for token, with 2, 3 or 8 rows (fp64), in no more
+    decoding steps than a chunk at a time would have taken for the same responses."""
+    n, responses = 12, {}
+    for rows in (2, 3, 8):
+        args = args_for(chunk_size=rows, max_new_tokens=12)
+        exps, info = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, 1), Tok(), args, ppo.d, round_no=1)
+        responses[rows] = [e.response for e in exps]
+        # Decoding steps (each prompt's first token comes from its prefill): the queue's, from
+        # the rows it kept busy, against a chunk at a time's, each chunk as long as its longest.
+        lengths = [len(r) for r in responses[rows]]
+        queued = sum(k - 1 for k in lengths) / (rows * (1 - info["idle_rows"]))
+        chunked = sum(max(lengths[i : i + rows]) - 1 for i in range(0, n, rows))
+        assert 0 <= info["idle_rows"] < 1 and queued <= chunked + 1e-9, (rows, queued, chunked)
+    assert responses[2] == responses[3] == responses[8]
+    assert len({len(r) for r in responses[2]}) > 1  # responses of several lengths: rows were freed and refilled
