@@ -188,6 +188,44 @@ def draw(scores: torch.Tensor, temperature: float, generator=None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class CacheRows:
+    """Sequences decoding together in the rows of one KV cache, each at its own length (a cache
+    column per row: model.KVCache's (B, 1) start), the server's requests and PPO's rollout
+    queue. Rows 0 .. n-1 are the live ones: a sequence joins with its prompt's keys and values
+    (add), every live one takes a step at once (step), and those that ended leave, the rows
+    after them moving down (keep)."""
+
+    def __init__(self, config, rows: int, columns: int):
+        self.cache, self.lengths = KVCache(config, rows, columns), []  # lengths: cache columns filled
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, prefill: KVCache, length: int):
+        """A sequence whose first `length` columns are in `prefill` (its row 0) joins as the last row."""
+        self.cache.copy_row(len(self.lengths), prefill, 0, length)
+        self.lengths.append(length)
+
+    def step(self, model, tokens: list[int], device) -> torch.Tensor:
+        """Every live row's next token written at its own length, each attending to its own
+        columns only -> the logits of what follows, (B, V)."""
+        start = torch.tensor([[n] for n in self.lengths], device=device)  # (B, 1): a column each
+        mask = torch.arange(max(self.lengths) + 1, device=device)[None] <= start
+        logits = model(torch.tensor([[t] for t in tokens], device=device), mask, cache=self.cache, start=start)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits[:, -1]
+
+    def keep(self, keep: list[bool]):
+        """The rows whose `keep` is False leave; the others move down, in order."""
+        kept = []
+        for row, (length, stays) in enumerate(zip(self.lengths, keep)):
+            if stays:
+                if row != len(kept):
+                    self.cache.copy_row(len(kept), self.cache, row, length)
+                kept.append(length)
+        self.lengths = kept
+
+
 @torch.no_grad()
 def generate_queue(
     model,
@@ -203,8 +241,8 @@ def generate_queue(
 ) -> tuple[Generation, float]:
     """Every prompt sampled, `rows` at a time, through a queue: a row whose response ended takes
     the next prompt at the next step, so that no row steps on while another row's response
-    goes on (a batch at a time keeps its ended rows stepping until its longest ends). Each row
-    writes its own cache column (model.KVCache's column per row) and prompt i samples from
+    goes on (a batch at a time keeps its ended rows stepping until its longest ends): CacheRows,
+    as serve.py's engine. Prompt i samples from
     generators[i], so a prompt's response is the same whichever prompts share its steps.
     -> (the Generation, in the order of `prompts`; the share of the decoding steps' rows that
     had no prompt to run, which only the queue's last prompts leave).
@@ -231,9 +269,8 @@ def generate_queue(
         return draw(scores, temperature, [generators[i] for i in indices]).tolist()
 
     out, finished = [[] for _ in prompts], [False] * len(prompts)
-    longest = max(map(len, prompts), default=1)
-    cache = KVCache(config, rows, longest + max_new_tokens)
-    queue, active = list(range(len(prompts)))[::-1], []  # active: [prompt, its cache length], a row each
+    slots = CacheRows(config, rows, max(map(len, prompts), default=1) + max_new_tokens)
+    queue, active = list(range(len(prompts)))[::-1], []  # active: the prompt in each live row
     row_steps = used = 0
 
     def take(i: int, token: int) -> bool:
@@ -244,13 +281,8 @@ def generate_queue(
 
     def retire(keep: list[bool]):
         nonlocal active
-        kept = []
-        for row, (entry, go_on) in enumerate(zip(active, keep)):
-            if go_on:
-                if row != len(kept):
-                    cache.copy_row(len(kept), cache, row, entry[1])
-                kept.append(entry)
-        active = kept
+        slots.keep(keep)
+        active = [i for i, stays in zip(active, keep) if stays]
 
     try:
         while True:
@@ -264,8 +296,8 @@ def generate_queue(
                 prefill = KVCache(config, 1, len(prompts[i]))
                 tokens = torch.tensor([prompts[i]], device=device)
                 logits = model(tokens, cache=prefill, start=0, positions=slice(-1, None))[:, -1]
-                cache.copy_row(len(active), prefill, 0, len(prompts[i]))
-                active.append([i, len(prompts[i])])
+                slots.add(prefill, len(prompts[i]))
+                active.append(i)
                 keep.append(take(i, sample(logits, [i])[0]))
             retire(keep)
             if not agreed(int(bool(active or queue))):
@@ -273,16 +305,9 @@ def generate_queue(
             if not active:
                 idle_forward()
                 continue
-            tokens = torch.tensor([[out[i][-1]] for i, _ in active], device=device)
-            start = torch.tensor([[length] for _, length in active], device=device)  # (B, 1): a column each
-            mask = torch.arange(max(length for _, length in active) + 1, device=device)[None] <= start
-            logits = model(tokens, mask, cache=cache, start=start)[:, -1]
+            logits = slots.step(model, [out[i][-1] for i in active], device)
             row_steps, used = row_steps + rows, used + len(active)
-            keep = []
-            for entry, token in zip(active, sample(logits, [i for i, _ in active])):
-                entry[1] += 1
-                keep.append(take(entry[0], token))
-            retire(keep)
+            retire([take(i, token) for i, token in zip(active, sample(logits, active))])
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring

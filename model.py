@@ -307,13 +307,6 @@ class KVCache:
         self.v = [None] * config.num_hidden_layers
         self.max_len = max_len
 
-    def allocate(self, dtype: torch.dtype, device) -> "KVCache":
-        """Every layer's buffers now (a cache that rows are copied into before any write)."""
-        for layer in range(len(self.k)):
-            self.k[layer] = torch.zeros(self.shape, dtype=dtype, device=device)
-            self.v[layer] = torch.zeros(self.shape, dtype=dtype, device=device)
-        return self
-
     def copy_row(self, row: int, source: "KVCache", source_row: int, columns: int):
         """Row `row`'s first `columns` columns := those of `source`'s row `source_row`, every layer
         (a layer not written yet takes the source's dtype and device)."""

@@ -22,7 +22,7 @@ uses too; a system message replaces the paper's system text. A conversation long
 context loses its oldest rounds (render's rule); a question that alone does not fit is a 400.
 
 One worker thread owns the model and schedules at every step (Engine): a request that arrives
-while others decode joins them at the next step, in one of --max-batch rows of a preallocated
+while others decode joins them at the next step, in one of --max-batch rows of one
 KV cache, with its own temperature, top_p, seed, stop strings and max_tokens; a long prompt is
 prefilled a chunk a step; a reply that ends frees its row at once. docs/serving.md explains it.
 
@@ -60,7 +60,7 @@ import torch
 from safety import COUNT, number, run_main
 from data.template import render
 from chat_api import _loopback
-from generate import ReplyText, add_device_args, device_and_dtype, draw, load, process_logits
+from generate import CacheRows, ReplyText, add_device_args, device_and_dtype, draw, load, process_logits
 from model import KVCache, Transformer, at_least_fp32
 from tokenizer import Tokenizer
 
@@ -316,8 +316,7 @@ class Row:
     choice: int
     reply: ReplyText
     generator: torch.Generator  # its own: a seeded reply is the same whatever else decodes beside it
-    length: int  # the cache columns it has filled: its prompt, then each token it sampled but the last
-    token: int = -1  # the last token it sampled, which the next step writes at column `length`
+    token: int = -1  # the last token it sampled, which the next step writes after its columns
     logprobs: list = field(default_factory=list)  # entries of tokens whose text has not been sent yet
 
 
@@ -332,7 +331,7 @@ class Prefill:
 
 class Engine:
     """Iteration-level scheduling (Orca's; vLLM's and nano-vllm's): one thread owns the model
-    and a KV cache of --max-batch rows, preallocated for the whole context, and each step
+    and a KV cache of --max-batch rows for the whole context (generate.CacheRows), and each step
 
       1. admits waiting requests, first come first served, while they fit in the free rows (a
          request takes a row for each of its n choices);
@@ -356,10 +355,9 @@ class Engine:
     ):
         self.model, self.tok, self.max_batch = model, tok, max_batch
         self.context = model.config.max_position_embeddings
-        weight = next(model.parameters())
-        self.device = weight.device
+        self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cuda"])
-        self.cache = KVCache(model.config, max_batch, self.context).allocate(weight.dtype, self.device)
+        self.slots = CacheRows(model.config, max_batch, self.context)  # self.rows[i] decodes in row i
         self.generator = torch.Generator(self.device).manual_seed(seed)  # for requests without a seed
         self.waiting: deque[Job] = deque()
         self.prefilling: deque[Prefill] = deque()
@@ -432,23 +430,17 @@ class Engine:
         self.prefilling.popleft()
         for choice in range(request.n):
             generator = torch.Generator(self.device).manual_seed(self.row_seed(request.seed, choice))
-            row = Row(job, choice, ReplyText(self.tok, request.stop, request.max_tokens), generator, len(request.ids))
-            self.cache.copy_row(len(self.rows), p.cache, 0, row.length)
+            row = Row(job, choice, ReplyText(self.tok, request.stop, request.max_tokens), generator)
+            self.slots.add(p.cache, len(request.ids))
             self.rows.append(row)
             self._sample([row], logits[None])
 
     def _decode(self):
         """Step 3."""
-        rows = self.rows
-        tokens = torch.tensor([[row.token] for row in rows], device=self.device)
-        start = torch.tensor([[row.length] for row in rows], device=self.device)  # (B, 1): a column each
-        mask = torch.arange(max(row.length for row in rows) + 1, device=self.device)[None] <= start
-        logits = self.model(tokens, mask, cache=self.cache, start=start)[:, -1]
+        logits = self.slots.step(self.model, [row.token for row in self.rows], self.device)
         self.steps += 1
-        self.widths.append(len(rows))
-        for row in rows:
-            row.length += 1
-        self._sample(rows, logits)
+        self.widths.append(len(self.rows))
+        self._sample(self.rows, logits)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor):
         """Each row's next token from its logits (B, V), with its own request's settings: the
@@ -503,20 +495,17 @@ class Engine:
 
     def _retire(self):
         """Step 4: rows that ended or whose client left free their rows; the rest move down."""
-        kept = []
-        for index, row in enumerate(self.rows):
+        for row in self.rows:
             if row.reply.finish is None and row.job.cancelled:
                 row.reply.finish = "cancelled"
-            if row.reply.finish is None:
-                if index != len(kept):
-                    self.cache.copy_row(len(kept), self.cache, index, row.length)
-                kept.append(row)
-                continue
+        keep = [row.reply.finish is None for row in self.rows]
+        for row in (row for row, stays in zip(self.rows, keep) if not stays):
             row.job.rows_left -= 1
             row.job.completion += row.reply.tokens
             if row.job.rows_left == 0:
                 self._done(row.job)
-        self.rows = kept
+        self.slots.keep(keep)
+        self.rows = [row for row, stays in zip(self.rows, keep) if stays]
 
     def _done(self, job: Job):
         if job.cancelled:
