@@ -2,16 +2,18 @@
 the tokenizer and the model card, read and written without a model class.
 
 Everything here works on `{name: shape}` and `{name: tensor}` dicts, in HF's tensor names:
-model.py maps them onto its modules (hf_name, expected_shapes, check_tensors) and convert.py
-and the trainers write through write_checkpoint. Reading checks each file as it comes
-(checkpoint_shards, tensor_shapes, read_safetensors, check_weight), so that a truncated shard,
-an index that lies or a NaN is one message naming the file, before any model is built;
+model.py maps them onto its modules (hf_name, expected_shapes, our_names) and convert.py
+and the trainers write through write_checkpoint. Reading is in two passes: every file's header
+first (read_headers, check_shapes), then the tensors a file at a time, each checked as it comes
+(read_tensors, check_weight), so that a truncated shard, an index that lies, a config.json of
+another model or a NaN is one message naming the file, before any memory is spent on it;
 writing is atomic (a temporary directory renamed into place), so that a crash leaves the old
 checkpoint or the new one, never half of one. model_card is the README.md each export carries.
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import os
@@ -32,6 +34,25 @@ class CheckpointError(ValueError):
     line prints it as one line and exits 2 (safety.run_main), as for any input of the user's."""
 
     for_the_user = True
+
+
+def not_a_model(path: Path, builtin: list[str] | None = None) -> str:
+    """What to tell a user whose model path holds no config.json: the checkpoints one level down
+    (a trainer's OUT holds best/ and final/), or, for a path that is no directory, the `builtin`
+    config names (where the command takes one) and the closest."""
+    if path.is_dir():
+        below = sorted(
+            (c.parent for c in path.glob("*/config.json")),
+            key=lambda found: (found.name not in ("best", "final"), found.name),
+        )
+        hint = f"; did you mean {' or '.join(str(found) for found in below[:3])}?" if below else ""
+        return f"{path}: no config.json (expected an HF-format model directory){hint}"
+    if builtin is None:
+        return f"{path}: no such model directory (expected an HF-format model directory)"
+    close = difflib.get_close_matches(str(path), builtin, n=1, cutoff=0.6)
+    return f"{path}: neither a model directory nor a built-in config ({', '.join(builtin)})" + (
+        f"; did you mean {close[0]}?" if close else ""
+    )
 
 
 def checkpoint_shards(path: Path) -> dict[Path, list[str] | None]:
@@ -89,6 +110,67 @@ def read_safetensors(file: Path, names: list[str] | None = None):
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError, OverflowError) as e:
         raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+
+
+def is_buffer(name: str) -> bool:
+    """RoPE's inverse frequencies: recomputed by the model, stored by older transformers only."""
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def read_headers(path: Path) -> tuple[dict[Path, list[str] | None], dict[str, tuple]]:
+    """An HF directory's shard files (checkpoint_shards) and the shape of every tensor they
+    hold but buffers, from the headers alone. An index that assigns a file a tensor the file
+    does not hold is refused here, before any data is read."""
+    shards = checkpoint_shards(path)
+    found = {}
+    for shard, names in shards.items():
+        shapes = dict(tensor_shapes(shard))
+        absent = sorted(set(names or ()) - set(shapes))
+        if absent:
+            raise CheckpointError(f"{shard}: the index assigns {absent[:3]} to this file, but it does not hold them")
+        found.update((name, shape) for name, shape in shapes.items() if not is_buffer(name))
+    return shards, found
+
+
+def check_shapes(found: dict, expected: dict, where, what: str, *, complete: bool = True):
+    """Refuse tensors (HF name -> shape) that are not `expected`'s: a name `what` (the model a
+    config.json describes) has no place for, a shape of another model, and where `complete`
+    is asked, a tensor missing. Run on the headers before any data is read (a config.json of
+    1,000 layers over a checkpoint of 40 is one message), and by convert.py on each group as
+    it streams."""
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        more = f"; {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} (not in {what}){more}")
+    for name, shape in found.items():
+        if tuple(shape) != tuple(expected[name]):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(shape)}, but config.json implies {tuple(expected[name])}"
+            )
+    missing = sorted(set(expected) - set(found)) if complete else []
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{where}: checkpoint lacks tensors {missing[:5]}{more}")
+
+
+def read_tensors(shards: dict[Path, list[str] | None], keep, *, dtype, device):
+    """The tensors named in `keep` (HF names), one shard file at a time: yields {HF name:
+    tensor} for each file, every tensor checked (check_weight) and cast to `dtype` on `device`,
+    so that a reader holds at most one file's tensors (training.load_sharded scatters each group
+    before the next is read)."""
+    for shard, names in shards.items():
+        tensors = {}
+        for name, tensor in read_safetensors(shard, names):
+            if name in keep:
+                check_weight(shard, name, tensor)
+                tensors[name] = tensor.to(device=device, dtype=dtype)
+        yield tensors
+        del tensors
+
+
+def as_dtype(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """Each tensor rounded to `dtype` (to nearest, ties to even: torch's cast), or as it is (None)."""
+    return state_dict if dtype is None else {k: v.to(dtype) for k, v in state_dict.items()}
 
 
 def write_checkpoint(

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from safety import POSITIVE, refuse_to_replace, run_main
-from checkpoint import CheckpointError, model_card, read_safetensors, write_checkpoint
+from checkpoint import CheckpointError, is_buffer, model_card, read_safetensors, write_checkpoint
 from model import ModelConfig, check_tensors, expected_shapes
 from tokenizer import Tokenizer
 
@@ -93,10 +93,6 @@ class CheckpointFiles:
         return None if file is None else self.load(file).get(name)
 
 
-def is_buffer(name: str) -> bool:
-    return name.endswith("rotary_emb.inv_freq")
-
-
 def read_config(*dirs: Path) -> tuple[dict, Path]:
     for d in dirs:
         if d is not None and (d / "config.json").is_file():
@@ -112,19 +108,11 @@ def checked(hf: dict, where: Path, groups):
     config = ModelConfig.from_hf(hf, source=str(where / "config.json"))
     expected, seen = expected_shapes(config), {}
     for group in groups:
-        for name, t in group.items():
-            if name not in expected:
-                raise CheckpointError(
-                    f"{where}: unexpected tensor {name!r} (not in the {config.num_hidden_layers}-layer "
-                    "LLaMA its config.json describes)"
-                )
-            if tuple(t.shape) != expected[name]:
-                raise CheckpointError(
-                    f"{where}: tensor {name!r} has shape {tuple(t.shape)}, but config.json implies {expected[name]}"
-                )
-            seen[name] = tuple(t.shape)
+        shapes = {name: tuple(t.shape) for name, t in group.items()}
+        check_tensors(config, shapes, where, expected, complete=False)
+        seen.update(shapes)
         yield group
-    check_tensors(config, seen, where)
+    check_tensors(config, seen, where, expected)
 
 
 def checked_tokenizer(path: Path | None, hf: dict) -> Path | None:

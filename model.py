@@ -5,14 +5,16 @@ on Chinese. This file holds everything needed to run such a model, in this order
 banner comment):
 
     Configuration    ModelConfig, read from / written to an HF `config.json`; the named configs
-    The network      RMSNorm, RoPE, KVCache, Attention, MLP, LoRALinear (LoRA adapters, off by
-                     default), Block, and Transformer: embed -> layers -> norm -> lm_head, with
-                     from_pretrained (streamed shard by shard) and save_pretrained (atomic, the
-                     layout `transformers` opens unchanged)
+    The network      RMSNorm, RoPE, KVCache, Attention, MLP, Block, and Transformer: embed ->
+                     layers -> norm -> lm_head, with from_pretrained (streamed shard by shard)
+                     and save_pretrained (the layout `transformers` opens unchanged)
     Built on it      RewardModel (the trunk and a scalar head at the reply's eos, in the HF
                      reward-model layout) and PolicyWithValue (PPO's policy and value head)
-    HF names         hf_name, expected_shapes and check_tensors: the checkpoint's tensors
-                     mapped onto these modules (the files themselves: checkpoint.py)
+    HF names         hf_name, expected_shapes, check_tensors and our_names: the checkpoint's
+                     tensor names mapped onto these modules
+
+The files themselves (shards, headers, the atomic writer) are checkpoint.py's; LoRA's adapters,
+which save_pretrained folds into the weights, are lora.py's.
 
 Module and tensor names follow Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...),
 so a checkpoint maps onto this model by adding the prefix `model.` (see `hf_name`).
@@ -22,7 +24,6 @@ Sampling lives in generate.py, the tokenizer in tokenizer.py.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,13 +36,15 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from checkpoint import (
     CheckpointError,
-    check_weight,
-    checkpoint_shards,
-    read_safetensors,
-    tensor_shapes,
+    as_dtype,
+    not_a_model,
+    check_shapes,
+    read_headers,
+    read_tensors,
     write_checkpoint,
 )
 from data.template import pad_batch
+from lora import merge_lora
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,29 +223,8 @@ def load_config(spec: str | os.PathLike, *, builtin: bool = True) -> ModelConfig
     if builtin and str(spec) in CONFIGS and not Path(spec).is_dir():
         return CONFIGS[str(spec)]
     if not (Path(spec) / "config.json").is_file():
-        raise FileNotFoundError(not_a_model(Path(spec), builtin=builtin))
+        raise FileNotFoundError(not_a_model(Path(spec), list(CONFIGS) if builtin else None))
     return ModelConfig.from_json(Path(spec) / "config.json")
-
-
-def not_a_model(path: Path, *, builtin: bool = False) -> str:
-    """What to tell a user whose model path holds no config.json: the checkpoints one level down
-    (a trainer's OUT holds best/ and final/), or, for a path that is no directory, the built-in
-    names and the closest one."""
-    if path.is_dir():
-        below = sorted(
-            (c.parent for c in path.glob("*/config.json")),
-            key=lambda found: (found.name not in ("best", "final"), found.name),
-        )
-        hint = f"; did you mean {' or '.join(str(found) for found in below[:3])}?" if below else ""
-        return f"{path}: no config.json (expected an HF-format model directory){hint}"
-    if not builtin:
-        return f"{path}: no such model directory (expected an HF-format model directory)"
-    import difflib
-
-    close = difflib.get_close_matches(str(path), list(CONFIGS), n=1, cutoff=0.6)
-    return f"{path}: neither a model directory nor a built-in config ({', '.join(CONFIGS)})" + (
-        f"; did you mean {close[0]}?" if close else ""
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,112 +366,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-# LoRA (--lora-rank in train_sft.py and train_rm.py; off by default, the paper trains every weight)
-
-
-class LoRALinear(nn.Linear):
-    """y = x·Wᵀ + (α/r)·x·Aᵀ·Bᵀ: a frozen weight W and a trainable low-rank update B·A (LoRA,
-    Hu et al. 2021), for a researcher with one GPU (the paper trains every weight). A (r × in)
-    starts random and B (out × r) at zero, so the adapted model starts as the base model. The
-    weight keeps its name, so a checkpoint's names are unchanged; merged_weight() folds the
-    update in for export (merge_lora), and every checkpoint stays a plain LLaMA."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
-        self.rank, self.scale = rank, alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
-        self.weight.requires_grad_(False)
-
-    def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight + self.scale * (self.lora_b @ self.lora_a)
-
-
-class SettingError(ValueError):
-    """A setting that does not fit the model (LoRA's targets or rank): a command line prints it
-    as one line and exits 2 (safety.run_main)."""
-
-    for_the_user = True
-
-
-def check_lora(model: nn.Module, rank: int, targets: list[str]):
-    """LoRA's flags against a model (on the meta device: before any data or weight is read):
-    every target is a linear layer of the blocks, and the rank is at most min(in, out) of each
-    (an update B·A of a larger rank has no more freedom than the weight itself, only more
-    memory)."""
-    linears = {
-        name.rsplit(".", 1)[-1]: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and ".layers." in f".{name}"
-    }
-    unknown = [t for t in targets if t not in linears]
-    if unknown:
-        raise SettingError(
-            f"--lora-targets {' '.join(unknown)}: no such linear layer in the blocks (they have {', '.join(linears)})"
-        )
-    most = min(min(linears[t].in_features, linears[t].out_features) for t in targets)
-    if not 1 <= rank <= most:
-        raise SettingError(
-            f"--lora-rank {rank}: must be between 1 and {most}, the smaller side of the smallest of {' '.join(targets)}"
-        )
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[str]:
-    """Replace the linear layers named `targets` (q_proj, v_proj, …) of every block of `model`
-    (a Transformer, or a module holding one) by LoRALinear, keeping their weights, and freeze
-    everything but the LoRA matrices. Works on the meta device, before sharding. Returns the
-    names of the new trainable parameters (to be initialised by lora_init)."""
-    check_lora(model, rank, targets)
-    found = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if name.rsplit(".", 1)[-1] in targets and isinstance(mod, nn.Linear) and ".layers." in f".{name}"
-    ]
-    model.requires_grad_(False)
-    for name, linear in found:
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        lora = LoRALinear(
-            linear.in_features, linear.out_features, rank, alpha, device=linear.weight.device, dtype=linear.weight.dtype
-        )
-        lora.weight = linear.weight
-        lora.weight.requires_grad_(False)
-        setattr(parent, name.rsplit(".", 1)[-1], lora)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def lora_init(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Starting values of every LoRA matrix of `model`, by name: A ~ U(±1/√in) (the bound
-    kaiming_uniform_(a=√5) gives, as PEFT initialises A), B = 0."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            bound = 1 / math.sqrt(mod.in_features)
-            out[f"{name}.lora_a"] = (torch.rand(mod.rank, mod.in_features, generator=gen) * 2 - 1) * bound
-            out[f"{name}.lora_b"] = torch.zeros(mod.out_features, mod.rank)
-    return out
-
-
-def merge_lora(model: nn.Module, state_dict: dict) -> dict:
-    """`state_dict` (of `model`, full) with each LoRA layer's update folded into its weight,
-    W + (α/r)·B·A computed in fp32 at least, and the LoRA matrices gone: an ordinary LLaMA's tensors."""
-    sd = dict(state_dict)
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear) and f"{name}.lora_a" in sd:
-            a, b, w = sd.pop(f"{name}.lora_a"), sd.pop(f"{name}.lora_b"), sd[f"{name}.weight"]
-            acc = torch.promote_types(w.dtype, torch.float32)  # bf16 weights merge in fp32, fp64 stay fp64
-            sd[f"{name}.weight"] = (w.to(acc) + mod.scale * (b.to(acc) @ a.to(acc))).to(w.dtype)
-    return sd
-
-
-def as_dtype(state_dict: dict, dtype: torch.dtype | None) -> dict:
-    """Each tensor rounded to `dtype` (to nearest, ties to even: torch's cast), or as it is (None)."""
-    return state_dict if dtype is None else {k: v.to(dtype) for k, v in state_dict.items()}
 
 
 class Block(nn.Module):
@@ -686,57 +562,16 @@ class Transformer(nn.Module):
     @classmethod
     def read_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, device="cpu"):
         """An HF-format checkpoint's tensors, one shard file at a time: yields {our name: tensor}
-        for each file, converted to `dtype`, so that a reader holds at most one file's tensors
-        (training.load_sharded scatters each before the next is read). Every file's header is
-        checked against config.json before any data is read; a tied head is yielded with the
-        embedding, as the same tensor."""
+        for each file, converted to `dtype` (checkpoint.read_tensors), so that a reader holds at
+        most one file's tensors. Every file's header is checked against config.json before any
+        data is read; a tied head is yielded with the embedding, as the same tensor."""
         path = Path(path)
         config = ModelConfig.from_json(path / "config.json")
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {hf_name(n): p.shape for n, p in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        ours = {hf_name(n): n for n in model.state_dict()}
-        shards = checkpoint_shards(path)
-        found = {}
-        for shard, names in shards.items():  # headers only: nothing is read before all of them agree
-            shapes = dict(tensor_shapes(shard))
-            if names is not None and set(names) - set(shapes):
-                absent = sorted(set(names) - set(shapes))
-                raise CheckpointError(
-                    f"{shard}: the index assigns {absent[:3]} to this file, but it does not hold them"
-                )
-            found.update(shapes)
-        check_tensors(config, found, path)
-        loaded = set()
-        for shard, names in shards.items():
-            tensors = {}
-            for name, tensor in read_safetensors(shard, names):
-                if name.endswith("rotary_emb.inv_freq"):  # recomputed, never stored by new HF
-                    continue
-                if config.tie_word_embeddings and name == "lm_head.weight":
-                    continue  # a tied head is the embedding; some checkpoints store both
-                if name not in expected:
-                    raise CheckpointError(
-                        f"{shard}: unexpected tensor {name!r} (not in a {config.num_hidden_layers}-layer LLaMA)"
-                    )
-                if tuple(tensor.shape) != tuple(expected[name]):
-                    raise CheckpointError(
-                        f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"but config.json implies {tuple(expected[name])}"
-                    )
-                check_weight(shard, name, tensor)
-                tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
-                loaded.add(name)
-            if config.tie_word_embeddings and "embed_tokens.weight" in tensors:
-                tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-            missing = sorted(set(expected) - loaded) if shard == list(shards)[-1] else []
-            if missing:
-                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise CheckpointError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
-            yield tensors
-            del tensors
+        shards, found = read_headers(path)
+        expected = expected_shapes(config)
+        check_tensors(config, found, path, expected)
+        for tensors in read_tensors(shards, expected, dtype=dtype, device=device):
+            yield our_names(tensors, config)
 
     def save_pretrained(
         self,
@@ -938,13 +773,8 @@ class RewardModel(nn.Module):
         config = ModelConfig.from_json(path / "config.json")
         expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
         expected["score.weight"] = (1, config.hidden_size)
-        shards = checkpoint_shards(path)
-        found = {
-            name: shape
-            for shard in shards
-            for name, shape in tensor_shapes(shard)
-            if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq")
-        }
+        shards, found = read_headers(path)
+        found.pop("lm_head.weight", None)  # an LM head saved beside the score: never read
         if "score.weight" not in found:
             raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
         labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
@@ -953,22 +783,13 @@ class RewardModel(nn.Module):
                 f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
                 "model needs one label, a single score"
             )
-        check_tensors(config, found, path, expected=expected)
-        with torch.device("meta"):
-            trunk = Transformer(config)
-        ours = {hf_name(n): f"trunk.{n}" for n in trunk.state_dict()}
-        ours["score.weight"] = "score_head.weight"
-        for shard, names in shards.items():
-            tensors = {}
-            for name, tensor in read_safetensors(shard, names):
-                if name not in expected:
-                    continue  # an LM head saved beside the score, rotary buffers
-                check_weight(shard, name, tensor)
-                tensors[ours[name]] = tensor.to(device=device, dtype=dtype)
-            if config.tie_word_embeddings and "trunk.embed_tokens.weight" in tensors:
-                tensors["trunk.lm_head.weight"] = tensors["trunk.embed_tokens.weight"]
+        check_tensors(config, found, path, expected)
+        for tensors in read_tensors(shards, expected, dtype=dtype, device=device):
+            score = tensors.pop("score.weight", None)
+            tensors = our_names(tensors, config, prefix="trunk.")
+            if score is not None:
+                tensors["score_head.weight"] = score
             yield tensors
-            del tensors
 
     @classmethod
     def _from_causal_lm_and_head(cls, path: Path, dtype, device) -> "RewardModel":
@@ -991,15 +812,16 @@ class RewardModel(nn.Module):
 class PolicyWithValue(nn.Module):
     """PPO's policy (a LLaMA) and a value head on its final hidden state, as one module so that
     FSDP wraps both. The embedding and the blocks below `first_trainable` are frozen (paper App.
-    E: only the last TRAINABLE_BLOCKS are updated in RL). Three ways to run it:
+    E: only the last TRAINABLE_BLOCKS are updated in RL). PPO runs it in two slices:
 
-        forward  the whole policy: logits (generation; tokens, attention_mask, cache, start)
         bottom   the frozen embedding and blocks [0, first_trainable): the residual stream that
-                 enters block first_trainable
-        top      blocks [first_trainable, L), the norm, the head and the value head on that stream:
-                 (logits, values) per position (of `positions` only, when given)
+                 enters block first_trainable, computed once per experience
+        top      blocks [first_trainable, L), the norm, the head and the value head on that
+                 stream: (logits, values) per position (of `positions` only, when given)
 
-    bottom and top run through forward (see there), each returning one kind of thing."""
+    Both are calls of forward, which is the policy's Transformer.forward with the value head
+    added on request: under FSDP the root's weights (the embedding, the final norm and both
+    heads) are gathered in nn.Module.__call__, so every slice goes through it."""
 
     def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
         super().__init__()
@@ -1021,38 +843,24 @@ class PolicyWithValue(nn.Module):
         return self.policy.layers
 
     def bottom(self, tokens, attention_mask=None) -> torch.Tensor:
-        """The residual stream entering block `first_trainable`, (B, T, hidden), without the value head."""
-        return self(tokens, attention_mask, part="bottom")
+        return self(tokens, attention_mask, last_layer=self.first_trainable, output="residual")
 
     def top(self, hidden, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, values) per position of `hidden` (of `positions` only, when given)."""
-        return self(hidden=hidden, attention_mask=attention_mask, positions=positions, part="top")
+        return self(
+            hidden=hidden,
+            attention_mask=attention_mask,
+            first_layer=self.first_trainable,
+            positions=positions,
+            values=True,
+        )
 
-    def forward(
-        self,
-        tokens=None,
-        attention_mask=None,
-        *,
-        hidden=None,
-        cache=None,
-        start=0,
-        positions=None,
-        part: str = "policy",
-    ):
-        """The policy's logits; bottom() and top() come through here too, so that every part
-        runs under nn.Module.__call__, where FSDP gathers the root's weights."""
-        if part == "bottom":
-            return self.policy(tokens, attention_mask, last_layer=self.first_trainable, output="residual")
-        if part == "top":
-            h = self.policy(
-                hidden=hidden,
-                attention_mask=attention_mask,
-                first_layer=self.first_trainable,
-                output="hidden",
-                positions=positions,
-            )
-            return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
-        return self.policy(tokens, attention_mask, cache=cache, start=start, positions=positions)
+    def forward(self, tokens=None, attention_mask=None, *, values: bool = False, **kwargs):
+        """Transformer.forward of the policy (its keyword arguments: a cache, a slice of the
+        layers, an output); values=True: (logits, values) from the final hidden state."""
+        if not values:
+            return self.policy(tokens, attention_mask, **kwargs)
+        h = self.policy(tokens, attention_mask, output="hidden", **kwargs)
+        return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
 
     def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
         sd = self.state_dict() if state_dict is None else state_dict
@@ -1076,51 +884,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
-def check_tensors(config: ModelConfig, found: dict[str, tuple], where: Path, expected: dict | None = None):
-    """Refuse, before any tensor's data is read, a checkpoint whose tensors are not the ones its
-    config implies (expected_shapes, or `expected`): a config.json of 1,000 layers over a
-    checkpoint of 40, a shape of another model."""
-    expected = expected_shapes(config) if expected is None else expected
-    found = {
-        k: v
-        for k, v in found.items()
-        if not k.endswith("rotary_emb.inv_freq") and not (config.tie_word_embeddings and k == "lm_head.weight")
-    }
-    unexpected = sorted(set(found) - set(expected))
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: unexpected tensor {unexpected[0]!r} (not in the {config.num_hidden_layers}-"
-            f"layer LLaMA its config.json describes){f'; {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}"
-        )
-    for name, shape in found.items():
-        if shape != expected[name]:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} has shape {shape}, but config.json implies {expected[name]}"
-            )
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{where}: checkpoint lacks tensors {missing[:5]}{more}")
+def check_tensors(config: ModelConfig, found: dict, where: Path, expected: dict | None = None, complete: bool = True):
+    """checkpoint.check_shapes against what `config` implies (expected_shapes, or `expected`).
+    A tied head stored beside the embedding, as some checkpoints store it, is let be."""
+    if config.tie_word_embeddings:
+        found = {k: v for k, v in found.items() if k != "lm_head.weight"}
+    what = f"the {config.num_hidden_layers}-layer LLaMA its config.json describes"
+    check_shapes(found, expected_shapes(config) if expected is None else expected, where, what, complete=complete)
 
 
-__all__ = [
-    "ModelConfig",
-    "CONFIGS",
-    "load_config",
-    "Transformer",
-    "RewardModel",
-    "PolicyWithValue",
-    "TRAINABLE_BLOCKS",
-    "allocate",
-    "KVCache",
-    "AttentionContext",
-    "hf_name",
-    "token_logprobs",
-    "LoRALinear",
-    "add_lora",
-    "lora_init",
-    "merge_lora",
-]
+def our_names(tensors: dict, config: ModelConfig, prefix: str = "") -> dict:
+    """{HF name: tensor} -> {our name: tensor} (hf_name undone, `prefix` before each), a tied
+    head given the embedding."""
+    out = {prefix + name.removeprefix("model."): t for name, t in tensors.items()}
+    if config.tie_word_embeddings and f"{prefix}embed_tokens.weight" in out:
+        out[f"{prefix}lm_head.weight"] = out[f"{prefix}embed_tokens.weight"]
+    return out
+
 
 if __name__ == "__main__":  # print the named configs' sizes
     for name, cfg in CONFIGS.items():

@@ -1299,7 +1299,8 @@ TABLE3_CONVERSATIONS = 61_400 + 69_768 + 68_888 + 25_986
 
 
 def _lm(config, kind: str, activation_checkpointing: bool, lora: tuple | None = None, bf16: bool = False):
-    from model import RewardModel, Transformer, add_lora
+    from lora import add_lora
+    from model import RewardModel, Transformer
     from training import frozen_in_bf16
 
     model = Transformer(config) if kind == "sft" else RewardModel(config)

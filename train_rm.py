@@ -44,7 +44,8 @@ from data.schema import Report, finished_ids
 from data.template import pad_batch, render, render_reply
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
-from model import RewardModel, add_lora, check_lora, lora_init
+from lora import add_lora, check_lora, lora_init
+from model import RewardModel
 from plan import add_plan_args, lm_dry_run
 from safety import (
     COUNT,

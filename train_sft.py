@@ -35,7 +35,8 @@ from data import corpus
 from data.mixing import LengthGroupedBatches
 from data.readers import add_input_args
 from data.template import IGNORE_INDEX, collate
-from model import add_lora, at_least_fp32, check_lora, lora_init
+from lora import add_lora, check_lora, lora_init
+from model import at_least_fp32
 from plan import add_plan_args, lm_dry_run
 from safety import data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (

@@ -56,6 +56,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import corpus
+from lora import LoRALinear
+from model import CONFIGS, Transformer, load_config
 from safety import (
     CHANGEABLE,
     StepGuard,
@@ -609,7 +611,6 @@ def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
     fail on a bad --data line. Only rank 0 reads them, one file at a time; load_sharded
     scatters each group before the next is read, so rank 0 holds one file's tensors, not the
     model, and 8 ranks on one node do not hold 8 copies."""
-    from model import CONFIGS, Transformer, load_config
     from tokenizer import Tokenizer
 
     config = load_config(spec)
@@ -912,8 +913,6 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
     arrives: rank 0 holds the model in that dtype (24.4 GiB at 13B in bf16), never all of it in
     fp32. A LoRA layer's weight and adapters stay as they are, for save_pretrained to merge
     in fp32 before it casts."""
-    from model import LoRALinear
-
     keep = {
         f"{name}.{part}"
         for name, mod in model.named_modules()

@@ -9,7 +9,8 @@ from conftest import ROOT, micro_model
 from safetensors.torch import load_file
 from test_train_sft import in_process, interrupted_at_step, losses, run
 
-from model import LoRALinear, ModelConfig, Transformer, add_lora, lora_init, merge_lora
+from lora import LoRALinear, add_lora, lora_init, merge_lora
+from model import ModelConfig, Transformer
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj", "v_proj", "down_proj"]
 CFG = ModelConfig(

@@ -472,7 +472,7 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     scatters: each file's tensors all go out before the next file is opened (before, every file
     was read, then the whole state dict went out once). With --lr 0 the exported weights are the
     checkpoint's, to the bit."""
-    import model
+    import checkpoint
     import train_sft
     import training
 
@@ -480,7 +480,7 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     files = sorted(sharded.glob("model-*.safetensors"))
     assert len(files) >= 4
     log = []
-    read, scatter = model.read_safetensors, training.set_model_state_dict
+    read, scatter = checkpoint.read_safetensors, training.set_model_state_dict
 
     def reading(file, names=None):
         log.append(("read", Path(file).name))
@@ -490,7 +490,7 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
         log.append(("scatter", sorted(state_dict)))
         return scatter(module, state_dict, options=options)
 
-    monkeypatch.setattr(model, "read_safetensors", reading)
+    monkeypatch.setattr(checkpoint, "read_safetensors", reading)
     monkeypatch.setattr(training, "set_model_state_dict", scattering)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     train_sft.main(

@@ -1,0 +1,96 @@
+"""The layout's two rules, read from the source: the project's modules import one another one
+way only (no cycle, imports inside functions counted), and what runs imports nothing beyond the
+standard library and the six runtime dependencies (test-only tools stay in tests/ and bench/)."""
+
+import ast
+import sys
+
+from conftest import ROOT
+
+RUNTIME = {"torch", "sentencepiece", "safetensors", "numpy", "requests", "tqdm"}
+
+
+def project_modules() -> dict[str, object]:
+    """{module name: path} of the code that runs: the top-level files and the data package."""
+    modules = {p.stem: p for p in ROOT.glob("*.py")}
+    for p in (ROOT / "data").glob("*.py"):
+        modules["data" if p.stem == "__init__" else f"data.{p.stem}"] = p
+    return modules
+
+
+def imports(path, package: str | None) -> set[str]:
+    """Every module `path` imports, at the top or inside a function: `from data import corpus`
+    gives data and data.corpus, a relative import is resolved against `package`."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = package + (f".{base}" if base else "")
+            names.add(base)
+            names |= {f"{base}.{a.name}" for a in node.names}
+    return names
+
+
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    edges = {}
+    for name, path in modules.items():
+        package = "data" if name.startswith("data") else None
+        found = imports(path, package)
+        edges[name] = {m for m in found | {f.split(".")[0] for f in found} if m in modules and m != name}
+    return edges
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the directed graph, as the path that closes it, or None (depth-first search)."""
+    state, path = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_search_finds_a_cycle_when_there_is_one():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_counting_the_imports_inside_functions():
+    """Issue 37 item 2: {plan, train_sft, train_rm, train_ppo} were one cycle through imports
+    inside functions. Now every arrow points one way, through the whole project."""
+    edges = graph()
+    # The graph sees what it must: a function-level import (plan reads model's classes only
+    # inside functions), a package's submodule, and the low modules the rest stand on.
+    assert "model" in edges["plan"] and "data.corpus" in edges["training"]
+    assert {"model", "lora"} <= edges["training"] and "model" not in edges["checkpoint"] | edges["lora"]
+    assert cycle(edges) is None, f"import cycle: {' -> '.join(cycle(edges))}"
+
+
+def test_what_runs_imports_only_the_runtime_dependencies():
+    """The design's dependency rule: torch, sentencepiece, safetensors, numpy, requests, tqdm,
+    and the standard library; transformers, nltk, rouge and pytest only in tests/ and bench/."""
+    modules = project_modules()
+    outside = {}
+    for name, path in modules.items():
+        package = "data" if name.startswith("data") else None
+        for imported in imports(path, package):
+            top = imported.split(".")[0]
+            if top and top not in RUNTIME and top not in sys.stdlib_module_names and top not in modules:
+                outside.setdefault(name, set()).add(top)
+    assert not outside, f"imports beyond the runtime dependencies: {outside}"
