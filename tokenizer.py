@@ -77,26 +77,34 @@ class Tokenizer:
 class StreamDecoder:
     """Turn a growing list of ids into text increments for streaming.
 
-    A piece can be half of a multi-byte character (byte fallback) and a piece's leading space
-    depends on what precedes it, so we decode the whole tail and emit only what became final.
+    A piece can be half of a multi-byte character (byte fallback), and a piece's leading space
+    depends on what precedes it, so a token's text is known only by decoding it with the tokens
+    before it. Decoding the whole reply on each token would cost O(n) a token and O(n²) a reply;
+    instead a short window is decoded: from `prefix` (where the text emitted before last began)
+    to the end, minus the same window's text up to `read` (where it ended). The two decodings
+    start at the same piece, so they treat its leading space alike, and their difference is the
+    new text (the scheme text-generation-inference's decode_token uses). The window moves on
+    each time text is emitted, so it spans the tokens since the last two emissions.
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.ids, self.emitted = tokenizer, [], ""
+        self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-            return ""
-        new, self.emitted = text[len(self.emitted) :], text
-        return new
+        return self._emit(final=False)
 
     def flush(self) -> str:
         """What push held back, at the end: a sequence that stops mid-character decodes lossily."""
-        text = self.tok.decode(self.ids)
-        new, self.emitted = text[len(self.emitted) :], text
-        return new
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""  # nothing yet, or an incomplete UTF-8 sequence: wait for its other bytes
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before) :]
 
 
 def train_tokenizer(sentences: Iterable[str], out: str | os.PathLike, vocab_size: int = 4096) -> Tokenizer:

@@ -38,6 +38,43 @@ def test_stream_decoder_reassembles_text(tokenizer_file):
     assert all("\ufffd" not in p for p in pieces)  # never half a character
 
 
+def stream(tok, ids) -> list[str]:
+    dec = StreamDecoder(tok)
+    return [dec.push(i) for i in ids] + [dec.flush()]
+
+
+def test_stream_decoder_equals_decoding_the_whole_reply_on_random_replies(tokenizer_file):
+    """The streamed pieces add up to decode(ids), and none holds half a character, on replies
+    a model could write: random runs of text (rare characters that fall back to bytes, emoji,
+    digits, spaces, Latin) and random ids of the whole vocabulary, special ids included."""
+    import random
+
+    tok = Tokenizer(tokenizer_file)
+    pool = list("孩子发烧咳嗽头痛医生建议多喝水龘靐😀🩺 ，。？\n0123456789abc ") + ["  ", "体温38.5度"]
+    rng = random.Random(0)
+    for trial in range(300):
+        if trial % 3:
+            ids = tok.encode("".join(rng.choice(pool) for _ in range(rng.randint(1, 60))))
+        else:
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))]
+        pieces = stream(tok, ids)
+        assert "".join(pieces) == tok.decode(ids), ids
+        if trial % 3:  # valid UTF-8 throughout: no piece may split a character
+            assert all("\ufffd" not in p for p in pieces), (ids, pieces)
+
+
+def test_stream_decoder_decodes_a_window_not_the_reply(tokenizer_file, monkeypatch):
+    """Each token decodes the few tokens since the last two emissions, not the whole reply:
+    before, a reply of n tokens decoded n(n+1)/2 ids (500 tokens: 125,250), an O(n²) reply."""
+    tok = Tokenizer(tokenizer_file)
+    ids = tok.encode("孩子发烧😀38.5度，医生建议多喝水。" * 40)
+    assert len(ids) > 300
+    decoded, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda part: decoded.append(len(part)) or decode(part))
+    assert "".join(stream(tok, ids)) == decode(ids)
+    assert sum(decoded) < 10 * len(ids), (sum(decoded), len(ids))
+
+
 def test_training_is_deterministic(tmp_path, tokenizer_file):
     train_tokenizer(CORPUS, tmp_path / "again.model", vocab_size=400)
     assert (tmp_path / "again.model").read_bytes() == tokenizer_file.read_bytes()
