@@ -37,8 +37,8 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from checkpoint import (
     CheckpointError,
     as_dtype,
-    not_a_model,
     check_shapes,
+    not_a_model,
     read_headers,
     read_tensors,
     write_checkpoint,

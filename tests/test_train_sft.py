@@ -482,9 +482,9 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
     log = []
     read, scatter = checkpoint.read_safetensors, training.set_model_state_dict
 
-    def reading(file, names=None):
+    def reading(file, keep=None):
         log.append(("read", Path(file).name))
-        yield from read(file, names)
+        yield from read(file, keep)
 
     def scattering(module, state_dict, options):
         log.append(("scatter", sorted(state_dict)))
