@@ -191,19 +191,24 @@ def draw(scores: torch.Tensor, temperature: float, generator=None) -> torch.Tens
 class CacheRows:
     """Sequences decoding together in the rows of one KV cache, each at its own length (a cache
     column per row: model.KVCache's (B, 1) start), the server's requests and PPO's rollout
-    queue. Rows 0 .. n-1 are the live ones: a sequence joins with its prompt's keys and values
-    (add), every live one takes a step at once (step), and those that ended leave, the rows
-    after them moving down (keep)."""
+    queue. Rows 0 .. n-1 are the live ones, each holding what decodes in it (`items`: the
+    server's Row, the rollout's prompt index) beside the columns it has filled (`lengths`): a
+    sequence joins with its prompt's keys and values (add), every live one takes a step at once
+    (step), and those that ended leave, the rows after them moving down (keep). An item and its
+    columns change only together, so no path (a failed step among them: clear) can leave a
+    row's length behind for the next sequence to attend to."""
 
     def __init__(self, config, rows: int, columns: int):
-        self.cache, self.lengths = KVCache(config, rows, columns), []  # lengths: cache columns filled
+        self.cache = KVCache(config, rows, columns)
+        self.items, self.lengths = [], []  # lengths: the cache columns each live row has filled
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.items)
 
-    def add(self, prefill: KVCache, length: int):
-        """A sequence whose first `length` columns are in `prefill` (its row 0) joins as the last row."""
-        self.cache.copy_row(len(self.lengths), prefill, 0, length)
+    def add(self, item, prefill: KVCache, length: int):
+        """`item` joins as the last row, its first `length` columns those of `prefill`'s row 0."""
+        self.cache.copy_row(len(self.items), prefill, 0, length)
+        self.items.append(item)
         self.lengths.append(length)
 
     def step(self, model, tokens: list[int], device) -> torch.Tensor:
@@ -217,13 +222,18 @@ class CacheRows:
 
     def keep(self, keep: list[bool]):
         """The rows whose `keep` is False leave; the others move down, in order."""
-        kept = []
-        for row, (length, stays) in enumerate(zip(self.lengths, keep)):
+        items, lengths = [], []
+        for row, (item, length, stays) in enumerate(zip(self.items, self.lengths, keep)):
             if stays:
-                if row != len(kept):
-                    self.cache.copy_row(len(kept), self.cache, row, length)
-                kept.append(length)
-        self.lengths = kept
+                if row != len(items):
+                    self.cache.copy_row(len(items), self.cache, row, length)
+                items.append(item)
+                lengths.append(length)
+        self.items, self.lengths = items, lengths
+
+    def clear(self):
+        """Every row leaves (a step that failed): the next sequence starts at row 0, column 0."""
+        self.items, self.lengths = [], []
 
 
 @torch.no_grad()
@@ -269,8 +279,8 @@ def generate_queue(
         return draw(scores, temperature, [generators[i] for i in indices]).tolist()
 
     out, finished = [[] for _ in prompts], [False] * len(prompts)
-    slots = CacheRows(config, rows, max(map(len, prompts), default=1) + max_new_tokens)
-    queue, active = list(range(len(prompts)))[::-1], []  # active: the prompt in each live row
+    live = CacheRows(config, rows, max(map(len, prompts), default=1) + max_new_tokens)  # items: prompt indices
+    queue = list(range(len(prompts)))[::-1]
     row_steps = used = 0
 
     def take(i: int, token: int) -> bool:
@@ -279,15 +289,10 @@ def generate_queue(
         finished[i] = token == eos_id
         return not finished[i] and len(out[i]) < max_new_tokens
 
-    def retire(keep: list[bool]):
-        nonlocal active
-        slots.keep(keep)
-        active = [i for i, stays in zip(active, keep) if stays]
-
     try:
         while True:
-            admitted = [queue.pop() for _ in range(min(rows - len(active), len(queue)))]
-            keep = [True] * len(active)
+            admitted = [queue.pop() for _ in range(min(rows - len(live), len(queue)))]
+            keep = [True] * len(live)
             for n in range(agreed(len(admitted))):
                 if n >= len(admitted):
                     idle_forward()
@@ -296,18 +301,17 @@ def generate_queue(
                 prefill = KVCache(config, 1, len(prompts[i]))
                 tokens = torch.tensor([prompts[i]], device=device)
                 logits = model(tokens, cache=prefill, start=0, positions=slice(-1, None))[:, -1]
-                slots.add(prefill, len(prompts[i]))
-                active.append(i)
+                live.add(i, prefill, len(prompts[i]))
                 keep.append(take(i, sample(logits, [i])[0]))
-            retire(keep)
-            if not agreed(int(bool(active or queue))):
+            live.keep(keep)
+            if not agreed(int(bool(live.items or queue))):
                 break
-            if not active:
+            if not live.items:
                 idle_forward()
                 continue
-            logits = slots.step(model, [out[i][-1] for i in active], device)
-            row_steps, used = row_steps + rows, used + len(active)
-            retire([take(i, token) for i, token in zip(active, sample(logits, active))])
+            logits = live.step(model, [out[i][-1] for i in live.items], device)
+            row_steps, used = row_steps + rows, used + len(live)
+            live.keep([take(i, token) for i, token in zip(live.items, sample(logits, live.items))])
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring

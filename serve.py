@@ -1,6 +1,6 @@
 """An OpenAI-compatible chat server for any checkpoint in the HF layout, on the standard library.
 
-    python serve.py --model runs/quickstart/ppo/final [--port 8000] [--name huatuo]
+    python serve.py --model runs/quickstart/ppo/final --name huatuo [--port 8000]
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "huatuo", "messages": [{"role": "user", "content": "我头痛三天了"}]}'
 
@@ -42,6 +42,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import queue
 import select
@@ -150,7 +151,12 @@ def _number(body, name, lo, hi, default, kind=float):
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)  # NaN and Infinity: JSON extensions Python's json accepts
+        or (kind is int and value != int(value))
+    ):
         raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
     if not lo <= value <= hi:
         raise BadRequest(f"'{name}' must be between {lo} and {hi}, got {value!r}", name)
@@ -357,18 +363,32 @@ class Engine:
         self.context = model.config.max_position_embeddings
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cuda"])
-        self.slots = CacheRows(model.config, max_batch, self.context)  # self.rows[i] decodes in row i
+        self.live = CacheRows(model.config, max_batch, self.context)  # the Rows decoding, each with its cache row
         self.generator = torch.Generator(self.device).manual_seed(seed)  # for requests without a seed
         self.waiting: deque[Job] = deque()
         self.prefilling: deque[Prefill] = deque()
-        self.rows: list[Row] = []  # decoding, in the cache's rows 0 .. len - 1
         self.cond = threading.Condition()
         self.steps = 0  # decoding steps run
         self.widths: deque[int] = deque(maxlen=4096)  # rows decoded at each recent step, for tests and logs
         self.cancelled = 0  # requests whose client left before the reply was done
-        threading.Thread(target=self._loop, name="engine", daemon=True).start()
+        self.closing = False
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def rows(self) -> list[Row]:
+        """The rows decoding, in the cache's rows 0 .. len - 1."""
+        return self.live.items
 
     def submit(self, request: Request) -> Job:
+        """Queue a request; BadRequest for one that could never be admitted (first come, first
+        served: it would hold every request behind it)."""
+        if request.n > self.max_batch:
+            raise BadRequest(
+                f"'n' is {request.n}, but this server decodes at most {self.max_batch} sequences at once "
+                "(its --max-batch)",
+                "n",
+            )
         job = Job(request)
         with self.cond:
             self.waiting.append(job)
@@ -380,28 +400,47 @@ class Engine:
             return int(torch.randint(0, 2**62, (1,), generator=self.generator))
         return seed % 2**63 if choice == 0 else (seed * 1_000_003 + choice) % 2**63
 
-    def _admit(self):
-        """Step 1; waits while there is nothing at all to do."""
+    def close(self, timeout: float = 30.0):
+        """Stop between two steps: every request in flight or waiting hears that the server is
+        stopping, and the thread ends (a thread left inside torch at exit aborts the process)."""
         with self.cond:
-            while not (self.waiting or self.prefilling or self.rows):
+            self.closing = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def _admit(self) -> bool:
+        """Step 1; waits while there is nothing at all to do. False: the engine is closing."""
+        with self.cond:
+            while not (self.waiting or self.prefilling or self.rows or self.closing):
                 self.cond.wait()
+            if self.closing:
+                return False
             free = self.max_batch - len(self.rows) - sum(p.job.request.n for p in self.prefilling)
             while self.waiting and self.waiting[0].request.n <= free:
                 job = self.waiting.popleft()
                 free -= job.request.n
                 self.prefilling.append(Prefill(job, KVCache(self.model.config, 1, len(job.request.ids))))
 
+        return True
+
     def _loop(self):
-        while True:
-            self._admit()
+        while self._admit():
             try:
                 self._step()
             except Exception as e:  # the model failed: every request in flight hears it, the server lives on
-                jobs = {id(j): j for j in [r.job for r in self.rows] + [p.job for p in self.prefilling]}
-                for job in jobs.values():
-                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-                self.rows.clear()
-                self.prefilling.clear()
+                self._end_in_flight(f"generation failed: {type(e).__name__}: {e}")
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+        self._end_in_flight("the server is stopping", waiting)
+
+    def _end_in_flight(self, message: str, also: list[Job] = ()):
+        """Every request decoding or prefilling (and `also`) hears `message` and leaves: the rows
+        with their cache columns (CacheRows.clear), so that the next request starts clean."""
+        jobs = {id(j): j for j in [r.job for r in self.rows] + [p.job for p in self.prefilling] + list(also)}
+        for job in jobs.values():
+            job.events.put(("error", message))
+        self.live.clear()
+        self.prefilling.clear()
 
     @torch.no_grad()
     def _step(self):
@@ -431,13 +470,12 @@ class Engine:
         for choice in range(request.n):
             generator = torch.Generator(self.device).manual_seed(self.row_seed(request.seed, choice))
             row = Row(job, choice, ReplyText(self.tok, request.stop, request.max_tokens), generator)
-            self.slots.add(p.cache, len(request.ids))
-            self.rows.append(row)
+            self.live.add(row, p.cache, len(request.ids))
             self._sample([row], logits[None])
 
     def _decode(self):
         """Step 3."""
-        logits = self.slots.step(self.model, [row.token for row in self.rows], self.device)
+        logits = self.live.step(self.model, [row.token for row in self.rows], self.device)
         self.steps += 1
         self.widths.append(len(self.rows))
         self._sample(self.rows, logits)
@@ -504,8 +542,7 @@ class Engine:
             row.job.completion += row.reply.tokens
             if row.job.rows_left == 0:
                 self._done(row.job)
-        self.slots.keep(keep)
-        self.rows = [row for row, stays in zip(self.rows, keep) if stays]
+        self.live.keep(keep)
 
     def _done(self, job: Job):
         if job.cancelled:
@@ -695,7 +732,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not self._authorised():
             return
-        if not self.server.slots.acquire(blocking=False):
+        if not self.server.enter():
             self._error(
                 BadRequest(
                     f"the server is busy ({self.server.max_concurrent} requests at once); try again shortly",
@@ -709,7 +746,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._chat(body)
         finally:
-            self.server.slots.release()
+            self.server.leave()
 
     def _body_length(self, quiet: bool = False) -> int | None:
         """The body's length by its one Content-Length, or None (refused, said unless quiet): no
@@ -765,10 +802,10 @@ class Handler(BaseHTTPRequestHandler):
                     "model_not_found",
                 )
             request = parse_request(body, self.server.engine.tok, self.server.engine.context, self.server.max_tokens)
+            job = self.server.engine.submit(request)
         except BadRequest as e:
             self._error(e)
             return
-        job = self.server.engine.submit(request)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": self.server.name}
         try:
             (self._stream if request.stream else self._complete)(job, head)
@@ -897,13 +934,25 @@ class ChatServer(ThreadingHTTPServer):
         self.engine, self.name, self.api_key, self.access_log = engine, name, api_key or None, access_log
         self.hosts = {h.lower().strip("[]") for h in ("localhost", host, *allow_hosts)}
         self.max_body, self.max_concurrent, self.max_tokens = max_body, max_concurrent, max_tokens
-        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.in_flight, self.in_flight_lock = 0, threading.Lock()  # requests being answered
         self.created = int(time.time())
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             super().__init__((host, port), Handler)
         except OSError as e:  # a port in use, a host that is not this machine's: one line, not a trace
             raise SystemExit(f"cannot serve on {host} port {port}: {e.strerror or e}") from None
+
+    def enter(self) -> bool:
+        """A request starts being answered, unless --max-concurrent already are."""
+        with self.in_flight_lock:
+            if self.in_flight >= self.max_concurrent:
+                return False
+            self.in_flight += 1
+            return True
+
+    def leave(self):
+        with self.in_flight_lock:
+            self.in_flight -= 1
 
     def serves_host(self, header: str) -> bool:
         """Whether a Host header ("name", "name:port", "[v6]:port") is one this server answers to."""
@@ -1018,7 +1067,21 @@ def main(argv=None):
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
-        server.shutdown()
+        return stop(server)
+
+
+def stop(server: ChatServer, timeout: float = 10.0) -> int:
+    """Ctrl-C: no new connection; the engine stops between two steps and every reply in flight
+    hears so (a stream gets an error object and [DONE]); the handlers get `timeout` seconds to
+    send that; one line, exit status 130."""
+    server.shutdown()
+    in_flight = server.in_flight
+    server.engine.close(timeout)
+    deadline = time.monotonic() + timeout
+    while server.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print(f"stopped (Ctrl-C); {in_flight} request(s) in flight were told the server is stopping", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

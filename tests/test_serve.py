@@ -735,3 +735,144 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
     assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]
     plain = ask(client, QUESTIONS[1], temperature=0, max_tokens=10)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+# -- reliability, round 5 (issue 44) ---------------------------------------------------------------------
+
+
+def events_until_end(job, timeout=120) -> list[tuple]:
+    """A job's events up to its "done" or "error"."""
+    events = []
+    while not events or events[-1][0] not in ("done", "error"):
+        events.append(job.events.get(timeout=timeout))
+    return events
+
+
+def fail_once(model, when, columns: list):
+    """model's next forward for which when(args, kwargs) holds raises (an out-of-memory on a GPU);
+    `columns` gets the cache columns each decoding step writes (a list a step)."""
+    real, armed = model.forward, [True]
+
+    def forward(*args, **kwargs):
+        if armed[0] and when(args, kwargs):
+            armed[0] = False
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if is_decoding_step(args, kwargs):
+            columns.append(kwargs["start"].flatten().tolist())
+        return real(*args, **kwargs)
+
+    model.forward = forward
+
+
+def is_decoding_step(args, kwargs) -> bool:
+    return torch.is_tensor(kwargs.get("start"))  # CacheRows.step: a cache column per row
+
+
+def is_prefill(args, kwargs) -> bool:
+    return isinstance(kwargs.get("start"), int)
+
+
+def test_a_failed_step_leaves_nothing_of_its_requests_for_the_next(model_dir):
+    """Issue 44 item 1: after the model raised in a step, the rows were cleared but not their
+    cache columns, and the next request decoded in the failed one's row at its length (attending
+    to another user's prompt). After a failure in decoding, and in a prefill beside a decoding
+    row, the next requests decode at the columns a fresh engine uses, and their replies equal a
+    fresh engine's token for token (fp64, sharp weights: attention that depends on what it
+    reads; greedy and seeded)."""
+    from conftest import sharpen_
+
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    models = [sharpen_(Transformer.from_pretrained(model_dir, dtype=torch.float64), seed=1).eval() for _ in range(2)]
+    fresh_columns, columns = [], []
+    fail_once(models[0], lambda *_: False, fresh_columns)
+    fail_once(models[1], is_decoding_step, columns)
+    fresh = serve.Engine(models[0], tok, max_batch=4)
+    engine = serve.Engine(models[1], tok, max_batch=4, prefill_chunk=7)
+
+    def request(question, **kw):
+        body = {"model": "m", "messages": [{"role": "user", "content": question}], **kw}
+        return serve.parse_request(body, tok, engine.context)
+
+    nexts = [request(QUESTIONS[1], temperature=0, max_tokens=12), request(QUESTIONS[2], seed=3, n=2, max_tokens=12)]
+    expected = [collect(fresh.submit(r)) for r in nexts]
+    try:
+        # A failure in a decoding step: the request that was decoding hears it.
+        failed = events_until_end(engine.submit(request(QUESTIONS[3], temperature=0, max_tokens=20)))
+        assert failed[-1][0] == "error" and "out of memory" in failed[-1][1]
+        columns.clear()
+        assert [collect(engine.submit(r)) for r in nexts] == expected
+        assert columns == fresh_columns
+
+        # A failure in a prefill while another request decodes: both hear it.
+        before = engine.steps
+        long = engine.submit(request(QUESTIONS[0], temperature=0, max_tokens=400))
+        wait_until_decoding(SimpleNamespace(engine=engine), before)
+        fail_once(models[1], is_prefill, [])
+        joining = engine.submit(request(QUESTIONS[3], temperature=0, max_tokens=20))
+        assert events_until_end(joining)[-1][0] == "error" and events_until_end(long)[-1][0] == "error"
+        columns.clear()
+        assert [collect(engine.submit(r)) for r in nexts] == expected
+        assert columns == fresh_columns
+    finally:
+        for e in (engine, fresh):
+            getattr(e, "close", lambda: None)()
+
+
+def test_a_request_for_more_choices_than_rows_is_refused_and_the_next_is_answered(model_dir):
+    """Issue 44 item 1: n > --max-batch could never be admitted, and every request behind it
+    waited forever (first come, first served)."""
+    s = make_server(model_dir, max_batch=2)
+    try:
+        url = s.base_url + "/chat/completions"
+        body = {"model": "huatuo-tiny", "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 3}
+        r = requests.post(url, json=dict(body, n=3), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert "at most 2" in r.json()["error"]["message"]
+        r = requests.post(url, json=dict(body, n=2), timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    finally:
+        s.shutdown()
+        s.engine.close()
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "n", "seed", "top_logprobs", "temperature", "top_p"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_in_a_number_field_are_a_400_naming_it(server, field, value):
+    """Issue 44 item 1: "max_tokens": NaN (a JSON extension Python's json reads) raised in the
+    handler and dropped the connection with no answer."""
+    extra = ', "logprobs": true' if field == "top_logprobs" else ""
+    data = (
+        '{"model": "huatuo-tiny", "messages": [{"role": "user", "content": "hi"}], "%s": %s%s}' % (field, value, extra)
+    ).encode()
+    r = requests.post(server.base_url + "/chat/completions", data=data, headers=JSON, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_ctrl_c_while_replies_stream_stops_cleanly(model_dir):
+    """Issue 44 item 1: Ctrl-C while a reply streamed ended in "terminate called without an active
+    exception" (SIGABRT, exit 134): the engine's thread was still inside torch at exit. Now the
+    stream hears that the server stops, the thread is joined, and the exit is 130 with one line."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--name", "m", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving 'm' at"), line + proc.stderr.read()
+        base = line.split(" at ")[1].split()[0]
+        body = {"model": "m", "max_tokens": 1500, "stream": True, "messages": [{"role": "user", "content": "头痛"}]}
+        r = requests.post(base + "/chat/completions", json=body, stream=True, timeout=60)
+        lines = r.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: ")  # the stream has begun
+        proc.send_signal(signal.SIGINT)
+        rest = [line for line in lines if line]
+        assert rest[-1] == b"data: [DONE]" and b"the server is stopping" in rest[-2]
+        _, err = proc.communicate(timeout=60)  # generous: it stops between two steps of a tiny model
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["stopped (Ctrl-C); 1 request(s) in flight were told the server is stopping"]
