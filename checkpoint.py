@@ -118,14 +118,25 @@ def is_buffer(name: str) -> bool:
 def read_headers(path: Path) -> tuple[dict[Path, list[str] | None], dict[str, tuple]]:
     """An HF directory's shard files (checkpoint_shards) and the shape of every tensor they
     hold but buffers, from the headers alone. An index that assigns a file a tensor the file
-    does not hold is refused here, before any data is read."""
+    does not hold is refused here, before any data is read; so is a file that holds a tensor the
+    index assigns to another file (or to none), naming both: which copy is the one written
+    cannot be told (transformers 5.25 reads whichever file comes last)."""
     shards = checkpoint_shards(path)
+    owner = {name: shard for shard, names in shards.items() for name in names or ()}
     found = {}
     for shard, names in shards.items():
         shapes = dict(tensor_shapes(shard))
         absent = sorted(set(names or ()) - set(shapes))
         if absent:
             raise CheckpointError(f"{shard}: the index assigns {absent[:3]} to this file, but it does not hold them")
+        if names is not None:
+            stray = sorted(n for n in set(shapes) - set(names) if not is_buffer(n))
+            if stray:
+                elsewhere = f"assigns it to {owner[stray[0]].name}" if stray[0] in owner else "does not list it"
+                raise CheckpointError(
+                    f"{shard}: holds a copy of {stray[0]!r}, but the index {elsewhere}; which copy is the one "
+                    "written cannot be told: remove the stale copy, or rewrite the index"
+                )
         found.update((name, shape) for name, shape in shapes.items() if not is_buffer(name))
     return shards, found
 

@@ -384,30 +384,46 @@ class StepGuard:
     """Stops a run before an update it must not make, naming the last resumable state that
     exists: a loss or gradient norm that is not finite, or a gradient exactly zero FLAT_STEPS
     steps in a row (it never is for a model that is learning; it is for one whose activations
-    blew up and saturated). A trainer calls check() before each optimizer step, sets `saved`
-    after each state it writes, and keeps a validation as best only when sound() says so."""
+    blew up and saturated); and a state is never saved from weights or optimizer state that are
+    not finite (an update can make them so from a finite gradient), so that the state on disk
+    is always the last good one. A trainer calls check() before each optimizer step and
+    check_weights() before each state it writes, sets `saved` (where it was: "step 4", "round
+    2, step 8") after, and keeps a validation as best only when sound() says so."""
 
     def __init__(self, state_dir: Path):
         self.state_dir, self.saved, self.flat = state_dir, None, 0
 
     def last_state(self) -> str:
-        return f"{self.state_dir} (step {self.saved})" if self.saved is not None else "none, no state was saved yet"
+        return f"{self.state_dir} ({self.saved})" if self.saved is not None else "none, no state was saved yet"
 
-    def check(self, step: int, loss: float, grad_norm: float):
+    def check(self, step: int, loss: float, grad_norm: float, where: str = ""):
+        """`where`: what comes before the step in a message ("round 3, ")."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise SystemExit(
-                f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
-                f"before the update. The last good state: {self.last_state()}. Lower --lr or check "
-                "the data."
+                f"{where}step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping "
+                f"before the update. The last good state: {self.last_state()}. {self.advice()}"
             )
         self.flat = self.flat + 1 if grad_norm == 0.0 else 0
         if self.flat >= FLAT_STEPS:
             raise SystemExit(
-                f"steps {step + 1 - self.flat}-{step}: the gradient is exactly zero (loss flat at "
+                f"{where}steps {step + 1 - self.flat}-{step}: the gradient is exactly zero (loss flat at "
                 f"{loss:.6g}): the model has stopped learning, most likely blown up by too high an "
                 f"--lr. Stopping; best/ holds no validation from those steps. "
                 f"The last state: {self.last_state()}."
             )
+
+    def check_weights(self, where: str, finite: bool):
+        """Before a state is saved: `finite` (training.all_finite, the same on every rank)."""
+        if not finite:
+            raise SystemExit(
+                f"{where}: the update left weights or optimizer state that are not finite; stopping "
+                f"without saving them. The last good state: {self.last_state()}. {self.advice()}"
+            )
+
+    def advice(self) -> str:
+        if self.saved is None:
+            return "Lower --lr or check the data, and start again."
+        return "Resume from it with a lower --lr (--resume --allow-change lr), or check the data."
 
     def sound(self, metrics: dict) -> bool:
         """Whether a validation may be kept as best: never one of a model that stopped learning."""

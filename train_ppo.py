@@ -71,13 +71,24 @@ from data.template import pad_batch, render
 from generate import generate_queue
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
 from plan import PPOParts, add_plan_args, ppo_dry_run
-from safety import COUNT, FINITE, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
+from safety import (
+    COUNT,
+    FINITE,
+    NONNEGATIVE,
+    POSITIVE,
+    StepGuard,
+    data_digests,
+    file_digest,
+    model_fingerprint,
+    run_fingerprint,
+)
 from training import (
     HelpFormatter,
     MetricsLog,
     Timer,
     TrainState,
     add_run_args,
+    all_finite,
     card_writer,
     device_mesh,
     exit_trainer,
@@ -520,12 +531,14 @@ def update(
     d,
     mean_kl: float,
     steps: int,
+    check=None,
 ) -> dict:
     """At most `steps` optimizer steps over the round, in trlx's order (AccelerateRLTrainer.learn
     and AcceleratePPOTrainer.post_backward_callback at trlx 355c974): each minibatch takes
     --ppo-epochs steps in a row, then the KL controller moves λ by the round's mean KL with
     n_steps = --batch-size. A run stops within a round at exactly --max-steps, as trlx stops at
-    its total_steps, before that minibatch's controller update. Returns the statistics, each a
+    its total_steps, before that minibatch's controller update. check(k, loss, grad_norm), when
+    given, runs before the round's k-th update (1-based; the run's step guard). Returns the statistics, each a
     mean over the response tokens of the steps made."""
     totals, tokens_seen, done = {}, 0, 0
 
@@ -537,19 +550,22 @@ def update(
         for _ in range(args.ppo_epochs):
             if done == steps:
                 return stats()
-            tokens_seen += update_step(model, opt, exps, batch, tok, args, d, totals)
+            guard = check and (lambda loss, norm: check(done + 1, loss, norm))
+            tokens_seen += update_step(model, opt, exps, batch, tok, args, d, totals, guard)
             done += 1
         kl_ctl.update(mean_kl, args.batch_size)
     return stats()
 
 
-def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args, d, totals: dict) -> int:
+def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args, d, totals: dict, check=None) -> int:
     """One optimizer step on the minibatch `batch` (indices into exps): the PPO loss of its
-    response tokens, micro-batch by micro-batch on this rank's share, then the clip and the
-    step. Adds the loss statistics (sums, tensors) to `totals`; returns the minibatch's
-    response tokens (on all ranks: every rank knows the whole round)."""
+    response tokens, micro-batch by micro-batch on this rank's share, then the clip,
+    check(loss, grad_norm) when given (the step guard: the minibatch's loss over all ranks, the
+    same on each) and the step. Adds the loss statistics (sums, tensors) to `totals`; returns the
+    minibatch's response tokens (on all ranks: every rank knows the whole round)."""
     n_tokens = sum(len(exps[i].response) for i in batch)
     chunks = micro_batches(batch, d, args.micro_batch_size)
+    losses = torch.zeros((), dtype=torch.float64, device=d.device)
     for k, chunk in enumerate(chunks):
         # --grad-sync every: reduce-scatter each micro-batch's gradient at once (train_sft.train_step).
         model.set_requires_gradient_sync(args.grad_sync == "every" or k == len(chunks) - 1)
@@ -576,9 +592,12 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
         # gradient is that of (summed token losses) / (response tokens of the whole minibatch):
         # 1 rank and N ranks take the same step.
         (loss_sum * d.world / n_tokens).backward()
+        losses += loss_sum.detach().double()
         for name, v in stats.items():
             totals[name] = totals.get(name, 0.0) + v
-    grad_norm_and_clip(model, args.grad_clip)
+    grad_norm = grad_norm_and_clip(model, args.grad_clip)
+    if check:  # before the update, on every rank alike
+        check(d.all_sum(float(losses)) / n_tokens, float(grad_norm))
     opt.step()
     opt.zero_grad(set_to_none=True)
     return n_tokens
@@ -755,6 +774,7 @@ def _train(args, d):
     kl_ctl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
     state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
+    guard = StepGuard(out / "state")  # as SFT's and RM's: no update from a broken loss, no state from NaN weights
     fingerprint = ppo_fingerprint(args, digests)
     card = card_writer(
         "ppo",
@@ -771,6 +791,7 @@ def _train(args, d):
     resumed = state.resume(args, fingerprint, model, opt)
     if resumed:
         round_no, step, kl_ctl.value = resumed["round"], resumed["step"], resumed["kl_coef"]
+        guard.saved = f"round {round_no}, step {step}"
         stream.load_state_dict(resumed["prompts"])
         metrics.truncate_after(step)
 
@@ -785,7 +806,12 @@ def _train(args, d):
         sums = {k: float(v) for k, v in make_experience(model, ref, exps, batches, tok, args, d, kl_coef).items()}
         mean_kl = sums["kl"] / len(exps)  # nats per response: Σ_t log π − log π0, as the penalty counts it
         experience_s = timer.lap()
-        stats = update(model, opt, kl_ctl, exps, batches, tok, args, d, mean_kl, args.max_steps - step)
+        where = f"round {round_no + 1}, "
+
+        def check(k: int, loss: float, grad_norm: float):
+            guard.check(step + k, loss, grad_norm, where)
+
+        stats = update(model, opt, kl_ctl, exps, batches, tok, args, d, mean_kl, args.max_steps - step, check)
         training_s = timer.lap()
         record = {
             "round": round_no + 1,
@@ -820,6 +846,7 @@ def _train(args, d):
         # docs/scale.md), so a cluster's warning (--signal=USR1@120) covers it.
         stop = args.preemption.requested(d) and round_no < rounds and step < args.max_steps
         if round_no % args.save_every == 0 or round_no == rounds or stop:
+            guard.check_weights(f"round {round_no}, step {step}", all_finite(model, d, opt))
             state.save(
                 model,
                 opt,
@@ -831,6 +858,7 @@ def _train(args, d):
                     "setup": fingerprint,
                 },
             )
+            guard.saved = f"round {round_no}, step {step}"
         if stop:
             bar.close()
             args.preemption.stop(d, out, f"round {round_no}")

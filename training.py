@@ -492,21 +492,18 @@ def rendered_once(data_cache: Path | None, out: Path, key: dict, build, d: Distr
     entry = cache / corpus.entry_name(key)
 
     def prepare():
-        cache.mkdir(parents=True, exist_ok=True)
-        if corpus.complete(entry) is None:
-            print(f"rendering the data into {entry} (once: a rerun maps it)", flush=True)
-            corpus.build_entry(entry, key, build, labels)
-        else:
-            print(f"the rendered data from the cache: {entry}", flush=True)
+        with writing(cache):  # a full disk names the cache directory
+            corpus.ensure_entry(entry, key, build, labels, say=lambda line: print(line, flush=True))
 
     on_rank_0(prepare, d, "render the data")
     if data_cache:  # a directory of its own: one every rank must see, as --out
         check_shared(cache, d, "--data-cache")
-    meta = corpus.complete(entry)
+    try:  # rank 0 has read every file against its digest; the others check the sizes and the record
+        meta, problem = corpus.complete(entry, verify=False), "not there"
+    except corpus.Damaged as e:
+        meta, problem = None, str(e)
     if meta is None:
-        raise SystemExit(
-            f"rank {d.rank}: {entry} is not there or not whole: --data-cache must be a directory that every rank shares"
-        )
+        raise SystemExit(f"rank {d.rank}: {entry}: {problem}; --data-cache must be a directory that every rank shares")
     return entry, meta
 
 
@@ -749,6 +746,19 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def all_finite(model: torch.nn.Module, d: Distributed, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Whether every weight, and with `optimizer` every tensor of its state (Adam's moments),
+    is finite on every rank: each rank checks its own shards, one all-reduce tells them all. A
+    state or an export is written only when this holds (Run.save, save_hf, train_ppo.py)."""
+    local = [p for p in model.parameters()]
+    if optimizer is not None:
+        local += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in local]
+    checks = [torch.isfinite(t).all() for t in local if t.is_floating_point() and t.numel()]
+    finite = bool(torch.stack(checks).all()) if checks else True
+    return d.all_sum(0.0 if finite else 1.0) == 0
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -932,6 +942,8 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
 def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None, *, dtype: torch.dtype | None = None):
     """Write the model with its save_pretrained (rank 0), atomically, in `dtype` (save_dtype;
     None: the weights' own), with `card` as its README.md (checkpoint.model_card); all ranks take part."""
+    if not all_finite(model, d):  # never exported: a trainer stops with its step guard before this
+        raise SystemExit(f"{path}: the weights are not finite; nothing was exported")
     sd = full_state_dict(model, dtype)
     if d.main:
         with writing(path):
@@ -1036,7 +1048,8 @@ class Schedule:
 
 class Run:
     """What a supervised run keeps across its steps besides the model and the optimizer: the
-    resumable state (TrainState), metrics.jsonl, the step guard (safety.StepGuard), the best
+    resumable state (TrainState), metrics.jsonl, the step guard (safety.StepGuard: no update
+    from a broken loss or gradient, no state saved from weights that are not finite), the best
     validation so far, and where the loop starts. A resumed run continues at its saved step,
     with its best and its sampler's position, and its metrics cut to that step."""
 
@@ -1049,7 +1062,7 @@ class Run:
         resumed = self.state.resume(args, fingerprint, model, opt)
         self.resumed = bool(resumed)
         if resumed:
-            self.start, self.best, self.guard.saved = resumed["step"], resumed["best"], resumed["step"]
+            self.start, self.best, self.guard.saved = resumed["step"], resumed["best"], f"step {resumed['step']}"
             sampler.load_state_dict(resumed["sampler"])
             self.metrics.truncate_after(self.start)
 
@@ -1059,9 +1072,10 @@ class Run:
         all-reduce (Preemption)."""
         stop = self.args.preemption.requested(self.d) and step < total
         if step % self.args.save_every == 0 or step == total or stop:
+            self.guard.check_weights(f"step {step}", all_finite(self.model, self.d, self.opt))
             state = {"step": step, "best": self.best, "sampler": self.sampler.state_dict(), "setup": self.fingerprint}
             self.state.save(self.model, self.opt, state)
-            self.guard.saved = step
+            self.guard.saved = f"step {step}"
         if stop:
             progress.close()
             self.args.preemption.stop(self.d, self.args.out, f"step {step}")

@@ -350,3 +350,28 @@ def tokenizer_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer(CORPUS, out, vocab_size=400)
     return out
+
+
+def poison_update(monkeypatch, trainer, at: int):
+    """The `at`-th optimizer step of a run of `trainer` (train_sft, train_rm or train_ppo, run in
+    this process) leaves a NaN in the weights, as an update from a finite gradient can (too high
+    an --lr): its make_optimizer's optimizer, with that step poisoned."""
+    real = trainer.make_optimizer
+
+    def make_optimizer(model, *args, **kwargs):
+        opt, steps = real(model, *args, **kwargs), []
+        step = opt.step
+
+        def poisoned(*a, **kw):
+            out = step(*a, **kw)
+            steps.append(1)
+            if len(steps) == at:
+                with torch.no_grad():
+                    p = next(p for p in model.parameters() if p.requires_grad)
+                    (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = float("nan")
+            return out
+
+        opt.step = poisoned
+        return opt
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)

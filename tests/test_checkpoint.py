@@ -130,6 +130,26 @@ def test_error_index_names_a_tensor_the_shard_lacks(sharded):
         Transformer.from_pretrained(sharded)
 
 
+def test_a_checkpoint_with_a_stale_copy_of_a_tensor_in_another_shard_is_refused_naming_both(sharded):
+    """Issue 44 item 3: with a second file also holding a (stale) copy of a tensor the index
+    assigns elsewhere, whichever file was read last won, silently (transformers 5.25 reads the
+    checkpoint below with the stale copy, so it is no oracle here). Now it is refused, naming
+    both files, before any tensor is read; a copy the index does not list at all, likewise."""
+    idx = index_of(sharded)
+    files = sorted(set(idx["weight_map"].values()))
+    name = next(n for n, f in idx["weight_map"].items() if f == files[0] and n.startswith("model.layers."))
+    tensors = load_file(sharded / files[-1])
+    stale = dict(tensors, **{name: torch.full_like(load_file(sharded / files[0])[name], 7.0)})
+    save_file(stale, sharded / files[-1])  # read after the index's file: the stale copy won
+    with pytest.raises(
+        ValueError, match=rf"{files[-1]}: holds a copy of '{name}', but the index assigns it to {files[0]}"
+    ):
+        Transformer.from_pretrained(sharded)
+    save_file(dict(tensors, extra=torch.zeros(3)), sharded / files[-1])
+    with pytest.raises(ValueError, match=rf"{files[-1]}: holds a copy of 'extra', but the index does not list it"):
+        Transformer.from_pretrained(sharded)
+
+
 def test_error_unexpected_tensor(pair, tmp_path):
     ours, _ = pair
     ours.save_pretrained(tmp_path / "m")

@@ -5,6 +5,7 @@ stays bitwise; the ratio is exactly 1 before the first update; a scripted reward
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, sharpen_, trainer_env, two_nodes
+from conftest import ROOT, poison_update, sharpen_, trainer_env, two_nodes
 
 import plan
 import train_ppo
@@ -519,6 +520,30 @@ def test_command_line_writes_metrics_and_an_hf_policy_and_resumes_exactly_after_
     ]
     b = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_stops_on_a_broken_update_keeps_the_last_finite_state_and_exports_nothing(
+    checkpoints, tmp_path, monkeypatch
+):
+    """Issue 44 item 2: PPO had no step guard: --lr 1e30 logged policy_loss NaN, said "done",
+    exited 0 and exported final/ with non-finite tensors. Now it stops as SFT and RM do: one
+    line naming the round and the step, the state left at the last finite one, nothing
+    exported. (Rounds of 2 optimizer steps here, a state after each.)"""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as stop:
+        train_ppo.main(cli(checkpoints, tmp_path / "lr", "--lr", "1e30")[2:])
+    assert re.match(r"round 1, step 2: loss nan / gradient norm nan is not finite", str(stop.value)), stop.value
+    assert "none, no state was saved yet" in str(stop.value) and not (tmp_path / "lr" / "final").exists()
+
+    poison_update(monkeypatch, train_ppo, at=8)  # the last update: no later loss would show it
+    out = tmp_path / "last"
+    with pytest.raises(SystemExit) as stop:
+        train_ppo.main(cli(checkpoints, out)[2:])
+    message = str(stop.value)
+    assert message.startswith("round 4, step 8: the update left weights or optimizer state that are not finite")
+    assert f"The last good state: {out / 'state'} (round 3, step 6)" in message, message
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 6 and not (out / "final").exists()
 
 
 def test_two_nodes_run_ppo_as_one_node_of_two_ranks(checkpoints, tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, micro_model, trainer_env
+from conftest import ROOT, micro_model, poison_update, trainer_env
 from safetensors.torch import save_file
 
 from data.template import DOCTOR_TAG, doctor_turn, pad_batch, render, render_reply
@@ -198,6 +198,24 @@ def test_one_rank_equals_two_ranks(tmp_path):
     b = [r["loss"] for r in run_rm(tmp_path / "two", "--max-steps", "4", nproc=2) if "loss" in r]
     assert a[0] == pytest.approx(math.log(2), abs=1e-6)  # a zero head: no preference yet (logged to 6 decimals)
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)  # fp32 runs: tests/TOLERANCES.md
+
+
+def test_an_update_that_leaves_non_finite_weights_saves_and_exports_nothing(tmp_path, monkeypatch):
+    """Issue 44 item 2, for the reward model: an update that leaves NaN weights is never saved
+    as the state nor exported as final/; the state on disk stays the last finite one."""
+    import train_rm
+
+    poison_update(monkeypatch, train_rm, at=4)  # the last step's: no later loss would show it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--model", str(micro_model()), "--data", PAIRS, "--out", str(tmp_path), "--batch-size", "4"]
+    argv += ["--micro-batch-size", "2", "--lr", "1e-3", "--max-steps", "4", "--save-every", "2", "--eval-every", "100"]
+    with pytest.raises(SystemExit) as stop:
+        train_rm.main(argv)
+    message = str(stop.value)
+    assert message.startswith("step 4: the update left weights or optimizer state that are not finite"), message
+    assert f"The last good state: {tmp_path / 'state'} (step 2)" in message
+    assert json.loads((tmp_path / "state" / "trainer.json").read_text())["step"] == 2
+    assert not (tmp_path / "final").exists()
 
 
 @pytest.fixture(scope="module")

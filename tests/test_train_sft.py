@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, micro_model, trainer_env, two_nodes
+from conftest import ROOT, micro_model, poison_update, trainer_env, two_nodes
 
 from data.template import collate, doctor_turn, render
 from model import CONFIGS, Transformer
@@ -175,6 +175,33 @@ def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train_sft, "train_step", real)
     train_sft.main(argv + ["--resume"])
     assert len(losses(tmp_path)) == 8 and all(math.isfinite(x) for x in losses(tmp_path))
+
+
+def test_an_update_that_leaves_non_finite_weights_saves_nothing_and_the_last_good_state_resumes(tmp_path, monkeypatch):
+    """Issue 44 item 2: when step 2's update left NaN weights (the loss and gradient were
+    finite), the run saved state/ from them over step 1's, then called it "the last good
+    state"; resuming stopped at once. Now nothing is saved from them, the message names step 1's
+    state truthfully, and resuming with a lower --lr trains on to the end."""
+    import train_sft
+
+    poison_update(monkeypatch, train_sft, at=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "4", "--save-every", "1"]
+    with pytest.raises(SystemExit) as stop:
+        train_sft.main(argv)
+    message = str(stop.value)
+    assert message.startswith("step 2: the update left weights or optimizer state that are not finite"), message
+    assert f"The last good state: {tmp_path / 'state'} (step 1)" in message and "--allow-change lr" in message
+    assert json.loads((tmp_path / "state" / "trainer.json").read_text())["step"] == 1
+    assert not (tmp_path / "final").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train_sft.main(
+        [*argv[:-4], "--lr", "1e-3", "--max-steps", "4", "--save-every", "1", "--resume", "--allow-change", "lr"]
+    )
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(x) for x in losses(tmp_path))
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "final").values())
 
 
 def test_best_checkpoint_reproduces_its_validation_loss(tmp_path):
@@ -749,6 +776,28 @@ def test_a_full_disk_is_said_as_such(tmp_path, monkeypatch, capsys):
             train_sft.main,
             ["--data", *SFT, "--out", str(tmp_path), *COMMON, "--max-steps", "2", "--save-every", "1", "--overwrite"],
         )
+
+
+def test_a_full_disk_under_the_data_cache_names_the_directory(tmp_path, monkeypatch, capsys):
+    """Issue 44 item 3: a full disk while the data were rendered into --data-cache said
+    "error: writing: ENOSPC, No space left on device", without the path."""
+    import errno
+
+    import train_sft
+    from data import corpus
+    from safety import run_main
+
+    def full(*args, **kwargs):  # what a write() that hits ENOSPC raises: no file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(corpus, "write_corpus", full)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cache = tmp_path / "cache"
+    argv = ["--data", *SFT, "--out", str(tmp_path / "run"), *COMMON, "--max-steps", "1", "--data-cache", str(cache)]
+    assert run_main(train_sft.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {cache}: ENOSPC, No space left on device"), err
+    assert not list(cache.iterdir())  # nothing half-written is left
 
 
 def test_a_log_without_a_progress_bar_gets_progress_lines(tmp_path, monkeypatch, capsys):
