@@ -779,17 +779,27 @@ class TrainState:
 
     def recover(self):
         """After a kill between save's two renames there is no state/ but a complete state.tmp
-        (newer) and state.old: put the newest complete one in place. Incomplete leftovers (a
-        kill while writing, a full disk) are removed. Rank 0 only; call before exists()."""
+        (newer) and state.old: put the newest whole one in place. Whole: its trainer.json reads
+        and matches the digest written in it, and every file it lists is there (the files' own
+        digests are checked when it is loaded); an interrupted save's partial state (a kill or
+        a full disk while trainer.json was written) is set aside as OUT/state.partial, said,
+        and never promoted. Other leftovers are removed. Rank 0 only; call before exists()."""
         if not self.d.main:
             return
         if not self.exists():
             for candidate in (self.tmp, self.old):
-                if (candidate / "trainer.json").is_file():
+                if not (candidate / "trainer.json").is_file():
+                    continue
+                problem = _not_whole(candidate)
+                if problem is None:
                     shutil.rmtree(self.dir, ignore_errors=True)
                     os.rename(candidate, self.dir)
                     print(f"recovered the state of an interrupted save: {candidate} -> {self.dir}")
                     break
+                aside = self.dir.with_name("state.partial")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(candidate, aside)
+                print(f"{candidate}: an interrupted save left it partial ({problem}); set aside as {aside}, not used")
         for leftover in (self.tmp, self.old):
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -882,6 +892,19 @@ class TrainState:
         if len(rngs) == self.d.world:  # same number of ranks: each takes up its own RNG streams
             _set_rng_state(rngs[self.d.rank])
         return trainer
+
+
+def _not_whole(directory: Path) -> str | None:
+    """What is wrong with a state directory's trainer.json and file list, or None when whole."""
+    try:
+        content = json.loads((directory / "trainer.json").read_text(encoding="utf-8"))
+        digest = content.pop("digest")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError) as e:
+        return f"trainer.json cut short or unreadable: {type(e).__name__}"
+    if digest != json_digest(content):
+        return "trainer.json does not match its digest"
+    missing = sorted(name for name in content.get("files", {}) if not (directory / name).is_file())
+    return f"{missing[0]} is missing" if missing else None
 
 
 def _rng_state() -> dict:

@@ -466,6 +466,37 @@ def test_a_kill_between_the_state_renames_resumes_exactly(tmp_path, monkeypatch)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".best", "state."))) == []
 
 
+@pytest.mark.parametrize("damage", ["cut short", "a listed file missing"])
+def test_a_first_save_cut_short_is_set_aside_not_promoted_and_the_run_starts_over(
+    tmp_path, monkeypatch, capsys, damage
+):
+    """Issue 44 item 3: a kill or a full disk that cut trainer.json short while the first state
+    was written (state.tmp with a partial trainer.json, no state/) was "recovered" into state/,
+    then refused as damaged (exit 2): the run could neither resume nor start without
+    --overwrite. Now the partial state is set aside (said), and the run starts from the
+    beginning and ends as an uninterrupted one."""
+    torch.set_num_threads(1)
+    args = ["--max-steps", "2", "--save-every", "1", "--eval-every", "100"]
+    in_process(monkeypatch, tmp_path / "whole", *args)
+    out = tmp_path / "cut"
+    in_process(monkeypatch, out, "--max-steps", "1", "--save-every", "1", "--eval-every", "100")
+    shutil.rmtree(out / "final")
+    os.rename(out / "state", out / "state.tmp")  # the first save, interrupted before its rename
+    trainer = out / "state.tmp" / "trainer.json"
+    if damage == "cut short":
+        trainer.write_bytes(trainer.read_bytes()[:-40])
+    else:
+        next(p for p in (out / "state.tmp").iterdir() if p.name.endswith(".distcp")).unlink()
+    (out / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    in_process(monkeypatch, out, *args, "--resume")
+    printed = capsys.readouterr().out
+    assert f"{out / 'state.tmp'}: an interrupted save left it partial" in printed
+    assert f"set aside as {out / 'state.partial'}, not used" in printed and "recovered" not in printed
+    assert f"--resume: no state in {out}, starting from the beginning" in printed
+    assert losses(out) == losses(tmp_path / "whole") and (out / "state.partial" / "trainer.json").is_file()
+
+
 def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
     from safety import lock_out
 
