@@ -73,7 +73,6 @@ from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, a
 from plan import PPOParts, add_plan_args, ppo_dry_run
 from safety import (
     COUNT,
-    FINITE,
     NONNEGATIVE,
     POSITIVE,
     StepGuard,
@@ -139,7 +138,7 @@ BATCH_SIZE = 16  # experiences per minibatch (optimizer step): 64 / 16 x 4 epoch
 #                  so 16,000 steps = 1,000 rounds = 64,000 experiences (global: see README)
 MAX_NEW_TOKENS = 256
 GRAD_CLIP = 1.0  # the SFT recipe's
-UNFINISHED_PENALTY = 0.0  # added to the score of a response cut at --max-new-tokens (see score_round)
+UNFINISHED_PENALTY = 0.0  # subtracted from the score of a response cut at --max-new-tokens (see score_round)
 
 
 # -- the model: policy + value head, and the reference top --------------------------------------------
@@ -301,12 +300,18 @@ def keep_bottom_out(model, exps: list[Experience], pad_id: int, device):
         e.bottom_out = hidden[row, P - len(e.prompt) : P + len(e.response)].clone()
 
 
-def response_outputs(model, exps, pad_id, device, *, ref=None):
+def response_outputs(model, exps, pad_id, device, *, ref=None, vocab: int | None = None):
     """One forward of a micro-batch through the trainable top on the kept bottom output (keep_bottom_out),
     or, for experiences without one, through the shared bottom first (no gradient): per response
     position, (log π, values, response mask, [log π0, entropy]). The top runs with gradients when
     they are enabled (training), without in the experience pass: the same operations on the same
-    inputs, so the two agree bit for bit."""
+    inputs, so the two agree bit for bit.
+
+    vocab: the tokenizer's size. π and π0 are distributions over the ids the tokenizer has: an
+    embedding can have more rows (Ziya's 14, the embedded default's 2,048), which the rollout
+    never samples (generate's vocab_limit), so every log-probability PPO uses (the old and new
+    log π of the ratio, log π0 of the KL penalty, the entropy) is over those first `vocab` ids,
+    renormalised, the very distribution the responses were drawn from (docs/ppo.md)."""
     tokens, mask, P, R = batch_tensors(exps, pad_id, device)
     if all(e.bottom_out is not None for e in exps):
         # The kept rows at their positions in this micro-batch's layout; zeros where it pads
@@ -320,11 +325,13 @@ def response_outputs(model, exps, pad_id, device, *, ref=None):
     # Only the positions that predict a response token reach the final norm and the heads.
     span = slice(P - 1, P + R - 1)
     logits, values = model.top(hidden, mask, positions=span)
+    logits = logits[..., :vocab]
     targets = tokens[:, P : P + R]
     out = {"logp": token_logprobs(logits, targets), "values": values.float(), "mask": mask[:, P : P + R]}
     if ref is not None:
         with torch.no_grad():
             ref_logits = ref(hidden=hidden.to(next(ref.parameters()).dtype), attention_mask=mask, positions=span)
+            ref_logits = ref_logits[..., :vocab]
             out["ref_logp"] = token_logprobs(ref_logits, targets)
             lp = torch.log_softmax(logits.float(), -1)
             out["entropy"] = -(lp.exp() * lp).sum(-1)
@@ -441,15 +448,16 @@ def score_round(rm, exps: list[Experience], tok, args):
     """The reward model's score of each response, clipped to ±SCORE_CLIP. A response cut off at
     --max-new-tokens is scored with an eos put after it (score_ids): our choice, as the reward
     model was trained to read its score at the eos that closes a reply (trlx decodes a cut
-    response and scores its text as it is, with no eos). --unfinished-penalty (0 by default) is
-    added to it, and how many were cut is reported."""
+    response and scores its text as it is, with no eos). --unfinished-penalty (0 by default; a
+    positive number, as TRL's missing_eos_penalty) is subtracted from it, and how many were cut
+    is reported."""
     for c in range(0, len(exps), args.chunk_size):
         chunk = exps[c : c + args.chunk_size]
         scores = rm.score_ids(
             [e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id, pad_id=tok.pad_id
         )
         for e, s in zip(chunk, scores.tolist()):
-            e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) + (0.0 if e.finished else args.unfinished_penalty)
+            e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) - (0.0 if e.finished else args.unfinished_penalty)
     if isinstance(rm, FSDPModule):
         rm.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
 
@@ -493,7 +501,7 @@ def make_experience(
     sums = torch.zeros(len(fields), dtype=torch.float64, device=d.device)
     with torch.no_grad():
         for micro in micros:
-            out = response_outputs(model, [exps[i] for i in micro], tok.pad_id, d.device, ref=ref)
+            out = response_outputs(model, [exps[i] for i in micro], tok.pad_id, d.device, ref=ref, vocab=len(tok))
             for row, i in enumerate(micro):
                 e, n = exps[i], len(exps[i].response)
                 e.logp, e.ref_logp, e.values = out["logp"][row, :n], out["ref_logp"][row, :n], out["values"][row, :n]
@@ -570,7 +578,7 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
         # --grad-sync every: reduce-scatter each micro-batch's gradient at once (train_sft.train_step).
         model.set_requires_gradient_sync(args.grad_sync == "every" or k == len(chunks) - 1)
         mine = [exps[i] for i in chunk]
-        out = response_outputs(model, mine, tok.pad_id, d.device)  # the top on the kept bottom output, with gradients
+        out = response_outputs(model, mine, tok.pad_id, d.device, vocab=len(tok))  # the top on the kept bottom output
         width = out["logp"].shape[1]
         old = {
             name: torch.stack([nn.functional.pad(getattr(e, name), (0, width - len(e.response))) for e in mine])
@@ -997,9 +1005,10 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=COUNT, default=MAX_NEW_TOKENS)
     p.add_argument(
         "--unfinished-penalty",
-        type=FINITE,
+        type=NONNEGATIVE,
         default=UNFINISHED_PENALTY,
-        help="added to the score of a response cut at --max-new-tokens (0: scored as it is, as trlx)",
+        help="subtracted from the score of a response cut at --max-new-tokens: a positive number lowers it, "
+        "as TRL's missing_eos_penalty (0: scored as it is, as trlx)",
     )
     p.add_argument("--trainable-blocks", type=COUNT, default=TRAINABLE_BLOCKS)
     add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")

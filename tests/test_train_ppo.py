@@ -220,6 +220,74 @@ def test_first_round_pi_equals_pi0_and_the_first_ratio_is_exactly_one(ppo):
         assert torch.equal(out["logp"][row, : len(exps[i].response)].detach(), exps[i].logp)
 
 
+class ShortTok(Tok):
+    """A tokenizer of 20 pieces for CONFIG's embedding of 24 rows (Ziya's has 14 rows past its tokenizer)."""
+
+    def __len__(self):
+        return 20
+
+
+@pytest.mark.numerics
+def test_the_stored_old_log_probs_are_those_of_the_distribution_the_rollout_sampled(ppo, monkeypatch):
+    """Issue 44 item 4: the rollout samples from π restricted to the tokenizer's ids (vocab_limit),
+    while the old log-probs, the ratio and the KL used π over the whole embedding (0.111 of π's
+    mass a step on ids it cannot draw with the tests' micro model; old log-probs off by up to
+    0.119 nats). Every stored log-prob now equals log p(token) under the distribution each
+    token was drawn from (recorded at generate.draw, fp64), and log π0 is over the same ids."""
+    import generate
+
+    drawn = {}  # id(generator) -> [log-probability of each token drawn with it]
+    real = generate.draw
+
+    def draw(scores, temperature, generator=None):
+        tokens = real(scores, temperature, generator)
+        logp = scores.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        for g, lp in zip(generator, logp.tolist()):
+            drawn.setdefault(id(g), []).append(lp)
+        return tokens
+
+    made = []
+    real_generator = torch.Generator
+
+    def generator(*a, **kw):  # each prompt's generator, in the order of the prompts
+        g = real_generator(*a, **kw)
+        made.append(g)
+        return g
+
+    monkeypatch.setattr(generate, "draw", draw)
+    monkeypatch.setattr(torch, "Generator", generator)
+    args = args_for()
+    exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(8), ShortTok(), args, ppo.d, round_no=0)
+    monkeypatch.setattr(torch, "Generator", real_generator)
+    assert all(t < 20 for e in exps for t in e.response)
+    batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
+    train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, ShortTok(), args, ppo.d, kl_coef=0.1)
+    gens = [g for g in made if id(g) in drawn]
+    assert len(gens) == len(exps)
+    # The sampler rounds the logits to fp32 (generate.process_logits): a token's log-prob there
+    # is off the fp64 one by a few fp32 ulps of the logits (|logit| < 64 here: 4e-6 each for the
+    # token's logit and the log-sum-exp), against 0.1-0.4 nats when the supports differ.
+    for e, g in zip(exps, gens):
+        assert e.logp.dtype == torch.float64
+        assert torch.allclose(e.logp, torch.tensor(drawn[id(g)], dtype=torch.float64), rtol=0, atol=1e-5)
+        assert torch.equal(e.logp, e.ref_logp)  # π = π0 at the first round, over the same ids
+    with torch.no_grad():  # and the whole embedding's π does put mass on the 4 ids past the tokenizer
+        logits = ppo.sft(torch.tensor([exps[0].prompt]))[0, -1]
+    assert logits.abs().max() < 64 and logits.softmax(-1)[20:].sum() > 1e-3
+
+
+def test_the_unfinished_penalty_lowers_a_cut_responses_score_and_cannot_be_given_the_other_sign(capsys):
+    """Issue 44 item 4: --unfinished-penalty was added to a cut response's score, where TRL's
+    missing_eos_penalty is subtracted: the positive number a TRL user knows rewarded truncation.
+    Now a positive penalty is subtracted, and a negative one is refused at parse time."""
+    exps = [Experience([1, 3], [5, 5, 2], True), Experience([1, 4], [5, 6], False)]  # the second was cut
+    train_ppo.score_round(TokenReward(5), exps, Tok(), args_for(chunk_size=2, unfinished_penalty=0.25))
+    assert exps[0].score == pytest.approx(2 / 3, abs=1e-7) and exps[1].score == 0.5 - 0.25
+    with pytest.raises(SystemExit):
+        train_ppo.main(["--unfinished-penalty", "-0.5", "--dry-run"])
+    assert "--unfinished-penalty" in capsys.readouterr().err
+
+
 @pytest.mark.numerics
 def test_updates_touch_only_the_last_two_blocks_and_pi0_stays_the_sft_model(ppo):
     opt = train_ppo.make_optimizer(ppo.model, 1e-2, 0.0)
