@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 from dataclasses import dataclass
 from typing import Callable
 
@@ -242,6 +243,19 @@ ROLLOUT_STEPS = 2
 
 
 @dataclass
+class StandInTokenizer:
+    """What PPO's functions read of a tokenizer (its special ids and its size), for a simulation
+    or a benchmark that has none."""
+
+    vocab: int
+    pad_id: int = 0
+    eos_id: int = 2
+
+    def __len__(self) -> int:
+        return self.vocab
+
+
+@dataclass
 class PPOParts:
     """What a simulated PPO round runs: train_ppo.py's own functions and constants, which
     train_ppo.py hands over (train_ppo.plan_parts). plan.py imports no trainer: each gives it
@@ -319,7 +333,7 @@ def measure_ppo(
         grad_sync="every",
         **loss,
     )
-    tok = SimpleNamespace(pad_id=0, eos_id=2)
+    tok = StandInTokenizer(config.vocab_size)
     prompt, response = [1] + [3] * (prompt_len - 1), [3] * new_tokens
     out = {}
     model, ref = parts.build_empty(
@@ -1107,12 +1121,13 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
 
 
-def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = ()):
+def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = (), settings: str = ""):
     """`train_sft.py --dry-run` (kind "sft") and `train_rm.py --dry-run` ("rm"): the memory model
     for each micro-batch size with and without activation checkpointing; with --simulate the
     same rows measured (the trainer's `train_step`), and what inference on one GPU holds for
     evaluate.py and for the trainer's own `inference` rows ((command, sequences, new tokens,
-    flags): train_rm.py sample's); then the time of the run at --mfu of --peak-tflops."""
+    flags): train_rm.py sample's); then the time of the run at --mfu of --peak-tflops. `settings`:
+    the run's own flags (given_settings), carried by the command it prints."""
     from model import load_config
 
     from training import check_shard_ranks, check_split
@@ -1152,7 +1167,7 @@ def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = ()):
             ranked,
             gpu_gb=args.gpu_memory_gb,
             world=args.world_size,
-            command=f"{'train_sft' if kind == 'sft' else 'train_rm'}.py --model {args.model}",
+            command=f"{'train_sft' if kind == 'sft' else 'train_rm'}.py {settings}".rstrip(),
         )
         print()
     print(
@@ -1385,7 +1400,8 @@ def add_plan_args(
     length_flag: str = "--plan-tokens-per-item",
     length_help: str = "mean tokens of one (assumed; `python -m data stats --tokenizer` measures them)",
 ):
-    """The dry run's flags, for every trainer."""
+    """The dry run's flags, for every trainer (given_settings leaves them out of the command it
+    prints: --peak-tflops aside, which a real run reads too)."""
     p.add_argument("--dry-run", action="store_true", help="print per-rank memory and the run's time; train nothing")
     p.add_argument(
         "--simulate",
@@ -1422,10 +1438,50 @@ def add_plan_args(
     p.add_argument(length_flag, type=COUNT, default=1024, help=f"with --dry-run: {length_help}")
 
 
-def ppo_dry_run(args, parts: PPOParts):
+# The dry run's own settings (add_plan_args), which a real run does not take.
+PLAN_DESTS = {
+    "dry_run",
+    "simulate",
+    "simulate_micro_batches",
+    "world_size",
+    "gpu_memory_gb",
+    "mfu",
+    "hbm_tbps",
+    "intra_node_gbps",
+    "inter_node_gbps",
+    "plan_items",
+    "plan_tokens_per_item",
+    "plan_prompt_tokens",
+}
+
+
+def given_settings(p, args) -> str:
+    """The flags of `args` that differ from the parser's defaults, as a command line gives
+    them: what the dry run simulated and the command it prints must carry (--max-len,
+    --batch-size, ...), but for the dry run's own flags and the layout it chooses
+    (Candidate.DEFAULTS), which the printed command sets itself."""
+    flags = []
+    for action in p._actions:
+        if not action.option_strings or action.dest in PLAN_DESTS or action.dest == "help":
+            continue
+        flag = max(action.option_strings, key=len)
+        value = getattr(args, action.dest, None)
+        if flag in Candidate.DEFAULTS or value is None or value == action.default:
+            continue
+        if action.nargs == 0:  # a switch (store_true / store_false)
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            flags.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
+        else:
+            flags.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(flags)
+
+
+def ppo_dry_run(args, parts: PPOParts, settings: str = ""):
     """`train_ppo.py --dry-run`: the memory model of PPO's layout for each micro-batch size; with
     --simulate each part of a round (train_ppo.py's `parts`) measured; then the time of a round
-    and of the run."""
+    and of the run. `settings`: the run's own flags (given_settings), carried by the command it
+    prints."""
     from model import load_config
 
     from training import check_shard_ranks, check_split
@@ -1456,7 +1512,7 @@ def ppo_dry_run(args, parts: PPOParts):
             mfu=args.mfu,
             hbm_tbps=args.hbm_tbps,
         )
-        print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=world, command=f"train_ppo.py --policy {args.policy}")
+        print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=world, command=f"train_ppo.py {settings}".rstrip())
         print()
     print(
         f"{args.policy}: {config.num_params() / 1e9:.2f}B parameters; policy + value head (last "

@@ -70,7 +70,7 @@ from data.schema import Report
 from data.template import pad_batch, render
 from generate import generate_queue
 from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
-from plan import PPOParts, add_plan_args, ppo_dry_run
+from plan import PPOParts, add_plan_args, given_settings, ppo_dry_run
 from safety import (
     COUNT,
     NONNEGATIVE,
@@ -1014,7 +1014,7 @@ def main(argv=None):
     add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return ppo_dry_run(args, plan_parts())
+        return ppo_dry_run(args, plan_parts(), settings=given_settings(p, args))
     if not (args.reward and args.data and args.out):
         p.error("--reward, --data and --out are required (unless --dry-run)")
     run_distributed(_train, args)

@@ -46,7 +46,7 @@ from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
 from lora import add_lora, check_lora, lora_init
 from model import RewardModel
-from plan import add_plan_args, lm_dry_run
+from plan import add_plan_args, given_settings, lm_dry_run
 from safety import (
     COUNT,
     FINITE,
@@ -530,7 +530,7 @@ def main(argv=None):
             MAX_NEW_TOKENS,
             f"--batch-size {SAMPLE_BATCH_SIZE} prompts x -k {k}",
         )
-        return lm_dry_run(args, "rm", train_step, inference=(sampling,))
+        return lm_dry_run(args, "rm", train_step, inference=(sampling,), settings=given_settings(p, args))
     if not (args.data and args.out):
         p.error("--data and --out are required (unless --dry-run)")
     run_distributed(_train, args)

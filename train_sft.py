@@ -37,7 +37,7 @@ from data.readers import add_input_args
 from data.template import IGNORE_INDEX, collate
 from lora import add_lora, check_lora, lora_init
 from model import at_least_fp32
-from plan import add_plan_args, lm_dry_run
+from plan import add_plan_args, given_settings, lm_dry_run
 from safety import data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (
     HelpFormatter,
@@ -184,7 +184,7 @@ def main(argv=None):
     add_plan_args(p, items_help="conversations an epoch (default: the 226,042 of Table 3's medical parts)")
     args = p.parse_args(argv)
     if args.dry_run:
-        return lm_dry_run(args, "sft", train_step)
+        return lm_dry_run(args, "sft", train_step, settings=given_settings(p, args))
     if not args.data or not args.out:
         p.error("--data and --out are required (unless --dry-run)")
     run_distributed(_train, args)

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import plan  # noqa: E402
 import train_ppo  # noqa: E402
 from generate import generate  # noqa: E402
 from model import CONFIGS, Transformer  # noqa: E402
@@ -320,7 +321,7 @@ def reward_placement(config, d, args):
         )
         for _ in range(args.batch)
     ]
-    tok = SimpleNamespace(eos_id=2, pad_id=0)
+    tok = plan.StandInTokenizer(config.vocab_size)
     run = SimpleNamespace(chunk_size=args.batch, unfinished_penalty=0.0)
     times = {"sharded": [], "replicated": []}
     for r in range(args.repeats + 1):
@@ -353,7 +354,7 @@ def frozen_bf16(config, d, args):
         grad_sync="every",
         chunk_size=8,
     )
-    tok = SimpleNamespace(eos_id=2, pad_id=0)
+    tok = plan.StandInTokenizer(config.vocab_size)
     prompt_len = args.seq_len - args.new_tokens
     setups = {}
     for stored in (True, False):

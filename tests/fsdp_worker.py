@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import sharpen_  # noqa: E402
 from generate import generate  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
-from plan import gradient_bytes  # noqa: E402
+from plan import StandInTokenizer, gradient_bytes  # noqa: E402
 from training import exit_trainer, init_distributed, shard  # noqa: E402
 
 CONFIG = ModelConfig(
@@ -263,7 +263,7 @@ def check_ppo_update(d):
         )
         for i in range(8)
     ]
-    tok = SimpleNamespace(pad_id=0, eos_id=2)
+    tok = StandInTokenizer(CONFIG.vocab_size)
     args = SimpleNamespace(
         batch_size=8,
         micro_batch_size=2,
@@ -452,7 +452,7 @@ def check_frozen_bf16(d):
 
     torch.manual_seed(0)
     state = sharpen_(Transformer(CONFIG)).state_dict()
-    tok = SimpleNamespace(pad_id=0, eos_id=2)
+    tok = StandInTokenizer(CONFIG.vocab_size)
     args = SimpleNamespace(
         batch_size=8,
         micro_batch_size=2,

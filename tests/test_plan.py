@@ -351,3 +351,58 @@ def test_the_planner_imports_no_trainer_and_the_trainers_hand_it_their_steps():
     assert all("plan" in imported(t) for t in trainers)
     parts = train_ppo.plan_parts()
     assert parts.update_step is train_ppo.update_step and parts.settings["init_kl_coef"] == train_ppo.INIT_KL_COEF
+
+
+@pytest.mark.parametrize(
+    "trainer, flags",
+    [
+        ("train_sft", ["--model", "tiny", "--max-len", "128", "--batch-size", "16", "--lr", "1e-4"]),
+        ("train_rm", ["--model", "tiny", "--max-len", "96", "--batch-size", "8", "--margin", "0.5"]),
+        (
+            "train_ppo",
+            ["--policy", "tiny", "--rollout-size", "8", "--batch-size", "4", "--max-new-tokens", "8"]
+            + ["--plan-prompt-tokens", "32", "--init-kl-coef", "0.05", "--chunk-size", "4"],
+        ),
+    ],
+)
+def test_the_chosen_command_carries_every_setting_the_simulation_used(trainer, flags, capsys, monkeypatch):
+    """Issue 44 item 6: `train_sft.py --dry-run --simulate --max-len 512 --batch-size 64`
+    simulated 512 tokens but printed `torchrun ... train_sft.py --model ziya-13b`, which runs at
+    2,048. The printed command, parsed by the trainer itself, now gives the simulated run's every
+    setting, with the chosen layout's flags (and none of the dry run's own)."""
+    import importlib
+    import shlex
+
+    module = importlib.import_module(trainer)
+    driver = "ppo_dry_run" if trainer == "train_ppo" else "lm_dry_run"
+    real, seen = getattr(module, driver), []
+
+    def record(args, *rest, **kw):
+        seen.append(vars(args).copy())
+        return real(args, *rest, **kw) if len(seen) == 1 else None
+
+    monkeypatch.setattr(module, driver, record)
+    plan_flags = ["--dry-run", "--simulate", "--world-size", "2", "--gpu-memory-gb", "1", "--simulate-micro-batches"]
+    module.main(flags + plan_flags + ["2" if trainer == "train_ppo" else "1"])
+    printed = capsys.readouterr().out
+    command = next(line for line in printed.splitlines() if line.startswith("  torchrun "))
+    words = shlex.split(command)
+    assert f"{trainer}.py" in words[3] and "--dry-run" not in words and "--world-size" not in words
+    module.main(words[4:] + ["--dry-run"])  # the printed command, parsed by the trainer
+    simulated, parsed = seen
+    chosen = next(line for line in printed.splitlines() if line.startswith("  chosen: ")).split(": ")[1]
+    layout = {k.lstrip("-").replace("-", "_"): v for k, v in plan.Candidate.DEFAULTS.items()}
+    given, last = {}, None  # the chosen layout's flags: "--micro-batch-size 2 --activation-checkpointing"
+    for word in shlex.split(chosen) if chosen != "(the defaults)" else []:
+        if word.startswith("--"):
+            last = word[2:].replace("-", "_")
+            given[last] = True
+        else:
+            given[last] = word
+    for name, value in simulated.items():
+        if name in plan.PLAN_DESTS:
+            continue
+        if name in layout:  # what the dry run chose: the default, or the chosen flag's value
+            assert str(parsed[name]) == str(given.get(name, layout[name])), (name, parsed[name], given)
+            continue
+        assert parsed[name] == value, (name, parsed[name], value)
