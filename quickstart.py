@@ -80,6 +80,12 @@ def main(argv=None):
     again = ["--overwrite"] if args.overwrite else []
 
     t = time.monotonic()
+
+    def lap(name: str):  # the stage's wall time, said as it ends and kept for the report and the summary
+        nonlocal t
+        timings[name], t = time.monotonic() - t, time.monotonic()
+        print(f"      {name}: {timings[name]:.0f} s", flush=True)
+
     stage(1, "supervised fine-tuning of the tiny model on data/sft/ (§3.1)")
     train_sft.main(
         [
@@ -104,7 +110,7 @@ def main(argv=None):
             "5",
         ]
     )
-    timings["SFT"], t = time.monotonic() - t, time.monotonic()
+    lap("SFT")
 
     stage(2, "sampling 2 responses for each of 8 real-doctor prompts from the SFT model (§3.2)")
     for stale in ("samples.jsonl", "samples.setup.json"):  # `sample` resumes, and refuses another model's file
@@ -130,7 +136,7 @@ def main(argv=None):
         "      (with an API key, `python distill.py score --input samples.jsonl` has them rated; here the\n"
         "       shipped preference pairs stand in for those ratings)"
     )
-    timings["sampling"], t = time.monotonic() - t, time.monotonic()
+    lap("sampling")
 
     stage(3, "the reward model from the SFT model on data/preference/ (§3.2)")
     train_rm.main(
@@ -154,7 +160,7 @@ def main(argv=None):
             "1000",
         ]
     )
-    timings["reward model"], t = time.monotonic() - t, time.monotonic()
+    lap("reward model")
 
     stage(4, "PPO from the SFT model against the reward model, KL penalty to the SFT policy (§3.2)")
     train_ppo.main(
@@ -186,15 +192,15 @@ def main(argv=None):
             "1000",
         ]
     )
-    timings["PPO"], t = time.monotonic() - t, time.monotonic()
+    lap("PPO")
 
     stage(5, "evaluation of the SFT and the PPO model (§4), the judge and the patient served locally")
     evaluation(ev, {"SFT": sft / "best", "PPO": ppo / "final"}, args.eval_limit)
-    timings["evaluation"] = time.monotonic() - t
+    lap("evaluation")
 
     stage(6, "the report")
     report = write_report(out, timings)
-    print(summary(out, report))
+    print(summary(out, report, timings))
 
 
 def evaluation(ev: Path, models: dict[str, Path], limit: int):
@@ -517,8 +523,9 @@ def answer_examples(ev: Path, most: int = 3) -> list[str]:
     return lines
 
 
-def summary(out: Path, report: Path) -> str:
-    """What the terminal shows at the end: the figures that matter and where everything is."""
+def summary(out: Path, report: Path, timings: dict[str, float] | None = None) -> str:
+    """What the terminal shows at the end: the figures that matter, the time each stage took, and
+    where everything is."""
     sft, rm, ppo = (metrics(out / d / "metrics.jsonl") for d in ("sft", "rm", "ppo"))
     val = [r["val_loss"] for r in sft if "val_loss" in r]
     acc = [r["val_accuracy"] for r in rm if "val_accuracy" in r]
@@ -549,6 +556,12 @@ def summary(out: Path, report: Path) -> str:
                 f"  judged PPO vs. SFT ({kind}): {c['win']} win, {c['tie']} tie, {c['loss']} loss, "
                 f"{c['unparsed']} unparsed"
             )
+    if timings:
+        lines.append(
+            "  time         "
+            + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+            + f"; {sum(timings.values()):.0f} s in all"
+        )
     lines += [
         f"report: {report} (open it in any Markdown viewer; the plots are the .svg files beside it)",
         f"models: {out / 'sft' / 'best'}, {out / 'rm' / 'best'}, {out / 'ppo' / 'final'} (Hugging Face layout)",

@@ -151,14 +151,16 @@ def test_ctrl_d_typed_during_a_reply_ends_the_session_after_it(model_dir):
         while "<HuatuoGPT>：".encode() not in seen:
             seen += os.read(main, 4096)
         os.write(main, b"\x04")  # Ctrl-D, while the reply streams
-        end = time.monotonic() + 20  # the reply takes a few seconds
-        while proc.poll() is None and time.monotonic() < end:
+        # Wait for the reply's end, however long a loaded machine takes: the session ends, or the
+        # next prompt shows (then the Ctrl-D must end it). The bound only stops a hang.
+        end = time.monotonic() + 600
+        while proc.poll() is None and seen.count("<病人>：".encode()) < 2 and time.monotonic() < end:
             if select.select([main], [], [], 0.2)[0]:
                 try:
                     seen += os.read(main, 4096)
                 except OSError:
                     break
-        assert proc.wait(5) == 0, seen.decode(errors="replace")[-500:]
+        assert proc.wait(30) == 0, seen.decode(errors="replace")[-500:]
         assert seen.count("<病人>：".encode()) <= 2  # at most the next prompt, shown once
     except subprocess.TimeoutExpired:
         raise AssertionError(

@@ -272,7 +272,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(monkeypatch, tmp_path):
     ]
     env = dict(os.environ, OPENAI_API_KEY=KEY)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # a bound for a hang
     while time.time() < deadline and (not out.is_file() or len(out.read_text(encoding="utf-8").splitlines()) < 5):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -403,7 +403,7 @@ def test_timeout_bounds_a_reply_that_trickles_in(api):
     t = time.monotonic()
     with pytest.raises(APIError, match="gave up after 1 attempts"):
         client.chat([{"role": "user", "content": "x"}])
-    assert time.monotonic() - t < 3.0  # timeout + at most one read
+    assert time.monotonic() - t < 30  # timeout + at most one read: far from the minute the trickle takes
 
 
 def test_key_over_plain_http_to_another_host_warns(monkeypatch, capsys):

@@ -143,7 +143,7 @@ def test_a_flag_out_of_range_or_a_split_the_run_would_refuse_is_one_line_and_exi
     err = capsys.readouterr().err
     assert code == 2 and says in err, err
     assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 60  # before any expensive work (a bound that leaves room for a loaded machine)
 
 
 @pytest.mark.parametrize(

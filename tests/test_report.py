@@ -130,8 +130,9 @@ def test_the_report_says_what_the_files_hold(run):
     # The figures are read, not remembered: change a file and the report changes with it.
     write(run / "sft" / "metrics.jsonl", [{"step": 0, "val_loss": 9.5}, {"step": 4, "val_loss": 7.0}])
     assert "best 7.000 at step 4" in quickstart.write_report(run, {}).read_text(encoding="utf-8")
-    summary = quickstart.summary(run, run / "report.md")
+    summary = quickstart.summary(run, run / "report.md", {"SFT": 10.2, "PPO": 5.0})
     assert "PPO          mean score -1.250 -> 0.625" in summary and "1 win, 0 tie, 0 loss, 1 unparsed" in summary
+    assert "  time         SFT 10 s, PPO 5 s; 15 s in all" in summary  # issue 44 item 7: time per stage
 
 
 def test_a_small_drift_is_drawn_as_small_and_said_in_words():

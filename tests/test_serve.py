@@ -129,7 +129,7 @@ def test_n_choices_sampled_with_a_seed_are_reproducible(client):
 
 def wait_until_decoding(server, decoded: int):
     """Wait until the engine has run a decoding step beyond its first `decoded`."""
-    end = time.monotonic() + 30
+    end = time.monotonic() + 300  # a bound for a hang, not a measure of speed
     while server.engine.steps <= decoded and time.monotonic() < end:
         time.sleep(0.01)
     assert server.engine.steps > decoded
@@ -225,12 +225,15 @@ def test_limits_size_concurrency_and_key(model_dir, monkeypatch):
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_engine(client, server):
+    cancelled, before = server.engine.cancelled, server.engine.steps
     stream = ask(client, QUESTIONS[0], temperature=0, max_tokens=1500, stream=True)
     next(iter(stream))
     stream.close()
-    t = time.monotonic()
-    assert ask(client, QUESTIONS[1], temperature=0, max_tokens=2).choices  # not stuck behind 1,500 tokens
-    assert time.monotonic() - t < 5
+    assert ask(client, QUESTIONS[1], temperature=0, max_tokens=2).choices
+    end = time.monotonic() + 300  # a bound for a hang: the count of steps decides, not the clock
+    while server.engine.cancelled == cancelled and time.monotonic() < end:
+        time.sleep(0.01)
+    assert server.engine.cancelled == cancelled + 1 and server.engine.steps - before < 1000  # not its 1,500 tokens
 
 
 def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, monkeypatch, capsys):
@@ -383,7 +386,7 @@ def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(model_dir):
         head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         for _ in range(2):
             raw(s, head + b"Content-Length: %d\r\n\r\n" % len(request) + request, timeout=0.3)  # then hangs up
-        end = time.monotonic() + 60
+        end = time.monotonic() + 300  # a bound for a hang
         while s.engine.cancelled < 2 and time.monotonic() < end:
             time.sleep(0.05)
         assert s.engine.cancelled == 2
@@ -493,7 +496,7 @@ def test_the_command_line_says_in_one_line_what_it_cannot_do_and_logs_a_line_a_r
         with requests.post(base + "/chat/completions", json=dict(body, max_tokens=500, stream=True), stream=True) as r:
             next(r.iter_content(16))  # and leave mid-stream
         assert requests.post(base + "/chat/completions", json=body).status_code == 200
-        end = time.monotonic() + 30
+        end = time.monotonic() + 300  # a bound for a hang
         while sum('"POST /v1/chat/completions"' in line for line in log) < 3 and time.monotonic() < end:
             time.sleep(0.05)
     finally:

@@ -599,8 +599,8 @@ def test_a_shard_file_rank_0_cannot_read_stops_every_rank_at_once(tmp_path):
         *COMMON[2:],
     ]
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=120)
-    assert proc.returncode != 0 and time.time() - start < 60
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 200  # at once, not after --dist-timeout's 30 min
     assert f"error: {damaged}" in proc.stderr and "error: rank 0 could not read the weights" in proc.stderr, (
         proc.stderr[-3000:]
     )
@@ -1013,7 +1013,7 @@ def test_a_preempted_killed_or_stuck_rank_ends_the_run_with_its_state_and_the_re
         ranks = _children(proc.pid)
         os.kill(ranks[1], fault)
         t0 = time.time()
-        while not _gone(ranks[0]) and time.time() - t0 < 60:
+        while not _gone(ranks[0]) and time.time() - t0 < 120:
             time.sleep(0.02)
         ended[fault.name] = time.time() - t0
         if fault == signal.SIGSTOP:
@@ -1022,7 +1022,9 @@ def test_a_preempted_killed_or_stuck_rank_ends_the_run_with_its_state_and_the_re
         assert proc.returncode != 0 and "error: rank 0: a collective failed" in stderr, (fault.name, stderr[-3000:])
         assert 'train_sft.py", line' not in stderr  # no worker's traceback (torchrun's own is its own)
         assert json.loads((out / "state" / "trainer.json").read_text())["step"] == saved  # the last complete state
-    assert ended["SIGKILL"] < 10 and 5 <= ended["SIGSTOP"] < 15, ended  # measured: see the issue 33 note
+    # At once, and after the 5 s timeout: far from --dist-timeout's default of 30 min either way, with
+    # room for a loaded machine (issue 44: a test bounds what it checks, not how fast it runs).
+    assert ended["SIGKILL"] < 60 and 5 <= ended["SIGSTOP"] < 60, ended
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=trainer_env(2), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "preempted").exists()
