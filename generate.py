@@ -248,6 +248,7 @@ def generate_queue(
     pad_id: int = 0,
     temperature: float = 1.0,
     vocab_limit: int | None = None,
+    readback=None,
 ) -> tuple[Generation, float]:
     """Every prompt sampled, `rows` at a time, through a queue: a row whose response ended takes
     the next prompt at the next step, so that no row steps on while another row's response
@@ -260,7 +261,11 @@ def generate_queue(
     On an FSDP-sharded model every forward gathers weights collectively, so all ranks make the
     same calls: each step they agree (one all-reduce) on how many prompts any of them admits and
     whether any has a row left, and a rank with fewer runs a one-token forward of its own
-    instead; the policy is resharded at the end, as decode_steps leaves it."""
+    instead; the policy is resharded at the end, as decode_steps leaves it.
+
+    readback(tokens, indices) -> list[int]: what the tokens drawn for prompts `indices` are
+    taken to be; None reads them from the device. A simulation on fake tensors, which hold no
+    values, says what they are (plan.measure_ppo: every response its length, then the eos)."""
     device = next(model.parameters()).device
     config = model.config
     sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
@@ -276,7 +281,8 @@ def generate_queue(
 
     def sample(logits: torch.Tensor, indices: list[int]) -> list[int]:
         scores = process_logits(logits, None, temperature=temperature, vocab_limit=vocab_limit)
-        return draw(scores, temperature, [generators[i] for i in indices]).tolist()
+        tokens = draw(scores, temperature, [generators[i] for i in indices])
+        return tokens.tolist() if readback is None else readback(tokens, indices)
 
     out, finished = [[] for _ in prompts], [False] * len(prompts)
     live = CacheRows(config, rows, max(map(len, prompts), default=1) + max_new_tokens)  # items: prompt indices
@@ -289,6 +295,21 @@ def generate_queue(
         finished[i] = token == eos_id
         return not finished[i] and len(out[i]) < max_new_tokens
 
+    # A prefill and a decoding step are functions of their own, so that their logits and the
+    # prompt's own cache are freed when they return, not held through the next forward.
+    def prefill(i: int) -> int:
+        """Prompt i's keys and values into the next row -> its first token."""
+        cache = KVCache(config, 1, len(prompts[i]))
+        tokens = torch.tensor([prompts[i]], device=device)
+        logits = model(tokens, cache=cache, start=0, positions=slice(-1, None))[:, -1]
+        live.add(i, cache, len(prompts[i]))
+        return sample(logits, [i])[0]
+
+    def step() -> list[int]:
+        """Every live row's next token."""
+        logits = live.step(model, [out[i][-1] for i in live.items], device)
+        return sample(logits, live.items)
+
     try:
         while True:
             admitted = [queue.pop() for _ in range(min(rows - len(live), len(queue)))]
@@ -297,21 +318,15 @@ def generate_queue(
                 if n >= len(admitted):
                     idle_forward()
                     continue
-                i = admitted[n]
-                prefill = KVCache(config, 1, len(prompts[i]))
-                tokens = torch.tensor([prompts[i]], device=device)
-                logits = model(tokens, cache=prefill, start=0, positions=slice(-1, None))[:, -1]
-                live.add(i, prefill, len(prompts[i]))
-                keep.append(take(i, sample(logits, [i])[0]))
+                keep.append(take(admitted[n], prefill(admitted[n])))
             live.keep(keep)
             if not agreed(int(bool(live.items or queue))):
                 break
             if not live.items:
                 idle_forward()
                 continue
-            logits = live.step(model, [out[i][-1] for i in live.items], device)
             row_steps, used = row_steps + rows, used + len(live)
-            live.keep([take(i, token) for i, token in zip(live.items, sample(logits, live.items))])
+            live.keep([take(i, token) for i, token in zip(live.items, step())])
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring

@@ -39,6 +39,7 @@ ppo_round_seconds). With --gpu-memory-gb the dry run chooses the fastest layout 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shlex
 from dataclasses import dataclass
@@ -120,6 +121,24 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+@functools.cache
+def _peak_tracker():
+    """FSDPMemTracker keeping the peak by category alone, all plan.py reads of it. Its own
+    update after every operation also walks every module it has seen, for per-module peaks
+    nothing here reads: O(modules) an operation, most of the time of a 13B simulation (whose
+    40 blocks are several hundred modules). The peak by category is the same, to the byte."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class PeakTracker(FSDPMemTracker):
+        def _update_peak_stats(self, peak_state):
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot["Total"]:
+                    self._peak_mem[device] = snapshot["Total"]
+                    self._peak_mem_snap[device] = dict(snapshot)
+
+    return PeakTracker
+
+
 @contextlib.contextmanager
 def tracking(root, optimizer=None, replicated=(), inputs=()):
     """Track what this rank holds while the block runs: FSDPMemTracker over the FSDP module
@@ -133,10 +152,10 @@ def tracking(root, optimizer=None, replicated=(), inputs=()):
     of it, and every FSDP unit that has none yet gets an empty one: FSDP's final backward
     callback reads them, a PPO update's too, whose frozen bottom never runs (its output is
     kept). The peak by category, all this reports, is kept across calls."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModMemStats, _FSDPRefType
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPModMemStats, _FSDPRefType
     from torch.distributed.fsdp import FSDPModule
 
-    tracker = FSDPMemTracker(root, optimizer)
+    tracker = _peak_tracker()(root, optimizer)
     # The replicated weights must be known to the tracker before they are used: a view of one
     # (the transposed weight of a linear layer) would otherwise be counted as an activation.
     # They go in as "Buffer", a category of FSDPMemTracker's own that our models never fill (no
@@ -235,10 +254,12 @@ def fill_(*modules):
 
 # -- PPO: a round -----------------------------------------------------------------------------------------
 
-# Decoding steps of the rollout a simulation runs. generate.decode_steps allocates the whole KV
-# cache (prompt + every new token) at the prefill, and a step allocates nothing that outlives
-# it, so the prefill and one step hold the peak of any number of steps (tests/test_plan.py
-# checks it against all of them); at 13B that makes a simulated round ~1 min, not 5-20.
+# Tokens of each response the simulated rollout samples. The rollout's queue (generate.CacheRows)
+# allocates its whole KV cache (every row, the longest prompt + every new token) when its first
+# prompt joins, and a step allocates nothing that outlives it; the rows admitted later have the
+# same shapes as the first. So one wave of rows (a prefill each, its first token, then one
+# decoding step, after which every response ends) holds the peak of a whole round's queue
+# (tests/test_plan.py checks it against every token of every prompt, on real tensors).
 ROLLOUT_STEPS = 2
 
 
@@ -267,6 +288,7 @@ class PPOParts:
     minibatches: Callable
     make_experience: Callable
     update_step: Callable
+    generate_round: Callable  # the rollout's sampling (generate.generate_queue), as train_ppo.rollout runs it
     settings: dict  # the loss's settings (clip_ratio, clip_value, vf_coef, grad_clip) and init_kl_coef
 
 
@@ -305,10 +327,11 @@ def measure_ppo(
     `prompt_len` tokens and every response `new_tokens` (fake tensors hold no eos to stop on).
     Each part is tracked on its own:
 
-        "rollout"     this rank's first chunk generated (training.gathered unless
-                      gathered_rollout is False; generate.decode_steps, its KV cache), its
-                      first `rollout_steps` tokens (None: all new_tokens; see ROLLOUT_STEPS)
-        "scoring"     the reward model on that chunk (RewardModel.score_ids)
+        "rollout"     train_ppo.generate_round (the policy gathered unless gathered_rollout is
+                      False; generate.generate_queue, its KV cache of --chunk-size rows) on one
+                      wave of rows, each response `rollout_steps` tokens long (ROLLOUT_STEPS);
+                      None: this rank's whole share, every response new_tokens long
+        "scoring"     the reward model on a chunk of --chunk-size (RewardModel.score_ids)
         ("experience", m)  train_ppo.make_experience: the kept bottom output, the forwards in
                       micro-batches of m, GAE and whitening, over this rank's share of the round
         ("update", m)      train_ppo.update_step on the first minibatch, micro-batches of m,
@@ -320,8 +343,7 @@ def measure_ppo(
     collective that shares the sampled token ids between ranks."""
     from types import SimpleNamespace
 
-    from generate import decode_steps
-    from training import gathered, make_optimizer
+    from training import make_optimizer
 
     compute = torch.bfloat16 if bf16 else torch.float32
     loss = {k: v for k, v in parts.settings.items() if k != "init_kl_coef"}
@@ -370,15 +392,23 @@ def measure_ppo(
             experience()
         with tracking(model, opt, replicated, inputs=kept()) as out["update", micro]:
             update()
-    chunk = [prompt] * min(chunk_size, rollout_size // d.world)
+    # The rollout: train_ppo's own sampling (its queue of --chunk-size rows), on one wave of rows
+    # whose responses end after `rollout_steps` tokens (ROLLOUT_STEPS), or on this rank's whole
+    # share, every response new_tokens long (rollout_steps None).
+    share = rollout_size // d.world
+    length = new_tokens if rollout_steps is None else min(rollout_steps, new_tokens)
+    sampled: dict[int, int] = {}
+
+    def readback(tokens, indices: list[int]) -> list[int]:  # fake tensors hold no token: say them
+        for i in indices:
+            sampled[i] = sampled.get(i, 0) + 1
+        return [tok.eos_id if sampled[i] == length < new_tokens else 3 for i in indices]
+
+    args.max_new_tokens, args.reshard_in_rollout = new_tokens, not gathered_rollout
+    round_prompts = [prompt] * d.world * (share if rollout_steps is None else min(chunk_size, share))
     with tracking(model, opt, replicated) as out["rollout"]:
-        model.eval()
-        with gathered(model) if gathered_rollout else contextlib.nullcontext(), torch.no_grad():  # as generate()
-            steps = decode_steps(model, chunk, max_new_tokens=new_tokens, eos_id=None, pad_id=0)
-            with contextlib.closing(steps):  # closed early: its `finally` reshards before gathered's exit
-                for _, _ in zip(range(rollout_steps or new_tokens), steps):
-                    pass
-        model.train()
+        parts.generate_round(model, round_prompts, tok, args, d, 0, readback=readback)
+    chunk = [prompt] * min(chunk_size, share)
     if reward_sharded:
         adam = [local(t) for state in opt.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
         scoring = tracking(rm, None, (model, ref), inputs=adam)
@@ -729,12 +759,15 @@ def ppo_round_seconds(
     each part the slower of its compute and its collectives (see training_step_seconds; all
     bf16 gathers, fp32 reductions, over `net`):
 
-        rollout     per chunk a prefill (compute-bound) and new_tokens decoding steps that read
-                    the bf16 policy and the KV cache (decode_step: memory-bound); the policy
-                    gathered once a chunk (training.gathered), or at every step of it
-                    (gathered_rollout False, --reshard-in-rollout)
+        rollout     the queue of train_ppo.generate_round, --chunk-size rows: every response
+                    new_tokens long, the rows fill and empty together, a wave at a time; per
+                    prompt a prefill of its own (compute-bound, it gives the first token), per
+                    wave new_tokens - 1 decoding steps of its rows that read the bf16 policy
+                    and the KV cache (decode_step: memory-bound); the policy gathered once a
+                    round (training.gathered), or at every forward (gathered_rollout False,
+                    --reshard-in-rollout)
         scoring     the reward model's forward over prompt + response; sharded, it is gathered
-                    once a chunk
+                    once a chunk of --chunk-size
         experience  the frozen bottom once (kept for the round), the trainable top and π0's top;
                     the policy gathered once a micro-batch
         update      ppo_epochs passes of the top alone on the kept bottom: its forward and a
@@ -755,13 +788,15 @@ def ppo_round_seconds(
         + config.hidden_size
     )
     gather_policy = net.gather(2 * n)
-    rollout = 0.0
-    chunks = 0
-    for c in range(0, per_rank, chunk_size):
+    prefill = forward_flops(config, prompt_len, (prompt_len + 1) / 2) / rate
+    rollout = gather_policy if gathered_rollout else 0.0
+    prefills = steps = 0
+    for c in range(0, per_rank, chunk_size):  # a wave of rows
         batch = min(chunk_size, per_rank - c)
-        chunks += 1
-        rollout += forward_flops(config, batch * prompt_len, (prompt_len + 1) / 2) / rate + gather_policy
-        for k in range(new_tokens):
+        prefills += batch
+        rollout += batch * (prefill if gathered_rollout else max(prefill, gather_policy))
+        for k in range(1, new_tokens):  # the step that feeds token k attends to prompt_len + k positions
+            steps += 1
             step = decode_step(
                 config,
                 batch,
@@ -773,6 +808,7 @@ def ppo_round_seconds(
                 mbu=mbu,
             )["seconds"]
             rollout += step if gathered_rollout else max(step, gather_policy)
+    chunks = -(-per_rank // chunk_size)  # the scoring batches
     causal = (seq + 1) / 2
     top = forward_flops(config, tokens, causal, blocks=trainable_blocks)
     bottom = forward_flops(config, tokens, causal, blocks=config.num_hidden_layers - trainable_blocks, head=False)
@@ -791,6 +827,7 @@ def ppo_round_seconds(
     }
     parts["total"] = sum(parts.values())
     parts["steps"] = ppo_epochs * rollout_size // batch_size
+    parts["prefills"], parts["decoding_steps"] = prefills, steps  # the rollout's forwards on a rank
     return parts
 
 
@@ -820,6 +857,7 @@ class Candidate:
     seconds: float
     modelled: float
     simulated: float | None = None
+    measured: dict | None = None  # the simulation's parts (PPO: simulate_ppo's), for the tables after
 
     DEFAULTS = {
         "--micro-batch-size": 1,
@@ -1073,6 +1111,7 @@ def choose_ppo(
             reward_sharded=f["--reward-placement"] == "sharded",
             frozen_bf16=f["--frozen-bf16"],
         )
+        c.measured = sim  # the dry run's tables show the chosen one's parts without simulating it again
         return max(m.total for m in sim.values())
 
     return choose(candidates, usable_bytes(gpu_gb), simulate)
@@ -1409,7 +1448,11 @@ def add_plan_args(
         help="with --dry-run: measure memory by running this code's steps on fake tensors (seconds per row at 13B)",
     )
     p.add_argument(
-        "--simulate-micro-batches", type=COUNT, nargs="+", help="with --simulate: only these micro-batch sizes"
+        "--simulate-micro-batches",
+        type=COUNT,
+        nargs="+",
+        help="with --simulate: only these micro-batch sizes (PPO's default: the smallest and those the memory "
+        "model does not rule out)",
     )
     p.add_argument("--world-size", type=COUNT, default=8, help="with --dry-run: ranks to plan for")
     p.add_argument("--gpu-memory-gb", type=POSITIVE, default=80.0, help="with --dry-run: memory per GPU")
@@ -1559,23 +1602,44 @@ def ppo_dry_run(args, parts: PPOParts, settings: str = ""):
             f"{args.max_new_tokens} tokens); FSDPMemTracker's peak on a rank in each part:",
             flush=True,
         )
-        chosen = args.simulate_micro_batches or list(micros)
-        sim = simulate_ppo(
-            config,
-            parts,
-            world=world,
-            trainable_blocks=args.trainable_blocks,
-            rollout_size=args.rollout_size,
-            chunk_size=args.chunk_size,
-            batch_size=args.batch_size,
-            micro_batches=chosen,
-            prompt_len=prompt_len,
-            new_tokens=args.max_new_tokens,
-            gathered_rollout=not args.reshard_in_rollout,
-            reward_sharded=args.reward_placement == "sharded",
-            frozen_bf16=args.frozen_bf16,
-            shard=args.shard_ranks,
-        )
+        # This layout at the sizes the chooser simulated is not simulated again: each layout and
+        # micro-batch size once.
+        layout = {
+            "--chunk-size": args.chunk_size,
+            "--reshard-in-rollout": args.reshard_in_rollout,
+            "--reward-placement": args.reward_placement,
+            "--frozen-bf16": args.frozen_bf16,
+            "--shard-ranks": args.shard_ranks,
+        }
+        sim = {}
+        for c in ranked:
+            if c.measured and all(c.flags[k] == v for k, v in layout.items()):
+                sim.update(c.measured)
+        # By default the sizes the memory model does not rule out (as the chooser prunes), and
+        # the smallest: a size it puts far over the GPU is not worth a simulation.
+        chosen = args.simulate_micro_batches or [
+            m for m in micros if m == micros[0] or models[m]["total"] <= args.gpu_memory_gb * (1 + MODEL_SLACK)
+        ]
+        missing = [m for m in chosen if ("update", m) not in sim]
+        if missing:
+            sim.update(
+                simulate_ppo(
+                    config,
+                    parts,
+                    world=world,
+                    trainable_blocks=args.trainable_blocks,
+                    rollout_size=args.rollout_size,
+                    chunk_size=args.chunk_size,
+                    batch_size=args.batch_size,
+                    micro_batches=missing,
+                    prompt_len=prompt_len,
+                    new_tokens=args.max_new_tokens,
+                    gathered_rollout=not args.reshard_in_rollout,
+                    reward_sharded=args.reward_placement == "sharded",
+                    frozen_bf16=args.frozen_bf16,
+                    shard=args.shard_ranks,
+                )
+            )
         rows = [([name, "-"], sim[name], []) for name in ("rollout", "scoring")]
         rows += [([name, micro], sim[name, micro], []) for micro in chosen for name in ("experience", "update")]
         print(measured_table(rows, ["part", "micro-batch"], []))
@@ -1610,6 +1674,7 @@ def ppo_dry_run(args, parts: PPOParts, settings: str = ""):
         hbm_tbps=args.hbm_tbps,
     )
     parts = ", ".join(f"{k} {t[k]:.1f} s" for k in ("rollout", "scoring", "experience", "update"))
+    parts += f"; the rollout {t['prefills']} prefills and {t['decoding_steps']} decoding steps a rank"
     print(
         f"\ntime of a round ({args.rollout_size} experiences, {t['steps']} optimizer steps; decoding memory-bound at "
         f"{MBU:.0%} of {args.hbm_tbps:g} TB/s, the rest at {args.mfu:.0%} of {peak_tflops:g} TFLOP/s, FSDP's "

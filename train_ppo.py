@@ -407,12 +407,26 @@ def all_gather_list(items: list, d) -> list:
 
 
 def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], dict]:
-    """Generate this rank's share of the round's prompts, --chunk-size rows at a time through a
-    queue (generate.generate_queue: a row whose response ended takes the next prompt), and score
-    it; every rank ends with the whole round, in the order of `prompts`. The policy stays
-    gathered for the whole generation unless --reshard-in-rollout. Returns (experiences,
+    """Generate this rank's share of the round's prompts (generate_round) and score it; every
+    rank ends with the whole round, in the order of `prompts`. Returns (experiences,
     {"generate_s", "score_s": seconds spent, "idle_rows": the share of this rank's decoding
     rows that had no prompt left to run})."""
+    t0 = time.perf_counter()
+    exps, idle = generate_round(model, prompts, tok, args, d, round_no)
+    t1 = time.perf_counter()
+    score_round(rm, exps, tok, args)
+    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "idle_rows": idle}
+    ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
+    return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
+
+
+def generate_round(model, prompts, tok, args, d, round_no: int, readback=None) -> tuple[list[Experience], float]:
+    """This rank's share of the round's prompts sampled, --chunk-size rows at a time through a
+    queue (generate.generate_queue: a row whose response ended takes the next prompt), from the
+    tokenizer's ids; the policy stays gathered for the whole generation unless
+    --reshard-in-rollout. -> (this rank's experiences, unscored; the share of its decoding rows
+    that had no prompt to run). plan.measure_ppo runs this very function on fake tensors
+    (readback: see generate_queue)."""
     mine = prompts[d.rank :: d.world]
     # A generator per prompt, seeded by the run's seed, the round and the prompt's place in it:
     # its response is the same on any number of ranks and whatever prompts share its steps.
@@ -421,7 +435,6 @@ def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Exper
         for i in range(d.rank, len(prompts), d.world)
     ]
     model.eval()
-    t0 = time.perf_counter()
     with contextlib.nullcontext() if args.reshard_in_rollout else gathered(model):
         out, idle = generate_queue(
             model,
@@ -433,14 +446,10 @@ def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Exper
             pad_id=tok.pad_id,
             temperature=1.0,
             vocab_limit=len(tok),
+            readback=readback,
         )
-    exps = [Experience(p, r, f) for p, r, f in zip(mine, out.tokens, out.finished)]
-    t1 = time.perf_counter()
     model.train()
-    score_round(rm, exps, tok, args)
-    seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "idle_rows": idle}
-    ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
-    return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
+    return [Experience(p, r, f) for p, r, f in zip(mine, out.tokens, out.finished)], idle
 
 
 @torch.no_grad()
@@ -905,6 +914,7 @@ def plan_parts() -> PPOParts:
         minibatches,
         make_experience,
         update_step,
+        generate_round,
         dict(settings, init_kl_coef=INIT_KL_COEF),
     )
 

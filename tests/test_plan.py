@@ -121,10 +121,11 @@ def test_time_formulas_by_hand():
         hbm_tbps=1e-9,
         mbu=1.0,
     )
-    # Prefill: 6 tokens at mean context 2 = 2,400 FLOPs. Step at context 3: 2 x (368 + 48) = 832
-    # FLOPs against 368 weight bytes (bf16) + 48 of cache: compute-bound, 0.832 s; at context 4:
-    # 864 FLOPs, 0.864 s.
-    assert t["rollout"] == pytest.approx(2.4 + 0.832 + 0.864)
+    # The rollout's queue (issue 44 item 5): a prefill of each prompt, 3 tokens at mean context 2,
+    # 1,200 FLOPs each, gives its first token; the second comes from one decoding step of both
+    # rows, the token fed attending to 4 positions: 2 x (368 + 4 x 4 x 4) = 864 FLOPs against 368
+    # weight bytes (bf16) + 64 of cache: compute-bound, 0.864 s.
+    assert t["rollout"] == pytest.approx(2.4 + 0.864) and (t["prefills"], t["decoding_steps"]) == (2, 1)
     # 10 tokens (2 x 5), mean context 3: the reward model 10 x (288 + 48) (no LM head); the
     # policy 10 x (368 + 48) = 4,160, and π0's top, here the whole (1 block and the head); each
     # epoch a forward and a backward twice as costly.
@@ -257,13 +258,14 @@ def test_the_dry_runs_simulate_from_the_command_line(capsys):
 
 
 def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
-    """plan.ROLLOUT_STEPS: the simulation decodes the prefill and one step, not every new token
-    (at 13B a round in ~1 min, not 5-20); the rollout's peak is the same, to the byte, as
-    decoding all 24 (the KV cache is allocated whole at the prefill). With the policy resharded
-    at every step, the layout that gathers the most as it decodes. This test found the
-    simulation decoding with autograd on (generate() decodes under no_grad): the peak grew
-    from the 19th step on, by what each step left saved for a backward that never came."""
-    kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=False)
+    """plan.ROLLOUT_STEPS: the simulation runs one wave of the rollout's queue, each response two
+    tokens long (a prefill each, one decoding step), not every token of every prompt (at 13B a
+    round in ~1 min, not 5-20); the rollout's peak is the same, to the byte, as this rank's
+    whole share through the queue (two waves of rows here), every response 24 tokens. With the
+    policy resharded at every step, the layout that gathers the most as it decodes. This test
+    found the simulation decoding with autograd on (generate() decodes under no_grad): the peak
+    grew from the 19th step on, by what each step left saved for a backward that never came."""
+    kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=False, chunk_size=2)
     short, full = (
         plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=2, rollout_steps=steps, **kw)[
             "rollout"
@@ -271,6 +273,28 @@ def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
         for steps in (plan.ROLLOUT_STEPS, None)
     )
     assert short.parts == full.parts and short.parts["activations"] > 0, (short.parts, full.parts)
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_the_simulated_rollout_is_the_trainers_queue_on_real_tensors_to_the_byte(gathered):
+    """Issue 44 item 5: the planner simulated the rollout with decode_steps in fixed chunks while
+    train_ppo.rollout runs generate_queue (a prefill a prompt, a cache column a row). Now it runs
+    train_ppo.generate_round itself (plan.PPOParts): its simulated peak (fake tensors, one wave
+    of two tokens) equals, to the byte, what the tracker sees of a real round on one real rank
+    (real tensors, every prompt of the rank's share through the queue, every response 24
+    tokens long), policy gathered and resharded at every step."""
+    from training import device_mesh, init_distributed
+
+    kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=gathered, chunk_size=2, rollout_size=6)
+    fake = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=1, **kw)["rollout"]
+    d = init_distributed()
+    try:
+        real = plan.measure_ppo(
+            d, device_mesh("cpu", 1), fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), rollout_steps=None, **kw
+        )["rollout"]
+    finally:
+        d.close()
+    assert fake.parts == real.parts and fake.parts["activations"] > 0, (fake.parts, real.parts)
 
 
 def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
