@@ -9,8 +9,13 @@ single-turn answers (Table 4, KUAKE-QIC) and of multi-turn consultations (Table 
     # Table 5: each model consults with a simulated patient (the API plays the patient, App. A.2)
     python evaluate.py consult --model DIR_A --data Med-dialog_100.json --out a_dialogues.jsonl
     python evaluate.py judge   --a a_dialogues.jsonl --b b_dialogues.jsonl ... --out judge_dialog.jsonl
+    # §4.3, App. F: three doctors review pairs blind in a browser (review.py), then their tallies and
+    # their agreement with each other and with the judge in the report
+    python evaluate.py review  --a a.jsonl --b b.jsonl --name-a HuatuoGPT --name-b ChatGPT --reviewers 3 \
+                               --out runs/review [--sample 50]
     # the tables and SVG charts
-    python evaluate.py report  --judgments judge_qic.jsonl judge_dialog.jsonl --out runs/eval/report
+    python evaluate.py report  --judgments judge_qic.jsonl judge_dialog.jsonl [--reviews runs/review] \
+                               [--halve-ties] --out runs/eval/report
 
 Every file is appended a line per finished item with a stable id, so an interrupted command
 continues when run again. API calls use chat_api (retries; the key only from OPENAI_API_KEY).
@@ -52,6 +57,7 @@ from safety import (
     claim_output,
     file_digest,
     model_digest,
+    number,
     refuse_to_replace,
     run_main,
     setup_record,
@@ -60,6 +66,7 @@ from data.template import render
 from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
 from metrics import compute_metrics
 from plots import judged, svg_win_tie_loss
+from review import ASPECTS, serve_review, study_summary, win_rate
 
 VERDICT = re.compile(r"Assistant 1 is (better than|worse than|equal to) Assistant 2", re.IGNORECASE)
 TABLE2 = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "GLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Distinct-1", "Distinct-2"]
@@ -384,23 +391,37 @@ def table(judgments: list[dict], name_a: str, name_b: str) -> str:
     return "\n".join(rows)
 
 
+def judgment_files(paths) -> list[tuple[dict, list[dict]]]:
+    """Each judgments file's setup info (the two names; A and B when it has no record) with
+    its records."""
+    out = []
+    for path in map(Path, paths):
+        made_by = setup_record(path)
+        info = json.loads(made_by.read_text(encoding="utf-8"))["info"] if made_by.is_file() else {"a": "A", "b": "B"}
+        out.append((dict(info, file=path.name), load_jsonl(path)))
+    return out
+
+
 def cmd_report(args):
     out = Path(args.out)
-    refuse_to_replace(out, ["report.md", "win_tie_loss.svg"], overwrite=args.overwrite, what="report")
+    written = ["report.md", "win_tie_loss.svg"] + (["summary.json", "doctors_vs_judge.svg"] if args.reviews else [])
+    refuse_to_replace(out, written, overwrite=args.overwrite, what="report")
     out.mkdir(parents=True, exist_ok=True)
     lines, bars = ["# Evaluation report", ""], []
-    for path in args.judgments:
-        path = Path(path)
-        made_by = setup_record(path)
-        meta = json.loads(made_by.read_text(encoding="utf-8"))["info"] if made_by.is_file() else {"a": "A", "b": "B"}
-        judgments = load_jsonl(path)
+    files = judgment_files(args.judgments)
+    for (meta, judgments), path in zip(files, args.judgments):
         lines += [
-            f"## {meta['a']} vs. {meta['b']} ({path.name}, {len(judgments)} items)",
+            f"## {meta['a']} vs. {meta['b']} ({Path(path).name}, {len(judgments)} items)",
             "",
             table(judgments, meta["a"], meta["b"]),
             "",
         ]
+        if args.halve_ties:
+            rate = win_rate(win_tie_loss_of(tally(judgments)["Total"]), True)
+            lines += [f"{meta['a']}'s win rate, ties halved (Figure 5): {'-' if rate is None else f'{rate:.3f}'}", ""]
         bars.append((f"{meta['a']} vs. {meta['b']}", tally(judgments)["Total"]))
+    if args.reviews:
+        lines += doctors_section(Path(args.reviews), files, out, args.halve_ties)
     (out / "win_tie_loss.svg").unlink(missing_ok=True)
     if judged(bars):
         (out / "win_tie_loss.svg").write_text(svg_win_tie_loss("Win / tie / loss", bars), encoding="utf-8")
@@ -409,6 +430,59 @@ def cmd_report(args):
         lines += ["No verdict could be parsed in any of these judgments, so there is no win/tie/loss chart.", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {out / 'report.md'}" + (f" and {out / 'win_tie_loss.svg'}" if judged(bars) else ""))
+
+
+def win_tie_loss_of(counts: dict) -> dict:
+    return {k: counts[k] for k in ("win", "tie", "loss")}
+
+
+def doctors_section(directory: Path, files, out: Path, halve_ties: bool) -> list[str]:
+    """The doctors' study in the report (review.study_summary), its figures in OUT/summary.json
+    and their win / tie / loss beside the judge's in OUT/doctors_vs_judge.svg."""
+    s = study_summary(directory, files, halve_ties)
+    (out / "summary.json").write_text(json.dumps(s, indent=1, ensure_ascii=False), encoding="utf-8")
+    a, b = s["name_a"], s["name_b"]
+    rate = "win rate (ties halved)" if halve_ties else "win rate (ties apart)"
+
+    def num(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = [f"## Doctors: {a} vs. {b} ({s['items']} items, {len(s['reviewers'])} reviewers, blind)", ""]
+    lines += ["| reviewer | aspect | win | tie | loss | " + rate + " |", "|---|---|---|---|---|---|"]
+    for r in s["reviewers"]:
+        for aspect in ("overall", *ASPECTS):
+            c = r[aspect]
+            lines.append(
+                f"| {r['reviewer']} | {aspect} | {c['win']} | {c['tie']} | {c['loss']} | {num(c['win_rate'])} |"
+            )
+    lines += ["", "The reviewers pooled (each item's majority; no majority is a tie):", ""]
+    lines += ["| group | win | tie | loss | " + rate + " |", "|---|---|---|---|---|"]
+    for group, c in s["pooled"].items():
+        lines.append(f"| {group} | {c['win']} | {c['tie']} | {c['loss']} | {num(c['win_rate'])} |")
+    lines.append("")
+    if "fleiss_kappa" in s:
+        lines.append(
+            f"Agreement among the doctors: Fleiss' κ {s['fleiss_kappa']:.3f} over the {s['fleiss_items']} items all judged."
+        )
+    pairs = ", ".join(f"{k}: {v:.3f}" for k, v in s["cohen_kappa_pairs"].items())
+    lines += [f"Each pair's Cohen's κ: {pairs or '-'}.", ""]
+    bars = [("doctors (pooled)", dict(win_tie_loss_of(s["pooled"]["Total"]), unparsed=0))]
+    for j in s["judges"]:
+        if j["items"]:
+            m = j["vs_majority"]
+            each = ", ".join(f"doctor {r}: κ {v['cohen_kappa']:.3f}" for r, v in j["vs_reviewer"].items())
+            lines.append(
+                f"The LLM judge ({j['judgments']}) against the doctors' majority on the {j['items']} items both "
+                f"judged: Cohen's κ {m['cohen_kappa']:.3f}, raw agreement {m['agreement']:.3f}; {each}."
+            )
+            bars.append((f"LLM judge ({j['judgments']})", dict(j["judge"], unparsed=0)))
+    (out / "doctors_vs_judge.svg").unlink(missing_ok=True)
+    if judged(bars):
+        (out / "doctors_vs_judge.svg").write_text(
+            svg_win_tie_loss(f"{a} vs. {b}: the doctors and the judge", bars), encoding="utf-8"
+        )
+        lines += ["", "![the doctors' win, tie and loss beside the judge's](doctors_vs_judge.svg)"]
+    return lines + [""]
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -487,8 +561,21 @@ def main(argv=None):
     j.add_argument("--workers", type=COUNT, default=4)
     j.add_argument("--limit", type=COUNT)
     api_args(j, "judge")
+    v = sub.add_parser("review", help="the doctors' blind pairwise review, in a browser (§4.3, App. F)")
+    v.add_argument("--a", required=True, help="answers or consultations of the first model (answer, consult)")
+    v.add_argument("--b", required=True, help="the second model's, paired by id")
+    v.add_argument("--name-a", default="A")
+    v.add_argument("--name-b", default="B")
+    v.add_argument("--reviewers", type=COUNT, default=3, help="doctors, each with a link and a key (§4.3: three)")
+    v.add_argument("--sample", type=COUNT, help="N items drawn reproducibly (§4.3: 50 of the 100 cases)")
+    v.add_argument("--seed", type=int, default=0, help="draws the sample, each reviewer's order and sides")
+    v.add_argument("--host", default="127.0.0.1", help="a ward's address serves its network, over plain HTTP")
+    v.add_argument("--port", type=number(int, least=0, most=65535), default=8100)
+    v.add_argument("--out", required=True)
     r = sub.add_parser("report", help="Markdown tables and SVG charts")
     r.add_argument("--judgments", nargs="+", required=True)
+    r.add_argument("--reviews", help="a review's --out: the doctors' tallies and agreement")
+    r.add_argument("--halve-ties", action="store_true", help="win rates with ties split evenly (Figure 5)")
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     args = p.parse_args(argv)
@@ -498,6 +585,7 @@ def main(argv=None):
             "answer": cmd_answer,
             "consult": cmd_consult,
             "judge": cmd_judge,
+            "review": serve_review,
             "report": cmd_report,
         }[args.cmd](args)
     except APIError as e:

@@ -914,6 +914,23 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def host_allowed(hosts: set[str], header: str) -> bool:
+    """Whether a Host header ("name", "name:port", "[v6]:port") is one a server known by `hosts`
+    (lower case; "*" for any) answers to: one of them, or an IP address."""
+    name = header.strip().lower()
+    if name.startswith("["):  # [v6] or [v6]:port
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:  # name:port (a bare v6 address has more colons)
+        name = name.partition(":")[0]
+    if "*" in hosts or name in hosts:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -955,19 +972,7 @@ class ChatServer(ThreadingHTTPServer):
             self.in_flight -= 1
 
     def serves_host(self, header: str) -> bool:
-        """Whether a Host header ("name", "name:port", "[v6]:port") is one this server answers to."""
-        name = header.strip().lower()
-        if name.startswith("["):  # [v6] or [v6]:port
-            name = name[1:].partition("]")[0]
-        elif name.count(":") == 1:  # name:port (a bare v6 address has more colons)
-            name = name.partition(":")[0]
-        if "*" in self.hosts or name in self.hosts:
-            return True
-        try:
-            ipaddress.ip_address(name)
-            return True
-        except ValueError:
-            return False
+        return host_allowed(self.hosts, header)
 
     def log(self, line: str):
         """A line of the access log, its control characters escaped (a path may carry ESC

@@ -5,6 +5,7 @@ model), turn after turn; Clear forgets the history; Stop ends a reply; a keyed s
 its key. The README's test command installs chromium and chromium-driver where it can (as root,
 with apt); elsewhere these tests skip, saying so in a line, except under CI, where they fail."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -277,3 +278,101 @@ def test_without_a_browser_ci_fails_and_elsewhere_the_tests_skip_saying_how_to_e
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PATH=str(tmp_path)), cwd=ROOT, timeout=300)
     assert proc.returncode == 0 and "3 skipped" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert [line for line in proc.stdout.splitlines() if HOW_TO_ENABLE in line] == [f"skipped (3): {HOW_TO_ENABLE}"]
+
+
+# -- the doctors' review page (review.py, issue 45) -----------------------------------------------------------
+
+
+@pytest.fixture
+def study_server(tmp_path, tokenizer_file):
+    """A study of two reviewers over two small hand-written answer files whose names, and the
+    models' names, must appear nowhere in what the page shows or is sent."""
+    import threading
+    from types import SimpleNamespace
+
+    import review
+
+    files = []
+    for name in ("secret-model-a", "secret-model-b"):
+        path = tmp_path / f"{name}.jsonl"
+        lines = [
+            {
+                "id": f"q{i}",
+                "messages": [
+                    {"role": "user", "content": f"问题 {i}：头痛怎么办？"},
+                    {"role": "assistant", "content": f"<b>回答{name[-1]}</b> {i}"},  # shown as text
+                ],
+            }
+            for i in range(6)
+        ]
+        path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+        files.append(path)
+    args = SimpleNamespace(
+        a=str(files[0]),
+        b=str(files[1]),
+        name_a="ModelNameA",
+        name_b="ModelNameB",
+        reviewers=2,
+        sample=None,
+        seed=0,
+        out=str(tmp_path / "study"),
+    )
+    s = review.ReviewServer(review.open_study(args), port=0)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+    s.base = f"http://127.0.0.1:{s.server_address[1]}"
+    yield s
+    s.shutdown()
+    s.server_close()
+
+
+def review_state(b) -> dict:
+    return b.execute_script(
+        "return {progress: document.getElementById('progress').textContent,"
+        " context: document.getElementById('context').textContent,"
+        " pressed: [...document.querySelectorAll('button.choice[aria-pressed=true]')].map(x => x.dataset.row + '=' + x.dataset.value),"
+        " status: document.getElementById('status').textContent}"
+    )
+
+
+def test_a_reviewer_gives_verdicts_with_the_keyboard_blind_and_finds_them_after_a_reload(browser, study_server):
+    """Issue 45: a reviewer opens their link, sees no model's or file's name in the page's text
+    or source, gives verdicts with the keyboard (1 / 2 / t for the highlighted row, ↓ to the
+    aspects, → to the next item), reloads and finds them; a second reviewer's page shows the
+    items in another order."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    links = study_server.links(study_server.base)
+    browser.get(links[0])
+    WebDriverWait(browser, 30).until(lambda b: review_state(b)["progress"].startswith("1 / 6"))
+    for secret in ("ModelNameA", "ModelNameB", "secret-model", ".jsonl"):
+        assert secret not in browser.page_source and secret not in browser.find_element(By.TAG_NAME, "body").text
+
+    def keys(*k):
+        ActionChains(browser).send_keys(*k).perform()
+
+    first_contexts = [review_state(browser)["context"]]
+    keys("1")  # overall: Response 1
+    WebDriverWait(browser, 30).until(lambda b: review_state(b)["status"] == "saved")
+    keys(Keys.ARROW_DOWN, "t")  # diagnosis: a tie
+    WebDriverWait(browser, 30).until(lambda b: "diagnosis=tie" in review_state(b)["pressed"])
+    keys(Keys.ARROW_RIGHT)
+    first_contexts.append(review_state(browser)["context"])
+    keys("2")
+    WebDriverWait(browser, 30).until(lambda b: review_state(b)["status"] == "saved")
+    assert len(study_server.verdicts.of(0)) == 2 and not study_server.verdicts.of(1)
+    browser.refresh()  # the fragment stays; the page goes on where the reviewer was
+    WebDriverWait(browser, 30).until(lambda b: review_state(b)["progress"].startswith("3 / 6 (2 judged)"))
+    keys(Keys.ARROW_LEFT)
+    assert review_state(browser)["pressed"] == ["overall=2"]
+    keys(Keys.ARROW_LEFT)
+    assert sorted(review_state(browser)["pressed"]) == ["diagnosis=tie", "overall=1"]
+    browser.get(links[1])
+    WebDriverWait(browser, 30).until(lambda b: review_state(b)["progress"].startswith("1 / 6 (0 judged)"))
+    theirs = [review_state(browser)["context"]]
+    keys(Keys.ARROW_RIGHT)
+    theirs.append(review_state(browser)["context"])
+    keys(Keys.ARROW_RIGHT)
+    theirs.append(review_state(browser)["context"])
+    order = [study_server.study.plans[r]["order"] for r in range(2)]
+    assert order[0] != order[1] and theirs == [f"病人 (patient)问题 {i[1:]}：头痛怎么办？" for i in order[1][:3]]
+    assert "<b>回答" in browser.find_element(By.ID, "r1").text  # model text is text, never markup
