@@ -9,6 +9,16 @@ buffers, written by old transformers versions, are dropped: model.py computes th
     python convert.py --src ZIYA_OR_LLAMA_DIR --out OUT_DIR
     # apply Ziya's delta to the original LLaMA-13B
     python convert.py --base LLAMA13B_DIR --delta ZIYA_DELTA_DIR --out OUT_DIR
+    # HuatuoGPT-7B (Baichuan-7B's layout): W_pack split into q, k and v, a LLaMA config written
+    python convert.py --src HUATUOGPT_7B_DIR --out OUT_DIR [--dtype bfloat16]
+
+Baichuan-7B's layout (model_type "baichuan", with max_position_embeddings) is LLaMA's but for
+the attention's input projection, one `self_attn.W_pack.weight` of (3H, H) whose rows
+[0:H], [H:2H], [2H:3H] are q, k and v (its modeling code unflattens the output as (3, H):
+baichuan-inc/Baichuan-7B models/modeling_baichuan.py, commit 0ae400d), and RoPE in the
+rotate-half layout with base 10000, the constant of its RotaryEmbedding. Its `inv_freq`
+buffers are checked against that base, then dropped. Baichuan-13B's layout (ALiBi) is refused
+(model.ModelConfig.from_hf).
 
 Work goes one source shard at a time (with the base read through memory maps), so merging a
 13B model needs about one shard's worth of memory, not the whole model. `.bin` files are only
@@ -94,12 +104,59 @@ class CheckpointFiles:
 
 
 def read_config(*dirs: Path) -> tuple[dict, Path]:
+    """The first config.json among `dirs`, refused unless model.py runs it (a Baichuan-7B
+    config: as LLaMA's, baichuan_config), before any tensor is read."""
     for d in dirs:
         if d is not None and (d / "config.json").is_file():
             hf = json.loads((d / "config.json").read_text(encoding="utf-8"))
+            if hf.get("model_type") == "baichuan" and "max_position_embeddings" in hf:
+                hf = baichuan_config(hf)
             ModelConfig.from_hf(hf, source=str(d / "config.json"))  # refuse what model.py cannot run
             return hf, d / "config.json"
     raise FileNotFoundError(f"no config.json in {', '.join(str(d) for d in dirs if d is not None)}")
+
+
+BAICHUAN_ROPE_BASE = 10000.0  # Baichuan-7B's RotaryEmbedding(base=10000): no config field holds it
+
+
+def baichuan_config(hf: dict) -> dict:
+    """A Baichuan-7B config.json as the LLaMA config of the same network (no custom code)."""
+    keep = {k: v for k, v in hf.items() if k not in ("auto_map", "architectures", "model_type", "_name_or_path")}
+    return dict(
+        keep,
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        num_key_value_heads=hf["num_attention_heads"],
+        rope_theta=BAICHUAN_ROPE_BASE,
+    )
+
+
+def llama_tensors(tensors: dict, hf: dict, where: Path, baichuan: bool = False) -> dict:
+    """One file's tensors under LLaMA's names: a Baichuan W_pack split into q, k and v; RoPE's
+    stored inverse frequencies dropped, after a check against the config's base when they come
+    from Baichuan's layout (its code loads and uses the stored buffer: a checkpoint with other
+    values computes other positions; transformers' LLaMA recomputes them)."""
+    hidden, heads, base = hf["hidden_size"], hf["num_attention_heads"], hf.get("rope_theta", 10000.0)
+    dim = hidden // heads
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    out = {}
+    for name, t in tensors.items():
+        if is_buffer(name):
+            if baichuan and (t.shape != inv_freq.shape or not torch.allclose(t.double(), inv_freq, rtol=1e-3, atol=0)):
+                raise CheckpointError(
+                    f"{where}: {name} is not RoPE's inverse frequencies for base {base:g} and head size {dim}: "
+                    "model.py would place the positions otherwise"
+                )
+            continue
+        if name.endswith("self_attn.W_pack.weight"):
+            if t.shape != (3 * hidden, hidden):
+                raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, not (3 x {hidden}, {hidden})")
+            prefix = name.removesuffix("W_pack.weight")
+            for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{prefix}{part}.weight"] = t[i * hidden : (i + 1) * hidden].clone()
+            continue
+        out[name] = t
+    return out
 
 
 def checked(hf: dict, where: Path, groups):
@@ -127,11 +184,12 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
     files = CheckpointFiles(src)
     hf, _ = read_config(src)
     tokenizer = checked_tokenizer(_tokenizer(src), hf)
+    baichuan = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type") == "baichuan"
 
     def groups():
         for file in files.files:
-            tensors = files.load(file)
-            yield {n: (t if dtype is None else t.to(dtype)) for n, t in tensors.items() if not is_buffer(n)}
+            tensors = llama_tensors(files.load(file), hf, file, baichuan)
+            yield {n: (t if dtype is None else t.to(dtype)) for n, t in tensors.items()}
 
     write_checkpoint(
         out,

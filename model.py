@@ -124,7 +124,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
-        """Read an HF config dict, refusing what this model does not implement."""
+        """Read an HF config dict, refusing what this model does not implement: another
+        architecture (model_type), Baichuan's layouts (the 7B's fused W_pack, which convert.py
+        turns into ours; the 13B's ALiBi, which no code here runs), RoPE scaling, biases."""
+        model_type = hf.get("model_type", "llama")
+        if model_type == "baichuan":
+            if "max_position_embeddings" not in hf:  # Baichuan-13B's config: model_max_length, ALiBi
+                raise CheckpointError(
+                    f"{source}: model_type 'baichuan' with model_max_length and no max_position_embeddings is "
+                    "Baichuan-13B's layout, whose attention uses ALiBi, not RoPE: model.py does not implement it"
+                )
+            raise CheckpointError(
+                f"{source}: model_type 'baichuan' (Baichuan-7B's layout, q, k and v fused in W_pack): convert it "
+                "first, `python convert.py --src DIR --out NEW_DIR`"
+            )
+        if model_type != "llama":
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not LLaMA's, the one model.py implements")
         unsupported = {
             "hidden_act": lambda v: v not in (None, "silu"),
             "attention_bias": bool,

@@ -308,15 +308,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?")[0].split("#")[0]
         if path == "/":
-            page = self.server.page
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(page.html)))
-            self.send_header("Content-Security-Policy", page.policy)
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Referrer-Policy", "no-referrer")
-            self.end_headers()
-            self.wfile.write(page.html)
+            self.server.page.send(self)
         elif path == "/api/items":
             r = self._reviewer()
             if r is not None:

@@ -576,6 +576,17 @@ class Page:
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         )
 
+    def send(self, handler: BaseHTTPRequestHandler):
+        """The page as a handler's 200, with its policy, no sniffing and no Referer."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html; charset=utf-8")
+        handler.send_header("Content-Length", str(len(self.html)))
+        handler.send_header("Content-Security-Policy", self.policy)
+        handler.send_header("X-Content-Type-Options", "nosniff")
+        handler.send_header("Referrer-Policy", "no-referrer")
+        handler.end_headers()
+        handler.wfile.write(self.html)
+
 
 PAGE = Page(Path(__file__).with_name("serve.html"))
 
@@ -642,14 +653,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_page(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(PAGE.html)))
-        self.send_header("Content-Security-Policy", PAGE.policy)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.end_headers()
-        self.wfile.write(PAGE.html)
+        PAGE.send(self)
 
     def _error(self, e: BadRequest, headers: dict | None = None):
         if e.status in (411, 413) or self.close_connection:  # the body was not read: no next request on it

@@ -132,3 +132,165 @@ def test_bin_files_are_never_unpickled_as_code(tmp_path):
     (d / "config.json").write_text(json.dumps(hf_config().to_dict()))
     with pytest.raises(ValueError, match="pytorch_model.bin: cannot read as a PyTorch weights file"):
         convert(d, tmp_path / "out")
+
+
+# -- HuatuoGPT-7B: Baichuan-7B's layout (issue 46) ---------------------------------------------------------
+
+BAICHUAN = dict(
+    architectures=["BaiChuanForCausalLM"],
+    auto_map={"AutoConfig": "configuration_baichuan.BaiChuanConfig"},
+    model_type="baichuan",
+    vocab_size=120,
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act="silu",
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+    torch_dtype="float32",
+)
+
+
+def baichuan_state(cfg: dict, seed: int = 0) -> dict:
+    """Random weights in Baichuan-7B's published names and shapes (fp32, as HuatuoGPT-7B's .bin
+    shards): W_pack (3H, H), the inv_freq buffers its RotaryEmbedding registers (base 10000)."""
+    g = torch.Generator().manual_seed(seed)
+    H, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    dim = H // cfg["num_attention_heads"]
+    state = {
+        "model.embed_tokens.weight": torch.randn(V, H, generator=g),
+        "lm_head.weight": torch.randn(V, H, generator=g) * 0.3,
+    }
+    state["model.norm.weight"] = torch.rand(H, generator=g) + 0.5
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        state[p + "self_attn.W_pack.weight"] = torch.randn(3 * H, H, generator=g) * 0.3
+        state[p + "self_attn.o_proj.weight"] = torch.randn(H, H, generator=g) * 0.2
+        state[p + "self_attn.rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        for name, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+            state[p + f"mlp.{name}.weight"] = torch.randn(*shape, generator=g) * 0.2
+        state[p + "input_layernorm.weight"] = torch.rand(H, generator=g) + 0.5
+        state[p + "post_attention_layernorm.weight"] = torch.rand(H, generator=g) + 0.5
+    return state
+
+
+def baichuan_forward(state: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of Baichuan-7B's forward, transcribed from its published modeling code
+    (baichuan-inc/Baichuan-7B models/modeling_baichuan.py, commit 0ae400d, the inference
+    branch): RMSNorm (the variance from an fp32 copy, the input itself kept in its dtype, eps
+    from the config), W_pack's output unflattened as (3,
+    H) for q, k, v, rotate-half RoPE from the stored inv_freq (angles in fp32, as it computes
+    them), softmax(q k^T / sqrt(d) + causal
+    mask) v, o_proj, a SiLU-gated MLP, the final norm and lm_head. Independent of model.py."""
+    s = {k: v.double() for k, v in state.items()}
+    H, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    d, T = H // heads, ids.shape[1]
+
+    def rms(x, w):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return w * (x * torch.rsqrt(variance + cfg["rms_norm_eps"]))
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
+
+    x = s["model.embed_tokens.weight"][ids]
+    mask = torch.full((T, T), float("-inf")).triu(1).double()
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, s[p + "input_layernorm.weight"])
+        proj = (h @ s[p + "self_attn.W_pack.weight"].T).unflatten(-1, (3, H))
+        q, k, v = (proj[..., j, :].view(1, T, heads, d).transpose(1, 2) for j in range(3))
+        # As its RotaryEmbedding: angles from the stored fp32 buffer in fp32, cos and sin cast to x's dtype.
+        freqs = torch.einsum(
+            "i,j->ij", torch.arange(T, dtype=torch.float32), state[p + "self_attn.rotary_emb.inv_freq"]
+        )
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos().double(), emb.sin().double()
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        att = ((q @ k.transpose(2, 3)) / d**0.5 + mask).softmax(-1)
+        o = (att @ v).transpose(1, 2).reshape(1, T, H) @ s[p + "self_attn.o_proj.weight"].T
+        x = x + o
+        h = rms(x, s[p + "post_attention_layernorm.weight"])
+        gate, up = h @ s[p + "mlp.gate_proj.weight"].T, h @ s[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ s[p + "mlp.down_proj.weight"].T
+    return rms(x, s["model.norm.weight"]) @ s["lm_head.weight"].T
+
+
+def test_huatuogpt_7b_in_baichuans_layout_converts_and_runs_as_baichuans_code(tmp_path):
+    """Issue 46 item 1: a tiny checkpoint in HuatuoGPT-7B's released layout (fp32 .bin shards,
+    W_pack, inv_freq, a Baichuan config with custom code) converts; our logits equal the
+    transcribed Baichuan forward in fp64, and greedy generation equals it token for token."""
+    from generate import generate
+
+    state = baichuan_state(BAICHUAN)
+    src = tmp_path / "huatuogpt-7b"
+    write_bin_dir(src, {k: v for k, v in state.items() if "inv_freq" not in k}, BAICHUAN, shards=2)
+    for f in src.glob("*.bin"):  # this layout's real buffers (write_bin_dir's are stand-ins)
+        part = {k: (state[k] if k.endswith("inv_freq") else v) for k, v in torch.load(f).items()}
+        torch.save(part, f)
+    assert (
+        subprocess.run(
+            [sys.executable, str(ROOT / "convert.py"), "--src", str(src), "--out", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).returncode
+        == 0
+    )
+    hf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf["model_type"] == "llama" and "auto_map" not in hf and hf["rope_theta"] == 10000.0
+    ours = Transformer.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    ids = torch.tensor([[1, 17, 54, 3, 99, 23, 8, 71, 40]])
+    # The bound: in fp64 the two differ by fp32 roundings only. model.py's RMSNorm rounds its
+    # input to fp32 (as transformers' LLaMA does), Baichuan's keeps it and rounds only the
+    # variance: 2^-24 relative on each of the 5 norms' outputs, below 1e-5 on these logits (of
+    # order 3, measured 1.3e-6); q and k swapped in the split, or RoPE pairing neighbours, moves
+    # them by order 1 (checked below).
+    reference = baichuan_forward(state, BAICHUAN, ids)
+    with torch.no_grad():
+        assert (ours(ids) - reference).abs().max() < 1e-5
+    swapped = dict(state)
+    for i in range(BAICHUAN["num_hidden_layers"]):
+        w = state[f"model.layers.{i}.self_attn.W_pack.weight"]
+        swapped[f"model.layers.{i}.self_attn.W_pack.weight"] = torch.cat([w[32:64], w[:32], w[64:]])
+    assert (baichuan_forward(swapped, BAICHUAN, ids) - reference).abs().max() > 0.1
+    with torch.no_grad():
+        got = generate(ours, [ids[0].tolist()], max_new_tokens=12, eos_id=None, temperature=0).tokens[0]
+    expected, seq = [], ids
+    for _ in range(12):  # the reference decodes by recomputing the whole sequence each step
+        nxt = int(baichuan_forward(state, BAICHUAN, seq)[0, -1].argmax())
+        expected.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+    assert got == expected
+
+
+def test_what_model_py_cannot_run_is_refused_in_one_line_before_any_tensor_is_read(tmp_path, monkeypatch):
+    """Issue 46 item 1: from_hf ignored model_type, so Baichuan-13B's config (ALiBi, no RoPE)
+    would load and run silently wrong. A Baichuan-13B config, an unknown model_type, a RoPE
+    scaling: one line each, and no tensor read."""
+    import convert
+
+    read = []
+    monkeypatch.setattr(convert.CheckpointFiles, "load", lambda self, f: read.append(f))
+    state = baichuan_state(BAICHUAN)
+    thirteen = {k: v for k, v in BAICHUAN.items() if k != "max_position_embeddings"} | {"model_max_length": 4096}
+    cases = [
+        (thirteen, "Baichuan-13B's layout, whose attention uses ALiBi"),
+        (dict(BAICHUAN, model_type="mistral"), "model_type 'mistral' is not LLaMA's"),
+        (dict(BAICHUAN, model_type="llama", rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling"),
+    ]
+    for i, (cfg, says) in enumerate(cases):
+        src = tmp_path / f"m{i}"
+        write_bin_dir(src, state, cfg, shards=1)
+        with pytest.raises(ValueError, match=says):
+            convert.convert(src, tmp_path / f"out{i}")
+        with pytest.raises(ValueError, match=says):
+            ModelConfig.from_json(src / "config.json")
+    assert read == []
+    with pytest.raises(ValueError, match=r"convert it first, `python convert.py --src"):
+        ModelConfig.from_hf(BAICHUAN)  # the 7B layout itself: not opened unconverted

@@ -308,17 +308,22 @@ def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, mo
     assert all(r["judgments"][0]["reply"] is not None for r in load_jsonl(judged))
 
 
-def test_the_command_line_serves_until_stopped(model_dir):
+def serve_cli(model_dir, *extra) -> tuple[subprocess.Popen, str]:
+    """`serve.py --model model_dir --name m` on a free port: the process and its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--name", "m"],
+        [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--name", "m", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    line = proc.stdout.readline()
+    assert line.startswith("serving 'm' at http://127.0.0.1:"), line + proc.stderr.read()
+    return proc, line.split(" at ")[1].split()[0]
+
+
+def test_the_command_line_serves_until_stopped(model_dir):
+    proc, base = serve_cli(model_dir)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving 'm' at http://127.0.0.1:"), line + proc.stderr.read()
-        base = line.split(" at ")[1].split()[0]
         r = requests.post(
             base + "/chat/completions",
             json={"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "头痛"}]},
@@ -857,16 +862,8 @@ def test_ctrl_c_while_replies_stream_stops_cleanly(model_dir):
     stream hears that the server stops, the thread is joined, and the exit is 130 with one line."""
     import signal
 
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--name", "m", "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, base = serve_cli(model_dir, "--quiet")
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving 'm' at"), line + proc.stderr.read()
-        base = line.split(" at ")[1].split()[0]
         body = {"model": "m", "max_tokens": 1500, "stream": True, "temperature": 0}  # greedy: no eos for long
         body["messages"] = [{"role": "user", "content": QUESTIONS[0]}]
         r = requests.post(base + "/chat/completions", json=body, stream=True, timeout=60)
