@@ -7,8 +7,9 @@ buffers, written by old transformers versions, are dropped: model.py computes th
 
     # .bin (or safetensors) shards -> model.safetensors(.index.json), nothing added
     python convert.py --src ZIYA_OR_LLAMA_DIR --out OUT_DIR
-    # apply Ziya's delta to the original LLaMA-13B
-    python convert.py --base LLAMA13B_DIR --delta ZIYA_DELTA_DIR --out OUT_DIR
+    # apply a delta to the original LLaMA-13B: Ziya-LLaMA-13B-Pretrain-v1's, or HuatuoGPT-13b-delta's
+    # (the official README applies it to LLaMA-13B too: docs/base-model.md)
+    python convert.py --base LLAMA13B_DIR --delta ZIYA_OR_HUATUOGPT_13B_DELTA_DIR --out OUT_DIR
     # HuatuoGPT-7B (Baichuan-7B's layout): W_pack split into q, k and v, a LLaMA config written
     python convert.py --src HUATUOGPT_7B_DIR --out OUT_DIR [--dtype bfloat16]
 
@@ -263,7 +264,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, help="a checkpoint to convert as it is")
     p.add_argument("--base", type=Path, help="the original LLaMA weights the delta applies to")
-    p.add_argument("--delta", type=Path, help="the delta weights (Ziya-LLaMA-13B-Pretrain-v1)")
+    p.add_argument("--delta", type=Path, help="the delta weights (Ziya-LLaMA-13B-Pretrain-v1, or HuatuoGPT-13b-delta)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
     p.add_argument("--max-shard-gb", type=POSITIVE, default=5.0)

@@ -75,7 +75,9 @@ CHAT_TEMPLATE = (
 )
 # How chat.py samples, written as generation_config.json into every exported checkpoint: at most
 # 512 new tokens as the official demo (huatuo_cli_demo_stream.py, --max-new-tokens); temperature,
-# top-p and repetition penalty are ours (the paper gives none; the demo's are 0.5 and 1.2).
+# top-p and repetition penalty are ours (the paper gives none). The demo as it runs (commit
+# 1412a5d) samples softmax(logits / temperature) at its --temperature 0.5, no top-p, and no
+# penalty: main() passes repetition_penalty=1.2 to chat_stream, whose body never reads it.
 CHAT_SAMPLING = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: no loss on this position
 MAX_LEN = 2048  # paper App. E: maximum context length 2048
