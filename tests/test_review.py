@@ -189,7 +189,7 @@ def test_every_acknowledged_verdict_survives_sigkill_and_the_study_goes_on(answe
         return proc, head.split(" at ")[1].split()[0], [link.split("#key=")[1] for link in links]
 
     proc, base, keys = start()
-    acked, stop = {}, threading.Event()
+    acked, in_flight, stop = {}, {}, threading.Event()
 
     def reviewer(r):
         rng = random.Random(r)
@@ -198,11 +198,13 @@ def test_every_acknowledged_verdict_survives_sigkill_and_the_study_goes_on(answe
             if stop.is_set():
                 return
             body = {"id": rng.choice(ids), "overall": rng.choice(review.CHOICES)}
+            in_flight[r] = (body["id"], body["overall"])  # may be stored though its 200 never came
             try:
                 if post(base, keys[r], body).status_code == 200:
                     acked[r, body["id"]] = body["overall"]
             except requests.ConnectionError:
                 return
+            del in_flight[r]
 
     threads = [threading.Thread(target=reviewer, args=(r,)) for r in range(3)]
     for t in threads:
@@ -222,8 +224,10 @@ def test_every_acknowledged_verdict_survives_sigkill_and_the_study_goes_on(answe
         for r in range(3):
             got = {x["id"]: x["verdict"] for x in get_items(base, keys[r]).json()["items"] if x["verdict"]}
             for (rr, i), overall in acked.items():
-                if rr == r:
-                    assert got[i]["overall"] == overall, (r, i)  # the last one acknowledged
+                if rr == r:  # the last one acknowledged, or one sent after it whose answer the kill cut off
+                    late = in_flight.get(r)
+                    allowed = {overall} | ({late[1]} if late and late[0] == i else set())
+                    assert got[i]["overall"] in allowed, (r, i, got[i], allowed)
         lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
         assert len(lines) >= len(acked)  # every one appended; replacements are later lines
     finally:
