@@ -275,17 +275,17 @@ def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
     assert short.parts == full.parts and short.parts["activations"] > 0, (short.parts, full.parts)
 
 
-@pytest.mark.parametrize("gathered", [True, False])
-def test_the_simulated_rollout_is_the_trainers_queue_on_real_tensors_to_the_byte(gathered):
+def test_the_simulated_rollout_is_the_trainers_queue_on_real_tensors_to_the_byte():
     """Issue 44 item 5: the planner simulated the rollout with decode_steps in fixed chunks while
     train_ppo.rollout runs generate_queue (a prefill a prompt, a cache column a row). Now it runs
     train_ppo.generate_round itself (plan.PPOParts): its simulated peak (fake tensors, one wave
     of two tokens) equals, to the byte, what the tracker sees of a real round on one real rank
-    (real tensors, every prompt of the rank's share through the queue, every response 24
-    tokens long), policy gathered and resharded at every step."""
+    (real tensors, every prompt of the rank's share through the queue, every response 12
+    tokens long), the policy resharded at every forward (the layout that gathers the most while
+    it decodes)."""
     from training import device_mesh, init_distributed
 
-    kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=gathered, chunk_size=2, rollout_size=6)
+    kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=False, chunk_size=2, rollout_size=6, prompt_len=64, new_tokens=12)
     fake = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=1, **kw)["rollout"]
     d = init_distributed()
     try:
