@@ -810,7 +810,7 @@ def _train(args, d):
         round_no, step, kl_ctl.value = resumed["round"], resumed["step"], resumed["kl_coef"]
         guard.saved = f"round {round_no}, step {step}"
         stream.load_state_dict(resumed["prompts"])
-        metrics.truncate_after(step)
+    metrics.truncate_after(step if resumed else -1)  # from the beginning: no earlier try's line
 
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
     record = None  # the last round's metrics, for the checkpoint's README.md

@@ -990,7 +990,9 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
 
     def truncate_after(self, step: int):
-        """On resume: drop records of steps after the checkpoint; they will be made again."""
+        """At a run's start: drop records of steps after the one it starts from (the state it
+        resumes; -1, every record, when it starts from the beginning after a try that saved no
+        state): they will be made again."""
         if self.enabled and self.path.is_file():
             lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = []
@@ -1087,7 +1089,7 @@ class Run:
         if resumed:
             self.start, self.best, self.guard.saved = resumed["step"], resumed["best"], f"step {resumed['step']}"
             sampler.load_state_dict(resumed["sampler"])
-            self.metrics.truncate_after(self.start)
+        self.metrics.truncate_after(self.start if resumed else -1)  # from the beginning: no earlier try's line
 
     def save(self, step: int, total: int, progress: "Progress"):
         """The resumable state every --save-every steps and at the end. A stop signal (SIGTERM:
