@@ -701,9 +701,10 @@ class RewardModel(nn.Module):
         return at_least_fp32(self.score_head(h)[:, 0]).clone()  # a fresh tensor, not a view (FSDP hooks)
 
     def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
-        """The Hugging Face reward-model layout, LlamaForSequenceClassification's, as the official
-        HuatuoGPT, Ziya, TRL and OpenRLHF reward models are: the trunk's tensors under `model.`,
-        the head as `score.weight`, num_labels 1, no LM head (a score never reads it).
+        """The Hugging Face reward-model layout, LlamaForSequenceClassification's (TRL's and
+        OpenRLHF's reward models are saved so): the trunk's tensors under `model.`, the head as
+        `score.weight`, num_labels 1, no LM head (a score never reads it). The released
+        HuatuoGPT-reward-model-7B is in another layout, which convert.py does not read yet.
         transformers scores at the last token that is not pad_token_id, which is the reply's eos
         when a batch is right-padded, as ours reads it from the mask."""
         sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
