@@ -159,17 +159,12 @@ class Verdicts:
     start, so that nothing is appended after half a line."""
 
     def __init__(self, path: Path):
-        self.path, self.lock, self.latest = path, threading.Lock(), {}
-        if path.is_file():
-            data = path.read_bytes()
-            whole = data[: data.rfind(b"\n") + 1]
-            if len(whole) < len(data):
-                with open(path, "r+b") as f:
-                    f.truncate(len(whole))
-                    os.fsync(f.fileno())
-            for line in whole.decode("utf-8").splitlines():
-                v = json.loads(line)
-                self.latest[v["reviewer"], v["id"]] = v
+        self.path, self.lock = path, threading.Lock()
+        self.latest, whole = read_verdicts(path)
+        if path.is_file() and path.stat().st_size > whole:
+            with open(path, "r+b") as f:
+                f.truncate(whole)
+                os.fsync(f.fileno())
 
     def record(self, verdict: dict):
         with self.lock:
@@ -182,6 +177,20 @@ class Verdicts:
     def of(self, reviewer: int) -> dict[str, dict]:
         with self.lock:
             return {i: v for (r, i), v in self.latest.items() if r == reviewer}
+
+
+def read_verdicts(path: Path) -> tuple[dict, int]:
+    """The latest verdict of each (reviewer, item) in the whole lines of `path`, and their length
+    in bytes; reads only (the report may read a study while its server appends to it)."""
+    if not path.is_file():
+        return {}, 0
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    latest = {}
+    for line in whole.decode("utf-8").splitlines():
+        v = json.loads(line)
+        latest[v["reviewer"], v["id"]] = v
+    return latest, len(whole)
 
 
 def winner(choice: str | None, first: str) -> str | None:
@@ -450,7 +459,7 @@ def study_summary(directory: Path, judgments: list[tuple[dict, list[dict]]], hal
     with the doctors' majority and with each doctor, over the items both judged."""
     study = json.loads((directory / "study.json").read_text(encoding="utf-8"))
     setup, plans = study["setup"], study["plans"]
-    verdicts = Verdicts(directory / "verdicts.jsonl").latest if (directory / "verdicts.jsonl").is_file() else {}
+    verdicts, _ = read_verdicts(directory / "verdicts.jsonl")
     reviewers = range(setup["reviewers"])
     given = {r: {i: v for (rr, i), v in verdicts.items() if rr == r} for r in reviewers}
     summary = {"name_a": setup["name_a"], "name_b": setup["name_b"], "items": len(study["ids"]), "reviewers": []}
