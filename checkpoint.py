@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data.template import CHAT_SAMPLING, CHAT_TEMPLATE
+from data.template import CHAT_SAMPLING, chat_template
 from safety import replace_dir
 
 
@@ -234,9 +234,10 @@ def write_checkpoint(
         hf_config = dict(hf_config, torch_dtype=dtype)
         _write_text(tmp / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False))
         if tokenizer is not None:
-            from tokenizer import write_hf_tokenizer_files
+            from tokenizer import Tokenizer, write_hf_tokenizer_files
 
-            how = write_hf_tokenizer_files(tokenizer, tmp, hf_config, chat_template=CHAT_TEMPLATE)
+            tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+            how = write_hf_tokenizer_files(tok, tmp, hf_config, chat_template=chat_template(tok.add_bos))
         else:
             how = "this checkpoint carries no tokenizer"
         if "README.md" in (extra_files or {}):  # the card says how this checkpoint's tokenizer.json stands

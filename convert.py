@@ -18,8 +18,9 @@ the attention's input projection, one `self_attn.W_pack.weight` of (3H, H) whose
 [0:H], [H:2H], [2H:3H] are q, k and v (its modeling code unflattens the output as (3, H):
 baichuan-inc/Baichuan-7B models/modeling_baichuan.py, commit 0ae400d), and RoPE in the
 rotate-half layout with base 10000, the constant of its RotaryEmbedding. Its `inv_freq`
-buffers are checked against that base, then dropped. Baichuan-13B's layout (ALiBi) is refused
-(model.ModelConfig.from_hf).
+buffers are checked against that base, then dropped. Baichuan2-7B's (HuatuoGPT-II-7B's base) is
+the same but for its NormHead, whose rows are normalised here (BAICHUAN2_VOCAB). Baichuan-13B's
+and Baichuan2-13B's layout (ALiBi) is refused (model.ModelConfig.from_hf).
 
 Work goes one source shard at a time (with the base read through memory maps), so merging a
 13B model needs about one shard's worth of memory, not the whole model. `.bin` files are only
@@ -118,6 +119,12 @@ def read_config(*dirs: Path) -> tuple[dict, Path]:
 
 
 BAICHUAN_ROPE_BASE = 10000.0  # Baichuan-7B's RotaryEmbedding(base=10000): no config field holds it
+# Baichuan2's vocabulary: the one mark of its 7B layout, which shares Baichuan-7B's config fields.
+# Its LM head is a NormHead that computes with each row L2-normalised (Baichuan2-7B-Chat
+# modeling_baichuan.py at 84603cd, line 508, as vLLM's baichuan.py cites it and tells the two
+# apart: vocab_size == 125696). The rows are normalised here, once, so model.py's plain head
+# computes the same logits.
+BAICHUAN2_VOCAB = 125696
 
 
 def baichuan_config(hf: dict) -> dict:
@@ -156,6 +163,8 @@ def llama_tensors(tensors: dict, hf: dict, where: Path, baichuan: bool = False) 
             for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
                 out[f"{prefix}{part}.weight"] = t[i * hidden : (i + 1) * hidden].clone()
             continue
+        if baichuan and name == "lm_head.weight" and hf["vocab_size"] == BAICHUAN2_VOCAB:
+            t = torch.nn.functional.normalize(t.float(), dim=-1).to(t.dtype)  # NormHead (see BAICHUAN2_VOCAB)
         out[name] = t
     return out
 
@@ -186,6 +195,10 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
     hf, _ = read_config(src)
     tokenizer = checked_tokenizer(_tokenizer(src), hf)
     baichuan = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type") == "baichuan"
+    notes = []
+    if baichuan and hf["vocab_size"] == BAICHUAN2_VOCAB:
+        notes = ["Baichuan2's NormHead: each row of lm_head.weight L2-normalised, as its code computes with it"]
+        print(notes[0])
 
     def groups():
         for file in files.files:
@@ -200,7 +213,7 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
         max_shard_bytes=max_shard_bytes,
         extra_files={
             "README.md": model_card(
-                "base", base=src.name, data=[], command="convert.py", figures=[f"converted from {src}"]
+                "base", base=src.name, data=[], command="convert.py", figures=[f"converted from {src}"] + notes
             ).encode()
         },
     )

@@ -536,7 +536,11 @@ def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory with tokenizer.model")
-    p.add_argument("--prompt", required=True, help="raw text, encoded with bos (no chat template)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="raw text, encoded as the tokenizer does (<s> where it adds one; no chat template)",
+    )
     add_sampling_args(p, max_new_tokens=128, temperature=0.7, top_p=0.9, repetition_penalty=1.0)
     p.add_argument("--top-k", type=COUNT, default=None)
     add_device_args(p)
@@ -546,7 +550,7 @@ def main(argv=None):
     decoder = StreamDecoder(tok)
     for t in stream(
         model,
-        tok.encode(args.prompt, bos=True),
+        tok.encode(args.prompt, bos=tok.add_bos),
         max_new_tokens=args.max_new_tokens,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,

@@ -271,6 +271,12 @@ class StandInTokenizer:
     vocab: int
     pad_id: int = 0
     eos_id: int = 2
+    bos_id: int = 1
+    add_bos: bool = True
+
+    @property
+    def bos(self) -> list[int]:
+        return [self.bos_id]
 
     def __len__(self) -> int:
         return self.vocab

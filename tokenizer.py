@@ -6,6 +6,10 @@ wrapper below allows that (the model's vocab_size only has to be at least `len(t
 
 Special ids follow LLaMA: <unk> 0, <s> (bos) 1, </s> (eos) 2; padding reuses id 0, as Ziya's
 config does (pad_token_id 0) — padded positions are masked out, so their id never matters.
+Whether a text starts with <s> is the tokenizer's own setting, `add_bos_token` in the
+tokenizer_config.json beside tokenizer.model (absent: True, the default of transformers'
+LlamaTokenizer and of Baichuan's tokenizer class): Ziya's starts with it, HuatuoGPT-7B's
+(Baichuan-7B's) does not. `Tokenizer.bos` holds it; data.template.render reads it.
 
     python tokenizer.py train --corpus data/*.jsonl --out tok.model --vocab-size 4096
     python tokenizer.py encode --model tok.model "我头痛三天了"
@@ -36,7 +40,7 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | os.PathLike):
+    def __init__(self, model_file: str | os.PathLike, add_bos: bool | None = None):
         self.path = Path(model_file)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no sentencepiece model file")
@@ -49,6 +53,12 @@ class Tokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(f"{self.path}: the tokenizer defines no bos or eos piece")
+        self.add_bos = read_add_bos(self.path.parent / "tokenizer_config.json") if add_bos is None else add_bos
+
+    @property
+    def bos(self) -> list[int]:
+        """What a text starts with: [bos_id] if the tokenizer adds <s>, else nothing."""
+        return [self.bos_id] if self.add_bos else []
 
     def __len__(self) -> int:
         return self.sp.get_piece_size()
@@ -72,6 +82,19 @@ class Tokenizer:
                 f"{self.path}: tokenizer has {len(self)} pieces but the {where} embeds only "
                 f"{vocab_size} ids: they do not belong together"
             )
+
+
+def read_add_bos(config_file: Path) -> bool:
+    """`add_bos_token` of a tokenizer_config.json; True where the file or the field is absent."""
+    if not config_file.is_file():
+        return True
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("add_bos_token", True)
+    except (ValueError, OSError, AttributeError) as e:
+        raise TokenizerError(f"{config_file}: not a readable tokenizer config ({e})") from None
+    if not isinstance(value, bool):
+        raise TokenizerError(f"{config_file}: add_bos_token is {value!r}, not true or false")
+    return value
 
 
 class StreamDecoder:
@@ -175,12 +198,13 @@ def write_hf_tokenizer_files(
 ) -> str:
     """Copy tokenizer.model, write tokenizer.json (sentencepiece's BPE as a merge list: see
     hf_tokenizer_json) and the small JSON files transformers' LlamaTokenizer reads, with the chat
-    template when given (data.template.CHAT_TEMPLATE). Returns how tokenizer.json stands, for
+    template when given (data.template.chat_template). Returns how tokenizer.json stands, for
     the model card."""
-    src = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    src = tok.path
     shutil.copyfile(src, directory / "tokenizer.model")
     stat = src.stat()  # a run saves best/ again and again with one tokenizer: its tokenizer.json is made once
-    fast, how = _tokenizer_json_text(str(src.resolve()), stat.st_size, stat.st_mtime_ns)
+    fast, how = _tokenizer_json_text(str(src.resolve()), stat.st_size, stat.st_mtime_ns, tok.add_bos)
     if fast is not None:
         (directory / "tokenizer.json").write_text(fast, encoding="utf-8")
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -189,7 +213,7 @@ def write_hf_tokenizer_files(
     config = dict(
         special,
         tokenizer_class="PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
-        add_bos_token=True,
+        add_bos_token=tok.add_bos,
         add_eos_token=False,
         model_max_length=hf_config.get("max_position_embeddings", 2048),
         legacy=True,
@@ -224,9 +248,9 @@ def write_hf_tokenizer_files(
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_json_text(path: str, size: int, mtime_ns: int) -> tuple[str | None, str]:
+def _tokenizer_json_text(path: str, size: int, mtime_ns: int, add_bos: bool) -> tuple[str | None, str]:
     """hf_tokenizer_json of the file at `path` (as it is at that size and time), serialised."""
-    fast, how = hf_tokenizer_json(Tokenizer(path))
+    fast, how = hf_tokenizer_json(Tokenizer(path, add_bos=add_bos))
     return (None if fast is None else json.dumps(fast, ensure_ascii=False)), how
 
 
@@ -257,6 +281,10 @@ def hf_tokenizer_json(tok: Tokenizer) -> tuple[dict | None, str]:
     merges = [list(pair) for i in order for pair in splits[i]]
     special = [i for i in ids if sp.is_control(i) or sp.is_unknown(i)]
     bos = sp.id_to_piece(tok.bos_id)
+
+    def start(type_id: int) -> list[dict]:
+        return [{"SpecialToken": {"id": bos, "type_id": type_id}}] if tok.add_bos else []
+
     fast = {
         "version": "1.0",
         "truncation": None,
@@ -283,16 +311,17 @@ def hf_tokenizer_json(tok: Tokenizer) -> tuple[dict | None, str]:
             ],
         },
         "pre_tokenizer": None,
+        # <s> before each sequence where the tokenizer adds it (tok.add_bos), as LlamaTokenizerFast builds it
         "post_processor": {
             "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "single": [*start(0), {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [
-                {"SpecialToken": {"id": bos, "type_id": 0}},
+                *start(0),
                 {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": bos, "type_id": 1}},
+                *start(1),
                 {"Sequence": {"id": "B", "type_id": 1}},
             ],
-            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
+            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}} if tok.add_bos else {},
         },
         "decoder": {
             "type": "Sequence",

@@ -741,6 +741,7 @@ def _train(args, d):
         "encoding": args.encoding,
         "budget": budget,
         "tokenizer": file_digest(tok.path),
+        "add_bos": tok.add_bos,  # the tokenizer_config.json beside it: does a prompt start with <s>
     }
     report = Report()
     entry, meta = rendered_once(

@@ -137,6 +137,7 @@ def rendered_data(args, digests: dict[str, str], tok, d):
         "max_len": args.max_len,
         "val_fraction": 0 if args.val_data else VAL_FRACTION,
         "tokenizer": file_digest(tok.path),
+        "add_bos": tok.add_bos,  # the tokenizer_config.json beside it: does a prompt start with <s>
     }
     # The files in an order of their own (by content), so that the split, the batches and a
     # resumed run do not depend on the order of --data.

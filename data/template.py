@@ -3,9 +3,11 @@
 Training, sampling, evaluation and serving all call `render`, so what the model is trained on
 is exactly what it is prompted with. The ids and labels are, token for token, those of the
 official training script (HuatuoGPT repo, `scripts/finetune.py`, `preprocess`), which encodes
-the system text and then each utterance as a segment of its own:
+the system text with the tokenizer's special tokens (`add_special_tokens=True`: <s> where the
+tokenizer's add_bos_token says so, as Ziya's does and HuatuoGPT-7B's, Baichuan-7B's, does not)
+and then each utterance as a segment of its own, without:
 
-    [<s>] + enc(SYSTEM)                              masked
+    [<s>] + enc(SYSTEM)                              masked   (<s> if the tokenizer adds it)
     enc("<病人>：" + question + " ")                  masked   (one per round)
     enc("<HuatuoGPT>：" + answer + " ") + [</s>]      trained  (one per round)
 
@@ -60,8 +62,10 @@ TURN_END = " "  # the official UTTER_END_SIGNAL; a doctor's turn ends with ROUND
 # The official inference demo's prompt (HuatuoGPT repo at 1412a5d, huatuo_cli_demo_stream.py,
 # generate_prompt) as the Jinja chat template every exported checkpoint carries in
 # tokenizer_config.json, for transformers' apply_chat_template, vLLM and TGI: SYSTEM, then per
-# round "<病人>：{question} <HuatuoGPT>：{answer}</s>", the last question followed by the tag. Like
-# the demo's string it has no <s>: the demo's tokenizer(prompt) adds it (add_bos_token). A string
+# round "<病人>：{question} <HuatuoGPT>：{answer}</s>", the last question followed by the tag. The
+# demo's string has no <s>: its tokenizer(prompt) adds one where the tokenizer's add_bos_token says
+# so. A template is encoded without special tokens (apply_chat_template, vLLM's chat endpoint), so
+# the <s> is written into it for a tokenizer that adds one (chat_template(add_bos)). A string
 # template encoded whole cannot give render's segment-wise ids (see "Where the official inference
 # demo differs" above): a server that applies it prompts as the demo did, not as we trained.
 CHAT_TEMPLATE = (
@@ -73,6 +77,13 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + DOCTOR_TAG + "' }}{% endif %}"
 )
+
+
+def chat_template(add_bos: bool) -> str:
+    """CHAT_TEMPLATE for a tokenizer that starts a text with <s> (add_bos) or without."""
+    return "{{ bos_token }}" * add_bos + CHAT_TEMPLATE
+
+
 # How chat.py samples, written as generation_config.json into every exported checkpoint: at most
 # 512 new tokens as the official demo (huatuo_cli_demo_stream.py, --max-new-tokens); temperature,
 # top-p and repetition penalty are ours (the paper gives none). The demo as it runs (commit
@@ -110,7 +121,7 @@ def render(
     """
     if generation_prompt is None:
         generation_prompt = messages[-1]["role"] == "user"
-    head = [tok.bos_id] + tok.encode(system)
+    head = tok.bos + tok.encode(system)  # <s> where the tokenizer adds it (Tokenizer.add_bos)
     rounds = []  # (patient ids, doctor ids or None)
     for i in range(0, len(messages), 2):
         answer = doctor_turn(tok, messages[i + 1]["content"]) if i + 1 < len(messages) else None

@@ -269,6 +269,55 @@ def test_huatuogpt_7b_in_baichuans_layout_converts_and_runs_as_baichuans_code(tm
     assert got == expected
 
 
+def baichuan_dir(directory, cfg, state):
+    """write_bin_dir with the layout's own buffers (its stand-ins replaced by the real inv_freq)."""
+    write_bin_dir(directory, {k: v for k, v in state.items() if "inv_freq" not in k}, cfg, shards=2)
+    for f in directory.glob("*.bin"):
+        torch.save({k: (state[k] if k.endswith("inv_freq") else v) for k, v in torch.load(f).items()}, f)
+
+
+def test_huatuogpt_7b_s_tokenizer_keeps_its_no_bos_setting_through_conversion(tmp_path, tokenizer_file):
+    """Issue 46 item 1: Baichuan-7B's tokenizer config adds no <s>; the converted checkpoint's
+    tokenizer files say so, and every prompt rendered from it starts without one (render, as
+    the trainers, chat, the server and the evaluation call it)."""
+    from data.template import SYSTEM, render
+    from tokenizer import Tokenizer
+
+    cfg = dict(BAICHUAN, vocab_size=420)  # room for the tests' 400-piece tokenizer
+    src = tmp_path / "huatuogpt-7b"
+    baichuan_dir(src, cfg, baichuan_state(cfg))
+    (src / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": False, "tokenizer_class": "BaiChuanTokenizer"})
+    )
+    convert(src, tmp_path / "out")
+    tok = Tokenizer(tmp_path / "out" / "tokenizer.model")
+    assert tok.add_bos is False
+    ids = render(tok, [{"role": "user", "content": "头痛"}]).ids
+    assert ids[: len(tok.encode(SYSTEM))] == tok.encode(SYSTEM)  # the system text first, no <s>
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+
+
+def test_baichuan2_s_norm_head_is_normalised_at_conversion(tmp_path):
+    """Issue 46 item 1: Baichuan2-7B (HuatuoGPT-II-7B's base) computes its logits with each LM
+    head row L2-normalised (NormHead, Baichuan2-7B-Chat modeling_baichuan.py at 84603cd; vLLM
+    tells the layouts apart by the vocabulary, 125,696). Converted, our logits equal the
+    transcribed forward with that head; Baichuan-7B's head (64,000) is left as it is."""
+    cfg = dict(BAICHUAN, vocab_size=125696, hidden_size=16, intermediate_size=24, num_attention_heads=2)
+    state = baichuan_state(cfg)
+    baichuan_dir(tmp_path / "b2", cfg, state)
+    convert(tmp_path / "b2", tmp_path / "out")
+    ours = Transformer.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    head = ours.lm_head.weight
+    assert torch.allclose(head.norm(dim=-1), torch.ones(125696, dtype=torch.float64), atol=1e-6)
+    ids = torch.tensor([[1, 17, 54, 3, 99, 23]])
+    norm_head = dict(state, **{"lm_head.weight": torch.nn.functional.normalize(state["lm_head.weight"])})
+    with torch.no_grad():
+        assert (ours(ids) - baichuan_forward(norm_head, cfg, ids)).abs().max() < 1e-5  # the bound of the 7B test
+        assert (ours(ids) - baichuan_forward(state, cfg, ids)).abs().max() > 0.1  # the raw head is another model
+    assert "NormHead" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_what_model_py_cannot_run_is_refused_in_one_line_before_any_tensor_is_read(tmp_path, monkeypatch):
     """Issue 46 item 1: from_hf ignored model_type, so Baichuan-13B's config (ALiBi, no RoPE)
     would load and run silently wrong. A Baichuan-13B config, an unknown model_type, a RoPE

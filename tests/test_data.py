@@ -122,6 +122,50 @@ def test_two_rounds_are_the_official_segments(tok):
     assert tok.decode(out.ids).replace(" ", "") == official.replace(" ", "")
 
 
+@pytest.mark.parametrize("add_bos", [True, False, None])
+def test_the_tokenizers_own_bos_setting_decides_whether_a_prompt_starts_with_s(tmp_path, tokenizer_file, add_bos):
+    """Ziya's tokenizer adds <s>, HuatuoGPT-7B's (Baichuan-7B's config) does not; absent, as
+    transformers' default, it does. The oracle is the official preprocess (scripts/finetune.py:
+    the system text with add_special_tokens=True, every utterance without) run through
+    transformers on the tokenizer files our export writes: render agrees, so those files say the
+    truth about <s> too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from checkpoint import write_checkpoint
+    from model import ModelConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(tokenizer_file, src / "tokenizer.model")
+    if add_bos is not None:
+        (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": add_bos}), encoding="utf-8")
+    tok = Tokenizer(src / "tokenizer.model")
+    assert tok.add_bos is (add_bos is not False)
+    out = render(tok, TWO_ROUNDS)
+    assert (out.ids[0] == tok.bos_id) is tok.add_bos
+    config = ModelConfig(
+        vocab_size=400,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    write_checkpoint(tmp_path / "ckpt", config.to_hf(), [], tokenizer=tok)
+    assert Tokenizer(tmp_path / "ckpt" / "tokenizer.model").add_bos is tok.add_bos  # the setting travels
+    hf = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    official = hf(SYSTEM, add_special_tokens=True)["input_ids"]
+    for m in TWO_ROUNDS:
+        tag = PATIENT_TAG if m["role"] == "user" else DOCTOR_TAG
+        official += hf(tag + m["content"] + " ", add_special_tokens=False)["input_ids"]
+        official += [tok.eos_id] * (m["role"] == "assistant")
+    assert out.ids == official
+    ids = hf.apply_chat_template(TWO_ROUNDS[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert (ids["input_ids"][0] == tok.bos_id) is tok.add_bos  # the demo's string, <s> as its tokenizer adds it
+
+
 def test_generation_prompt_for_each_round_is_the_training_prefix(tok):
     full = render(tok, TWO_ROUNDS)
     answers = [i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX]

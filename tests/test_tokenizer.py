@@ -252,9 +252,11 @@ def test_a_saved_checkpoint_carries_the_demos_chat_template_and_chat_py_s_sampli
             for q, r in history[:rounds]
             for role, text in (("user", q), ("assistant", r))
         ] + [{"role": "user", "content": "需要吃药吗？"}]
-        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == official_demo_prompt(
-            "需要吃药吗？", history[:rounds], "</s>"
-        )
+        demo = official_demo_prompt("需要吃药吗？", history[:rounds], "</s>")
+        # the demo's string, and the <s> that its tokenizer(prompt) puts before it (add_bos_token)
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "<s>" + demo
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert ids["input_ids"] == hf(demo)["input_ids"]
     with pytest.raises(Exception, match="no system role"):
         hf.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
     generation = GenerationConfig.from_pretrained(tmp_path / "m")
