@@ -12,6 +12,8 @@ buffers, written by old transformers versions, are dropped: model.py computes th
     python convert.py --base LLAMA13B_DIR --delta ZIYA_OR_HUATUOGPT_13B_DELTA_DIR --out OUT_DIR
     # HuatuoGPT-7B (Baichuan-7B's layout): W_pack split into q, k and v, a LLaMA config written
     python convert.py --src HUATUOGPT_7B_DIR --out OUT_DIR [--dtype bfloat16]
+    # HuatuoGPT-reward-model-7B (Ziya's LlamaRewardModel): value_head -> score, format ziya-rm
+    python convert.py --src HUATUOGPT_REWARD_MODEL_7B_DIR --out OUT_DIR
 
 Baichuan-7B's layout (model_type "baichuan", with max_position_embeddings) is LLaMA's but for
 the attention's input projection, one `self_attn.W_pack.weight` of (3H, H) whose rows
@@ -38,7 +40,7 @@ import torch
 
 from safety import POSITIVE, refuse_to_replace, run_main
 from checkpoint import CheckpointError, is_buffer, model_card, read_safetensors, write_checkpoint
-from model import ModelConfig, check_tensors, expected_shapes
+from model import ModelConfig, check_tensors, expected_shapes, reward_meta
 from tokenizer import Tokenizer
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
@@ -169,11 +171,12 @@ def llama_tensors(tensors: dict, hf: dict, where: Path, baichuan: bool = False) 
     return out
 
 
-def checked(hf: dict, where: Path, groups):
+def checked(hf: dict, where: Path, groups, expected: dict | None = None):
     """The tensor groups as they stream to the writer, each checked against the config first
-    (names, shapes), and all of them at the end: what is written is a model that loads."""
+    (names, shapes; `expected`, else a causal LM's), and all of them at the end: what is
+    written is a model that loads."""
     config = ModelConfig.from_hf(hf, source=str(where / "config.json"))
-    expected, seen = expected_shapes(config), {}
+    expected, seen = expected or expected_shapes(config), {}
     for group in groups:
         shapes = {name: tuple(t.shape) for name, t in group.items()}
         check_tensors(config, shapes, where, expected, complete=False)
@@ -193,6 +196,8 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
     """Copy a checkpoint's tensors into the safetensors layout, shard by shard."""
     files = CheckpointFiles(src)
     hf, _ = read_config(src)
+    if "value_head.weight" in files.names():
+        return convert_reward(files, hf, out, dtype, max_shard_bytes)
     tokenizer = checked_tokenizer(_tokenizer(src), hf)
     baichuan = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type") == "baichuan"
     notes = []
@@ -215,6 +220,54 @@ def convert(src: Path, out: Path, dtype: torch.dtype | None = None, max_shard_by
             "README.md": model_card(
                 "base", base=src.name, data=[], command="convert.py", figures=[f"converted from {src}"] + notes
             ).encode()
+        },
+    )
+
+
+def convert_reward(files: CheckpointFiles, hf: dict, out: Path, dtype, max_shard_bytes: int):
+    """The released HuatuoGPT-reward-model-7B's layout (Ziya's LlamaRewardModel: a `model.`
+    trunk, no LM head, `value_head.weight` (1, H) and, where present, `value_head.bias` (1,),
+    the score read at the last real token) -> model.RewardModel's: the head as `score.weight`
+    and `score.bias`, a LlamaForSequenceClassification config of one label, and a
+    reward_config.json naming its prompt format, "ziya-rm" (data.template.REWARD_FORMATS), so
+    that every scorer renders a pair for it as it was trained."""
+    src = files.path
+    config = ModelConfig.from_hf(hf, source=str(src / "config.json"))
+    bias = files.get("value_head.bias")
+    expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
+    expected["score.weight"] = (1, config.hidden_size)
+    if bias is not None:
+        expected["score.bias"] = (1,)
+    out_hf = dict(
+        hf,
+        architectures=["LlamaForSequenceClassification"],
+        num_labels=1,
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+    )
+
+    def groups():
+        for file in files.files:
+            tensors = llama_tensors(files.load(file), hf, file)
+            tensors = {name.replace("value_head.", "score.", 1): t for name, t in tensors.items()}
+            yield {n: (t if dtype is None else t.to(dtype)) for n, t in tensors.items()}
+
+    figures = [f"converted from {src}: value_head -> score, prompt format ziya-rm"]
+    if bias is not None:
+        figures.append(
+            f"score.bias {float(bias.reshape(-1)[0]):.6g}: model.py adds it; transformers' "
+            "LlamaForSequenceClassification has no bias, reports score.bias as unexpected and scores this much lower"
+        )
+    meta = json.dumps(reward_meta("ziya-rm", bias), indent=2) + "\n"
+    write_checkpoint(
+        out,
+        out_hf,
+        checked(hf, src, groups(), expected),
+        tokenizer=checked_tokenizer(_tokenizer(src), hf),
+        max_shard_bytes=max_shard_bytes,
+        extra_files={
+            "reward_config.json": meta.encode(),
+            "README.md": model_card("rm", base=src.name, data=[], command="convert.py", figures=figures).encode(),
         },
     )
 

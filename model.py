@@ -43,7 +43,7 @@ from checkpoint import (
     read_tensors,
     write_checkpoint,
 )
-from data.template import pad_batch
+from data.template import REWARD_FORMATS, pad_batch
 from lora import merge_lora
 
 
@@ -675,14 +675,46 @@ def reward_labels(hf: dict) -> int:
     return hf["num_labels"] if hf.get("num_labels") is not None else 2
 
 
-class RewardModel(nn.Module):
-    """A LLaMA trunk and a scalar head read at the last real token (the reply's eos)."""
+def reward_meta(prompt_format: str, bias: torch.Tensor | None = None) -> dict:
+    """reward_config.json: how a pair is rendered for the model and where its score is read."""
+    meta = {
+        "score_token": "the eos that ends the reply",
+        "format": prompt_format,
+        "template": REWARD_FORMATS[prompt_format],
+    }
+    if bias is not None:
+        meta["score_bias"] = float(bias.reshape(-1)[0])
+        meta["note"] = "score.bias: transformers' LlamaForSequenceClassification has none and scores this much lower"
+    return meta
 
-    def __init__(self, config):
+
+def reward_format(path: Path) -> str:
+    """The prompt format a reward model's reward_config.json names; "huatuo" (data.template's,
+    as train_rm.py trains) where it names none or the checkpoint has no such file."""
+    file = Path(path) / "reward_config.json"
+    if not file.is_file():
+        return "huatuo"
+    try:
+        fmt = json.loads(file.read_text(encoding="utf-8")).get("format", "huatuo")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{file}: not a readable reward config ({e})") from None
+    if fmt not in REWARD_FORMATS:
+        raise CheckpointError(f"{file}: format {fmt!r} is none of {', '.join(REWARD_FORMATS)}")
+    return fmt
+
+
+class RewardModel(nn.Module):
+    """A LLaMA trunk and a scalar head read at the last real token (the reply's eos). The head
+    has a bias only where a checkpoint brings one (the released HuatuoGPT reward model's
+    value_head, converted by convert.py); `prompt_format` names how a pair is rendered for it
+    (data.template.REWARD_FORMATS), as its reward_config.json says."""
+
+    def __init__(self, config, bias: bool = False, prompt_format: str = "huatuo"):
         super().__init__()
         self.trunk = Transformer(config)
         self.trunk.lm_head.requires_grad_(False)  # kept for the HF layout, never used for rewards
-        self.score_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.score_head = nn.Linear(config.hidden_size, 1, bias=bias)
+        self.prompt_format = prompt_format
 
     @property
     def layers(self):
@@ -703,10 +735,13 @@ class RewardModel(nn.Module):
     def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
         """The Hugging Face reward-model layout, LlamaForSequenceClassification's (TRL's and
         OpenRLHF's reward models are saved so): the trunk's tensors under `model.`, the head as
-        `score.weight`, num_labels 1, no LM head (a score never reads it). The released
-        HuatuoGPT-reward-model-7B is in another layout, which convert.py does not read yet.
-        transformers scores at the last token that is not pad_token_id, which is the reply's eos
-        when a batch is right-padded, as ours reads it from the mask."""
+        `score.weight`, num_labels 1, no LM head (a score never reads it). transformers scores at
+        the last token that is not pad_token_id, which is the reply's eos when a batch is
+        right-padded, as ours reads it from the mask. A head with a bias (the released HuatuoGPT
+        reward model's, convert.py) writes it as `score.bias`, which model.py reads and
+        LlamaForSequenceClassification (no bias) reports as an unexpected key and does not add:
+        its scores are ours less that constant, the same order and the same pairwise
+        differences; reward_config.json and the card give the value."""
         sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
         tensors = {
             hf_name(k.removeprefix("trunk.")): v
@@ -714,6 +749,8 @@ class RewardModel(nn.Module):
             if k.startswith("trunk.") and k != "trunk.lm_head.weight"
         }
         tensors["score.weight"] = sd["score_head.weight"]
+        if "score_head.bias" in sd:
+            tensors["score.bias"] = sd["score_head.bias"]
         hf = dict(
             self.config.to_hf(),
             architectures=["LlamaForSequenceClassification"],
@@ -721,7 +758,7 @@ class RewardModel(nn.Module):
             id2label={"0": "LABEL_0"},
             label2id={"LABEL_0": 0},
         )
-        meta = {"score_token": "the eos that ends the reply", "template": "data.template.render_reply"}
+        meta = reward_meta(self.prompt_format, sd.get("score_head.bias"))
         write_checkpoint(
             path,
             hf,
@@ -758,16 +795,17 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "RewardModel":
-        """A reward model in the HF layout (save_pretrained's; one transformers wrote, such as the
-        official HuatuoGPT reward model), or in ours before it (a causal LM with
-        score_head.safetensors beside it). Tensors are checked against config.json from the
+        """A reward model in the HF layout (save_pretrained's, with `score.bias` where the head has
+        one; one transformers' LlamaForSequenceClassification wrote; the released HuatuoGPT
+        reward model once convert.py has turned its LlamaRewardModel layout into this), or in
+        ours before it (a causal LM with score_head.safetensors beside it). Tensors are checked against config.json from the
         headers before any data is read, as Transformer.from_pretrained does."""
         path = Path(path)
         if (path / "score_head.safetensors").is_file():
             return cls._from_causal_lm_and_head(path, dtype, device)
         config = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
-            rm = cls(config)
+            rm = cls(config, bias=cls.has_bias(path), prompt_format=reward_format(path))
         if not config.tie_word_embeddings:
             rm.trunk.lm_head = None
         for tensors in cls.read_pretrained(path, dtype=dtype, device=device):
@@ -791,6 +829,8 @@ class RewardModel(nn.Module):
         expected["score.weight"] = (1, config.hidden_size)
         shards, found = read_headers(path)
         found.pop("lm_head.weight", None)  # an LM head saved beside the score: never read
+        if "score.bias" in found:
+            expected["score.bias"] = (1,)
         if "score.weight" not in found:
             raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
         labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
@@ -801,11 +841,14 @@ class RewardModel(nn.Module):
             )
         check_tensors(config, found, path, expected)
         for tensors in read_tensors(shards, expected, dtype=dtype, device=device):
-            score = tensors.pop("score.weight", None)
-            tensors = our_names(tensors, config, prefix="trunk.")
-            if score is not None:
-                tensors["score_head.weight"] = score
-            yield tensors
+            head = {f"score_head.{k}": tensors.pop(f"score.{k}") for k in ("weight", "bias") if f"score.{k}" in tensors}
+            yield {**our_names(tensors, config, prefix="trunk."), **head}
+
+    @staticmethod
+    def has_bias(path) -> bool:
+        """Whether the checkpoint's head has a bias (`score.bias`), from the headers alone."""
+        path = Path(path)
+        return not (path / "score_head.safetensors").is_file() and "score.bias" in read_headers(path)[1]
 
     @classmethod
     def _from_causal_lm_and_head(cls, path: Path, dtype, device) -> "RewardModel":

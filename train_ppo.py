@@ -54,6 +54,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,9 +68,9 @@ from tqdm import tqdm
 from data.corpus import Corpus
 from data.readers import add_input_args, read
 from data.schema import Report
-from data.template import pad_batch, render
+from data.template import pad_batch, render, reward_ids
 from generate import generate_queue
-from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
+from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, reward_format, token_logprobs
 from plan import PPOParts, add_plan_args, given_settings, ppo_dry_run
 from safety import (
     COUNT,
@@ -267,6 +268,8 @@ class Experience:
     response: list[int]
     finished: bool  # ended with eos before --max-new-tokens
     score: float = 0.0  # the reward model's, clipped, penalty included
+    messages: list | None = None  # the prompt's conversation, for a reward model scored through text
+    reward_cut: bool = False  # its text did not fit the reward model's context and was cut (TextReward)
     # Filled by make_experience on the rank whose micro-batches hold this experience, and only there:
     bottom_out: torch.Tensor | None = None  # the frozen bottom's output at its prompt + response positions
     logp: torch.Tensor | None = None  # old log π(y_t), one per response token
@@ -341,11 +344,12 @@ def response_outputs(model, exps, pad_id, device, *, ref=None, vocab: int | None
 # -- prompts -----------------------------------------------------------------------------------------------
 
 
-def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8"):
+def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8", kept=None):
     """The RL prompts (§3.2), yielded as token ids: every patient turn of the SFT data with the
     conversation before it (single- and multi-turn), de-duplicated, minus the prompts the reward
     model's pairs were built from (--exclude), rendered with the one template, in the order of
-    their content. train_ppo.py writes them once into its data cache (data.corpus)."""
+    their content. train_ppo.py writes them once into its data cache (data.corpus). `kept` (a
+    list) collects each yielded prompt's conversation, as its JSON (prompt_parts)."""
     excluded = {
         json.dumps(r["messages"], ensure_ascii=False)
         for f in exclude or []
@@ -363,9 +367,50 @@ def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, enc
                     seen[key] = messages
     for key in sorted(seen):
         try:
-            yield render(tok, seen[key], max_len=budget).ids
+            ids = render(tok, seen[key], max_len=budget).ids
         except ValueError:
             report.skip(f"question longer than the context less --max-new-tokens ({budget} tokens)", key[:40])
+            continue
+        if kept is not None:
+            kept.append(key)
+        yield ids
+
+
+def prompt_parts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8", conversations=False):
+    """The cache entry's parts: "prompts" (read_prompts' ids) and, for a reward model scored
+    through text, "conversations", each prompt's conversation as the UTF-8 bytes of its JSON (one
+    int32 a byte: the corpus layout), in the same order. The parts are written one after the
+    other (data.corpus.build_entry): the conversations are listed as the prompts are written."""
+    kept = [] if conversations else None
+    parts = {"prompts": read_prompts(files, exclude, tok, budget, report, fmt, encoding, kept=kept)}
+    if conversations:
+        parts["conversations"] = (list(key.encode("utf-8")) for key in kept)  # read once the prompts are written
+    return parts
+
+
+class Prompt(list):
+    """A prompt's ids (a list, as generation takes them) and, for a reward model scored through
+    text, its conversation."""
+
+    messages: list | None = None
+
+
+class Prompts:
+    """The cached prompts, memory-mapped, as Prompt items (their conversations attached where
+    the entry holds them)."""
+
+    def __init__(self, entry: Path):
+        self.ids = Corpus(entry / "prompts")
+        self.conversations = Corpus(entry / "conversations") if (entry / "conversations").is_dir() else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Prompt:
+        prompt = Prompt(self.ids[i])
+        if self.conversations is not None:
+            prompt.messages = json.loads(bytes(self.conversations[i]).decode("utf-8"))
+        return prompt
 
 
 class PromptStream:
@@ -449,7 +494,10 @@ def generate_round(model, prompts, tok, args, d, round_no: int, readback=None) -
             readback=readback,
         )
     model.train()
-    return [Experience(p, r, f) for p, r, f in zip(mine, out.tokens, out.finished)], idle
+    return [
+        Experience(list(p), r, f, messages=getattr(p, "messages", None))
+        for p, r, f in zip(mine, out.tokens, out.finished)
+    ], idle
 
 
 @torch.no_grad()
@@ -462,13 +510,74 @@ def score_round(rm, exps: list[Experience], tok, args):
     is reported."""
     for c in range(0, len(exps), args.chunk_size):
         chunk = exps[c : c + args.chunk_size]
-        scores = rm.score_ids(
-            [e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id, pad_id=tok.pad_id
-        )
+        if isinstance(rm, TextReward):
+            scores = rm.score(chunk)
+        else:
+            scores = rm.score_ids(
+                [e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id, pad_id=tok.pad_id
+            )
         for e, s in zip(chunk, scores.tolist()):
             e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) - (0.0 if e.finished else args.unfinished_penalty)
-    if isinstance(rm, FSDPModule):
-        rm.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
+    module = rm.module if isinstance(rm, TextReward) else rm
+    if isinstance(module, FSDPModule):
+        module.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
+
+
+class TextReward:
+    """A reward model whose tokenizer or prompt format is not the policy's (the released
+    HuatuoGPT reward model: LLaMA's vocabulary, the "ziya-rm" format), scored through text as
+    trlx scores: the policy's response decoded, the conversation and it rendered in the reward
+    model's own format (data.template.reward_ids), encoded with its own tokenizer, read at the
+    eos that format puts after the reply. Chosen by the reward model's checkpoint (reward_scorer),
+    never by a flag. Each rank scores its own experiences, as by ids. A text too long for the
+    reward model's context loses its oldest rounds first; one whose last question and reply
+    alone do not fit is cut to the context (eos kept last) and counted (Experience.reward_cut)."""
+
+    def __init__(self, module: RewardModel, tok, policy_tok, prompt_format: str):
+        self.module, self.tok, self.policy_tok, self.prompt_format = module, tok, policy_tok, prompt_format
+
+    def ids(self, e: Experience) -> list[int]:
+        reply, limit = self.policy_tok.decode(e.response), self.module.config.max_position_embeddings
+        try:
+            return reward_ids(self.tok, e.messages, reply, self.prompt_format, max_len=limit)
+        except ValueError:
+            e.reward_cut = True
+            whole = reward_ids(self.tok, e.messages, reply, self.prompt_format, max_len=sys.maxsize)
+            return whole[: limit - 1] + [self.tok.eos_id]
+
+    def score(self, exps: list[Experience]) -> torch.Tensor:
+        tokens, mask = pad_batch([self.ids(e) for e in exps], self.tok.pad_id)
+        device = next(self.module.parameters()).device
+        return self.module(tokens.to(device), mask.to(device))
+
+
+def reward_scorer(path, rm: RewardModel, policy_tok):
+    """The reward model as PPO scores with it: by ids where it reads the policy's tokenizer in
+    data.template's format (train_rm.py's models), else through text (TextReward)."""
+    if reward_by_text(path, policy_tok) is None:
+        return rm
+    return TextReward(rm, reward_tokenizer(path, policy_tok), policy_tok, reward_format(path))
+
+
+def reward_tokenizer(path, policy_tok):
+    """The reward model's own tokenizer (tokenizer.model beside it), else the policy's."""
+    from tokenizer import Tokenizer
+
+    own = Path(path) / "tokenizer.model"
+    return Tokenizer(own) if own.is_file() else policy_tok
+
+
+def reward_by_text(path, policy_tok) -> str | None:
+    """Why the reward model at `path` is scored through text (its prompt format, or a tokenizer
+    that is not the policy's: other pieces, or another <s> setting), or None: by ids."""
+    fmt, tok = reward_format(path), reward_tokenizer(path, policy_tok)
+    if fmt != "huatuo":
+        return f"its prompt format is {fmt}"
+    if tok is not policy_tok and (
+        file_digest(tok.path) != file_digest(policy_tok.path) or tok.add_bos != policy_tok.add_bos
+    ):
+        return "its tokenizer is not the policy's"
+    return None
 
 
 def minibatches(n: int, batch_size: int, seed: int, round_no: int) -> list[list[int]]:
@@ -676,7 +785,7 @@ def build_empty(
     return model, ref
 
 
-def reward_empty(config, d, dtype, *, sharded: bool = True, mesh=None) -> RewardModel:
+def reward_empty(config, d, dtype, *, sharded: bool = True, mesh=None, bias: bool = False) -> RewardModel:
     """The reward model for scoring, frozen, in the compute dtype, without its LM head
     (RewardModel.scorer), allocated and not filled (load_reward fills it). sharded
     (--reward-placement sharded, the default): FSDP over the ranks as the policy is, each block
@@ -684,7 +793,7 @@ def reward_empty(config, d, dtype, *, sharded: bool = True, mesh=None) -> Reward
     8 ranks in bf16) and a scoring chunk all-gathers the model once. Replicated: the whole model
     on every rank (24.0 GiB), scoring without collectives."""
     with torch.device("meta"):
-        rm = RewardModel(config).scorer().eval().requires_grad_(False)
+        rm = RewardModel(config, bias=bias).scorer().eval().requires_grad_(False)
     if not sharded:
         return allocate(rm, device=d.device, dtype=dtype)
     for p in rm.parameters():
@@ -700,13 +809,15 @@ def load_reward(path, config, d, dtype, *, sharded: bool = True, mesh=None) -> R
     if not sharded:
         return RewardModel.from_pretrained(path, dtype=dtype, device=d.device).scorer().eval().requires_grad_(False)
     weights = RewardModel.read_pretrained(path, dtype=dtype) if d.main else None  # file by file
-    return load_sharded(reward_empty(config, d, dtype, mesh=mesh), weights, d)
+    return load_sharded(reward_empty(config, d, dtype, mesh=mesh, bias=RewardModel.has_bias(path)), weights, d)
 
 
 def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
     """The longest prompt a round can take: the policy generates up to max_new_tokens after it
     within its context, and the reward model reads prompt + response + the eos put after a
     response cut at max_new_tokens (score_ids) within its own."""
+    if reward_config is None:  # a reward model scored through text: it fits its own tokens
+        return policy_config.max_position_embeddings - max_new_tokens
     return min(
         policy_config.max_position_embeddings - max_new_tokens,
         reward_config.max_position_embeddings - max_new_tokens - 1,
@@ -720,14 +831,16 @@ def _train(args, d):
     meta_policy, read_weights, tok = load_model(args.policy, out, d, seed=args.seed)
     config = meta_policy.config
     reward_config = load_config(args.reward, builtin=False)  # config.json alone: the weights come later
-    if reward_config.vocab_size != config.vocab_size:
+    by_text = reward_by_text(args.reward, tok)  # its tokenizer and format, from its checkpoint
+    if by_text is None and reward_config.vocab_size != config.vocab_size:
         raise SystemExit(
             f"--reward {args.reward} has a vocabulary of {reward_config.vocab_size}, the policy "
-            f"{config.vocab_size}: they must share the tokenizer"
+            f"{config.vocab_size}, and no tokenizer.model of its own: it must share the policy's tokenizer"
         )
     if not 1 <= args.trainable_blocks <= config.num_hidden_layers:
         raise SystemExit(f"--trainable-blocks {args.trainable_blocks}: the model has {config.num_hidden_layers} blocks")
-    budget = prompt_budget(config, reward_config, args.max_new_tokens)
+    # Through text, the reward model counts its own tokens (TextReward fits them): only the policy's bound here.
+    budget = prompt_budget(config, None if by_text else reward_config, args.max_new_tokens)
     if budget <= 0:
         raise SystemExit(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
@@ -743,19 +856,23 @@ def _train(args, d):
         "tokenizer": file_digest(tok.path),
         "add_bos": tok.add_bos,  # the tokenizer_config.json beside it: does a prompt start with <s>
     }
+    if by_text:
+        key["conversations"] = True  # kept beside the ids, for the reward model's own rendering
     report = Report()
     entry, meta = rendered_once(
         args.data_cache,
         out,
         key,
         lambda: (
-            {"prompts": read_prompts(args.data, args.exclude, tok, budget, report, args.format, args.encoding)},
+            prompt_parts(
+                args.data, args.exclude, tok, budget, report, args.format, args.encoding, conversations=bool(by_text)
+            ),
             report,
         ),
         d,
         labels=False,
     )
-    prompts = Corpus(entry / "prompts")  # memory-mapped: a rank holds the pages of the prompts it draws
+    prompts = Prompts(entry)  # memory-mapped: a rank holds the pages of the prompts it draws
     if not len(prompts):
         raise SystemExit(
             f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} tokens)"
@@ -786,6 +903,9 @@ def _train(args, d):
         mesh=mesh,
     )
     rm = load_reward(args.reward, reward_config, d, compute, sharded=args.reward_placement == "sharded", mesh=mesh)
+    rm = reward_scorer(args.reward, rm, tok)  # by ids, or through text (TextReward)
+    if d.main and by_text:
+        print(f"scoring through text: {by_text} ({args.reward})")
     model.train()
 
     opt = make_optimizer(model, args.lr, args.weight_decay, betas=BETAS)
@@ -844,6 +964,7 @@ def _train(args, d):
             "entropy": sums["entropy"] / sums["tokens"],
             "response_len": sums["tokens"] / len(exps),
             "unfinished": sum(not e.finished for e in exps) / len(exps),
+            "reward_cut": sum(e.reward_cut for e in exps) / len(exps),  # through text, cut to the RM's context
             "rollout_tokens_per_s": sums["tokens"] / max(seconds["generate_s"], 1e-9),
             "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
             # Where the round's time went: sampling, the reward model, the frozen bottom and the

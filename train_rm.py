@@ -41,7 +41,7 @@ from tqdm import tqdm
 from data.mixing import LengthGroupedBatches, dedup_key
 from data.readers import add_input_args, read
 from data.schema import Report, finished_ids
-from data.template import pad_batch, render, render_reply
+from data.template import pad_batch, render, render_reply, reward_ids
 from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
 from lora import add_lora, check_lora, lora_init
@@ -471,9 +471,13 @@ def score(args):
             if r["messages"][-1]["role"] != "assistant":
                 report.skip("no reply to score (ends with the patient)", r["id"])
                 continue
-            try:
-                ids, _ = render_reply(
-                    tok, r["messages"][:-1], r["messages"][-1]["content"], max_len=rm.config.max_position_embeddings
+            try:  # in the model's own prompt format (reward_config.json): ours, or the released model's
+                ids = reward_ids(
+                    tok,
+                    r["messages"][:-1],
+                    r["messages"][-1]["content"],
+                    rm.prompt_format,
+                    max_len=rm.config.max_position_embeddings,
                 )
             except ValueError:
                 report.skip("question + reply longer than the model's context", r["id"])

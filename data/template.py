@@ -186,3 +186,34 @@ def render_reply(tok, messages: list[dict], reply: str, *, max_len: int = MAX_LE
     # first character, after the pieces the two share).
     shared = next((i for i, (a, b) in enumerate(zip(tag, turn)) if a != b), len(tag))
     return ids, len(ids) - len(turn) + shared
+
+
+# How a reward model reads a conversation and its reply, by the name in its reward_config.json
+# ("format"; model.reward_format):
+#   huatuo   this file's template (render_reply): what train_rm.py trains and PPO scores by ids.
+#   ziya-rm  the released HuatuoGPT-reward-model-7B's: Ziya-LLaMA-7B-Reward's usage, to which the
+#            HuatuoGPT maintainers point, "Human:" + question + "\n\nAssistant:" + reply encoded as
+#            one text, <s> where its tokenizer adds one, and an eos after it (the score is read
+#            there). Earlier rounds, which that usage does not show, are written the same way and
+#            joined by "\n\n": our choice.
+ZIYA_HUMAN, ZIYA_ASSISTANT, ZIYA_ROUNDS = "Human:", "\n\nAssistant:", "\n\n"
+REWARD_FORMATS = {"huatuo": "data.template.render_reply", "ziya-rm": "<s>?Human:{question}\\n\\nAssistant:{reply}</s>"}
+
+
+def reward_ids(tok, messages: list[dict], reply: str, prompt_format: str, *, max_len: int) -> list[int]:
+    """The ids a reward model of `prompt_format` scores for `reply` to `messages` (ending with
+    the user's turn), in its own tokenizer `tok`. The oldest rounds make room where it is too
+    long (render's rule); ValueError where the last question and the reply alone do not fit."""
+    if prompt_format == "huatuo":
+        return render_reply(tok, messages, reply, max_len=max_len)[0]
+    if prompt_format != "ziya-rm":
+        raise ValueError(f"unknown reward prompt format {prompt_format!r}; known: {', '.join(REWARD_FORMATS)}")
+    answers = [m["content"] for m in messages[1::2]] + [reply]
+    rounds = [ZIYA_HUMAN + m["content"] + ZIYA_ASSISTANT + a for m, a in zip(messages[0::2], answers)]
+    for first in range(len(rounds)):
+        ids = tok.bos + tok.encode(ZIYA_ROUNDS.join(rounds[first:])) + [tok.eos_id]
+        if len(ids) <= max_len:
+            return ids
+    raise ValueError(
+        f"the question and reply take {len(ids)} tokens in the reward model's format; the limit is {max_len}"
+    )

@@ -343,3 +343,119 @@ def test_what_model_py_cannot_run_is_refused_in_one_line_before_any_tensor_is_re
     assert read == []
     with pytest.raises(ValueError, match=r"convert it first, `python convert.py --src"):
         ModelConfig.from_hf(BAICHUAN)  # the 7B layout itself: not opened unconverted
+
+
+# -- HuatuoGPT-reward-model-7B: Ziya's LlamaRewardModel layout (issue 46 item 3) -------------------------
+
+
+def ziya_reward_dir(directory, tokenizer_file, bias: float | None = 0.75, seed: int = 0):
+    """A tiny checkpoint in the released reward model's layout: a `model.` LLaMA trunk (LLaMA's
+    config, 400 pieces + 1 added token), no LM head, value_head.weight (1, H) and its bias, .bin
+    shards with inv_freq buffers; returns the trunk (transformers' LlamaModel, fp64) and head."""
+    from transformers import LlamaModel
+
+    cfg = hf_config(vocab_size=401, architectures=["LlamaRewardModel"])
+    torch.manual_seed(seed)
+    trunk = LlamaModel(cfg).double().eval()
+    for p in trunk.parameters():  # sharper than the 0.02 init, so that positions and rows matter
+        p.data.normal_(0, 0.3) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
+        p.data = p.data.float().double()  # the values the fp32 shards hold
+    head = torch.nn.Linear(cfg.hidden_size, 1, bias=bias is not None).double()
+    head.weight.data = head.weight.data.float().double()
+    if bias is not None:
+        head.bias.data.fill_(bias)
+    state = {f"model.{k}": v.float() for k, v in trunk.state_dict().items()}
+    state.update({f"value_head.{k}": v.float() for k, v in head.state_dict().items()})
+    write_bin_dir(directory, state, cfg.to_dict(), shards=2, tokenizer=tokenizer_file)
+    return trunk, head
+
+
+def official_reward(trunk, head, tokens, mask):
+    """LlamaRewardModel.forward as the released model's code runs it (Ziya's, as the issue
+    gives it): the trunk's last hidden state, the value head (with its bias) on every position,
+    read at attention_mask.cumsum(1).argmax(1), the last real token."""
+    values = head(trunk(input_ids=tokens, attention_mask=mask).last_hidden_state.double()).squeeze(-1)
+    return values.gather(1, mask.cumsum(1).argmax(1, keepdim=True)).squeeze(1)
+
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "头痛三天了怎么办？"}], "多休息，注意饮水。"),
+    (
+        [
+            {"role": "user", "content": "孩子发烧"},
+            {"role": "assistant", "content": "多少度？"},
+            {"role": "user", "content": "38.5度"},
+        ],
+        "先物理降温。",
+    ),
+]
+
+
+@pytest.mark.numerics
+def test_the_released_reward_model_converts_with_its_bias_and_scores_as_its_own_code(tmp_path, tokenizer_file):
+    """Issue 46 item 3: convert.py stopped at value_head.bias. Converted, the scores equal the
+    official forward (trunk, last real token of the text with its eos, value head with bias) in
+    fp64; `train_rm.py score` reads the converted model in its own format and prints the same;
+    transformers' LlamaForSequenceClassification opens the export, names score.bias as the
+    key it has no place for, and scores exactly that constant lower."""
+    from transformers import LlamaForSequenceClassification
+
+    from data.template import reward_ids
+    from model import RewardModel
+    from tokenizer import Tokenizer
+
+    trunk, head = ziya_reward_dir(tmp_path / "released", tokenizer_file)
+    convert(tmp_path / "released", tmp_path / "rm")
+    rm = RewardModel.from_pretrained(tmp_path / "rm", dtype=torch.float64).eval()
+    assert rm.prompt_format == "ziya-rm" and rm.score_head.bias.item() == 0.75
+    tok = Tokenizer(tmp_path / "rm" / "tokenizer.model")
+    seqs = [reward_ids(tok, m, r, "ziya-rm", max_len=256) for m, r in CONVERSATIONS]
+    # the format by hand: Ziya's usage, <s> (its tokenizer adds one), the text encoded whole, eos
+    assert seqs[0] == [1] + tok.sp.encode("Human:头痛三天了怎么办？\n\nAssistant:多休息，注意饮水。") + [2]
+    assert seqs[1] == [1] + tok.sp.encode(
+        "Human:孩子发烧\n\nAssistant:多少度？\n\nHuman:38.5度\n\nAssistant:先物理降温。"
+    ) + [2]
+    width = max(map(len, seqs))
+    tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        expected = official_reward(trunk, head, tokens, mask)
+        torch.testing.assert_close(rm(tokens, mask), expected, rtol=1e-12, atol=1e-12)
+        assert (
+            expected - official_reward(trunk, torch.nn.Linear(64, 1).double().requires_grad_(False), tokens, mask)
+        ).abs().max() > 0.1
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"c{i}", "source": "test", "messages": m + [{"role": "assistant", "content": r}]},
+                ensure_ascii=False,
+            )
+            + "\n"
+            for i, (m, r) in enumerate(CONVERSATIONS)
+        ),
+        encoding="utf-8",
+    )
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_rm.py"),
+        "score",
+        "--model",
+        str(tmp_path / "rm"),
+        "--data",
+        str(data),
+        "--dtype",
+        "float32",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    printed = [json.loads(line)["reward"] for line in run.stdout.splitlines()]
+    assert printed == pytest.approx(expected.tolist(), abs=1e-4)  # fp32, rounded to 6 places
+    theirs, info = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm", output_loading_info=True)
+    assert "score.bias" in info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs.double()(tokens, attention_mask=mask).logits[:, 0], expected - 0.75, rtol=1e-12, atol=1e-12
+        )
+    assert "0.75" in (tmp_path / "rm" / "README.md").read_text()
+    assert json.loads((tmp_path / "rm" / "reward_config.json").read_text())["score_bias"] == 0.75

@@ -800,3 +800,106 @@ def test_a_rounds_responses_are_the_same_whatever_the_rows_and_no_row_waits_for_
         assert 0 <= info["idle_rows"] < 1 and queued <= chunked + 1e-9, (rows, queued, chunked)
     assert responses[2] == responses[3] == responses[8]
     assert len({len(r) for r in responses[2]}) > 1  # responses of several lengths: rows were freed and refilled
+
+
+# -- a reward model of another tokenizer and prompt format (issue 46 item 3) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def foreign_rm(tmp_path_factory):
+    """A reward model as convert.py writes the released one: another sentencepiece vocabulary
+    (460 pieces, trained here), a head with a bias, prompt format "ziya-rm", a context of 96."""
+    from conftest import CORPUS
+
+    from model import RewardModel
+    from tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("foreign_rm")
+    tok = train_tokenizer(CORPUS[::-1], root / "src" / "tokenizer.model", vocab_size=460)
+    config = ModelConfig(
+        vocab_size=len(tok) + 1,  # an added token past the pieces, as the released one's
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        rope_theta=500.0,
+    )
+    rm = RewardModel(config, bias=True, prompt_format="ziya-rm")
+    rm.trunk.init_weights(3)
+    sharpen_(rm.trunk)
+    torch.nn.init.normal_(rm.score_head.weight, std=1.0, generator=torch.Generator().manual_seed(4))
+    torch.nn.init.constant_(rm.score_head.bias, 0.5)
+    rm.save_pretrained(root / "rm", tokenizer=tok)
+    return root / "rm"
+
+
+def test_a_reward_model_of_another_tokenizer_scores_each_response_as_its_text_alone(foreign_rm, tokenizer_file):
+    """Every score through text equals the reward model run alone, unpadded, on the ids its own
+    tokenizer gives the decoded response in its format, written out by hand (fp64); a text
+    longer than its context is cut to it, eos last, and counted."""
+    from model import RewardModel
+    from tokenizer import Tokenizer
+
+    policy_tok = Tokenizer(tokenizer_file)
+    rm = RewardModel.from_pretrained(foreign_rm, dtype=torch.float64).eval()
+    scorer = train_ppo.reward_scorer(foreign_rm, rm, policy_tok)
+    assert isinstance(scorer, train_ppo.TextReward) and scorer.tok.path != policy_tok.path
+    assert train_ppo.reward_by_text(foreign_rm, policy_tok) == "its prompt format is ziya-rm"
+    rm_tok = scorer.tok
+    conversations = [
+        [{"role": "user", "content": "头痛三天了怎么办？"}],
+        [
+            {"role": "user", "content": "孩子发烧"},
+            {"role": "assistant", "content": "多少度？"},
+            {"role": "user", "content": "38度"},
+        ],
+        [{"role": "user", "content": "高血压患者应当低盐饮食吗？"}],
+    ]
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 9, 70)]
+    responses[0].append(policy_tok.eos_id)
+    exps = [Experience(render_ids(policy_tok, m), r, r[-1] == 2, messages=m) for m, r in zip(conversations, responses)]
+    train_ppo.score_round(scorer, exps, policy_tok, args_for(chunk_size=2))
+    for e in exps:
+        question = "\n\nHuman:".join(
+            m["content"] + ("\n\nAssistant:" + e.messages[i + 1]["content"] if i + 1 < len(e.messages) else "")
+            for i, m in enumerate(e.messages)
+            if m["role"] == "user"
+        )
+        text = "Human:" + question + "\n\nAssistant:" + policy_tok.sp.decode([t for t in e.response if t != 2])
+        ids = [1] + rm_tok.sp.encode(text) + [2]
+        if len(ids) > 96:  # the third: cut to the context, eos kept last
+            ids = ids[:95] + [2]
+        with torch.no_grad():
+            alone = rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+        assert e.score == pytest.approx(max(-10.0, min(10.0, alone)), abs=1e-10)
+        assert e.reward_cut == (e is exps[2])
+
+
+def render_ids(tok, messages):
+    from data.template import render
+
+    return render(tok, messages).ids
+
+
+def test_ppo_against_a_reward_model_of_another_tokenizer_runs_the_same_on_1_and_2_ranks(
+    checkpoints, foreign_rm, tmp_path
+):
+    """A PPO round against the foreign reward model, chosen by its checkpoint alone (no flag):
+    it says it scores through text, the round's figures on 2 ranks equal 1 rank's."""
+    rows = []
+    for ranks in (1, 2):
+        args = cli(checkpoints, tmp_path / f"r{ranks}", "--max-steps", "2")
+        args[args.index("--reward") + 1] = str(foreign_rm)
+        if ranks == 2:
+            args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args[1:]]
+        proc = subprocess.run(args, capture_output=True, text=True, env=trainer_env(ranks), cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "scoring through text: its prompt format is ziya-rm" in proc.stdout
+        rows.append([json.loads(line) for line in (tmp_path / f"r{ranks}" / "metrics.jsonl").read_text().splitlines()])
+    (one,), (two,) = rows
+    for key in ("score", "kl", "response_len", "unfinished", "reward_cut", "policy_loss", "value_loss", "entropy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+    assert one["score"] != 0

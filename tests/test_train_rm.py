@@ -112,8 +112,8 @@ def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
 @pytest.mark.numerics
 def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_path, tokenizer_file):
     """Issue 26 item 1: ours opens in transformers' AutoModelForSequenceClassification and
-    scores as train_rm.py does; one transformers wrote (as the official HuatuoGPT reward model
-    is) loads in ours and scores as transformers does. Right-padded batches of replies that end
+    scores as train_rm.py does; one transformers wrote loads in ours and scores as transformers
+    does (the released HuatuoGPT reward model is in another layout: tests/test_convert.py). Right-padded batches of replies that end
     with eos: transformers reads the last token that is not pad_token_id, ours the mask's last."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
