@@ -2,7 +2,7 @@
 the tokenizer and the model card, read and written without a model class.
 
 Everything here works on `{name: shape}` and `{name: tensor}` dicts, in HF's tensor names:
-model.py maps them onto its modules (hf_name, expected_shapes, our_names) and convert.py
+pretrained.py maps them onto model.py's modules (hf_name, expected_shapes, our_names) and convert.py
 and the trainers write through write_checkpoint. Reading is in two passes: every file's header
 first (read_headers, check_shapes), then the tensors a file at a time, each checked as it comes
 (read_tensors, check_weight), so that a truncated shard, an index that lies, a config.json of
@@ -321,7 +321,7 @@ def model_card(stage: str, *, base: str, data: list[tuple[str, str]], figures: l
     files = "\n".join(f"- `{Path(f).name}` (sha256 {digest}…)" for f, digest in data) or "- (none)"
     shown = "\n".join(f"- {line}" for line in figures) or "- (none recorded)"
     loading = (
-        "```python\nfrom model import RewardModel  # this repository\nrm = RewardModel.from_pretrained(PATH)\n\n"
+        "```python\nfrom pretrained import load_reward_model  # this repository\nrm = load_reward_model(PATH)\n\n"
         "from transformers import AutoModelForSequenceClassification  # the same score, at the last non-pad token\n"
         "rm = AutoModelForSequenceClassification.from_pretrained(PATH)\n```"
         if stage == "rm"

@@ -22,7 +22,7 @@ baichuan-inc/Baichuan-7B models/modeling_baichuan.py, commit 0ae400d), and RoPE 
 rotate-half layout with base 10000, the constant of its RotaryEmbedding. Its `inv_freq`
 buffers are checked against that base, then dropped. Baichuan2-7B's (HuatuoGPT-II-7B's base) is
 the same but for its NormHead, whose rows are normalised here (BAICHUAN2_VOCAB). Baichuan-13B's
-and Baichuan2-13B's layout (ALiBi) is refused (model.ModelConfig.from_hf).
+and Baichuan2-13B's layout (ALiBi) is refused (pretrained.config_from_hf).
 
 Work goes one source shard at a time (with the base read through memory maps), so merging a
 13B model needs about one shard's worth of memory, not the whole model. `.bin` files are only
@@ -40,7 +40,8 @@ import torch
 
 from safety import POSITIVE, refuse_to_replace, run_main
 from checkpoint import CheckpointError, is_buffer, model_card, read_safetensors, write_checkpoint
-from model import ModelConfig, check_tensors, expected_shapes, reward_meta
+from pretrained import config_from_hf
+from pretrained import check_tensors, expected_shapes, reward_meta
 from tokenizer import Tokenizer
 
 # Taken from the delta as they are, not added: their shapes follow Ziya's vocabulary.
@@ -115,7 +116,7 @@ def read_config(*dirs: Path) -> tuple[dict, Path]:
             hf = json.loads((d / "config.json").read_text(encoding="utf-8"))
             if hf.get("model_type") == "baichuan" and "max_position_embeddings" in hf:
                 hf = baichuan_config(hf)
-            ModelConfig.from_hf(hf, source=str(d / "config.json"))  # refuse what model.py cannot run
+            config_from_hf(hf, source=str(d / "config.json"))  # refuse what model.py cannot run
             return hf, d / "config.json"
     raise FileNotFoundError(f"no config.json in {', '.join(str(d) for d in dirs if d is not None)}")
 
@@ -175,7 +176,7 @@ def checked(hf: dict, where: Path, groups, expected: dict | None = None):
     """The tensor groups as they stream to the writer, each checked against the config first
     (names, shapes; `expected`, else a causal LM's), and all of them at the end: what is
     written is a model that loads."""
-    config = ModelConfig.from_hf(hf, source=str(where / "config.json"))
+    config = config_from_hf(hf, source=str(where / "config.json"))
     expected, seen = expected or expected_shapes(config), {}
     for group in groups:
         shapes = {name: tuple(t.shape) for name, t in group.items()}
@@ -232,7 +233,7 @@ def convert_reward(files: CheckpointFiles, hf: dict, out: Path, dtype, max_shard
     reward_config.json naming its prompt format, "ziya-rm" (data.template.REWARD_FORMATS), so
     that every scorer renders a pair for it as it was trained."""
     src = files.path
-    config = ModelConfig.from_hf(hf, source=str(src / "config.json"))
+    config = config_from_hf(hf, source=str(src / "config.json"))
     bias = files.get("value_head.bias")
     expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
     expected["score.weight"] = (1, config.hidden_size)

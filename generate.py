@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from data.template import pad_batch
 from model import KVCache, Transformer, token_logprobs
+from pretrained import load_transformer
 from safety import COUNT, NONNEGATIVE, POSITIVE, SHARE, run_main
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -516,7 +517,7 @@ def load(path, *, device="cpu", dtype=torch.float32, compile: bool = False) -> t
     """A checkpoint in the HF layout and its tokenizer, ready to generate: every command that
     runs a model for its text (generate, chat, serve, evaluate, sampling) loads it here.
     compile: decode through compiled_step (--compile)."""
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+    model = load_transformer(path, dtype=dtype, device=device).eval()
     model.compile_decoding = compile
     tok = Tokenizer(Path(path) / "tokenizer.model")
     tok.check_model_vocab(model.config.vocab_size, where=f"model {path}")

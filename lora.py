@@ -3,7 +3,7 @@
 The paper trains every weight; --lora-rank on train_sft.py and train_rm.py trains adapters
 instead, for a researcher with one GPU. A LoRALinear keeps its base weight under the weight's
 own name, so a checkpoint's names are those of the plain model, and merge_lora folds each update
-into its weight when a checkpoint is written (model.py's save_pretrained): every checkpoint is an
+into its weight when a checkpoint is written (pretrained.save_model): every checkpoint is an
 ordinary LLaMA. This file knows nothing of the model beyond nn.Linear and the name `.layers.`
 its blocks sit under.
 """

@@ -1,50 +1,28 @@
-"""A LLaMA written out by hand, loading and saving Hugging Face-format checkpoints.
+"""LLaMA written out by hand: the network of Ziya-LLaMA-13B, HuatuoGPT's base model (paper App. E),
+and the two models PPO builds on it. In this order, each part under a banner comment:
 
-HuatuoGPT starts from Ziya-LLaMA-13B-Pretrain (paper App. E), a LLaMA-13B continued-pretrained
-on Chinese. This file holds everything needed to run such a model, in this order (each part under a
-banner comment):
-
-    Configuration    ModelConfig, read from / written to an HF `config.json`; the named configs
+    Configuration    ModelConfig: the fields of an HF LlamaForCausalLM config.json and the
+                     invariants between them (sizes checked before anything is allocated)
     The network      RMSNorm, RoPE, KVCache, Attention, MLP, Block, and Transformer: embed ->
-                     layers -> norm -> lm_head, with from_pretrained (streamed shard by shard)
-                     and save_pretrained (the layout `transformers` opens unchanged)
-    Built on it      RewardModel (the trunk and a scalar head at the reply's eos, in the HF
-                     reward-model layout) and PolicyWithValue (PPO's policy and value head)
-    HF names         hf_name, expected_shapes, check_tensors and our_names: the checkpoint's
-                     tensor names mapped onto these modules
+                     layers -> norm -> lm_head, run whole or as any slice of its layers
+    Built on it      RewardModel (the trunk and a scalar head read at the reply's eos) and
+                     PolicyWithValue (PPO's policy and value head); token_logprobs
+    Named configs    CONFIGS: `tiny` (the embedded default), `bench-50m`, `ziya-13b`
 
-The files themselves (shards, headers, the atomic writer) are checkpoint.py's; LoRA's adapters,
-which save_pretrained folds into the weights, are lora.py's.
-
-Module and tensor names follow Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...),
-so a checkpoint maps onto this model by adding the prefix `model.` (see `hf_name`).
-Sampling lives in generate.py, the tokenizer in tokenizer.py.
+Module and tensor names follow Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...), so
+a checkpoint maps onto these modules by adding the prefix `model.`. Reading and writing that
+layout (config.json, the three models' checkpoints) is pretrained.py's; sampling is
+generate.py's, the tokenizer tokenizer.py's.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors.torch import load as load_safetensors, save as save_safetensors
-
-from checkpoint import (
-    CheckpointError,
-    as_dtype,
-    check_shapes,
-    not_a_model,
-    read_headers,
-    read_tensors,
-    write_checkpoint,
-)
-from data.template import REWARD_FORMATS, pad_batch
-from lora import merge_lora
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,124 +100,11 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
-        """Read an HF config dict, refusing what this model does not implement: another
-        architecture (model_type), Baichuan's layouts (the 7B's fused W_pack, which convert.py
-        turns into ours; the 13B's ALiBi, which no code here runs), RoPE scaling, biases."""
-        model_type = hf.get("model_type", "llama")
-        if model_type == "baichuan":
-            if "max_position_embeddings" not in hf:  # Baichuan-13B's config: model_max_length, ALiBi
-                raise CheckpointError(
-                    f"{source}: model_type 'baichuan' with model_max_length and no max_position_embeddings is "
-                    "Baichuan-13B's layout, whose attention uses ALiBi, not RoPE: model.py does not implement it"
-                )
-            raise CheckpointError(
-                f"{source}: model_type 'baichuan' (Baichuan-7B's layout, q, k and v fused in W_pack): convert it "
-                "first, `python convert.py --src DIR --out NEW_DIR`"
-            )
-        if model_type != "llama":
-            raise CheckpointError(f"{source}: model_type {model_type!r} is not LLaMA's, the one model.py implements")
-        unsupported = {
-            "hidden_act": lambda v: v not in (None, "silu"),
-            "attention_bias": bool,
-            "mlp_bias": bool,
-            "pretraining_tp": lambda v: v not in (None, 1),
-        }
-        for key, bad in unsupported.items():
-            if key in hf and bad(hf[key]):
-                raise CheckpointError(f"{source}: {key}={hf[key]!r} is not supported by model.py")
-        # The RoPE base: older configs write `rope_theta` at the top level, newer ones (transformers
-        # 5) nest it in `rope_parameters`. Only the original (un-scaled) RoPE is implemented, and
-        # a config may carry both spellings: each is checked, so neither hides a scaling.
-        for key in ("rope_parameters", "rope_scaling"):
-            rope = hf.get(key) or {}
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise CheckpointError(f"{source}: RoPE scaling {key}={rope!r} is not supported by model.py")
-        theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-        known = {f.name for f in fields(cls)} - {"rope_theta"}
-        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
-        if isinstance(kwargs.get("eos_token_id"), list):  # some configs list several eos ids
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads", cls.num_key_value_heads))
-        for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if required not in hf:
-                raise CheckpointError(f"{source}: missing required field {required!r}")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-            raise CheckpointError(f"{source}: rope_theta must be a number, got {theta!r}")
-        try:
-            return cls(**kwargs, rope_theta=float(theta))
-        except ValueError as e:
-            raise CheckpointError(f"{source}: {e}") from None
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(not_a_model(path.parent))
-        try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(hf, source=str(path))
-
-    def to_hf(self) -> dict:
-        """The config.json that transformers' LlamaForCausalLM reads (both RoPE spellings)."""
-        hf = asdict(self)
-        hf.update(
-            architectures=["LlamaForCausalLM"],
-            model_type="llama",
-            hidden_act="silu",
-            attention_bias=False,
-            mlp_bias=False,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            torch_dtype="float32",
-        )
-        return hf
-
     def num_params(self) -> int:
         h, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         per_layer = attn + 3 * h * f + 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + h
-
-
-# Named configurations. `tiny` is the embedded default: a few million parameters that train on a
-# laptop CPU in minutes, with an embedding table larger than its tokenizer, as Ziya's is.
-CONFIGS = {
-    "tiny": ModelConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        # LLaMA's context (paper App. E: 2048): the judge's prompt (App. D) alone is ~1,500 tiny tokens.
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    ),
-    # ~50M parameters: the size the benchmarks in bench/ compare against transformers.
-    "bench-50m": ModelConfig(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-    ),
-    # Ziya-LLaMA-13B (the dataclass defaults), the base model of the paper (App. E).
-    "ziya-13b": ModelConfig(),
-}
-
-
-def load_config(spec: str | os.PathLike, *, builtin: bool = True) -> ModelConfig:
-    """The config of the model a command line names: an HF-format directory or, where `builtin`
-    allows it, one of CONFIGS by name (a directory of that name wins)."""
-    if builtin and str(spec) in CONFIGS and not Path(spec).is_dir():
-        return CONFIGS[str(spec)]
-    if not (Path(spec) / "config.json").is_file():
-        raise FileNotFoundError(not_a_model(Path(spec), list(CONFIGS) if builtin else None))
-    return ModelConfig.from_json(Path(spec) / "config.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,8 +410,6 @@ class Transformer(nn.Module):
         h = self.norm(h)
         return h if output == "hidden" else self.lm_head(h)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-
     @classmethod
     def from_config(cls, config: ModelConfig | str, dtype=torch.float32, device="cpu", seed: int = 0):
         """A randomly initialised model; `config` may name one of CONFIGS."""
@@ -556,66 +419,6 @@ class Transformer(nn.Module):
             config = CONFIGS[config]
         model = cls(config).init_weights(seed)
         return model.to(device=device, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load an HF-format directory: config.json + model.safetensors or a sharded index.
-
-        The model is built on the meta device (no memory) and each shard's tensors are read,
-        checked against the config, converted to `dtype` and assigned, one shard at a time
-        (read_pretrained).
-        """
-        config = ModelConfig.from_json(Path(path) / "config.json")
-        with torch.device("meta"):
-            model = cls(config)
-        for tensors in cls.read_pretrained(path, dtype=dtype, device=device):
-            model.load_state_dict(tensors, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model
-
-    @classmethod
-    def read_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, device="cpu"):
-        """An HF-format checkpoint's tensors, one shard file at a time: yields {our name: tensor}
-        for each file, converted to `dtype` (checkpoint.read_tensors), so that a reader holds at
-        most one file's tensors. Every file's header is checked against config.json before any
-        data is read; a tied head is yielded with the embedding, as the same tensor."""
-        path = Path(path)
-        config = ModelConfig.from_json(path / "config.json")
-        shards, found = read_headers(path)
-        expected = expected_shapes(config)
-        check_tensors(config, found, path, expected)
-        for tensors in read_tensors(shards, expected, dtype=dtype, device=device):
-            yield our_names(tensors, config)
-
-    def save_pretrained(
-        self,
-        path: str | os.PathLike,
-        *,
-        tokenizer: str | os.PathLike | None = None,
-        state_dict: dict | None = None,
-        max_shard_bytes: int = 5 * 2**30,
-        extra_files: dict[str, bytes] | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
-
-        `state_dict` lets a distributed trainer pass a gathered full state dict; `extra_files`
-        (name -> bytes) go into the same directory, inside the same atomic rename; `dtype`
-        (None: the weights' own) is what the tensors are written in, after LoRA is merged.
-        """
-        sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
-        tensors = {hf_name(n): t for n, t in sd.items()}
-        if self.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-        write_checkpoint(
-            path,
-            self.config.to_hf(),
-            [tensors],
-            tokenizer=tokenizer,
-            max_shard_bytes=max_shard_bytes,
-            extra_files=extra_files,
-        )
 
 
 def allocate(module: nn.Module, *, device, dtype) -> nn.Module:
@@ -656,51 +459,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face checkpoint name (the only difference: `model.`)."""
-    return name if name.startswith("lm_head.") else f"model.{name}"
-
-
 # ----------------------------------------------------------------------------------------------
 # The models built on it: the reward model (train_rm.py) and the policy with its value head (train_ppo.py)
-
-TRAINABLE_BLOCKS = 2  # paper App. E: "only the parameters of the last two layers are updated" in RL
-
-
-def reward_labels(hf: dict) -> int:
-    """How many labels transformers reads a classifier's config.json as having (its
-    PretrainedConfig.__init__, v5.24): len(id2label) when given, else num_labels, else 2."""
-    if hf.get("id2label") is not None:
-        return len(hf["id2label"])
-    return hf["num_labels"] if hf.get("num_labels") is not None else 2
-
-
-def reward_meta(prompt_format: str, bias: torch.Tensor | None = None) -> dict:
-    """reward_config.json: how a pair is rendered for the model and where its score is read."""
-    meta = {
-        "score_token": "the eos that ends the reply",
-        "format": prompt_format,
-        "template": REWARD_FORMATS[prompt_format],
-    }
-    if bias is not None:
-        meta["score_bias"] = float(bias.reshape(-1)[0])
-        meta["note"] = "score.bias: transformers' LlamaForSequenceClassification has none and scores this much lower"
-    return meta
-
-
-def reward_format(path: Path) -> str:
-    """The prompt format a reward model's reward_config.json names; "huatuo" (data.template's,
-    as train_rm.py trains) where it names none or the checkpoint has no such file."""
-    file = Path(path) / "reward_config.json"
-    if not file.is_file():
-        return "huatuo"
-    try:
-        fmt = json.loads(file.read_text(encoding="utf-8")).get("format", "huatuo")
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{file}: not a readable reward config ({e})") from None
-    if fmt not in REWARD_FORMATS:
-        raise CheckpointError(f"{file}: format {fmt!r} is none of {', '.join(REWARD_FORMATS)}")
-    return fmt
 
 
 class RewardModel(nn.Module):
@@ -732,41 +492,6 @@ class RewardModel(nn.Module):
         h = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
         return at_least_fp32(self.score_head(h)[:, 0]).clone()  # a fresh tensor, not a view (FSDP hooks)
 
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
-        """The Hugging Face reward-model layout, LlamaForSequenceClassification's (TRL's and
-        OpenRLHF's reward models are saved so): the trunk's tensors under `model.`, the head as
-        `score.weight`, num_labels 1, no LM head (a score never reads it). transformers scores at
-        the last token that is not pad_token_id, which is the reply's eos when a batch is
-        right-padded, as ours reads it from the mask. A head with a bias (the released HuatuoGPT
-        reward model's, convert.py) writes it as `score.bias`, which model.py reads and
-        LlamaForSequenceClassification (no bias) reports as an unexpected key and does not add:
-        its scores are ours less that constant, the same order and the same pairwise
-        differences; reward_config.json and the card give the value."""
-        sd = as_dtype(merge_lora(self, self.state_dict() if state_dict is None else state_dict), dtype)
-        tensors = {
-            hf_name(k.removeprefix("trunk.")): v
-            for k, v in sd.items()
-            if k.startswith("trunk.") and k != "trunk.lm_head.weight"
-        }
-        tensors["score.weight"] = sd["score_head.weight"]
-        if "score_head.bias" in sd:
-            tensors["score.bias"] = sd["score_head.bias"]
-        hf = dict(
-            self.config.to_hf(),
-            architectures=["LlamaForSequenceClassification"],
-            num_labels=1,
-            id2label={"0": "LABEL_0"},
-            label2id={"LABEL_0": 0},
-        )
-        meta = reward_meta(self.prompt_format, sd.get("score_head.bias"))
-        write_checkpoint(
-            path,
-            hf,
-            [tensors],
-            tokenizer=tokenizer,
-            extra_files={**(extra_files or {}), "reward_config.json": (json.dumps(meta, indent=2) + "\n").encode()},
-        )
-
     def scorer(self) -> "RewardModel":
         """This model without its LM head, which a score never reads (kept in a checkpoint for
         the HF layout): 0.4 GB less on every rank of PPO at 13B. It can score, not be saved."""
@@ -790,88 +515,15 @@ class RewardModel(nn.Module):
                 f"a prompt + response + eos of {max(map(len, seqs))} tokens exceeds the reward "
                 f"model's context of {limit}"
             )
-        tokens, mask = pad_batch(seqs, pad_id)
+        tokens = nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=pad_id)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True)
         return self(tokens.to(device), mask.to(device))
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "RewardModel":
-        """A reward model in the HF layout (save_pretrained's, with `score.bias` where the head has
-        one; one transformers' LlamaForSequenceClassification wrote; the released HuatuoGPT
-        reward model once convert.py has turned its LlamaRewardModel layout into this), or in
-        ours before it (a causal LM with score_head.safetensors beside it). Tensors are checked against config.json from the
-        headers before any data is read, as Transformer.from_pretrained does."""
-        path = Path(path)
-        if (path / "score_head.safetensors").is_file():
-            return cls._from_causal_lm_and_head(path, dtype, device)
-        config = ModelConfig.from_json(path / "config.json")
-        with torch.device("meta"):
-            rm = cls(config, bias=cls.has_bias(path), prompt_format=reward_format(path))
-        if not config.tie_word_embeddings:
-            rm.trunk.lm_head = None
-        for tensors in cls.read_pretrained(path, dtype=dtype, device=device):
-            rm.load_state_dict(tensors, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            rm.trunk.lm_head.weight = rm.trunk.embed_tokens.weight
-        return rm
-
-    @classmethod
-    def read_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """The reward model's tensors one shard file at a time, as Transformer.read_pretrained
-        yields a causal LM's: {our name: tensor} per file, without an LM head (a score never
-        reads it). Our earlier layout (score_head.safetensors) comes as one group."""
-        path = Path(path)
-        if (path / "score_head.safetensors").is_file():
-            rm = cls._from_causal_lm_and_head(path, dtype, device).scorer()
-            yield rm.state_dict()
-            return
-        config = ModelConfig.from_json(path / "config.json")
-        expected = {k: v for k, v in expected_shapes(config).items() if k != "lm_head.weight"}
-        expected["score.weight"] = (1, config.hidden_size)
-        shards, found = read_headers(path)
-        found.pop("lm_head.weight", None)  # an LM head saved beside the score: never read
-        if "score.bias" in found:
-            expected["score.bias"] = (1,)
-        if "score.weight" not in found:
-            raise CheckpointError(f"{path}: not a reward model checkpoint (no score.weight, no score_head.safetensors)")
-        labels = reward_labels(json.loads((path / "config.json").read_text(encoding="utf-8")))
-        if labels != 1:  # a classifier's head, read as transformers reads its config
-            raise CheckpointError(
-                f"{path / 'config.json'}: {labels} labels (id2label, num_labels); a reward "
-                "model needs one label, a single score"
-            )
-        check_tensors(config, found, path, expected)
-        for tensors in read_tensors(shards, expected, dtype=dtype, device=device):
-            head = {f"score_head.{k}": tensors.pop(f"score.{k}") for k in ("weight", "bias") if f"score.{k}" in tensors}
-            yield {**our_names(tensors, config, prefix="trunk."), **head}
-
-    @staticmethod
-    def has_bias(path) -> bool:
-        """Whether the checkpoint's head has a bias (`score.bias`), from the headers alone."""
-        path = Path(path)
-        return not (path / "score_head.safetensors").is_file() and "score.bias" in read_headers(path)[1]
-
-    @classmethod
-    def _from_causal_lm_and_head(cls, path: Path, dtype, device) -> "RewardModel":
-        trunk = Transformer.from_pretrained(path, dtype=dtype, device=device)
-        head_file = path / "score_head.safetensors"
-        with torch.device("meta"):
-            rm = cls(trunk.config)
-        rm.trunk = trunk
-        rm.trunk.lm_head.requires_grad_(False)
-        weight = load_safetensors(head_file.read_bytes())["weight"].to(dtype)
-        if weight.shape != (1, trunk.config.hidden_size):
-            raise ValueError(
-                f"{head_file}: weight has shape {tuple(weight.shape)}, expected (1, {trunk.config.hidden_size})"
-            )
-        rm.score_head = nn.Linear(trunk.config.hidden_size, 1, bias=False, dtype=dtype, device=device)
-        rm.score_head.weight.data.copy_(weight)
-        return rm
 
 
 class PolicyWithValue(nn.Module):
     """PPO's policy (a LLaMA) and a value head on its final hidden state, as one module so that
     FSDP wraps both. The embedding and the blocks below `first_trainable` are frozen (paper App.
-    E: only the last TRAINABLE_BLOCKS are updated in RL). PPO runs it in two slices:
+    E: only the last two are updated in RL, train_ppo.TRAINABLE_BLOCKS). PPO runs it in two slices:
 
         bottom   the frozen embedding and blocks [0, first_trainable): the residual stream that
                  enters block first_trainable, computed once per experience
@@ -882,7 +534,7 @@ class PolicyWithValue(nn.Module):
     added on request: under FSDP the root's weights (the embedding, the final norm and both
     heads) are gathered in nn.Module.__call__, so every slice goes through it."""
 
-    def __init__(self, policy: Transformer, trainable_blocks: int = TRAINABLE_BLOCKS):
+    def __init__(self, policy: Transformer, trainable_blocks: int):
         super().__init__()
         self.policy = policy
         self.first_trainable = policy.config.num_hidden_layers - trainable_blocks
@@ -921,44 +573,37 @@ class PolicyWithValue(nn.Module):
         h = self.policy(tokens, attention_mask, output="hidden", **kwargs)
         return self.policy.lm_head(h), self.value_head(h)[..., 0].clone()  # not a view of FSDP's output
 
-    def save_pretrained(self, path, *, tokenizer=None, state_dict=None, extra_files=None, dtype=None, **kw):
-        sd = self.state_dict() if state_dict is None else state_dict
-        policy = {k.removeprefix("policy."): v for k, v in sd.items() if k.startswith("policy.")}
-        head = save_safetensors({"weight": sd["value_head.weight"].detach().cpu().contiguous()})
-        self.policy.save_pretrained(
-            path,
-            tokenizer=tokenizer,
-            state_dict=policy,
-            extra_files={**(extra_files or {}), "value_head.safetensors": head},
-        )
+
+# ----------------------------------------------------------------------------------------------
+# Named configurations
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
-    """The HF names and shapes of every tensor a checkpoint of `config` holds."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {hf_name(n): tuple(t.shape) for n, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
-
-
-def check_tensors(config: ModelConfig, found: dict, where: Path, expected: dict | None = None, complete: bool = True):
-    """checkpoint.check_shapes against what `config` implies (expected_shapes, or `expected`).
-    A tied head stored beside the embedding, as some checkpoints store it, is let be."""
-    if config.tie_word_embeddings:
-        found = {k: v for k, v in found.items() if k != "lm_head.weight"}
-    what = f"the {config.num_hidden_layers}-layer LLaMA its config.json describes"
-    check_shapes(found, expected_shapes(config) if expected is None else expected, where, what, complete=complete)
-
-
-def our_names(tensors: dict, config: ModelConfig, prefix: str = "") -> dict:
-    """{HF name: tensor} -> {our name: tensor} (hf_name undone, `prefix` before each), a tied
-    head given the embedding."""
-    out = {prefix + name.removeprefix("model."): t for name, t in tensors.items()}
-    if config.tie_word_embeddings and f"{prefix}embed_tokens.weight" in out:
-        out[f"{prefix}lm_head.weight"] = out[f"{prefix}embed_tokens.weight"]
-    return out
+# `tiny` is the embedded default: a few million parameters that train on a
+# laptop CPU in minutes, with an embedding table larger than its tokenizer, as Ziya's is.
+CONFIGS = {
+    "tiny": ModelConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        # LLaMA's context (paper App. E: 2048): the judge's prompt (App. D) alone is ~1,500 tiny tokens.
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
+    # ~50M parameters: the size the benchmarks in bench/ compare against transformers.
+    "bench-50m": ModelConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+    ),
+    # Ziya-LLaMA-13B (the dataclass defaults), the base model of the paper (App. E).
+    "ziya-13b": ModelConfig(),
+}
 
 
 if __name__ == "__main__":  # print the named configs' sizes

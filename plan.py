@@ -1173,7 +1173,7 @@ def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = (), set
     evaluate.py and for the trainer's own `inference` rows ((command, sequences, new tokens,
     flags): train_rm.py sample's); then the time of the run at --mfu of --peak-tflops. `settings`:
     the run's own flags (given_settings), carried by the command it prints."""
-    from model import load_config
+    from pretrained import load_config
 
     from training import check_shard_ranks, check_split
 
@@ -1531,7 +1531,7 @@ def ppo_dry_run(args, parts: PPOParts, settings: str = ""):
     --simulate each part of a round (train_ppo.py's `parts`) measured; then the time of a round
     and of the run. `settings`: the run's own flags (given_settings), carried by the command it
     prints."""
-    from model import load_config
+    from pretrained import load_config
 
     from training import check_shard_ranks, check_split
 

@@ -70,7 +70,9 @@ from data.readers import add_input_args, read
 from data.schema import Report
 from data.template import pad_batch, render, reward_ids
 from generate import generate_queue
-from model import TRAINABLE_BLOCKS, PolicyWithValue, RewardModel, Transformer, allocate, reward_format, token_logprobs
+from model import PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
+from pretrained import load_reward_model, read_reward_model, reward_has_bias
+from pretrained import reward_format
 from plan import PPOParts, add_plan_args, given_settings, ppo_dry_run
 from safety import (
     COUNT,
@@ -114,7 +116,7 @@ ROLLOUT_SIZE = 64  # "rollout size 64": experiences collected before each round 
 CHUNK_SIZE = 8  # "chunk size 8": prompts generated together
 PPO_EPOCHS = 4  # "4 PPO epochs" over each rollout
 INIT_KL_COEF = 0.1  # "the initial KL divergence coefficient is set at 0.1"
-# TRAINABLE_BLOCKS = 2 (model.py, beside the policy it shapes): "only the parameters of the last two layers are updated"
+TRAINABLE_BLOCKS = 2  # "only the parameters of the last two layers are updated" (model.PolicyWithValue)
 # Where the paper is silent: trlx (CarperAI/trlx), which HuatuoGPT used, as it stood when the
 # paper appeared: main at commit 355c974 (11 May 2023), its last before the paper (24 May).
 TRLX_COMMIT = "355c974"
@@ -807,9 +809,9 @@ def load_reward(path, config, d, dtype, *, sharded: bool = True, mesh=None) -> R
     checkpoint and each rank receives its shards (training.load_sharded); replicated, every
     rank reads it whole."""
     if not sharded:
-        return RewardModel.from_pretrained(path, dtype=dtype, device=d.device).scorer().eval().requires_grad_(False)
-    weights = RewardModel.read_pretrained(path, dtype=dtype) if d.main else None  # file by file
-    return load_sharded(reward_empty(config, d, dtype, mesh=mesh, bias=RewardModel.has_bias(path)), weights, d)
+        return load_reward_model(path, dtype=dtype, device=d.device).scorer().eval().requires_grad_(False)
+    weights = read_reward_model(path, dtype=dtype) if d.main else None  # file by file
+    return load_sharded(reward_empty(config, d, dtype, mesh=mesh, bias=reward_has_bias(path)), weights, d)
 
 
 def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
@@ -825,7 +827,7 @@ def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
 
 
 def _train(args, d):
-    from model import load_config
+    from pretrained import load_config
 
     out = args.out
     meta_policy, read_weights, tok = load_model(args.policy, out, d, seed=args.seed)

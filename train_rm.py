@@ -20,7 +20,7 @@ the identity, and the reward must be that of the very sequence the policy produc
 -log σ(r_chosen − r_rejected − margin); chosen and rejected go through one forward pass.
 Outputs in --out: metrics.jsonl, best/ (highest validation accuracy), final/, state/ (--resume);
 a checkpoint is in the HF reward-model layout (LlamaForSequenceClassification: score.weight,
-num_labels 1; model.RewardModel.save_pretrained), with reward_config.json and a README.md.
+num_labels 1; pretrained.save_reward_model), with reward_config.json and a README.md.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from generate import add_device_args, device_and_dtype, generate
 from generate import load as generate_load
 from lora import add_lora, check_lora, lora_init
 from model import RewardModel
+from pretrained import load_reward_model
 from plan import add_plan_args, given_settings, lm_dry_run
 from safety import (
     COUNT,
@@ -463,7 +464,7 @@ def score(args):
     does not end with a reply, or whose reply and question cannot fit the context, is skipped
     and counted on stderr."""
     device, dtype = device_and_dtype(args)
-    rm = RewardModel.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    rm = load_reward_model(args.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(Path(args.model) / "tokenizer.model")
     report = Report()
     for f in args.data:

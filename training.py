@@ -57,7 +57,9 @@ from tqdm import tqdm
 
 from data import corpus
 from lora import LoRALinear
-from model import CONFIGS, Transformer, load_config
+from model import CONFIGS, Transformer
+from pretrained import read_transformer, save_model
+from pretrained import load_config
 from safety import (
     CHANGEABLE,
     StepGuard,
@@ -620,7 +622,7 @@ def load_model(spec: str, out: Path, d: Distributed, seed: int = 0):
         tok = Tokenizer(Path(spec) / "tokenizer.model")
 
         def read_weights():
-            return Transformer.read_pretrained(spec) if d.main else None
+            return read_transformer(spec) if d.main else None
 
     tok.check_model_vocab(config.vocab_size, where=f"model {spec}")
     with torch.device("meta"):
@@ -944,7 +946,7 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
     """The whole (unsharded) state dict on rank 0's CPU, other ranks an empty dict, gathered
     tensor by tensor (every rank takes part in each all-gather) and each cast to `dtype` as it
     arrives: rank 0 holds the model in that dtype (24.4 GiB at 13B in bf16), never all of it in
-    fp32. A LoRA layer's weight and adapters stay as they are, for save_pretrained to merge
+    fp32. A LoRA layer's weight and adapters stay as they are, for pretrained.save_model to merge
     in fp32 before it casts."""
     keep = {
         f"{name}.{part}"
@@ -963,14 +965,15 @@ def full_state_dict(model, dtype: torch.dtype | None = None) -> dict:
 
 
 def save_hf(model, path: Path, tokenizer, d: Distributed, card: str | None = None, *, dtype: torch.dtype | None = None):
-    """Write the model with its save_pretrained (rank 0), atomically, in `dtype` (save_dtype;
+    """Write the model in its own layout (pretrained.save_model, rank 0), atomically, in `dtype` (save_dtype;
     None: the weights' own), with `card` as its README.md (checkpoint.model_card); all ranks take part."""
     if not all_finite(model, d):  # never exported: a trainer stops with its step guard before this
         raise SystemExit(f"{path}: the weights are not finite; nothing was exported")
     sd = full_state_dict(model, dtype)
     if d.main:
         with writing(path):
-            model.save_pretrained(
+            save_model(
+                model,
                 path,
                 tokenizer=tokenizer,
                 state_dict=sd,

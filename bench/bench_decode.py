@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generate import decode_steps  # noqa: E402
 from model import CONFIGS, Transformer  # noqa: E402
+from pretrained import config_to_hf  # noqa: E402
 
 
 def floor_fn(model, batch):
@@ -120,7 +121,7 @@ def main():
         if batch == 8 and not args.no_transformers:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            hf = LlamaForCausalLM(LlamaConfig(**config.to_hf(), attn_implementation="sdpa")).eval()
+            hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(config), attn_implementation="sdpa")).eval()
             hf.load_state_dict(
                 {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()}
             )

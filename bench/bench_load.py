@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from pretrained import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,9 +99,7 @@ def main():
         with torch.device("meta"):
             model = Transformer(config)
         sd = {k: torch.randn(v.shape) * 0.02 for k, v in model.state_dict().items()}
-        model.save_pretrained(
-            Path(tmp) / "ckpt", tokenizer=tok, state_dict=sd, max_shard_bytes=int(args.shard_mb * 2**20)
-        )
+        save_model(model, Path(tmp) / "ckpt", tokenizer=tok, state_dict=sd, max_shard_bytes=int(args.shard_mb * 2**20))
         del sd
         files = sorted((Path(tmp) / "ckpt").glob("*.safetensors"))
         largest = max(f.stat().st_size for f in files) / 2**20

@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generate import generate  # noqa: E402
 from model import CONFIGS, Transformer  # noqa: E402
+from pretrained import config_to_hf  # noqa: E402
 
 
 def reference_pair(config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ours = Transformer.from_config(config, seed=0)
-    hf = LlamaForCausalLM(LlamaConfig(**config.to_hf(), attn_implementation="sdpa"))
+    hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(config), attn_implementation="sdpa"))
     hf.load_state_dict({("" if k.startswith("lm_head") else "model.") + k: v for k, v in ours.state_dict().items()})
     return ours, hf
 

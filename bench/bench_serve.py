@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import CONFIGS, Transformer  # noqa: E402
+from pretrained import save_model  # noqa: E402
 from training import train_tiny_tokenizer  # noqa: E402
 
 QUESTION = "我最近三天一直头痛，晚上睡不好，需要去医院吗？"
@@ -216,7 +217,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tiny_tokenizer(Path(tmp) / "tokenizer.model", vocab_size=min(CONFIGS[args.model].vocab_size, 2048))
-        Transformer.from_config(CONFIGS[args.model], seed=0).save_pretrained(Path(tmp) / "m", tokenizer=tok)
+        save_model(Transformer.from_config(CONFIGS[args.model], seed=0), Path(tmp) / "m", tokenizer=tok)
         print(
             f"serve.py, {args.model} (random weights, fp32), {torch.get_num_threads()} threads; "
             f"medians of {args.repeats}"

@@ -18,7 +18,7 @@ import plan  # noqa: E402
 import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sft  # noqa: E402
-from model import TRAINABLE_BLOCKS, load_config  # noqa: E402
+from pretrained import load_config  # noqa: E402
 
 STEPS = {"sft": train_sft.train_step, "rm": train_rm.train_step}  # what each trainer hands the planner
 GPUS = (1, 8, 64)
@@ -60,7 +60,7 @@ def main(kinds):
                         ppo_epochs=train_ppo.PPO_EPOCHS,
                         prompt_len=1024,  # --plan-prompt-tokens
                         new_tokens=train_ppo.MAX_NEW_TOKENS,
-                        trainable_blocks=TRAINABLE_BLOCKS,
+                        trainable_blocks=train_ppo.TRAINABLE_BLOCKS,
                     )
                     if not ranked:
                         print(

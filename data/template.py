@@ -189,7 +189,7 @@ def render_reply(tok, messages: list[dict], reply: str, *, max_len: int = MAX_LE
 
 
 # How a reward model reads a conversation and its reply, by the name in its reward_config.json
-# ("format"; model.reward_format):
+# ("format"; pretrained.reward_format):
 #   huatuo   this file's template (render_reply): what train_rm.py trains and PPO scores by ids.
 #   ziya-rm  the released HuatuoGPT-reward-model-7B's: Ziya-LLaMA-7B-Reward's usage, to which the
 #            HuatuoGPT maintainers point, "Human:" + question + "\n\nAssistant:" + reply encoded as

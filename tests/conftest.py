@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import ModelConfig, Transformer  # noqa: E402
+from pretrained import config_from_hf, save_model  # noqa: E402
 
 # -- a fresh machine, every run ---------------------------------------------------------------------
 # A machine that has run the suite before keeps inductor's compiled kernels on disk; a fresh one
@@ -119,7 +120,7 @@ def micro_model() -> Path:
             num_key_value_heads=2,
             max_position_embeddings=2048,
         )
-        Transformer.from_config(config, seed=0).save_pretrained(out, tokenizer=out.parent / "tokenizer.model")
+        save_model(Transformer.from_config(config, seed=0), out, tokenizer=out.parent / "tokenizer.model")
         MICRO = out
     return MICRO
 
@@ -206,7 +207,7 @@ def make_pair(dtype=torch.float32, **overrides):
 
     cfg = hf_config(**overrides)
     hf = sharpen_(LlamaForCausalLM(cfg)).eval()
-    ours = Transformer(ModelConfig.from_hf(cfg.to_dict()))
+    ours = Transformer(config_from_hf(cfg.to_dict()))
     missing, unexpected = ours.load_state_dict(
         {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False
     )

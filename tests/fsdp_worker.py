@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import sharpen_  # noqa: E402
 from generate import generate  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
+from pretrained import save_model  # noqa: E402
 from plan import StandInTokenizer, gradient_bytes  # noqa: E402
 from training import exit_trainer, init_distributed, shard  # noqa: E402
 
@@ -289,7 +290,7 @@ def check_ppo_update(d):
     for i, values in (x for part in everyone for x in part):
         for f, v in zip(fields, values):
             setattr(hand[i], f, v)
-    plain = PolicyWithValue(Transformer(CONFIG))
+    plain = PolicyWithValue(Transformer(CONFIG), train_ppo.TRAINABLE_BLOCKS)
     plain.load_state_dict(
         {**{f"policy.{k}": v for k, v in state.items()}, "value_head.weight": torch.zeros(1, CONFIG.hidden_size)}
     )
@@ -520,7 +521,7 @@ def check_reward_sharded(d):
     where = [tempfile.mkdtemp(prefix="huatuo-rm-")] if d.main else [None]
     dist.broadcast_object_list(where)  # a path: a few bytes
     if d.main:
-        whole.save_pretrained(where[0])
+        save_model(whole, where[0])
     dist.barrier()
     sharded = train_ppo.load_reward(where[0], CONFIG, d, torch.float64)
     replicated = train_ppo.load_reward(where[0], CONFIG, d, torch.float64, sharded=False)

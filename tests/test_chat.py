@@ -13,12 +13,13 @@ from conftest import ROOT
 
 from evaluate import Doctor
 from model import CONFIGS, Transformer
+from pretrained import save_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_file):
     out = tmp_path_factory.mktemp("chat") / "m"
-    Transformer.from_config(CONFIGS["tiny"], seed=5).save_pretrained(out, tokenizer=tokenizer_file)
+    save_model(Transformer.from_config(CONFIGS["tiny"], seed=5), out, tokenizer=tokenizer_file)
     return out
 
 

@@ -1,4 +1,4 @@
-"""save_pretrained / from_pretrained: HF layout both ways, bit-exact, atomic, clear errors."""
+"""pretrained.save_model / load_transformer: HF layout both ways, bit-exact, atomic, clear errors."""
 
 import json
 
@@ -8,7 +8,7 @@ from conftest import make_pair
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from model import Transformer
+from pretrained import load_transformer, save_model
 
 
 def state_equal(a, b):
@@ -21,22 +21,22 @@ def state_equal(a, b):
 @pytest.mark.parametrize("max_shard_bytes", [2**40, 60_000])
 def test_round_trip_is_bit_exact(pair, tmp_path, tokenizer_file, max_shard_bytes):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer_file, max_shard_bytes=max_shard_bytes)
+    save_model(ours, tmp_path / "ckpt", tokenizer=tokenizer_file, max_shard_bytes=max_shard_bytes)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     if max_shard_bytes < 2**40:
         assert "model.safetensors.index.json" in files and "model-00002-of-" in " ".join(files)
     else:
         assert "model.safetensors" in files
     assert {"config.json", "tokenizer.model", "tokenizer_config.json"} <= set(files)
-    state_equal(Transformer.from_pretrained(tmp_path / "ckpt"), ours)
+    state_equal(load_transformer(tmp_path / "ckpt"), ours)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
 
 
 def test_tied_round_trip(tmp_path):
     ours, _ = make_pair(tie_word_embeddings=True)
-    ours.save_pretrained(tmp_path / "t")
+    save_model(ours, tmp_path / "t")
     assert "lm_head.weight" not in load_file(tmp_path / "t" / "model.safetensors")
-    loaded = Transformer.from_pretrained(tmp_path / "t")
+    loaded = load_transformer(tmp_path / "t")
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
     state_equal(loaded, ours)
 
@@ -46,7 +46,7 @@ def test_transformers_opens_our_checkpoint(pair, tmp_path, tokenizer_file):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer_file, max_shard_bytes=60_000)
+    save_model(ours, tmp_path / "ckpt", tokenizer=tokenizer_file, max_shard_bytes=60_000)
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     tokens = torch.randint(0, 101, (2, 30))
     with torch.no_grad():  # fp64 (the fp32 weights widen exactly): the same logits, rounding aside
@@ -63,7 +63,7 @@ def test_we_open_transformers_checkpoint(tmp_path):
     ours, hf = make_pair(num_key_value_heads=2)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    loaded = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    loaded = load_transformer(tmp_path / "hf", dtype=torch.bfloat16)
     assert loaded.embed_tokens.weight.dtype == torch.bfloat16
     for k, v in ours.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
@@ -71,7 +71,7 @@ def test_we_open_transformers_checkpoint(tmp_path):
 
 def test_save_is_atomic(pair, tmp_path, monkeypatch):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "best")
+    save_model(ours, tmp_path / "best")
     before = load_file(tmp_path / "best" / "model.safetensors")
     real_save = checkpoint._save_shard
 
@@ -84,7 +84,7 @@ def test_save_is_atomic(pair, tmp_path, monkeypatch):
     with torch.no_grad():
         ours.norm.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        ours.save_pretrained(tmp_path / "best", max_shard_bytes=60_000)
+        save_model(ours, tmp_path / "best", max_shard_bytes=60_000)
     after = load_file(tmp_path / "best" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
@@ -93,7 +93,7 @@ def test_save_is_atomic(pair, tmp_path, monkeypatch):
 @pytest.fixture
 def sharded(pair, tmp_path):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "m", max_shard_bytes=60_000)
+    save_model(ours, tmp_path / "m", max_shard_bytes=60_000)
     return tmp_path / "m"
 
 
@@ -105,7 +105,7 @@ def test_error_missing_shard(sharded):
     victim = sorted(sharded.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=f"shard {victim.name} is missing"):
-        Transformer.from_pretrained(sharded)
+        load_transformer(sharded)
 
 
 def test_error_missing_tensor(sharded):
@@ -117,7 +117,7 @@ def test_error_missing_tensor(sharded):
     del idx["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     (sharded / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(ValueError, match=r"lacks tensors \['model.layers.1.mlp.up_proj.weight'\]"):
-        Transformer.from_pretrained(sharded)
+        load_transformer(sharded)
 
 
 def test_error_index_names_a_tensor_the_shard_lacks(sharded):
@@ -127,7 +127,7 @@ def test_error_index_names_a_tensor_the_shard_lacks(sharded):
     del tensors["model.norm.weight"]
     save_file(tensors, file)
     with pytest.raises(ValueError, match=f"{file.name}.*model.norm.weight"):
-        Transformer.from_pretrained(sharded)
+        load_transformer(sharded)
 
 
 def test_a_checkpoint_with_a_stale_copy_of_a_tensor_in_another_shard_is_refused_naming_both(sharded):
@@ -144,26 +144,26 @@ def test_a_checkpoint_with_a_stale_copy_of_a_tensor_in_another_shard_is_refused_
     with pytest.raises(
         ValueError, match=rf"{files[-1]}: holds a copy of '{name}', but the index assigns it to {files[0]}"
     ):
-        Transformer.from_pretrained(sharded)
+        load_transformer(sharded)
     save_file(dict(tensors, extra=torch.zeros(3)), sharded / files[-1])
     with pytest.raises(ValueError, match=rf"{files[-1]}: holds a copy of 'extra', but the index does not list it"):
-        Transformer.from_pretrained(sharded)
+        load_transformer(sharded)
 
 
 def test_error_unexpected_tensor(pair, tmp_path):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "m")
+    save_model(ours, tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     tensors = load_file(f)
     tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(96, 64)
     save_file(tensors, f)
     with pytest.raises(ValueError, match="unexpected tensor 'model.layers.2.mlp.up_proj.weight'"):
-        Transformer.from_pretrained(tmp_path / "m")
+        load_transformer(tmp_path / "m")
 
 
 def test_error_shape_disagrees_with_config(pair, tmp_path):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "m")
+    save_model(ours, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
@@ -171,32 +171,32 @@ def test_error_shape_disagrees_with_config(pair, tmp_path):
         ValueError,
         match=r"model.layers.0.mlp.\w+_proj.weight.* has shape \((96, 64|64, 96)\), but config.json implies \((128, 64|64, 128)\)",
     ):
-        Transformer.from_pretrained(tmp_path / "m")
+        load_transformer(tmp_path / "m")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
 def test_error_corrupt_file(pair, tmp_path, damage):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "m")
+    save_model(ours, tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
     with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors file"):
-        Transformer.from_pretrained(tmp_path / "m")
+        load_transformer(tmp_path / "m")
 
 
 def test_error_no_config_or_weights(pair, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(tmp_path)
+        load_transformer(tmp_path)
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "m")
+    save_model(ours, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save({}, tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="convert.py"):
-        Transformer.from_pretrained(tmp_path / "m")
+        load_transformer(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
-        Transformer.from_pretrained(tmp_path / "m")
+        load_transformer(tmp_path / "m")
 
 
 def test_checkpoints_respect_the_umask(pair, tmp_path):
@@ -206,9 +206,9 @@ def test_checkpoints_respect_the_umask(pair, tmp_path):
     ours, _ = pair
     old = os.umask(0o022)
     try:
-        ours.save_pretrained(tmp_path / "shared")
+        save_model(ours, tmp_path / "shared")
         os.umask(0o077)
-        ours.save_pretrained(tmp_path / "private")
+        save_model(ours, tmp_path / "private")
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
@@ -226,13 +226,13 @@ def test_checkpoints_respect_the_umask(pair, tmp_path):
 )
 def test_error_weights_the_model_cannot_use(pair, tmp_path, damage, message):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "m")
+    save_model(ours, tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     tensors = load_file(f)
     tensors["model.layers.1.mlp.up_proj.weight"] = damage(tensors["model.layers.1.mlp.up_proj.weight"])
     save_file(tensors, f)
     with pytest.raises(ValueError, match=f"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' {message}"):
-        Transformer.from_pretrained(tmp_path / "m")
+        load_transformer(tmp_path / "m")
 
 
 def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
@@ -240,7 +240,7 @@ def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
     "ziya-13/config.json: no config.json"."""
     import train_sft
     from safety import run_main
-    from model import load_config
+    from pretrained import load_config
 
     with pytest.raises(
         FileNotFoundError,
@@ -264,7 +264,7 @@ def test_a_model_that_is_not_there_is_named_with_what_is(tmp_path, capsys):
     assert run_main(train_sft.main, ["--model", "ziya-13", "--dry-run"]) == 2  # one line, no traceback
     assert capsys.readouterr().err.startswith("error: ziya-13: neither a model directory nor a built-in config")
     with pytest.raises(FileNotFoundError, match=rf"did you mean {run / 'best'}"):
-        Transformer.from_pretrained(run)  # every loader, not only the trainers'
+        load_transformer(run)  # every loader, not only the trainers'
 
 
 def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
@@ -285,7 +285,7 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
 
     ours, _ = pair
     d = tmp_path / "m"
-    ours.save_pretrained(d, tokenizer=tokenizer_file)
+    save_model(ours, d, tokenizer=tokenizer_file)
     good = json.loads((d / "config.json").read_text())
     for field, value, says in (
         ("num_hidden_layers", 10**9, "num_hidden_layers must be an integer from 1 to 1,024"),
@@ -302,7 +302,7 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
     (d / "config.json").write_text(json.dumps(good))
     # convert.py checks what it would write: a garbage tokenizer, tensors its config does not describe.
     src = tmp_path / "src"
-    ours.save_pretrained(src, tokenizer=tokenizer_file)
+    save_model(ours, src, tokenizer=tokenizer_file)
     (src / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "convert.py"), "--src", str(src), "--out", str(tmp_path / "out")],
@@ -330,6 +330,6 @@ def test_a_hostile_config_or_file_gets_one_line_and_nothing_is_built_or_written(
         )
 
     monkeypatch.setattr(checkpoint, "save_file", full)
-    assert run_main(lambda argv: ours.save_pretrained(tmp_path / "export"), []) == 2
+    assert run_main(lambda argv: save_model(ours, tmp_path / "export"), []) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'export'}: ENOSPC")
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))

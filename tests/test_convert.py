@@ -9,7 +9,9 @@ import torch
 from conftest import ROOT, hf_config
 
 from convert import apply_delta, convert
-from model import ModelConfig, Transformer, hf_name
+from model import Transformer
+from pretrained import config_from_hf, load_reward_model, load_transformer, read_config
+from pretrained import hf_name
 
 
 def write_bin_dir(directory, tensors, config, shards=2, tokenizer=None):
@@ -31,7 +33,7 @@ def write_bin_dir(directory, tensors, config, shards=2, tokenizer=None):
 
 def random_state(vocab, seed):
     cfg = hf_config(vocab_size=vocab)
-    model = Transformer.from_config(ModelConfig.from_hf(cfg.to_dict()), seed=seed)
+    model = Transformer.from_config(config_from_hf(cfg.to_dict()), seed=seed)
     return {hf_name(k): v.to(torch.float16) for k, v in model.state_dict().items()}, cfg.to_dict()
 
 
@@ -47,7 +49,7 @@ def base_and_delta(tmp_path, tokenizer_file):
 def test_delta_merge(base_and_delta):
     tmp, base, delta = base_and_delta
     apply_delta(tmp / "base", tmp / "delta", tmp / "out", max_shard_bytes=40_000)
-    merged = Transformer.from_pretrained(tmp / "out", dtype=torch.float16)
+    merged = load_transformer(tmp / "out", dtype=torch.float16)
     assert merged.config.vocab_size == 420
     got = {hf_name(k): v for k, v in merged.state_dict().items()}
     for name in delta:
@@ -76,7 +78,7 @@ def test_convert_bin_to_safetensors_via_cli(base_and_delta):
         check=True,
         capture_output=True,
     )
-    got = {hf_name(k): v for k, v in Transformer.from_pretrained(tmp / "st").state_dict().items()}
+    got = {hf_name(k): v for k, v in load_transformer(tmp / "st").state_dict().items()}
     assert got.keys() == base.keys()
     assert all(torch.equal(got[k], base[k].float()) for k in base)
     card = (tmp / "st" / "README.md").read_text(encoding="utf-8")  # issue 26: every checkpoint has a model card
@@ -244,7 +246,7 @@ def test_huatuogpt_7b_in_baichuans_layout_converts_and_runs_as_baichuans_code(tm
     )
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert hf["model_type"] == "llama" and "auto_map" not in hf and hf["rope_theta"] == 10000.0
-    ours = Transformer.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    ours = load_transformer(tmp_path / "out", dtype=torch.float64).eval()
     ids = torch.tensor([[1, 17, 54, 3, 99, 23, 8, 71, 40]])
     # The bound: in fp64 the two differ by fp32 roundings only. model.py's RMSNorm rounds its
     # input to fp32 (as transformers' LLaMA does), Baichuan's keeps it and rounds only the
@@ -307,7 +309,7 @@ def test_baichuan2_s_norm_head_is_normalised_at_conversion(tmp_path):
     state = baichuan_state(cfg)
     baichuan_dir(tmp_path / "b2", cfg, state)
     convert(tmp_path / "b2", tmp_path / "out")
-    ours = Transformer.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    ours = load_transformer(tmp_path / "out", dtype=torch.float64).eval()
     head = ours.lm_head.weight
     assert torch.allclose(head.norm(dim=-1), torch.ones(125696, dtype=torch.float64), atol=1e-6)
     ids = torch.tensor([[1, 17, 54, 3, 99, 23]])
@@ -339,10 +341,10 @@ def test_what_model_py_cannot_run_is_refused_in_one_line_before_any_tensor_is_re
         with pytest.raises(ValueError, match=says):
             convert.convert(src, tmp_path / f"out{i}")
         with pytest.raises(ValueError, match=says):
-            ModelConfig.from_json(src / "config.json")
+            read_config(src / "config.json")
     assert read == []
     with pytest.raises(ValueError, match=r"convert it first, `python convert.py --src"):
-        ModelConfig.from_hf(BAICHUAN)  # the 7B layout itself: not opened unconverted
+        config_from_hf(BAICHUAN)  # the 7B layout itself: not opened unconverted
 
 
 # -- HuatuoGPT-reward-model-7B: Ziya's LlamaRewardModel layout (issue 46 item 3) -------------------------
@@ -401,12 +403,11 @@ def test_the_released_reward_model_converts_with_its_bias_and_scores_as_its_own_
     from transformers import LlamaForSequenceClassification
 
     from data.template import reward_ids
-    from model import RewardModel
     from tokenizer import Tokenizer
 
     trunk, head = ziya_reward_dir(tmp_path / "released", tokenizer_file)
     convert(tmp_path / "released", tmp_path / "rm")
-    rm = RewardModel.from_pretrained(tmp_path / "rm", dtype=torch.float64).eval()
+    rm = load_reward_model(tmp_path / "rm", dtype=torch.float64).eval()
     assert rm.prompt_format == "ziya-rm" and rm.score_head.bias.item() == 0.75
     tok = Tokenizer(tmp_path / "rm" / "tokenizer.model")
     seqs = [reward_ids(tok, m, r, "ziya-rm", max_len=256) for m, r in CONVERSATIONS]

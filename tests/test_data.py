@@ -24,6 +24,7 @@ from data.readers import (
 from data.schema import RecordError, Report, from_huatuo, to_huatuo
 from data.template import DOCTOR_TAG, IGNORE_INDEX, PATIENT_TAG, SYSTEM, collate, doctor_turn, render
 from tokenizer import Tokenizer
+from pretrained import config_to_hf
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TWO_ROUNDS = [
@@ -153,7 +154,7 @@ def test_the_tokenizers_own_bos_setting_decides_whether_a_prompt_starts_with_s(t
         num_attention_heads=2,
         num_key_value_heads=2,
     )
-    write_checkpoint(tmp_path / "ckpt", config.to_hf(), [], tokenizer=tok)
+    write_checkpoint(tmp_path / "ckpt", config_to_hf(config), [], tokenizer=tok)
     assert Tokenizer(tmp_path / "ckpt" / "tokenizer.model").add_bos is tok.add_bos  # the setting travels
     hf = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     official = hf(SYSTEM, add_special_tokens=True)["input_ids"]

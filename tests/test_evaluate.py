@@ -16,6 +16,7 @@ from chat_api import Reject
 from data.schema import RecordError
 from evaluate import judge_order, parse_verdict, tally
 from model import CONFIGS, Transformer
+from pretrained import save_model
 
 
 def test_parse_verdict():
@@ -152,7 +153,7 @@ def patient_reply(messages):
 
 def test_consultation_loop_with_the_tiny_model(monkeypatch, tmp_path, tokenizer_file):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    Transformer.from_config(CONFIGS["tiny"], seed=0).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    save_model(Transformer.from_config(CONFIGS["tiny"], seed=0), tmp_path / "m", tokenizer=tokenizer_file)
     server = FakeOpenAI(patient_reply)
     out = tmp_path / "dialogues.jsonl"
     args = [
@@ -188,7 +189,7 @@ def test_consultation_loop_with_the_tiny_model(monkeypatch, tmp_path, tokenizer_
 
 
 def test_bench_writes_resumable_predictions_and_table2(tmp_path, tokenizer_file, capsys):
-    Transformer.from_config(CONFIGS["tiny"], seed=0).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    save_model(Transformer.from_config(CONFIGS["tiny"], seed=0), tmp_path / "m", tokenizer=tokenizer_file)
     args = [
         "bench",
         "--model",
@@ -215,7 +216,7 @@ def test_bench_writes_resumable_predictions_and_table2(tmp_path, tokenizer_file,
 
 
 def test_doctor_on_a_device_and_dtype_and_questions_too_long(tmp_path, tokenizer_file):
-    Transformer.from_config(CONFIGS["tiny"], seed=0).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    save_model(Transformer.from_config(CONFIGS["tiny"], seed=0), tmp_path / "m", tokenizer=tokenizer_file)
     doctor = evaluate.Doctor(tmp_path / "m", max_new_tokens=8, device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in doctor.model.parameters()} == {torch.bfloat16}
     short = [{"role": "user", "content": "头痛"}]
@@ -268,7 +269,7 @@ def test_judge_items_the_api_failed_are_judged_on_the_next_run(judge_api, tmp_pa
 def test_a_rerun_into_another_models_output_is_refused(tmp_path, tokenizer_file, capsys):
     """Issue 12: bench of model B into model A's directory printed A's numbers as B's row."""
     for name, seed in (("a", 0), ("b", 1)):
-        Transformer.from_config(CONFIGS["tiny"], seed=seed).save_pretrained(tmp_path / name, tokenizer=tokenizer_file)
+        save_model(Transformer.from_config(CONFIGS["tiny"], seed=seed), tmp_path / name, tokenizer=tokenizer_file)
     common = [
         "--data",
         str(ROOT / "data" / "eval" / "qa_test.jsonl"),

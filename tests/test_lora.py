@@ -11,6 +11,7 @@ from test_train_sft import in_process, interrupted_at_step, losses, run
 
 from lora import LoRALinear, add_lora, lora_init, merge_lora
 from model import ModelConfig, Transformer
+from pretrained import load_reward_model, load_transformer, save_model
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj", "v_proj", "down_proj"]
 CFG = ModelConfig(
@@ -74,10 +75,10 @@ def test_gradients_reach_only_a_and_b():
 def test_the_merged_export_is_a_plain_llama_with_the_adapted_models_logits(tmp_path, tokenizer_file):
     model = adapted().eval()
     tokens = torch.randint(0, 101, (2, 9))
-    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    save_model(model, tmp_path / "m", tokenizer=tokenizer_file)
     names = set(load_file(tmp_path / "m" / "model.safetensors"))
     assert not [n for n in names if "lora" in n] and "model.layers.0.self_attn.q_proj.weight" in names
-    merged = Transformer.from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
+    merged = load_transformer(tmp_path / "m", dtype=torch.float64).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens), model(tokens), rtol=1e-10, atol=1e-10)
     sd = merge_lora(model, model.state_dict())
@@ -90,7 +91,7 @@ def test_sft_with_lora_one_rank_equals_two_ranks_and_only_the_adapted_weights_mo
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     # fp32 trainer runs: the ranks sum the same per-item terms in another order (tests/TOLERANCES.md).
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    base = Transformer.from_pretrained(micro_model()).state_dict()  # what the runs start from
+    base = load_transformer(micro_model()).state_dict()  # what the runs start from
     final = load_file(tmp_path / "one" / "final" / "model.safetensors")
     for name, weight in final.items():
         ours = name.removeprefix("model.")
@@ -144,7 +145,6 @@ def test_the_dry_run_simulates_a_lora_run(capsys):
 @pytest.mark.numerics
 def test_a_reward_model_with_lora_trains_its_adapters_and_head_and_exports_plain(tmp_path, monkeypatch):
     import train_rm
-    from model import RewardModel
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -167,10 +167,10 @@ def test_a_reward_model_with_lora_trains_its_adapters_and_head_and_exports_plain
             *LORA,
         ]
     )
-    rm = RewardModel.from_pretrained(tmp_path / "final")
+    rm = load_reward_model(tmp_path / "final")
     assert not any(isinstance(m, LoRALinear) for m in rm.modules())  # merged: a plain reward model
     assert rm.score_head.weight.abs().sum() > 0  # the head, zero at the start, was trained
-    base = Transformer.from_pretrained(micro_model()).state_dict()
+    base = load_transformer(micro_model()).state_dict()
     for name, weight in rm.trunk.state_dict().items():
         assert (not torch.equal(weight, base[name])) == any(t in name for t in ("q_proj", "v_proj", "down_proj")), name
 
@@ -210,7 +210,7 @@ def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_every_step_is_the_same
     assert all((dtype == torch.float32) == ("lora_" in n) for n, dtype in stored[True].items()), stored[True]
     assert set(stored[False].values()) == {torch.float32}
     a, b = (load_file(tmp_path / str(f) / "final" / "model.safetensors") for f in (True, False))
-    base = Transformer.from_pretrained(micro_model()).state_dict()
+    base = load_transformer(micro_model()).state_dict()
     for name in a:  # the same export but for the base's rounding to bf16
         assert a[name].dtype == torch.bfloat16 and b[name].dtype == torch.float32, name
         if not any(t in name for t in ("q_proj", "v_proj", "down_proj")):

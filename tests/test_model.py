@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import make_pair
 
-from model import CONFIGS, ModelConfig, Transformer
+from model import CONFIGS, Transformer
+from pretrained import config_from_hf, config_to_hf
 
 pytestmark = pytest.mark.numerics  # run again under other kernel sets (tests/test_kernels.py)
 
@@ -106,21 +107,21 @@ def test_slices_compose_to_forward(pair):
 
 def test_config_reads_both_rope_spellings():
     base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
-    assert ModelConfig.from_hf(dict(base, rope_theta=5e5)).rope_theta == 5e5
+    assert config_from_hf(dict(base, rope_theta=5e5)).rope_theta == 5e5
     nested = dict(base, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    assert ModelConfig.from_hf(nested).rope_theta == 1e6
-    assert ModelConfig.from_hf(base).num_key_value_heads == 2  # absent: plain multi-head
+    assert config_from_hf(nested).rope_theta == 1e6
+    assert config_from_hf(base).num_key_value_heads == 2  # absent: plain multi-head
     with pytest.raises(ValueError, match="rope_scaling|RoPE scaling"):
-        ModelConfig.from_hf(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+        config_from_hf(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     # A scaling in one spelling is not hidden by a default in the other.
     with pytest.raises(ValueError, match=r"RoPE scaling rope_scaling=.*llama3"):
-        ModelConfig.from_hf(dict(nested, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+        config_from_hf(dict(nested, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     with pytest.raises(ValueError, match="hidden_act"):
-        ModelConfig.from_hf(dict(base, hidden_act="gelu"))
+        config_from_hf(dict(base, hidden_act="gelu"))
     with pytest.raises(ValueError, match="intermediate_size"):
-        ModelConfig.from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
+        config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
     with pytest.raises(ValueError, match="multiple"):
-        ModelConfig.from_hf(dict(base, num_key_value_heads=3, num_attention_heads=4, hidden_size=16))
+        config_from_hf(dict(base, num_key_value_heads=3, num_attention_heads=4, hidden_size=16))
 
 
 def test_ziya_config_and_hf_round_trip():
@@ -131,8 +132,8 @@ def test_ziya_config_and_hf_round_trip():
     assert ziya.num_params() == 13_015_864_320 + 2 * (39424 - 32000) * 5120
     assert (ziya.num_hidden_layers, ziya.hidden_size, ziya.intermediate_size) == (40, 5120, 13824)
     # What we write, transformers reads back as the same architecture.
-    hf = LlamaConfig(**ziya.to_hf())
-    assert ModelConfig.from_hf(hf.to_dict()) == ziya
+    hf = LlamaConfig(**config_to_hf(ziya))
+    assert config_from_hf(hf.to_dict()) == ziya
     with torch.device("meta"):
         counted = sum(p.numel() for p in Transformer(ziya).parameters())
     assert counted == ziya.num_params()

@@ -19,6 +19,7 @@ from conftest import ROOT
 
 import evaluate
 import review
+from pretrained import save_model
 
 NAMES = ("HuatuoGPT-tiny", "Rival-tiny")
 
@@ -71,7 +72,7 @@ def answers(tmp_path_factory, tokenizer_file):
     files = []
     for seed, name in zip((3, 4), NAMES):
         model = root / f"model-{name}"
-        Transformer.from_config(CONFIGS["tiny"], seed=seed).save_pretrained(model, tokenizer=tokenizer_file)
+        save_model(Transformer.from_config(CONFIGS["tiny"], seed=seed), model, tokenizer=tokenizer_file)
         out = root / f"answers-{name}.jsonl"
         argv = ["answer", "--model", str(model), "--data", str(ROOT / "data" / "eval" / "qa_test.jsonl")]
         argv += ["--out", str(out), "--limit", "9", "--max-new-tokens", "12", "--dtype", "float32"]

@@ -23,6 +23,7 @@ import serve
 from data.schema import load_jsonl
 from data.template import render
 from model import CONFIGS, Transformer
+from pretrained import load_transformer, save_model
 from tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -34,7 +35,7 @@ QUESTIONS = ["我最近三天一直头痛，需要去医院吗？", "孩子发�
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_file):
     out = tmp_path_factory.mktemp("served")
-    Transformer.from_config(CONFIGS["tiny"], seed=3).save_pretrained(out / "m", tokenizer=tokenizer_file)
+    save_model(Transformer.from_config(CONFIGS["tiny"], seed=3), out / "m", tokenizer=tokenizer_file)
     return out / "m"
 
 
@@ -656,7 +657,7 @@ def test_a_reply_is_the_same_alone_joining_a_running_batch_or_joined_mid_flight(
     mid-flight; a seeded sampled reply at another
     temperature decodes beside it and is the same as alone; a cancelled request frees its rows
     at once for the next."""
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float64).eval()
+    model = load_transformer(model_dir, dtype=torch.float64).eval()
     tok = Tokenizer(model_dir / "tokenizer.model")
     engine = serve.Engine(model, tok, max_batch=4, prefill_chunk=7)
 
@@ -708,7 +709,7 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
     (choices[].logprobs.content[]: token, logprob, bytes, top_logprobs), read by the official
     client; each logprob is the model's own log-probability of the token it sampled
     (model.token_logprobs, the whole vocabulary, fp64), and the top ones are in order."""
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float64).eval()
+    model = load_transformer(model_dir, dtype=torch.float64).eval()
     tok = Tokenizer(model_dir / "tokenizer.model")
     messages = [{"role": "user", "content": QUESTIONS[1]}]
     ids = serve.parse_request({"model": "m", "messages": messages}, tok, model.config.max_position_embeddings).ids
@@ -790,7 +791,7 @@ def test_a_failed_step_leaves_nothing_of_its_requests_for_the_next(model_dir):
     from conftest import sharpen_
 
     tok = Tokenizer(model_dir / "tokenizer.model")
-    models = [sharpen_(Transformer.from_pretrained(model_dir, dtype=torch.float64), seed=1).eval() for _ in range(2)]
+    models = [sharpen_(load_transformer(model_dir, dtype=torch.float64), seed=1).eval() for _ in range(2)]
     fresh_columns, columns = [], []
     fail_once(models[0], lambda *_: False, fresh_columns)
     fail_once(models[1], is_decoding_step, columns)

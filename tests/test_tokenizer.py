@@ -6,6 +6,7 @@ import pytest
 from conftest import CORPUS
 
 from tokenizer import StreamDecoder, Tokenizer, corpus_sentences, train_tokenizer
+from pretrained import save_model
 
 
 def test_special_ids_and_round_trip(tokenizer_file):
@@ -243,7 +244,7 @@ def test_a_saved_checkpoint_carries_the_demos_chat_template_and_chat_py_s_sampli
         num_key_value_heads=1,
         max_position_embeddings=64,
     )
-    Transformer(cfg).save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    save_model(Transformer(cfg), tmp_path / "m", tokenizer=tokenizer_file)
     hf = AutoTokenizer.from_pretrained(tmp_path / "m")
     history = [("头痛三天了", "多休息，注意饮水。"), ("还有发烧", "量一下体温。")]
     for rounds in range(len(history) + 1):

@@ -18,6 +18,7 @@ from conftest import ROOT, poison_update, sharpen_, trainer_env, two_nodes
 import plan
 import train_ppo
 from model import ModelConfig, Transformer, token_logprobs
+from pretrained import load_reward_model, save_model
 from train_ppo import AdaptiveKL, Experience, gae, per_token_rewards, ppo_loss_sum, whiten
 from training import init_distributed
 
@@ -440,11 +441,11 @@ def checkpoints(tmp_path_factory, tokenizer_file):
         max_position_embeddings=512,
         rope_theta=500.0,
     )
-    Transformer(config).init_weights(0).save_pretrained(root / "sft", tokenizer=tokenizer_file)
+    save_model(Transformer(config).init_weights(0), root / "sft", tokenizer=tokenizer_file)
     rm = RewardModel(config)
     rm.trunk.init_weights(1)
     torch.nn.init.normal_(rm.score_head.weight, std=1.0, generator=torch.Generator().manual_seed(2))
-    rm.save_pretrained(root / "rm", tokenizer=tokenizer_file)
+    save_model(rm, root / "rm", tokenizer=tokenizer_file)
     return root
 
 
@@ -831,7 +832,7 @@ def foreign_rm(tmp_path_factory):
     sharpen_(rm.trunk)
     torch.nn.init.normal_(rm.score_head.weight, std=1.0, generator=torch.Generator().manual_seed(4))
     torch.nn.init.constant_(rm.score_head.bias, 0.5)
-    rm.save_pretrained(root / "rm", tokenizer=tok)
+    save_model(rm, root / "rm", tokenizer=tok)
     return root / "rm"
 
 
@@ -839,11 +840,10 @@ def test_a_reward_model_of_another_tokenizer_scores_each_response_as_its_text_al
     """Every score through text equals the reward model run alone, unpadded, on the ids its own
     tokenizer gives the decoded response in its format, written out by hand (fp64); a text
     longer than its context is cut to it, eos last, and counted."""
-    from model import RewardModel
     from tokenizer import Tokenizer
 
     policy_tok = Tokenizer(tokenizer_file)
-    rm = RewardModel.from_pretrained(foreign_rm, dtype=torch.float64).eval()
+    rm = load_reward_model(foreign_rm, dtype=torch.float64).eval()
     scorer = train_ppo.reward_scorer(foreign_rm, rm, policy_tok)
     assert isinstance(scorer, train_ppo.TextReward) and scorer.tok.path != policy_tok.path
     assert train_ppo.reward_by_text(foreign_rm, policy_tok) == "its prompt format is ziya-rm"

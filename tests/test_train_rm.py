@@ -15,6 +15,7 @@ from data.template import DOCTOR_TAG, doctor_turn, pad_batch, render, render_rep
 from distill import read_samples
 from checkpoint import CheckpointError
 from model import CONFIGS, RewardModel
+from pretrained import load_reward_model, save_model
 from tokenizer import Tokenizer
 from train_rm import pairwise_loss
 
@@ -87,8 +88,8 @@ def test_render_reply_keeps_the_reply_whole(tokenizer_file):
 
 @pytest.mark.numerics
 def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
-    reward_model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer_file)
-    loaded = RewardModel.from_pretrained(tmp_path / "rm", dtype=torch.float64)
+    save_model(reward_model, tmp_path / "rm", tokenizer=tokenizer_file)
+    loaded = load_reward_model(tmp_path / "rm", dtype=torch.float64)
     tokens = torch.randint(3, 2000, (2, 12))
     with torch.no_grad():  # the same weights, the same computation: the same scores
         ones = torch.ones_like(tokens)
@@ -99,14 +100,14 @@ def test_checkpoint_round_trip(reward_model, tmp_path, tokenizer_file):
     assert hf["architectures"] == ["LlamaForSequenceClassification"] and hf["num_labels"] == 1
     # The layout before it still loads, and scores the same.
     old = tmp_path / "old"
-    reward_model.trunk.save_pretrained(old, tokenizer=tokenizer_file)
+    save_model(reward_model.trunk, old, tokenizer=tokenizer_file)
     save_file({"weight": reward_model.score_head.weight.detach().contiguous()}, str(old / "score_head.safetensors"))
     with torch.no_grad():
-        before = RewardModel.from_pretrained(old, dtype=torch.float64)
+        before = load_reward_model(old, dtype=torch.float64)
         torch.testing.assert_close(before(tokens, ones), reward_model(tokens, ones), rtol=0, atol=1e-12)
     (old / "score_head.safetensors").unlink()  # a causal LM alone is no reward model
     with pytest.raises(CheckpointError, match="not a reward model checkpoint"):
-        RewardModel.from_pretrained(old)
+        load_reward_model(old)
 
 
 @pytest.mark.numerics
@@ -123,7 +124,7 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
         render_reply(tok, msgs, reply)[0] for reply in ("有没有发烧？", "请问疼痛在哪个部位？持续多久了？", "多喝水")
     ]
     tokens, mask = pad_batch(seqs, tok.pad_id)
-    reward_model.save_pretrained(tmp_path / "ours", tokenizer=tokenizer_file)
+    save_model(reward_model, tmp_path / "ours", tokenizer=tokenizer_file)
     theirs_of_ours = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours", dtype=torch.float64).eval()
     with torch.no_grad():  # fp64 both ways: the same scores, rounding aside
         torch.testing.assert_close(
@@ -148,7 +149,7 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
     with torch.no_grad():
         theirs.score.weight.normal_(0, 1.0)  # scores of order 1, not 0.02's
     theirs.save_pretrained(tmp_path / "theirs")
-    ours_of_theirs = RewardModel.from_pretrained(tmp_path / "theirs", dtype=torch.float64).eval()
+    ours_of_theirs = load_reward_model(tmp_path / "theirs", dtype=torch.float64).eval()
     with torch.no_grad():
         expected = theirs(input_ids=tokens, attention_mask=mask).logits[:, 0]
         torch.testing.assert_close(ours_of_theirs(tokens, mask), expected, rtol=0, atol=1e-9)
@@ -163,7 +164,7 @@ def test_reward_models_in_the_hugging_face_layout_both_ways(reward_model, tmp_pa
         assert "num_labels" not in written and AutoConfig.for_model(**written).num_labels == 2
         (tmp_path / "two" / "config.json").write_text(json.dumps(written))
         with pytest.raises(CheckpointError, match=r"config.json: 2 labels .*; a reward model needs one label"):
-            RewardModel.from_pretrained(tmp_path / "two")
+            load_reward_model(tmp_path / "two")
 
 
 def run_rm(out, *extra, nproc=1, model=None):
@@ -250,9 +251,7 @@ def test_held_out_accuracy_rises_above_chance(tiny_sft, tmp_path):
     assert max(accs) >= 0.75, accs  # 8 held-out pairs
     assert (tmp_path / "rm" / "best" / "model.safetensors").is_file()  # the HF reward-model layout (issue 26)
     card = (tmp_path / "rm" / "best" / "README.md").read_text(encoding="utf-8")  # issue 26: the model card
-    assert (
-        "# HuatuoGPT, RM checkpoint" in card and "held-out accuracy" in card and "RewardModel.from_pretrained" in card
-    )
+    assert "# HuatuoGPT, RM checkpoint" in card and "held-out accuracy" in card and "load_reward_model" in card
 
 
 def test_sample_writes_what_distill_score_reads(tiny_sft, tmp_path):
@@ -382,7 +381,7 @@ def test_sample_and_score_skip_and_count_what_they_cannot_use(tiny_sft, reward_m
         "skipped 1 record(s): no real doctor's answer" in proc.stderr
         and "skipped 1 record(s): question longer" in proc.stderr
     )
-    reward_model.save_pretrained(tmp_path / "rm", tokenizer=tokenizer_file)
+    save_model(reward_model, tmp_path / "rm", tokenizer=tokenizer_file)
     cmd = [sys.executable, str(ROOT / "train_rm.py"), "score", "--model", str(tmp_path / "rm"), "--data", str(data)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -22,6 +22,7 @@ from conftest import ROOT, micro_model, poison_update, trainer_env, two_nodes
 
 from data.template import collate, doctor_turn, render
 from model import CONFIGS, Transformer
+from pretrained import load_transformer, save_model
 from tokenizer import Tokenizer
 from plan import training_memory
 from training import cosine_lr
@@ -224,7 +225,7 @@ def test_best_checkpoint_reproduces_its_validation_loss(tmp_path):
     ]
     subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT)
     best = min(r["val_loss"] for r in records(tmp_path) if "val_loss" in r)
-    model = Transformer.from_pretrained(tmp_path / "best").eval()
+    model = load_transformer(tmp_path / "best").eval()
     tok = Tokenizer(tmp_path / "best" / "tokenizer.model")
     from data.readers import read_schema
     from train_sft import n_labels, token_loss_sum
@@ -269,7 +270,7 @@ def test_errors_before_training(tmp_path, tokenizer_file):
     assert proc.returncode and "--batch-size 6 is not a multiple" in proc.stderr
     # A model whose embedding is smaller than its tokenizer.
     cfg = CONFIGS["tiny"].__class__(**{**CONFIGS["tiny"].__dict__, "vocab_size": 100})
-    Transformer.from_config(cfg).save_pretrained(tmp_path / "small", tokenizer=tokenizer_file)
+    save_model(Transformer.from_config(cfg), tmp_path / "small", tokenizer=tokenizer_file)
     cmd = [
         sys.executable,
         str(ROOT / "train_sft.py"),
@@ -286,7 +287,7 @@ def test_errors_before_training(tmp_path, tokenizer_file):
 
 
 def test_data_is_checked_before_the_weights_are_read(tmp_path, tokenizer_file):
-    Transformer.from_config("tiny").save_pretrained(tmp_path / "m", tokenizer=tokenizer_file)
+    save_model(Transformer.from_config("tiny"), tmp_path / "m", tokenizer=tokenizer_file)
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\xff" * 64)  # reading it would fail
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "source": "t", "messages": [{"role": "user", "content": "头痛"}]}\n{not json\n')
@@ -516,15 +517,15 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, monkeypatch):
 def micro_in_shard_files(out: Path) -> Path:
     """micro_model written again in shard files of at most 100 kB (6 of them): a checkpoint laid
     out as a 13B one is, in miniature."""
-    Transformer.from_pretrained(micro_model()).save_pretrained(
-        out, tokenizer=micro_model() / "tokenizer.model", max_shard_bytes=100_000
+    save_model(
+        load_transformer(micro_model()), out, tokenizer=micro_model() / "tokenizer.model", max_shard_bytes=100_000
     )
     return out
 
 
 def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatch):
     """Issue 34 item 3: a checkpoint in several shard files is read and scattered file by file
-    (Transformer.read_pretrained, training.load_sharded), so rank 0 holds one file's tensors at
+    (pretrained.read_transformer, training.load_sharded), so rank 0 holds one file's tensors at
     a time, not the model (48.8 GiB at 13B in fp32). Logged by hooks on the reads and on the
     scatters: each file's tensors all go out before the next file is opened (before, every file
     was read, then the whole state dict went out once). With --lr 0 the exported weights are the

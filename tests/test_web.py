@@ -20,6 +20,7 @@ from test_serve import make_server
 
 from data.template import CHAT_SAMPLING
 from model import CONFIGS, Transformer
+from pretrained import save_model
 from tokenizer import Tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -88,7 +89,7 @@ def readable_model(tmp_path_factory, tokenizer_file):
             if tok.sp.is_byte(i):
                 model.lm_head.weight[i] = 0
     out = tmp_path_factory.mktemp("web") / "m"
-    model.save_pretrained(out, tokenizer=tokenizer_file)
+    save_model(model, out, tokenizer=tokenizer_file)
     return out
 
 
