@@ -131,7 +131,7 @@ class ChatClient:
                 "OpenAI-compatible server given by --base-url may not need one)"
             )
         url = urllib.parse.urlsplit(self.url)
-        if self._key and url.scheme == "http" and not _loopback(url.hostname or ""):
+        if self._key and url.scheme == "http" and not is_loopback(url.hostname or ""):
             print(
                 f"warning: OPENAI_API_KEY will be sent unencrypted (plain http) to {url.hostname}; "
                 "use https, or unset the key if that server needs none",
@@ -236,7 +236,7 @@ def retry_after(value: str | None) -> float | None:
         return None
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -42,7 +42,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import math
 import os
 import queue
 import select
@@ -51,509 +50,16 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
 from safety import COUNT, number, run_main
-from data.template import render
-from chat_api import _loopback
-from generate import CacheRows, ReplyText, add_device_args, device_and_dtype, draw, load, process_logits
-from model import KVCache, Transformer, at_least_fp32
-from tokenizer import Tokenizer
-
-MAX_TOKENS = 512  # the default reply length (the official demo's max_new_tokens); a request may ask for more
-MAX_STOP = 4  # as OpenAI's API: at most 4 stop sequences ...
-MAX_STOP_CHARS = 2048  # ... of at most this many characters each: the order of a reply's length at most
-MAX_N = 8
-CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-MIN_TEMPERATURE = 1e-4  # above 0 and below this, logits / temperature overflows float32: 0 is greedy
-# Accepted only at these values: anything else asks for behaviour this server does not have.
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-ONLY = {
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False, True),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
-    "reasoning_effort": (None,),
-    "web_search_options": (None,),
-}
-# Fields read (or harmless: who the caller is, what to store of the exchange); any other is refused,
-# naming it, rather than ignored ("max_token" for "max_tokens" would otherwise run to the default).
-FIELDS = {
-    "model",
-    "messages",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "n",
-    "seed",
-    "stream",
-    "stream_options",
-    "response_format",
-    "user",
-    "metadata",
-    "store",
-    "logprobs",
-    "top_logprobs",
-    *ONLY,
-}
-
-
-class BadRequest(Exception):
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        status: int = 400,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.param, self.status, self.code, self.kind = param, status, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-# -- a request, checked ------------------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    ids: list[int]  # the rendered prompt
-    max_tokens: int
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int | None = None
-    stream: bool = False
-    include_usage: bool = False
-    rounds_dropped: int = 0
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-def _number(body, name, lo, hi, default, kind=float):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)  # NaN and Infinity: JSON extensions Python's json accepts
-        or (kind is int and value != int(value))
-    ):
-        raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
-    if not lo <= value <= hi:
-        raise BadRequest(f"'{name}' must be between {lo} and {hi}, got {value!r}", name)
-    return kind(value)
-
-
-def _text(content, where: str) -> str:
-    """A message's content: a string, or a list of text parts (newer clients send those)."""
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-    ):
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise BadRequest(f"{where}.content must be a string or a list of text parts", where + ".content")
-    try:
-        content.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
-    except UnicodeEncodeError as e:
-        raise BadRequest(
-            f"{where}.content is not valid Unicode text (a lone surrogate at character {e.start})", where + ".content"
-        ) from None
-    return content
-
-
-def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = MAX_TOKENS) -> Request:
-    """The JSON body of a chat completion -> Request, or BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    for name in body:
-        if name not in FIELDS:
-            raise BadRequest(f"unknown field {name!r}", name, code="unknown_parameter")
-    for name, allowed in ONLY.items():
-        if name in body and body[name] not in allowed:
-            raise BadRequest(f"'{name}' is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise BadRequest("only response_format {'type': 'text'} is supported", "response_format")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
-    system, turns = None, []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise BadRequest(f"{where} must be an object", where)
-        role = m.get("role")
-        if role in ("system", "developer"):
-            if turns or system is not None:
-                raise BadRequest(f"{where}: a system message may only come first", where + ".role")
-            system = _text(m.get("content"), where)
-            continue
-        expected = "user" if len(turns) % 2 == 0 else "assistant"
-        if role != expected:
-            raise BadRequest(
-                f"{where}.role is {role!r}; the conversation must alternate user and assistant "
-                f"turns starting with the user's, so {expected!r} was expected",
-                where + ".role",
-            )
-        turns.append({"role": role, "content": _text(m.get("content"), where)})
-    if not turns or turns[-1]["role"] != "user":
-        raise BadRequest("the last message must be the user's: the model answers it", "messages")
-
-    n = _number(body, "n", 1, MAX_N, 1, int)
-    temperature = _number(body, "temperature", 0, 2, 1.0)
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise BadRequest(
-            f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}", "temperature"
-        )
-    top_p = _number(body, "top_p", 0, 1, None)
-    if top_p is not None and float(torch.tensor(top_p, dtype=torch.float32)) == 0:  # as sampling sees it
-        raise BadRequest(f"'top_p' must be greater than 0 in float32, got {top_p!r}", "top_p")
-    seed = _number(body, "seed", -(2**63), 2**63 - 1, None, int)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if (
-        not isinstance(stop, list)
-        or len(stop) > MAX_STOP
-        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
-    ):
-        raise BadRequest(
-            f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at "
-            f"most {MAX_STOP} of them",
-            "stop",
-        )
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or (options and not stream):
-        raise BadRequest("'stream_options' is an object, and only for stream: true", "stream_options")
-    logprobs = body.get("logprobs") or False
-    if not isinstance(logprobs, bool):
-        raise BadRequest("'logprobs' must be true or false", "logprobs")
-    top_logprobs = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0, int)
-    if top_logprobs and not logprobs:
-        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, 1, context, None, int)
-
-    kw = {} if system is None else {"system": system}
-    try:
-        # With no max_tokens the reply gets what the prompt leaves, up to the default.
-        rendered = render(tok, turns, max_len=context - (max_tokens or 1), generation_prompt=True, **kw)
-    except ValueError as e:
-        raise BadRequest(
-            f"the prompt does not fit the model's context of {context} tokens with max_tokens {max_tokens or 1}: {e}",
-            "messages",
-            code="context_length_exceeded",
-        ) from None
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, context - len(rendered.ids))
-    return Request(
-        rendered.ids,
-        max_tokens,
-        n,
-        stop,
-        temperature,
-        top_p,
-        seed,
-        stream,
-        bool(options.get("include_usage")),
-        rendered.rounds_dropped,
-        logprobs,
-        top_logprobs,
-    )
-
-
-# -- the engine: one thread owns the model and schedules at every step -------------------------------
-
-
-def token_bytes(tok: Tokenizer, i: int) -> bytes:
-    """The bytes a token stands for: a byte-fallback piece (<0xE5>) its byte, a piece's ▁ a
-    space, a control token (bos, eos) none."""
-    piece = tok.sp.id_to_piece(i)
-    if tok.sp.is_byte(i):
-        return bytes([int(piece[3:-1], 16)])
-    if tok.sp.is_control(i):
-        return b""
-    return piece.replace("\u2581", " ").encode("utf-8")
-
-
-# Prompt tokens prefilled a step at most while rows decode, which wait for each chunk: on a GPU a
-# chunk of 256 costs about one decoding step (both read every weight once); a CPU computes a
-# chunk's every token, so there a smaller one keeps the rows' pace (bench/bench_serve.py).
-PREFILL_CHUNK = {"cuda": 256, "cpu": 32}
-
-
-class Job:
-    def __init__(self, request: Request):
-        self.request = request
-        # ("delta", index, text, logprobs) ("finish", index, reason, logprobs) ("done", usage) ("error", message),
-        # logprobs: the entries of the tokens sampled since the last event (None unless asked for)
-        self.events: queue.Queue = queue.Queue()
-        self.cancelled = False
-        self.usage: dict | None = None
-        self.rows_left, self.completion = request.n, 0  # the engine's count of its rows still decoding
-
-
-@dataclass
-class Row:
-    """One choice of one request, decoding in a row of the engine's KV cache."""
-
-    job: Job
-    choice: int
-    reply: ReplyText
-    generator: torch.Generator  # its own: a seeded reply is the same whatever else decodes beside it
-    token: int = -1  # the last token it sampled, which the next step writes after its columns
-    logprobs: list = field(default_factory=list)  # entries of tokens whose text has not been sent yet
-
-
-@dataclass
-class Prefill:
-    """An admitted request whose prompt enters a cache of its own, a chunk a step."""
-
-    job: Job
-    cache: KVCache
-    done: int = 0  # prompt tokens in the cache so far
-
-
-class Engine:
-    """Iteration-level scheduling (Orca's; vLLM's and nano-vllm's): one thread owns the model
-    and a KV cache of --max-batch rows for the whole context (generate.CacheRows), and each step
-
-      1. admits waiting requests, first come first served, while they fit in the free rows (a
-         request takes a row for each of its n choices);
-      2. prefills the next chunk (--prefill-chunk tokens at most) of the oldest admitted prompt
-         in a cache of its own, or all of it when no row is decoding; a whole prompt's keys and
-         values are copied into a free row for each choice, each of which samples its first
-         token from the prompt's last logits;
-      3. decodes one token for every row at once: each row writes its column at its own length
-         (model.KVCache's column per row) and attends to its own columns only (the mask), and
-         samples with its own request's temperature, top_p and generator (generate.process_logits
-         for the rows that share settings, generate.draw a row from its own generator);
-      4. streams each row's new text (ReplyText: stop strings, max_tokens) and frees the rows
-         of a reply that ended or whose client left, at once, moving the last rows down so that
-         the rows decoding are always the cache's first ones.
-
-    A request that arrives while others decode joins them at the next step; a long prompt
-    delays the rows decoding by one chunk a step, never by its whole prefill."""
-
-    def __init__(
-        self, model: Transformer, tok: Tokenizer, *, max_batch: int = 8, seed: int = 0, prefill_chunk: int | None = None
-    ):
-        self.model, self.tok, self.max_batch = model, tok, max_batch
-        self.context = model.config.max_position_embeddings
-        self.device = next(model.parameters()).device
-        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cuda"])
-        self.live = CacheRows(model.config, max_batch, self.context)  # the Rows decoding, each with its cache row
-        self.generator = torch.Generator(self.device).manual_seed(seed)  # for requests without a seed
-        self.waiting: deque[Job] = deque()
-        self.prefilling: deque[Prefill] = deque()
-        self.cond = threading.Condition()
-        self.steps = 0  # decoding steps run
-        self.widths: deque[int] = deque(maxlen=4096)  # rows decoded at each recent step, for tests and logs
-        self.cancelled = 0  # requests whose client left before the reply was done
-        self.closing = False
-        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.thread.start()
-
-    @property
-    def rows(self) -> list[Row]:
-        """The rows decoding, in the cache's rows 0 .. len - 1."""
-        return self.live.items
-
-    def submit(self, request: Request) -> Job:
-        """Queue a request; BadRequest for one that could never be admitted (first come, first
-        served: it would hold every request behind it)."""
-        if request.n > self.max_batch:
-            raise BadRequest(
-                f"'n' is {request.n}, but this server decodes at most {self.max_batch} sequences at once "
-                "(its --max-batch)",
-                "n",
-            )
-        job = Job(request)
-        with self.cond:
-            self.waiting.append(job)
-            self.cond.notify()
-        return job
-
-    def row_seed(self, seed: int | None, choice: int) -> int:
-        if seed is None:
-            return int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        return seed % 2**63 if choice == 0 else (seed * 1_000_003 + choice) % 2**63
-
-    def close(self, timeout: float = 30.0):
-        """Stop between two steps: every request in flight or waiting hears that the server is
-        stopping, and the thread ends (a thread left inside torch at exit aborts the process)."""
-        with self.cond:
-            self.closing = True
-            self.cond.notify()
-        self.thread.join(timeout)
-
-    def _admit(self) -> bool:
-        """Step 1; waits while there is nothing at all to do. False: the engine is closing."""
-        with self.cond:
-            while not (self.waiting or self.prefilling or self.rows or self.closing):
-                self.cond.wait()
-            if self.closing:
-                return False
-            free = self.max_batch - len(self.rows) - sum(p.job.request.n for p in self.prefilling)
-            while self.waiting and self.waiting[0].request.n <= free:
-                job = self.waiting.popleft()
-                free -= job.request.n
-                self.prefilling.append(Prefill(job, KVCache(self.model.config, 1, len(job.request.ids))))
-
-        return True
-
-    def _loop(self):
-        while self._admit():
-            try:
-                self._step()
-            except Exception as e:  # the model failed: every request in flight hears it, the server lives on
-                self._end_in_flight(f"generation failed: {type(e).__name__}: {e}")
-        with self.cond:
-            waiting, self.waiting = list(self.waiting), deque()
-        self._end_in_flight("the server is stopping", waiting)
-
-    def _end_in_flight(self, message: str, also: list[Job] = ()):
-        """Every request decoding or prefilling (and `also`) hears `message` and leaves: the rows
-        with their cache columns (CacheRows.clear), so that the next request starts clean."""
-        jobs = {id(j): j for j in [r.job for r in self.rows] + [p.job for p in self.prefilling] + list(also)}
-        for job in jobs.values():
-            job.events.put(("error", message))
-        self.live.clear()
-        self.prefilling.clear()
-
-    @torch.no_grad()
-    def _step(self):
-        if self.prefilling:
-            self._prefill(self.prefilling[0])
-        self._retire()
-        if self.rows:
-            self._decode()
-            self._retire()
-
-    def _prefill(self, p: Prefill):
-        """Step 2."""
-        request, job = p.job.request, p.job
-        if job.cancelled:  # its client left before its reply began
-            self.prefilling.popleft()
-            job.rows_left = 0
-            self._done(job)
-            return
-        # In chunks while rows decode (they wait for each); whole when none does.
-        end = min(p.done + self.prefill_chunk, len(request.ids)) if self.rows else len(request.ids)
-        chunk = torch.tensor([request.ids[p.done : end]], device=self.device)
-        logits = self.model(chunk, cache=p.cache, start=p.done, positions=slice(-1, None))[0, -1]
-        p.done = end
-        if end < len(request.ids):
-            return
-        self.prefilling.popleft()
-        for choice in range(request.n):
-            generator = torch.Generator(self.device).manual_seed(self.row_seed(request.seed, choice))
-            row = Row(job, choice, ReplyText(self.tok, request.stop, request.max_tokens), generator)
-            self.live.add(row, p.cache, len(request.ids))
-            self._sample([row], logits[None])
-
-    def _decode(self):
-        """Step 3."""
-        logits = self.live.step(self.model, [row.token for row in self.rows], self.device)
-        self.steps += 1
-        self.widths.append(len(self.rows))
-        self._sample(self.rows, logits)
-
-    def _sample(self, rows: list[Row], logits: torch.Tensor):
-        """Each row's next token from its logits (B, V), with its own request's settings: the
-        rows that share them processed together (generate.process_logits), each drawing from
-        its own generator (generate.draw); then step 4 for each."""
-        groups: dict[tuple, list[int]] = {}
-        for b, row in enumerate(rows):
-            groups.setdefault((row.job.request.temperature, row.job.request.top_p), []).append(b)
-        for (temperature, top_p), members in groups.items():
-            scores = process_logits(
-                logits[members], None, temperature=temperature, top_p=top_p, vocab_limit=len(self.tok)
-            )
-            tokens = draw(scores, temperature, [rows[b].generator for b in members]).tolist()
-            for b, token in zip(members, tokens):
-                rows[b].token = token
-        for row, row_logits in zip(rows, logits):
-            self._emit(row, row_logits)
-
-    def _emit(self, row: Row, logits: torch.Tensor):
-        """Step 4, for one row: the text its new token makes final (and its log-probabilities)."""
-        request = row.job.request
-        if request.logprobs and row.token != self.tok.eos_id:
-            row.logprobs.append(self._logprob_entry(logits, row.token, request.top_logprobs))
-        piece = row.reply.push(row.token, self.tok.eos_id)
-        if piece:
-            row.job.events.put(("delta", row.choice, piece, self._take_logprobs(row)))
-        if row.reply.finish is not None:
-            row.job.events.put(("finish", row.choice, row.reply.finish, self._take_logprobs(row)))
-
-    def _logprob_entry(self, logits: torch.Tensor, token: int, top: int) -> dict:
-        """A token as OpenAI's logprobs.content lists it: the model's own log-probability of it
-        (model.token_logprobs: the whole vocabulary, no sampling filter), and the `top` most
-        likely tokens the tokenizer can decode, with theirs."""
-        logprobs = at_least_fp32(logits).log_softmax(-1)
-
-        def entry(i: int) -> dict:
-            data = token_bytes(self.tok, i)
-            return {
-                "token": data.decode("utf-8", "backslashreplace"),
-                "logprob": float(logprobs[i]),
-                "bytes": list(data),
-            }
-
-        best = logprobs[: len(self.tok)].topk(top).indices.tolist() if top else []
-        return dict(entry(token), top_logprobs=[entry(i) for i in best])
-
-    def _take_logprobs(self, row: Row) -> list | None:
-        if not row.job.request.logprobs:
-            return None
-        taken, row.logprobs = row.logprobs, []
-        return taken
-
-    def _retire(self):
-        """Step 4: rows that ended or whose client left free their rows; the rest move down."""
-        for row in self.rows:
-            if row.reply.finish is None and row.job.cancelled:
-                row.reply.finish = "cancelled"
-        keep = [row.reply.finish is None for row in self.rows]
-        for row in (row for row, stays in zip(self.rows, keep) if not stays):
-            row.job.rows_left -= 1
-            row.job.completion += row.reply.tokens
-            if row.job.rows_left == 0:
-                self._done(row.job)
-        self.live.keep(keep)
-
-    def _done(self, job: Job):
-        if job.cancelled:
-            self.cancelled += 1
-        prompt = len(job.request.ids)
-        job.events.put(
-            (
-                "done",
-                {"prompt_tokens": prompt, "completion_tokens": job.completion, "total_tokens": prompt + job.completion},
-            )
-        )
+from chat_api import is_loopback
+from generate import add_device_args, device_and_dtype, load
+from protocol import CONTROL_CHARACTERS, MAX_TOKENS, BadRequest, parse_request
+from engine import PREFILL_CHUNK, Engine, Failed, Finished, Job, Text
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -839,17 +345,17 @@ class Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 continue
-            if event[0] in ("delta", "finish"):
-                if event[0] == "delta":
-                    texts[event[1]] += event[2]
+            if isinstance(event, (Text, Finished)):
+                if isinstance(event, Text):
+                    texts[event.choice] += event.text
                 else:
-                    finish[event[1]] = event[2]
-                logprobs[event[1]] += event[3] or []
-            elif event[0] == "error":
-                self._error(BadRequest(event[1], status=500, kind="server_error"))
+                    finish[event.choice] = event.reason
+                logprobs[event.choice] += event.logprobs or []
+            elif isinstance(event, Failed):
+                self._error(BadRequest(event.message, status=500, kind="server_error"))
                 return
             else:
-                job.usage = event[1]
+                job.usage = event.usage
                 choices = [
                     {
                         "index": i,
@@ -859,7 +365,7 @@ class Handler(BaseHTTPRequestHandler):
                     }
                     for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))
                 ]
-                self._send_json(200, dict(head, object="chat.completion", choices=choices, usage=event[1]))
+                self._send_json(200, dict(head, object="chat.completion", choices=choices, usage=event.usage))
                 return
 
     def _stream(self, job: Job, head: dict):
@@ -901,17 +407,17 @@ class Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 continue
-            if event[0] == "delta":
-                send(chunk(event[1], {"content": event[2]}, logprobs=event[3]))
-            elif event[0] == "finish":
-                send(chunk(event[1], {}, event[2], event[3]))
-            elif event[0] == "error":  # the status line is gone: an error object in the stream, as OpenAI does
-                send(BadRequest(event[1], status=500, kind="server_error").body())
+            if isinstance(event, Text):
+                send(chunk(event.choice, {"content": event.text}, logprobs=event.logprobs))
+            elif isinstance(event, Finished):
+                send(chunk(event.choice, {}, event.reason, event.logprobs))
+            elif isinstance(event, Failed):  # the status line is gone: an error object in the stream, as OpenAI does
+                send(BadRequest(event.message, status=500, kind="server_error").body())
                 break
             else:
-                job.usage = event[1]
+                job.usage = event.usage
                 if job.request.include_usage:
-                    send(dict(head, object="chat.completion.chunk", choices=[], usage=event[1]))
+                    send(dict(head, object="chat.completion.chunk", choices=[], usage=event.usage))
                 break
         send(b"[DONE]")
         self.wfile.write(b"0\r\n\r\n")
@@ -1045,7 +551,7 @@ def main(argv=None):
     add_device_args(p, compile=False)  # the engine steps eagerly: its rows change every step
     args = p.parse_args(argv)
     key = os.environ.get("SERVE_API_KEY")
-    if not _loopback(args.host) and not key:
+    if not is_loopback(args.host) and not key:
         print(
             f"warning: serving on {args.host} without a key: anyone who can reach it can use the model "
             "(set SERVE_API_KEY)",

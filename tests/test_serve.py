@@ -19,6 +19,8 @@ from conftest import ROOT
 import distill
 import evaluate
 import generate
+import engine as engine_module
+import protocol
 import serve
 from data.schema import load_jsonl
 from data.template import render
@@ -226,15 +228,15 @@ def test_limits_size_concurrency_and_key(model_dir, monkeypatch):
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_engine(client, server):
-    cancelled, before = server.engine.cancelled, server.engine.steps
+    cancelled, before = server.engine.abandoned, server.engine.steps
     stream = ask(client, QUESTIONS[0], temperature=0, max_tokens=1500, stream=True)
     next(iter(stream))
     stream.close()
     assert ask(client, QUESTIONS[1], temperature=0, max_tokens=2).choices
     end = time.monotonic() + 300  # a bound for a hang: the count of steps decides, not the clock
-    while server.engine.cancelled == cancelled and time.monotonic() < end:
+    while server.engine.abandoned == cancelled and time.monotonic() < end:
         time.sleep(0.01)
-    assert server.engine.cancelled == cancelled + 1 and server.engine.steps - before < 1000  # not its 1,500 tokens
+    assert server.engine.abandoned == cancelled + 1 and server.engine.steps - before < 1000  # not its 1,500 tokens
 
 
 def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, monkeypatch, capsys):
@@ -364,9 +366,9 @@ def test_stop_strings_are_bounded_and_held_back_in_linear_time(server):
 
     url = server.base_url + "/chat/completions"
     body = {"model": "huatuo-tiny", "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 2}
-    r = requests.post(url, json=dict(body, stop=["痛" * (serve.MAX_STOP_CHARS + 1)]))
+    r = requests.post(url, json=dict(body, stop=["痛" * (protocol.MAX_STOP_CHARS + 1)]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
-    assert requests.post(url, json=dict(body, stop=["痛" * serve.MAX_STOP_CHARS] * 4)).status_code == 200
+    assert requests.post(url, json=dict(body, stop=["痛" * protocol.MAX_STOP_CHARS] * 4)).status_code == 200
     rng = random.Random(0)
     for _ in range(3000):
         text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
@@ -393,9 +395,9 @@ def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(model_dir):
         for _ in range(2):
             raw(s, head + b"Content-Length: %d\r\n\r\n" % len(request) + request, timeout=0.3)  # then hangs up
         end = time.monotonic() + 300  # a bound for a hang
-        while s.engine.cancelled < 2 and time.monotonic() < end:
+        while s.engine.abandoned < 2 and time.monotonic() < end:
             time.sleep(0.05)
-        assert s.engine.cancelled == 2
+        assert s.engine.abandoned == 2
         ok = requests.post(
             s.base_url + "/chat/completions",
             json={"model": "huatuo-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "头痛"}]},
@@ -632,12 +634,12 @@ def collect(job, timeout=120) -> tuple[list[str], list[str], dict]:
     texts, finish = [""] * job.request.n, [None] * job.request.n
     while True:
         event = job.events.get(timeout=timeout)
-        if event[0] == "delta":
-            texts[event[1]] += event[2]
-        elif event[0] == "finish":
-            finish[event[1]] = event[2]
-        elif event[0] == "done":
-            return texts, finish, event[1]
+        if isinstance(event, engine_module.Text):
+            texts[event.choice] += event.text
+        elif isinstance(event, engine_module.Finished):
+            finish[event.choice] = event.reason
+        elif isinstance(event, engine_module.Done):
+            return texts, finish, event.usage
         else:
             raise AssertionError(event)
 
@@ -659,11 +661,11 @@ def test_a_reply_is_the_same_alone_joining_a_running_batch_or_joined_mid_flight(
     at once for the next."""
     model = load_transformer(model_dir, dtype=torch.float64).eval()
     tok = Tokenizer(model_dir / "tokenizer.model")
-    engine = serve.Engine(model, tok, max_batch=4, prefill_chunk=7)
+    engine = engine_module.Engine(model, tok, max_batch=4, prefill_chunk=7)
 
     def request(question, **kw):
         body = {"model": "m", "messages": [{"role": "user", "content": question}], **kw}
-        return serve.parse_request(body, tok, engine.context)
+        return protocol.parse_request(body, tok, engine.context)
 
     long, short = (
         request(QUESTIONS[0], temperature=0, max_tokens=60),
@@ -701,7 +703,7 @@ def test_a_reply_is_the_same_alone_joining_a_running_batch_or_joined_mid_flight(
     hog.cancelled = True
     texts, finish, usage = collect(hog)
     assert finish == [None] * 4 and usage["completion_tokens"] < 4 * 500  # stopped, nothing more sent
-    assert collect(engine.submit(short))[0] == [expected[1]] and engine.cancelled == 1 and not engine.rows
+    assert collect(engine.submit(short))[0] == [expected[1]] and engine.abandoned == 1 and not engine.rows
 
 
 def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_dir):
@@ -712,7 +714,7 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
     model = load_transformer(model_dir, dtype=torch.float64).eval()
     tok = Tokenizer(model_dir / "tokenizer.model")
     messages = [{"role": "user", "content": QUESTIONS[1]}]
-    ids = serve.parse_request({"model": "m", "messages": messages}, tok, model.config.max_position_embeddings).ids
+    ids = protocol.parse_request({"model": "m", "messages": messages}, tok, model.config.max_position_embeddings).ids
     with torch.no_grad():
         gen = generate.generate(
             model,
@@ -730,7 +732,7 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
         model="huatuo-tiny", messages=messages, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3
     )
     content = r.choices[0].logprobs.content
-    assert [bytes(c.bytes) for c in content] == [serve.token_bytes(tok, t) for t in tokens]
+    assert [bytes(c.bytes) for c in content] == [engine_module.token_bytes(tok, t) for t in tokens]
     for c, expected in zip(content, logprobs):
         assert abs(c.logprob - expected) < 1e-9 and c.token == bytes(c.bytes).decode("utf-8", "backslashreplace")
         assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob  # greedy: the top one taken
@@ -749,10 +751,10 @@ def test_log_probabilities_are_the_models_own_streaming_and_not(client, model_di
 # -- reliability, round 5 (issue 44) ---------------------------------------------------------------------
 
 
-def events_until_end(job, timeout=120) -> list[tuple]:
-    """A job's events up to its "done" or "error"."""
+def events_until_end(job, timeout=120) -> list:
+    """A job's events up to its Done or Failed."""
     events = []
-    while not events or events[-1][0] not in ("done", "error"):
+    while not events or not isinstance(events[-1], (engine_module.Done, engine_module.Failed)):
         events.append(job.events.get(timeout=timeout))
     return events
 
@@ -795,12 +797,12 @@ def test_a_failed_step_leaves_nothing_of_its_requests_for_the_next(model_dir):
     fresh_columns, columns = [], []
     fail_once(models[0], lambda *_: False, fresh_columns)
     fail_once(models[1], is_decoding_step, columns)
-    fresh = serve.Engine(models[0], tok, max_batch=4)
-    engine = serve.Engine(models[1], tok, max_batch=4, prefill_chunk=7)
+    fresh = engine_module.Engine(models[0], tok, max_batch=4)
+    engine = engine_module.Engine(models[1], tok, max_batch=4, prefill_chunk=7)
 
     def request(question, **kw):
         body = {"model": "m", "messages": [{"role": "user", "content": question}], **kw}
-        return serve.parse_request(body, tok, engine.context)
+        return protocol.parse_request(body, tok, engine.context)
 
     nexts = [request(QUESTIONS[1], temperature=0, max_tokens=12), request(QUESTIONS[2], seed=3, n=2, max_tokens=12)]
     expected = [collect(fresh.submit(r)) for r in nexts]
@@ -818,7 +820,9 @@ def test_a_failed_step_leaves_nothing_of_its_requests_for_the_next(model_dir):
         wait_until_decoding(SimpleNamespace(engine=engine), before)
         fail_once(models[1], is_prefill, [])
         joining = engine.submit(request(QUESTIONS[3], temperature=0, max_tokens=20))
-        assert events_until_end(joining)[-1][0] == "error" and events_until_end(long)[-1][0] == "error"
+        assert isinstance(events_until_end(joining)[-1], engine_module.Failed) and isinstance(
+            events_until_end(long)[-1], engine_module.Failed
+        )
         columns.clear()
         assert [collect(engine.submit(r)) for r in nexts] == expected
         assert columns == fresh_columns
