@@ -19,8 +19,8 @@ import sys
 
 from safety import run_main
 from data.template import CHAT_SAMPLING, DOCTOR_TAG, PATIENT_TAG
-from evaluate import Doctor
-from generate import add_device_args, add_sampling_args, device_and_dtype
+from evaluate import Doctor, make_doctor
+from generate import add_device_args, add_sampling_args
 
 CLEAR = {"clear", "/clear"}
 QUIT = {"quit", "exit", "stop", "/quit", "/exit"}
@@ -71,19 +71,7 @@ def main(argv=None):
     # which every exported checkpoint carries as generation_config.json).
     add_sampling_args(p, **CHAT_SAMPLING, why="; ours, the paper gives none")
     add_device_args(p)
-    args = p.parse_args(argv)
-    device, dtype = device_and_dtype(args)
-    doctor = Doctor(
-        args.model,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.repetition_penalty,
-        args.seed,
-        device=device,
-        dtype=dtype,
-        compile=args.compile,
-    )
+    doctor = make_doctor(p.parse_args(argv))
 
     def write(text):
         sys.stdout.write(text)
