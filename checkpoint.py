@@ -165,7 +165,7 @@ def check_shapes(found: dict, expected: dict, where, what: str, *, complete: boo
 def read_tensors(shards: dict[Path, list[str] | None], keep, *, dtype, device):
     """The tensors named in `keep` (HF names; no other is read), one shard file at a time: yields {HF name:
     tensor} for each file, every tensor checked (check_weight) and cast to `dtype` on `device`,
-    so that a reader holds at most one file's tensors (training.load_sharded scatters each group
+    so that a reader holds at most one file's tensors (distributed.load_sharded scatters each group
     before the next is read)."""
     for shard in shards:
         tensors = {}

@@ -399,7 +399,7 @@ def distill_setup(args, sampling: dict) -> tuple[dict, dict]:
     return setup, {"input": str(source), "base_url": args.base_url}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["instructions", "conversations", "polish-qa", "polish-dialogue", "score"])
     p.add_argument("--input", help="input file (instructions: seed file, default data/prompts/seed_instructions.jsonl)")
@@ -422,11 +422,12 @@ def main(argv=None):
     p.add_argument("--price-input", type=NONNEGATIVE, default=PRICE_INPUT, help="USD per 1M prompt tokens")
     p.add_argument("--price-output", type=NONNEGATIVE, default=PRICE_OUTPUT, help="USD per 1M completion tokens")
     p.add_argument("--dry-run", action="store_true", help="print the first prompt and stop; no API call")
-    args = p.parse_args(argv)
-    rejects = args.rejects or args.out.with_name(args.out.stem + ".rejects.jsonl")
-    if args.command != "instructions" and not args.input:
-        p.error(f"{args.command} needs --input")
-    sampling = {
+    return p
+
+
+def sampling_settings(args) -> dict:
+    """The API's sampling settings: those given, and temperature 1.0 to generate, 0 to score."""
+    return {
         k: v
         for k, v in (
             (
@@ -438,6 +439,15 @@ def main(argv=None):
         )
         if v is not None
     }
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    rejects = args.rejects or args.out.with_name(args.out.stem + ".rejects.jsonl")
+    if args.command != "instructions" and not args.input:
+        p.error(f"{args.command} needs --input")
+    sampling = sampling_settings(args)
     if not args.dry_run:
         claim_output(args.out, *distill_setup(args, sampling), inputs=[args.input])
     try:

@@ -63,7 +63,16 @@ from safety import (
     setup_record,
 )
 from data.template import render
-from generate import ReplyText, add_device_args, add_sampling_args, device_and_dtype, generate, load, stream
+from generate import (
+    CompiledStep,
+    ReplyText,
+    add_device_args,
+    add_sampling_args,
+    device_and_dtype,
+    generate,
+    load,
+    stream,
+)
 from metrics import compute_metrics
 from plots import judged, svg_win_tie_loss
 from review import ASPECTS, serve_review, study_summary, win_rate
@@ -93,9 +102,12 @@ class Doctor:
         compile=False,
     ):
         self.path = path
-        self.model, self.tok = load(path, device=device, dtype=dtype, compile=compile)
+        self.model, self.tok = load(path, device=device, dtype=dtype)
+        compiled = CompiledStep(self.model) if compile else None  # --compile: held here, not on the model
         self.max_new = max_new_tokens
-        self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
+        self.sampling = dict(
+            temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, compiled=compiled
+        )
         self.gen = torch.Generator(device).manual_seed(seed)
 
     def prompt(self, conversation: list[dict]):

@@ -96,6 +96,7 @@ def decode_steps(
     repetition_penalty: float = 1.0,
     vocab_limit: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    compiled: "CompiledStep | None" = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield, per step, (tokens (B,), logprobs (B,), alive (B,) bool) for the batch.
 
@@ -107,7 +108,8 @@ def decode_steps(
     log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
     equal what a training forward computes for the same ids. `generator` may be one per prompt:
     each row then samples from its own, and a seeded row draws the same tokens whatever else is
-    in the batch (serve.py's seeded requests).
+    in the batch (serve.py's seeded requests). `compiled` (a CompiledStep of this model, --compile)
+    runs every decoding step through torch.compile over a static cache.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the bos token, at least)")
@@ -120,8 +122,7 @@ def decode_steps(
             f"exceeds the model's context of {config.max_position_embeddings}"
         )
     total = P + max_new_tokens
-    compiled = getattr(model, "compile_decoding", False)  # PPO samples from its policy-with-value wrapper
-    if compiled:  # a static cache, whole buckets of columns: one compilation serves many lengths
+    if compiled is not None:  # a static cache, whole buckets of columns: one compilation serves many lengths
         total = min(-(-total // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings)
     tokens, mask = pad_batch(prompts, pad_id, left=True)  # every row's next token in column P
     tokens = F.pad(tokens, (0, total - P), value=pad_id).to(device)  # the columns generation fills
@@ -164,10 +165,10 @@ def decode_steps(
                 alive &= nxt != eos_id
                 if not any_alive(alive, sharded):
                     break
-            if compiled:
-                logits = compiled_step(model)(
-                    nxt[:, None], mask, cache=cache, start=torch.tensor([pos], device=device)
-                )[:, -1]
+            if compiled is not None:
+                logits = compiled.forward(nxt[:, None], mask, cache=cache, start=torch.tensor([pos], device=device))[
+                    :, -1
+                ]
             else:
                 logits = model(
                     tokens[:, pos : pos + 1], mask[:, : pos + 1] if padded else None, cache=cache, start=pos
@@ -266,7 +267,7 @@ def generate_queue(
 
     readback(tokens, indices) -> list[int]: what the tokens drawn for prompts `indices` are
     taken to be; None reads them from the device. A simulation on fake tensors, which hold no
-    values, says what they are (plan.measure_ppo: every response its length, then the eos)."""
+    values, says what they are (simulate.measure_ppo: every response its length, then the eos)."""
     device = next(model.parameters()).device
     config = model.config
     sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
@@ -338,20 +339,21 @@ def generate_queue(
 STATIC_BUCKET = 256
 
 
-def compiled_step(model: Transformer):
-    """model.forward compiled for one decoding step over a static cache (model.compile_decoding).
+class CompiledStep:
+    """`model`'s forward compiled for one decoding step over a static cache (--compile), held by
+    the caller that decodes (evaluate.Doctor, `train_rm.py sample`, generate.py) and passed to
+    decode_steps; the model keeps no state of it.
 
     Every step has the same shapes (one token per sequence, the whole cache, a mask over all of
     it), so torch.compile traces it once per batch size and cache bucket, and inductor fuses
     the small operations between the matrix products (norms, RoPE, the cache write, residual
     adds) that eager mode dispatches one at a time. The weights stay inputs of the compiled
     graph, so a model that goes on training decodes with its current weights."""
-    if isinstance(model, FSDPModule):
-        raise ValueError("compiled decoding needs the whole model on this rank, not an FSDP-sharded one")
-    step = model.__dict__.get("_compiled_step")
-    if step is None:
-        step = model._compiled_step = torch.compile(model.forward, fullgraph=True, dynamic=False)
-    return step
+
+    def __init__(self, model: Transformer):
+        if isinstance(model, FSDPModule):
+            raise ValueError("compiled decoding needs the whole model on this rank, not an FSDP-sharded one")
+        self.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
 
 
 def any_alive(alive: torch.Tensor, across_ranks: bool) -> bool:
@@ -513,12 +515,10 @@ def add_sampling_args(
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default: 0)")
 
 
-def load(path, *, device="cpu", dtype=torch.float32, compile: bool = False) -> tuple[Transformer, Tokenizer]:
+def load(path, *, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
     """A checkpoint in the HF layout and its tokenizer, ready to generate: every command that
-    runs a model for its text (generate, chat, serve, evaluate, sampling) loads it here.
-    compile: decode through compiled_step (--compile)."""
+    runs a model for its text (generate, chat, serve, evaluate, sampling) loads it here."""
     model = load_transformer(path, dtype=dtype, device=device).eval()
-    model.compile_decoding = compile
     tok = Tokenizer(Path(path) / "tokenizer.model")
     tok.check_model_vocab(model.config.vocab_size, where=f"model {path}")
     return model, tok
@@ -547,7 +547,7 @@ def main(argv=None):
     add_device_args(p)
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)
-    model, tok = load(args.model, device=device, dtype=dtype, compile=args.compile)
+    model, tok = load(args.model, device=device, dtype=dtype)
     decoder = StreamDecoder(tok)
     for t in stream(
         model,
@@ -561,6 +561,7 @@ def main(argv=None):
         repetition_penalty=args.repetition_penalty,
         vocab_limit=len(tok),
         generator=torch.Generator(device).manual_seed(args.seed),
+        compiled=CompiledStep(model) if args.compile else None,
     ):
         print(decoder.push(t), end="", flush=True)
     print()

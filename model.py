@@ -158,7 +158,7 @@ class KVCache:
     `start` an int: write columns start.. and return the keys and values up to the last one
     written. `start` a tensor (the static cache of a compiled step): write the one column it
     holds and return all max_len columns; the attention mask hides those not written yet.
-    `start` a (B, 1) tensor, a column per row (serve.py's slots, each row at its own length):
+    `start` a (B, 1) tensor, a column per row (engine.py's rows, each at its own length):
     rows 0..B-1 of the cache each write their column, and the first `width` columns (the
     mask's) come back.
     """
@@ -295,9 +295,6 @@ class Transformer(nn.Module):
         # Activation checkpointing: keep only each block's input during the forward pass and
         # recompute the block during backward (~1/3 more compute, far less activation memory).
         self.activation_checkpointing = False
-        # generate.decode_steps runs each decoding step through torch.compile over a static
-        # cache (generate.compiled_step, --compile).
-        self.compile_decoding = False
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

@@ -76,7 +76,7 @@ def main(argv=None):
         what="run of the main job",
     )
     out.mkdir(parents=True, exist_ok=True)
-    sft, rm, ppo, ev = out / "sft", out / "rm", out / "ppo", out / "eval"
+    sft, ppo, ev = out / "sft", out / "ppo", out / "eval"
     again = ["--overwrite"] if args.overwrite else []
 
     t = time.monotonic()
@@ -87,51 +87,13 @@ def main(argv=None):
         print(f"      {name}: {timings[name]:.0f} s", flush=True)
 
     stage(1, "supervised fine-tuning of the tiny model on data/sft/ (§3.1)")
-    train_sft.main(
-        [
-            "--model",
-            "tiny",
-            "--data",
-            *SFT_DATA,
-            "--out",
-            str(sft),
-            *again,
-            "--batch-size",
-            "8",
-            "--lr",
-            "2e-3",
-            "--epochs",
-            str(args.epochs),
-            "--eval-every",
-            "10",
-            "--save-every",
-            "1000",
-            "--log-every",
-            "5",
-        ]
-    )
+    train_sft.main(sft_command(out, args, again))
     lap("SFT")
 
     stage(2, "sampling 2 responses for each of 8 real-doctor prompts from the SFT model (§3.2)")
     for stale in ("samples.jsonl", "samples.setup.json"):  # `sample` resumes, and refuses another model's file
         (out / stale).unlink(missing_ok=True)
-    train_rm.main(
-        [
-            "sample",
-            "--model",
-            str(sft / "best"),
-            "--data",
-            str(DATA / "sft" / "doctor_qa.jsonl"),
-            "--out",
-            str(out / "samples.jsonl"),
-            "-k",
-            "2",
-            "--limit",
-            "8",
-            "--max-new-tokens",
-            "48",
-        ]
-    )
+    train_rm.main(sampling_command(out))
     print(
         "      (with an API key, `python distill.py score --input samples.jsonl` has them rated; here the\n"
         "       shipped preference pairs stand in for those ratings)"
@@ -139,59 +101,11 @@ def main(argv=None):
     lap("sampling")
 
     stage(3, "the reward model from the SFT model on data/preference/ (§3.2)")
-    train_rm.main(
-        [
-            "--model",
-            str(sft / "best"),
-            "--data",
-            str(DATA / "preference" / "preference_pairs.jsonl"),
-            "--out",
-            str(rm),
-            *again,
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-3",
-            "--epochs",
-            "3",
-            "--eval-every",
-            "8",
-            "--save-every",
-            "1000",
-        ]
-    )
+    train_rm.main(rm_command(out, again))
     lap("reward model")
 
     stage(4, "PPO from the SFT model against the reward model, KL penalty to the SFT policy (§3.2)")
-    train_ppo.main(
-        [
-            "--policy",
-            str(sft / "best"),
-            "--reward",
-            str(rm / "best"),
-            "--data",
-            *SFT_DATA,
-            "--exclude",
-            str(DATA / "preference" / "preference_pairs.jsonl"),
-            "--out",
-            str(ppo),
-            *again,
-            "--max-steps",
-            str(args.ppo_steps),
-            "--rollout-size",
-            "16",
-            "--chunk-size",
-            "8",
-            "--batch-size",
-            "8",
-            "--max-new-tokens",
-            "48",
-            "--lr",
-            "1e-4",
-            "--save-every",
-            "1000",
-        ]
-    )
+    train_ppo.main(ppo_command(out, args, again))
     lap("PPO")
 
     stage(5, "evaluation of the SFT and the PPO model (§4), the judge and the patient served locally")
@@ -201,6 +115,108 @@ def main(argv=None):
     stage(6, "the report")
     report = write_report(out, timings)
     print(summary(out, report, timings))
+
+
+def sft_command(out, args, again) -> list[str]:
+    """The SFT stage's command line: the tiny model on data/sft/, --epochs epochs."""
+    sft = out / "sft"
+    return [
+        "--model",
+        "tiny",
+        "--data",
+        *SFT_DATA,
+        "--out",
+        str(sft),
+        *again,
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--epochs",
+        str(args.epochs),
+        "--eval-every",
+        "10",
+        "--save-every",
+        "1000",
+        "--log-every",
+        "5",
+    ]
+
+
+def sampling_command(out) -> list[str]:
+    """The sampling stage's command line: 2 responses to each of 8 real-doctor prompts."""
+    sft = out / "sft"
+    return [
+        "sample",
+        "--model",
+        str(sft / "best"),
+        "--data",
+        str(DATA / "sft" / "doctor_qa.jsonl"),
+        "--out",
+        str(out / "samples.jsonl"),
+        "-k",
+        "2",
+        "--limit",
+        "8",
+        "--max-new-tokens",
+        "48",
+    ]
+
+
+def rm_command(out, again) -> list[str]:
+    """The reward model's command line: pairwise training from the SFT model on data/preference/."""
+    sft, rm = out / "sft", out / "rm"
+    return [
+        "--model",
+        str(sft / "best"),
+        "--data",
+        str(DATA / "preference" / "preference_pairs.jsonl"),
+        "--out",
+        str(rm),
+        *again,
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "8",
+        "--save-every",
+        "1000",
+    ]
+
+
+def ppo_command(out, args, again) -> list[str]:
+    """PPO's command line: 4 rounds of 16 experiences at the default --ppo-steps."""
+    sft, rm, ppo = out / "sft", out / "rm", out / "ppo"
+    return [
+        "--policy",
+        str(sft / "best"),
+        "--reward",
+        str(rm / "best"),
+        "--data",
+        *SFT_DATA,
+        "--exclude",
+        str(DATA / "preference" / "preference_pairs.jsonl"),
+        "--out",
+        str(ppo),
+        *again,
+        "--max-steps",
+        str(args.ppo_steps),
+        "--rollout-size",
+        "16",
+        "--chunk-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "48",
+        "--lr",
+        "1e-4",
+        "--save-every",
+        "1000",
+    ]
 
 
 def evaluation(ev: Path, models: dict[str, Path], limit: int):
@@ -320,7 +336,6 @@ def fmt(v, digits=3) -> str:
 def write_report(out: Path, timings: dict[str, float]) -> Path:
     """OUT/report.md and its SVG plots, from the files the stages wrote."""
     sft, rm, ppo = (metrics(out / d / "metrics.jsonl") for d in ("sft", "rm", "ppo"))
-    ev = out / "eval"
     lines = [
         "# HuatuoGPT on the embedded default: the whole recipe, one run",
         "",
@@ -334,7 +349,16 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         "",
     ]
 
-    # SFT
+    lines += sft_section(out, sft) + sampling_section(out) + rm_section(out, rm) + ppo_section(out, ppo)
+    lines += eval_section(out)
+    lines += answer_examples(out / "eval")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def sft_section(out: Path, sft: list) -> list[str]:
+    """Section 1: supervised fine-tuning, from sft/metrics.jsonl, and its loss plot."""
     val = [r for r in sft if "val_loss" in r]
     best = min(val, key=lambda r: r["val_loss"], default=None)
     (out / "sft_loss.svg").write_text(
@@ -345,7 +369,7 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         ),
         encoding="utf-8",
     )
-    lines += [
+    lines = [
         "## 1. Supervised fine-tuning",
         "",
         f"`sft/metrics.jsonl`: {sum('loss' in r for r in sft)} steps; validation loss "
@@ -355,20 +379,26 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         "![SFT loss](sft_loss.svg)",
         "",
     ]
+    return lines
 
-    # Sampling
+
+def sampling_section(out: Path) -> list[str]:
+    """Section 2: the responses sampled for the reward model (samples.jsonl)."""
     samples = load_jsonl(out / "samples.jsonl") if (out / "samples.jsonl").is_file() else []
     responses = sum(len(s["responses"]) for s in samples)
     finished = sum(sum(s["finished"]) for s in samples)
-    lines += [
+    lines = [
         "## 2. Sampling for the reward model",
         "",
         f"`samples.jsonl`: {responses} responses to {len(samples)} real-doctor prompts; {finished} ended with "
         f"eos, {responses - finished} were cut at 48 tokens (those `distill.py score` does not rate).",
         "",
     ]
+    return lines
 
-    # Reward model
+
+def rm_section(out: Path, rm: list) -> list[str]:
+    """Section 3: the reward model, from rm/metrics.jsonl, and its plot."""
     rv = [r for r in rm if "val_accuracy" in r]
     rbest = max(rv, key=lambda r: (r["val_accuracy"], r["val_margin"]), default=None)
     (out / "rm.svg").write_text(
@@ -386,7 +416,7 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         ),
         encoding="utf-8",
     )
-    lines += [
+    lines = [
         "## 3. Reward model",
         "",
         f"`rm/metrics.jsonl`: held-out pairwise accuracy {fmt(rv[0]['val_accuracy'] if rv else None)} before "
@@ -396,8 +426,11 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         "![reward model](rm.svg)",
         "",
     ]
+    return lines
 
-    # PPO
+
+def ppo_section(out: Path, ppo: list) -> list[str]:
+    """Section 4: PPO, a row per round of ppo/metrics.jsonl, and its plot."""
     (out / "ppo.svg").write_text(
         svg_panels(
             "RLMF: PPO with a KL penalty (§3.2)",
@@ -410,7 +443,7 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         ),
         encoding="utf-8",
     )
-    lines += [
+    lines = [
         "## 4. PPO",
         "",
         "`ppo/metrics.jsonl`: one row per round of rollouts.",
@@ -426,9 +459,13 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
         for r in ppo
     ]
     lines += ["", "![PPO](ppo.svg)", ""]
+    return lines
 
-    # Evaluation
-    lines += [
+
+def eval_section(out: Path) -> list[str]:
+    """Section 5: Table 2's metrics and the judge's verdicts, from eval/, with their charts."""
+    ev = out / "eval"
+    lines = [
         "## 5. Evaluation",
         "",
         "### Table 2: generation metrics on `data/eval/qa_test.jsonl`",
@@ -484,10 +521,7 @@ def write_report(out: Path, timings: dict[str, float]) -> Path:
             + ".",
             "",
         ]
-    lines += answer_examples(ev)
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return lines
 
 
 def answer_examples(ev: Path, most: int = 3) -> list[str]:

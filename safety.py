@@ -413,7 +413,7 @@ class StepGuard:
             )
 
     def check_weights(self, where: str, finite: bool):
-        """Before a state is saved: `finite` (training.all_finite, the same on every rank)."""
+        """Before a state is saved: `finite` (distributed.all_finite, the same on every rank)."""
         if not finite:
             raise SystemExit(
                 f"{where}: the update left weights or optimizer state that are not finite; stopping "

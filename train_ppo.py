@@ -51,12 +51,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import random
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,58 +63,51 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-from data.corpus import Corpus
-from data.readers import add_input_args, read
+from data.readers import add_input_args
 from data.schema import Report
-from data.template import pad_batch, render, reward_ids
+from data.template import pad_batch
 from generate import generate_queue
-from model import PolicyWithValue, RewardModel, Transformer, allocate, token_logprobs
-from pretrained import load_reward_model, read_reward_model, reward_has_bias
-from pretrained import reward_format
+from model import token_logprobs
+from pretrained import load_config
 from plan import PPOParts, add_plan_args, given_settings, ppo_dry_run
-from safety import (
-    COUNT,
-    NONNEGATIVE,
-    POSITIVE,
-    StepGuard,
-    data_digests,
-    file_digest,
-    model_fingerprint,
-    run_fingerprint,
+from ppo_setup import (
+    TRAINABLE_BLOCKS,
+    Prompts,
+    PromptStream,
+    TextReward,
+    build,
+    build_empty,
+    load_reward,
+    prompt_budget,
+    prompt_parts,
+    reward_by_text,
+    reward_empty,
+    reward_scorer,
 )
+from safety import COUNT, NONNEGATIVE, POSITIVE, data_digests, file_digest, model_fingerprint, run_fingerprint
 from training import (
     HelpFormatter,
-    MetricsLog,
+    Run,
     Timer,
-    TrainState,
     add_run_args,
-    all_finite,
     card_writer,
-    device_mesh,
-    exit_trainer,
-    frozen_in_bf16,
-    gathered,
     grad_norm_and_clip,
     load_model,
-    load_sharded,
     make_optimizer,
     micro_batches,
-    mixed_precision,
     rendered_once,
-    run_distributed,
     save_dtype,
     save_hf,
-    shard,
 )
+from distributed import device_mesh, exit_trainer, gathered, mixed_precision, run_distributed
 
 # Paper §3.2 and App. E.
 LR = 1e-6  # "learning rate 1e-6"
 MAX_STEPS = 16_000  # "16,000 steps"
 ROLLOUT_SIZE = 64  # "rollout size 64": experiences collected before each round of updates
-CHUNK_SIZE = 8  # "chunk size 8": prompts generated together
+CHUNK_SIZE = 8  # "chunk size 8": prompts generated together (trlx's chunk_size), and nothing else
 PPO_EPOCHS = 4  # "4 PPO epochs" over each rollout
 INIT_KL_COEF = 0.1  # "the initial KL divergence coefficient is set at 0.1"
-TRAINABLE_BLOCKS = 2  # "only the parameters of the last two layers are updated" (model.PolicyWithValue)
 # Where the paper is silent: trlx (CarperAI/trlx), which HuatuoGPT used, as it stood when the
 # paper appeared: main at commit 355c974 (11 May 2023), its last before the paper (24 May).
 TRLX_COMMIT = "355c974"
@@ -142,43 +133,10 @@ BATCH_SIZE = 16  # experiences per minibatch (optimizer step): 64 / 16 x 4 epoch
 MAX_NEW_TOKENS = 256
 GRAD_CLIP = 1.0  # the SFT recipe's
 UNFINISHED_PENALTY = 0.0  # subtracted from the score of a response cut at --max-new-tokens (see score_round)
-
-
-# -- the model: policy + value head, and the reference top --------------------------------------------
-
-
-def sft_name(name: str, first_trainable: int) -> str:
-    """A tensor of π0's top -> its name in the SFT model: the top's blocks are the SFT model's
-    blocks from `first_trainable` on, renumbered from 0; the final norm and the head keep their names."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        return f"layers.{int(i) + first_trainable}.{rest}"
-    return name
-
-
-def reference_top(config, first_trainable: int, device, dtype) -> Transformer:
-    """π0's top, empty: a frozen copy of the SFT blocks [first_trainable, L), norm and head, as a small
-    Transformer run on the shared bottom's output (forward(hidden=...)). Replicated on every
-    rank: two blocks and a head (1.7 GB in bf16 for Ziya-13B). load_reference fills it."""
-    top_config = replace(config, num_hidden_layers=config.num_hidden_layers - first_trainable)
-    with torch.device("meta"):
-        ref = Transformer(top_config)
-    if not config.tie_word_embeddings:
-        ref.embed_tokens = None  # never run: the input is the bottom's residual stream
-    return allocate(ref, device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def load_reference(ref: Transformer, full: dict | None, first_trainable: int, d):
-    """Fill π0's top from rank 0's SFT state dict (`full`; None elsewhere): rank 0 broadcasts
-    these tensors alone, in the top's dtype, as tensors. Every rank knows their names and
-    shapes from the config, so no other rank ever receives, and no object collective carries,
-    any of the rest of the model."""
-    for name, tensor in ref.named_parameters():  # a tied head is the embedding: once
-        if d.main:
-            tensor.copy_(full[sft_name(name, first_trainable)])
-        if d.world > 1:
-            dist.broadcast(tensor, src=0)
+# Two batches that --chunk-size also set before, each its own setting now, at the value the
+# default --chunk-size gave them: a run with the default settings computes what it did.
+SCORE_BATCH_SIZE = 8  # sequences the reward model scores in one forward (score_round)
+BOTTOM_BATCH_SIZE = 8  # experiences the frozen bottom runs on in one forward (make_experience)
 
 
 # -- the algorithm, as plain functions (each tested by hand) -----------------------------------------
@@ -343,103 +301,6 @@ def response_outputs(model, exps, pad_id, device, *, ref=None, vocab: int | None
     return out
 
 
-# -- prompts -----------------------------------------------------------------------------------------------
-
-
-def read_prompts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8", kept=None):
-    """The RL prompts (§3.2), yielded as token ids: every patient turn of the SFT data with the
-    conversation before it (single- and multi-turn), de-duplicated, minus the prompts the reward
-    model's pairs were built from (--exclude), rendered with the one template, in the order of
-    their content. train_ppo.py writes them once into its data cache (data.corpus). `kept` (a
-    list) collects each yielded prompt's conversation, as its JSON (prompt_parts)."""
-    excluded = {
-        json.dumps(r["messages"], ensure_ascii=False)
-        for f in exclude or []
-        for r in read(f, "pairs", report=report, encoding=encoding)
-    }
-    seen = {}
-    for f in files:
-        for r in read(f, fmt, report=report, encoding=encoding):
-            for i in range(0, len(r["messages"]), 2):
-                messages = r["messages"][: i + 1]
-                key = json.dumps(messages, ensure_ascii=False)
-                if key in excluded:
-                    report.skip("a prompt of the reward model's pairs", r["id"])
-                elif key not in seen:
-                    seen[key] = messages
-    for key in sorted(seen):
-        try:
-            ids = render(tok, seen[key], max_len=budget).ids
-        except ValueError:
-            report.skip(f"question longer than the context less --max-new-tokens ({budget} tokens)", key[:40])
-            continue
-        if kept is not None:
-            kept.append(key)
-        yield ids
-
-
-def prompt_parts(files, exclude, tok, budget: int, report: Report, fmt=None, encoding="utf-8", conversations=False):
-    """The cache entry's parts: "prompts" (read_prompts' ids) and, for a reward model scored
-    through text, "conversations", each prompt's conversation as the UTF-8 bytes of its JSON (one
-    int32 a byte: the corpus layout), in the same order. The parts are written one after the
-    other (data.corpus.build_entry): the conversations are listed as the prompts are written."""
-    kept = [] if conversations else None
-    parts = {"prompts": read_prompts(files, exclude, tok, budget, report, fmt, encoding, kept=kept)}
-    if conversations:
-        parts["conversations"] = (list(key.encode("utf-8")) for key in kept)  # read once the prompts are written
-    return parts
-
-
-class Prompt(list):
-    """A prompt's ids (a list, as generation takes them) and, for a reward model scored through
-    text, its conversation."""
-
-    messages: list | None = None
-
-
-class Prompts:
-    """The cached prompts, memory-mapped, as Prompt items (their conversations attached where
-    the entry holds them)."""
-
-    def __init__(self, entry: Path):
-        self.ids = Corpus(entry / "prompts")
-        self.conversations = Corpus(entry / "conversations") if (entry / "conversations").is_dir() else None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> Prompt:
-        prompt = Prompt(self.ids[i])
-        if self.conversations is not None:
-            prompt.messages = json.loads(bytes(self.conversations[i]).decode("utf-8"))
-        return prompt
-
-
-class PromptStream:
-    """Prompts in passes: each pass a shuffle fixed by (seed, pass); the position is saved."""
-
-    def __init__(self, prompts: list, seed: int):
-        self.prompts, self.seed, self.passes, self.position = prompts, seed, 0, 0
-
-    def take(self, n: int) -> list:
-        out = []
-        while len(out) < n:
-            order = list(range(len(self.prompts)))
-            random.Random(f"{self.seed}:prompts:{self.passes}").shuffle(order)
-            while self.position < len(order) and len(out) < n:
-                out.append(self.prompts[order[self.position]])
-                self.position += 1
-            if self.position == len(order):
-                self.passes, self.position = self.passes + 1, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"passes": self.passes, "position": self.position}
-
-    def load_state_dict(self, state: dict):
-        self.passes, self.position = state["passes"], state["position"]
-
-
 # -- one round --------------------------------------------------------------------------------------------
 
 
@@ -472,7 +333,7 @@ def generate_round(model, prompts, tok, args, d, round_no: int, readback=None) -
     queue (generate.generate_queue: a row whose response ended takes the next prompt), from the
     tokenizer's ids; the policy stays gathered for the whole generation unless
     --reshard-in-rollout. -> (this rank's experiences, unscored; the share of its decoding rows
-    that had no prompt to run). plan.measure_ppo runs this very function on fake tensors
+    that had no prompt to run). simulate.measure_ppo runs this very function on fake tensors
     (readback: see generate_queue)."""
     mine = prompts[d.rank :: d.world]
     # A generator per prompt, seeded by the run's seed, the round and the prompt's place in it:
@@ -510,8 +371,8 @@ def score_round(rm, exps: list[Experience], tok, args):
     response and scores its text as it is, with no eos). --unfinished-penalty (0 by default; a
     positive number, as TRL's missing_eos_penalty) is subtracted from it, and how many were cut
     is reported."""
-    for c in range(0, len(exps), args.chunk_size):
-        chunk = exps[c : c + args.chunk_size]
+    for c in range(0, len(exps), args.score_batch_size):
+        chunk = exps[c : c + args.score_batch_size]
         if isinstance(rm, TextReward):
             scores = rm.score(chunk)
         else:
@@ -523,63 +384,6 @@ def score_round(rm, exps: list[Experience], tok, args):
     module = rm.module if isinstance(rm, TextReward) else rm
     if isinstance(module, FSDPModule):
         module.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
-
-
-class TextReward:
-    """A reward model whose tokenizer or prompt format is not the policy's (the released
-    HuatuoGPT reward model: LLaMA's vocabulary, the "ziya-rm" format), scored through text as
-    trlx scores: the policy's response decoded, the conversation and it rendered in the reward
-    model's own format (data.template.reward_ids), encoded with its own tokenizer, read at the
-    eos that format puts after the reply. Chosen by the reward model's checkpoint (reward_scorer),
-    never by a flag. Each rank scores its own experiences, as by ids. A text too long for the
-    reward model's context loses its oldest rounds first; one whose last question and reply
-    alone do not fit is cut to the context (eos kept last) and counted (Experience.reward_cut)."""
-
-    def __init__(self, module: RewardModel, tok, policy_tok, prompt_format: str):
-        self.module, self.tok, self.policy_tok, self.prompt_format = module, tok, policy_tok, prompt_format
-
-    def ids(self, e: Experience) -> list[int]:
-        reply, limit = self.policy_tok.decode(e.response), self.module.config.max_position_embeddings
-        try:
-            return reward_ids(self.tok, e.messages, reply, self.prompt_format, max_len=limit)
-        except ValueError:
-            e.reward_cut = True
-            whole = reward_ids(self.tok, e.messages, reply, self.prompt_format, max_len=sys.maxsize)
-            return whole[: limit - 1] + [self.tok.eos_id]
-
-    def score(self, exps: list[Experience]) -> torch.Tensor:
-        tokens, mask = pad_batch([self.ids(e) for e in exps], self.tok.pad_id)
-        device = next(self.module.parameters()).device
-        return self.module(tokens.to(device), mask.to(device))
-
-
-def reward_scorer(path, rm: RewardModel, policy_tok):
-    """The reward model as PPO scores with it: by ids where it reads the policy's tokenizer in
-    data.template's format (train_rm.py's models), else through text (TextReward)."""
-    if reward_by_text(path, policy_tok) is None:
-        return rm
-    return TextReward(rm, reward_tokenizer(path, policy_tok), policy_tok, reward_format(path))
-
-
-def reward_tokenizer(path, policy_tok):
-    """The reward model's own tokenizer (tokenizer.model beside it), else the policy's."""
-    from tokenizer import Tokenizer
-
-    own = Path(path) / "tokenizer.model"
-    return Tokenizer(own) if own.is_file() else policy_tok
-
-
-def reward_by_text(path, policy_tok) -> str | None:
-    """Why the reward model at `path` is scored through text (its prompt format, or a tokenizer
-    that is not the policy's: other pieces, or another <s> setting), or None: by ids."""
-    fmt, tok = reward_format(path), reward_tokenizer(path, policy_tok)
-    if fmt != "huatuo":
-        return f"its prompt format is {fmt}"
-    if tok is not policy_tok and (
-        file_digest(tok.path) != file_digest(policy_tok.path) or tok.add_bos != policy_tok.add_bos
-    ):
-        return "its tokenizer is not the policy's"
-    return None
 
 
 def minibatches(n: int, batch_size: int, seed: int, round_no: int) -> list[list[int]]:
@@ -603,7 +407,7 @@ def make_experience(
 ) -> dict:
     """This rank's experiences of the round, the ones in its micro-batches of `batches` (it
     updates on those, and only those, in every epoch: a minibatch keeps its micro-batches):
-    the frozen bottom's output once (keep_bottom_out, in batches of --chunk-size), then old log-probs, values,
+    the frozen bottom's output once (keep_bottom_out, in batches of --bottom-batch-size), then old log-probs, values,
     π0's log-probs and entropy in the very micro-batches the updates use (so the first step's
     ratio is exactly 1); per-token rewards, GAE, and advantages whitened over the round's
     response tokens on all ranks. -> the round's sums {kl, entropy, tokens} over all ranks (0-d
@@ -614,8 +418,8 @@ def make_experience(
     micros = [micro for batch in batches for micro in micro_batches(batch, d, args.micro_batch_size)]
     mine = [i for micro in micros for i in micro]
     if not recompute_bottom:
-        for c in range(0, len(mine), args.chunk_size):
-            keep_bottom_out(model, [exps[i] for i in mine[c : c + args.chunk_size]], tok.pad_id, d.device)
+        for c in range(0, len(mine), args.bottom_batch_size):
+            keep_bottom_out(model, [exps[i] for i in mine[c : c + args.bottom_batch_size]], tok.pad_id, d.device)
     # The round's sums, one tensor so that one all-reduce adds them over the ranks.
     fields = ("kl", "entropy", "tokens", "advantages", "advantages_squared")
     sums = torch.zeros(len(fields), dtype=torch.float64, device=d.device)
@@ -734,105 +538,11 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def build(
-    config,
-    weights,
-    d,
-    *,
-    trainable_blocks: int = TRAINABLE_BLOCKS,
-    bf16: bool = False,
-    frozen_bf16: bool = False,
-    mesh=None,
-):
-    """(the sharded policy + value head, π0's replicated top) from rank 0's SFT weights (a state
-    dict, or its groups file by file as training.load_model reads them; None on the other
-    ranks). Each rank receives its shards of the policy and π0's top, nothing else
-    (load_reference, training.load_sharded); rank 0 keeps the top's tensors as the files pass,
-    and nothing else of them. The value head starts at zero: V = 0 everywhere."""
-    model, ref = build_empty(
-        config, d, trainable_blocks=trainable_blocks, bf16=bf16, frozen_bf16=frozen_bf16, mesh=mesh
-    )
-    top_names = {sft_name(name, model.first_trainable) for name, _ in ref.named_parameters()}
-    top = {}
-
-    def policy_groups():
-        for group in [weights] if isinstance(weights, dict) else weights:
-            top.update({k: v for k, v in group.items() if k in top_names})
-            yield {f"policy.{k}": v for k, v in group.items()}
-        yield {"value_head.weight": torch.zeros(1, config.hidden_size, dtype=torch.get_default_dtype())}
-
-    load_sharded(model, policy_groups() if d.main else None, d)
-    load_reference(ref, top if d.main else None, model.first_trainable, d)
-    return model.train(), ref
-
-
-def build_empty(
-    config, d, *, trainable_blocks: int = TRAINABLE_BLOCKS, bf16: bool = False, frozen_bf16: bool = False, mesh=None
-):
-    """The policy + value head sharded with FSDP (training.shard, over `mesh`) and π0's top,
-    allocated and not filled. The policy is stored in the default dtype, as it is built in it
-    (fp32); π0's top too, or bf16 under mixed precision, the dtype it computes in.
-    frozen_bf16 (--frozen-bf16), under mixed precision: the frozen embedding and bottom blocks
-    stored in bf16, as LoRA's frozen base is (training.shard_and_load). Every forward is the
-    same to the bit, since FSDP casts each weight to bf16 before computing either way, and
-    nothing trains them; they take half the memory (24.2 GiB in place of 48.4 at 13B on one
-    rank) and are exported rounded to bf16."""
-    with torch.device("meta"):
-        model = PolicyWithValue(Transformer(config), trainable_blocks)
-    if bf16 and frozen_bf16:
-        frozen_in_bf16(model)
-    shard(model, model.layers, bf16=bf16, mesh=mesh)
-    model.to_empty(device=d.device)
-    ref = reference_top(config, model.first_trainable, d.device, torch.bfloat16 if bf16 else torch.get_default_dtype())
-    return model, ref
-
-
-def reward_empty(config, d, dtype, *, sharded: bool = True, mesh=None, bias: bool = False) -> RewardModel:
-    """The reward model for scoring, frozen, in the compute dtype, without its LM head
-    (RewardModel.scorer), allocated and not filled (load_reward fills it). sharded
-    (--reward-placement sharded, the default): FSDP over the ranks as the policy is, each block
-    gathered just before it scores and freed after, so a rank holds its share (3.0 GiB at 13B on
-    8 ranks in bf16) and a scoring chunk all-gathers the model once. Replicated: the whole model
-    on every rank (24.0 GiB), scoring without collectives."""
-    with torch.device("meta"):
-        rm = RewardModel(config, bias=bias).scorer().eval().requires_grad_(False)
-    if not sharded:
-        return allocate(rm, device=d.device, dtype=dtype)
-    for p in rm.parameters():
-        p.data = p.data.to(dtype)  # on the meta device: only the dtype changes
-    shard(rm, rm.layers, bf16=False, mesh=mesh)  # stored in the compute dtype: no mixed precision
-    return rm.to_empty(device=d.device)
-
-
-def load_reward(path, config, d, dtype, *, sharded: bool = True, mesh=None) -> RewardModel:
-    """The reward model at `path` placed as reward_empty says. Sharded, rank 0 reads the
-    checkpoint and each rank receives its shards (training.load_sharded); replicated, every
-    rank reads it whole."""
-    if not sharded:
-        return load_reward_model(path, dtype=dtype, device=d.device).scorer().eval().requires_grad_(False)
-    weights = read_reward_model(path, dtype=dtype) if d.main else None  # file by file
-    return load_sharded(reward_empty(config, d, dtype, mesh=mesh, bias=reward_has_bias(path)), weights, d)
-
-
-def prompt_budget(policy_config, reward_config, max_new_tokens: int) -> int:
-    """The longest prompt a round can take: the policy generates up to max_new_tokens after it
-    within its context, and the reward model reads prompt + response + the eos put after a
-    response cut at max_new_tokens (score_ids) within its own."""
-    if reward_config is None:  # a reward model scored through text: it fits its own tokens
-        return policy_config.max_position_embeddings - max_new_tokens
-    return min(
-        policy_config.max_position_embeddings - max_new_tokens,
-        reward_config.max_position_embeddings - max_new_tokens - 1,
-    )
-
-
-def _train(args, d):
-    from pretrained import load_config
-
-    out = args.out
-    meta_policy, read_weights, tok = load_model(args.policy, out, d, seed=args.seed)
-    config = meta_policy.config
-    reward_config = load_config(args.reward, builtin=False)  # config.json alone: the weights come later
+def check_setup(args, config, tok):
+    """The reward model's config (its weights come later) and how it scores, the blocks to
+    train and the prompt budget, checked before any data or weight is read -> (reward_config,
+    by_text: why the reward model scores through text, or None, budget)."""
+    reward_config = load_config(args.reward, builtin=False)
     by_text = reward_by_text(args.reward, tok)  # its tokenizer and format, from its checkpoint
     if by_text is None and reward_config.vocab_size != config.vocab_size:
         raise SystemExit(
@@ -848,7 +558,12 @@ def _train(args, d):
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
             f"{config.max_position_embeddings} (the reward model's: {reward_config.max_position_embeddings})"
         )
-    digests = data_digests(args)  # each file read once: the cache's key, the fingerprint and the model card
+    return reward_config, by_text, budget
+
+
+def prompt_cache(args, d, tok, budget: int, by_text, digests: dict) -> Prompts:
+    """The RL prompts, rendered once by rank 0 into the data cache and mapped by every rank
+    (with their conversations where the reward model scores through text)."""
     key = {
         "prompts_of": sorted(digests[f] for f in args.data),
         "exclude": sorted(map(file_digest, args.exclude)),
@@ -861,14 +576,13 @@ def _train(args, d):
     if by_text:
         key["conversations"] = True  # kept beside the ids, for the reward model's own rendering
     report = Report()
+    conversations = bool(by_text)
     entry, meta = rendered_once(
         args.data_cache,
-        out,
+        args.out,
         key,
         lambda: (
-            prompt_parts(
-                args.data, args.exclude, tok, budget, report, args.format, args.encoding, conversations=bool(by_text)
-            ),
+            prompt_parts(args.data, args.exclude, tok, budget, report, args.format, args.encoding, conversations),
             report,
         ),
         d,
@@ -879,6 +593,75 @@ def _train(args, d):
         raise SystemExit(
             f"no prompts in {' '.join(map(str, args.data))} (after --exclude, and of at most {budget} tokens)"
         )
+    if d.main and meta["summary"]:
+        print(meta["summary"])
+    return prompts
+
+
+def build_models(args, d, config, weights, reward_config, tok, by_text):
+    """The policy with its value head and π0's top (build), and the reward model as it scores
+    (load_reward, then by ids or through text) -> (model, ref, rm)."""
+    bf16 = mixed_precision(d, args)
+    compute = torch.bfloat16 if bf16 else torch.float32
+    mesh = device_mesh(d.device.type, d.world, args.shard_ranks)
+    model, ref = build(
+        config, weights, d, trainable_blocks=args.trainable_blocks, bf16=bf16, frozen_bf16=args.frozen_bf16, mesh=mesh
+    )
+    rm = load_reward(args.reward, reward_config, d, compute, sharded=args.reward_placement == "sharded", mesh=mesh)
+    if d.main and by_text:
+        print(f"scoring through text: {by_text} ({args.reward})")
+    return model, ref, reward_scorer(args.reward, rm, tok)
+
+
+def one_round(model, ref, rm, opt, kl_ctl, prompts, tok, args, d, guard, round_no: int, step: int) -> dict:
+    """The paper's round (§3.2): rollout and scores, the experience with its KL penalty, the PPO
+    updates -> the round's record for metrics.jsonl (its "step": where the updates ended)."""
+    timer = Timer()
+    exps, seconds = rollout(model, rm, prompts, tok, args, d, round_no)
+    timer.lap()  # the rollout's own parts are in `seconds`
+    batches = minibatches(len(exps), args.batch_size, args.seed, round_no)
+    kl_coef = kl_ctl.value  # the round's rewards are penalised with the λ it starts with
+    sums = {k: float(v) for k, v in make_experience(model, ref, exps, batches, tok, args, d, kl_coef).items()}
+    mean_kl = sums["kl"] / len(exps)  # nats per response: Σ_t log π − log π0, as the penalty counts it
+    experience_s = timer.lap()
+
+    def check(k: int, loss: float, grad_norm: float):  # the step guard, before each optimizer step
+        guard.check(step + k, loss, grad_norm, f"round {round_no + 1}, ")
+
+    stats = update(model, opt, kl_ctl, exps, batches, tok, args, d, mean_kl, args.max_steps - step, check)
+    training_s = timer.lap()
+    return {
+        "round": round_no + 1,
+        "step": step + stats["steps"],
+        "score": sum(e.score for e in exps) / len(exps),
+        "kl": mean_kl,
+        "kl_coef": kl_coef,
+        "policy_loss": stats["policy_loss"],
+        "value_loss": stats["value_loss"],
+        "clip_fraction": stats["clip_fraction"],
+        "approx_kl": stats["approx_kl"],
+        "entropy": sums["entropy"] / sums["tokens"],
+        "response_len": sums["tokens"] / len(exps),
+        "unfinished": sum(not e.finished for e in exps) / len(exps),
+        "reward_cut": sum(e.reward_cut for e in exps) / len(exps),  # through text, cut to the RM's context
+        "rollout_tokens_per_s": sums["tokens"] / max(seconds["generate_s"], 1e-9),
+        "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
+        # Where the round's time went: sampling, the reward model, the frozen bottom and the
+        # forwards of the policy, value head and π0 over the experience, the PPO updates.
+        "generate_s": seconds["generate_s"],
+        "score_s": seconds["score_s"],
+        "experience_s": experience_s,
+        "train_s": training_s,
+        "idle_rows": seconds["idle_rows"],
+    }
+
+
+def _train(args, d):
+    meta_policy, read_weights, tok = load_model(args.policy, args.out, d, seed=args.seed)
+    config = meta_policy.config
+    reward_config, by_text, budget = check_setup(args, config, tok)
+    digests = data_digests(args)  # each file read once: the cache's key, the fingerprint and the model card
+    prompts = prompt_cache(args, d, tok, budget, by_text, digests)
     steps_per_round = args.ppo_epochs * args.rollout_size // args.batch_size
     rounds = math.ceil(args.max_steps / steps_per_round)
     if d.main:
@@ -889,33 +672,49 @@ def _train(args, d):
             + (f" (the last {last})" if last < steps_per_round else "")
             + f"; {d.world} rank(s) on {d.device}"
         )
-        if meta["summary"]:
-            print(meta["summary"])
-
-    bf16 = mixed_precision(d, args)
-    compute = torch.bfloat16 if bf16 else torch.float32
-    mesh = device_mesh(d.device.type, d.world, args.shard_ranks)
-    model, ref = build(
-        config,
-        read_weights(),
-        d,
-        trainable_blocks=args.trainable_blocks,
-        bf16=bf16,
-        frozen_bf16=args.frozen_bf16,
-        mesh=mesh,
-    )
-    rm = load_reward(args.reward, reward_config, d, compute, sharded=args.reward_placement == "sharded", mesh=mesh)
-    rm = reward_scorer(args.reward, rm, tok)  # by ids, or through text (TextReward)
-    if d.main and by_text:
-        print(f"scoring through text: {by_text} ({args.reward})")
+    model, ref, rm = build_models(args, d, config, read_weights(), reward_config, tok, by_text)
     model.train()
-
     opt = make_optimizer(model, args.lr, args.weight_decay, betas=BETAS)
     kl_ctl = AdaptiveKL(args.init_kl_coef, args.kl_target, args.kl_horizon)
     stream = PromptStream(prompts, args.seed)
-    state, metrics = TrainState(out, d), MetricsLog(out / "metrics.jsonl", d.main)
-    guard = StepGuard(out / "state")  # as SFT's and RM's: no update from a broken loss, no state from NaN weights
     fingerprint = ppo_fingerprint(args, digests)
+    # Resume, saves, preemption and the step guard, as SFT's and RM's: no update from a broken
+    # loss, no state from NaN weights; a round's end is where a run saves and stops.
+    run = Run(args, d, fingerprint, model, opt, stream)
+    round_no, step = 0, run.start
+    if run.resumed:
+        round_no, kl_ctl.value = run.resumed["round"], run.resumed["kl_coef"]
+    bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
+    record = None  # the last round's metrics, for the checkpoint's README.md
+    while round_no < rounds and step < args.max_steps:
+        record = one_round(
+            model, ref, rm, opt, kl_ctl, stream.take(args.rollout_size), tok, args, d, run.guard, round_no, step
+        )
+        run.metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
+        round_no, step = round_no + 1, record["step"]
+        bar.update(1)
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        # A stop signal (SIGTERM: a preemption) ends the run at a round's end: a state within a
+        # round would have to hold its experiences, and a round is short (at 13B 15 s on 8 A100s,
+        # 33 s with --reshard-in-rollout, 2 min on one GPU; docs/scale.md), so a cluster's
+        # warning (--signal=USR1@120) covers it.
+        where = f"round {round_no}, step {step}"
+        run.save(
+            step,
+            rounds,
+            bar,
+            at=round_no,
+            label=where,
+            stopped_at=f"round {round_no}",
+            round=round_no,
+            kl_coef=kl_ctl.value,
+        )
+    bar.close()
+    export_policy(model, args, d, tok, fingerprint, digests, kl_ctl, record, round_no, step)
+
+
+def export_policy(model, args, d, tok, fingerprint, digests, kl_ctl, record, round_no: int, step: int):
+    """final/: the policy in the HF layout, in the base model's dtype, with its model card."""
     card = card_writer(
         "ppo",
         args,
@@ -925,107 +724,17 @@ def _train(args, d):
         total=args.max_steps,
         unit="experiences",
         command="train_ppo.py",
-    )  # the README.md of final/
-    export = save_dtype(args.save_dtype, args.policy)  # best/, final/: the base model's dtype
-    round_no = step = 0
-    resumed = state.resume(args, fingerprint, model, opt)
-    if resumed:
-        round_no, step, kl_ctl.value = resumed["round"], resumed["step"], resumed["kl_coef"]
-        guard.saved = f"round {round_no}, step {step}"
-        stream.load_state_dict(resumed["prompts"])
-    metrics.truncate_after(step if resumed else -1)  # from the beginning: no earlier try's line
-
-    bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
-    record = None  # the last round's metrics, for the checkpoint's README.md
-    while round_no < rounds and step < args.max_steps:
-        timer = Timer()
-        exps, seconds = rollout(model, rm, stream.take(args.rollout_size), tok, args, d, round_no)
-        timer.lap()  # the rollout's own parts are in `seconds`
-        batches = minibatches(len(exps), args.batch_size, args.seed, round_no)
-        kl_coef = kl_ctl.value  # the round's rewards are penalised with the λ it starts with
-        sums = {k: float(v) for k, v in make_experience(model, ref, exps, batches, tok, args, d, kl_coef).items()}
-        mean_kl = sums["kl"] / len(exps)  # nats per response: Σ_t log π − log π0, as the penalty counts it
-        experience_s = timer.lap()
-        where = f"round {round_no + 1}, "
-
-        def check(k: int, loss: float, grad_norm: float):
-            guard.check(step + k, loss, grad_norm, where)
-
-        stats = update(model, opt, kl_ctl, exps, batches, tok, args, d, mean_kl, args.max_steps - step, check)
-        training_s = timer.lap()
-        record = {
-            "round": round_no + 1,
-            "step": step + stats["steps"],
-            "score": sum(e.score for e in exps) / len(exps),
-            "kl": mean_kl,
-            "kl_coef": kl_coef,
-            "policy_loss": stats["policy_loss"],
-            "value_loss": stats["value_loss"],
-            "clip_fraction": stats["clip_fraction"],
-            "approx_kl": stats["approx_kl"],
-            "entropy": sums["entropy"] / sums["tokens"],
-            "response_len": sums["tokens"] / len(exps),
-            "unfinished": sum(not e.finished for e in exps) / len(exps),
-            "reward_cut": sum(e.reward_cut for e in exps) / len(exps),  # through text, cut to the RM's context
-            "rollout_tokens_per_s": sums["tokens"] / max(seconds["generate_s"], 1e-9),
-            "train_tokens_per_s": stats["tokens"] / max(training_s, 1e-9),
-            # Where the round's time went: sampling, the reward model, the frozen bottom and the
-            # forwards of the policy, value head and π0 over the experience, the PPO updates.
-            "generate_s": seconds["generate_s"],
-            "score_s": seconds["score_s"],
-            "experience_s": experience_s,
-            "train_s": training_s,
-            "idle_rows": seconds["idle_rows"],
-        }
-        metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
-        round_no, step = round_no + 1, step + stats["steps"]
-        bar.update(1)
-        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
-        # A stop signal (SIGTERM: a preemption) ends the run at a round's end, every rank agreeing
-        # (training.Preemption): a state within a round would have to hold its experiences, and a
-        # round is short (at 13B 15 s on 8 A100s, 33 s with --reshard-in-rollout, 2 min on one GPU;
-        # docs/scale.md), so a cluster's warning (--signal=USR1@120) covers it.
-        stop = args.preemption.requested(d) and round_no < rounds and step < args.max_steps
-        if round_no % args.save_every == 0 or round_no == rounds or stop:
-            guard.check_weights(f"round {round_no}, step {step}", all_finite(model, d, opt))
-            state.save(
-                model,
-                opt,
-                {
-                    "round": round_no,
-                    "step": step,
-                    "kl_coef": kl_ctl.value,
-                    "prompts": stream.state_dict(),
-                    "setup": fingerprint,
-                },
-            )
-            guard.saved = f"round {round_no}, step {step}"
-        if stop:
-            bar.close()
-            args.preemption.stop(d, out, f"round {round_no}")
-    bar.close()
-    last = (
-        [
-            f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
-            f"λ_KL {kl_ctl.value:.4f}"
-        ]
-        if record
-        else []
     )
-    save_hf(
-        model,
-        out / "final",
-        tok.path,
-        d,
-        card(
-            f"{round_no} rounds, {step} optimizer steps",
-            *last,
-            f"reward model: {args.reward} ({fingerprint['reward']})",
-        ),
-        dtype=export,
+    last = [
+        f"round {round_no}: mean score {record['score']:.3f}, KL to the SFT policy {record['kl']:.3f} nats, "
+        f"λ_KL {kl_ctl.value:.4f}"
+    ] * bool(record)
+    lines = card(
+        f"{round_no} rounds, {step} optimizer steps", *last, f"reward model: {args.reward} ({fingerprint['reward']})"
     )
+    save_hf(model, args.out / "final", tok.path, d, lines, dtype=save_dtype(args.save_dtype, args.policy))
     if d.main:
-        print(f"done: {round_no} rounds, {step} steps; the policy in {out / 'final'}")
+        print(f"done: {round_no} rounds, {step} steps; the policy in {args.out / 'final'}")
 
 
 def plan_parts() -> PPOParts:
@@ -1039,7 +748,9 @@ def plan_parts() -> PPOParts:
         make_experience,
         update_step,
         generate_round,
-        dict(settings, init_kl_coef=INIT_KL_COEF),
+        dict(
+            settings, init_kl_coef=INIT_KL_COEF, score_batch_size=SCORE_BATCH_SIZE, bottom_batch_size=BOTTOM_BATCH_SIZE
+        ),
     )
 
 
@@ -1050,6 +761,8 @@ def ppo_fingerprint(args, digests: dict[str, str]) -> dict:
         "max_steps",
         "rollout_size",
         "chunk_size",
+        "score_batch_size",
+        "bottom_batch_size",
         "batch_size",
         "ppo_epochs",
         "lr",
@@ -1102,12 +815,20 @@ def main(argv=None):
         save_every_help="rounds between resumable states",
     )
     p.add_argument("--rollout-size", type=COUNT, default=ROLLOUT_SIZE)
-    p.add_argument("--chunk-size", type=COUNT, default=CHUNK_SIZE)
+    p.add_argument(
+        "--chunk-size", type=COUNT, default=CHUNK_SIZE, help="prompts generated together (the paper's chunk)"
+    )
+    p.add_argument(
+        "--score-batch-size", type=COUNT, default=SCORE_BATCH_SIZE, help="sequences the reward model scores at once"
+    )
+    p.add_argument(
+        "--bottom-batch-size", type=COUNT, default=BOTTOM_BATCH_SIZE, help="experiences the frozen bottom runs at once"
+    )
     p.add_argument(
         "--reshard-in-rollout",
         action="store_true",
         help="gather each block at every decoding step of the rollout instead of keeping the policy "
-        "gathered through it (training.gathered): saves the unsharded policy's memory, slower",
+        "gathered through it (distributed.gathered): saves the unsharded policy's memory, slower",
     )
     p.add_argument(
         "--reward-placement",

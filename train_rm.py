@@ -42,7 +42,7 @@ from data.mixing import LengthGroupedBatches, dedup_key
 from data.readers import add_input_args, read
 from data.schema import Report, finished_ids
 from data.template import pad_batch, render, render_reply, reward_ids
-from generate import add_device_args, device_and_dtype, generate
+from generate import CompiledStep, add_device_args, device_and_dtype, generate
 from generate import load as generate_load
 from lora import add_lora, check_lora, lora_init
 from model import RewardModel
@@ -70,22 +70,18 @@ from training import (
     Timer,
     add_trainer_args,
     card_writer,
-    device_mesh,
     eval_chunks,
-    exit_trainer,
     grad_norm_and_clip,
     load_model,
     lora_fingerprint,
     make_optimizer,
     micro_batches,
-    mixed_precision,
     peak_memory_gb,
-    run_distributed,
     save_dtype,
     save_hf,
     set_lr,
-    shard_and_load,
 )
+from distributed import device_mesh, exit_trainer, mixed_precision, run_distributed, shard_and_load
 
 # The paper gives no hyperparameters for the reward model (App. E speaks of SFT and RL only).
 # Our choices: the SFT context and recipe (weight decay 0.1, 5% warmup, cosine, clip 1.0), a
@@ -209,6 +205,43 @@ def train_step(
     return total / len(batch), grad_norm_and_clip(model, grad_clip)
 
 
+def read_pairs(args, tok, max_len: int, report: Report) -> tuple[list, list]:
+    """--data's pairs split by prompt (or --val-data's for validation), encoded -> (train, val)."""
+    records = [r for f in args.data for r in read(f, "pairs", report=report, encoding=args.encoding)]
+    train_records, val_records = split_by_prompt(records, 0 if args.val_data else VAL_FRACTION, args.seed)
+    if args.val_data:
+        val_records = [r for f in args.val_data for r in read(f, "pairs", report=report, encoding=args.encoding)]
+    return encode_pairs(train_records, tok, max_len, report), encode_pairs(val_records, tok, max_len, report)
+
+
+def reward_model(args, d, config, read_weights):
+    """The reward model, sharded over the ranks (FSDP2): its trunk filled from the SFT model's
+    weights, file by file from rank 0, and its head at zero, so every reward starts at 0 and the
+    first loss is exactly log 2 (the model begins with no preference); with --lora-rank, adapters
+    and the head train, the trunk frozen."""
+    with torch.device("meta"):
+        model = RewardModel(config)
+    model.trunk.activation_checkpointing = args.activation_checkpointing
+    if args.lora_rank:  # adapters and the score head trained, the trunk frozen (ours, off by default)
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        model.score_head.requires_grad_(True)
+    weights = None  # rank 0: the SFT model's tensors file by file, as the trunk's, then the head's
+    if d.main:
+        head = {
+            "score_head.weight": torch.zeros(1, config.hidden_size),
+            **(lora_init(model, args.seed) if args.lora_rank else {}),
+        }
+        weights = itertools.chain(({f"trunk.{k}": v for k, v in group.items()} for group in read_weights()), [head])
+    return shard_and_load(
+        model,
+        weights,
+        d,
+        bf16=mixed_precision(d, args),
+        frozen_bf16=bool(args.lora_rank),
+        mesh=device_mesh(d.device.type, d.world, args.shard_ranks),
+    )
+
+
 def _train(args, d):
     out = args.out
     trunk, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
@@ -219,12 +252,7 @@ def _train(args, d):
         check_lora(trunk, args.lora_rank, args.lora_targets)  # before the data is read
 
     report = Report()
-    records = [r for f in args.data for r in read(f, "pairs", report=report, encoding=args.encoding)]
-    train_records, val_records = split_by_prompt(records, 0 if args.val_data else VAL_FRACTION, args.seed)
-    if args.val_data:
-        val_records = [r for f in args.val_data for r in read(f, "pairs", report=report, encoding=args.encoding)]
-    train_pairs = encode_pairs(train_records, tok, max_len, report)
-    val_pairs = encode_pairs(val_records, tok, max_len, report)
+    train_pairs, val_pairs = read_pairs(args, tok, max_len, report)
     sampler = LengthGroupedBatches(
         [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
         args.batch_size,
@@ -241,30 +269,7 @@ def _train(args, d):
         if report:
             print(report.summary())
 
-    # The trunk comes from the SFT model; the head starts at zero, so every reward starts at 0
-    # and the first loss is exactly log 2: the model begins with no preference.
-    with torch.device("meta"):
-        model = RewardModel(trunk.config)
-    model.trunk.activation_checkpointing = args.activation_checkpointing
-    if args.lora_rank:  # adapters and the score head trained, the trunk frozen (ours, off by default)
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-        model.score_head.requires_grad_(True)
-    weights = None  # rank 0: the SFT model's tensors file by file, as the trunk's, then the head's
-    if d.main:
-        head = {
-            "score_head.weight": torch.zeros(1, trunk.config.hidden_size),
-            **(lora_init(model, args.seed) if args.lora_rank else {}),
-        }
-        weights = itertools.chain(({f"trunk.{k}": v for k, v in group.items()} for group in read_weights()), [head])
-    model = shard_and_load(
-        model,
-        weights,
-        d,
-        bf16=mixed_precision(d, args),
-        frozen_bf16=bool(args.lora_rank),
-        mesh=device_mesh(d.device.type, d.world, args.shard_ranks),
-    )
-    del weights
+    model = reward_model(args, d, trunk.config, read_weights)
     model.train()
 
     # The schedule, the optimizer and what a resume continues from (run.best: the validation of
@@ -369,7 +374,8 @@ def sample(args):
     record, one with no answer, or one whose question does not fit the context beside
     --max-new-tokens is skipped and counted. Resumable."""
     device, dtype = device_and_dtype(args)
-    model, tok = generate_load(args.model, device=device, dtype=dtype, compile=args.compile)
+    model, tok = generate_load(args.model, device=device, dtype=dtype)
+    compiled = CompiledStep(model) if args.compile else None  # --compile
     report = Report()
     budget = model.config.max_position_embeddings - args.max_new_tokens
     if budget <= 0:
@@ -429,6 +435,7 @@ def sample(args):
                 top_p=args.top_p,
                 vocab_limit=len(tok),
                 generator=gen,
+                compiled=compiled,
             )
             for j, (rid, messages, reference, _) in enumerate(batch):
                 mine = slice(j * args.k, (j + 1) * args.k)

@@ -47,23 +47,19 @@ from training import (
     Timer,
     add_trainer_args,
     card_writer,
-    device_mesh,
     eval_chunks,
-    exit_trainer,
     grad_norm_and_clip,
     load_model,
     lora_fingerprint,
     make_optimizer,
     micro_batches,
-    mixed_precision,
     peak_memory_gb,
     rendered_once,
-    run_distributed,
     save_dtype,
     save_hf,
     set_lr,
-    shard_and_load,
 )
+from distributed import device_mesh, exit_trainer, mixed_precision, run_distributed, shard_and_load
 
 # Paper App. E: "we set the learning rate, batch size, and maximum context length to 5e-5,
 # 128, and 2048 ... All models are trained for 3 epochs and weights performed the best on the
@@ -218,9 +214,8 @@ def train_step(
     return total / n_units, grad_norm_and_clip(model, grad_clip)
 
 
-def _train(args, d):
-    out = args.out
-    model, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
+def check_model_args(args, model):
+    """--max-len (default: the paper's, within the model's context) and --lora-* against the model."""
     if args.max_len is None:
         args.max_len = min(MAX_LEN, model.config.max_position_embeddings)
     if args.max_len > model.config.max_position_embeddings:
@@ -229,7 +224,39 @@ def _train(args, d):
             f"{model.config.max_position_embeddings} ({args.model})"
         )
     if args.lora_rank:
-        check_lora(model, args.lora_rank, args.lora_targets)  # before the data is read
+        check_lora(model, args.lora_rank, args.lora_targets)
+
+
+def sharded_model(args, d, model, read_weights):
+    """The model on the meta device -> sharded over the ranks (FSDP2) and filled from rank 0's
+    weights, file by file; with --lora-rank, adapters added and only they train."""
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.lora_rank:  # adapters only, the rest frozen (ours, off by default; the paper trains every weight)
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    weights = read_weights()  # rank 0: the base's tensors, file by file, read as they are scattered
+    if args.lora_rank and d.main:
+        weights = itertools.chain(weights, [lora_init(model, args.seed)])
+    return shard_and_load(
+        model,
+        weights,
+        d,
+        bf16=mixed_precision(d, args),
+        frozen_bf16=bool(args.lora_rank),
+        mesh=device_mesh(d.device.type, d.world, args.shard_ranks),
+    )
+
+
+def train_flops_per_token(cfg) -> int:
+    """Training FLOPs per token, for MFU: 6 per weight of every matrix product (forward 2,
+    backward 4); the embedding is a lookup, not a product (a tied table is also the head).
+    Attention scores add ~12·layers·hidden·T more, left out: the MFU is slightly conservative."""
+    return 6 * (cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size))
+
+
+def _train(args, d):
+    out = args.out
+    model, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
+    check_model_args(args, model)  # before the data is read
 
     # Data: read, deduplicate, split, render (checked before any expensive work), once.
     digests = data_digests(args)  # each file read once for its digest: the cache, fingerprint, model card
@@ -245,21 +272,7 @@ def _train(args, d):
         if summary:
             print(summary)
 
-    model.activation_checkpointing = args.activation_checkpointing
-    if args.lora_rank:  # adapters only, the rest frozen (ours, off by default; the paper trains every weight)
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    weights = read_weights()  # rank 0: the base's tensors, file by file, read as they are scattered
-    if args.lora_rank and d.main:
-        weights = itertools.chain(weights, [lora_init(model, args.seed)])
-    model = shard_and_load(
-        model,
-        weights,
-        d,
-        bf16=mixed_precision(d, args),
-        frozen_bf16=bool(args.lora_rank),
-        mesh=device_mesh(d.device.type, d.world, args.shard_ranks),
-    )
-    del weights
+    model = sharded_model(args, d, model, read_weights)
     model.train()
 
     # The schedule, the optimizer and what a resume continues from (run.best: the lowest
@@ -279,11 +292,7 @@ def _train(args, d):
             val_loss=round(validation_loss(model, val_items, d, args.micro_batch_size, tok.pad_id), 6),
             best=False,
         )
-    # Training FLOPs per token, for MFU: 6 per weight of every matrix product (forward 2,
-    # backward 4); the embedding is a lookup, not a product (a tied table is also the head).
-    # Attention scores add ~12·layers·hidden·T more, left out: the MFU is slightly conservative.
-    cfg = model.config
-    flops_per_token = 6 * (cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size))
+    flops_per_token = train_flops_per_token(model.config)
 
     batches, timer = iter(sampler), Timer()
     progress = Progress("sft", total, run.start, d, args.log_every)

@@ -7,7 +7,7 @@ floor is those 85 products alone, in a loop, on the same shapes, in the same run
 `generate.decode_steps`' time per new token after the prefill. Their ratio is the overhead
 (1.00 would be no overhead at all). At batch 8 the step is also compared with transformers'
 `generate` on the same weights. Each is timed eagerly and compiled (--compile: the step through
-torch.compile over a static cache, generate.compiled_step; its compilation is timed apart).
+torch.compile over a static cache, generate.CompiledStep; its compilation is timed apart).
 Runs alternate and medians are kept.
 
     python bench/bench_decode.py [--threads 2] [--repeats 5] [--new-tokens 128] [--no-compile]
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import decode_steps  # noqa: E402
+from generate import CompiledStep, decode_steps  # noqa: E402
 from model import CONFIGS, Transformer  # noqa: E402
 from pretrained import config_to_hf  # noqa: E402
 
@@ -51,7 +51,9 @@ def step_fn(model, batch, prompt_len, new_tokens):
 
     @torch.no_grad()
     def run():
-        steps = decode_steps(model, prompts, max_new_tokens=new_tokens, eos_id=-1, temperature=0)
+        steps = decode_steps(
+            model, prompts, max_new_tokens=new_tokens, eos_id=-1, temperature=0, compiled=DECODING["compiled"]
+        )
         next(steps)  # the prefill and the first token
         t = time.perf_counter()
         n = sum(1 for _ in steps)
@@ -150,14 +152,20 @@ def alternate(model, modes, repeats, reference, ours):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+DECODING = {"compiled": None}  # the CompiledStep the timed calls decode through, None: eager
+COMPILED = {}  # one CompiledStep a model, kept across the runs (compiled once)
+
+
 @contextlib.contextmanager
 def compiled(model, on: bool):
-    """Decode through generate.compiled_step (what --compile sets) inside the block."""
-    model.compile_decoding = on
+    """Decode through the model's generate.CompiledStep (what --compile makes) inside the block."""
+    if on and id(model) not in COMPILED:
+        COMPILED[id(model)] = CompiledStep(model)
+    DECODING["compiled"] = COMPILED[id(model)] if on else None
     try:
         yield
     finally:
-        model.compile_decoding = False
+        DECODING["compiled"] = None
 
 
 def hf_like_fn(model, batch, prompt_len, new_tokens):
@@ -170,7 +178,7 @@ def hf_like_fn(model, batch, prompt_len, new_tokens):
 
     def run():
         t = time.perf_counter()
-        generate(model, prompts, max_new_tokens=new_tokens, eos_id=-1, temperature=0)
+        generate(model, prompts, max_new_tokens=new_tokens, eos_id=-1, temperature=0, compiled=DECODING["compiled"])
         return (time.perf_counter() - t) / new_tokens
 
     return run

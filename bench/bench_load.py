@@ -4,7 +4,7 @@ A checkpoint of --params million parameters (random, fp32, a LLaMA of width 1,02
 in shard files of --shard-mb MB; a child process then loads it as a trainer does
 (training.load_model, then shard_and_load on a one-process group), in one of two ways:
 
-- by file: read_weights' groups scattered as they are read (training.load_sharded), the
+- by file: read_weights' groups scattered as they are read (distributed.load_sharded), the
   trainers' way now;
 - whole: every group gathered into one state dict first, then scattered: the trainers' way
   before, when rank 0 held the whole model in fp32 (48.8 GiB at 13B).
@@ -42,7 +42,8 @@ def rss_mb() -> float:
 def child(path: str, whole: bool):
     import torch
 
-    from training import init_distributed, load_model, shard_and_load
+    from training import load_model
+    from distributed import init_distributed, shard_and_load
 
     torch.set_num_threads(1)
     d = init_distributed()

@@ -1,7 +1,7 @@
 """What PPO's design saves and costs on the CPU, on the ~46M-parameter `bench-50m` config:
 
 1. π0's log-probs with the shared frozen trunk (a frozen copy of the top two blocks, norm and
-   head run on the policy's bottom output, train_ppo.reference_top) ÷ with a whole frozen copy
+   head run on the policy's bottom output, ppo_setup.reference_top) ÷ with a whole frozen copy
    of the SFT model: expected about 2/L of a forward plus the head's share.
 2. Rollout tokens/s (train_ppo.rollout: generation by the FSDP-wrapped policy + value head, one
    rank) ÷ a plain generate call on an unwrapped model, same prompts and lengths; with the
@@ -43,11 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import plan  # noqa: E402
+import distributed  # noqa: E402
+import simulate  # noqa: E402
 import train_ppo  # noqa: E402
 from generate import generate  # noqa: E402
 from model import CONFIGS, Transformer  # noqa: E402
-from training import init_distributed  # noqa: E402
+from distributed import init_distributed  # noqa: E402
 
 
 def median_time(fn, repeats):
@@ -176,6 +177,8 @@ def main():
         run_args = SimpleNamespace(
             seed=0,
             chunk_size=args.batch,
+            score_batch_size=args.batch,
+            bottom_batch_size=args.batch,
             max_new_tokens=args.new_tokens,
             unfinished_penalty=0.0,
             reshard_in_rollout=reshard,
@@ -215,6 +218,8 @@ def main():
         return SimpleNamespace(
             seed=0,
             chunk_size=train_ppo.CHUNK_SIZE,
+            score_batch_size=train_ppo.SCORE_BATCH_SIZE,
+            bottom_batch_size=train_ppo.BOTTOM_BATCH_SIZE,
             max_new_tokens=args.new_tokens,
             unfinished_penalty=0.0,
             batch_size=experiences // 4,
@@ -308,7 +313,7 @@ def reward_placement(config, d, args):
         full.score_head.weight.normal_(0, 0.02)
     state = full.scorer().state_dict()
     # load_sharded takes its dict over (its tensors become the shards): it gets a copy
-    sharded = train_ppo.load_sharded(train_ppo.reward_empty(config, d, torch.float32), dict(state), d)
+    sharded = distributed.load_sharded(train_ppo.reward_empty(config, d, torch.float32), dict(state), d)
     replicated = train_ppo.reward_empty(config, d, torch.float32, sharded=False)
     replicated.load_state_dict(state)
     gen = torch.Generator().manual_seed(d.rank)
@@ -321,8 +326,8 @@ def reward_placement(config, d, args):
         )
         for _ in range(args.batch)
     ]
-    tok = plan.StandInTokenizer(config.vocab_size)
-    run = SimpleNamespace(chunk_size=args.batch, unfinished_penalty=0.0)
+    tok = simulate.StandInTokenizer(config.vocab_size)
+    run = SimpleNamespace(score_batch_size=args.batch, unfinished_penalty=0.0)
     times = {"sharded": [], "replicated": []}
     for r in range(args.repeats + 1):
         for name, rm in (("sharded", sharded), ("replicated", replicated)):
@@ -353,8 +358,10 @@ def frozen_bf16(config, d, args):
         grad_clip=train_ppo.GRAD_CLIP,
         grad_sync="every",
         chunk_size=8,
+        score_batch_size=8,
+        bottom_batch_size=8,
     )
-    tok = plan.StandInTokenizer(config.vocab_size)
+    tok = simulate.StandInTokenizer(config.vocab_size)
     prompt_len = args.seq_len - args.new_tokens
     setups = {}
     for stored in (True, False):

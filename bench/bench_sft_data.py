@@ -11,7 +11,7 @@ seconds until the first step's metrics line, the seconds in all, and the largest
 any of its processes (wait4's ru_maxrss). --repo runs another checkout's train_sft.py on the
 same corpus (before and after, in one session).
 
---prompts measures PPO's prompts from the same corpus instead (train_ppo.read_prompts: every
+--prompts measures PPO's prompts from the same corpus instead (ppo_setup.read_prompts: every
 patient turn with its history), each in a process of its own: held as lists in memory (before:
 what every rank did at every start), rendered into the data cache (data.corpus, rank 0 once),
 and mapped from it (every rank, every rerun): seconds, peak RSS, and the prompts' tokens.
@@ -104,7 +104,8 @@ def prompts_child(how: str, corpus: Path, cache: Path):
     from data.schema import Report
     from tokenizer import Tokenizer
     from train_ppo import read_prompts
-    from training import init_distributed, rendered_once
+    from training import rendered_once
+    from distributed import init_distributed
 
     tok, start = Tokenizer(corpus.parent / "tokenizer.model"), time.perf_counter()
     if how == "lists":

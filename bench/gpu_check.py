@@ -8,10 +8,10 @@ bandwidth. No GPU has checked them. Given one, this runs, on one rank, a ~1.3B L
 - an SFT step (train_sft.train_step and AdamW, micro-batches of --micro-batch at --seq tokens):
   its real peak (torch.cuda.max_memory_allocated) against plan.simulate_training of the same
   step, and its MFU (plan.train_flops over the measured time, at --peak-tflops);
-- a PPO round's parts (plan.measure_ppo, the placement train_ppo.py uses): the real peak of the
+- a PPO round's parts (simulate.measure_ppo, the placement train_ppo.py uses): the real peak of the
   whole, against the simulation's largest part;
 - a decoding step (generate.decode_steps, batch --decode-batch, bf16 weights): its time against
-  the floor of reading every weight and the KV cache once at --hbm-tbps (plan.decode_step at
+  the floor of reading every weight and the KV cache once at --hbm-tbps (costs.decode_step at
   full bandwidth).
 
 On a GPU it takes a few minutes (the PPO simulation is the longest part). With --dry-run it runs
@@ -35,6 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import costs  # noqa: E402
+
+import simulate  # noqa: E402
 
 import plan  # noqa: E402
 import train_ppo  # noqa: E402
@@ -79,18 +83,19 @@ def config_for(args) -> ModelConfig:
 
 def sft_step(args, config, d, mesh):
     """(the real peak in bytes, seconds a step, FLOPs a step) of train_sft.train_step + AdamW."""
-    from training import make_optimizer, shard
+    from training import make_optimizer
+    from distributed import shard
 
     bf16 = d.device.type == "cuda"
     with torch.device("meta"):
-        model = plan._lm(config, "sft", args.activation_checkpointing)
+        model = simulate.lm_model(config, "sft", args.activation_checkpointing)
     shard(model, model.layers, bf16=bf16, mesh=mesh)
     model.to_empty(device=d.device)
-    plan.fill_(model)
+    simulate.fill_(model)
     model.train()
     opt = make_optimizer(model, 1e-5, 0.1)
-    step_fn = plan.lm_step("sft", args.seq, train_sft.train_step)
-    n = 2 * args.micro_batch  # two micro-batches a step, as plan.measure_training runs it
+    step_fn = simulate.lm_step("sft", args.seq, train_sft.train_step)
+    n = 2 * args.micro_batch  # two micro-batches a step, as simulate.measure_training runs it
 
     def step():
         step_fn(model, d, n, micro_batch=args.micro_batch, grad_clip=1.0, grad_sync="every")
@@ -105,7 +110,7 @@ def sft_step(args, config, d, mesh):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        with plan.tracking(model, opt) as m:
+        with simulate.tracking(model, opt) as m:
             step()
         peak = m.total
     times = []
@@ -128,6 +133,8 @@ def ppo_kwargs(args):
         trainable_blocks=2,
         rollout_size=2 * size,
         chunk_size=size,
+        score_batch_size=size,
+        bottom_batch_size=size,
         batch_size=size,
         micro_batches=[1],
         prompt_len=args.ppo_prompt,
@@ -162,7 +169,7 @@ def decode(args, config, device):
     step_seconds()  # warm-up
     step = statistics.median(step_seconds() for _ in range(3))
     weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-    floor = plan.decode_step(
+    floor = costs.decode_step(
         config,
         args.decode_batch,
         args.decode_prompt + args.decode_tokens // 2,
@@ -205,8 +212,8 @@ def main(argv=None):
 
     # 1. The simulations first: they make a fake process group, and the real run a real one.
     sim_sft = plan.simulate_training(
-        lambda: plan._lm(config, "sft", args.activation_checkpointing),
-        plan.lm_step("sft", args.seq, train_sft.train_step),
+        lambda: simulate.lm_model(config, "sft", args.activation_checkpointing),
+        simulate.lm_step("sft", args.seq, train_sft.train_step),
         world=1,
         micro_batch=args.micro_batch,
         bf16=bf16,
@@ -214,7 +221,7 @@ def main(argv=None):
     sim_ppo = plan.simulate_ppo(config, train_ppo.plan_parts(), world=1, **ppo_kwargs(args))
 
     # 2. The same on real tensors, one rank.
-    from training import device_mesh, init_distributed
+    from distributed import device_mesh, init_distributed
 
     d = init_distributed()
     try:
@@ -223,7 +230,7 @@ def main(argv=None):
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        real_ppo = plan.measure_ppo(d, mesh, config, train_ppo.plan_parts(), **ppo_kwargs(args))
+        real_ppo = simulate.measure_ppo(d, mesh, config, train_ppo.plan_parts(), **ppo_kwargs(args))
         ppo_peak = (
             torch.cuda.max_memory_allocated() if d.device.type == "cuda" else max(m.total for m in real_ppo.values())
         )

@@ -61,6 +61,8 @@ def main(kinds):
                         prompt_len=1024,  # --plan-prompt-tokens
                         new_tokens=train_ppo.MAX_NEW_TOKENS,
                         trainable_blocks=train_ppo.TRAINABLE_BLOCKS,
+                        score_batch_size=train_ppo.SCORE_BATCH_SIZE,
+                        bottom_batch_size=train_ppo.BOTTOM_BATCH_SIZE,
                     )
                     if not ranked:
                         print(

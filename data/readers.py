@@ -345,33 +345,7 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             if report is not None:
                 report.skip("a consultation with no dialogue (as published)", where)
             return None
-        turns: list[list] = []
-        descriptions, diagnosis = [], []
-        for name, body in sections:
-            if name == "Description":
-                fields = _fields(body)
-                descriptions.append(fields)
-                text = "\n".join(f"{k}：{v}" for k, v in fields.items() if v) or " ".join(line.strip() for line in body)
-                turns.append(["病人", [text]])
-            elif name == "Dialogue":
-                for line in body:
-                    m = _SPEAKER.match(line)
-                    if m:
-                        turns.append([m.group(1), [m.group(2)] if m.group(2).strip() else []])
-                    elif line.strip() and turns:
-                        turns[-1][1].append(line.strip())
-            elif name == "Diagnosis and suggestions":
-                diagnosis.append(" ".join(line.strip() for line in body if line.strip()))
-        merged: list[tuple[str, str]] = []
-        for speaker, text in turns:
-            text = "".join(t.strip() for t in text)
-            if not text:
-                continue
-            if merged and merged[-1][0] == speaker:
-                merged[-1] = (speaker, merged[-1][1] + " " + text)
-                _note("consecutive turns of one speaker joined", where)
-            else:
-                merged.append((speaker, text))
+        merged, descriptions, diagnosis = _meddialog_turns(sections, lambda what: _note(what, where))
         while merged and merged[0][0] == "医生":  # only with no Description at all
             merged.pop(0)
             _note("doctor turn before any patient text dropped", where)
@@ -407,6 +381,39 @@ def read_meddialog(path, *, skip_bad=False, report=None, encoding="utf-8"):
             report.note(what, where)
 
     return _guard(((f"{path}:{s}", lambda s=s, b=b: parse(s, b)) for s, b in blocks()), skip_bad, report)
+
+
+def _meddialog_turns(sections: list, note) -> tuple[list, list, list]:
+    """A MedDialog consultation's sections -> (its turns, consecutive ones of a speaker joined;
+    each Description's fields; the Diagnosis texts). Each Description is a patient turn."""
+    turns: list[list] = []
+    descriptions, diagnosis = [], []
+    for name, body in sections:
+        if name == "Description":
+            fields = _fields(body)
+            descriptions.append(fields)
+            text = "\n".join(f"{k}：{v}" for k, v in fields.items() if v) or " ".join(line.strip() for line in body)
+            turns.append(["病人", [text]])
+        elif name == "Dialogue":
+            for line in body:
+                m = _SPEAKER.match(line)
+                if m:
+                    turns.append([m.group(1), [m.group(2)] if m.group(2).strip() else []])
+                elif line.strip() and turns:
+                    turns[-1][1].append(line.strip())
+        elif name == "Diagnosis and suggestions":
+            diagnosis.append(" ".join(line.strip() for line in body if line.strip()))
+    merged: list[tuple[str, str]] = []
+    for speaker, text in turns:
+        text = "".join(t.strip() for t in text)
+        if not text:
+            continue
+        if merged and merged[-1][0] == speaker:
+            merged[-1] = (speaker, merged[-1][1] + " " + text)
+            note("consecutive turns of one speaker joined")
+        else:
+            merged.append((speaker, text))
+    return merged, descriptions, diagnosis
 
 
 def _fields(lines: list[str]) -> dict[str, str]:

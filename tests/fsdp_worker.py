@@ -22,8 +22,9 @@ from conftest import sharpen_  # noqa: E402
 from generate import generate  # noqa: E402
 from model import KVCache, ModelConfig, Transformer, token_logprobs  # noqa: E402
 from pretrained import save_model  # noqa: E402
-from plan import StandInTokenizer, gradient_bytes  # noqa: E402
-from training import exit_trainer, init_distributed, shard  # noqa: E402
+from costs import gradient_bytes  # noqa: E402
+from simulate import StandInTokenizer  # noqa: E402
+from distributed import exit_trainer, init_distributed, shard  # noqa: E402
 
 CONFIG = ModelConfig(
     vocab_size=101,
@@ -276,6 +277,8 @@ def check_ppo_update(d):
         grad_clip=0.5,
         grad_sync="every",
         chunk_size=4,
+        score_batch_size=4,
+        bottom_batch_size=4,
     )
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
     train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
@@ -328,7 +331,7 @@ def check_ppo_update(d):
 
 
 def check_rollout_gathered(d):
-    """PPO's rollout keeps the policy gathered (training.gathered): the same experiences as
+    """PPO's rollout keeps the policy gathered (distributed.gathered): the same experiences as
     gathering every block at every step, each block all-gathered once per rollout rather than
     once per step, and every parameter sharded again afterwards."""
     from types import SimpleNamespace
@@ -370,7 +373,12 @@ def check_rollout_gathered(d):
         for reshard in (True, False):
             gathers.clear()
             args = SimpleNamespace(
-                seed=0, chunk_size=3, max_new_tokens=8, unfinished_penalty=0.0, reshard_in_rollout=reshard
+                seed=0,
+                chunk_size=3,
+                score_batch_size=3,
+                max_new_tokens=8,
+                unfinished_penalty=0.0,
+                reshard_in_rollout=reshard,
             )
             exps, _ = train_ppo.rollout(model, NoReward(), prompts, Tok(), args, d, round_no=0)
             runs[reshard] = ([e.response for e in exps], len(gathers))
@@ -465,6 +473,8 @@ def check_frozen_bf16(d):
         grad_clip=0.5,
         grad_sync="every",
         chunk_size=4,
+        score_batch_size=4,
+        bottom_batch_size=4,
     )
     seen = {}
     for frozen_bf16 in (False, True):
@@ -539,7 +549,7 @@ def check_reward_sharded(d):
     assert want.abs().min() > 1e-3  # not a comparison of zeros
     exps = [train_ppo.Experience(p, r, True) for p, r in zip(prompts, replies)]
     train_ppo.score_round(
-        sharded, exps, SimpleNamespace(eos_id=2, pad_id=0), SimpleNamespace(chunk_size=2, unfinished_penalty=0.0)
+        sharded, exps, SimpleNamespace(eos_id=2, pad_id=0), SimpleNamespace(score_batch_size=2, unfinished_penalty=0.0)
     )
     scores = torch.tensor([e.score for e in exps], dtype=torch.float64)
     torch.testing.assert_close(scores, want.clamp(-train_ppo.SCORE_CLIP, train_ppo.SCORE_CLIP), **TOL)
@@ -565,6 +575,8 @@ PLAN_PPO = dict(
     trainable_blocks=2,
     rollout_size=8,
     chunk_size=4,
+    score_batch_size=4,  # as --chunk-size set it before it had a name of its own
+    bottom_batch_size=4,
     batch_size=8,
     micro_batches=[4],
     prompt_len=200,
@@ -582,18 +594,19 @@ def plan_sft_step(model, d, n, **kw):
 
 def check_simulation_is_real(d, shard: int | None = None):
     """plan.py's steps on real tensors and gloo ranks (sharded over groups of `shard`: HSDP, see
-    training.device_mesh): test_plan.py holds the same steps on fake tensors and fake ranks to
+    distributed.device_mesh): test_plan.py holds the same steps on fake tensors and fake ranks to
     these figures (rank 0's peaks, printed as JSON)."""
     import json
 
-    import plan
-    from training import device_mesh
+    import simulate
+
+    from distributed import device_mesh
 
     mesh = device_mesh("cpu", d.world, shard)
-    sft = plan.measure_training(d, mesh, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
+    sft = simulate.measure_training(d, mesh, lambda: Transformer(PLAN_CONFIG), plan_sft_step, **PLAN_SFT)
     import train_ppo
 
-    ppo = plan.measure_ppo(d, mesh, PLAN_CONFIG, train_ppo.plan_parts(), **PLAN_PPO)
+    ppo = simulate.measure_ppo(d, mesh, PLAN_CONFIG, train_ppo.plan_parts(), **PLAN_PPO)
     if d.main:
         print(
             "measured "
@@ -614,7 +627,8 @@ def check_hsdp(d):
     after it; each rank holds half of every weight, not a quarter."""
     from data.template import Rendered
     from train_sft import train_step
-    from training import device_mesh, make_optimizer
+    from training import make_optimizer
+    from distributed import device_mesh
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

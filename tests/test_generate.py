@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_pair
 
-from generate import decode_steps, generate, process_logits, stream
+from generate import CompiledStep, decode_steps, generate, process_logits, stream
 from model import RMSNorm, token_logprobs
 
 PROMPTS = [[1, 17, 33, 54, 9, 71, 40, 12, 88, 25], [1, 64, 7, 99], [1, 5, 45, 66, 30, 21]]
@@ -182,22 +182,20 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
     runs = [(PROMPTS, {"temperature": 0}), (other, {"temperature": 0}), (PROMPTS, dict(temperature=0.9, top_p=0.8))]
 
     def run(compiled, prompts, sampling):
-        model.compile_decoding = compiled
-        try:
-            return generate(
-                model,
-                prompts,
-                max_new_tokens=12,
-                eos_id=-1,
-                return_logprobs=True,
-                generator=torch.Generator().manual_seed(3),
-                **sampling,
-            )
-        finally:
-            model.compile_decoding = False
+        return generate(
+            model,
+            prompts,
+            max_new_tokens=12,
+            eos_id=-1,
+            return_logprobs=True,
+            generator=torch.Generator().manual_seed(3),
+            compiled=step if compiled else None,
+            **sampling,
+        )
 
     torch._dynamo.reset()
     counters.clear()
+    step = CompiledStep(model)  # held by the caller, as evaluate.Doctor holds it
     eager = [run(False, *r) for r in runs]
     compiled = [run(True, *r) for r in runs]
     with torch.no_grad():

@@ -181,7 +181,7 @@ def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_every_step_is_the_same
     in bf16 the losses are those of storing them in fp32, to the bit, since FSDP casts each
     weight to bf16 before it computes either way; the adapters keep fp32 master weights."""
     import train_sft
-    import training
+    import distributed
 
     torch.set_num_threads(1)
     monkeypatch.setattr(train_sft, "mixed_precision", lambda d, args: True)
@@ -189,7 +189,7 @@ def test_under_bf16_the_frozen_base_is_stored_in_bf16_and_every_step_is_the_same
 
     def keeping(frozen_bf16):
         def shard_and_load(model, full, d, *, bf16, **kw):
-            model = training.shard_and_load(model, full, d, bf16=bf16, frozen_bf16=frozen_bf16 and kw["frozen_bf16"])
+            model = distributed.shard_and_load(model, full, d, bf16=bf16, frozen_bf16=frozen_bf16 and kw["frozen_bf16"])
             stored[frozen_bf16] = {n: p.dtype for n, p in model.named_parameters()}
             return model
 

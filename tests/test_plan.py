@@ -7,6 +7,11 @@ import sys
 
 import pytest
 
+import choose
+import costs
+
+import simulate
+
 import plan
 import train_ppo
 import train_rm
@@ -87,10 +92,10 @@ def test_time_formulas_by_hand():
     )
     # A block: q 4x4 (2 heads of 2), k and v 4x2 (1 head), o 4x4, gate/up/down 4x8 each:
     # 16 + 8 + 8 + 16 + 96 = 144; the head 10x4 = 40. The embedding is a lookup, a norm elementwise.
-    assert plan.matmul_params(cfg) == 184 and plan.matmul_params(cfg, head=False) == 144
+    assert costs.matmul_params(cfg) == 184 and costs.matmul_params(cfg, head=False) == 144
     # 3 tokens attending to 2 keys each: 2 x 184 per token, and q.k and the weighted sum of v,
     # 2 x hidden 4 x 2 keys = 16 each: 32 per token and block.
-    assert plan.forward_flops(cfg, tokens=3, context=2) == 3 * (368 + 32) == 1200
+    assert costs.forward_flops(cfg, tokens=3, context=2) == 3 * (368 + 32) == 1200
     # Training a sequence of 3 (mean causal context 2): the backward twice the forward; with
     # checkpointing the block's forward once more (not the head's).
     assert plan.train_flops(cfg, tokens=3, seq_len=3) == 3 * 1200
@@ -99,7 +104,7 @@ def test_time_formulas_by_hand():
     # weights (1,000 bytes given) and K and V (bf16) of 1 layer, 1 head of 2, 5 positions, 2
     # sequences: 2 x 2 x 1 x 1 x 2 x 5 x 2 = 80 bytes. At 1,000 FLOP/s and 1,000 B/s: 0.896 s
     # computing, 1.08 s reading: memory-bound.
-    step = plan.decode_step(
+    step = costs.decode_step(
         cfg, batch=2, context=5, weight_bytes=1000, peak_tflops=1e-9, mfu=1.0, hbm_tbps=1e-9, mbu=1.0
     )
     assert (step["flops"], step["bytes"]) == (896, 1080)
@@ -111,6 +116,7 @@ def test_time_formulas_by_hand():
         world=1,
         rollout_size=2,
         chunk_size=2,
+        score_batch_size=2,
         batch_size=1,
         ppo_epochs=2,
         prompt_len=3,
@@ -147,6 +153,7 @@ def test_time_formulas_by_hand():
         world=1,
         rollout_size=2,
         chunk_size=2,
+        score_batch_size=2,
         batch_size=1,
         ppo_epochs=2,
         prompt_len=3,
@@ -203,7 +210,10 @@ def test_the_memory_model_agrees_with_the_simulation_at_ziyas_widths():
     for kind, micro, ac in (("sft", 2, True), ("rm", 1, False)):  # at 13B the model's worst row and a typical one
         measured = (
             plan.simulate_training(
-                lambda: plan._lm(cfg, kind, ac), plan.lm_step(kind, 2048, STEPS[kind]), world=8, micro_batch=micro
+                lambda: simulate.lm_model(cfg, kind, ac),
+                simulate.lm_step(kind, 2048, STEPS[kind]),
+                world=8,
+                micro_batch=micro,
             ).total
             / 2**30
         )
@@ -258,7 +268,7 @@ def test_the_dry_runs_simulate_from_the_command_line(capsys):
 
 
 def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
-    """plan.ROLLOUT_STEPS: the simulation runs one wave of the rollout's queue, each response two
+    """simulate.ROLLOUT_STEPS: the simulation runs one wave of the rollout's queue, each response two
     tokens long (a prefill each, one decoding step), not every token of every prompt (at 13B a
     round in ~1 min, not 5-20); the rollout's peak is the same, to the byte, as this rank's
     whole share through the queue (two waves of rows here), every response 24 tokens. With the
@@ -270,7 +280,7 @@ def test_a_simulated_rollout_of_two_steps_holds_the_peak_of_all_of_them():
         plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=2, rollout_steps=steps, **kw)[
             "rollout"
         ]
-        for steps in (plan.ROLLOUT_STEPS, None)
+        for steps in (simulate.ROLLOUT_STEPS, None)
     )
     assert short.parts == full.parts and short.parts["activations"] > 0, (short.parts, full.parts)
 
@@ -283,13 +293,13 @@ def test_the_simulated_rollout_is_the_trainers_queue_on_real_tensors_to_the_byte
     (real tensors, every prompt of the rank's share through the queue, every response 12
     tokens long), the policy resharded at every forward (the layout that gathers the most while
     it decodes)."""
-    from training import device_mesh, init_distributed
+    from distributed import device_mesh, init_distributed
 
     kw = dict(fsdp_worker.PLAN_PPO, gathered_rollout=False, chunk_size=2, rollout_size=6, prompt_len=64, new_tokens=12)
     fake = plan.simulate_ppo(fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), world=1, **kw)["rollout"]
     d = init_distributed()
     try:
-        real = plan.measure_ppo(
+        real = simulate.measure_ppo(
             d, device_mesh("cpu", 1), fsdp_worker.PLAN_CONFIG, train_ppo.plan_parts(), rollout_steps=None, **kw
         )["rollout"]
     finally:
@@ -306,8 +316,8 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     memory model alone, decided."""
     cfg = fsdp_worker.ModelConfig(num_hidden_layers=12, **ZIYA_WIDTHS)
     gpu_gb = 17.6
-    usable = plan.usable_bytes(gpu_gb)
-    ranked = plan.choose_lm(
+    usable = choose.usable_bytes(gpu_gb)
+    ranked = choose.choose_lm(
         cfg, "sft", train_sft.train_step, world=8, gpu_gb=gpu_gb, batch=64, seq=2048, steps=100, mean_tokens=1024
     )
     chosen, faster = ranked[-1], ranked[-2]
@@ -318,8 +328,8 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     held = (
         faster.simulated
         or plan.simulate_training(
-            lambda: plan._lm(cfg, "sft", f["--activation-checkpointing"]),
-            plan.lm_step("sft", 2048, train_sft.train_step),
+            lambda: simulate.lm_model(cfg, "sft", f["--activation-checkpointing"]),
+            simulate.lm_step("sft", 2048, train_sft.train_step),
             world=8,
             micro_batch=f["--micro-batch-size"],
             grad_sync=f["--grad-sync"],
@@ -327,7 +337,7 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     )
     assert held > usable, (faster, held / 2**30)
     lines = []
-    plan.print_choice(ranked, gpu_gb=gpu_gb, world=8, command="train_sft.py --model m", log=lines.append)
+    choose.print_choice(ranked, gpu_gb=gpu_gb, world=8, command="train_sft.py --model m", log=lines.append)
     assert lines[-1] == f"  torchrun --nproc-per-node 8 train_sft.py --model m {chosen.command_flags()}".rstrip()
 
 
@@ -415,7 +425,7 @@ def test_the_chosen_command_carries_every_setting_the_simulation_used(trainer, f
     module.main(words[4:] + ["--dry-run"])  # the printed command, parsed by the trainer
     simulated, parsed = seen
     chosen = next(line for line in printed.splitlines() if line.startswith("  chosen: ")).split(": ")[1]
-    layout = {k.lstrip("-").replace("-", "_"): v for k, v in plan.Candidate.DEFAULTS.items()}
+    layout = {k.lstrip("-").replace("-", "_"): v for k, v in choose.Candidate.DEFAULTS.items()}
     given, last = {}, None  # the chosen layout's flags: "--micro-batch-size 2 --activation-checkpointing"
     for word in shlex.split(chosen) if chosen != "(the defaults)" else []:
         if word.startswith("--"):

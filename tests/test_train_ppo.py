@@ -16,11 +16,12 @@ import torch
 from conftest import ROOT, poison_update, sharpen_, trainer_env, two_nodes
 
 import plan
+import ppo_setup
 import train_ppo
 from model import ModelConfig, Transformer, token_logprobs
 from pretrained import load_reward_model, save_model
 from train_ppo import AdaptiveKL, Experience, gae, per_token_rewards, ppo_loss_sum, whiten
-from training import init_distributed
+from distributed import init_distributed
 
 CONFIG = ModelConfig(
     vocab_size=24,
@@ -57,7 +58,10 @@ def args_for(**kw):
         grad_sync="every",
         reshard_in_rollout=False,
     )
-    return SimpleNamespace(**{**base, **kw})
+    merged = {**base, **kw}
+    for batch in ("score_batch_size", "bottom_batch_size"):  # as --chunk-size set them before they had names
+        merged.setdefault(batch, merged["chunk_size"])
+    return SimpleNamespace(**merged)
 
 
 @pytest.fixture
@@ -742,7 +746,7 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
         encoding="utf-8",
     )
     tok, report = Tokenizer(tokenizer_file), Report()
-    got = train_ppo.read_prompts([sft], [pairs], tok, 1000, report)
+    got = ppo_setup.read_prompts([sft], [pairs], tok, 1000, report)
     # a's two patient turns (the second with its history), b's question = a's first: kept once;
     # c's question is a reward-model prompt: left out.
     want = [
@@ -760,7 +764,8 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
     # them (452,141 prompts at the paper's size held 10 GB a rank as lists): the same prompts,
     # in the same order, as lists of ids, and the same report.
     from data.corpus import Corpus
-    from training import init_distributed, rendered_once
+    from training import rendered_once
+    from distributed import init_distributed
 
     d, cached = init_distributed(), Report()
     try:
@@ -768,7 +773,7 @@ def test_rl_prompts_are_every_patient_turn_deduplicated_minus_the_reward_models(
             None,
             tmp_path / "run",
             {"k": 1},
-            lambda: ({"prompts": train_ppo.read_prompts([sft], [pairs], tok, 1000, cached)}, cached),
+            lambda: ({"prompts": ppo_setup.read_prompts([sft], [pairs], tok, 1000, cached)}, cached),
             d,
             labels=False,
         )

@@ -525,20 +525,20 @@ def micro_in_shard_files(out: Path) -> Path:
 
 def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatch):
     """Issue 34 item 3: a checkpoint in several shard files is read and scattered file by file
-    (pretrained.read_transformer, training.load_sharded), so rank 0 holds one file's tensors at
+    (pretrained.read_transformer, distributed.load_sharded), so rank 0 holds one file's tensors at
     a time, not the model (48.8 GiB at 13B in fp32). Logged by hooks on the reads and on the
     scatters: each file's tensors all go out before the next file is opened (before, every file
     was read, then the whole state dict went out once). With --lr 0 the exported weights are the
     checkpoint's, to the bit."""
     import checkpoint
+    import distributed
     import train_sft
-    import training
 
     sharded = micro_in_shard_files(tmp_path / "sharded")
     files = sorted(sharded.glob("model-*.safetensors"))
     assert len(files) >= 4
     log = []
-    read, scatter = checkpoint.read_safetensors, training.set_model_state_dict
+    read, scatter = checkpoint.read_safetensors, distributed.set_model_state_dict
 
     def reading(file, keep=None):
         log.append(("read", Path(file).name))
@@ -549,7 +549,7 @@ def test_rank_0_reads_and_scatters_one_shard_file_at_a_time(tmp_path, monkeypatc
         return scatter(module, state_dict, options=options)
 
     monkeypatch.setattr(checkpoint, "read_safetensors", reading)
-    monkeypatch.setattr(training, "set_model_state_dict", scattering)
+    monkeypatch.setattr(distributed, "set_model_state_dict", scattering)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     train_sft.main(
         [
@@ -664,7 +664,8 @@ def test_a_rerun_maps_the_rendered_data_without_reading_it_and_takes_no_partial_
 
     import train_sft
     from data import corpus
-    from training import init_distributed, train_tiny_tokenizer
+    from training import train_tiny_tokenizer
+    from distributed import init_distributed
 
     tok = train_tiny_tokenizer(tmp_path / "tokenizer.model")
     args = argparse.Namespace(
@@ -710,7 +711,7 @@ def test_a_rerun_maps_the_rendered_data_without_reading_it_and_takes_no_partial_
 
 
 def test_a_one_process_group_leaves_no_temporary_files():
-    from training import init_distributed
+    from distributed import init_distributed
 
     d = init_distributed()
     store = Path(d.store_dir)
@@ -966,7 +967,7 @@ def _gone(pid: int) -> bool:
 def test_a_preempted_killed_or_stuck_rank_ends_the_run_with_its_state_and_the_rerun_resumes_exactly(tmp_path):
     """Issue 33, items 1 and 3, on 2 gloo ranks under torchrun, one --out throughout.
     1. SIGTERM to rank 1 alone, then (the same command rerun) to torchrun's agent, which passes
-       it on: each time every rank stops at the same step boundary (training.Preemption's
+       it on: each time every rank stops at the same step boundary (distributed.Preemption's
        all-reduce), the state of that step is on disk, OUT/preempted names it, the workers exit 75.
     3. The same command again (it resumes), then SIGKILL to rank 1: rank 0's next collective fails
        at once, and it ends with one line, no traceback; the state is still the last one saved.
