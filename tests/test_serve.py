@@ -809,7 +809,7 @@ def test_a_failed_step_leaves_nothing_of_its_requests_for_the_next(model_dir):
     try:
         # A failure in a decoding step: the request that was decoding hears it.
         failed = events_until_end(engine.submit(request(QUESTIONS[3], temperature=0, max_tokens=20)))
-        assert failed[-1][0] == "error" and "out of memory" in failed[-1][1]
+        assert isinstance(failed[-1], engine_module.Failed) and "out of memory" in failed[-1].message
         columns.clear()
         assert [collect(engine.submit(r)) for r in nexts] == expected
         assert columns == fresh_columns
