@@ -43,31 +43,36 @@ def usable_bytes(gpu_gb: float) -> float:
     return gpu_gb * (1 - HEADROOM) * GIB
 
 
+# The flags a layout sets; their defaults are the trainer's own, read from its parser
+# (plan.layout_defaults) and handed to choose_lm / choose_ppo.
+LAYOUT_FLAGS = (
+    "--micro-batch-size",
+    "--activation-checkpointing",
+    "--grad-sync",
+    "--shard-ranks",
+    "--chunk-size",
+    "--reshard-in-rollout",
+    "--reward-placement",
+    "--frozen-bf16",
+)
+
+
 @dataclass
 class Candidate:
     """A layout the dry run may choose: the value of each flag it sets (False for a switch off,
     None for --shard-ranks over all ranks), the run's seconds by the time model, the memory
-    model's bytes, and once simulated the peak a rank holds."""
+    model's bytes, the trainer's defaults of those flags, and once simulated the peak a rank
+    holds."""
 
     flags: dict
     seconds: float
     modelled: float
+    defaults: dict
     simulated: float | None = None
     measured: dict | None = None  # the simulation's parts (PPO: simulate_ppo's), for the tables after
 
-    DEFAULTS = {
-        "--micro-batch-size": 1,
-        "--activation-checkpointing": False,
-        "--grad-sync": "every",
-        "--shard-ranks": None,
-        "--chunk-size": 8,
-        "--reshard-in-rollout": False,
-        "--reward-placement": "sharded",
-        "--frozen-bf16": False,
-    }  # the trainers' own defaults
-
     def changed(self) -> dict:
-        return {k: v for k, v in self.flags.items() if v != self.DEFAULTS[k]}
+        return {k: v for k, v in self.flags.items() if v != self.defaults[k]}
 
     def command_flags(self) -> str:
         return " ".join(k if v is True else f"{k} {v}" for k, v in self.changed().items())
@@ -145,6 +150,7 @@ def choose_lm(
     seq: int,
     steps: int,
     mean_tokens: int,
+    defaults: dict,
     bf16: bool = True,
     net_args: dict | None = None,
     peak_tflops: float = PEAK_TFLOPS,
@@ -155,7 +161,8 @@ def choose_lm(
     """choose() for SFT (kind "sft") or the reward model ("rm", items are pairs): a run of
     `steps` steps of `batch` items on `world` GPUs, memory at the longest sequence (`seq`
     tokens), time at `mean_tokens` an item (--plan-tokens-per-item), over micro-batch size,
-    activation checkpointing, --grad-sync and (more than a node) --shard-ranks (or only `shards`)."""
+    activation checkpointing, --grad-sync and (more than a node) --shard-ranks (or only `shards`).
+    `defaults`: the trainer's own values of those flags (plan.layout_defaults)."""
     per_item = 2 if kind == "rm" else 1
     candidates = []
     for micro in (m for m in micros if batch % (world * m) == 0):
@@ -198,6 +205,7 @@ def choose_lm(
                             },
                             steps * t["seconds"],
                             m["total"] * GIB,
+                            defaults,
                         )
                     )
 
@@ -231,6 +239,7 @@ def choose_ppo(
     trainable_blocks: int,
     score_batch_size: int,
     bottom_batch_size: int,
+    defaults: dict,
     net_args: dict | None = None,
     peak_tflops: float = PEAK_TFLOPS,
     mfu: float = MFU,
@@ -290,7 +299,7 @@ def choose_ppo(
                                 "--frozen-bf16": frozen_bf16,
                                 "--shard-ranks": shard,
                             }
-                            candidates.append(Candidate(flags, rounds * t["total"], m["total"] * GIB))
+                            candidates.append(Candidate(flags, rounds * t["total"], m["total"] * GIB, defaults))
 
     def simulate(c):
         f = c.flags

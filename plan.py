@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -68,7 +69,7 @@ from costs import (
     hours,
     size,
 )
-from choose import MODEL_SLACK, Candidate, choose_lm, choose_ppo, print_choice
+from choose import LAYOUT_FLAGS, MODEL_SLACK, choose_lm, choose_ppo, print_choice
 from simulate import Measurement, PPOParts, lm_model, lm_step, simulate_ppo, simulate_sampling, simulate_training
 
 
@@ -107,7 +108,7 @@ def measured_table(rows: list[tuple[list, Measurement, list]], header: list[str]
     return f"per-rank {unit}\n" + _table(body, [*header, *shown, "total", *after])
 
 
-def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = (), settings: str = ""):
+def lm_dry_run(args, kind: str, train_step: Callable, settings: Settings, inference: tuple = ()):
     """`train_sft.py --dry-run` (kind "sft") and `train_rm.py --dry-run` ("rm"): the memory model
     for each micro-batch size with and without activation checkpointing; with --simulate the
     same rows measured (the trainer's `train_step`), and what inference on one GPU holds for
@@ -142,7 +143,7 @@ def lm_dry_run(args, kind: str, train_step: Callable, inference: tuple = (), set
 
 
 def lm_choice(
-    args, kind: str, config, train_step: Callable, *, seq: int, steps: int, bf16: bool, peak: float, settings: str
+    args, kind: str, config, train_step: Callable, *, seq: int, steps: int, bf16: bool, peak: float, settings: Settings
 ):
     """With --simulate, first: the fastest layout that fits (choose_lm), and the command to run it."""
     ranked = choose_lm(
@@ -159,6 +160,7 @@ def lm_choice(
         net_args=net_args(args),
         peak_tflops=peak,
         mfu=args.mfu,
+        defaults=settings.defaults,
     )
     print_choice(
         ranked,
@@ -436,18 +438,42 @@ PLAN_DESTS = {
 }
 
 
-def given_settings(p, args) -> str:
+@dataclass
+class Settings:
+    """What the dry run takes of a trainer's command line (given_settings): its own flags, as a
+    command line gives them (str()), and the trainer's defaults of the layout flags."""
+
+    flags: str
+    defaults: dict
+
+    def __str__(self) -> str:
+        return self.flags
+
+
+def layout_defaults(p) -> dict:
+    """A trainer's own defaults of the flags a layout sets (choose.LAYOUT_FLAGS), read from its
+    parser: the chooser prints only the flags a layout changes from them."""
+    return {
+        flag: action.default
+        for action in p._actions
+        for flag in [max(action.option_strings, key=len, default="")]
+        if flag in LAYOUT_FLAGS
+    }
+
+
+def given_settings(p, args) -> Settings:
     """The flags of `args` that differ from the parser's defaults, as a command line gives
     them: what the dry run simulated and the command it prints must carry (--max-len,
     --batch-size, ...), but for the dry run's own flags and the layout it chooses
-    (Candidate.DEFAULTS), which the printed command sets itself."""
+    (choose.LAYOUT_FLAGS), which the printed command sets itself; and the parser's defaults of
+    those layout flags."""
     flags = []
     for action in p._actions:
         if not action.option_strings or action.dest in PLAN_DESTS or action.dest == "help":
             continue
         flag = max(action.option_strings, key=len)
         value = getattr(args, action.dest, None)
-        if flag in Candidate.DEFAULTS or value is None or value == action.default:
+        if flag in LAYOUT_FLAGS or value is None or value == action.default:
             continue
         if action.nargs == 0:  # a switch (store_true / store_false)
             flags.append(flag)
@@ -455,10 +481,10 @@ def given_settings(p, args) -> str:
             flags.append(" ".join([flag, *(shlex.quote(str(v)) for v in value)]))
         else:
             flags.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(flags)
+    return Settings(" ".join(flags), layout_defaults(p))
 
 
-def ppo_dry_run(args, parts: PPOParts, settings: str = ""):
+def ppo_dry_run(args, parts: PPOParts, settings: Settings):
     """`train_ppo.py --dry-run`: the memory model of PPO's layout for each micro-batch size; with
     --simulate each part of a round (train_ppo.py's `parts`) measured; then the time of a round
     and of the run. `settings`: the run's own flags (given_settings), carried by the command it
@@ -486,7 +512,7 @@ def ppo_dry_run(args, parts: PPOParts, settings: str = ""):
     ppo_time(args, config, rounds=rounds, peak_tflops=peak_tflops)
 
 
-def ppo_choice(args, config, parts: PPOParts, *, rounds: int, peak_tflops: float, settings: str) -> list:
+def ppo_choice(args, config, parts: PPOParts, *, rounds: int, peak_tflops: float, settings: Settings) -> list:
     """With --simulate, first: the fastest layout that fits (choose_ppo) and the command to run
     it -> the ranking, whose simulated candidates the tables after reuse."""
     world, prompt_len = args.world_size, args.plan_prompt_tokens
@@ -508,6 +534,7 @@ def ppo_choice(args, config, parts: PPOParts, *, rounds: int, peak_tflops: float
         peak_tflops=peak_tflops,
         mfu=args.mfu,
         hbm_tbps=args.hbm_tbps,
+        defaults=settings.defaults,
     )
     print_choice(ranked, gpu_gb=args.gpu_memory_gb, world=world, command=f"train_ppo.py {settings}".rstrip())
     print()

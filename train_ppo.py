@@ -789,7 +789,8 @@ def ppo_fingerprint(args, digests: dict[str, str]) -> dict:
     )
 
 
-def main(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """This trainer's command line (plan.layout_defaults reads its defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--policy", required=True, help="the SFT model (HF layout), or 'tiny' / 'ziya-13b' with --dry-run")
     p.add_argument("--reward", help="the reward model (train_rm.py's best/ or final/)")
@@ -867,6 +868,11 @@ def main(argv=None):
     )
     p.add_argument("--trainable-blocks", type=COUNT, default=TRAINABLE_BLOCKS)
     add_plan_args(p, length_flag="--plan-prompt-tokens", length_help="prompt tokens of every experience (assumed)")
+    return p
+
+
+def main(argv=None):
+    p = arg_parser()
     args = p.parse_args(argv)
     if args.dry_run:
         return ppo_dry_run(args, plan_parts(), settings=given_settings(p, args))

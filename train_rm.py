@@ -497,6 +497,29 @@ def score(args):
         print(report.summary(), file=sys.stderr)
 
 
+def arg_parser() -> argparse.ArgumentParser:
+    """The training command line (plan.layout_defaults reads its defaults); `sample` and
+    `score` have their own."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
+    p.add_argument("--data", nargs="+", help="preference pairs (distill.py score output)")
+    add_input_args(p, formats=False)
+    add_trainer_args(
+        p,
+        unit="pairs",
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        epochs=EPOCHS,
+        weight_decay=WEIGHT_DECAY,
+        warmup_ratio=WARMUP_RATIO,
+        grad_clip=GRAD_CLIP,
+        max_len=MAX_LEN,
+    )
+    p.add_argument("--margin", type=FINITE, default=MARGIN)
+    add_plan_args(p, items_help="pairs an epoch (default: 100 batches)")
+    return p
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("sample", "score"):
@@ -516,23 +539,7 @@ def main(argv=None):
             p.add_argument("--seed", type=int, default=0)
             return sample(p.parse_args(argv[1:]))
         return score(p.parse_args(argv[1:]))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="the SFT checkpoint (HF layout), or 'tiny'")
-    p.add_argument("--data", nargs="+", help="preference pairs (distill.py score output)")
-    add_input_args(p, formats=False)
-    add_trainer_args(
-        p,
-        unit="pairs",
-        lr=LR,
-        batch_size=BATCH_SIZE,
-        epochs=EPOCHS,
-        weight_decay=WEIGHT_DECAY,
-        warmup_ratio=WARMUP_RATIO,
-        grad_clip=GRAD_CLIP,
-        max_len=MAX_LEN,
-    )
-    p.add_argument("--margin", type=FINITE, default=MARGIN)
-    add_plan_args(p, items_help="pairs an epoch (default: 100 batches)")
+    p = arg_parser()
     args = p.parse_args(argv)
     if args.dry_run:
         k = SAMPLES_PER_PROMPT  # what this file's `sample` holds on one GPU, beside evaluate.py

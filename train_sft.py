@@ -156,7 +156,8 @@ def rendered_data(args, digests: dict[str, str], tok, d):
     return corpus.Corpus(entry / "train"), corpus.Corpus(entry / "val"), meta["summary"]
 
 
-def main(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """This trainer's command line (plan.layout_defaults reads its defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="an HF-format directory, or 'tiny' (the embedded default)")
     p.add_argument("--data", nargs="+", help="training files, any format data/ reads")
@@ -179,6 +180,11 @@ def main(argv=None):
         max_len=MAX_LEN,
     )
     add_plan_args(p, items_help="conversations an epoch (default: the 226,042 of Table 3's medical parts)")
+    return p
+
+
+def main(argv=None):
+    p = arg_parser()
     args = p.parse_args(argv)
     if args.dry_run:
         return lm_dry_run(args, "sft", train_step, settings=given_settings(p, args))

@@ -63,6 +63,7 @@ def main(kinds):
                         trainable_blocks=train_ppo.TRAINABLE_BLOCKS,
                         score_batch_size=train_ppo.SCORE_BATCH_SIZE,
                         bottom_batch_size=train_ppo.BOTTOM_BATCH_SIZE,
+                        defaults=plan.layout_defaults(train_ppo.arg_parser()),
                     )
                     if not ranked:
                         print(
@@ -86,6 +87,7 @@ def main(kinds):
                         seq=train_sft.MAX_LEN if kind == "sft" else train_rm.MAX_LEN,
                         steps=epochs * items // batch,
                         mean_tokens=1024,
+                        defaults=plan.layout_defaults((train_sft if kind == "sft" else train_rm).arg_parser()),
                     )
                     text, chosen = cell(ranked, gb, world, f"train_{kind}.py")
                 print(f"| {kind} | {world} | {gb} | {text} | {time.time() - start:.0f} s |", flush=True)
@@ -112,6 +114,7 @@ def fsdp_or_hsdp(kinds, world: int = 64):
                     seq=train_sft.MAX_LEN if kind == "sft" else train_rm.MAX_LEN,
                     steps=epochs * items // batch,
                     mean_tokens=1024,
+                    defaults=plan.layout_defaults((train_sft if kind == "sft" else train_rm).arg_parser()),
                     shards=shards,
                 )
                 texts.append(cell(ranked, gb, world, f"train_{kind}.py")[0])

@@ -318,7 +318,16 @@ def test_the_chooser_picks_a_layout_that_fits_and_the_next_faster_does_not():
     gpu_gb = 17.6
     usable = choose.usable_bytes(gpu_gb)
     ranked = choose.choose_lm(
-        cfg, "sft", train_sft.train_step, world=8, gpu_gb=gpu_gb, batch=64, seq=2048, steps=100, mean_tokens=1024
+        cfg,
+        "sft",
+        train_sft.train_step,
+        world=8,
+        gpu_gb=gpu_gb,
+        batch=64,
+        seq=2048,
+        steps=100,
+        mean_tokens=1024,
+        defaults=plan.layout_defaults(train_sft.arg_parser()),
     )
     chosen, faster = ranked[-1], ranked[-2]
     assert chosen.simulated is not None and chosen.simulated <= usable, chosen
@@ -425,7 +434,7 @@ def test_the_chosen_command_carries_every_setting_the_simulation_used(trainer, f
     module.main(words[4:] + ["--dry-run"])  # the printed command, parsed by the trainer
     simulated, parsed = seen
     chosen = next(line for line in printed.splitlines() if line.startswith("  chosen: ")).split(": ")[1]
-    layout = {k.lstrip("-").replace("-", "_"): v for k, v in choose.Candidate.DEFAULTS.items()}
+    layout = {k.lstrip("-").replace("-", "_"): v for k, v in plan.layout_defaults(module.arg_parser()).items()}
     given, last = {}, None  # the chosen layout's flags: "--micro-batch-size 2 --activation-checkpointing"
     for word in shlex.split(chosen) if chosen != "(the defaults)" else []:
         if word.startswith("--"):
