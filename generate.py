@@ -166,8 +166,9 @@ def decode_steps(
                 if not any_alive(alive, sharded):
                     break
             if compiled is not None:
-                column = torch.full((B, 1), pos, device=device)  # every row at the same column of the static cache
-                logits = compiled.forward(nxt[:, None], mask, cache=cache, start=column)[:, -1]
+                logits = compiled.forward(nxt[:, None], mask, cache=cache, start=torch.tensor([pos], device=device))[
+                    :, -1
+                ]
             else:
                 logits = model(
                     tokens[:, pos : pos + 1], mask[:, : pos + 1] if padded else None, cache=cache, start=pos

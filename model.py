@@ -155,14 +155,12 @@ class KVCache:
     (bf16) differs from that of the stored fp32 weights. One tensor per layer, so that a
     compiled step (generate.py --compile) updates each in place.
 
-    Where a step writes, two ways (`start` in forward):
-      an int       every row writes columns start.. (a prefill, a chunk of one, a decoding step
-                   of a left-padded batch); the keys and values up to the last column written
-                   come back.
-      a (B, 1) tensor   one column per row, rows 0..B-1 each at its own (engine.py's rows, each
-                   at its own length; a compiled step, every row at the same column of a static
-                   cache); the first `width` columns (the attention mask's) come back, and the
-                   mask hides those not written yet.
+    `start` an int: write columns start.. and return the keys and values up to the last one
+    written. `start` a tensor (the static cache of a compiled step): write the one column it
+    holds and return all max_len columns; the attention mask hides those not written yet.
+    `start` a (B, 1) tensor, a column per row (engine.py's rows, each at its own length):
+    rows 0..B-1 of the cache each write their column, and the first `width` columns (the
+    mask's) come back.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
@@ -182,11 +180,15 @@ class KVCache:
             self.v[layer][row, :, :columns] = source.v[layer][source_row, :, :columns]
 
     def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: int | None = None):
-        if isinstance(start, torch.Tensor):  # (B, 1): a column per row
+        if isinstance(start, torch.Tensor) and start.dim() == 2:  # (B, 1): a column per row
             rows = torch.arange(k.shape[0], device=k.device)
             self.k[layer][rows, :, start[:, 0]] = k[:, :, 0]
             self.v[layer][rows, :, start[:, 0]] = v[:, :, 0]
             return self.k[layer][: k.shape[0], :, :width], self.v[layer][: k.shape[0], :, :width]
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
@@ -268,7 +270,7 @@ class AttentionContext:
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None  # bool (B, 1, T, S), True = may attend; None = plain causal
-    start: int | torch.Tensor  # where the step writes (KVCache.update): a column for all rows, or one per row
+    start: int | torch.Tensor  # a tensor: the column of a static cache (KVCache.update)
 
 
 class Transformer(nn.Module):
@@ -321,12 +323,12 @@ class Transformer(nn.Module):
         left-padded prompt sees the same positions as the same prompt alone.
         """
         if isinstance(start, torch.Tensor):
-            # One token a row, each at its own column (KVCache.update): attention_mask spans the
-            # cache's columns, 1 for those written, the new token's included, so the count of 1s
-            # gives the position and the mask itself says what may be attended to. No shape here
-            # depends on the step, so one compilation serves every step of a static cache.
+            # One token over a static cache (KVCache.update): attention_mask spans the whole
+            # cache, 1 up to and including the new token's column and 0 after it, so the count
+            # of 1s gives the position and the mask itself says what may be attended to. No
+            # shape here depends on the step, so one compilation serves every step.
             if seq_len != 1 or attention_mask is None:
-                raise ValueError("a tensor start (a column per row) takes one token and an attention_mask")
+                raise ValueError("a tensor start (static cache) takes one token and an attention_mask")
             positions = attention_mask.sum(-1, keepdim=True) - 1
             mask = attention_mask.bool()[:, None, None, :]
         elif attention_mask is None:
