@@ -159,6 +159,9 @@ class Engine:
             )
         job = Job(request)
         with self.cond:
+            if self.closing:  # Ctrl-C came first: the engine takes no more work
+                job.events.put(Failed("the server is stopping"))
+                return job
             self.waiting.append(job)
             self.cond.notify()
         return job
@@ -170,7 +173,8 @@ class Engine:
 
     def close(self, timeout: float = 30.0):
         """Stop between two steps: every request in flight or waiting hears that the server is
-        stopping, and the thread ends (a thread left inside torch at exit aborts the process)."""
+        stopping, and the thread ends (a thread left inside torch at exit aborts the process).
+        Waits `timeout` seconds for that (0: returns at once; a second call waits again)."""
         with self.cond:
             self.closing = True
             self.cond.notify()

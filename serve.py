@@ -580,17 +580,21 @@ def main(argv=None):
         flush=True,
     )
     try:
-        threading.Event().wait()
+        # Short waits: SIGINT may land on another thread (the engine's, torch's), and Python raises
+        # KeyboardInterrupt in the main thread only when it next runs, not while it blocks in a wait.
+        while True:
+            time.sleep(0.1)
     except KeyboardInterrupt:
         return stop(server)
 
 
 def stop(server: ChatServer, timeout: float = 10.0) -> int:
-    """Ctrl-C: no new connection; the engine stops between two steps and every reply in flight
-    hears so (a stream gets an error object and [DONE]); the handlers get `timeout` seconds to
-    send that; one line, exit status 130."""
-    server.shutdown()
+    """Ctrl-C: the engine stops between two steps, at once, and every reply in flight hears so
+    (a stream gets an error object and [DONE]); no new connection; the handlers get `timeout`
+    seconds to send that; one line, exit status 130."""
     in_flight = server.in_flight
+    server.engine.close(timeout=0)  # the engine stops at once, not after the server's next poll
+    server.shutdown()
     server.engine.close(timeout)
     deadline = time.monotonic() + timeout
     while server.in_flight and time.monotonic() < deadline:
