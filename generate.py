@@ -1,14 +1,17 @@
-"""Batched sampling from model.py's Transformer with a preallocated KV cache.
+"""Sampling from model.py's Transformer: one decoding path, a queue over the rows of one KV cache.
 
-Prompts of different lengths are left-padded so that they end in the same column: the prefill
-writes one block of the cache and each decoding step one more column for the whole batch.
-Positions count real tokens only (model.Transformer.context), so a prompt decodes the same
-alone as inside a padded batch. A sequence that has produced eos keeps stepping (the batch moves
-together) but its later tokens are padding and are not returned.
+decode_steps runs every sampling in the project: evaluation, `train_rm.py sample`, chat and
+generate.py decode a fixed batch (the queue whose prompts all start at once), PPO's rollout a
+queue of more prompts than rows, where a row whose response ended takes the next prompt. Each
+prompt is prefilled alone and joins a row (CacheRows); then every row steps at once, each
+writing its own next column and attending to its own columns, so a prompt decodes the same
+alone as beside others, and no row carries padding. serve.py's engine schedules the same rows
+itself, request by request.
 
 The model may be sharded with FSDP (PPO samples from the policy it trains): each forward then
 gathers every block's weights collectively, so a rank whose sequences have all ended keeps
-stepping until every rank's have, or the others would wait forever in the next all-gather.
+making forwards until every rank's have, or the others would wait forever in the next
+all-gather.
 Sampling runs under no_grad, not inference_mode: inference tensors break FSDP2's parameters.
 And it leaves the model resharded: FSDP2 keeps the root's weights (embedding, norm, head)
 gathered after a forward, so until the next backward `model.parameters()` would yield those
@@ -22,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
-from data.template import pad_batch
 from model import KVCache, Transformer, token_logprobs
 from pretrained import load_transformer
 from safety import COUNT, NONNEGATIVE, POSITIVE, SHARE, run_main
@@ -43,6 +45,7 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt, the final eos included when one was produced
     logprobs: list[list[float]] | None  # model.token_logprobs of each token: full vocabulary, no filters
     finished: list[bool]  # True where the sequence ended with eos rather than at max_new_tokens
+    idle_rows: float = 0.0  # the share of the decoding steps' rows that had no prompt to run (a queue's tail)
 
 
 def process_logits(
@@ -83,12 +86,24 @@ def process_logits(
     return logits
 
 
+@dataclass
+class Step:
+    """What one forward of decode_steps drew: a token for each prompt still running in it."""
+
+    prompts: list[int]  # the prompts that drew (indices into decode_steps' `prompts`)
+    tokens: torch.Tensor  # (len(prompts),) on the model's device
+    logprobs: torch.Tensor  # model.token_logprobs of each: full vocabulary, no filters
+    values: list[int] | None  # the tokens as read back, when decode_steps read them (an eos to look for)
+    rows: int  # the rows the step ran: the queue's width for a decoding step, 0 for a prefill
+
+
 def decode_steps(
     model: Transformer,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
     eos_id: int | None,
+    rows: int | None = None,
     pad_id: int = 0,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -97,128 +112,222 @@ def decode_steps(
     vocab_limit: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     compiled: "CompiledStep | None" = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield, per step, (tokens (B,), logprobs (B,), alive (B,) bool) for the batch.
+    readback=None,
+) -> Iterator[Step]:
+    """Sample continuations of `prompts` through a queue of `rows` rows of one KV cache
+    (CacheRows), yielding each forward's new tokens (a Step). The one decoding path: a fixed
+    batch is the queue whose prompts all start at once (rows: all of them, the default).
 
-    `alive` is False for sequences that had already finished before this step; their token is
-    padding. eos_id None: no token ends a sequence, every one runs max_new_tokens, and nothing
-    here reads a value back from the device.
-    temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode
-    from being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
+      1. the waiting prompts take the free rows, each prefilled alone (no padding: a prompt's
+         keys are the same in any batch), and draw their first tokens together;
+      2. every running row takes a step at once, each at its own length (a column per row);
+      3. a response that produced eos or max_new_tokens ends: its row leaves, the rows after it
+         moving down, and the next waiting prompt takes it at step 1.
+
+    eos_id None: no token ends a response, every one runs max_new_tokens, and nothing here reads
+    a value back from the device (simulate.simulate_sampling runs this on fake tensors).
+    temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode from
+    being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
     log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
-    equal what a training forward computes for the same ids. `generator` may be one per prompt:
-    each row then samples from its own, and a seeded row draws the same tokens whatever else is
-    in the batch (serve.py's seeded requests). `compiled` (a CompiledStep of this model, --compile)
-    runs every decoding step through torch.compile over a static cache.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    equal what a training forward computes for the same ids. `generator`: one for the batch,
+    which draws as torch.multinomial draws a batch whatever rows have ended (see draw); or one
+    per prompt, which a queue needs: a prompt's response is then the same whatever prompts
+    share its steps (PPO's rollout, serve.py's seeded requests). `compiled` (a CompiledStep of
+    this model, --compile) runs every decoding step through torch.compile over a static cache;
+    its rows keep their places to the end (a shape of their own for each would compile again),
+    an ended one stepping on with its tokens dropped. readback(tokens, prompts) -> list[int]:
+    what the tokens drawn are taken to be, for a simulation on fake tensors, which hold no
+    values (simulate.measure_ppo); None reads them from the device when an eos is looked for.
+
+    On an FSDP-sharded model every forward gathers weights collectively, so all ranks make the
+    same calls: at each step they agree (an all-reduce) on whether any of them admits prompts
+    and whether any has a row left, and a rank with nothing to run makes a one-token forward of
+    its own instead; the model is left resharded (see the module docstring). Run it under
+    no_grad, as generate and stream do (not as a decorator here: torch's wrapper of a generator
+    holds the last Step through the next forward)."""
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the bos token, at least)")
-    config = model.config
-    device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    if P + max_new_tokens > config.max_position_embeddings:
+    config, device = model.config, next(model.parameters()).device
+    longest, rows = max(map(len, prompts), default=1), rows or max(len(prompts), 1)
+    if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(
-            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceeds the model's context of {config.max_position_embeddings}"
         )
-    total = P + max_new_tokens
+    queued = rows < len(prompts)
+    if queued and (compiled is not None or (temperature > 0 and not isinstance(generator, list))):
+        raise ValueError("a queue (rows < prompts) decodes eagerly, each prompt from a generator of its own")
+    columns = longest + max_new_tokens
     if compiled is not None:  # a static cache, whole buckets of columns: one compilation serves many lengths
-        total = min(-(-total // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings)
-    tokens, mask = pad_batch(prompts, pad_id, left=True)  # every row's next token in column P
-    tokens = F.pad(tokens, (0, total - P), value=pad_id).to(device)  # the columns generation fills
-    mask = F.pad(mask, (0, total - P)).to(device)
-    padded = any(len(p) < P for p in prompts)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros((B, config.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens[:, :P], mask[:, :P].bool())
-    cache = KVCache(config, B, total)
+        columns = min(-(-columns // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings)
+    live = CacheRows(config, rows, columns, vocab=config.vocab_size if repetition_penalty != 1.0 else None)
     sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+    drawn, ended = [0] * len(prompts), [False] * len(prompts)
+    waiting = deque(range(len(prompts)))
 
-    alive = torch.ones(B, dtype=torch.bool, device=device)
+    def agreed(value: int) -> int:  # the largest over the ranks
+        if not sharded:
+            return value
+        t = torch.tensor(value, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def sample(logits: torch.Tensor, first: int, kind: int) -> Iterator[Step]:
+        """The next token of live rows first.. (their logits), the Step of those running, and
+        the ends it makes -> (yields the Step; returns the tokens, to feed the next step)."""
+        items = live.items[first:]
+        seen = None if live.seen is None else live.seen[first : first + len(items)]
+        scores = process_logits(
+            logits,
+            seen,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            vocab_limit=vocab_limit,
+        )
+        if isinstance(generator, list):
+            tokens = draw(scores, temperature, [generator[i] for i in items])
+        else:
+            tokens = draw(scores, temperature, generator, seats=(items, len(prompts)))
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        running = [r for r, i in enumerate(items) if not ended[i]]
+        mine = tokens if len(running) == len(items) else tokens[running]
+        values = None
+        if readback is not None:
+            values = readback(mine, [items[r] for r in running])
+        elif eos_id is not None:
+            values = mine.tolist()
+        logprobs = token_logprobs(logits if len(running) == len(items) else logits[running], mine)
+        yield Step([items[r] for r in running], mine, logprobs, values, kind)
+        for n, r in enumerate(running):
+            i = items[r]
+            drawn[i] += 1
+            ended[i] = drawn[i] == max_new_tokens or (values is not None and values[n] == eos_id)
+        # What the rows feed the next step: the values when read (no tensor is then held while
+        # the next prompts prefill), else the tokens where they are.
+        return values if values is not None and len(running) == len(items) else tokens
+
+    def leave(tokens: list[int] | torch.Tensor) -> list[int] | torch.Tensor:
+        """Step 3: the rows whose response ended leave (a compiled step's keep their places until
+        all have ended) -> the tokens the rows that stay feed the next step."""
+        stays = [not ended[i] for i in live.items]
+        if all(stays) or (compiled is not None and any(stays)):
+            return tokens
+        live.keep(stays)
+        if isinstance(tokens, list):
+            return [t for t, s in zip(tokens, stays) if s]
+        return tokens[[r for r, s in enumerate(stays) if s]]
+
+    def joined(last, new):  # the tokens of the rows there were, then of those that joined
+        if isinstance(last, list) and isinstance(new, list):
+            return last + new
+        return torch.cat([torch.as_tensor(last, dtype=torch.long, device=device), new])
+
+    # A prefill is a function of its own, so that its logits and the prompt's own cache are
+    # freed when it returns, not held through the next forward.
+    def prefill(i: int) -> torch.Tensor:
+        """Prompt i alone, into a cache of its own, then the next row -> its last logits (1, V)."""
+        cache = KVCache(config, 1, len(prompts[i]))
+        logits = model(torch.tensor([prompts[i]], device=device), cache=cache, start=0, positions=slice(-1, None))
+        live.add(i, cache, len(prompts[i]), prompts[i])
+        return logits[:, -1]
+
+    last = []  # the tokens the live rows feed the next step
     try:
-        logits = model(tokens[:, :P], mask[:, :P] if padded else None, cache=cache, start=0, positions=slice(-1, None))[
-            :, -1
-        ]
-        for step in range(max_new_tokens):
-            scores = process_logits(
-                logits,
-                seen,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                vocab_limit=vocab_limit,
-            )
-            nxt = draw(scores, temperature, generator)
-            logprob = token_logprobs(logits, nxt)
-            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-            pos = P + step
-            tokens[:, pos] = nxt
-            mask[:, pos] = 1
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], alive[:, None])
-            yield nxt, logprob, alive.clone()
-            if step == max_new_tokens - 1:
+        while True:
+            wave = [waiting.popleft() for _ in range(min(rows - len(live), len(waiting)))]
+            first, logits = len(live), []
+            for n in range(agreed(len(wave))):  # step 1
+                if n < len(wave):
+                    logits.append(prefill(wave[n]))
+                else:
+                    idle_forward(model, pad_id, device)
+            if wave:
+                last = joined(last, (yield from sample(torch.cat(logits), first, 0)))
+            last = leave(last)
+            if not agreed(int(any(not ended[i] for i in live.items) or bool(waiting))):
                 break
-            if eos_id is not None:
-                alive &= nxt != eos_id
-                if not any_alive(alive, sharded):
-                    break
-            if compiled is not None:
-                logits = compiled.forward(nxt[:, None], mask, cache=cache, start=torch.tensor([pos], device=device))[
-                    :, -1
-                ]
-            else:
-                logits = model(
-                    tokens[:, pos : pos + 1], mask[:, : pos + 1] if padded else None, cache=cache, start=pos
-                )[:, -1]
+            if not len(live):
+                idle_forward(model, pad_id, device)
+                continue
+            logits = live.step(model, last, device, compiled)  # step 2
+            last = leave((yield from sample(logits, 0, rows)))
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring
 
 
-def draw(scores: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+def idle_forward(model, pad_id: int, device):
+    """A one-token forward of nothing: a rank with no row to run takes part in the collectives
+    of a sharded model's forward all the same."""
+    model(torch.full((1, 1), pad_id, device=device), cache=KVCache(model.config, 1, 1), start=0)
+
+
+def draw(scores: torch.Tensor, temperature: float, generator=None, seats: tuple[list[int], int] | None = None):
     """The next tokens (B,) from processed logits (B, V) (process_logits): the argmax at
-    temperature 0, else one draw a row, each from its own generator when given a list of them
-    (a seeded row then draws the same tokens whatever else is in the batch)."""
+    temperature 0, else one draw a row. From a list of generators, each row from its own (a
+    seeded row then draws the same tokens whatever else is in the batch). From one generator
+    with `seats` (each row's seat, of how many): the exponential race torch.multinomial runs for
+    one draw (argmax of probs / Exp(1) noise, a noise row per seat, in one tensor), so that a
+    batch draws the same tokens whether its ended rows still run or have left."""
     if temperature <= 0:
         return scores.argmax(-1)
     probs = scores.softmax(-1)
     if isinstance(generator, list):
         return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if seats is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    taken, total = seats
+    noise = probs.new_empty(total, probs.shape[-1]).exponential_(1, generator=generator)
+    if len(taken) != total or taken != list(range(total)):
+        noise = noise[torch.tensor(taken, device=probs.device)]
+    return (probs / noise).argmax(-1)
 
 
 class CacheRows:
     """Sequences decoding together in the rows of one KV cache, each at its own length (a cache
-    column per row: model.KVCache's (B, 1) start), the server's requests and PPO's rollout
-    queue. Rows 0 .. n-1 are the live ones, each holding what decodes in it (`items`: the
-    server's Row, the rollout's prompt index) beside the columns it has filled (`lengths`): a
-    sequence joins with its prompt's keys and values (add), every live one takes a step at once
-    (step), and those that ended leave, the rows after them moving down (keep). An item and its
-    columns change only together, so no path (a failed step among them: clear) can leave a
-    row's length behind for the next sequence to attend to."""
+    column per row: model.KVCache's (B, 1) start): decode_steps' queue and serve.py's requests.
+    Rows 0 .. n-1 are the live ones. A row is what decodes in it (`items`: a prompt's index, the
+    server's Row), the cache columns it has filled (`lengths`) and, when repetition is
+    penalised, the ids it has seen (`seen`, bool (rows, vocab)). A sequence joins with its
+    prompt's keys and values (add), every live one takes a step at once (step), and those that
+    ended leave, the rows after them moving down (keep). All of a row changes together, so no
+    path (a failed step among them: clear) can leave a row's columns behind for the next
+    sequence to attend to."""
 
-    def __init__(self, config, rows: int, columns: int):
+    def __init__(self, config, rows: int, columns: int, vocab: int | None = None):
         self.cache = KVCache(config, rows, columns)
-        self.items, self.lengths = [], []  # lengths: the cache columns each live row has filled
+        self.items, self.lengths = [], []
+        self.rows, self.vocab, self.seen = rows, vocab, None  # seen: allocated at the first add
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, item, prefill: KVCache, length: int):
-        """`item` joins as the last row, its first `length` columns those of `prefill`'s row 0."""
-        self.cache.copy_row(len(self.items), prefill, 0, length)
+    def add(self, item, prefill: KVCache, length: int, ids: list[int] | None = None):
+        """`item` joins as the last row, its first `length` columns those of `prefill`'s row 0
+        (its prompt's, prefilled alone), and `ids` (the prompt) the ids it has seen."""
+        row = len(self.items)
+        self.cache.copy_row(row, prefill, 0, length)
+        if self.vocab is not None:
+            device = prefill.k[0].device
+            if self.seen is None:
+                self.seen = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=device)
+            self.seen[row] = False
+            self.seen[row, torch.tensor(ids, device=device)] = True
         self.items.append(item)
         self.lengths.append(length)
 
-    def step(self, model, tokens: list[int], device) -> torch.Tensor:
-        """Every live row's next token written at its own length, each attending to its own
-        columns only -> the logits of what follows, (B, V)."""
+    def step(self, model, tokens, device, compiled: "CompiledStep | None" = None) -> torch.Tensor:
+        """Every live row's next token (`tokens`: a list, or a tensor (B,)) written at its own
+        length, each attending to its own columns only -> the logits of what follows, (B, V).
+        Through `compiled` the mask spans the whole static cache, so every step has one shape."""
         start = torch.tensor([[n] for n in self.lengths], device=device)  # (B, 1): a column each
-        mask = torch.arange(max(self.lengths) + 1, device=device)[None] <= start
-        logits = model(torch.tensor([[t] for t in tokens], device=device), mask, cache=self.cache, start=start)
+        width = self.cache.max_len if compiled is not None else max(self.lengths) + 1
+        mask = torch.arange(width, device=device)[None] <= start
+        tokens = torch.as_tensor(tokens, device=device).view(len(self.items), 1)
+        logits = (model if compiled is None else compiled.forward)(tokens, mask, cache=self.cache, start=start)
         self.lengths = [n + 1 for n in self.lengths]
         return logits[:, -1]
 
@@ -229,6 +338,8 @@ class CacheRows:
             if stays:
                 if row != len(items):
                     self.cache.copy_row(len(items), self.cache, row, length)
+                    if self.seen is not None:
+                        self.seen[len(items)] = self.seen[row]
                 items.append(item)
                 lengths.append(length)
         self.items, self.lengths = items, lengths
@@ -236,103 +347,6 @@ class CacheRows:
     def clear(self):
         """Every row leaves (a step that failed): the next sequence starts at row 0, column 0."""
         self.items, self.lengths = [], []
-
-
-@torch.no_grad()
-def generate_queue(
-    model,
-    prompts: list[list[int]],
-    generators: list[torch.Generator],
-    *,
-    rows: int,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int = 0,
-    temperature: float = 1.0,
-    vocab_limit: int | None = None,
-    readback=None,
-) -> tuple[Generation, float]:
-    """Every prompt sampled, `rows` at a time, through a queue: a row whose response ended takes
-    the next prompt at the next step, so that no row steps on while another row's response
-    goes on (a batch at a time keeps its ended rows stepping until its longest ends): CacheRows,
-    as serve.py's engine. Prompt i samples from
-    generators[i], so a prompt's response is the same whichever prompts share its steps.
-    -> (the Generation, in the order of `prompts`; the share of the decoding steps' rows that
-    had no prompt to run, which only the queue's last prompts leave).
-
-    On an FSDP-sharded model every forward gathers weights collectively, so all ranks make the
-    same calls: each step they agree (one all-reduce) on how many prompts any of them admits and
-    whether any has a row left, and a rank with fewer runs a one-token forward of its own
-    instead; the policy is resharded at the end, as decode_steps leaves it.
-
-    readback(tokens, indices) -> list[int]: what the tokens drawn for prompts `indices` are
-    taken to be; None reads them from the device. A simulation on fake tensors, which hold no
-    values, says what they are (simulate.measure_ppo: every response its length, then the eos)."""
-    device = next(model.parameters()).device
-    config = model.config
-    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
-
-    def agreed(value: int) -> int:  # the largest over the ranks
-        t = torch.tensor(value, device=device)
-        if sharded:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
-
-    def idle_forward():  # a rank with nothing to run this call takes part in the collectives
-        model(torch.full((1, 1), pad_id, device=device), cache=KVCache(config, 1, 1), start=0)
-
-    def sample(logits: torch.Tensor, indices: list[int]) -> list[int]:
-        scores = process_logits(logits, None, temperature=temperature, vocab_limit=vocab_limit)
-        tokens = draw(scores, temperature, [generators[i] for i in indices])
-        return tokens.tolist() if readback is None else readback(tokens, indices)
-
-    out, finished = [[] for _ in prompts], [False] * len(prompts)
-    live = CacheRows(config, rows, max(map(len, prompts), default=1) + max_new_tokens)  # items: prompt indices
-    queue = list(range(len(prompts)))[::-1]
-    row_steps = used = 0
-
-    def take(i: int, token: int) -> bool:
-        """Prompt i's new token; whether its response goes on."""
-        out[i].append(token)
-        finished[i] = token == eos_id
-        return not finished[i] and len(out[i]) < max_new_tokens
-
-    # A prefill and a decoding step are functions of their own, so that their logits and the
-    # prompt's own cache are freed when they return, not held through the next forward.
-    def prefill(i: int) -> int:
-        """Prompt i's keys and values into the next row -> its first token."""
-        cache = KVCache(config, 1, len(prompts[i]))
-        tokens = torch.tensor([prompts[i]], device=device)
-        logits = model(tokens, cache=cache, start=0, positions=slice(-1, None))[:, -1]
-        live.add(i, cache, len(prompts[i]))
-        return sample(logits, [i])[0]
-
-    def step() -> list[int]:
-        """Every live row's next token."""
-        logits = live.step(model, [out[i][-1] for i in live.items], device)
-        return sample(logits, live.items)
-
-    try:
-        while True:
-            admitted = [queue.pop() for _ in range(min(rows - len(live), len(queue)))]
-            keep = [True] * len(live)
-            for n in range(agreed(len(admitted))):
-                if n >= len(admitted):
-                    idle_forward()
-                    continue
-                keep.append(take(admitted[n], prefill(admitted[n])))
-            live.keep(keep)
-            if not agreed(int(bool(live.items or queue))):
-                break
-            if not live.items:
-                idle_forward()
-                continue
-            row_steps, used = row_steps + rows, used + len(live)
-            live.keep([take(i, token) for i, token in zip(live.items, step())])
-    finally:
-        if isinstance(model, FSDPModule):
-            model.reshard()  # see the module docstring
-    return Generation(out, None, finished), 1 - used / row_steps if row_steps else 0.0
 
 
 # The static cache of a compiled decoding step has a multiple of this many columns.
@@ -356,43 +370,40 @@ class CompiledStep:
         self.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
 
 
-def any_alive(alive: torch.Tensor, across_ranks: bool) -> bool:
-    """Whether any sequence still runs: on this rank, or, for a sharded model, on any rank."""
-    flag = alive.any().to(torch.int32)
-    if across_ranks:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
-
-
 @torch.no_grad()
 def generate(
     model: Transformer,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | None,
     return_logprobs: bool = False,
-    **sampling,
+    **options,
 ) -> Generation:
-    """Sample continuations of a batch of prompts; see decode_steps for the options."""
-    out = [[] for _ in prompts]
-    lps = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    for tokens, logprobs, alive in decode_steps(
-        model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **sampling
-    ):
-        for i in alive.nonzero().flatten().tolist():
-            out[i].append(int(tokens[i]))
-            lps[i].append(float(logprobs[i]))
-            finished[i] = int(tokens[i]) == eos_id
-    return Generation(out, lps if return_logprobs else None, finished)
+    """Sample continuations of `prompts`: all at once, or `rows` at a time through the queue;
+    see decode_steps for the options."""
+    out, lps, finished = [[] for _ in prompts], [[] for _ in prompts], [False] * len(prompts)
+    row_steps = used = 0
+    for step in decode_steps(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **options):
+        values = step.values if step.values is not None else step.tokens.tolist()
+        logprobs = step.logprobs.tolist() if return_logprobs else None
+        for n, i in enumerate(step.prompts):
+            out[i].append(values[n])
+            finished[i] = values[n] == eos_id
+            if logprobs is not None:
+                lps[i].append(logprobs[n])
+        if step.rows:
+            row_steps, used = row_steps + step.rows, used + len(step.prompts)
+        del step  # not held through the next forward (a rollout's peak is its first wave's)
+    idle = 1 - used / row_steps if row_steps else 0.0
+    return Generation(out, lps if return_logprobs else None, finished, idle)
 
 
 @torch.no_grad()
-def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id: int, **sampling) -> Iterator[int]:
+def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, eos_id: int, **options) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are sampled (for chat); stops after eos."""
-    for tokens, _, _ in decode_steps(model, [prompt], max_new_tokens=max_new_tokens, eos_id=eos_id, **sampling):
-        yield int(tokens[0])
+    for step in decode_steps(model, [prompt], max_new_tokens=max_new_tokens, eos_id=eos_id, **options):
+        yield step.values[0] if step.values is not None else int(step.tokens[0])
 
 
 def held_back(text: str, stop: str) -> int:

@@ -256,7 +256,9 @@ class PPOParts:
     minibatches: Callable
     make_experience: Callable
     update_step: Callable
-    generate_round: Callable  # the rollout's sampling (generate.generate_queue), as train_ppo.rollout runs it
+    generate_round: Callable  # the rollout's sampling (generate.decode_steps' queue), as train_ppo.rollout runs it
+    rollout_settings: type  # RolloutSettings: `.of(args)`, the flags generate_round reads
+    update_settings: type  # UpdateSettings: `.of(args)`, the flags update_step reads
     settings: dict  # the loss's settings (clip_ratio, clip_value, vf_coef, grad_clip) and init_kl_coef
 
 
@@ -298,7 +300,7 @@ def measure_ppo(
     Each part is tracked on its own:
 
         "rollout"     train_ppo.generate_round (the policy gathered unless gathered_rollout is
-                      False; generate.generate_queue, its KV cache of --chunk-size rows) on one
+                      False; generate.decode_steps' queue, its KV cache of --chunk-size rows) on one
                       wave of rows, each response `rollout_steps` tokens long (ROLLOUT_STEPS);
                       None: this rank's whole share, every response new_tokens long
         "scoring"     the reward model on a batch of --score-batch-size (RewardModel.score_ids)
@@ -327,6 +329,8 @@ def measure_ppo(
         score_batch_size=score_batch_size or parts.settings["score_batch_size"],
         bottom_batch_size=bottom_batch_size or parts.settings["bottom_batch_size"],
         grad_sync="every",
+        ppo_epochs=1,  # update_step's one step; the settings' other flag
+        unfinished_penalty=0.0,
         **loss,
     )
     tok = StandInTokenizer(config.vocab_size)
@@ -374,10 +378,20 @@ def experience_and_update(
     def experience():
         for e in exps:
             e.bottom_out = None  # each pass keeps its own, as each round does
-        parts.make_experience(model, ref, exps, batches, tok, args, d, parts.settings["init_kl_coef"])
+        parts.make_experience(
+            model,
+            ref,
+            exps,
+            batches,
+            tok,
+            d,
+            parts.settings["init_kl_coef"],
+            micro_batch_size=args.micro_batch_size,
+            bottom_batch_size=args.bottom_batch_size,
+        )
 
     def update():
-        parts.update_step(model, opt, exps, batches[0], tok, args, d, {})
+        parts.update_step(model, opt, exps, batches[0], tok, parts.update_settings.of(args), d, {})
 
     def kept():
         return [
@@ -432,7 +446,7 @@ def rollout_and_scoring(
     args.max_new_tokens, args.reshard_in_rollout = new_tokens, not gathered_rollout
     round_prompts = [prompt] * d.world * (share if rollout_steps is None else min(chunk_size, share))
     with tracking(model, opt, replicated) as out["rollout"]:
-        parts.generate_round(model, round_prompts, tok, args, d, 0, readback=readback)
+        parts.generate_round(model, round_prompts, tok, parts.rollout_settings.of(args), d, 0, readback=readback)
     chunk = [prompt] * min(args.score_batch_size, share)
     if reward_sharded:
         adam = [local(t) for state in opt.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]

@@ -54,7 +54,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ from tqdm import tqdm
 from data.readers import add_input_args
 from data.schema import Report
 from data.template import pad_batch
-from generate import generate_queue
+from generate import generate
 from model import token_logprobs
 from pretrained import load_config
 from plan import PPOParts, add_plan_args, given_settings, ppo_dry_run
@@ -304,6 +304,56 @@ def response_outputs(model, exps, pad_id, device, *, ref=None, vocab: int | None
 # -- one round --------------------------------------------------------------------------------------------
 
 
+class Settings:
+    """A group of the run's flags, each field named as its flag: `of(args)` takes those and no
+    others, so a function of the round shows what it reads."""
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class RolloutSettings(Settings):
+    """What a round's rollout reads (generate_round, score_round)."""
+
+    seed: int  # with the round and a prompt's place in it, seeds the prompt's sampling
+    chunk_size: int  # rows decoding at once (trlx's chunk_size)
+    max_new_tokens: int
+    score_batch_size: int = SCORE_BATCH_SIZE
+    unfinished_penalty: float = UNFINISHED_PENALTY
+    reshard_in_rollout: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateSettings(Settings):
+    """What the PPO updates read (update, update_step), in trlx's names (App. E)."""
+
+    ppo_epochs: int
+    batch_size: int
+    micro_batch_size: int
+    clip_ratio: float = CLIP_RATIO
+    clip_value: float = CLIP_VALUE
+    vf_coef: float = VF_COEF
+    grad_clip: float = GRAD_CLIP
+    grad_sync: str = "every"
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """Everything one_round reads: the rollout's, the updates', the frozen bottom's batch and
+    where the run stops."""
+
+    rollout: RolloutSettings
+    update: UpdateSettings
+    bottom_batch_size: int
+    max_steps: int
+
+    @classmethod
+    def of(cls, args):
+        return cls(RolloutSettings.of(args), UpdateSettings.of(args), args.bottom_batch_size, args.max_steps)
+
+
 def all_gather_list(items: list, d) -> list:
     """Every rank's list of Python objects, concatenated in rank order, on every rank (the sampled
     token ids: a few bytes a token; no tensor goes through an object collective)."""
@@ -314,42 +364,44 @@ def all_gather_list(items: list, d) -> list:
     return [x for part in parts for x in part]
 
 
-def rollout(model, rm, prompts, tok, args, d, round_no: int) -> tuple[list[Experience], dict]:
+def rollout(model, rm, prompts, tok, s: RolloutSettings, d, round_no: int) -> tuple[list[Experience], dict]:
     """Generate this rank's share of the round's prompts (generate_round) and score it; every
     rank ends with the whole round, in the order of `prompts`. Returns (experiences,
     {"generate_s", "score_s": seconds spent, "idle_rows": the share of this rank's decoding
     rows that had no prompt left to run})."""
     t0 = time.perf_counter()
-    exps, idle = generate_round(model, prompts, tok, args, d, round_no)
+    exps, idle = generate_round(model, prompts, tok, s, d, round_no)
     t1 = time.perf_counter()
-    score_round(rm, exps, tok, args)
+    score_round(rm, exps, tok, batch_size=s.score_batch_size, unfinished_penalty=s.unfinished_penalty)
     seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "idle_rows": idle}
     ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
     return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 
 
-def generate_round(model, prompts, tok, args, d, round_no: int, readback=None) -> tuple[list[Experience], float]:
+def generate_round(
+    model, prompts, tok, s: RolloutSettings, d, round_no: int, readback=None
+) -> tuple[list[Experience], float]:
     """This rank's share of the round's prompts sampled, --chunk-size rows at a time through a
-    queue (generate.generate_queue: a row whose response ended takes the next prompt), from the
+    queue (generate.decode_steps: a row whose response ended takes the next prompt), from the
     tokenizer's ids; the policy stays gathered for the whole generation unless
     --reshard-in-rollout. -> (this rank's experiences, unscored; the share of its decoding rows
     that had no prompt to run). simulate.measure_ppo runs this very function on fake tensors
-    (readback: see generate_queue)."""
+    (readback: see generate.decode_steps)."""
     mine = prompts[d.rank :: d.world]
     # A generator per prompt, seeded by the run's seed, the round and the prompt's place in it:
     # its response is the same on any number of ranks and whatever prompts share its steps.
     generators = [
-        torch.Generator(d.device).manual_seed(hash((args.seed, round_no, i)) % 2**63)
+        torch.Generator(d.device).manual_seed(hash((s.seed, round_no, i)) % 2**63)
         for i in range(d.rank, len(prompts), d.world)
     ]
     model.eval()
-    with contextlib.nullcontext() if args.reshard_in_rollout else gathered(model):
-        out, idle = generate_queue(
+    with contextlib.nullcontext() if s.reshard_in_rollout else gathered(model):
+        out = generate(
             model,
             mine,
-            generators,
-            rows=args.chunk_size,
-            max_new_tokens=args.max_new_tokens,
+            rows=s.chunk_size,
+            generator=generators,
+            max_new_tokens=s.max_new_tokens,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
             temperature=1.0,
@@ -360,19 +412,19 @@ def generate_round(model, prompts, tok, args, d, round_no: int, readback=None) -
     return [
         Experience(list(p), r, f, messages=getattr(p, "messages", None))
         for p, r, f in zip(mine, out.tokens, out.finished)
-    ], idle
+    ], out.idle_rows
 
 
 @torch.no_grad()
-def score_round(rm, exps: list[Experience], tok, args):
+def score_round(rm, exps: list[Experience], tok, *, batch_size: int, unfinished_penalty: float = UNFINISHED_PENALTY):
     """The reward model's score of each response, clipped to ±SCORE_CLIP. A response cut off at
     --max-new-tokens is scored with an eos put after it (score_ids): our choice, as the reward
     model was trained to read its score at the eos that closes a reply (trlx decodes a cut
     response and scores its text as it is, with no eos). --unfinished-penalty (0 by default; a
     positive number, as TRL's missing_eos_penalty) is subtracted from it, and how many were cut
     is reported."""
-    for c in range(0, len(exps), args.score_batch_size):
-        chunk = exps[c : c + args.score_batch_size]
+    for c in range(0, len(exps), batch_size):
+        chunk = exps[c : c + batch_size]
         if isinstance(rm, TextReward):
             scores = rm.score(chunk)
         else:
@@ -380,7 +432,7 @@ def score_round(rm, exps: list[Experience], tok, args):
                 [e.prompt for e in chunk], [e.response for e in chunk], eos_id=tok.eos_id, pad_id=tok.pad_id
             )
         for e, s in zip(chunk, scores.tolist()):
-            e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) - (0.0 if e.finished else args.unfinished_penalty)
+            e.score = max(-SCORE_CLIP, min(SCORE_CLIP, s)) - (0.0 if e.finished else unfinished_penalty)
     module = rm.module if isinstance(rm, TextReward) else rm
     if isinstance(module, FSDPModule):
         module.reshard()  # after forwards without gradients FSDP keeps the root gathered (see generate.py)
@@ -400,9 +452,11 @@ def make_experience(
     exps: list[Experience],
     batches: list[list[int]],
     tok,
-    args,
     d,
     kl_coef: float,
+    *,
+    micro_batch_size: int,
+    bottom_batch_size: int = BOTTOM_BATCH_SIZE,
     recompute_bottom: bool = False,
 ) -> dict:
     """This rank's experiences of the round, the ones in its micro-batches of `batches` (it
@@ -415,11 +469,11 @@ def make_experience(
     recompute_bottom: keep no output of the bottom (each forward runs the bottom again), for
     tests and bench/bench_ppo.py."""
     model.eval()
-    micros = [micro for batch in batches for micro in micro_batches(batch, d, args.micro_batch_size)]
+    micros = [micro for batch in batches for micro in micro_batches(batch, d, micro_batch_size)]
     mine = [i for micro in micros for i in micro]
     if not recompute_bottom:
-        for c in range(0, len(mine), args.bottom_batch_size):
-            keep_bottom_out(model, [exps[i] for i in mine[c : c + args.bottom_batch_size]], tok.pad_id, d.device)
+        for c in range(0, len(mine), bottom_batch_size):
+            keep_bottom_out(model, [exps[i] for i in mine[c : c + bottom_batch_size]], tok.pad_id, d.device)
     # The round's sums, one tensor so that one all-reduce adds them over the ranks.
     fields = ("kl", "entropy", "tokens", "advantages", "advantages_squared")
     sums = torch.zeros(len(fields), dtype=torch.float64, device=d.device)
@@ -459,7 +513,7 @@ def update(
     exps: list[Experience],
     batches: list[list[int]],
     tok,
-    args,
+    s: UpdateSettings,
     d,
     mean_kl: float,
     steps: int,
@@ -479,28 +533,30 @@ def update(
         return dict(out, steps=done, tokens=tokens_seen)
 
     for batch in batches:
-        for _ in range(args.ppo_epochs):
+        for _ in range(s.ppo_epochs):
             if done == steps:
                 return stats()
             guard = check and (lambda loss, norm: check(done + 1, loss, norm))
-            tokens_seen += update_step(model, opt, exps, batch, tok, args, d, totals, guard)
+            tokens_seen += update_step(model, opt, exps, batch, tok, s, d, totals, guard)
             done += 1
-        kl_ctl.update(mean_kl, args.batch_size)
+        kl_ctl.update(mean_kl, s.batch_size)
     return stats()
 
 
-def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args, d, totals: dict, check=None) -> int:
+def update_step(
+    model, opt, exps: list[Experience], batch: list[int], tok, s: UpdateSettings, d, totals: dict, check=None
+) -> int:
     """One optimizer step on the minibatch `batch` (indices into exps): the PPO loss of its
     response tokens, micro-batch by micro-batch on this rank's share, then the clip,
     check(loss, grad_norm) when given (the step guard: the minibatch's loss over all ranks, the
     same on each) and the step. Adds the loss statistics (sums, tensors) to `totals`; returns the
     minibatch's response tokens (on all ranks: every rank knows the whole round)."""
     n_tokens = sum(len(exps[i].response) for i in batch)
-    chunks = micro_batches(batch, d, args.micro_batch_size)
+    chunks = micro_batches(batch, d, s.micro_batch_size)
     losses = torch.zeros((), dtype=torch.float64, device=d.device)
     for k, chunk in enumerate(chunks):
         # --grad-sync every: reduce-scatter each micro-batch's gradient at once (train_sft.train_step).
-        model.set_requires_gradient_sync(args.grad_sync == "every" or k == len(chunks) - 1)
+        model.set_requires_gradient_sync(s.grad_sync == "every" or k == len(chunks) - 1)
         mine = [exps[i] for i in chunk]
         out = response_outputs(model, mine, tok.pad_id, d.device, vocab=len(tok))  # the top on the kept bottom output
         width = out["logp"].shape[1]
@@ -516,9 +572,9 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
             old["advantages"],
             old["returns"],
             out["mask"],
-            clip=args.clip_ratio,
-            clip_value=args.clip_value,
-            vf_coef=args.vf_coef,
+            clip=s.clip_ratio,
+            clip_value=s.clip_value,
+            vf_coef=s.vf_coef,
         )
         # FSDP averages gradients over ranks; scaling by the world size makes that a sum, so the
         # gradient is that of (summed token losses) / (response tokens of the whole minibatch):
@@ -527,7 +583,7 @@ def update_step(model, opt, exps: list[Experience], batch: list[int], tok, args,
         losses += loss_sum.detach().double()
         for name, v in stats.items():
             totals[name] = totals.get(name, 0.0) + v
-    grad_norm = grad_norm_and_clip(model, args.grad_clip)
+    grad_norm = grad_norm_and_clip(model, s.grad_clip)
     if check:  # before the update, on every rank alike
         check(d.all_sum(float(losses)) / n_tokens, float(grad_norm))
     opt.step()
@@ -613,22 +669,33 @@ def build_models(args, d, config, weights, reward_config, tok, by_text):
     return model, ref, reward_scorer(args.reward, rm, tok)
 
 
-def one_round(model, ref, rm, opt, kl_ctl, prompts, tok, args, d, guard, round_no: int, step: int) -> dict:
+def one_round(model, ref, rm, opt, kl_ctl, prompts, tok, s: RoundSettings, d, guard, round_no: int, step: int) -> dict:
     """The paper's round (§3.2): rollout and scores, the experience with its KL penalty, the PPO
     updates -> the round's record for metrics.jsonl (its "step": where the updates ended)."""
     timer = Timer()
-    exps, seconds = rollout(model, rm, prompts, tok, args, d, round_no)
+    exps, seconds = rollout(model, rm, prompts, tok, s.rollout, d, round_no)
     timer.lap()  # the rollout's own parts are in `seconds`
-    batches = minibatches(len(exps), args.batch_size, args.seed, round_no)
+    batches = minibatches(len(exps), s.update.batch_size, s.rollout.seed, round_no)
     kl_coef = kl_ctl.value  # the round's rewards are penalised with the λ it starts with
-    sums = {k: float(v) for k, v in make_experience(model, ref, exps, batches, tok, args, d, kl_coef).items()}
+    sums = make_experience(
+        model,
+        ref,
+        exps,
+        batches,
+        tok,
+        d,
+        kl_coef,
+        micro_batch_size=s.update.micro_batch_size,
+        bottom_batch_size=s.bottom_batch_size,
+    )
+    sums = {k: float(v) for k, v in sums.items()}
     mean_kl = sums["kl"] / len(exps)  # nats per response: Σ_t log π − log π0, as the penalty counts it
     experience_s = timer.lap()
 
     def check(k: int, loss: float, grad_norm: float):  # the step guard, before each optimizer step
         guard.check(step + k, loss, grad_norm, f"round {round_no + 1}, ")
 
-    stats = update(model, opt, kl_ctl, exps, batches, tok, args, d, mean_kl, args.max_steps - step, check)
+    stats = update(model, opt, kl_ctl, exps, batches, tok, s.update, d, mean_kl, s.max_steps - step, check)
     training_s = timer.lap()
     return {
         "round": round_no + 1,
@@ -686,9 +753,10 @@ def _train(args, d):
         round_no, kl_ctl.value = run.resumed["round"], run.resumed["kl_coef"]
     bar = tqdm(total=rounds, initial=round_no, disable=not d.main, desc="ppo")
     record = None  # the last round's metrics, for the checkpoint's README.md
+    settings = RoundSettings.of(args)
     while round_no < rounds and step < args.max_steps:
         record = one_round(
-            model, ref, rm, opt, kl_ctl, stream.take(args.rollout_size), tok, args, d, run.guard, round_no, step
+            model, ref, rm, opt, kl_ctl, stream.take(args.rollout_size), tok, settings, d, run.guard, round_no, step
         )
         run.metrics.write(**{k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
         round_no, step = round_no + 1, record["step"]
@@ -748,6 +816,8 @@ def plan_parts() -> PPOParts:
         make_experience,
         update_step,
         generate_round,
+        RolloutSettings,
+        UpdateSettings,
         dict(
             settings, init_kl_coef=INIT_KL_COEF, score_batch_size=SCORE_BATCH_SIZE, bottom_batch_size=BOTTOM_BATCH_SIZE
         ),

@@ -101,7 +101,7 @@ SAMPLES_PER_PROMPT = 4  # k responses per prompt; distill.py score rates k(k-1)/
 # not rate it: a cut-off answer judged against a whole doctor's reply says nothing useful.
 MAX_NEW_TOKENS = 512
 # Prompts sampled together (x k responses each). 4 x 4 = 16 sequences of up to 2,048 positions
-# fit one 80 GB GPU at 13B with the longest prompts (plan.py: 52.2 GiB); 8 x 4 did not (80.1 GiB:
+# fit one 80 GB GPU at 13B with the longest prompts (plan.py: 50.7 GiB); 8 x 4 did not (75.7 GiB:
 # the KV cache alone is 50 GiB). Short prompts leave room for more.
 SAMPLE_BATCH_SIZE = 4
 # Paper §3.2: responses are rated "against responses from real doctors" on "authentic

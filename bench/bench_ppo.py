@@ -66,10 +66,8 @@ def rollout_queue(args):
     tokens whose lengths spread as real ones do: the tiny model's head raised for one token,
     taken as eos, so that each step ends a response with probability 1/100 (a geometric spread,
     mean ~100, some cut at 256). Before: chunks of 8 (generate: each chunk steps until its
-    longest ends). After: generate.generate_queue (a row that ended takes the next prompt). The
+    longest ends). After: the queue of generate.decode_steps (a row that ended takes the next prompt). The
     same prompts; each timed --repeats times, alternated; medians, and each one's idle rows."""
-    from generate import generate_queue
-
     model = Transformer.from_config(CONFIGS["tiny"], seed=0).eval()
     eos, rows, new, n = 7, 8, 256, 64
     with torch.no_grad():  # logits near 0 over 4,096 tokens: +log(4096/99) makes eos 1/100
@@ -97,7 +95,8 @@ def rollout_queue(args):
 
     def queued():
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        out, shares["queue"] = generate_queue(model, prompts, gens, rows=rows, max_new_tokens=new, eos_id=eos)
+        out = generate(model, prompts, rows=rows, generator=gens, max_new_tokens=new, eos_id=eos, temperature=1.0)
+        shares["queue"] = out.idle_rows
         shares["lengths"] = sorted(map(len, out.tokens))
 
     times = {"chunks": [], "queue": []}
@@ -183,7 +182,9 @@ def main():
             unfinished_penalty=0.0,
             reshard_in_rollout=reshard,
         )
-        return lambda: train_ppo.rollout(model, NoReward(), prompts, Tok(), run_args, d, 0)
+        return lambda: train_ppo.rollout(
+            model, NoReward(), prompts, Tok(), train_ppo.RolloutSettings.of(run_args), d, 0
+        )
 
     def plain():
         return generate(
@@ -244,14 +245,26 @@ def main():
             for i in range(16)
         ]
         batches = train_ppo.minibatches(len(exps), step_args.batch_size, 0, 0)
-        train_ppo.make_experience(policy, pi0, exps, batches, RoundTok(), step_args, d, 0.1)
+        train_ppo.make_experience(
+            policy,
+            pi0,
+            exps,
+            batches,
+            RoundTok(),
+            d,
+            0.1,
+            micro_batch_size=step_args.micro_batch_size,
+            bottom_batch_size=step_args.bottom_batch_size,
+        )
         recomputing = [train_ppo.Experience(**{**e.__dict__, "bottom_out": None}) for e in exps]
         step_opt = train_ppo.make_optimizer(policy, 0.0, 0.0)  # lr 0: every step does the same work on the same weights
         times = {"kept": [], "recomputed": []}
         for _ in range(args.repeats + 1):
             for name, batch_exps in (("kept", exps), ("recomputed", recomputing)):
                 t = time.perf_counter()
-                train_ppo.update_step(policy, step_opt, batch_exps, batches[0], RoundTok(), step_args, d, {})
+                train_ppo.update_step(
+                    policy, step_opt, batch_exps, batches[0], RoundTok(), train_ppo.UpdateSettings.of(step_args), d, {}
+                )
                 times[name].append(time.perf_counter() - t)
         kept, recomputed = (statistics.median(v[1:]) for v in times.values())
         print(
@@ -269,13 +282,35 @@ def main():
     parts = {True: {}, False: {}}
     for r in range(args.repeats + 1):
         for recompute in (True, False):
-            exps, seconds = train_ppo.rollout(model, rm, round_prompts, RoundTok(), run, d, r)
+            exps, seconds = train_ppo.rollout(
+                model, rm, round_prompts, RoundTok(), train_ppo.RolloutSettings.of(run), d, r
+            )
             batches = train_ppo.minibatches(len(exps), run.batch_size, run.seed, r)
             t = time.perf_counter()
-            train_ppo.make_experience(model, ref, exps, batches, RoundTok(), run, d, 0.1, recompute_bottom=recompute)
+            train_ppo.make_experience(
+                model,
+                ref,
+                exps,
+                batches,
+                RoundTok(),
+                d,
+                0.1,
+                micro_batch_size=run.micro_batch_size,
+                bottom_batch_size=run.bottom_batch_size,
+                recompute_bottom=recompute,
+            )
             experience = time.perf_counter() - t
             train_ppo.update(
-                model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, RoundTok(), run, d, 0.0, 10**9
+                model,
+                opt,
+                train_ppo.AdaptiveKL(0.1, None, 1),
+                exps,
+                batches,
+                RoundTok(),
+                train_ppo.UpdateSettings.of(run),
+                d,
+                0.0,
+                10**9,
             )
             if r:  # the first pair warms up
                 for name, v in (
@@ -332,7 +367,7 @@ def reward_placement(config, d, args):
     for r in range(args.repeats + 1):
         for name, rm in (("sharded", sharded), ("replicated", replicated)):
             t = time.perf_counter()
-            train_ppo.score_round(rm, exps, tok, run)
+            train_ppo.score_round(rm, exps, tok, batch_size=run.score_batch_size)
             if r:  # the first pair warms up
                 times[name].append(time.perf_counter() - t)
     shard_s, whole_s = (statistics.median(v) for v in times.values())
@@ -378,8 +413,18 @@ def frozen_bf16(config, d, args):
             for e in exps:
                 e.bottom_out = None
             t = time.perf_counter()
-            train_ppo.make_experience(model, ref, exps, batches, tok, run, d, 0.1)
-            train_ppo.update_step(model, opt, exps, batches[0], tok, run, d, {})
+            train_ppo.make_experience(
+                model,
+                ref,
+                exps,
+                batches,
+                tok,
+                d,
+                0.1,
+                micro_batch_size=run.micro_batch_size,
+                bottom_batch_size=run.bottom_batch_size,
+            )
+            train_ppo.update_step(model, opt, exps, batches[0], tok, train_ppo.UpdateSettings.of(run), d, {})
             if r:  # the first pair warms up
                 times[stored].append(time.perf_counter() - t)
     bf16_s, fp32_s = (statistics.median(times[k]) for k in (True, False))

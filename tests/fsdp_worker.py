@@ -281,7 +281,17 @@ def check_ppo_update(d):
         bottom_batch_size=4,
     )
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
-    train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
+    train_ppo.make_experience(
+        model,
+        ref,
+        exps,
+        batches,
+        tok,
+        d,
+        0.1,
+        micro_batch_size=args.micro_batch_size,
+        bottom_batch_size=args.bottom_batch_size,
+    )
     # Each rank holds what it made, its own experiences (its micro-batches); the hand computation
     # below wants all of them.
     fields = ("logp", "values", "advantages", "returns")
@@ -306,7 +316,16 @@ def check_ppo_update(d):
 
     set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
     train_ppo.update(
-        model, make_optimizer(model, 1e-2, 0.0), train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, tok, args, d, 0.0, 1
+        model,
+        make_optimizer(model, 1e-2, 0.0),
+        train_ppo.AdaptiveKL(0.1, None, 1),
+        exps,
+        batches,
+        tok,
+        train_ppo.UpdateSettings.of(args),
+        d,
+        0.0,
+        1,
     )
 
     opt = make_optimizer(plain, 1e-2, 0.0)
@@ -380,7 +399,9 @@ def check_rollout_gathered(d):
                 unfinished_penalty=0.0,
                 reshard_in_rollout=reshard,
             )
-            exps, _ = train_ppo.rollout(model, NoReward(), prompts, Tok(), args, d, round_no=0)
+            exps, _ = train_ppo.rollout(
+                model, NoReward(), prompts, Tok(), train_ppo.RolloutSettings.of(args), d, round_no=0
+            )
             runs[reshard] = ([e.response for e in exps], len(gathers))
     finally:
         setattr(dist, name, real)
@@ -495,10 +516,31 @@ def check_frozen_bf16(d):
             for i in range(8)
         ]
         batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
-        train_ppo.make_experience(model, ref, exps, batches, tok, args, d, kl_coef=0.1)
+        train_ppo.make_experience(
+            model,
+            ref,
+            exps,
+            batches,
+            tok,
+            d,
+            0.1,
+            micro_batch_size=args.micro_batch_size,
+            bottom_batch_size=args.bottom_batch_size,
+        )
         made = [(e.logp, e.values, e.advantages) for e in exps if e.logp is not None]
         opt = make_optimizer(model, 1e-2, 0.0)
-        train_ppo.update(model, opt, train_ppo.AdaptiveKL(0.1, None, 1), exps, batches, tok, args, d, 0.0, 1)
+        train_ppo.update(
+            model,
+            opt,
+            train_ppo.AdaptiveKL(0.1, None, 1),
+            exps,
+            batches,
+            tok,
+            train_ppo.UpdateSettings.of(args),
+            d,
+            0.0,
+            1,
+        )
         seen[frozen_bf16] = made, {n: p.to_local().clone() for n, p in model.named_parameters() if n in trained}
     (made32, top32), (made16, top16) = seen[False], seen[True]
     assert made32 and len(made32) == len(made16)
@@ -548,9 +590,7 @@ def check_reward_sharded(d):
     torch.testing.assert_close(got, want, **TOL)
     assert want.abs().min() > 1e-3  # not a comparison of zeros
     exps = [train_ppo.Experience(p, r, True) for p, r in zip(prompts, replies)]
-    train_ppo.score_round(
-        sharded, exps, SimpleNamespace(eos_id=2, pad_id=0), SimpleNamespace(score_batch_size=2, unfinished_penalty=0.0)
-    )
+    train_ppo.score_round(sharded, exps, SimpleNamespace(eos_id=2, pad_id=0), batch_size=2, unfinished_penalty=0.0)
     scores = torch.tensor([e.score for e in exps], dtype=torch.float64)
     torch.testing.assert_close(scores, want.clamp(-train_ppo.SCORE_CLIP, train_ppo.SCORE_CLIP), **TOL)
     assert all(isinstance(p, DTensor) for p in sharded.parameters())  # resharded, the root too

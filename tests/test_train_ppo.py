@@ -20,7 +20,16 @@ import ppo_setup
 import train_ppo
 from model import ModelConfig, Transformer, token_logprobs
 from pretrained import load_reward_model, save_model
-from train_ppo import AdaptiveKL, Experience, gae, per_token_rewards, ppo_loss_sum, whiten
+from train_ppo import (
+    AdaptiveKL,
+    Experience,
+    RolloutSettings,
+    UpdateSettings,
+    gae,
+    per_token_rewards,
+    ppo_loss_sum,
+    whiten,
+)
 from distributed import init_distributed
 
 CONFIG = ModelConfig(
@@ -185,15 +194,29 @@ def test_adaptive_kl_controller():
 def experiences(ppo, n=8, seed=0, kl_coef=0.1, args=None):
     """A round's experiences, made: (experiences, args, the round's minibatches)."""
     args = args or args_for()
-    exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, seed), Tok(), args, ppo.d, round_no=seed)
+    exps, _ = train_ppo.rollout(
+        ppo.model, TokenReward(5), prompts(n, seed), Tok(), RolloutSettings.of(args), ppo.d, round_no=seed
+    )
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, seed)
-    train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, Tok(), args, ppo.d, kl_coef=kl_coef)
+    train_ppo.make_experience(
+        ppo.model,
+        ppo.ref,
+        exps,
+        batches,
+        Tok(),
+        ppo.d,
+        kl_coef,
+        micro_batch_size=args.micro_batch_size,
+        bottom_batch_size=args.bottom_batch_size,
+    )
     return exps, args, batches
 
 
 def update(model, opt, exps, batches, args, d):
     """A round's updates at a fixed λ_KL."""
-    return train_ppo.update(model, opt, AdaptiveKL(0.1, None, 1), exps, batches, Tok(), args, d, 0.0, 10**9)
+    return train_ppo.update(
+        model, opt, AdaptiveKL(0.1, None, 1), exps, batches, Tok(), UpdateSettings.of(args), d, 0.0, 10**9
+    )
 
 
 @pytest.mark.numerics
@@ -262,11 +285,23 @@ def test_the_stored_old_log_probs_are_those_of_the_distribution_the_rollout_samp
     monkeypatch.setattr(generate, "draw", draw)
     monkeypatch.setattr(torch, "Generator", generator)
     args = args_for()
-    exps, _ = train_ppo.rollout(ppo.model, TokenReward(5), prompts(8), ShortTok(), args, ppo.d, round_no=0)
+    exps, _ = train_ppo.rollout(
+        ppo.model, TokenReward(5), prompts(8), ShortTok(), RolloutSettings.of(args), ppo.d, round_no=0
+    )
     monkeypatch.setattr(torch, "Generator", real_generator)
     assert all(t < 20 for e in exps for t in e.response)
     batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, 0)
-    train_ppo.make_experience(ppo.model, ppo.ref, exps, batches, ShortTok(), args, ppo.d, kl_coef=0.1)
+    train_ppo.make_experience(
+        ppo.model,
+        ppo.ref,
+        exps,
+        batches,
+        ShortTok(),
+        ppo.d,
+        0.1,
+        micro_batch_size=args.micro_batch_size,
+        bottom_batch_size=args.bottom_batch_size,
+    )
     gens = [g for g in made if id(g) in drawn]
     assert len(gens) == len(exps)
     # The sampler rounds the logits to fp32 (generate.process_logits): a token's log-prob there
@@ -286,7 +321,7 @@ def test_the_unfinished_penalty_lowers_a_cut_responses_score_and_cannot_be_given
     missing_eos_penalty is subtracted: the positive number a TRL user knows rewarded truncation.
     Now a positive penalty is subtracted, and a negative one is refused at parse time."""
     exps = [Experience([1, 3], [5, 5, 2], True), Experience([1, 4], [5, 6], False)]  # the second was cut
-    train_ppo.score_round(TokenReward(5), exps, Tok(), args_for(chunk_size=2, unfinished_penalty=0.25))
+    train_ppo.score_round(TokenReward(5), exps, Tok(), batch_size=2, unfinished_penalty=0.25)
     assert exps[0].score == pytest.approx(2 / 3, abs=1e-7) and exps[1].score == 0.5 - 0.25
     with pytest.raises(SystemExit):
         train_ppo.main(["--unfinished-penalty", "-0.5", "--dry-run"])
@@ -327,9 +362,22 @@ def test_the_kept_trunk_gives_the_updates_of_recomputing_it_and_block_0_never_ru
         opt = train_ppo.make_optimizer(model, 1e-2, 0.0)
         calls = []
         for round_no in range(2):
-            exps, _ = train_ppo.rollout(model, TokenReward(5), prompts(8, round_no), Tok(), args, ppo.d, round_no)
+            exps, _ = train_ppo.rollout(
+                model, TokenReward(5), prompts(8, round_no), Tok(), RolloutSettings.of(args), ppo.d, round_no
+            )
             batches = train_ppo.minibatches(len(exps), args.batch_size, args.seed, round_no)
-            train_ppo.make_experience(model, ref, exps, batches, Tok(), args, ppo.d, 0.1, recompute_bottom=recompute)
+            train_ppo.make_experience(
+                model,
+                ref,
+                exps,
+                batches,
+                Tok(),
+                ppo.d,
+                0.1,
+                micro_batch_size=args.micro_batch_size,
+                bottom_batch_size=args.bottom_batch_size,
+                recompute_bottom=recompute,
+            )
             hook = model.layers[0].register_forward_hook(lambda *_: calls.append(1))
             update(model, opt, exps, batches, args, ppo.d)
             hook.remove()
@@ -366,7 +414,9 @@ def test_the_kl_controller_moves_as_trlx_moved_it_and_a_run_stops_at_max_steps(p
     opt = train_ppo.make_optimizer(ppo.model, 0.0, 0.0)  # no step moves anything: only the schedule counts
     for mean_kl, steps in ((12.0, 10**9), (1.5, 10**9), (12.0, 5)):
         kl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
-        stats = train_ppo.update(ppo.model, opt, kl, exps, batches, Tok(), args, ppo.d, mean_kl, steps)
+        stats = train_ppo.update(
+            ppo.model, opt, kl, exps, batches, Tok(), UpdateSettings.of(args), ppo.d, mean_kl, steps
+        )
         assert (kl.value, stats["steps"]) == trlx_learn(0.1, mean_kl, 8, 2, 2, 6.0, 10_000, steps)
     assert trlx_learn(0.1, 12.0, 64, 16, 4, 6.0, 10_000, 10**9)[0] == pytest.approx(0.1 * 1.00032**4)
 
@@ -796,7 +846,9 @@ def test_a_rounds_responses_are_the_same_whatever_the_rows_and_no_row_waits_for_
     n, responses = 12, {}
     for rows in (2, 3, 8):
         args = args_for(chunk_size=rows, max_new_tokens=12)
-        exps, info = train_ppo.rollout(ppo.model, TokenReward(5), prompts(n, 1), Tok(), args, ppo.d, round_no=1)
+        exps, info = train_ppo.rollout(
+            ppo.model, TokenReward(5), prompts(n, 1), Tok(), RolloutSettings.of(args), ppo.d, round_no=1
+        )
         responses[rows] = [e.response for e in exps]
         # Decoding steps (each prompt's first token comes from its prefill): the queue's, from
         # the rows it kept busy, against a chunk at a time's, each chunk as long as its longest.
@@ -866,7 +918,7 @@ def test_a_reward_model_of_another_tokenizer_scores_each_response_as_its_text_al
     responses = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 9, 70)]
     responses[0].append(policy_tok.eos_id)
     exps = [Experience(render_ids(policy_tok, m), r, r[-1] == 2, messages=m) for m, r in zip(conversations, responses)]
-    train_ppo.score_round(scorer, exps, policy_tok, args_for(chunk_size=2))
+    train_ppo.score_round(scorer, exps, policy_tok, batch_size=2)
     for e in exps:
         question = "\n\nHuman:".join(
             m["content"] + ("\n\nAssistant:" + e.messages[i + 1]["content"] if i + 1 < len(e.messages) else "")
