@@ -125,6 +125,23 @@ def test_each_sequence_stops_at_its_own_eos(pair):
 
 
 @pytest.mark.numerics
+def test_a_seeded_batch_draws_the_same_tokens_whether_its_ended_rows_run_or_have_left(pair):
+    """A fixed batch is the queue whose prompts all start at once, and a row whose response
+    ended leaves it. With one generator for the batch, the rows that go on must still draw what
+    they drew when nothing ended (as torch.multinomial over the whole batch drew): each seat has
+    its own noise row, whatever rows are left. Eager and compiled (whose rows keep their places)."""
+    ours, _ = pair
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    free = generate(ours, PROMPTS, eos_id=-1, generator=torch.Generator().manual_seed(3), **kw).tokens
+    eos = free[0][2]  # the first prompt's third token, taken as the eos: that row ends there
+    for compiled in (None, CompiledStep(ours)):
+        out = generate(ours, PROMPTS, eos_id=eos, generator=torch.Generator().manual_seed(3), compiled=compiled, **kw)
+        for got, want in zip(out.tokens, free):
+            assert got == want[: want.index(eos) + 1 if eos in want else len(want)]
+        assert len(out.tokens[0]) == 3 and any(len(t) > 3 for t in out.tokens[1:])
+
+
+@pytest.mark.numerics
 def test_sampling_is_seeded_and_streams_the_same_tokens(small_model):
     kw = dict(max_new_tokens=10, eos_id=-1, temperature=1.0, top_k=20)
     a = generate(small_model, PROMPTS[:1], generator=torch.Generator().manual_seed(5), **kw).tokens[0]
