@@ -8,6 +8,21 @@ writing its own next column and attending to its own columns, so a prompt decode
 alone as beside others, and no row carries padding. serve.py's engine schedules the same rows
 itself, request by request.
 
+decode_steps' options. eos_id None: no token ends a response, every one runs max_new_tokens,
+and nothing is read back from the device (simulate.simulate_sampling runs it on fake tensors).
+temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode from
+being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
+log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
+equal what a training forward computes for the same ids. `generator`: one for the batch,
+which draws as torch.multinomial draws a batch whatever rows have ended (see draw); or one
+per prompt, which a queue needs: a prompt's response is then the same whatever prompts
+share its steps (PPO's rollout, serve.py's seeded requests). `compiled` (a CompiledStep of
+this model, --compile) runs every decoding step through torch.compile over a static cache;
+its rows keep their places to the end (a shape of their own for each would compile again),
+an ended one stepping on with its tokens dropped. readback(tokens, prompts) -> list[int]:
+what the tokens drawn are taken to be, for a simulation on fake tensors, which hold no
+values (simulate.measure_ppo); None reads them from the device when an eos is looked for.
+
 The model may be sharded with FSDP (PPO samples from the policy it trains): each forward then
 gathers every block's weights collectively, so a rank whose sequences have all ended keeps
 making forwards until every rank's have, or the others would wait forever in the next
@@ -124,74 +139,40 @@ def decode_steps(
       3. a response that produced eos or max_new_tokens ends: its row leaves, the rows after it
          moving down, and the next waiting prompt takes it at step 1.
 
-    eos_id None: no token ends a response, every one runs max_new_tokens, and nothing here reads
-    a value back from the device (simulate.simulate_sampling runs this on fake tensors).
-    temperature 0 is greedy decoding. vocab_limit keeps ids the tokenizer cannot decode from
-    being sampled (Ziya's embedding has 14 more rows than its tokenizer has pieces); the
-    log-probs are those of the unfiltered model all the same (model.token_logprobs), so they
-    equal what a training forward computes for the same ids. `generator`: one for the batch,
-    which draws as torch.multinomial draws a batch whatever rows have ended (see draw); or one
-    per prompt, which a queue needs: a prompt's response is then the same whatever prompts
-    share its steps (PPO's rollout, serve.py's seeded requests). `compiled` (a CompiledStep of
-    this model, --compile) runs every decoding step through torch.compile over a static cache;
-    its rows keep their places to the end (a shape of their own for each would compile again),
-    an ended one stepping on with its tokens dropped. readback(tokens, prompts) -> list[int]:
-    what the tokens drawn are taken to be, for a simulation on fake tensors, which hold no
-    values (simulate.measure_ppo); None reads them from the device when an eos is looked for.
+    The options (eos_id None, vocab_limit, generator, compiled, readback): the module docstring.
 
-    On an FSDP-sharded model every forward gathers weights collectively, so all ranks make the
-    same calls: at each step they agree (an all-reduce) on whether any of them admits prompts
-    and whether any has a row left, and a rank with nothing to run makes a one-token forward of
-    its own instead; the model is left resharded (see the module docstring). Run it under
-    no_grad, as generate and stream do (not as a decorator here: torch's wrapper of a generator
-    holds the last Step through the next forward)."""
+    On an FSDP-sharded model the ranks agree at each step on whether any admits prompts or has a
+    row left (agreed_max); one with nothing to run makes a forward of nothing (idle_forward).
+    Run it under no_grad, as generate and stream do (not as a decorator: torch's wrapper of a
+    generator holds the last Step through the next forward)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (the bos token, at least)")
     config, device = model.config, next(model.parameters()).device
-    longest, rows = max(map(len, prompts), default=1), rows or max(len(prompts), 1)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's context of {config.max_position_embeddings}"
-        )
-    queued = rows < len(prompts)
-    if queued and (compiled is not None or (temperature > 0 and not isinstance(generator, list))):
+    rows = rows or max(len(prompts), 1)
+    if rows < len(prompts) and (compiled is not None or (temperature > 0 and not isinstance(generator, list))):
         raise ValueError("a queue (rows < prompts) decodes eagerly, each prompt from a generator of its own")
-    columns = longest + max_new_tokens
-    if compiled is not None:  # a static cache, whole buckets of columns: one compilation serves many lengths
-        columns = min(-(-columns // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings)
+    columns = cache_columns(config, prompts, max_new_tokens, compiled is not None)
     live = CacheRows(config, rows, columns, vocab=config.vocab_size if repetition_penalty != 1.0 else None)
     sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
     drawn, ended = [0] * len(prompts), [False] * len(prompts)
     waiting = deque(range(len(prompts)))
+    sampling = dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        vocab_limit=vocab_limit,
+    )
 
-    def agreed(value: int) -> int:  # the largest over the ranks
-        if not sharded:
-            return value
-        t = torch.tensor(value, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
+    def agreed(value: int) -> int:
+        return agreed_max(value, sharded, device)
 
     def sample(logits: torch.Tensor, first: int, kind: int) -> Iterator[Step]:
         """The next token of live rows first.. (their logits), the Step of those running, and
         the ends it makes -> (yields the Step; returns the tokens, to feed the next step)."""
         items = live.items[first:]
         seen = None if live.seen is None else live.seen[first : first + len(items)]
-        scores = process_logits(
-            logits,
-            seen,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            vocab_limit=vocab_limit,
-        )
-        if isinstance(generator, list):
-            tokens = draw(scores, temperature, [generator[i] for i in items])
-        else:
-            tokens = draw(scores, temperature, generator, seats=(items, len(prompts)))
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
+        tokens = draw_next(logits, seen, items, len(prompts), generator, sampling)
         running = [r for r, i in enumerate(items) if not ended[i]]
         mine = tokens if len(running) == len(items) else tokens[running]
         values = None
@@ -209,30 +190,8 @@ def decode_steps(
         # the next prompts prefill), else the tokens where they are.
         return values if values is not None and len(running) == len(items) else tokens
 
-    def leave(tokens: list[int] | torch.Tensor) -> list[int] | torch.Tensor:
-        """Step 3: the rows whose response ended leave (a compiled step's keep their places until
-        all have ended) -> the tokens the rows that stay feed the next step."""
-        stays = [not ended[i] for i in live.items]
-        if all(stays) or (compiled is not None and any(stays)):
-            return tokens
-        live.keep(stays)
-        if isinstance(tokens, list):
-            return [t for t, s in zip(tokens, stays) if s]
-        return tokens[[r for r, s in enumerate(stays) if s]]
-
-    def joined(last, new):  # the tokens of the rows there were, then of those that joined
-        if isinstance(last, list) and isinstance(new, list):
-            return last + new
-        return torch.cat([torch.as_tensor(last, dtype=torch.long, device=device), new])
-
-    # A prefill is a function of its own, so that its logits and the prompt's own cache are
-    # freed when it returns, not held through the next forward.
-    def prefill(i: int) -> torch.Tensor:
-        """Prompt i alone, into a cache of its own, then the next row -> its last logits (1, V)."""
-        cache = KVCache(config, 1, len(prompts[i]))
-        logits = model(torch.tensor([prompts[i]], device=device), cache=cache, start=0, positions=slice(-1, None))
-        live.add(i, cache, len(prompts[i]), prompts[i])
-        return logits[:, -1]
+    def leave(tokens):  # step 3 (a compiled step's rows keep their places until all have ended)
+        return live.leave([not ended[i] for i in live.items], tokens, keep_places=compiled is not None)
 
     last = []  # the tokens the live rows feed the next step
     try:
@@ -241,11 +200,12 @@ def decode_steps(
             first, logits = len(live), []
             for n in range(agreed(len(wave))):  # step 1
                 if n < len(wave):
-                    logits.append(prefill(wave[n]))
+                    logits.append(live.prefill(model, wave[n], prompts[wave[n]], device))
                 else:
                     idle_forward(model, pad_id, device)
             if wave:
-                last = joined(last, (yield from sample(torch.cat(logits), first, 0)))
+                new = yield from sample(torch.cat(logits), first, 0)
+                last = last + new if isinstance(last, list) and isinstance(new, list) else joined(last, new)
             last = leave(last)
             if not agreed(int(any(not ended[i] for i in live.items) or bool(waiting))):
                 break
@@ -257,6 +217,46 @@ def decode_steps(
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring
+
+
+def cache_columns(config, prompts: list[list[int]], max_new_tokens: int, static: bool) -> int:
+    """The KV cache's columns for `prompts` and their responses; a static cache (a compiled
+    step) in whole buckets of STATIC_BUCKET, so that one compilation serves many lengths."""
+    columns = max(map(len, prompts), default=1) + max_new_tokens
+    if columns > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({columns - max_new_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {config.max_position_embeddings}"
+        )
+    return min(-(-columns // STATIC_BUCKET) * STATIC_BUCKET, config.max_position_embeddings) if static else columns
+
+
+def agreed_max(value: int, sharded: bool, device) -> int:
+    """The largest `value` over the ranks of a sharded model (an all-reduce), else `value`."""
+    if not sharded:
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def draw_next(logits, seen, items: list[int], total: int, generator, sampling: dict) -> torch.Tensor:
+    """The next token of the rows holding prompts `items` (of `total`), from their logits:
+    process_logits with `sampling`, then draw, from the prompts' own generators (a list) or the
+    batch's one (each prompt's seat its noise row); the rows' `seen` ids take them."""
+    scores = process_logits(logits, seen, **sampling)
+    if isinstance(generator, list):
+        tokens = draw(scores, sampling["temperature"], [generator[i] for i in items])
+    else:
+        tokens = draw(scores, sampling["temperature"], generator, seats=(items, total))
+    if seen is not None:
+        seen.scatter_(1, tokens[:, None], True)
+    return tokens
+
+
+def joined(last, new: torch.Tensor) -> torch.Tensor:
+    """The tokens of the rows there were, then of those that joined, as one tensor."""
+    return torch.cat([torch.as_tensor(last, dtype=torch.long, device=new.device), new])
 
 
 def idle_forward(model, pad_id: int, device):
@@ -298,7 +298,7 @@ class CacheRows:
     sequence to attend to."""
 
     def __init__(self, config, rows: int, columns: int, vocab: int | None = None):
-        self.cache = KVCache(config, rows, columns)
+        self.cache, self.cache_config = KVCache(config, rows, columns), config
         self.items, self.lengths = [], []
         self.rows, self.vocab, self.seen = rows, vocab, None  # seen: allocated at the first add
 
@@ -318,6 +318,24 @@ class CacheRows:
             self.seen[row, torch.tensor(ids, device=device)] = True
         self.items.append(item)
         self.lengths.append(length)
+
+    def prefill(self, model, item, ids: list[int], device) -> torch.Tensor:
+        """`item` joins with its prompt `ids`, prefilled alone into a cache of its own (freed
+        when this returns, not held through the next forward) -> its last logits (1, V)."""
+        cache = KVCache(self.cache_config, 1, len(ids))
+        logits = model(torch.tensor([ids], device=device), cache=cache, start=0, positions=slice(-1, None))
+        self.add(item, cache, len(ids), ids)
+        return logits[:, -1]
+
+    def leave(self, stays: list[bool], tokens, keep_places: bool = False):
+        """The rows whose `stays` is False leave (keep), unless `keep_places` and some stay ->
+        `tokens` (a list, or a tensor (B,): what each row feeds its next step) of those left."""
+        if all(stays) or (keep_places and any(stays)):
+            return tokens
+        self.keep(stays)
+        if isinstance(tokens, list):
+            return [t for t, s in zip(tokens, stays) if s]
+        return tokens[[r for r, s in enumerate(stays) if s]]
 
     def step(self, model, tokens, device, compiled: "CompiledStep | None" = None) -> torch.Tensor:
         """Every live row's next token (`tokens`: a list, or a tensor (B,)) written at its own

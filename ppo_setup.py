@@ -8,6 +8,7 @@ prompts, rendered once into the data cache and drawn in shuffled passes.
     load_reward, reward_empty   the reward model, frozen, in the compute dtype, without its LM head
     reward_scorer, TextReward   how the round scores: ids to ids, or through text (as trlx did)
     prompt_budget, read_prompts, prompt_parts, Prompts, PromptStream    the prompts
+    RolloutSettings, UpdateSettings, RoundSettings    the flags a round's functions read (.of(args))
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -320,3 +321,56 @@ class PromptStream:
 
     def load_state_dict(self, state: dict):
         self.passes, self.position = state["passes"], state["position"]
+
+
+# -- the flags a round reads ------------------------------------------------------------------------
+
+
+class Settings:
+    """A group of the run's flags, each field named as its flag: `of(args)` takes those and no
+    others, so a function of the round shows what it reads."""
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class RolloutSettings(Settings):
+    """What a round's rollout reads (generate_round, score_round)."""
+
+    seed: int  # with the round and a prompt's place in it, seeds the prompt's sampling
+    chunk_size: int  # rows decoding at once (trlx's chunk_size)
+    max_new_tokens: int
+    score_batch_size: int
+    unfinished_penalty: float
+    reshard_in_rollout: bool
+
+
+@dataclass(frozen=True)
+class UpdateSettings(Settings):
+    """What the PPO updates read (update, update_step), in trlx's names (App. E)."""
+
+    ppo_epochs: int
+    batch_size: int
+    micro_batch_size: int
+    clip_ratio: float
+    clip_value: float
+    vf_coef: float
+    grad_clip: float
+    grad_sync: str
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """Everything one_round reads: the rollout's, the updates', the frozen bottom's batch and
+    where the run stops."""
+
+    rollout: RolloutSettings
+    update: UpdateSettings
+    bottom_batch_size: int
+    max_steps: int
+
+    @classmethod
+    def of(cls, args):
+        return cls(RolloutSettings.of(args), UpdateSettings.of(args), args.bottom_batch_size, args.max_steps)

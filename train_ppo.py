@@ -54,7 +54,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,6 +71,9 @@ from model import token_logprobs
 from pretrained import load_config
 from plan import PPOParts, add_plan_args, given_settings, ppo_dry_run
 from ppo_setup import (
+    RolloutSettings,
+    RoundSettings,
+    UpdateSettings,
     TRAINABLE_BLOCKS,
     Prompts,
     PromptStream,
@@ -302,56 +305,6 @@ def response_outputs(model, exps, pad_id, device, *, ref=None, vocab: int | None
 
 
 # -- one round --------------------------------------------------------------------------------------------
-
-
-class Settings:
-    """A group of the run's flags, each field named as its flag: `of(args)` takes those and no
-    others, so a function of the round shows what it reads."""
-
-    @classmethod
-    def of(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
-@dataclass(frozen=True)
-class RolloutSettings(Settings):
-    """What a round's rollout reads (generate_round, score_round)."""
-
-    seed: int  # with the round and a prompt's place in it, seeds the prompt's sampling
-    chunk_size: int  # rows decoding at once (trlx's chunk_size)
-    max_new_tokens: int
-    score_batch_size: int = SCORE_BATCH_SIZE
-    unfinished_penalty: float = UNFINISHED_PENALTY
-    reshard_in_rollout: bool = False
-
-
-@dataclass(frozen=True)
-class UpdateSettings(Settings):
-    """What the PPO updates read (update, update_step), in trlx's names (App. E)."""
-
-    ppo_epochs: int
-    batch_size: int
-    micro_batch_size: int
-    clip_ratio: float = CLIP_RATIO
-    clip_value: float = CLIP_VALUE
-    vf_coef: float = VF_COEF
-    grad_clip: float = GRAD_CLIP
-    grad_sync: str = "every"
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    """Everything one_round reads: the rollout's, the updates', the frozen bottom's batch and
-    where the run stops."""
-
-    rollout: RolloutSettings
-    update: UpdateSettings
-    bottom_batch_size: int
-    max_steps: int
-
-    @classmethod
-    def of(cls, args):
-        return cls(RolloutSettings.of(args), UpdateSettings.of(args), args.bottom_batch_size, args.max_steps)
 
 
 def all_gather_list(items: list, d) -> list:
