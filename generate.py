@@ -107,7 +107,7 @@ class Step:
 
     prompts: list[int]  # the prompts that drew (indices into decode_steps' `prompts`)
     tokens: torch.Tensor  # (len(prompts),) on the model's device
-    logprobs: torch.Tensor  # model.token_logprobs of each: full vocabulary, no filters
+    logprobs: torch.Tensor | None  # model.token_logprobs of each (full vocabulary, no filters), when asked for
     values: list[int] | None  # the tokens as read back, when decode_steps read them (an eos to look for)
     rows: int  # the rows the step ran: the queue's width for a decoding step, 0 for a prefill
 
@@ -128,6 +128,7 @@ def decode_steps(
     generator: torch.Generator | list[torch.Generator] | None = None,
     compiled: "CompiledStep | None" = None,
     readback=None,
+    logprobs: bool = False,
 ) -> Iterator[Step]:
     """Sample continuations of `prompts` through a queue of `rows` rows of one KV cache
     (CacheRows), yielding each forward's new tokens (a Step). The one decoding path: a fixed
@@ -140,6 +141,7 @@ def decode_steps(
          moving down, and the next waiting prompt takes it at step 1.
 
     The options (eos_id None, vocab_limit, generator, compiled, readback): the module docstring.
+    logprobs: each Step carries its tokens' log-probs (a log-softmax a step: only when asked).
 
     On an FSDP-sharded model the ranks agree at each step on whether any admits prompts or has a
     row left (agreed_max); one with nothing to run makes a forward of nothing (idle_forward).
@@ -167,7 +169,7 @@ def decode_steps(
     def agreed(value: int) -> int:
         return agreed_max(value, sharded, device)
 
-    def sample(logits: torch.Tensor, first: int, kind: int) -> Iterator[Step]:
+    def sample(logits: torch.Tensor, first: int, rows_run: int) -> Iterator[Step]:
         """The next token of live rows first.. (their logits), the Step of those running, and
         the ends it makes -> (yields the Step; returns the tokens, to feed the next step)."""
         items = live.items[first:]
@@ -180,8 +182,10 @@ def decode_steps(
             values = readback(mine, [items[r] for r in running])
         elif eos_id is not None:
             values = mine.tolist()
-        logprobs = token_logprobs(logits if len(running) == len(items) else logits[running], mine)
-        yield Step([items[r] for r in running], mine, logprobs, values, kind)
+        lps = None
+        if logprobs:
+            lps = token_logprobs(logits if len(running) == len(items) else logits[running], mine)
+        yield Step([items[r] for r in running], mine, lps, values, rows_run)
         for n, r in enumerate(running):
             i = items[r]
             drawn[i] += 1
@@ -204,8 +208,7 @@ def decode_steps(
                 else:
                     idle_forward(model, pad_id, device)
             if wave:
-                new = yield from sample(torch.cat(logits), first, 0)
-                last = last + new if isinstance(last, list) and isinstance(new, list) else joined(last, new)
+                last = joined(last, (yield from sample(torch.cat(logits), first, 0)))
             last = leave(last)
             if not agreed(int(any(not ended[i] for i in live.items) or bool(waiting))):
                 break
@@ -254,9 +257,13 @@ def draw_next(logits, seen, items: list[int], total: int, generator, sampling: d
     return tokens
 
 
-def joined(last, new: torch.Tensor) -> torch.Tensor:
-    """The tokens of the rows there were, then of those that joined, as one tensor."""
-    return torch.cat([torch.as_tensor(last, dtype=torch.long, device=new.device), new])
+def joined(last: list[int] | torch.Tensor, new: list[int] | torch.Tensor) -> list[int] | torch.Tensor:
+    """The tokens of the rows there were, then of those that joined: a list while both are
+    values read back, else a tensor on the device."""
+    if isinstance(last, list) and isinstance(new, list):
+        return last + new
+    device = (new if isinstance(new, torch.Tensor) else last).device
+    return torch.cat([torch.as_tensor(last, dtype=torch.long, device=device), torch.as_tensor(new, device=device)])
 
 
 def idle_forward(model, pad_id: int, device):
@@ -281,7 +288,7 @@ def draw(scores: torch.Tensor, temperature: float, generator=None, seats: tuple[
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     taken, total = seats
     noise = probs.new_empty(total, probs.shape[-1]).exponential_(1, generator=generator)
-    if len(taken) != total or taken != list(range(total)):
+    if taken != list(range(total)):
         noise = noise[torch.tensor(taken, device=probs.device)]
     return (probs / noise).argmax(-1)
 
@@ -402,7 +409,10 @@ def generate(
     see decode_steps for the options."""
     out, lps, finished = [[] for _ in prompts], [[] for _ in prompts], [False] * len(prompts)
     row_steps = used = 0
-    for step in decode_steps(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, **options):
+    steps = decode_steps(
+        model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, logprobs=return_logprobs, **options
+    )
+    for step in steps:
         values = step.values if step.values is not None else step.tokens.tolist()
         logprobs = step.logprobs.tolist() if return_logprobs else None
         for n, i in enumerate(step.prompts):
