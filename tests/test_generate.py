@@ -129,16 +129,16 @@ def test_a_seeded_batch_draws_the_same_tokens_whether_its_ended_rows_run_or_have
     """A fixed batch is the queue whose prompts all start at once, and a row whose response
     ended leaves it. With one generator for the batch, the rows that go on must still draw what
     they drew when nothing ended (as torch.multinomial over the whole batch drew): each seat has
-    its own noise row, whatever rows are left. Eager and compiled (whose rows keep their places)."""
+    its own noise row, whatever rows are left. (Compiled, whose ended rows keep their places:
+    test_compiled_decoding_equals_eager.)"""
     ours, _ = pair
     kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9)
     free = generate(ours, PROMPTS, eos_id=-1, generator=torch.Generator().manual_seed(3), **kw).tokens
     eos = free[0][2]  # the first prompt's third token, taken as the eos: that row ends there
-    for compiled in (None, CompiledStep(ours)):
-        out = generate(ours, PROMPTS, eos_id=eos, generator=torch.Generator().manual_seed(3), compiled=compiled, **kw)
-        for got, want in zip(out.tokens, free):
-            assert got == want[: want.index(eos) + 1 if eos in want else len(want)]
-        assert len(out.tokens[0]) == 3 and any(len(t) > 3 for t in out.tokens[1:])
+    out = generate(ours, PROMPTS, eos_id=eos, generator=torch.Generator().manual_seed(3), **kw)
+    for got, want in zip(out.tokens, free):
+        assert got == want[: want.index(eos) + 1 if eos in want else len(want)]
+    assert len(out.tokens[0]) == 3 and any(len(t) > 3 for t in out.tokens[1:])
 
 
 @pytest.mark.numerics
@@ -198,12 +198,12 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
     other = [[1, 8, 2, 3], [1, 90, 14], [1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
     runs = [(PROMPTS, {"temperature": 0}), (other, {"temperature": 0}), (PROMPTS, dict(temperature=0.9, top_p=0.8))]
 
-    def run(compiled, prompts, sampling):
+    def run(compiled, prompts, sampling, eos_id=-1):
         return generate(
             model,
             prompts,
             max_new_tokens=12,
-            eos_id=-1,
+            eos_id=eos_id,
             return_logprobs=True,
             generator=torch.Generator().manual_seed(3),
             compiled=step if compiled else None,
@@ -215,6 +215,12 @@ def test_compiled_decoding_equals_eager(small_model, monkeypatch):
     step = CompiledStep(model)  # held by the caller, as evaluate.Doctor holds it
     eager = [run(False, *r) for r in runs]
     compiled = [run(True, *r) for r in runs]
+    # A sampled row that ends: eagerly its row leaves, compiled it keeps its place (one shape)
+    # and steps on; the rows that go on draw the same tokens either way, and nothing compiles anew.
+    eos = eager[2].tokens[0][2]
+    for ended in (run(False, *runs[2], eos_id=eos), run(True, *runs[2], eos_id=eos)):
+        assert ended.tokens == [t[: t.index(eos) + 1] if eos in t else t for t in eager[2].tokens]
+        assert len(ended.tokens[0]) == 3
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight.mul_(-1)
     eager.append(run(False, *runs[0]))
