@@ -156,7 +156,7 @@ def decode_steps(
     columns = cache_columns(config, prompts, max_new_tokens, compiled is not None)
     live = CacheRows(config, rows, columns, vocab=config.vocab_size if repetition_penalty != 1.0 else None)
     sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
-    drawn, ended = [0] * len(prompts), [False] * len(prompts)
+    responses = Responses(len(prompts), max_new_tokens, eos_id)
     waiting = deque(range(len(prompts)))
     sampling = dict(
         temperature=temperature,
@@ -170,32 +170,20 @@ def decode_steps(
         return agreed_max(value, sharded, device)
 
     def sample(logits: torch.Tensor, first: int, rows_run: int) -> Iterator[Step]:
-        """The next token of live rows first.. (their logits), the Step of those running, and
-        the ends it makes -> (yields the Step; returns the tokens, to feed the next step)."""
+        """The next token of live rows first.. (their logits) and the Step of those running
+        (yielded) -> what the rows feed the next step: the values when read (no tensor is then
+        held while the next prompts prefill), else the tokens where they are."""
         items = live.items[first:]
         seen = None if live.seen is None else live.seen[first : first + len(items)]
         tokens = draw_next(logits, seen, items, len(prompts), generator, sampling)
-        running = [r for r, i in enumerate(items) if not ended[i]]
-        mine = tokens if len(running) == len(items) else tokens[running]
-        values = None
-        if readback is not None:
-            values = readback(mine, [items[r] for r in running])
-        elif eos_id is not None:
-            values = mine.tolist()
-        lps = None
-        if logprobs:
-            lps = token_logprobs(logits if len(running) == len(items) else logits[running], mine)
-        yield Step([items[r] for r in running], mine, lps, values, rows_run)
-        for n, r in enumerate(running):
-            i = items[r]
-            drawn[i] += 1
-            ended[i] = drawn[i] == max_new_tokens or (values is not None and values[n] == eos_id)
-        # What the rows feed the next step: the values when read (no tensor is then held while
-        # the next prompts prefill), else the tokens where they are.
-        return values if values is not None and len(running) == len(items) else tokens
+        running = responses.running(items)
+        step = step_of(logits, tokens, items, running, rows_run, readback=readback, eos_id=eos_id, logprobs=logprobs)
+        yield step
+        responses.advance(step.prompts, step.values)
+        return step.values if step.values is not None and len(running) == len(items) else tokens
 
     def leave(tokens):  # step 3 (a compiled step's rows keep their places until all have ended)
-        return live.leave([not ended[i] for i in live.items], tokens, keep_places=compiled is not None)
+        return live.leave(responses.running_mask(live.items), tokens, keep_places=compiled is not None)
 
     last = []  # the tokens the live rows feed the next step
     try:
@@ -210,7 +198,7 @@ def decode_steps(
             if wave:
                 last = joined(last, (yield from sample(torch.cat(logits), first, 0)))
             last = leave(last)
-            if not agreed(int(any(not ended[i] for i in live.items) or bool(waiting))):
+            if not agreed(int(any(responses.running_mask(live.items)) or bool(waiting))):
                 break
             if not len(live):
                 idle_forward(model, pad_id, device)
@@ -220,6 +208,44 @@ def decode_steps(
     finally:
         if isinstance(model, FSDPModule):
             model.reshard()  # see the module docstring
+
+
+class Responses:
+    """How far each prompt's response has gone in decode_steps: the tokens it has drawn, and
+    whether it has ended (eos, or max_new_tokens)."""
+
+    def __init__(self, count: int, max_new_tokens: int, eos_id: int | None):
+        self.drawn, self.ended = [0] * count, [False] * count
+        self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
+
+    def running_mask(self, items: list[int]) -> list[bool]:
+        return [not self.ended[i] for i in items]
+
+    def running(self, items: list[int]) -> list[int]:
+        """The positions in `items` (prompt indices, in row order) of those still running."""
+        return [r for r, i in enumerate(items) if not self.ended[i]]
+
+    def advance(self, prompts: list[int], values: list[int] | None):
+        """`prompts` drew one token each (`values`, when read back): count it, and end those done."""
+        for n, i in enumerate(prompts):
+            self.drawn[i] += 1
+            self.ended[i] = self.drawn[i] == self.max_new_tokens or (values is not None and values[n] == self.eos_id)
+
+
+def step_of(logits, tokens, items, running, rows, *, readback, eos_id, logprobs: bool) -> Step:
+    """The Step of rows `running` (positions in `items`, `tokens` and `logits`, the rows' prompt
+    indices, drawn tokens and logits): their tokens read back when an eos is looked for (or
+    through `readback`), and their log-probs when asked."""
+    everyone = len(running) == len(items)
+    mine = tokens if everyone else tokens[running]
+    prompts = [items[r] for r in running]
+    values = None
+    if readback is not None:
+        values = readback(mine, prompts)
+    elif eos_id is not None:
+        values = mine.tolist()
+    lps = token_logprobs(logits if everyone else logits[running], mine) if logprobs else None
+    return Step(prompts, mine, lps, values, rows)
 
 
 def cache_columns(config, prompts: list[list[int]], max_new_tokens: int, static: bool) -> int:
