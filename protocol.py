@@ -131,20 +131,9 @@ def _text(content, where: str) -> str:
     return content
 
 
-def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = MAX_TOKENS) -> Request:
-    """The JSON body of a chat completion -> Request, or BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    for name in body:
-        if name not in FIELDS:
-            raise BadRequest(f"unknown field {name!r}", name, code="unknown_parameter")
-    for name, allowed in ONLY.items():
-        if name in body and body[name] not in allowed:
-            raise BadRequest(f"'{name}' is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise BadRequest("only response_format {'type': 'text'} is supported", "response_format")
-    messages = body.get("messages")
+def parse_messages(messages) -> tuple[str | None, list[dict]]:
+    """A request's `messages` -> (the system prompt or None, the turns): user and assistant
+    alternating from the user's, ending with the user's; or BadRequest naming the message."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
     system, turns = None, []
@@ -168,6 +157,23 @@ def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = 
         turns.append({"role": role, "content": _text(m.get("content"), where)})
     if not turns or turns[-1]["role"] != "user":
         raise BadRequest("the last message must be the user's: the model answers it", "messages")
+    return system, turns
+
+
+def parse_request(body, tok: Tokenizer, context: int, default_max_tokens: int = MAX_TOKENS) -> Request:
+    """The JSON body of a chat completion -> Request, or BadRequest naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    for name in body:
+        if name not in FIELDS:
+            raise BadRequest(f"unknown field {name!r}", name, code="unknown_parameter")
+    for name, allowed in ONLY.items():
+        if name in body and body[name] not in allowed:
+            raise BadRequest(f"'{name}' is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise BadRequest("only response_format {'type': 'text'} is supported", "response_format")
+    system, turns = parse_messages(body.get("messages"))
 
     n = _number(body, "n", 1, MAX_N, 1, int)
     temperature = _number(body, "temperature", 0, 2, 1.0)
