@@ -283,6 +283,23 @@ class Summary:
     reasons: dict = field(default_factory=dict)  # reject reason -> count
     failures: dict = field(default_factory=dict)  # transport failure -> count
 
+    def reject(self, reason: str):
+        """A job's reply failed it (final): counted under the reason's category."""
+        self.rejected += 1
+        category = reason.split(":", 1)[0][:80]  # the reason's category, before the details
+        self.reasons[category] = self.reasons.get(category, 0) + 1
+
+    def fail(self, reason: str, fatal: bool, in_a_row: int, limit: int) -> bool:
+        """The transport failed a job (left for the next run) -> whether the run stops here: at
+        a fatal failure or at `limit` failures in a row, the first such failure giving the reason."""
+        self.failed += 1
+        self.failures[reason[:200]] = self.failures.get(reason[:200], 0) + 1
+        if self.stopped or not (fatal or in_a_row >= limit):
+            return False
+        self.fatal = fatal
+        self.stopped = reason if fatal else f"{in_a_row} requests in a row failed; the last: {reason}"
+        return True
+
     def lines(self, label: str, noun: str = "records") -> list[str]:
         """What a command prints about one run of jobs."""
         out = [
@@ -306,6 +323,14 @@ class Summary:
         """0: every job ended; 1: some were left because the transport failed them; 2: the API
         refused us (a wrong key, no access): a user error."""
         return 2 if self.fatal else 1 if self.failed or self.stopped else 0
+
+
+def append_lines(f, records: list[dict]):
+    """Append `records` to the open file `f`, a JSON line each, and flush: a run stopped at any
+    point leaves whole lines."""
+    for rec in records:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()
 
 
 def run_jobs(
@@ -374,35 +399,21 @@ def run_jobs(
                     if fut.cancelled():
                         continue
                     kind, result = fut.result()
-                    if kind == "ok":
-                        for rec in result:
-                            fo.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                        fo.flush()
-                        summary.written += len(result)
-                    elif kind == "reject":
-                        fr.write(json.dumps({"id": job_id, "reason": result}, ensure_ascii=False) + "\n")
-                        fr.flush()
-                        summary.rejected += 1
-                        category = result.split(":", 1)[0][:80]  # the reason's category, before the details
-                        summary.reasons[category] = summary.reasons.get(category, 0) + 1
-                    else:
-                        summary.failed += 1
-                        summary.failures[result[:200]] = summary.failures.get(result[:200], 0) + 1
+                    if kind in ("fatal", "failed"):  # left for the next run
                         in_a_row += 1
-                        if not summary.stopped and (kind == "fatal" or in_a_row >= max_failures_in_a_row):
-                            summary.fatal = kind == "fatal"
-                            summary.stopped = (
-                                result
-                                if kind == "fatal"
-                                else f"{in_a_row} requests in a row failed; the last: {result}"
-                            )
+                        if summary.fail(result, kind == "fatal", in_a_row, max_failures_in_a_row):
                             for f in pending:  # the running ones finish and are kept
                                 f.cancel()
-                        bar.update(1)
-                        continue
-                    in_a_row = 0
-                    summary.done += 1
-                    summary.left -= 1
+                    else:
+                        if kind == "ok":
+                            append_lines(fo, result)
+                            summary.written += len(result)
+                        else:
+                            append_lines(fr, [{"id": job_id, "reason": result}])
+                            summary.reject(result)
+                        in_a_row = 0
+                        summary.done += 1
+                        summary.left -= 1
                     bar.update(1)
         except KeyboardInterrupt:
             for fut in pending:
