@@ -6,8 +6,9 @@ simulated in that order (simulate.py) until one fits: the fastest layout that fi
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 
 from costs import (
@@ -224,6 +225,25 @@ def choose_lm(
     return choose(candidates, usable_bytes(gpu_gb), simulate)
 
 
+def ppo_layouts(world: int, batch_size: int, per_rank: int, chunks) -> Iterator[dict]:
+    """choose_ppo's layouts, as the flags that set them: every micro-batch size that divides the
+    batch over the ranks, every chunk size up to a rank's share of the rollout, and both ways of
+    --reshard-in-rollout, --reward-placement and --frozen-bf16, on each shard group size."""
+    micros = [m for m in (1, 2, 4, 8, 16) if batch_size % (world * m) == 0]
+    sizes = [c for c in chunks if c <= per_rank]
+    for micro, chunk, reshard, reward_sharded, frozen_bf16, shard in itertools.product(
+        micros, sizes, (False, True), (True, False), (False, True), shard_choices(world)
+    ):
+        yield {
+            "--micro-batch-size": micro,
+            "--chunk-size": chunk,
+            "--reshard-in-rollout": reshard,
+            "--reward-placement": "sharded" if reward_sharded else "replicated",
+            "--frozen-bf16": frozen_bf16,
+            "--shard-ranks": shard,
+        }
+
+
 def choose_ppo(
     config,
     parts: PPOParts,
@@ -250,56 +270,40 @@ def choose_ppo(
     size, --reshard-in-rollout, --reward-placement, --frozen-bf16 and (more than a node)
     --shard-ranks. The chunk sizes tried are the default (8) and smaller: a smaller chunk holds
     a smaller KV cache and decodes more steps."""
-    per_rank = rollout_size // world
+    shape = dict(prompt_len=prompt_len, new_tokens=new_tokens, trainable_blocks=trainable_blocks)
     candidates = []
-    for micro in (m for m in (1, 2, 4, 8, 16) if batch_size % (world * m) == 0):
-        for chunk in (c for c in chunks if c <= per_rank):
-            for reshard in (False, True):
-                for reward_sharded in (True, False):
-                    for frozen_bf16 in (False, True):
-                        for shard in shard_choices(world):
-                            net = Network(world, shard, **(net_args or {}))
-                            t = ppo_round_seconds(
-                                config,
-                                world=world,
-                                rollout_size=rollout_size,
-                                chunk_size=chunk,
-                                score_batch_size=score_batch_size,
-                                batch_size=batch_size,
-                                ppo_epochs=ppo_epochs,
-                                prompt_len=prompt_len,
-                                new_tokens=new_tokens,
-                                trainable_blocks=trainable_blocks,
-                                micro_batch=micro,
-                                gathered_rollout=not reshard,
-                                reward_sharded=reward_sharded,
-                                net=net,
-                                peak_tflops=peak_tflops,
-                                mfu=mfu,
-                                hbm_tbps=hbm_tbps,
-                            )
-                            m = ppo_memory(
-                                config,
-                                world=world,
-                                chunk=chunk,
-                                prompt_len=prompt_len,
-                                new_tokens=new_tokens,
-                                micro_batch=micro,
-                                trainable_blocks=trainable_blocks,
-                                gathered_rollout=not reshard,
-                                reward_sharded=reward_sharded,
-                                frozen_bf16=frozen_bf16,
-                                shard=shard,
-                            )
-                            flags = {
-                                "--micro-batch-size": micro,
-                                "--chunk-size": chunk,
-                                "--reshard-in-rollout": reshard,
-                                "--reward-placement": "sharded" if reward_sharded else "replicated",
-                                "--frozen-bf16": frozen_bf16,
-                                "--shard-ranks": shard,
-                            }
-                            candidates.append(Candidate(flags, rounds * t["total"], m["total"] * GIB, defaults))
+    for flags in ppo_layouts(world, batch_size, rollout_size // world, chunks):
+        micro, chunk, shard = flags["--micro-batch-size"], flags["--chunk-size"], flags["--shard-ranks"]
+        gathered, reward_sharded = not flags["--reshard-in-rollout"], flags["--reward-placement"] == "sharded"
+        t = ppo_round_seconds(
+            config,
+            world=world,
+            rollout_size=rollout_size,
+            chunk_size=chunk,
+            score_batch_size=score_batch_size,
+            batch_size=batch_size,
+            ppo_epochs=ppo_epochs,
+            micro_batch=micro,
+            gathered_rollout=gathered,
+            reward_sharded=reward_sharded,
+            net=Network(world, shard, **(net_args or {})),
+            peak_tflops=peak_tflops,
+            mfu=mfu,
+            hbm_tbps=hbm_tbps,
+            **shape,
+        )
+        m = ppo_memory(
+            config,
+            world=world,
+            chunk=chunk,
+            micro_batch=micro,
+            gathered_rollout=gathered,
+            reward_sharded=reward_sharded,
+            frozen_bf16=flags["--frozen-bf16"],
+            shard=shard,
+            **shape,
+        )
+        candidates.append(Candidate(flags, rounds * t["total"], m["total"] * GIB, defaults))
 
     def simulate(c):
         f = c.flags
@@ -308,18 +312,16 @@ def choose_ppo(
             parts,
             world=world,
             shard=f["--shard-ranks"],
-            trainable_blocks=trainable_blocks,
             rollout_size=rollout_size,
             chunk_size=f["--chunk-size"],
             score_batch_size=score_batch_size,
             bottom_batch_size=bottom_batch_size,
             batch_size=batch_size,
             micro_batches=[f["--micro-batch-size"]],
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
             gathered_rollout=not f["--reshard-in-rollout"],
             reward_sharded=f["--reward-placement"] == "sharded",
             frozen_bf16=f["--frozen-bf16"],
+            **shape,
         )
         c.measured = sim  # the dry run's tables show the chosen one's parts without simulating it again
         return max(m.total for m in sim.values())
