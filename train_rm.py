@@ -76,10 +76,9 @@ from training import (
     lora_fingerprint,
     make_optimizer,
     micro_batches,
-    peak_memory_gb,
     save_dtype,
     save_hf,
-    set_lr,
+    update,
 )
 from distributed import device_mesh, exit_trainer, mixed_precision, run_distributed, shard_and_load
 
@@ -214,6 +213,28 @@ def read_pairs(args, tok, max_len: int, report: Report) -> tuple[list, list]:
     return encode_pairs(train_records, tok, max_len, report), encode_pairs(val_records, tok, max_len, report)
 
 
+def training_pairs(args, tok, max_len: int, d) -> tuple[list, list, LengthGroupedBatches]:
+    """The run's pairs (read_pairs) and their batches -> (train, val, sampler)."""
+    report = Report()
+    train_pairs, val_pairs = read_pairs(args, tok, max_len, report)
+    sampler = LengthGroupedBatches(
+        [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
+        args.batch_size,
+        seed=args.seed,
+        drop_last=True,
+    )
+    if len(sampler) == 0:
+        raise SystemExit(f"{len(train_pairs)} training pairs make no full batch of {args.batch_size}")
+    if d.main:
+        print(
+            f"{len(train_pairs)} training / {len(val_pairs)} validation pairs (split by prompt); "
+            f"{len(sampler)} steps an epoch; {d.world} rank(s)"
+        )
+        if report:
+            print(report.summary())
+    return train_pairs, val_pairs, sampler
+
+
 def reward_model(args, d, config, read_weights):
     """The reward model, sharded over the ranks (FSDP2): its trunk filled from the SFT model's
     weights, file by file from rank 0, and its head at zero, so every reward starts at 0 and the
@@ -251,23 +272,7 @@ def _train(args, d):
     if args.lora_rank:
         check_lora(trunk, args.lora_rank, args.lora_targets)  # before the data is read
 
-    report = Report()
-    train_pairs, val_pairs = read_pairs(args, tok, max_len, report)
-    sampler = LengthGroupedBatches(
-        [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs],
-        args.batch_size,
-        seed=args.seed,
-        drop_last=True,
-    )
-    if len(sampler) == 0:
-        raise SystemExit(f"{len(train_pairs)} training pairs make no full batch of {args.batch_size}")
-    if d.main:
-        print(
-            f"{len(train_pairs)} training / {len(val_pairs)} validation pairs (split by prompt); "
-            f"{len(sampler)} steps an epoch; {d.world} rank(s)"
-        )
-        if report:
-            print(report.summary())
+    train_pairs, val_pairs, sampler = training_pairs(args, tok, max_len, d)
 
     model = reward_model(args, d, trunk.config, read_weights)
     model.train()
@@ -312,19 +317,11 @@ def _train(args, d):
         guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
         # 3. The update, at the step's learning rate.
         lr = schedule.lr(step, args.lr)
-        set_lr(opt, lr)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(opt, lr)
         # 4. One line of metrics.
         dt, seen = timer.lap(), sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
         metrics.write(
-            step=step,
-            epoch=round(step / schedule.steps_per_epoch, 3),
-            loss=round(loss, 6),
-            lr=lr,
-            grad_norm=round(grad_norm, 6),
-            tokens_per_s=round(seen / dt, 1),
-            peak_mem_gb=round(peak_memory_gb(d.device), 3),
+            **schedule.record(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=seen, seconds=dt, device=d.device)
         )
         progress.step(step, loss, lr)
         # 5. Validation; best/ keeps the highest held-out accuracy, ties broken by the margin.

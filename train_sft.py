@@ -53,11 +53,10 @@ from training import (
     lora_fingerprint,
     make_optimizer,
     micro_batches,
-    peak_memory_gb,
     rendered_once,
     save_dtype,
     save_hf,
-    set_lr,
+    update,
 )
 from distributed import device_mesh, exit_trainer, mixed_precision, run_distributed, shard_and_load
 
@@ -154,6 +153,25 @@ def rendered_data(args, digests: dict[str, str], tok, d):
         d,
     )
     return corpus.Corpus(entry / "train"), corpus.Corpus(entry / "val"), meta["summary"]
+
+
+def training_data(args, tok, d):
+    """The run's data, read, deduplicated, split and rendered once (rendered_data), and its
+    batches -> (the files' digests, train, val, sampler). The digests: each file read once, for
+    the cache, the fingerprint and the model card."""
+    digests = data_digests(args)
+    train_items, val_items, summary = rendered_data(args, digests, tok, d)
+    sampler = LengthGroupedBatches(train_items.lengths, args.batch_size, seed=args.seed, drop_last=True)
+    if len(sampler) == 0:
+        raise SystemExit(f"{len(train_items)} training conversations make no full batch of {args.batch_size}")
+    if d.main:
+        print(
+            f"{len(train_items)} training / {len(val_items)} validation conversations; {len(sampler)} "
+            f"steps an epoch; {d.world} rank(s) on {d.device}"
+        )
+        if summary:
+            print(summary)
+    return digests, train_items, val_items, sampler
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -264,19 +282,7 @@ def _train(args, d):
     model, read_weights, tok = load_model(args.model, out, d, seed=args.seed)
     check_model_args(args, model)  # before the data is read
 
-    # Data: read, deduplicate, split, render (checked before any expensive work), once.
-    digests = data_digests(args)  # each file read once for its digest: the cache, fingerprint, model card
-    train_items, val_items, summary = rendered_data(args, digests, tok, d)
-    sampler = LengthGroupedBatches(train_items.lengths, args.batch_size, seed=args.seed, drop_last=True)
-    if len(sampler) == 0:
-        raise SystemExit(f"{len(train_items)} training conversations make no full batch of {args.batch_size}")
-    if d.main:
-        print(
-            f"{len(train_items)} training / {len(val_items)} validation conversations; {len(sampler)} "
-            f"steps an epoch; {d.world} rank(s) on {d.device}"
-        )
-        if summary:
-            print(summary)
+    digests, train_items, val_items, sampler = training_data(args, tok, d)  # checked before any expensive work
 
     model = sharded_model(args, d, model, read_weights)
     model.train()
@@ -321,20 +327,10 @@ def _train(args, d):
         guard.check(step, loss, grad_norm)  # no update from a loss or gradient that is broken
         # 3. The update, at the step's learning rate.
         lr = schedule.lr(step, args.lr)
-        set_lr(opt, lr)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(opt, lr)
         # 4. One line of metrics.
         dt, seen = timer.lap(), sum(len(x.ids) for x in batch)
-        record = dict(
-            step=step,
-            epoch=round(step / schedule.steps_per_epoch, 3),
-            loss=round(loss, 6),
-            lr=lr,
-            grad_norm=round(grad_norm, 6),
-            tokens_per_s=round(seen / dt, 1),
-            peak_mem_gb=round(peak_memory_gb(d.device), 3),
-        )
+        record = schedule.record(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=seen, seconds=dt, device=d.device)
         if args.peak_tflops and d.device.type == "cuda":
             record["mfu"] = round(seen / dt * flops_per_token / (args.peak_tflops * 1e12 * d.world), 4)
         metrics.write(**record)

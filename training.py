@@ -6,7 +6,7 @@ these; none of them calls a trainer.
     load_model        a model on the meta device, its weights read file by file on rank 0
     rendered_once     the data cache entry of a run's data, rendered once by rank 0
     micro_batches, eval_chunks      a rank's share of a batch, in micro-batches
-    cosine_lr, set_lr, make_optimizer, grad_norm_and_clip   the schedule, AdamW, clipping
+    cosine_lr, set_lr, update, make_optimizer, grad_norm_and_clip   the schedule, AdamW, clipping
     TrainState        the resumable state (torch.distributed.checkpoint), written atomically
     Run, Schedule     a run's resume, saves, preemption and step guard; a supervised run's steps
     save_hf           the full weights gathered to rank 0 and written in the HF layout
@@ -353,6 +353,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
         group["lr"] = lr
 
 
+def update(optimizer: torch.optim.Optimizer, lr: float):
+    """The optimizer's step at learning rate `lr`, the gradients then freed."""
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def micro_batches(global_batch: list, d: Distributed, micro_batch: int) -> list[list]:
     """This rank's share of a global batch (every world-th item), cut into micro-batches."""
     mine = global_batch[d.rank :: d.world]
@@ -654,6 +661,20 @@ class Schedule:
 
     def validates(self, step: int) -> bool:
         return step % self.eval_every == 0 or step == self.total
+
+    def record(
+        self, step: int, *, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float, device
+    ) -> dict:
+        """A step's line of metrics.jsonl: its losses, rate and speed (`tokens` in `seconds`)."""
+        return dict(
+            step=step,
+            epoch=round(step / self.steps_per_epoch, 3),
+            loss=round(loss, 6),
+            lr=lr,
+            grad_norm=round(grad_norm, 6),
+            tokens_per_s=round(tokens / seconds, 1),
+            peak_mem_gb=round(peak_memory_gb(device), 3),
+        )
 
 
 class Run:
