@@ -11,6 +11,7 @@ stand on these; nothing here knows what a loss or an optimizer step is.
     device_mesh, shard, gathered    FSDP2 on each block and the root; every unit kept gathered for a rollout
     shard_and_load, load_sharded    a meta-device model sharded and filled from rank 0, a file at a time
     all_finite, full_state_dict     one answer for every rank; the full weights gathered for an export
+    Distributed.all_sum, .all_gather_list   a number summed, a list of small objects joined, over the ranks
 
 FSDP2 stands in for the paper's ZeRO (App. E: ZeRO on 8 A100s): parameters, gradients and
 optimizer states are sharded across ranks, and each block's weights are gathered only while it
@@ -59,6 +60,15 @@ class Distributed:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.item()
+
+    def all_gather_list(self, items: list) -> list:
+        """Every rank's list of Python objects, concatenated in rank order, on every rank. For a
+        few bytes an item (token ids, names): no tensor goes through an object collective."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
 
     store_dir: str | None = None  # the one-process group's FileStore directory, removed at close
 

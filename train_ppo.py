@@ -307,16 +307,6 @@ def response_outputs(model, exps, pad_id, device, *, ref=None, vocab: int | None
 # -- one round --------------------------------------------------------------------------------------------
 
 
-def all_gather_list(items: list, d) -> list:
-    """Every rank's list of Python objects, concatenated in rank order, on every rank (the sampled
-    token ids: a few bytes a token; no tensor goes through an object collective)."""
-    if d.world == 1:
-        return items
-    parts = [None] * d.world
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
 def rollout(model, rm, prompts, tok, s: RolloutSettings, d, round_no: int) -> tuple[list[Experience], dict]:
     """Generate this rank's share of the round's prompts (generate_round) and score it; every
     rank ends with the whole round, in the order of `prompts`. Returns (experiences,
@@ -327,7 +317,7 @@ def rollout(model, rm, prompts, tok, s: RolloutSettings, d, round_no: int) -> tu
     t1 = time.perf_counter()
     score_round(rm, exps, tok, batch_size=s.score_batch_size, unfinished_penalty=s.unfinished_penalty)
     seconds = {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "idle_rows": idle}
-    ordered = all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)], d)
+    ordered = d.all_gather_list([(d.rank + d.world * i, e) for i, e in enumerate(exps)])
     return [e for _, e in sorted(ordered, key=lambda x: x[0])], seconds
 
 
