@@ -1,6 +1,7 @@
-"""The layout's two rules, read from the source: the project's modules import one another one
-way only (no cycle, imports inside functions counted), and what runs imports nothing beyond the
-standard library and the six runtime dependencies (test-only tools stay in tests/ and bench/)."""
+"""The layout's rules, read from the source: the project's modules import one another one way
+only (no cycle, imports inside functions counted), each file holds its one concern at a size a
+reader can take in, and what runs imports nothing beyond the standard library and the six
+runtime dependencies (test-only tools stay in tests/ and bench/)."""
 
 import ast
 import sys
@@ -114,3 +115,19 @@ def test_what_runs_imports_only_the_runtime_dependencies():
             if top and top not in RUNTIME and top not in sys.stdlib_module_names and top not in modules:
                 outside.setdefault(name, set()).add(top)
     assert not outside, f"imports beyond the runtime dependencies: {outside}"
+
+
+def test_no_file_or_function_too_long_to_read():
+    """Issue 47's sizes, held: no file of the code that runs over 900 lines, no function over
+    100 (its decorators, signature and docstring counted), so that each reads in a screen or a few."""
+    long_files, long_functions = [], []
+    for name, path in project_modules().items():
+        source = path.read_text(encoding="utf-8")
+        if source.count("\n") > 900:
+            long_files.append((name, source.count("\n")))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - first + 1 > 100:
+                    long_functions.append((name, node.name, node.end_lineno - first + 1))
+    assert not long_files and not long_functions, (long_files, long_functions)
