@@ -6,6 +6,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -149,6 +151,14 @@ def restore_process_state():
     torch.manual_seed(SEED)
     random.seed(SEED)
     np.random.seed(SEED)
+
+
+def popen_as_from_a_terminal(cmd: list[str], **kw) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **kw) with SIGINT at its default action, as a terminal's foreground
+    command has it, for a test that sends Ctrl-C. A shell starts a background command (`pytest
+    ... &` in a script) with SIGINT ignored, every child inherits that, and Python then never
+    installs its KeyboardInterrupt: the test would signal a program that cannot hear it."""
+    return subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def trainer_env(nproc: int = 1) -> dict:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-from conftest import ROOT
+from conftest import ROOT, popen_as_from_a_terminal
 
 import evaluate
 import review
@@ -183,7 +183,7 @@ def test_every_acknowledged_verdict_survives_sigkill_and_the_study_goes_on(answe
     cmd += ["--name-a", NAMES[0], "--name-b", NAMES[1], "--out", str(out), "--port", "0"]
 
     def start():
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = popen_as_from_a_terminal(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         head = proc.stdout.readline()
         assert head.startswith("review of 9 items by 3 reviewers at http://127.0.0.1:"), head + proc.stderr.read()
         links = [proc.stdout.readline().split(": ", 1)[1].strip() for _ in range(3)]
@@ -233,7 +233,10 @@ def test_every_acknowledged_verdict_survives_sigkill_and_the_study_goes_on(answe
         assert len(lines) >= len(acked)  # every one appended; replacements are later lines
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()  # not left running when it did not stop
     summary = review.study_summary(out, [])
     assert sum(r["judged"] for r in summary["reviewers"]) == len(
         {k for k in review.Verdicts(out / "verdicts.jsonl").latest}

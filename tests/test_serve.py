@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import torch
-from conftest import ROOT
+from conftest import ROOT, popen_as_from_a_terminal
 
 import distill
 import evaluate
@@ -313,7 +313,7 @@ def test_distill_and_the_judge_run_against_the_local_server(server, tmp_path, mo
 
 def serve_cli(model_dir, *extra) -> tuple[subprocess.Popen, str]:
     """`serve.py --model model_dir --name m` on a free port: the process and its base URL."""
-    proc = subprocess.Popen(
+    proc = popen_as_from_a_terminal(
         [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0", "--name", "m", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
