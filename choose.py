@@ -135,6 +135,13 @@ def print_choice(ranked: list[Candidate], *, gpu_gb: float, world: int, command:
     return chosen
 
 
+def layouts(choices: dict[str, list]) -> Iterator[dict]:
+    """Every layout of `choices` (a flag -> the values tried), as the flags that set it: each
+    combination once, the last flag's values varying fastest."""
+    for values in itertools.product(*choices.values()):
+        yield dict(zip(choices, values))
+
+
 def shard_choices(world: int) -> list[int | None]:
     """FSDP over all ranks, and on more than one node HSDP with a node's GPUs a shard group."""
     return [None] + ([GPUS_PER_NODE] if world > GPUS_PER_NODE and world % GPUS_PER_NODE == 0 else [])
@@ -165,50 +172,41 @@ def choose_lm(
     activation checkpointing, --grad-sync and (more than a node) --shard-ranks (or only `shards`).
     `defaults`: the trainer's own values of those flags (plan.layout_defaults)."""
     per_item = 2 if kind == "rm" else 1
+    choices = {
+        "--micro-batch-size": [m for m in micros if batch % (world * m) == 0],
+        "--activation-checkpointing": (False, True),
+        "--grad-sync": ("every", "last"),
+        "--shard-ranks": shard_choices(world) if shards is None else shards,
+    }
     candidates = []
-    for micro in (m for m in micros if batch % (world * m) == 0):
-        for ac in (False, True):
-            for sync in ("every", "last"):
-                for shard in shard_choices(world) if shards is None else shards:
-                    net = Network(world, shard, **(net_args or {}))
-                    t = training_step_seconds(
-                        config,
-                        world=world,
-                        batch=batch * per_item,
-                        micro_batch=micro * per_item,
-                        seq_len=mean_tokens,
-                        bf16=bf16,
-                        activation_checkpointing=ac,
-                        grad_sync=sync,
-                        head=kind == "sft",
-                        net=net,
-                        peak_tflops=peak_tflops,
-                        mfu=mfu,
-                    )
-                    m = training_memory(
-                        config,
-                        world=world,
-                        micro_batch=micro * per_item,
-                        seq_len=seq,
-                        bf16=bf16,
-                        activation_checkpointing=ac,
-                        grad_sync=sync,
-                        logits=kind == "sft",
-                        shard=shard,
-                    )
-                    candidates.append(
-                        Candidate(
-                            {
-                                "--micro-batch-size": micro,
-                                "--activation-checkpointing": ac,
-                                "--grad-sync": sync,
-                                "--shard-ranks": shard,
-                            },
-                            steps * t["seconds"],
-                            m["total"] * GIB,
-                            defaults,
-                        )
-                    )
+    for flags in layouts(choices):
+        micro, ac, sync, shard = flags.values()
+        t = training_step_seconds(
+            config,
+            world=world,
+            batch=batch * per_item,
+            micro_batch=micro * per_item,
+            seq_len=mean_tokens,
+            bf16=bf16,
+            activation_checkpointing=ac,
+            grad_sync=sync,
+            head=kind == "sft",
+            net=Network(world, shard, **(net_args or {})),
+            peak_tflops=peak_tflops,
+            mfu=mfu,
+        )
+        m = training_memory(
+            config,
+            world=world,
+            micro_batch=micro * per_item,
+            seq_len=seq,
+            bf16=bf16,
+            activation_checkpointing=ac,
+            grad_sync=sync,
+            logits=kind == "sft",
+            shard=shard,
+        )
+        candidates.append(Candidate(flags, steps * t["seconds"], m["total"] * GIB, defaults))
 
     def simulate(c):
         f = c.flags
@@ -223,25 +221,6 @@ def choose_lm(
         ).total
 
     return choose(candidates, usable_bytes(gpu_gb), simulate)
-
-
-def ppo_layouts(world: int, batch_size: int, per_rank: int, chunks) -> Iterator[dict]:
-    """choose_ppo's layouts, as the flags that set them: every micro-batch size that divides the
-    batch over the ranks, every chunk size up to a rank's share of the rollout, and both ways of
-    --reshard-in-rollout, --reward-placement and --frozen-bf16, on each shard group size."""
-    micros = [m for m in (1, 2, 4, 8, 16) if batch_size % (world * m) == 0]
-    sizes = [c for c in chunks if c <= per_rank]
-    for micro, chunk, reshard, reward_sharded, frozen_bf16, shard in itertools.product(
-        micros, sizes, (False, True), (True, False), (False, True), shard_choices(world)
-    ):
-        yield {
-            "--micro-batch-size": micro,
-            "--chunk-size": chunk,
-            "--reshard-in-rollout": reshard,
-            "--reward-placement": "sharded" if reward_sharded else "replicated",
-            "--frozen-bf16": frozen_bf16,
-            "--shard-ranks": shard,
-        }
 
 
 def choose_ppo(
@@ -271,8 +250,16 @@ def choose_ppo(
     --shard-ranks. The chunk sizes tried are the default (8) and smaller: a smaller chunk holds
     a smaller KV cache and decodes more steps."""
     shape = dict(prompt_len=prompt_len, new_tokens=new_tokens, trainable_blocks=trainable_blocks)
+    choices = {
+        "--micro-batch-size": [m for m in (1, 2, 4, 8, 16) if batch_size % (world * m) == 0],
+        "--chunk-size": [c for c in chunks if c <= rollout_size // world],
+        "--reshard-in-rollout": (False, True),
+        "--reward-placement": ("sharded", "replicated"),
+        "--frozen-bf16": (False, True),
+        "--shard-ranks": shard_choices(world),
+    }
     candidates = []
-    for flags in ppo_layouts(world, batch_size, rollout_size // world, chunks):
+    for flags in layouts(choices):
         micro, chunk, shard = flags["--micro-batch-size"], flags["--chunk-size"], flags["--shard-ranks"]
         gathered, reward_sharded = not flags["--reshard-in-rollout"], flags["--reward-placement"] == "sharded"
         t = ppo_round_seconds(
