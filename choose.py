@@ -181,31 +181,19 @@ def choose_lm(
     candidates = []
     for flags in layouts(choices):
         micro, ac, sync, shard = flags.values()
+        # What the time and the memory model share: the layout, and a micro-batch of sequences.
+        layout = dict(world=world, micro_batch=micro * per_item, bf16=bf16, activation_checkpointing=ac, grad_sync=sync)
         t = training_step_seconds(
             config,
-            world=world,
             batch=batch * per_item,
-            micro_batch=micro * per_item,
             seq_len=mean_tokens,
-            bf16=bf16,
-            activation_checkpointing=ac,
-            grad_sync=sync,
             head=kind == "sft",
             net=Network(world, shard, **(net_args or {})),
             peak_tflops=peak_tflops,
             mfu=mfu,
+            **layout,
         )
-        m = training_memory(
-            config,
-            world=world,
-            micro_batch=micro * per_item,
-            seq_len=seq,
-            bf16=bf16,
-            activation_checkpointing=ac,
-            grad_sync=sync,
-            logits=kind == "sft",
-            shard=shard,
-        )
+        m = training_memory(config, seq_len=seq, logits=kind == "sft", shard=shard, **layout)
         candidates.append(Candidate(flags, steps * t["seconds"], m["total"] * GIB, defaults))
 
     def simulate(c):

@@ -219,11 +219,12 @@ class Responses:
         self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
 
     def running_mask(self, items: list[int]) -> list[bool]:
+        """For each of `items` (prompt indices, in row order): whether its response goes on."""
         return [not self.ended[i] for i in items]
 
     def running(self, items: list[int]) -> list[int]:
-        """The positions in `items` (prompt indices, in row order) of those still running."""
-        return [r for r, i in enumerate(items) if not self.ended[i]]
+        """The positions in `items` of those whose response goes on."""
+        return [r for r, going in enumerate(self.running_mask(items)) if going]
 
     def advance(self, prompts: list[int], values: list[int] | None):
         """`prompts` drew one token each (`values`, when read back): count it, and end those done."""
